@@ -1,0 +1,153 @@
+"""The `mpconvert` command line: build, inspect, demo. Errors in input: one line on stderr, exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from mpconvert.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Merge quantized checkpoints of one model (FP8, GPTQ, AWQ, W8A8-Int8) into one "
+                       "mixed-precision checkpoint with a manifest.\n\n"
+                       "Examples:\n\n"
+                       "  mpconvert build recipe.yaml -o out/\n\n"
+                       "  mpconvert inspect out/\n\n"
+                       "  mpconvert demo demo-out/")
+err = Console(stderr=True)
+out = Console()
+
+BUILD_HELP = """Merge the checkpoints named by RECIPE into one sharded safetensors checkpoint with a manifest.
+
+Tensors are copied byte-exact (never re-quantized or dequantized), streamed with bounded memory into a temporary
+directory beside OUTPUT that is renamed into place only when complete.
+
+Recipe (YAML; relative paths are relative to the recipe file):
+
+  base: ./llama-bf16          # bf16 model: config, tokenizer, norms, embeddings
+
+  sources: {fp8: ./llama-fp8, gptq: ./llama-gptq}
+
+  default: gptq               # source of every linear no rule matches ("base" = bf16)
+
+  rules:                      # ordered, first match wins; a rule matching nothing is an error
+
+    - {match: "*.self_attn.*", layers: "0-1", source: fp8}   # glob or "re:REGEX"; moe: true|false
+
+  output: {shard_size: 5GB}
+
+Example:  mpconvert build recipe.yaml -o out/ --tp 2
+"""
+
+
+def _fail(e: UserError) -> None:
+    err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(e.exit_code)
+
+
+def _progress(json_mode: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err, disable=json_mode or not err.is_terminal and False)
+
+
+@app.command(help=BUILD_HELP)
+def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
+          output: Path = typer.Option(..., "-o", "--output", help="output directory (must not exist, see --force)"),
+          tp: int = typer.Option(1, "--tp", help="check that every module shards for this tensor-parallel size"),
+          shard_size: Optional[str] = typer.Option(None, "--shard-size", help="max shard size, e.g. 5GB (default: "
+                                                   "recipe output.shard_size or 5GB)"),
+          force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+          json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout")):
+    from mpconvert.plan import make_plan
+    from mpconvert.recipe import load_recipe, parse_size
+    from mpconvert.writer import check_output, write
+
+    try:
+        check_output(output, force)
+        r = load_recipe(recipe)
+        cap = parse_size(shard_size or r.output.shard_size or "5GB")
+        t0 = time.perf_counter()
+        plan = make_plan(r, tp)
+        if not json_out:
+            for label, src in sorted(plan.sources.items()):
+                err.print(f"{label}: {src.describe()}", markup=False, highlight=False)
+        with _progress(json_out) as prog:
+            task = prog.add_task("writing", total=plan.total_bytes)
+            manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n))
+        secs = time.perf_counter() - t0
+    except UserError as e:
+        _fail(e)
+    summary = {"output": str(output), "seconds": round(secs, 3), "tensors": len(plan.tensors),
+               "bytes": plan.total_bytes, "totals": manifest["totals"],
+               "units": {u: v["format"] for u, v in manifest["units"].items()}}
+    if json_out:
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        t = manifest["totals"]
+        out.print(f"built {output}: {len(plan.tensors)} tensors, {plan.total_bytes / 1e6:.1f} MB, "
+                  f"{t['bits_per_weight']} bits/weight in linears, {secs:.1f} s", highlight=False)
+
+
+@app.command(help="Show what a converted directory holds: module → format, source, bytes; totals per format; "
+                  "average bits per weight and the size vs bf16.\n\nExample:  mpconvert inspect out/ --json")
+def inspect(directory: Path = typer.Argument(..., help="converted directory"),
+            json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+            modules: bool = typer.Option(True, "--modules/--no-modules", help="list every linear module")):
+    from mpconvert.inspect import summarize
+
+    try:
+        s = summarize(directory)
+    except UserError as e:
+        _fail(e)
+    if json_out:
+        print(json.dumps(s, indent=1, sort_keys=True))
+        return
+    if modules:
+        t = Table(title=f"{directory} — linear modules")
+        for c in ("module", "format", "source", "bytes"):
+            t.add_column(c, justify="right" if c == "bytes" else "left")
+        for m in s["modules"]:
+            t.add_row(m["name"], m["format"], m["source"], f"{m['bytes']:,}")
+        out.print(t)
+    t = Table(title="totals by format")
+    for c in ("format", "modules", "bytes", "bits/weight"):
+        t.add_column(c)
+    for f, d in sorted(s["by_format"].items()):
+        t.add_row(f, str(d["modules"]), f"{d['bytes']:,}", f"{8 * d['bytes'] / d['weights']:.2f}")
+    out.print(t)
+    out.print(f"linear weights: {s['bits_per_weight']} bits/weight on average; checkpoint {s['bytes']:,} bytes = "
+              f"{s['vs_bf16']:.3f} × its bf16 size ({s['bf16_bytes']:,} bytes)", highlight=False)
+
+
+@app.command(help="Run the whole job on a built-in demo: make tiny random models, quantize them with the real "
+                  "producers (llm-compressor, gptqmodel; needs `make setup`), build a mixed checkpoint, inspect it."
+                  "\n\nExample:  mpconvert demo demo-out/")
+def demo(directory: Path = typer.Argument(Path("demo-out"), help="where the demo writes its recipe and output"),
+         force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo output")):
+    from mpconvert.demo import run_demo
+
+    try:
+        recipe = run_demo(directory, err)
+    except UserError as e:
+        _fail(e)
+    build(recipe, directory / "mixed", 1, None, force, False)
+    inspect(directory / "mixed", False, True)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

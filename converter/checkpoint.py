@@ -1,0 +1,115 @@
+"""A checkpoint directory opened lazily: config, index, and every tensor's location — no tensor data is read.
+
+Mirrors mergekit's lazy loader: a name → (file, offset) map over all shards; bytes are read only when copied.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from .errors import UserError
+from .safetensors_io import TensorInfo, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing {what}; point the recipe at a Hugging Face checkpoint directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot parse {what} ({e}); fix or re-save the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} is not a JSON object; fix or re-save the file")
+    return data
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint directory: `tensors` maps every tensor name to where its bytes are."""
+
+    path: Path
+    label: str  # how messages name it: "base" or the recipe's source name
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    file_fingerprints: dict[str, str] = field(default_factory=dict)  # file name → sha256(header) + size
+
+    @classmethod
+    def open(cls, path: Path, label: str) -> "Checkpoint":
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"{label}: {path} is not a directory; fix the path in the recipe")
+        ck = cls(path.resolve(), label)
+        for name in ck._shard_names():
+            infos, raw = read_header(ck.path / name)
+            size = (ck.path / name).stat().st_size
+            ck.file_fingerprints[name] = hashlib.sha256(raw + str(size).encode()).hexdigest()
+            for t, info in infos.items():
+                if t in ck.tensors:
+                    raise UserError(f"{label}: tensor {t!r} appears in both {ck.tensors[t].file.name} and {name}; "
+                                    f"the checkpoint is inconsistent")
+                ck.tensors[t] = info
+        ck._check_index()
+        return ck
+
+    def _shard_names(self) -> list[str]:
+        index, single = self.path / INDEX, self.path / SINGLE
+        if index.exists():
+            files = sorted(set(self.index.get("weight_map", {}).values()))
+            if not files:
+                raise UserError(f"{index}: weight_map is empty; re-save the checkpoint")
+            for f in files:
+                p = (self.path / f).resolve()
+                if not isinstance(f, str) or p.parent != self.path or not f.endswith(".safetensors"):
+                    raise UserError(f"{index}: shard path {f!r} escapes the checkpoint directory or is not "
+                                    f".safetensors; refusing to read it")
+                if not p.exists():
+                    raise UserError(f"{index}: shard {f} is listed but missing; re-download the checkpoint")
+            return files
+        if single.exists():
+            return [SINGLE]
+        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if shards:
+            return shards
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(f"{self.label}: {self.path} holds only pickle weights ({pickles[0]}); mpconvert never "
+                            f"unpickles — re-save it as safetensors (save_pretrained(..., safe_serialization=True))")
+        raise UserError(f"{self.label}: {self.path} has no .safetensors weights; point the recipe at a checkpoint dir")
+
+    @cached_property
+    def index(self) -> dict:
+        return read_json(self.path / INDEX, "safetensors index")
+
+    def _check_index(self) -> None:
+        if not (self.path / INDEX).exists():
+            return
+        for t, f in self.index["weight_map"].items():
+            info = self.tensors.get(t)
+            if info is None or info.file.name != f:
+                raise UserError(f"{self.path / INDEX}: lists tensor {t!r} in {f}, which does not hold it; "
+                                f"the index is stale — re-save the checkpoint")
+
+    @cached_property
+    def config(self) -> dict:
+        return read_json(self.path / "config.json", "config.json")
+
+    @cached_property
+    def quantize_config(self) -> dict | None:
+        """The quantization config: config.json's `quantization_config`, else quantize_config.json (auto-gptq)."""
+        qc = self.config.get("quantization_config")
+        if qc is None and (self.path / "quantize_config.json").exists():
+            qc = read_json(self.path / "quantize_config.json", "quantize_config.json")
+        return qc
+
+    def fingerprint(self) -> str:
+        """Identity of the checkpoint's weights: hash of every shard's header and size (cheap, catches edits)."""
+        h = hashlib.sha256()
+        for name in sorted(self.file_fingerprints):
+            h.update(f"{name}:{self.file_fingerprints[name]}\n".encode())
+        return h.hexdigest()

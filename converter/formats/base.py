@@ -1,0 +1,111 @@
+"""The contract every format module fulfils; build, verify and the runtime shim use only this.
+
+A *scheme* is (format name, params). Params are plain JSON values and go verbatim into the manifest. A format owns:
+which tensor suffixes a module has, their dtypes/shapes (invariants), a reference dequantizer, how TP may split it,
+and any exact rewrite of stored bytes (e.g. GPTQ v2 → v1 zero points).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import UserError
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    format: str
+    params_json: str  # canonical JSON: hashable and comparable
+
+    @classmethod
+    def of(cls, fmt: str, **params: Any) -> "Scheme":
+        return cls(fmt, json.dumps(params, sort_keys=True))
+
+    @property
+    def params(self) -> dict:
+        return json.loads(self.params_json)
+
+    def describe(self) -> str:
+        p = self.params
+        return FORMATS[self.format].describe(p)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What one tensor of a module must look like. dtypes: allowed safetensors dtypes."""
+
+    dtypes: tuple[str, ...]
+    shape: tuple[int, ...]
+    alt_shapes: tuple[tuple[int, ...], ...] = ()  # other accepted shapes (e.g. a scalar scale as [] or [1])
+
+    def accepts(self, dtype: str, shape) -> bool:
+        return dtype in self.dtypes and (tuple(shape) == self.shape or tuple(shape) in self.alt_shapes)
+
+
+class Format:
+    name: str = ""
+    # suffixes that make a module recognisably this format (besides an optional bias)
+    signature: frozenset[str] = frozenset()
+
+    def describe(self, p: dict) -> str:
+        return self.name
+
+    def expected(self, p: dict, out_f: int, in_f: int) -> dict[str, Expect]:
+        raise NotImplementedError
+
+    def dequantize(self, t: dict, p: dict, out_f: int, in_f: int):
+        """Reference dequantizer: stored tensors → float32 weight [out, in]."""
+        raise NotImplementedError
+
+    def tp_problem(self, p: dict, out_part: int, in_part: int) -> str | None:
+        """Why a TP partition of [out_part, in_part] cannot run on the native kernel, or None."""
+        return None
+
+    def rewrite(self, suffix: str, p: dict) -> Callable | None:
+        """An exact byte rewrite applied while copying (tensor → tensor), or None for a verbatim copy."""
+        return None
+
+    def output_params(self, p: dict) -> dict:
+        """Params as they are after `rewrite` (what the manifest records)."""
+        return p
+
+    def check_values(self, module: str, t: dict, p: dict) -> str | None:
+        """Value-level invariants (cheap, on loaded tensors); a problem description or None."""
+        return None
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def check_expected(fmt: Format, scheme_params: dict, module: str, tensors: dict, out_f: int, in_f: int,
+                   where: str) -> None:
+    """Every expected tensor present with the right dtype and shape; nothing unexpected (bias allowed)."""
+    exp = fmt.expected(scheme_params, out_f, in_f)
+    for suffix, e in exp.items():
+        t = tensors.get(suffix)
+        if t is None:
+            raise UserError(f"{where}: {module}.{suffix} is missing ({fmt.name} needs {sorted(exp)}); the checkpoint "
+                            f"is incomplete")
+        if not e.accepts(t.dtype, t.shape):
+            raise UserError(f"{where}: {module}.{suffix} is {t.dtype}{list(t.shape)}, {fmt.name} for a "
+                            f"[{out_f}, {in_f}] weight needs {'/'.join(e.dtypes)}{list(e.shape)}; the checkpoint "
+                            f"does not match its config")
+    extra = set(tensors) - set(exp) - {"bias"}
+    if extra:
+        raise UserError(f"{where}: {module} has unexpected tensors {sorted(extra)} for {fmt.name}; mpconvert does "
+                        f"not know what they mean, so it will not guess")
+    if "bias" in tensors and (tensors["bias"].shape != (out_f,) or tensors["bias"].dtype not in FLOAT_DTYPES):
+        raise UserError(f"{where}: {module}.bias is {tensors['bias'].dtype}{list(tensors['bias'].shape)}, expected "
+                        f"a float [{out_f}]")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,72 @@
+"""FP8 E4M3 weights, two on-disk layouts with the same math (w · scale, broadcast or per 2-D block).
+
+- native (`quant_method: fp8`, DeepSeek/Qwen style): `weight` f8e4m3 + `weight_scale_inv` f32
+  [⌈out/bn⌉, ⌈in/bk⌉] with `weight_block_size` [bn, bk], or per-tensor `weight_scale` f32 [] / [1];
+  `input_scale` only when `activation_scheme: static`. Despite its name `weight_scale_inv` is a multiplier.
+- compressed-tensors (`float-quantized`): `weight` f8e4m3 + `weight_scale` (model dtype) [1] per tensor,
+  [out, 1] per channel, or [⌈out/bn⌉, ⌈in/bk⌉] per block; `input_scale` [1] when activations are static.
+SGLang trap: Llama/Qwen2 loaders rename `weight_scale_inv` → `weight_scale`; a native block-FP8 *dense* model then
+loads and emits garbage (seen on GPU, 0.5.17). The manifest keeps the layout so the shim can bind it correctly.
+"""
+from __future__ import annotations
+
+from .base import FLOAT_DTYPES, Expect, Format, ceil_div, register
+
+
+class FP8(Format):
+    name = "fp8"
+    signature = frozenset({"weight", "weight_scale"})  # or weight + weight_scale_inv (native block)
+
+    def describe(self, p):
+        blk = f" {p['block'][0]}x{p['block'][1]}" if p["strategy"] == "block" else ""
+        return f"fp8 {p['strategy']}{blk} act={p['activation']} ({p['layout']})"
+
+    @staticmethod
+    def scale_name(p) -> str:
+        return "weight_scale_inv" if p["layout"] == "native" and p["strategy"] == "block" else "weight_scale"
+
+    def expected(self, p, out_f, in_f):
+        native = p["layout"] == "native"
+        sdt = ("F32",) if native else FLOAT_DTYPES
+        if p["strategy"] == "block":
+            bn, bk = p["block"]
+            scale = Expect(sdt, (ceil_div(out_f, bn), ceil_div(in_f, bk)))
+        elif p["strategy"] == "channel":
+            scale = Expect(sdt, (out_f, 1), ((out_f,),))
+        else:
+            scale = Expect(sdt, (1,), ((),))
+        exp = {"weight": Expect(("F8_E4M3",), (out_f, in_f)), self.scale_name(p): scale}
+        if p["activation"] == "static":
+            exp["input_scale"] = Expect(sdt, (1,), ((),))
+        return exp
+
+    def dequantize(self, t, p, out_f, in_f):
+        w = t["weight"].float()
+        s = t[self.scale_name(p)].float()
+        if p["strategy"] == "block":
+            bn, bk = p["block"]
+            s = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:out_f, :in_f]
+        elif p["strategy"] == "channel":
+            s = s.reshape(out_f, 1)
+        else:
+            s = s.reshape(())
+        return w * s
+
+    def tp_problem(self, p, out_part, in_part):
+        if p["strategy"] != "block":
+            return None
+        bn, bk = p["block"]
+        if out_part % bn:
+            return f"output partition {out_part} is not a multiple of the FP8 block {bn}"
+        if in_part % bk:
+            return f"input partition {in_part} is not a multiple of the FP8 block {bk}"
+        return None
+
+    def check_values(self, module, t, p):
+        s = t[self.scale_name(p)].float()
+        if not bool((s > 0).all()) or not bool(s.isfinite().all()):
+            return f"{module}.{self.scale_name(p)} has non-positive or non-finite scales"
+        return None
+
+
+FP8_FORMAT = register(FP8())

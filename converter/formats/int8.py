@@ -1,0 +1,33 @@
+"""W8A8 int8: per-channel symmetric int8 weights, dynamic per-token int8 activations.
+
+On disk (compressed-tensors `int-quantized`, and SGLang's own `w8a8_int8` — the same tensors): `weight` i8
+[out, in] + `weight_scale` [out, 1] (bf16/f16 from llm-compressor, f32 from SGLang-native exports).
+Dequant: W = w · scale. SmoothQuant-style producers fold activation scales into the preceding norms (layout.py).
+SGLang: W8A8Int8Config (dense and FusedMoE); compressed-tensors' own int8 MoE path is NPU-only on 0.5.17.
+"""
+from __future__ import annotations
+
+from .base import FLOAT_DTYPES, Expect, Format, register
+
+
+class Int8(Format):
+    name = "int8"
+    signature = frozenset({"weight", "weight_scale"})
+
+    def describe(self, p):
+        return f"int8 w8a8 per-channel act={p['activation']} ({p['layout']})"
+
+    def expected(self, p, out_f, in_f):
+        return {"weight": Expect(("I8",), (out_f, in_f)), "weight_scale": Expect(FLOAT_DTYPES, (out_f, 1), ((out_f,),))}
+
+    def dequantize(self, t, p, out_f, in_f):
+        return t["weight"].float() * t["weight_scale"].float().reshape(out_f, 1)
+
+    def check_values(self, module, t, p):
+        s = t["weight_scale"].float()
+        if not bool((s > 0).all()) or not bool(s.isfinite().all()):
+            return f"{module}.weight_scale has non-positive or non-finite scales"
+        return None
+
+
+INT8_FORMAT = register(Int8())

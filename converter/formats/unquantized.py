@@ -1,0 +1,21 @@
+"""Unquantized (bf16/fp16/fp32) weights: `weight` [out, in] (+ `bias`)."""
+from __future__ import annotations
+
+from .base import FLOAT_DTYPES, Expect, Format, register
+
+
+class Unquantized(Format):
+    name = "unquantized"
+    signature = frozenset({"weight"})
+
+    def describe(self, p):
+        return f"unquantized {p['dtype'].lower()}"
+
+    def expected(self, p, out_f, in_f):
+        return {"weight": Expect((p["dtype"],) if p.get("dtype") else FLOAT_DTYPES, (out_f, in_f))}
+
+    def dequantize(self, t, p, out_f, in_f):
+        return t["weight"].float()
+
+
+UNQUANTIZED = register(Unquantized())

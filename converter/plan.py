@@ -1,0 +1,318 @@
+"""Planning: resolve every rule, check every constraint, and list every output tensor — before any byte is written.
+
+Follows the compressed-tensors converter protocol: validate all inputs first (this module), then process (writer.py).
+A failure here is one UserError naming the module, the rules involved and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import UserError
+from .formats import FORMATS, Scheme, check_expected
+from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
+from .recipe import BASE, Recipe, Rule
+from .safetensors_io import TensorInfo, load_tensor, sha256_of
+from .sources import ModuleView, Source, open_source
+
+
+@dataclass
+class TensorPlan:
+    name: str  # output name
+    src: TensorInfo
+    source: str
+    rewrite: Callable | None = None
+    rewrite_name: str | None = None
+
+    @property
+    def dtype(self) -> str:
+        return self.src.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.src.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.src.nbytes
+
+
+@dataclass
+class ModulePlan:
+    name: str
+    role: Role
+    scheme: Scheme  # as written (after exact rewrites)
+    source: str
+    why: str  # the rule (or default / coupling reason) that chose the source
+    out_features: int
+    in_features: int
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    base: Source
+    sources: dict[str, Source]
+    info: ModelInfo
+    tp: int
+    modules: list[ModulePlan]
+    tensors: list[TensorPlan]
+    units: dict[str, dict]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def _describe_module(m: ModulePlan) -> str:
+    return f"{m.name.rsplit('.', 1)[-1]}={m.scheme.describe()} from {m.source!r} via {m.why}"
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, tp: int):
+        self.recipe, self.tp = recipe, tp
+        self.base = open_source("base", recipe.path_of(BASE), "")
+        cfg = self.base.ckpt.config
+        self.model_type = cfg.get("model_type", "")
+        self.info = ModelInfo.from_config(cfg, "base")
+        self.base = open_source("base", recipe.path_of(BASE), self.model_type)  # again, with name canonicalisation
+        if self.base.kind != "unquantized":
+            raise UserError(f"base ({self.base.ckpt.path}) is quantized ({self.base.kind}); the base must be the "
+                            f"bf16/fp16 model (it provides config, tokenizer and reference weights)")
+        self.sources: dict[str, Source] = {BASE: self.base}
+        for name in sorted(recipe.sources):
+            src = open_source(name, recipe.path_of(name), self.model_type)
+            check_same_architecture(cfg, src.ckpt.config, f"source {name!r}")
+            self.sources[name] = src
+        self._hash_cache: dict[tuple[str, str], str] = {}
+
+    # ---- which modules exist -------------------------------------------------------------------------------
+    def base_modules(self) -> dict[str, Role]:
+        roles = {}
+        for name in sorted(self.base.modules, key=natural_key):
+            role = role_of(name)
+            if role is None:
+                raise UserError(f"base: module {name!r} has no known role (mpconvert knows Llama/Qwen2/Qwen3/"
+                                f"Qwen3-MoE/Mixtral/DeepSeek naming); it will not guess how to treat it")
+            roles[name] = role
+        for label, src in self.sources.items():
+            extra = sorted(set(src.modules) - set(roles), key=natural_key)
+            if extra:
+                raise UserError(f"source {label!r}: module {extra[0]!r} is not in the base model; every source must "
+                                f"quantize the same architecture")
+        return roles
+
+    # ---- rules ---------------------------------------------------------------------------------------------
+    def moe_layers(self, roles: dict[str, Role]) -> set[int]:
+        return {r.layer for r in roles.values() if r.expert is not None}
+
+    def assign(self, roles: dict[str, Role]) -> dict[str, tuple[str, str]]:
+        moe = self.moe_layers(roles)
+        hits = [0] * len(self.recipe.rules)
+        chosen: dict[str, tuple[str, str]] = {}
+        for name, role in roles.items():
+            if role.kind != "linear":
+                continue
+            for i, rule in enumerate(self.recipe.rules):
+                if self._rule_selects(rule, name, role, moe):
+                    hits[i] += 1
+                    chosen[name] = (rule.source, rule.describe(i))
+                    break
+            else:
+                chosen[name] = (self.recipe.default, f"default ({self.recipe.default})")
+        for i, n in enumerate(hits):
+            if n == 0:
+                rule = self.recipe.rules[i]
+                shadow = any(self._rule_selects(rule, name, role, moe) for name, role in roles.items()
+                             if role.kind == "linear")
+                why = "every module it matches is taken by an earlier rule" if shadow else "it matches no module"
+                raise UserError(f"recipe: {rule.describe(i)} selects nothing: {why}; fix or remove the rule "
+                                f"(module names look like {next(iter(roles))!r})")
+        return chosen
+
+    @staticmethod
+    def _rule_selects(rule: Rule, name: str, role: Role, moe: set[int]) -> bool:
+        if not rule.matches_name(name):
+            return False
+        layers = rule.layer_set
+        if layers is not None and role.layer not in layers:
+            return False
+        if rule.moe is not None and (role.layer in moe) != rule.moe:
+            return False
+        return True
+
+    # ---- modules -------------------------------------------------------------------------------------------
+    def module_plan(self, name: str, role: Role, source: str, why: str) -> ModulePlan:
+        base_w = self.base.modules[name].tensors.get("weight")
+        if base_w is None or len(base_w.shape) != 2:
+            raise UserError(f"base: {name}.weight is missing or not 2-D")
+        out_f, in_f = base_w.shape
+        view = self.sources[source].modules.get(name)
+        if view is None:
+            raise UserError(f"source {source!r} has no module {name} (chosen by {why}); take it from a source "
+                            f"that has it")
+        fmt = FORMATS[view.scheme.format]
+        params = view.scheme.params
+        check_expected(fmt, params, name, view.tensors, out_f, in_f, f"source {source!r}")
+        mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **fmt.output_params(params)), source, why,
+                        out_f, in_f)
+        for suffix in sorted(view.tensors):
+            rw = fmt.rewrite(suffix, params)
+            mp.tensors[suffix] = TensorPlan(f"{name}.{suffix}", view.tensors[suffix], source, rw,
+                                            "gptq_v2_to_v1_qzeros" if rw else None)
+        return mp
+
+    def check_units(self, modules: list[ModulePlan]) -> dict[str, dict]:
+        units: dict[str, list[ModulePlan]] = {}
+        for m in modules:
+            units.setdefault(m.role.unit, []).append(m)
+        out = {}
+        for unit, members in units.items():
+            schemes = {m.scheme for m in members}
+            if len(schemes) > 1:
+                by = {}
+                for m in members:
+                    by.setdefault(m.scheme, m)
+                parts = "; ".join(_describe_module(m) for m in by.values())
+                raise UserError(f"fused unit {unit} mixes formats ({parts}); SGLang runs one kernel per fused "
+                                f"unit — assign all its parts to sources of one format")
+            s = members[0].scheme
+            out[unit] = {"format": s.format, "params": s.params, "members": [m.name for m in members]}
+        return out
+
+    # ---- folded scales -------------------------------------------------------------------------------------
+    def _value_key(self, src: Source, module: str) -> str:
+        """Identity of a non-linear tensor's *values* in a source: equal bytes or equal values → same key."""
+        key = (src.label, module)
+        if key not in self._hash_cache:
+            t = src.modules[module].tensors["weight"]
+            base_t = self.base.modules[module].tensors["weight"]
+            if src is self.base or (t.dtype == base_t.dtype and sha256_of(t) == self._base_hash(module)):
+                self._hash_cache[key] = "base"
+            elif t.shape == base_t.shape and bool((load_tensor(t).double() == load_tensor(base_t).double()).all()):
+                self._hash_cache[key] = "base"  # same values in another float dtype
+            else:
+                self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
+        return self._hash_cache[key]
+
+    def _base_hash(self, module: str) -> str:
+        key = ("base#raw", module)
+        if key not in self._hash_cache:
+            self._hash_cache[key] = sha256_of(self.base.modules[module].tensors["weight"])
+        return self._hash_cache[key]
+
+    def support_plans(self, roles: dict[str, Role], linear: list[ModulePlan]) -> list[ModulePlan]:
+        """Norms, routers, embeddings: take the version the consuming linears were quantized against."""
+        consumers: dict[tuple[int, str], list[ModulePlan]] = {}
+        for m in linear:
+            if m.role.stage is not None:
+                consumers.setdefault((m.role.layer, m.role.stage), []).append(m)
+        used = sorted({m.source for m in linear} - {BASE})
+        plans = []
+        for name, role in roles.items():
+            if role.kind == "linear":
+                continue
+            users = consumers.get((role.layer, role.stage), []) if role.stage else []
+            versions: dict[str, list[ModulePlan]] = {}
+            for u in users:
+                src = self.sources[u.source]
+                if name not in src.modules:
+                    raise UserError(f"source {u.source!r} lacks {name}, which {u.name} was quantized against")
+                versions.setdefault(self._value_key(src, name), []).append(u)
+            if len(versions) > 1:
+                desc = "; ".join(f"{ms[0].name.rsplit('.', 1)[-1]} from {ms[0].source!r} via {ms[0].why}"
+                                 for ms in versions.values())
+                raise UserError(f"folded scales: {name} differs between the sources of its consumers ({desc}); "
+                                f"a folded-scale source (AWQ/SmoothQuant) changed it, so all modules reading it "
+                                f"must come from that source — assign them together")
+            if versions:
+                (key, ms), = versions.items()
+                source = BASE if key == "base" else ms[0].source
+                why = "base" if key == "base" else f"folded scales of {ms[0].name} ({ms[0].source!r})"
+            else:
+                source, why = BASE, "base"
+                for label in used:  # nothing couples it: every source we use must agree with the base
+                    src = self.sources[label]
+                    if name in src.modules and self._value_key(src, name) != "base":
+                        raise UserError(f"source {label!r} changed {name}, which mpconvert cannot couple to any "
+                                        f"module; it will not mix it with other sources' modules")
+            view = self.sources[source].modules[name]
+            w = view.tensors["weight"]
+            mp = ModulePlan(name, role, Scheme.of("unquantized", dtype=w.dtype), source, why,
+                            *(tuple(w.shape) + (1,))[:2])
+            for suffix in sorted(view.tensors):
+                mp.tensors[suffix] = TensorPlan(f"{name}.{suffix}", view.tensors[suffix], source)
+            plans.append(mp)
+        return plans
+
+    def check_folded_pairs(self, linear: list[ModulePlan]) -> None:
+        """AWQ folds o_proj's input scales into v_proj and down_proj's into up_proj: such pairs travel together."""
+        pairs: dict[str, dict[str, ModulePlan]] = {}
+        for m in linear:
+            if m.role.pair:
+                pairs.setdefault(m.role.pair[0], {})[m.role.pair[1]] = m
+        for pid, p in pairs.items():
+            prod, cons = p.get("producer"), p.get("consumer")
+            if not prod or not cons or prod.source == cons.source:
+                continue
+            if prod.out_features != cons.in_features:
+                continue  # shapes do not allow the fold (e.g. GQA v→o)
+            for m in (prod, cons):
+                if self.sources[m.source].folds_scales:
+                    raise UserError(
+                        f"folded scales: {cons.name} comes from {cons.source!r} via {cons.why} but {prod.name} from "
+                        f"{prod.source!r} via {prod.why}; {m.source!r} ({self.sources[m.source].kind}) folds "
+                        f"{cons.name.rsplit('.', 1)[-1]}'s input scales into {prod.name.rsplit('.', 1)[-1]} — "
+                        f"take both from the same source")
+
+    # ---- tensor parallelism --------------------------------------------------------------------------------
+    def check_tp(self, linear: list[ModulePlan]) -> None:
+        tp, info = self.tp, self.info
+        if tp == 1:
+            return
+        if info.num_heads % tp:
+            raise UserError(f"--tp {tp}: num_attention_heads={info.num_heads} is not divisible by {tp}")
+        if info.num_kv_heads % tp and tp % info.num_kv_heads:
+            raise UserError(f"--tp {tp}: num_key_value_heads={info.num_kv_heads} neither divides nor is divisible "
+                            f"by {tp}")
+        for m in linear:
+            out_p, in_p = m.out_features, m.in_features
+            if m.role.parallel == "column":
+                ways = min(tp, info.num_kv_heads) if m.role.slot in ("k", "v") else tp
+                if out_p % ways:
+                    raise UserError(f"--tp {tp}: {m.name} has {out_p} outputs, not divisible by {ways}")
+                out_p //= ways
+            elif m.role.parallel == "row":
+                if in_p % tp:
+                    raise UserError(f"--tp {tp}: {m.name} has {in_p} inputs, not divisible by {tp}")
+                in_p //= tp
+            else:
+                continue
+            problem = FORMATS[m.scheme.format].tp_problem(m.scheme.params, out_p, in_p)
+            if problem:
+                raise UserError(f"--tp {tp}: {m.name} ({m.scheme.describe()} from {m.source!r} via {m.why}): "
+                                f"{problem}; use a smaller --tp or another format for this module")
+
+    def plan(self) -> Plan:
+        roles = self.base_modules()
+        chosen = self.assign(roles)
+        linear = [self.module_plan(n, roles[n], *chosen[n]) for n in chosen]
+        units = self.check_units(linear)
+        self.check_folded_pairs(linear)
+        support = self.support_plans(roles, linear)
+        self.check_tp(linear)
+        modules = sorted(linear + support, key=lambda m: natural_key(m.name))
+        tensors = sorted((t for m in modules for t in m.tensors.values()), key=lambda t: natural_key(t.name))
+        return Plan(self.recipe, self.base, self.sources, self.info, self.tp, modules, tensors, units)
+
+
+def make_plan(recipe: Recipe, tp: int = 1) -> Plan:
+    if tp < 1:
+        raise UserError(f"--tp must be ≥ 1 (got {tp})")
+    return _Planner(recipe, tp).plan()
+
+
+def stable_digest(obj: str) -> str:
+    return hashlib.sha256(obj.encode()).hexdigest()

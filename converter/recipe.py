@@ -1,0 +1,171 @@
+"""The recipe: a typed, validated description of what to merge (YAML). Planning and execution live elsewhere.
+
+    base: ./llama-bf16            # bf16 reference: config, tokenizer, unquantized tensors
+    sources:                      # name → checkpoint dir (format detected from its config)
+      fp8: ./llama-fp8
+      gptq: ./llama-gptq-int4
+    default: gptq                 # source for every linear no rule matches ("base" = keep bf16)
+    rules:                        # ordered; first match wins; a rule that matches nothing is an error
+      - match: "*.self_attn.*"    # glob on module names (also matches a suffix: "mlp.down_proj"), or "re:REGEX"
+        layers: "0-1,7"           # optional layer filter
+        source: fp8
+      - match: lm_head
+        source: base
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+BASE = "base"
+
+
+def parse_layers(spec: Union[str, int, list]) -> frozenset[int]:
+    """"0-3,7" / 5 / [0, 1, "4-6"] → {0,1,2,3,7} …"""
+    items = spec if isinstance(spec, list) else [spec]
+    out: set[int] = set()
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+            if not m:
+                raise ValueError(f"bad layer range {part!r}; use forms like 3, 0-5 or \"0-3,7\"")
+            lo, hi = (int(m[1]), int(m[2])) if m[1] else (int(m[3]), int(m[3]))
+            if hi < lo:
+                raise ValueError(f"bad layer range {part!r}: {hi} < {lo}")
+            out.update(range(lo, hi + 1))
+    return frozenset(out)
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    match: Union[str, list[str]] = Field(description="glob on module names, or 're:REGEX'; a list matches any")
+    source: str
+    layers: Union[str, int, list[Union[str, int]], None] = None
+    moe: Union[bool, None] = Field(None, description="true: only layers with a MoE block; false: only dense layers")
+
+    @field_validator("match")
+    @classmethod
+    def _patterns_ok(cls, v):
+        for p in [v] if isinstance(v, str) else v:
+            if not p:
+                raise ValueError("empty pattern")
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regex {p!r}: {e}") from None
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ok(cls, v):
+        if v is not None:
+            parse_layers(v)
+        return v
+
+    @property
+    def layer_set(self) -> frozenset[int] | None:
+        return None if self.layers is None else parse_layers(self.layers)
+
+    @property
+    def patterns(self) -> list[str]:
+        return [self.match] if isinstance(self.match, str) else list(self.match)
+
+    def matches_name(self, module: str) -> bool:
+        for p in self.patterns:
+            if p.startswith("re:"):
+                if re.search(p[3:], module):
+                    return True
+            elif fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, "*." + p):
+                return True
+        return False
+
+    def describe(self, index: int) -> str:
+        extra = (f" layers={self.layers}" if self.layers is not None else "") + (
+            f" moe={self.moe}" if self.moe is not None else "")
+        return f"rules[{index}] (match {self.match!r}{extra} → {self.source})"
+
+
+class Output(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shard_size: Union[str, int, None] = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    sources: dict[str, str]
+    default: str
+    rules: list[Rule] = []
+    output: Output = Output()
+
+    @model_validator(mode="after")
+    def _names_ok(self):
+        if BASE in self.sources:
+            raise ValueError(f"source name {BASE!r} is reserved for the base model; rename it")
+        known = sorted(self.sources) + [BASE]
+        if self.default not in known:
+            raise ValueError(f"default: unknown source {self.default!r} (known: {', '.join(known)})")
+        for i, r in enumerate(self.rules):
+            if r.source not in known:
+                raise ValueError(f"rules[{i}].source: unknown source {r.source!r} (known: {', '.join(known)})")
+        return self
+
+    # paths are relative to the recipe file
+    _dir: Path = Path(".")
+
+    def path_of(self, source: str) -> Path:
+        p = Path(self.base if source == BASE else self.sources[source]).expanduser()
+        return p if p.is_absolute() else (self._dir / p)
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe not found; pass the path of a recipe YAML (see `mpconvert build --help`)") \
+            from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a mapping with keys base, sources, default, rules")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; allowed keys are documented in `mpconvert build --help`"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        raise UserError(f"{path}: {loc}: {msg}") from None
+    recipe._dir = path.resolve().parent
+    return recipe
+
+
+def parse_size(v: Union[str, int]) -> int:
+    """'5GB' / '500MiB' / 1000000 → bytes (decimal units as Hugging Face uses them; *iB binary)."""
+    if isinstance(v, int):
+        return v
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", v, re.I)
+    if not m:
+        raise UserError(f"bad size {v!r}; use forms like 5GB, 500MB, 2GiB")
+    num, unit = float(m[1]), m[2].upper().rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    n = int(num * mult)
+    if n <= 0:
+        raise UserError(f"bad size {v!r}: must be positive")
+    return n

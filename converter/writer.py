@@ -1,0 +1,136 @@
+"""Execution: stream the planned tensors into size-capped shards in a temp dir, then index, config, manifest; rename.
+
+Memory stays bounded by one copy chunk (16 MiB) — or one tensor for the rare exact rewrite (GPTQ v2→v1 qzeros).
+Nothing appears at the output path until everything is written and fsynced.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import INDEX
+from .errors import UserError
+from .manifest import MANIFEST, build_manifest, dumps, quantization_config
+from .plan import Plan, TensorPlan
+from .safetensors_io import PendingTensor, iter_bytes, load_tensor, tensor_to_bytes, write_file
+
+# Copied from the base when present: everything a server needs besides weights and config.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+              "chat_template.json", "preprocessor_config.json")
+
+
+def split_shards(tensors: list[TensorPlan], cap: int) -> list[list[TensorPlan]]:
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > cap:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _pending(t: TensorPlan) -> PendingTensor:
+    if t.rewrite is None:
+        return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, lambda: iter_bytes(t.src))
+
+    def rewritten():
+        new = t.rewrite(load_tensor(t.src))
+        if tuple(new.shape) != t.shape:
+            raise AssertionError(f"rewrite changed the shape of {t.name}")
+        yield tensor_to_bytes(new)
+
+    return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, rewritten)
+
+
+def check_output(out: Path, force: bool, plan: Plan | None = None) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another -o or pass --force to replace it")
+    if plan is not None:
+        for label, src in plan.sources.items():
+            p = src.ckpt.path
+            if out.resolve() == p or p in out.resolve().parents or out.resolve() in p.parents:
+                raise UserError(f"output {out} overlaps source {label!r} ({p}); write somewhere else — sources are "
+                                f"never modified")
+
+
+def _source_state(plan: Plan) -> dict:
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns)
+            for src in plan.sources.values() for f in {t.file for t in src.ckpt.tensors.values()}}
+
+
+def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
+          on_bytes: Callable[[int], None] = lambda n: None) -> dict:
+    """Write the converted directory. Returns the manifest."""
+    out = Path(out)
+    check_output(out, force, plan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    need = plan.total_bytes + (1 << 20)
+    if free < need:
+        raise UserError(f"{out.parent}: {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; free space or "
+                        f"write elsewhere")
+    before = _source_state(plan)
+    tmp = out.parent / f".{out.name}.mpconvert-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _write_into(plan, tmp, shard_size, on_bytes)
+        if _source_state(plan) != before:
+            raise UserError("a source file changed while building; nothing was written — rebuild when sources are "
+                            "stable")
+        _fsync_dir(tmp)
+        if out.exists():  # --force: swap in the new one, then drop the old one
+            old = out.parent / f".{out.name}.mpconvert-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+        _fsync_dir(out.parent)
+        return manifest
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{out.parent}: disk full while writing; nothing was written — free space and "
+                            f"rebuild") from None
+        raise UserError(f"{out.parent}: write failed ({e.strerror}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> dict:
+    shards = split_shards(plan.tensors, shard_size)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    digests: dict[str, str] = {}
+    shard_of: dict[str, str] = {}
+    for name, shard in zip(names, shards):
+        digests.update(write_file(tmp / name, [_pending(t) for t in shard], {"format": "pt"}, on_bytes))
+        shard_of.update({t.name: name for t in shard})
+    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for f in SIDE_FILES:
+        if (plan.base.ckpt.path / f).is_file():
+            shutil.copyfile(plan.base.ckpt.path / f, tmp / f)
+    manifest = build_manifest(plan, shard_of, digests)
+    raw = dumps(manifest)
+    (tmp / MANIFEST).write_bytes(raw)
+    config = dict(plan.base.ckpt.config)
+    config["quantization_config"] = quantization_config(raw, sorted({u["format"] for u in plan.units.values()}))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
