@@ -100,7 +100,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
 def inspect(directory: Path = typer.Argument(..., help="converted directory"),
             json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
             modules: bool = typer.Option(True, "--modules/--no-modules", help="list every linear module")):
-    from mpconvert.inspect import summarize
+    from mpconvert.summary import summarize
 
     try:
         s = summarize(directory)

@@ -1,0 +1,49 @@
+# mpconvert — set-up, demo, tests, benchmarks. Everything the project needs is installed from these files.
+PY      ?= python3
+VENV    := .venv
+FVENV   := .venv-fixtures
+PIP     := $(VENV)/bin/pip
+export MPCONVERT_CACHE ?= $(HOME)/.cache/mpconvert
+export TMPDIR ?= /tmp
+
+.PHONY: setup demo test fixtures bench clean
+
+setup: $(VENV)/.done $(FVENV)/.done  ## both venvs: the tool (+ SGLang's real classes) and the fixture producers
+
+# The tool's venv. torch is pinned and installed first (from local disk here), so nothing resolves another torch;
+# SGLang comes --no-deps plus the light packages its imports need (DESIGN.md §6).
+$(VENV)/.done: pyproject.toml requirements/runtime.txt requirements/sglang-imports.txt requirements/sglang-nodeps.txt requirements/lock-main.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c requirements/lock-main.txt -r requirements/runtime.txt -r requirements/sglang-imports.txt
+	$(PIP) install -q --no-deps -r requirements/sglang-nodeps.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+# The producers' venv (llm-compressor, gptqmodel need transformers ≥5.15; SGLang 0.5.17 needs <5.13). It reuses
+# the tool venv's torch through a .pth file instead of installing a second 5 GB torch.
+$(FVENV)/.done: $(VENV)/.done requirements/fixtures.txt requirements/fixtures-nodeps.txt requirements/lock-fixtures.txt
+	$(PY) -m venv $(FVENV)
+	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(FVENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mpconvert_main_venv.pth"
+	$(FVENV)/bin/pip install -q --upgrade pip
+	$(FVENV)/bin/pip install -q -c requirements/lock-fixtures.txt -r requirements/fixtures.txt
+	$(FVENV)/bin/pip install -q --no-deps -r requirements/fixtures-nodeps.txt
+	touch $@
+
+demo: setup  ## tiny real fixtures → mixed checkpoint → inspect
+	$(VENV)/bin/mpconvert demo demo-out
+
+fixtures: setup  ## make (or find cached) every test fixture
+	$(VENV)/bin/python -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; from mpconvert.demo import fixture; \
+	  [fixture('llama', k) for k in c.LLAMA_KINDS]; [fixture('qwen3moe', k) for k in c.MOE_KINDS]"
+
+test: setup fixtures
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(VENV)/bin/python bench/build_bench.py
+
+clean:
+	rm -rf $(VENV) $(FVENV) demo-out

@@ -1,0 +1,49 @@
+"""Shared test fixtures: real quantizer outputs (cached by content hash, see mpconvert.demo) and a CLI runner."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mpconvert.demo import fixture
+
+LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "ct-w8a8-smooth", "gptq",
+               "gptq-v2", "awq")
+MOE_KINDS = ("base", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "gptq", "awq")
+
+
+@pytest.fixture(scope="session")
+def llama() -> dict[str, Path]:
+    return {k: fixture("llama", k) for k in LLAMA_KINDS}
+
+
+@pytest.fixture(scope="session")
+def moe() -> dict[str, Path]:
+    return {k: fixture("qwen3moe", k) for k in MOE_KINDS}
+
+
+@pytest.fixture
+def cli():
+    from mpconvert.cli.main import app
+
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def write_recipe(dir: Path, fixtures: dict[str, Path], sources: dict[str, str], default: str, rules: str = "",
+                 extra: str = "") -> Path:
+    """A recipe whose sources name fixture kinds: {"fp8": "ct-fp8-static", ...}."""
+    lines = [f"base: {fixtures['base']}", "sources:"] + [f"  {n}: {fixtures[k]}" for n, k in sources.items()]
+    lines.append(f"default: {default}")
+    if rules:
+        lines.append("rules:")
+        lines.append(textwrap.indent(textwrap.dedent(rules).strip("\n"), "  "))
+    if extra:
+        lines.append(textwrap.dedent(extra).strip("\n"))
+    p = dir / "recipe.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    return p

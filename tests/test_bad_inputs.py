@@ -1,0 +1,205 @@
+"""Bad input: one clear line naming the file/tensor/rule and the fix, exit code 2, no traceback, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+
+
+def fails(cli, tmp_path, *args, match: str, out: Path | None = None):
+    out = out or tmp_path / "out"
+    r = cli("build", *args, "-o", out) if args and "-o" not in args else cli("build", *args)
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "Traceback" not in r.output
+    assert match in text, text
+    assert text.startswith("error: ") and len(r.output.strip().splitlines()) <= 4  # one (wrapped) line
+    leftovers = [p.name for p in tmp_path.iterdir() if "mpconvert-tmp" in p.name]
+    assert not leftovers, leftovers
+    return text
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_recipe_missing(cli, tmp_path):
+    fails(cli, tmp_path, tmp_path / "nope.yaml", match="recipe not found")
+
+
+def test_recipe_invalid_yaml(cli, tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("base: [unclosed\n")
+    fails(cli, tmp_path, p, match="invalid YAML")
+
+
+def test_recipe_unknown_key_points_at_it(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "*", source: gptq, layer: 1}')
+    fails(cli, tmp_path, r, match="rules.0.layer: unknown key")
+
+
+def test_recipe_unknown_source(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "*", source: fp9}')
+    fails(cli, tmp_path, r, match="rules[0].source: unknown source 'fp9' (known: gptq, base)")
+
+
+def test_recipe_bad_layer_range(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "*", layers: "3-1", source: gptq}')
+    fails(cli, tmp_path, r, match="bad layer range '3-1'")
+
+
+def test_rule_matching_nothing(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "*.cross_attn.*", source: base}')
+    fails(cli, tmp_path, r, match="rules[0] (match '*.cross_attn.*' → base) selects nothing: it matches no module")
+
+
+def test_rule_shadowed_by_earlier_rule(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq",
+                     '- {match: "*", source: gptq}\n- {match: "lm_head", source: base}')
+    fails(cli, tmp_path, r, match="every module it matches is taken by an earlier rule")
+
+
+def test_source_dir_missing(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    r.write_text(r.read_text().replace(str(llama["gptq"]), str(tmp_path / "missing")))
+    fails(cli, tmp_path, r, match="is not a directory; fix the path in the recipe")
+
+
+def test_pickle_weights_are_refused(llama, cli, tmp_path):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    shutil.copy(llama["gptq"] / "config.json", src)
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04not-to-be-unpickled")
+    r = write_recipe(tmp_path, {**llama, "p": src}, {"p": "p"}, "p")
+    fails(cli, tmp_path, r, match="holds only pickle weights (pytorch_model.bin); mpconvert never unpickles")
+
+
+def test_index_path_escaping_source_dir(llama, cli, tmp_path):
+    src = copy(llama["gptq"], tmp_path / "evil")
+    keys = json.loads(subprocess.check_output([sys.executable, "-c", f"""
+import json,struct; f=open({str(src / 'model.safetensors')!r},'rb'); n=struct.unpack('<Q',f.read(8))[0]
+print(json.dumps([k for k in json.loads(f.read(n)) if k!='__metadata__']))"""]))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../../etc/x.safetensors"
+                                                                                  for k in keys}}))
+    r = write_recipe(tmp_path, {**llama, "e": src}, {"e": "e"}, "e")
+    fails(cli, tmp_path, r, match="escapes the checkpoint directory")
+
+
+def test_truncated_shard(llama, cli, tmp_path):
+    src = copy(llama["ct-fp8-static"], tmp_path / "trunc")
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size - 1000])
+    r = write_recipe(tmp_path, {**llama, "t": src}, {"t": "t"}, "t")
+    fails(cli, tmp_path, r, match="truncated: tensor")
+
+
+def test_corrupt_header(llama, cli, tmp_path):
+    src = copy(llama["ct-fp8-static"], tmp_path / "corrupt")
+    f = src / "model.safetensors"
+    b = bytearray(f.read_bytes())
+    b[8] = ord("#")
+    f.write_bytes(bytes(b))
+    r = write_recipe(tmp_path, {**llama, "c": src}, {"c": "c"}, "c")
+    fails(cli, tmp_path, r, match="header is not valid JSON")
+
+
+def test_unknown_quant_method(llama, cli, tmp_path):
+    src = copy(llama["gptq"], tmp_path / "odd")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "hqq"
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = write_recipe(tmp_path, {**llama, "o": src}, {"o": "o"}, "o")
+    fails(cli, tmp_path, r, match="quant_method 'hqq' is not supported")
+
+
+def test_architecture_mismatch(llama, moe, cli, tmp_path):
+    r = write_recipe(tmp_path, {**llama, "m": moe["gptq"]}, {"m": "m"}, "m")
+    fails(cli, tmp_path, r, match="config.json model_type='qwen3_moe' but the base has model_type='llama'")
+
+
+def test_quantized_base_is_refused(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, {**llama, "base": llama["gptq"]}, {"g": "gptq"}, "g")
+    fails(cli, tmp_path, r, match="is quantized (gptq); the base must be the bf16/fp16 model")
+
+
+def test_fused_unit_mixing_formats(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq", "fp8": "ct-fp8-static"}, "gptq",
+                     '- {match: "self_attn.q_proj", source: fp8}')
+    t = fails(cli, tmp_path, r, match="fused unit model.layers.0.self_attn.qkv_proj mixes formats")
+    assert "q_proj=fp8 tensor act=static (ct) from 'fp8' via rules[0]" in t and "default (gptq)" in t
+
+
+def test_awq_v_and_o_split(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq", "awq": "awq"}, "gptq",
+                     '- {match: "self_attn.[qkv]_proj", layers: 0, source: awq}')
+    fails(cli, tmp_path, r, match="folds o_proj's input scales into v_proj — take both from the same source")
+
+
+def test_awq_up_and_down_split(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq", "awq": "awq"}, "gptq",
+                     '- {match: "mlp.down_proj", layers: 1, source: awq}')
+    fails(cli, tmp_path, r, match="folds down_proj's input scales into up_proj")
+
+
+def test_smoothed_norm_with_unsmoothed_consumer(llama, cli, tmp_path):
+    # same scheme (int8) so the fused unit is fine — but the smoothed source changed input_layernorm for q only
+    r = write_recipe(tmp_path, llama, {"int8": "ct-w8a8", "smooth": "ct-w8a8-smooth"}, "int8",
+                     '- {match: "self_attn.q_proj", layers: 0, source: smooth}')
+    fails(cli, tmp_path, r, match="folded scales: model.layers.0.input_layernorm differs between the sources")
+
+
+def test_tp_that_cannot_shard(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    fails(cli, tmp_path, r, "--tp", "4", match="--tp 4: model.layers.0.self_attn.o_proj (gptq int4 g128")
+    fails(cli, tmp_path, r, "--tp", "3", match="--tp 3: num_attention_heads=4 is not divisible by 3")
+
+
+def test_existing_output_needs_force(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("precious")
+    fails(cli, tmp_path, r, match="already exists; choose another -o or pass --force", out=out)
+    assert (out / "keep").read_text() == "precious"
+    assert cli("build", r, "-o", out, "--force").exit_code == 0
+    assert not (out / "keep").exists() and (out / "mpconvert_manifest.json").exists()
+
+
+def test_output_inside_a_source(llama, cli, tmp_path):
+    src = copy(llama["gptq"], tmp_path / "src")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, match="overlaps source 's'", out=src / "out")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_bad_shard_size(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    fails(cli, tmp_path, r, "--shard-size", "lots", match="bad size 'lots'")
+
+
+def test_write_failure_leaves_nothing(llama, tmp_path):
+    """A write that fails midway (file-size limit standing in for a full disk) leaves no partial output."""
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    exe = Path(sys.executable).parent / "mpconvert"
+    p = subprocess.run([str(exe), "build", str(r), "-o", str(tmp_path / "out")], capture_output=True, text=True,
+                       preexec_fn=limit)
+    assert p.returncode == 2, p.stderr
+    assert "write failed" in p.stderr and "nothing was written" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [x for x in tmp_path.iterdir() if "mpconvert-tmp" in x.name]
