@@ -75,6 +75,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
         cap = parse_size(shard_size or r.output.shard_size or "5GB")
         t0 = time.perf_counter()
         plan = make_plan(r, tp)
+        check_output(output, force, plan)
         if not json_out:
             for label, src in sorted(plan.sources.items()):
                 err.print(f"{label}: {src.describe()}", markup=False, highlight=False)

@@ -61,7 +61,12 @@ def fixture(arch: str, kind: str = "base", log=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = " | ".join(p.stderr.strip().splitlines()[-3:])
         raise UserError(f"producer {kind} for {arch} failed (exit {p.returncode}): {tail}")
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process made the same fixture meanwhile: identical inputs, keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
     return out
 
 
