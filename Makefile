@@ -42,8 +42,16 @@ fixtures: setup  ## make (or find cached) every test fixture
 test: setup fixtures
 	$(VENV)/bin/pytest -q
 
-bench: setup
+# mergekit (the comparison in the build benchmark) in its own venv, layered on .venv's torch like the producers.
+.venv-bench/.done: $(VENV)/.done requirements/bench.txt
+	$(PY) -m venv .venv-bench
+	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$(.venv-bench/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mpconvert_main_venv.pth"
+	.venv-bench/bin/pip install -q -r requirements/bench.txt
+	touch $@
+
+bench: setup .venv-bench/.done  ## build vs cp -r vs mergekit passthrough, peak RSS at N and 2N layers
 	$(VENV)/bin/python bench/build_bench.py
 
 clean:
-	rm -rf $(VENV) $(FVENV) demo-out
+	rm -rf $(VENV) $(FVENV) .venv-bench demo-out

@@ -67,7 +67,8 @@ def make_source(root: Path, kind: str, h, inter, layers):
     weight_map = {}
     for L in range(layers + 1):
         sd = {}
-        if L == layers:  # embeddings, final norm, head: bf16 in every source
+        if L == layers:  # embeddings, final norm, head: bf16 and identical in every source (as real ones are)
+            g = torch.Generator().manual_seed(1)
             sd["model.embed_tokens.weight"] = torch.randn(VOCAB, h, generator=g).to(torch.bfloat16)
             sd["lm_head.weight"] = torch.randn(VOCAB, h, generator=g).to(torch.bfloat16)
             sd["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
@@ -108,9 +109,23 @@ def run_size(work: Path, h, inter, layers) -> dict:
     out_bytes = sum(p.stat().st_size for p in (d / "out").glob("*.safetensors"))
     largest = max(p.stat().st_size for p in (d / "base").glob("*.safetensors"))
     cp_s, _ = timed(["cp", "-r", str(d / "out"), str(d / "out-cp")])
+    # build fsyncs every shard before the rename (durability); the like-for-like baseline syncs too
+    cps_s, _ = timed(["sh", "-c", f"cp -r '{d / 'out'}' '{d / 'out-cps'}' && sync"])
     res = {"layers": layers, "output_GB": out_bytes / 1e9, "build_s": build_s, "cp_s": cp_s,
-           "ratio": build_s / cp_s, "peak_rss_GiB": rss / 2**30, "largest_tensor_GiB": VOCAB * h * 2 / 2**30,
+           "ratio": build_s / cp_s, "cp_sync_s": cps_s, "ratio_sync": build_s / cps_s, "peak_rss_GiB": rss / 2**30, "largest_tensor_GiB": VOCAB * h * 2 / 2**30,
            "largest_shard_GiB": largest / 2**30}
+    # a comparable job for mergekit: passthrough of the bf16 base, against mpconvert doing the same (default: base)
+    mk = Path(sys.executable).parents[2] / ".venv-bench" / "bin" / "mergekit-yaml"
+    (d / "base.yaml").write_text("base: ./base\nsources: {}\ndefault: base\n")
+    res["pass_GB"] = sum(p.stat().st_size for p in (d / "base").glob("*.safetensors")) / 1e9
+    res["mpc_pass_s"], res["mpc_pass_rss_GiB"] = timed([exe, "build", str(d / "base.yaml"), "-o", str(d / "pb")])
+    res["mpc_pass_rss_GiB"] /= 2**30
+    if mk.exists():
+        (d / "mk.yaml").write_text(f"slices:\n  - sources:\n      - model: {d / 'base'}\n"
+                                   f"        layer_range: [0, {layers}]\nmerge_method: passthrough\ndtype: bfloat16\n")
+        res["mergekit_s"], rss_mk = timed([str(mk), str(d / "mk.yaml"), str(d / "mk"), "--lazy-unpickle",
+                                           "--no-copy-tokenizer"])
+        res["mergekit_rss_GiB"] = rss_mk / 2**30
     shutil.rmtree(d)
     return res
 
@@ -125,10 +140,13 @@ def main():
     work = Path(a.workdir)
     rows = [run_size(work, a.hidden, a.inter, a.layers), run_size(work, a.hidden, a.inter, 2 * a.layers)]
     print(f"{'layers':>6} {'output GB':>9} {'build s':>8} {'cp -r s':>8} {'build/cp':>8} {'peak RSS GiB':>12} "
-          f"{'largest tensor GiB':>18}")
+          f"{'largest tensor GiB':>18} {'cp+sync s':>9} {'build/(cp+sync)':>15} | {'passthrough GB':>14} {'mpconvert s':>11} {'mergekit s':>10} "
+          f"{'mergekit RSS GiB':>16}")
     for r in rows:
         print(f"{r['layers']:>6} {r['output_GB']:>9.2f} {r['build_s']:>8.2f} {r['cp_s']:>8.2f} {r['ratio']:>8.2f} "
-              f"{r['peak_rss_GiB']:>12.2f} {r['largest_tensor_GiB']:>18.2f}")
+              f"{r['peak_rss_GiB']:>12.2f} {r['largest_tensor_GiB']:>18.2f} {r['cp_sync_s']:>9.2f} {r['ratio_sync']:>15.2f} | {r['pass_GB']:>14.2f} "
+              f"{r['mpc_pass_s']:>11.2f} {r.get('mergekit_s', float('nan')):>10.2f} "
+              f"{r.get('mergekit_rss_GiB', float('nan')):>16.2f}")
     print(json.dumps(rows))
 
 

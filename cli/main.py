@@ -54,7 +54,7 @@ def _fail(e: UserError) -> None:
 
 def _progress(json_mode: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, disable=json_mode or not err.is_terminal and False)
+                    TimeRemainingColumn(), console=err, disable=json_mode)
 
 
 @app.command(help=BUILD_HELP)

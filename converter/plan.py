@@ -13,7 +13,7 @@ from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
 from .recipe import BASE, Recipe, Rule
-from .safetensors_io import TensorInfo, load_tensor, sha256_of
+from .safetensors_io import TensorInfo, load_tensor, same_bytes, sha256_of
 from .sources import ModuleView, Source, open_source
 
 
@@ -189,18 +189,12 @@ class _Planner:
         if key not in self._hash_cache:
             t = src.modules[module].tensors["weight"]
             base_t = self.base.modules[module].tensors["weight"]
-            if src is self.base or (t.dtype == base_t.dtype and sha256_of(t) == self._base_hash(module)):
+            if src is self.base or (t.dtype == base_t.dtype and same_bytes(t, base_t)):
                 self._hash_cache[key] = "base"
             elif t.shape == base_t.shape and bool((load_tensor(t).double() == load_tensor(base_t).double()).all()):
                 self._hash_cache[key] = "base"  # same values in another float dtype
             else:
                 self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
-        return self._hash_cache[key]
-
-    def _base_hash(self, module: str) -> str:
-        key = ("base#raw", module)
-        if key not in self._hash_cache:
-            self._hash_cache[key] = sha256_of(self.base.modules[module].tensors["weight"])
         return self._hash_cache[key]
 
     def support_plans(self, roles: dict[str, Role], linear: list[ModulePlan]) -> list[ModulePlan]:

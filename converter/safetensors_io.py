@@ -99,6 +99,13 @@ def iter_bytes(t: TensorInfo, chunk: int = CHUNK) -> Iterator[bytes]:
             yield b
 
 
+def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    """Byte equality, streamed, stopping at the first difference (cheaper than hashing both)."""
+    if a.nbytes != b.nbytes:
+        return False
+    return all(x == y for x, y in zip(iter_bytes(a), iter_bytes(b)))
+
+
 def read_bytes(t: TensorInfo) -> bytes:
     return b"".join(iter_bytes(t))
 
