@@ -12,6 +12,7 @@ from mpconvert.demo import fixture
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "ct-w8a8-smooth", "gptq",
                "gptq-v2", "awq")
 MOE_KINDS = ("base", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "gptq", "awq")
+MIXTRAL_KINDS = ("base", "ct-fp8-block", "gptq")
 
 
 @pytest.fixture(scope="session")

@@ -176,3 +176,26 @@ def test_scheme_detection_reports_each_format(llama):
     assert "fp8 tensor act=static (ct)" in got["ct-fp8-static"]
     assert "int8 w8a8" in got["ct-w8a8"]
     assert Scheme.of("gptq", bits=4) == Scheme.of("gptq", bits=4)
+
+
+def test_mixtral_expert_names_are_mapped(cli, tmp_path):
+    """Quantizers under transformers 5 write Mixtral experts as `…experts.N.gate_proj` (llm-compressor under
+    block_sparse_moe, gptqmodel under mlp); SGLang wants `block_sparse_moe.experts.N.w1/w3/w2`."""
+    from mpconvert.demo import fixture
+
+    from conftest import MIXTRAL_KINDS
+
+    fx = {k: fixture("mixtral", k) for k in MIXTRAL_KINDS}
+    recipe = write_recipe(tmp_path, fx, {"fp8": "ct-fp8-block", "gptq": "gptq"}, "gptq",
+                          '- {match: "*", layers: 0, source: fp8}')
+    m = build(cli, recipe, tmp_path / "out")
+    ck = Checkpoint.open(tmp_path / "out", "out")
+    names = set(ck.tensors)
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight_scale" in names
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in names
+    assert not [n for n in names if ".mlp." in n or "gate_proj" in n or "down_proj" in n]
+    assert m["units"]["model.layers.0.block_sparse_moe.experts"]["format"] == "fp8"
+    assert m["units"]["model.layers.1.block_sparse_moe.experts"]["format"] == "gptq"
+    assert m["modules"]["model.layers.1.block_sparse_moe.gate"]["kind"] == "router"
+    check_faithful(tmp_path / "out", m, {"fp8": fx["ct-fp8-block"], "gptq": fx["gptq"], "base": fx["base"]},
+                   fx["base"], "mixtral")
