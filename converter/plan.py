@@ -263,31 +263,9 @@ class _Planner:
 
     # ---- tensor parallelism --------------------------------------------------------------------------------
     def check_tp(self, linear: list[ModulePlan]) -> None:
-        tp, info = self.tp, self.info
-        if tp == 1:
-            return
-        if info.num_heads % tp:
-            raise UserError(f"--tp {tp}: num_attention_heads={info.num_heads} is not divisible by {tp}")
-        if info.num_kv_heads % tp and tp % info.num_kv_heads:
-            raise UserError(f"--tp {tp}: num_key_value_heads={info.num_kv_heads} neither divides nor is divisible "
-                            f"by {tp}")
-        for m in linear:
-            out_p, in_p = m.out_features, m.in_features
-            if m.role.parallel == "column":
-                ways = min(tp, info.num_kv_heads) if m.role.slot in ("k", "v") else tp
-                if out_p % ways:
-                    raise UserError(f"--tp {tp}: {m.name} has {out_p} outputs, not divisible by {ways}")
-                out_p //= ways
-            elif m.role.parallel == "row":
-                if in_p % tp:
-                    raise UserError(f"--tp {tp}: {m.name} has {in_p} inputs, not divisible by {tp}")
-                in_p //= tp
-            else:
-                continue
-            problem = FORMATS[m.scheme.format].tp_problem(m.scheme.params, out_p, in_p)
-            if problem:
-                raise UserError(f"--tp {tp}: {m.name} ({m.scheme.describe()} from {m.source!r} via {m.why}): "
-                                f"{problem}; use a smaller --tp or another format for this module")
+        problems = tp_problems(linear, self.info, self.tp)
+        if problems:
+            raise UserError(problems[0])
 
     def plan(self) -> Plan:
         roles = self.base_modules()
@@ -300,6 +278,37 @@ class _Planner:
         modules = sorted(linear + support, key=lambda m: natural_key(m.name))
         tensors = sorted((t for m in modules for t in m.tensors.values()), key=lambda t: natural_key(t.name))
         return Plan(self.recipe, self.base, self.sources, self.info, self.tp, modules, tensors, units)
+
+
+def tp_problems(linear: list[ModulePlan], info: ModelInfo, tp: int) -> list[str]:
+    """Every reason the TP split SGLang will make is illegal for some module's kernel (empty: shardable)."""
+    if tp == 1:
+        return []
+    if info.num_heads % tp:
+        return [f"--tp {tp}: num_attention_heads={info.num_heads} is not divisible by {tp}"]
+    if info.num_kv_heads % tp and tp % info.num_kv_heads:
+        return [f"--tp {tp}: num_key_value_heads={info.num_kv_heads} neither divides nor is divisible by {tp}"]
+    problems = []
+    for m in linear:
+        out_p, in_p = m.out_features, m.in_features
+        if m.role.parallel == "column":
+            ways = min(tp, info.num_kv_heads) if m.role.slot in ("k", "v") else tp
+            if out_p % ways:
+                problems.append(f"--tp {tp}: {m.name} has {out_p} outputs, not divisible by {ways}")
+                continue
+            out_p //= ways
+        elif m.role.parallel == "row":
+            if in_p % tp:
+                problems.append(f"--tp {tp}: {m.name} has {in_p} inputs, not divisible by {tp}")
+                continue
+            in_p //= tp
+        else:
+            continue
+        problem = FORMATS[m.scheme.format].tp_problem(m.scheme.params, out_p, in_p)
+        if problem:
+            problems.append(f"--tp {tp}: {m.name} ({m.scheme.describe()} from {m.source!r} via {m.why}): {problem}; "
+                            f"use a smaller --tp or another format for this module")
+    return problems
 
 
 def make_plan(recipe: Recipe, tp: int = 1) -> Plan:

@@ -18,9 +18,8 @@ from mpconvert.sources import open_source
 
 from conftest import write_recipe
 
-# ‖Ŵ−W‖/‖W‖ of a correctly decoded module vs the bf16 base on these fixtures (DESIGN.md §3 measured bands, with
-# headroom). A format bug (v1 read as v2: ~0.3; AWQ without interleave: ~1.2) lands far outside.
-BANDS = {"gptq": 0.25, "awq": 0.25, "fp8": 0.06, "int8": 0.03, "unquantized": 0.0}
+# ‖Ŵ−W‖/‖W‖ of a correctly decoded module vs the bf16 base: the same bands verify --numeric uses.
+from mpconvert.fidelity import MODULE_ERROR as BANDS  # noqa: E402
 
 DENSE_RULES = """
 - {match: "self_attn.*", layers: 0, source: fp8}

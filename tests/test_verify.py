@@ -1,0 +1,189 @@
+"""verify on real converted checkpoints: clean ones pass; every injected corruption is caught with a precise message."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mpconvert.manifest import MANIFEST
+
+from conftest import write_recipe
+from test_build import DENSE_RULES
+
+DENSE_SOURCES = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq", "fp8blk": "native-fp8-block"}
+
+
+@pytest.fixture(scope="module")
+def dense_out(llama, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from mpconvert.cli.main import app
+
+    d = tmp_path_factory.mktemp("dense")
+    recipe = write_recipe(d, llama, DENSE_SOURCES, "gptq", DENSE_RULES)
+    r = CliRunner().invoke(app, ["build", str(recipe), "-o", str(d / "out")])
+    assert r.exit_code == 0, r.output
+    return d / "out"
+
+
+def run_verify(cli, d: Path, *args):
+    r = cli("verify", d, "--json", *args)
+    assert r.exit_code in (0, 1), r.output
+    rep = json.loads(r.stdout)
+    assert rep["ok"] == (r.exit_code == 0)
+    return rep
+
+
+def mutate(src: Path, dst: Path, change, rehash: bool = False) -> Path:
+    """Copy a converted dir and change tensors: change(tensors: dict) edits the dict of the shard holding them.
+    With rehash, the manifest and config are updated to match — a corruption only deeper checks can see."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    for shard in sorted(dst.glob("model-*.safetensors")):
+        sd = load_file(shard)
+        before = {k: v.clone() for k, v in sd.items()}
+        change(sd)
+        if any(k not in before or not torch.equal(before[k].view(torch.uint8) if before[k].dtype.itemsize == 1
+                                                  else before[k], sd[k].view(torch.uint8)
+                                                  if sd[k].dtype.itemsize == 1 else sd[k]) for k in sd) or \
+                set(sd) != set(before):
+            save_file(sd, shard, metadata={"format": "pt"})
+    if rehash:
+        from mpconvert.checkpoint import Checkpoint
+        from mpconvert.safetensors_io import sha256_of
+
+        ck = Checkpoint.open(dst, "x")
+        for mod in manifest["modules"].values():
+            for t in mod["tensors"].values():
+                if t["name"] in ck.tensors:
+                    t["sha256"] = sha256_of(ck.tensors[t["name"]])
+        raw = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+        (dst / MANIFEST).write_bytes(raw)
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def messages(rep) -> str:
+    return " | ".join(f"{f['check']} {f['where']}: {f['message']}" for f in rep["findings"])
+
+
+def test_clean_dense_passes_everything(dense_out, llama, cli):
+    rep = run_verify(cli, dense_out, "--tp", "2", "--numeric", "--base", llama["base"])
+    assert rep["ok"], messages(rep)
+    n = rep["numeric"]
+    print("calibration dense:", n["module_error_max"], [b["rel_error"] for b in n["blocks"]], n["logits_cosine"])
+    assert set(n["module_error_max"]) >= {"fp8", "int8", "gptq"}
+    assert n["logits_cosine"] > 0.9 and rep["memory"]["vs_bf16"] < 0.7
+    assert rep["memory"]["bytes_per_rank"] < rep["memory"]["bytes"]
+
+
+def test_clean_moe_passes_everything(moe, cli, tmp_path):
+    sources = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq"}
+    rules = """
+    - {match: "mlp.experts.*", layers: 0, source: fp8}
+    - {match: "self_attn.*", layers: 0, source: int8}
+    - {match: "*", layers: 1, source: awq}
+    """
+    recipe = write_recipe(tmp_path, moe, sources, "gptq", rules)
+    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    rep = run_verify(cli, tmp_path / "out", "--tp", "2", "--ep", "2", "--numeric", "--base", moe["base"])
+    assert rep["ok"], messages(rep)
+    n = rep["numeric"]
+    print("calibration moe:", n["module_error_max"], [b["rel_error"] for b in n["blocks"]], n["logits_cosine"])
+    assert set(n["module_error_max"]) >= {"fp8", "int8", "awq"}
+
+
+def test_fast_mode_says_it_skipped_hashes(dense_out, cli):
+    rep = run_verify(cli, dense_out, "--fast")
+    assert rep["ok"] and not rep["hashed"] and "sha256 skipped" in rep["checks"][0]
+
+
+L0 = "model.layers.0"
+L1 = "model.layers.1"
+
+
+def flip_byte(sd):
+    t = sd[f"{L1}.mlp.up_proj.qweight"]
+    t.view(-1)[5] ^= 1
+
+
+def swap_pair(sd):
+    a, b = f"{L0}.self_attn.q_proj.weight", f"{L0}.self_attn.k_proj.weight"
+    sd[a], sd[b] = sd[b].clone(), sd[a].clone()
+
+
+def missing_tensor(sd):
+    sd.pop(f"{L1}.mlp.down_proj.g_idx")
+
+
+def test_corruptions_are_all_caught(dense_out, llama, cli, tmp_path):
+    smooth_scale = load_file(next(llama["ct-w8a8-smooth"].glob("*.safetensors")))[f"{L0}.mlp.gate_proj.weight_scale"]
+    v2_qzeros = load_file(next(llama["gptq-v2"].glob("*.safetensors")))[f"{L1}.mlp.up_proj.qzeros"]
+    base_norm = load_file(next(llama["base"].glob("*.safetensors")))[f"{L1}.input_layernorm.weight"]
+
+    def wrong_scale(sd):  # int8 gate_proj with the scale of another (smoothed) int8 source
+        sd[f"{L0}.mlp.gate_proj.weight_scale"] = smooth_scale.clone()
+
+    def v2_zeros(sd):  # gptq_v2 zero points in a v1 module
+        sd[f"{L1}.mlp.up_proj.qzeros"] = v2_qzeros.clone()
+
+    def awq_with_base_norm(sd):  # AWQ q/k/v with the base model's norm instead of the AWQ-folded one
+        sd[f"{L1}.input_layernorm.weight"] = base_norm.clone()
+
+    def edit_manifest(d):
+        m = json.loads((d / MANIFEST).read_text())
+        m["modules"][f"{L0}.mlp.down_proj"]["source"] = "gptq"
+        (d / MANIFEST).write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
+        return d
+
+    def truncate(d):
+        shard = next(d.glob("model-*.safetensors"))
+        shard.write_bytes(shard.read_bytes()[:-4096])
+        return d
+
+    cases = {
+        "flipped byte": (lambda d: mutate(dense_out, d, flip_byte), [],
+                         f"{L1}.mlp.up_proj.qweight: sha256 differs"),
+        "swapped pair": (lambda d: mutate(dense_out, d, swap_pair), [], f"{L0}.self_attn.q_proj.weight: sha256"),
+        "scale from wrong source": (lambda d: mutate(dense_out, d, wrong_scale, rehash=True), ["numeric"],
+                                    f"{L0}.mlp.gate_proj: weight error"),
+        "gptq_v2 zero convention": (lambda d: mutate(dense_out, d, v2_zeros, rehash=True), [],
+                                    f"{L1}.mlp.up_proj: {L1}.mlp.up_proj.qzeros: a symmetric v1 checkpoint"),
+        "AWQ linear with base norm": (lambda d: mutate(dense_out, d, awq_with_base_norm, rehash=True), ["numeric"],
+                                      f"{L1}.self_attn.q_proj: its norm does not match the scales AWQ folded"),
+        "truncated shard": (lambda d: truncate(mutate(dense_out, d, lambda sd: None)), [], "truncated"),
+        "edited manifest": (lambda d: edit_manifest(mutate(dense_out, d, lambda sd: None)), [],
+                            "manifest was edited after build"),
+        "missing tensor": (lambda d: mutate(dense_out, d, missing_tensor), [],
+                           f"{L1}.mlp.down_proj.g_idx: missing from the shards"),
+        "TP that cannot shard": (lambda d: mutate(dense_out, d, lambda sd: None), ["--tp", "4"],
+                                 f"--tp 4: {L1}.self_attn.o_proj (awq int4 g128"),
+    }
+    caught = 0
+    for i, (name, (make, extra, expect)) in enumerate(cases.items()):
+        d = make(tmp_path / f"c{i}")
+        args = list(extra)
+        if "numeric" in args:
+            args = ["--numeric", "--base", str(llama["base"])]
+        rep = run_verify(cli, d, *args)
+        text = messages(rep)
+        assert not rep["ok"] and expect in text, f"{name}: {text}"
+        caught += 1
+    print(f"injected corruptions caught: {caught}/{len(cases)}")
+    assert caught == len(cases) == 9
+
+
+def test_verify_usage_errors_exit_2(cli, tmp_path, dense_out):
+    r = cli("verify", tmp_path / "nope")
+    assert r.exit_code == 2 and "not a directory" in r.output
+    r = cli("verify", dense_out, "--numeric")
+    assert r.exit_code == 2 and "--numeric needs --base BASE" in " ".join(r.output.split())
+    r = cli("verify", dense_out, "--threshold", "bogus")
+    assert r.exit_code == 2 and "--threshold 'bogus'" in r.output
