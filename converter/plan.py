@@ -5,7 +5,6 @@ A failure here is one UserError naming the module, the rules involved and the fi
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -316,6 +315,3 @@ def make_plan(recipe: Recipe, tp: int = 1) -> Plan:
         raise UserError(f"--tp must be ≥ 1 (got {tp})")
     return _Planner(recipe, tp).plan()
 
-
-def stable_digest(obj: str) -> str:
-    return hashlib.sha256(obj.encode()).hexdigest()
