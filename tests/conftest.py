@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from mpconvert.demo import fixture
 
-LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "ct-w8a8-smooth", "gptq",
-               "gptq-v2", "awq")
+LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
+               "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq")
 MOE_KINDS = ("base", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "gptq", "awq")
 MIXTRAL_KINDS = ("base", "ct-fp8-block", "gptq")
 

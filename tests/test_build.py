@@ -117,6 +117,25 @@ def test_build_is_deterministic_and_shards_by_size(llama, cli, tmp_path):
         assert p.stat().st_size <= 600_000 + 8192 or n == 1
 
 
+def test_native_layouts_and_dynamic_fp8(llama, cli, tmp_path):
+    """Native per-tensor FP8 (static), SGLang-native w8a8_int8 and compressed-tensors dynamic FP8 in one model."""
+    sources = {"nfp8": "native-fp8-tensor", "nint8": "native-w8a8", "dyn": "ct-fp8-dynamic", "gptq": "gptq"}
+    rules = """
+    - {match: "self_attn.*", layers: 0, source: nfp8}
+    - {match: "mlp.*", layers: 0, source: nint8}
+    - {match: "self_attn.*", layers: 1, source: dyn}
+    """
+    m = build(cli, write_recipe(tmp_path, llama, sources, "gptq", rules), tmp_path / "out")
+    u = m["units"]
+    assert u["model.layers.0.self_attn.qkv_proj"]["params"] == {"activation": "static", "block": None,
+                                                                 "layout": "native", "strategy": "tensor"}
+    assert u["model.layers.0.mlp.gate_up_proj"]["params"] == {"activation": "dynamic", "layout": "native"}
+    assert u["model.layers.1.self_attn.qkv_proj"]["params"]["strategy"] == "channel"
+    assert u["model.layers.1.self_attn.qkv_proj"]["params"]["activation"] == "dynamic"
+    check_faithful(tmp_path / "out", m, {**{k: llama[v] for k, v in sources.items()}, "base": llama["base"]},
+                   llama["base"], "llama")
+
+
 def test_gptq_v2_is_rewritten_to_v1_exactly(llama, cli, tmp_path):
     recipe = write_recipe(tmp_path, llama, {"v2": "gptq-v2", "fp8": "ct-fp8-static"}, "v2",
                           '- {match: "self_attn.*", layers: 0, source: fp8}')
@@ -174,6 +193,9 @@ def test_scheme_detection_reports_each_format(llama):
     assert "fp8 block 128x128 act=dynamic (native)" in got["native-fp8-block"]
     assert "fp8 tensor act=static (ct)" in got["ct-fp8-static"]
     assert "int8 w8a8" in got["ct-w8a8"]
+    assert got["native-w8a8"].startswith("w8a8_int8 [int8 w8a8 per-channel act=dynamic (native)]")
+    assert "fp8 tensor act=static (native)" in got["native-fp8-tensor"]
+    assert "fp8 channel act=dynamic (ct)" in got["ct-fp8-dynamic"]
     assert Scheme.of("gptq", bits=4) == Scheme.of("gptq", bits=4)
 
 
