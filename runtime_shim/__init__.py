@@ -1,5 +1,14 @@
-"""SGLang runtime shim: serve an mpconvert directory on SGLang's native kernels. Work in progress (issue 4).
+"""SGLang runtime shim: lets SGLang serve an mpconvert directory on its own native kernels (work in progress).
 
-Nothing is registered with SGLang yet, so SGLang refuses a converted directory (unknown quant_method "mpconvert")
-instead of serving it wrongly.
+`register()` is the `sglang.srt.plugins` entry point (SGLang loads plugins in every spawned worker). It adds the
+`mpconvert` quantization method, whose config reads the directory's manifest and hands each layer to SGLang's own
+config for its format (built with that config's `from_config`). See sglang_config.py for what works so far.
 """
+
+
+def register() -> None:
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+
+    from .sglang_config import MpconvertConfig
+
+    QUANTIZATION_METHODS[MpconvertConfig.get_name()] = MpconvertConfig  # mutate in place: others import the dict

@@ -54,5 +54,9 @@ class AWQ(Format):
     def tp_problem(self, p, out_part, in_part):
         return marlin_tp_problem(4, p["group_size"], out_part, in_part)
 
+    def sglang_config(self, p):
+        return "awq_marlin", {"quant_method": "awq", "bits": 4, "group_size": p["group_size"], "zero_point": True,
+                              "modules_to_not_convert": None}
+
 
 AWQ_FORMAT = register(AWQ())

@@ -72,6 +72,11 @@ class Format:
         """Params as they are after `rewrite` (what the manifest records)."""
         return p
 
+    def sglang_config(self, p: dict) -> tuple[str, dict] | None:
+        """SGLang's native quantization method for this scheme: (registry name, the config dict its `from_config`
+        takes). None: unquantized."""
+        raise NotImplementedError
+
     def check_values(self, module: str, t: dict, p: dict) -> str | None:
         """Value-level invariants (cheap, on loaded tensors); a problem description or None."""
         return None

@@ -62,6 +62,27 @@ class FP8(Format):
             return f"input partition {in_part} is not a multiple of the FP8 block {bk}"
         return None
 
+    def sglang_config(self, p):
+        if p["layout"] == "native":
+            cfg = {"quant_method": "fp8", "activation_scheme": "dynamic" if p["activation"] == "none"
+                   else p["activation"], "fmt": "e4m3"}
+            if p["strategy"] == "block":
+                cfg["weight_block_size"] = list(p["block"])
+            return "fp8", cfg
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": p["strategy"],
+                   "block_structure": list(p["block"]) if p["strategy"] == "block" else None}
+        acts = None
+        if p["activation"] != "none":
+            dynamic = p["activation"] == "dynamic"
+            acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": dynamic,
+                    "strategy": ("group" if p["strategy"] == "block" else "token") if dynamic else "tensor",
+                    "group_size": p["block"][1] if dynamic and p["strategy"] == "block" else None}
+        return "compressed-tensors", {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                      "quantization_status": "compressed", "ignore": [],
+                                      "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                                    "input_activations": acts,
+                                                                    "format": "float-quantized"}}}
+
     def check_values(self, module, t, p):
         s = t[self.scale_name(p)].float()
         if not bool((s > 0).all()) or not bool(s.isfinite().all()):

@@ -108,5 +108,9 @@ class GPTQ(Format):
     def tp_problem(self, p, out_part, in_part):
         return marlin_tp_problem(p["bits"], p["group_size"], out_part, in_part)
 
+    def sglang_config(self, p):
+        return "gptq_marlin", {"quant_method": "gptq", "bits": p["bits"], "group_size": p["group_size"],
+                               "desc_act": p["desc_act"], "sym": p["sym"], "lm_head": False}
+
 
 GPTQ_FORMAT = register(GPTQ())

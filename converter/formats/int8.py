@@ -23,6 +23,11 @@ class Int8(Format):
     def dequantize(self, t, p, out_f, in_f):
         return t["weight"].float() * t["weight_scale"].float().reshape(out_f, 1)
 
+    def sglang_config(self, p):
+        # both layouts hold the same tensors; SGLang's own W8A8-Int8 also runs FusedMoE (compressed-tensors' int8
+        # MoE path is NPU-only in 0.5.17)
+        return "w8a8_int8", {"quant_method": "w8a8_int8"}
+
     def check_values(self, module, t, p):
         s = t["weight_scale"].float()
         if not bool((s > 0).all()) or not bool(s.isfinite().all()):

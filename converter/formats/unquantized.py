@@ -17,5 +17,8 @@ class Unquantized(Format):
     def dequantize(self, t, p, out_f, in_f):
         return t["weight"].float()
 
+    def sglang_config(self, p):
+        return None
+
 
 UNQUANTIZED = register(Unquantized())

@@ -1,0 +1,113 @@
+"""The `mpconvert` quantization config for SGLang: one native sub-config per format, chosen per layer prefix.
+
+Status (SGLang 0.5.17): per-layer binding for dense models (fused qkv / gate_up units, lm_head) to native FP8
+(compressed-tensors and native layouts), GPTQ-Marlin, AWQ-Marlin and W8A8-Int8, constructed and loaded on CPU at
+TP=1 (tests/test_shim.py). Not done yet (issue 4): FusedMoE units, TP>1 tests, the dense native block-FP8 rename
+trap (refused here rather than served wrongly), GPU runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+from sglang.srt.layers.quantization.base_config import QuantizationConfig
+
+from mpconvert.formats import FORMATS
+from mpconvert.manifest import MANIFEST, QUANT_METHOD
+
+# SGLang 0.5.17's Llama/Qwen2 loaders rename `weight_scale_inv` → `weight_scale`: a dense native block-FP8 model
+# then loads and emits garbage (seen on GPU). Refuse until the shim remaps it.
+_RENAMES_SCALE_INV = ("llama", "qwen2", "mistral")
+
+
+def _model_dir(config: dict) -> Path:
+    hf = config.get("hf_config")
+    path = getattr(hf, "_name_or_path", None) or getattr(hf, "name_or_path", None)
+    if not path:
+        raise ValueError("mpconvert: SGLang passed no hf_config with the model path; cannot find the manifest")
+    return Path(path)
+
+
+class MpconvertConfig(QuantizationConfig):
+    def __init__(self, manifest: dict, subs: dict[str, Optional[QuantizationConfig]]):
+        super().__init__()
+        self.manifest = manifest
+        self.subs = subs  # SGLang layer prefix (unit) → native config, None = unquantized
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant):
+        if hf_quant_cfg and hf_quant_cfg.get("quant_method") == QUANT_METHOD:
+            return QUANT_METHOD
+        return None
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.half]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # the strictest sub-config is checked again when it is built (FP8 needs 89, Marlin 80)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MpconvertConfig":
+        d = _model_dir(config)
+        raw = (d / MANIFEST).read_bytes()
+        if config.get("manifest_sha256") != hashlib.sha256(raw).hexdigest():
+            raise ValueError(f"mpconvert: {d / MANIFEST} does not match config.json's manifest_sha256 (edited after "
+                             f"build?); run `mpconvert verify {d}`")
+        manifest = json.loads(raw)
+        model_type = manifest["model"]["model_type"]
+        built: dict[str, QuantizationConfig] = {}
+        subs: dict[str, Optional[QuantizationConfig]] = {}
+        for unit, spec in manifest["units"].items():
+            native = FORMATS[spec["format"]].sglang_config(spec["params"])
+            if native is None:
+                subs[unit] = None
+                continue
+            name, cfg = native
+            if name == "fp8" and "weight_block_size" in cfg and model_type in _RENAMES_SCALE_INV:
+                raise ValueError(f"mpconvert: {unit} is native block FP8 (weight_scale_inv) in a {model_type} model; "
+                                 f"SGLang 0.5.17 renames that scale on load and serves garbage — not supported yet")
+            key = name + json.dumps(cfg, sort_keys=True)
+            if key not in built:
+                cfg = {**cfg, "packed_modules_mapping": config.get("packed_modules_mapping") or {}}
+                built[key] = QUANTIZATION_METHODS[name].from_config(cfg)
+            subs[unit] = built[key]
+        return cls(manifest, subs)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from sglang.srt.layers.linear import LinearBase
+        from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+        if prefix not in self.subs:
+            # not a module the manifest assigns (embeddings, routers, norms): SGLang's unquantized default
+            return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
+        sub = self.subs[prefix]
+        if sub is None:
+            return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
+        method = sub.get_quant_method(layer, prefix)
+        # AWQMarlinConfig falls back to dequantizing AWQ kernels for layers Marlin cannot take; in 0.5.17 both paths
+        # return AWQLinearMethod and only the scheme tells them apart
+        scheme = type(getattr(layer, "scheme", None)).__name__
+        fallback = type(method).__name__ == "UnquantizedLinearMethod" or (
+            type(sub).__name__ == "AWQMarlinConfig" and "Marlin" not in scheme)
+        if method is None or fallback:
+            raise ValueError(f"mpconvert: {prefix} ({self.manifest['units'][prefix]['format']}) got "
+                             f"{type(method).__name__}/{scheme} from {type(sub).__name__}, not its native kernel; "
+                             f"refusing a dequantizing or unquantized fallback")
+        return method
+
+    def get_scaled_act_names(self) -> list[str]:
+        return []

@@ -1,0 +1,76 @@
+"""Build an SGLang model for a converted directory on CPU with SGLang's own loader path, and load its weights.
+
+Run as a script (one process per model: SGLang keeps process-global distributed state). Prints one JSON line:
+{"methods": {layer prefix: [quant method class, scheme class]}, "loaded": [...], "params": {name: [dtype, shape]}}.
+
+Scaffolding for a CPU machine only (DESIGN.md §6), none of it replaces SGLang code that runs here: the device
+capability is answered as sm_90 (compressed-tensors and Marlin ask at construction), and RoPE's import of
+`vllm._custom_ops.rotary_embedding` gets a function that raises (it only runs in a forward, which CPU tests never do).
+"""
+import json
+import sys
+import types
+
+import torch
+
+
+def scaffold():
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    v, ops = types.ModuleType("vllm"), types.ModuleType("vllm._custom_ops")
+
+    def no_forward(*a, **k):
+        raise RuntimeError("no forward in CPU tests")
+
+    ops.rotary_embedding = no_forward
+    v._custom_ops = ops
+    sys.modules.setdefault("vllm", v)
+    sys.modules.setdefault("vllm._custom_ops", ops)
+    import sglang.srt.layers.quantization.marlin_utils as mu
+
+    mu.get_device_capability = lambda *a, **k: (9, 0)
+
+
+def main(path: str, port: str):
+    scaffold()
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # discovers mpconvert through the sglang.srt.plugins entry point
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.layers.dp_attention import initialize_dp_attention
+    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    sa = ServerArgs(model_path=path, device="cpu")
+    set_global_server_args_for_scheduler(sa)
+    init_distributed_environment(backend="gloo", world_size=1, rank=0, local_rank=0,
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    initialize_model_parallel(tensor_model_parallel_size=1)
+    mc = ModelConfig.from_server_args(sa)
+    initialize_dp_attention(sa, mc)
+    lc = LoadConfig()
+    qc = _get_quantization_config(mc, lc)
+    model = _initialize_model(mc, lc, qc)
+    methods = {n: [type(m.quant_method).__name__, type(getattr(m, "scheme", None)).__name__]
+               for n, m in model.named_modules() if getattr(m, "quant_method", None) is not None}
+    from safetensors import safe_open
+    from pathlib import Path
+
+    names = []
+
+    def weights():
+        for f in sorted(Path(path).glob("model-*.safetensors")):
+            with safe_open(f, "pt") as fh:
+                for k in fh.keys():
+                    names.append(k)
+                    yield k, fh.get_tensor(k)
+
+    model.load_weights(weights())
+    params = {n: [str(p.dtype), list(p.shape)] for n, p in model.named_parameters()}
+    print("RESULT " + json.dumps({"quant_config": type(qc).__name__, "methods": methods, "loaded": names,
+                                  "params": params}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
