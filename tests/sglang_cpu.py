@@ -1,7 +1,8 @@
 """Build an SGLang model for a converted directory on CPU with SGLang's own loader path, and load its weights.
 
 Run as a script (one process per model: SGLang keeps process-global distributed state). Prints one JSON line:
-{"methods": {layer prefix: [quant method class, scheme class]}, "loaded": [...], "params": {name: [dtype, shape]}}.
+{"methods": {layer prefix: [quant method class, scheme class]}, "loaded": [...],
+"params": {name: [dtype, shape, sha256 of its bytes after load_weights]}}.
 
 Scaffolding for a CPU machine only (DESIGN.md §6), none of it replaces SGLang code that runs here: the device
 capability is answered as sm_90 (compressed-tensors and Marlin ask at construction), and RoPE's import of
@@ -28,6 +29,13 @@ def scaffold():
     import sglang.srt.layers.quantization.marlin_utils as mu
 
     mu.get_device_capability = lambda *a, **k: (9, 0)
+
+
+def sha(t) -> str:
+    import hashlib
+
+    t = t.detach().contiguous()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
 def main(path: str, port: str):
@@ -67,7 +75,7 @@ def main(path: str, port: str):
                     yield k, fh.get_tensor(k)
 
     model.load_weights(weights())
-    params = {n: [str(p.dtype), list(p.shape)] for n, p in model.named_parameters()}
+    params = {n: [str(p.dtype), list(p.shape), sha(p)] for n, p in model.named_parameters()}
     print("RESULT " + json.dumps({"quant_config": type(qc).__name__, "methods": methods, "loaded": names,
                                   "params": params}))
 

@@ -1,17 +1,33 @@
 """The runtime shim with real SGLang 0.5.17 classes on CPU: plugin discovery, per-layer native methods, loading."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from conftest import write_recipe
 from test_build import DENSE_RULES
 from test_verify import DENSE_SOURCES
 
 HELPER = Path(__file__).parent / "sglang_cpu.py"
+
+
+def load(d: Path) -> dict:
+    out = {}
+    for f in sorted(d.glob("model-*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def sha(t) -> str:
+    t = t.contiguous()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def sglang_model(path: Path) -> dict:
@@ -38,6 +54,39 @@ def test_dense_mixed_binds_native_methods_and_loads(llama, cli, tmp_path):
     all_tensors = {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
     assert set(r["loaded"]) == all_tensors  # SGLang's own load_weights consumed every tensor
     p = r["params"]
-    assert p["model.layers.1.mlp.down_proj.qweight"] == ["torch.int32", [64, 256]]
-    assert p["model.layers.0.self_attn.qkv_proj.weight"][0] == "torch.float8_e4m3fn"
-    assert p["model.layers.0.mlp.gate_up_proj.weight"] == ["torch.int8", [1024, 256]]
+    assert p["model.layers.1.mlp.down_proj.qweight"][:2] == ["torch.int32", [64, 256]]
+    assert p["model.layers.0.mlp.gate_up_proj.weight"][:2] == ["torch.int8", [1024, 256]]
+    # the bytes SGLang holds after load_weights are the converted checkpoint's, fused as SGLang fuses them
+    out = load(tmp_path / "out")
+    L0 = "model.layers.0"
+    assert p[f"{L0}.self_attn.qkv_proj.weight"][2] == sha(torch.cat([out[f"{L0}.self_attn.{x}_proj.weight"]
+                                                                     for x in "qkv"]))
+    assert p[f"{L0}.mlp.gate_up_proj.weight"][2] == sha(torch.cat([out[f"{L0}.mlp.{x}_proj.weight"]
+                                                                   for x in ("gate", "up")]))
+    assert p["model.layers.1.mlp.down_proj.qweight"][2] == sha(out["model.layers.1.mlp.down_proj.qweight"])
+
+
+def test_moe_mixed_binds_fused_moe_per_layer_and_loads(moe, cli, tmp_path):
+    rules = """
+    - {match: "mlp.experts.*", layers: 0, source: fp8}
+    - {match: "self_attn.*", layers: 0, source: int8}
+    """
+    recipe = write_recipe(tmp_path, moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "gptq", rules)
+    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    r = sglang_model(tmp_path / "out")
+    m, p = r["methods"], r["params"]
+    assert m["model.layers.0.mlp.experts"] == ["CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE"]
+    assert m["model.layers.1.mlp.experts"] == ["GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme"]
+    assert m["model.layers.0.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
+    assert m["model.layers.1.self_attn.qkv_proj"][0] == "GPTQMarlinLinearMethod"
+    assert m["model.layers.0.mlp.gate"][0] == "UnquantizedLinearMethod"  # the router stays bf16
+    manifest = json.loads((tmp_path / "out" / "mpconvert_manifest.json").read_text())
+    assert set(r["loaded"]) == {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
+    out = load(tmp_path / "out")
+    E = "model.layers.0.mlp.experts"
+    w13 = torch.stack([torch.cat([out[f"{E}.{e}.gate_proj.weight"], out[f"{E}.{e}.up_proj.weight"]])
+                       for e in range(8)])
+    assert p[f"{E}.w13_weight"][:2] == ["torch.float8_e4m3fn", [8, 512, 256]]
+    assert p[f"{E}.w13_weight"][2] == sha(w13)
+    assert p["model.layers.1.mlp.experts.w2_qweight"][2] == sha(torch.stack(
+        [out[f"model.layers.1.mlp.experts.{e}.down_proj.qweight"] for e in range(8)]))
