@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .checkpoint import read_json
 from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
@@ -72,11 +73,11 @@ def _describe_module(m: ModulePlan) -> str:
 class _Planner:
     def __init__(self, recipe: Recipe, tp: int):
         self.recipe, self.tp = recipe, tp
-        self.base = open_source("base", recipe.path_of(BASE), "")
-        cfg = self.base.ckpt.config
+        base_dir = recipe.path_of(BASE)
+        cfg = read_json(base_dir / "config.json", "config.json of the base")  # model_type names the modules
         self.model_type = cfg.get("model_type", "")
         self.info = ModelInfo.from_config(cfg, "base")
-        self.base = open_source("base", recipe.path_of(BASE), self.model_type)  # again, with name canonicalisation
+        self.base = open_source("base", base_dir, self.model_type)
         if self.base.kind != "unquantized":
             raise UserError(f"base ({self.base.ckpt.path}) is quantized ({self.base.kind}); the base must be the "
                             f"bf16/fp16 model (it provides config, tokenizer and reference weights)")

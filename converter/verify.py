@@ -203,7 +203,8 @@ def memory_report(manifest: dict, found: dict[str, TensorInfo], tp: int) -> dict
     for name, mod in manifest["modules"].items():
         nbytes = sum(found[t["name"]].nbytes for t in mod["tensors"].values() if t["name"] in found)
         by_format[mod["format"]] = by_format.get(mod["format"], 0) + nbytes
-        parallel = role_of(name).parallel if role_of(name) else "replicated"
+        role = role_of(name)
+        parallel = role.parallel if role else "replicated"
         per_rank += nbytes / tp if parallel in ("column", "row", "vocab") else nbytes
         if mod["kind"] == "linear":
             weights += mod["shape"][0] * mod["shape"][1]
