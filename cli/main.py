@@ -31,17 +31,17 @@ directory beside OUTPUT that is renamed into place only when complete.
 
 Recipe (YAML; relative paths are relative to the recipe file):
 
-  base: ./llama-bf16          # bf16 model: config, tokenizer, norms, embeddings
-
+\b
+  base: ./llama-bf16        # bf16 model: config, tokenizer, norms, embeddings
   sources: {fp8: ./llama-fp8, gptq: ./llama-gptq}
-
-  default: gptq               # source of every linear no rule matches ("base" = bf16)
-
-  rules:                      # ordered, first match wins; a rule matching nothing is an error
-
-    - {match: "*.self_attn.*", layers: "0-1", source: fp8}   # glob or "re:REGEX"; moe: true|false
-
+  default: gptq             # source of linears no rule matches ("base" = bf16)
+  rules:                    # ordered, first match wins; matching nothing = error
+    - {match: "*.self_attn.*", layers: "0-1", source: fp8}
+    - {match: "mlp.down_proj", moe: false, source: base}
   output: {shard_size: 5GB}
+
+match: a glob on module names (a suffix glob matches too) or "re:REGEX", or a list; layers: 3, "0-5", "0-3,7";
+moe: true/false restricts to layers with/without a MoE block.
 
 Example:  mpconvert build recipe.yaml -o out/ --tp 2
 """
