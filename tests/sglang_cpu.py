@@ -1,6 +1,7 @@
 """Build an SGLang model for a converted directory on CPU with SGLang's own loader path, and load its weights.
 
-Run as a script (one process per model: SGLang keeps process-global distributed state). Prints one JSON line:
+Usage: sglang_cpu.py DIR PORT [TP RANK]; for TP=N run N of them at once (gloo ranks). Run as a script (one process per
+model: SGLang keeps process-global distributed state). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "loaded": [...],
 "params": {name: [dtype, shape, sha256 of its bytes after load_weights]}}.
 
@@ -9,6 +10,7 @@ capability is answered as sm_90 (compressed-tensors and Marlin ask at constructi
 `vllm._custom_ops.rotary_embedding` gets a function that raises (it only runs in a forward, which CPU tests never do).
 """
 import json
+import os
 import sys
 import types
 
@@ -16,6 +18,8 @@ import torch
 
 
 def scaffold():
+    # no NCCL on a CPU machine: SGLang's own non-GPU path disables PyNccl when its library cannot be loaded
+    os.environ["SGLANG_NCCL_SO_PATH"] = "/nonexistent/libnccl.so"
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     v, ops = types.ModuleType("vllm"), types.ModuleType("vllm._custom_ops")
 
@@ -38,7 +42,7 @@ def sha(t) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
-def main(path: str, port: str):
+def main(path: str, port: str, tp: int = 1, rank: int = 0):
     scaffold()
     from sglang.srt.plugins import load_plugins
 
@@ -50,11 +54,11 @@ def main(path: str, port: str):
     from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
-    sa = ServerArgs(model_path=path, device="cpu")
+    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp)
     set_global_server_args_for_scheduler(sa)
-    init_distributed_environment(backend="gloo", world_size=1, rank=0, local_rank=0,
+    init_distributed_environment(backend="gloo", world_size=tp, rank=rank, local_rank=rank,
                                  distributed_init_method=f"tcp://127.0.0.1:{port}")
-    initialize_model_parallel(tensor_model_parallel_size=1)
+    initialize_model_parallel(tensor_model_parallel_size=tp)
     mc = ModelConfig.from_server_args(sa)
     initialize_dp_attention(sa, mc)
     lc = LoadConfig()
@@ -81,4 +85,4 @@ def main(path: str, port: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(x) for x in sys.argv[3:5]))

@@ -90,3 +90,31 @@ def test_moe_mixed_binds_fused_moe_per_layer_and_loads(moe, cli, tmp_path):
     assert p[f"{E}.w13_weight"][2] == sha(w13)
     assert p["model.layers.1.mlp.experts.w2_qweight"][2] == sha(torch.stack(
         [out[f"model.layers.1.mlp.experts.{e}.down_proj.qweight"] for e in range(8)]))
+
+
+def test_dense_mixed_tp2_each_rank_holds_its_shard(llama, cli, tmp_path):
+    """TP=2 as two gloo ranks: each rank's parameters are exactly its slice of the converted tensors."""
+    recipe = write_recipe(tmp_path, llama, DENSE_SOURCES, "gptq", DENSE_RULES)
+    assert cli("build", recipe, "-o", tmp_path / "out", "--tp", "2").exit_code == 0
+    port = str(random.randint(20000, 40000))
+    procs = [subprocess.Popen([sys.executable, str(HELPER), str(tmp_path / "out"), port, "2", str(rank)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+        assert p.returncode == 0 and line, stderr[-3000:]
+        results.append(json.loads(line[-1][7:]))
+    out = load(tmp_path / "out")
+    L0, L1 = "model.layers.0", "model.layers.1"
+    for rank, r in enumerate(results):
+        p, half = r["params"], slice(rank * 128, (rank + 1) * 128)
+        assert r["methods"][f"{L1}.self_attn.qkv_proj"] == ["AWQLinearMethod", "AWQMarlinLinearScheme"]
+        assert p[f"{L0}.self_attn.qkv_proj.weight"][:2] == ["torch.float8_e4m3fn", [384, 256]]
+        assert p[f"{L0}.self_attn.qkv_proj.weight"][2] == sha(torch.cat(
+            [out[f"{L0}.self_attn.{x}_proj.weight"][half] for x in "qkv"]))
+        assert p[f"{L0}.self_attn.o_proj.weight"][2] == sha(out[f"{L0}.self_attn.o_proj.weight"][:, half])
+        cols = slice(rank * 256, (rank + 1) * 256)
+        assert p[f"{L0}.mlp.down_proj.weight"][2] == sha(out[f"{L0}.mlp.down_proj.weight"][:, cols])
+        assert p[f"{L1}.mlp.gate_up_proj.qweight"][2] == sha(torch.cat(
+            [out[f"{L1}.mlp.{x}_proj.qweight"][:, cols] for x in ("gate", "up")], dim=1))
