@@ -100,8 +100,8 @@ def run_size(work: Path, h, inter, layers) -> dict:
     for kind in ("base", "fp8", "gptq"):
         make_source(d / kind, kind, h, inter, layers)
     (d / "recipe.yaml").write_text(
-        f"base: ./base\nsources: {{fp8: ./fp8, gptq: ./gptq}}\ndefault: gptq\nrules:\n"
-        f"  - {{match: 'self_attn.*', source: fp8}}\n  - {{match: lm_head, source: base}}\n")
+        "base: ./base\nsources: {fp8: ./fp8, gptq: ./gptq}\ndefault: gptq\nrules:\n"
+        "  - {match: 'self_attn.*', source: fp8}\n  - {match: lm_head, source: base}\n")
     exe = str(Path(sys.executable).parent / "mpconvert")
     # warm the page cache for both contenders alike: read the sources once
     subprocess.run(["cat"] + [str(p) for p in d.rglob("*.safetensors")], stdout=subprocess.DEVNULL, check=True)

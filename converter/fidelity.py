@@ -7,7 +7,6 @@ and config, loaded by transformers itself, so MoE expert fusion and name convers
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 

@@ -14,7 +14,7 @@ from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
 from .recipe import BASE, Recipe, Rule
 from .safetensors_io import TensorInfo, load_tensor, same_bytes, sha256_of
-from .sources import ModuleView, Source, open_source
+from .sources import Source, open_source
 
 
 @dataclass

@@ -7,10 +7,11 @@ lm_head, routers, norms).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .formats import Scheme
+from .formats import FORMATS, Scheme
 from .formats.awq import AWQ
 from .formats.base import FLOAT_DTYPES
 from .formats.compressed_tensors import CompressedTensorsConfig
@@ -47,10 +48,10 @@ class Source:
     producer: str
     modules: dict[str, ModuleView] = field(default_factory=dict)
 
-    @property
+    @cached_property  # asked once per folded pair while planning; modules are complete once opened
     def folds_scales(self) -> bool:
-        """AWQ folds input scales into the previous op, v_proj→o_proj and up_proj→down_proj included."""
-        return self.kind == "awq"
+        """Whether any module is in a format that folds input scales into the previous op (AWQ)."""
+        return any(FORMATS[m.scheme.format].folds_scales for m in self.modules.values())
 
     def describe(self) -> str:
         schemes = sorted({m.scheme.describe() for m in self.modules.values() if m.scheme.format != "unquantized"})

@@ -157,7 +157,7 @@ def check_schemes(manifest: dict, found: dict[str, TensorInfo], rep: Report, val
 
 def check_folded(manifest: dict, rep: Report) -> None:
     """Norms/routers must be the version their consumers were quantized against; AWQ pairs stay together."""
-    mods, sources = manifest["modules"], manifest["sources"]
+    mods = manifest["modules"]
     consumers: dict[tuple, list[str]] = {}
     pairs: dict[str, dict[str, str]] = {}
     for name, mod in mods.items():
@@ -180,7 +180,7 @@ def check_folded(manifest: dict, rep: Report) -> None:
     for p in pairs.values():
         a, b = p.get("producer"), p.get("consumer")
         if a and b and mods[a]["source"] != mods[b]["source"] and mods[a]["shape"][0] == mods[b]["shape"][1]:
-            if "awq" in (sources.get(mods[a]["source"], {}).get("kind"), sources.get(mods[b]["source"], {}).get("kind")):
+            if FORMATS[mods[a]["format"]].folds_scales or FORMATS[mods[b]["format"]].folds_scales:
                 rep.add("scheme", b, f"comes from {mods[b]['source']!r} but {a} from {mods[a]['source']!r}; AWQ folds "
                                      f"one into the other")
 
@@ -199,15 +199,12 @@ def check_tp(manifest: dict, rep: Report, tp: int, ep: int) -> None:
 def memory_report(manifest: dict, found: dict[str, TensorInfo], tp: int) -> dict:
     by_format: dict[str, int] = {}
     per_rank = 0
-    weights = 0
     for name, mod in manifest["modules"].items():
         nbytes = sum(found[t["name"]].nbytes for t in mod["tensors"].values() if t["name"] in found)
         by_format[mod["format"]] = by_format.get(mod["format"], 0) + nbytes
         role = role_of(name)
         parallel = role.parallel if role else "replicated"
         per_rank += nbytes / tp if parallel in ("column", "row", "vocab") else nbytes
-        if mod["kind"] == "linear":
-            weights += mod["shape"][0] * mod["shape"][1]
     total = sum(by_format.values())
     linear = sum(v for k, v in by_format.items() if k != "unquantized")
     t = manifest["totals"]

@@ -5,7 +5,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
 

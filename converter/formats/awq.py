@@ -17,7 +17,6 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 class AWQ(Format):
     name = "awq"
-    signature = frozenset({"qweight", "qzeros", "scales"})
     folds_scales = True
 
     @staticmethod

@@ -47,8 +47,9 @@ class Expect:
 
 class Format:
     name: str = ""
-    # suffixes that make a module recognisably this format (besides an optional bias)
-    signature: frozenset[str] = frozenset()
+    # True where the producer folds activation scales into the previous op (norms, v_proj→o_proj, up→down),
+    # which couples modules across sources (layout.py)
+    folds_scales: bool = False
 
     def describe(self, p: dict) -> str:
         return self.name

@@ -15,7 +15,6 @@ from .base import FLOAT_DTYPES, Expect, Format, ceil_div, register
 
 class FP8(Format):
     name = "fp8"
-    signature = frozenset({"weight", "weight_scale"})  # or weight + weight_scale_inv (native block)
 
     def describe(self, p):
         blk = f" {p['block'][0]}x{p['block'][1]}" if p["strategy"] == "block" else ""

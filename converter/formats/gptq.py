@@ -29,7 +29,6 @@ def marlin_tp_problem(bits: int, group_size: int, out_part: int, in_part: int) -
 
 class GPTQ(Format):
     name = "gptq"
-    signature = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 
     @staticmethod
     def params_from_config(qc: dict, where: str) -> dict:

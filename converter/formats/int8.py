@@ -12,7 +12,6 @@ from .base import FLOAT_DTYPES, Expect, Format, register
 
 class Int8(Format):
     name = "int8"
-    signature = frozenset({"weight", "weight_scale"})
 
     def describe(self, p):
         return f"int8 w8a8 per-channel act={p['activation']} ({p['layout']})"

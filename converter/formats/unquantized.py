@@ -6,7 +6,6 @@ from .base import FLOAT_DTYPES, Expect, Format, register
 
 class Unquantized(Format):
     name = "unquantized"
-    signature = frozenset({"weight"})
 
     def describe(self, p):
         return f"unquantized {p['dtype'].lower()}"
