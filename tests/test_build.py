@@ -34,12 +34,15 @@ def build(cli, recipe: Path, out: Path, *extra):
     return json.loads((out / MANIFEST).read_text())
 
 
-def check_faithful(out: Path, manifest: dict, sources: dict[str, Path], base: Path, model_type: str) -> dict:
+def check_faithful(out: Path, manifest: dict, fixtures: dict[str, Path], sources: dict[str, str],
+                   model_type: str) -> dict:
     """Every output tensor is byte-identical to its source tensor, and every module dequantizes exactly as in its
-    source and within its format's band of the bf16 base. Returns {format: worst error} for reporting."""
+    source and within its format's band of the bf16 base. `sources` is the recipe's name → fixture kind.
+    Returns {format: worst error} for reporting."""
     ck = Checkpoint.open(out, "out")
-    opened = {label: open_source(label, p, model_type) for label, p in sources.items()}
-    base_src = open_source("base", base, model_type)
+    base_src = open_source("base", fixtures["base"], model_type)
+    opened = {label: open_source(label, fixtures[kind], model_type) for label, kind in sources.items()}
+    opened["base"] = base_src
     worst: dict[str, float] = {}
     for name, mod in manifest["modules"].items():
         src = opened[mod["source"]].modules[name]
@@ -83,8 +86,7 @@ def test_dense_mixed_four_formats(llama, cli, tmp_path):
     assert m["modules"]["model.layers.1.input_layernorm"]["source"] == "awq"
     assert m["modules"]["model.layers.0.input_layernorm"]["source"] == "base"
     assert m["modules"]["model.layers.1.post_attention_layernorm"]["source"] == "base"
-    worst = check_faithful(tmp_path / "out", m, {**{k: llama[v] for k, v in sources.items()}, "base": llama["base"]},
-                           llama["base"], "llama")
+    worst = check_faithful(tmp_path / "out", m, llama, sources, "llama")
     assert set(worst) >= {"fp8", "int8", "gptq", "awq"}
     # the official safetensors library reads every shard
     for f in (tmp_path / "out").glob("*.safetensors"):
@@ -131,8 +133,7 @@ def test_native_layouts_and_dynamic_fp8(llama, cli, tmp_path):
     assert u["model.layers.0.mlp.gate_up_proj"]["params"] == {"activation": "dynamic", "layout": "native"}
     assert u["model.layers.1.self_attn.qkv_proj"]["params"]["strategy"] == "channel"
     assert u["model.layers.1.self_attn.qkv_proj"]["params"]["activation"] == "dynamic"
-    check_faithful(tmp_path / "out", m, {**{k: llama[v] for k, v in sources.items()}, "base": llama["base"]},
-                   llama["base"], "llama")
+    check_faithful(tmp_path / "out", m, llama, sources, "llama")
 
 
 def test_gptq_v2_is_rewritten_to_v1_exactly(llama, cli, tmp_path):
@@ -170,8 +171,7 @@ def test_moe_mixed_three_formats(moe, cli, tmp_path):
     assert units["model.layers.0.self_attn.qkv_proj"]["format"] == "int8"
     assert units["model.layers.1.self_attn.qkv_proj"]["params"]["layout"] == "native"
     assert m["modules"]["model.layers.0.mlp.gate"]["kind"] == "router"
-    worst = check_faithful(tmp_path / "out", m, {**{k: moe[v] for k, v in sources.items()}, "base": moe["base"]},
-                           moe["base"], "qwen3_moe")
+    worst = check_faithful(tmp_path / "out", m, moe, sources, "qwen3_moe")
     assert set(worst) >= {"fp8", "int8", "gptq"}
 
 
@@ -217,5 +217,4 @@ def test_mixtral_expert_names_are_mapped(cli, tmp_path):
     assert m["units"]["model.layers.0.block_sparse_moe.experts"]["format"] == "fp8"
     assert m["units"]["model.layers.1.block_sparse_moe.experts"]["format"] == "gptq"
     assert m["modules"]["model.layers.1.block_sparse_moe.gate"]["kind"] == "router"
-    check_faithful(tmp_path / "out", m, {"fp8": fx["ct-fp8-block"], "gptq": fx["gptq"], "base": fx["base"]},
-                   fx["base"], "mixtral")
+    check_faithful(tmp_path / "out", m, fx, {"fp8": "ct-fp8-block", "gptq": "gptq"}, "mixtral")

@@ -30,12 +30,25 @@ def sha(t) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def sglang_model(path: Path) -> dict:
-    p = subprocess.run([sys.executable, str(HELPER), str(path), str(random.randint(20000, 40000))],
-                       capture_output=True, text=True, timeout=600)
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
+def start(path: Path, port: str, *tp_rank: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HELPER), str(path), port, *tp_rank], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def result(p: subprocess.Popen) -> dict:
+    stdout, stderr = p.communicate(timeout=600)
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and line, stderr[-3000:]
     return json.loads(line[-1][7:])
+
+
+def sglang_model(path: Path) -> dict:
+    return result(start(path, str(random.randint(20000, 40000))))
+
+
+def manifest_tensor_names(d: Path) -> set[str]:
+    manifest = json.loads((d / "mpconvert_manifest.json").read_text())
+    return {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
 
 
 def test_dense_mixed_binds_native_methods_and_loads(llama, cli, tmp_path):
@@ -50,9 +63,7 @@ def test_dense_mixed_binds_native_methods_and_loads(llama, cli, tmp_path):
     assert m["model.layers.1.self_attn.qkv_proj"] == ["AWQLinearMethod", "AWQMarlinLinearScheme"]
     assert m["model.layers.1.mlp.down_proj"][0] == "GPTQMarlinLinearMethod"
     assert m["lm_head"][0] == "UnquantizedEmbeddingMethod"  # ParallelLMHead: SGLang's unquantized head
-    manifest = json.loads((tmp_path / "out" / "mpconvert_manifest.json").read_text())
-    all_tensors = {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
-    assert set(r["loaded"]) == all_tensors  # SGLang's own load_weights consumed every tensor
+    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")  # SGLang's load_weights consumed them all
     p = r["params"]
     assert p["model.layers.1.mlp.down_proj.qweight"][:2] == ["torch.int32", [64, 256]]
     assert p["model.layers.0.mlp.gate_up_proj.weight"][:2] == ["torch.int8", [1024, 256]]
@@ -80,8 +91,7 @@ def test_moe_mixed_binds_fused_moe_per_layer_and_loads(moe, cli, tmp_path):
     assert m["model.layers.0.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
     assert m["model.layers.1.self_attn.qkv_proj"][0] == "GPTQMarlinLinearMethod"
     assert m["model.layers.0.mlp.gate"][0] == "UnquantizedLinearMethod"  # the router stays bf16
-    manifest = json.loads((tmp_path / "out" / "mpconvert_manifest.json").read_text())
-    assert set(r["loaded"]) == {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
+    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")
     out = load(tmp_path / "out")
     E = "model.layers.0.mlp.experts"
     w13 = torch.stack([torch.cat([out[f"{E}.{e}.gate_proj.weight"], out[f"{E}.{e}.up_proj.weight"]])
@@ -97,14 +107,8 @@ def test_dense_mixed_tp2_each_rank_holds_its_shard(llama, cli, tmp_path):
     recipe = write_recipe(tmp_path, llama, DENSE_SOURCES, "gptq", DENSE_RULES)
     assert cli("build", recipe, "-o", tmp_path / "out", "--tp", "2").exit_code == 0
     port = str(random.randint(20000, 40000))
-    procs = [subprocess.Popen([sys.executable, str(HELPER), str(tmp_path / "out"), port, "2", str(rank)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-        assert p.returncode == 0 and line, stderr[-3000:]
-        results.append(json.loads(line[-1][7:]))
+    procs = [start(tmp_path / "out", port, "2", str(rank)) for rank in (0, 1)]
+    results = [result(p) for p in procs]
     out = load(tmp_path / "out")
     L0, L1 = "model.layers.0", "model.layers.1"
     for rank, r in enumerate(results):
