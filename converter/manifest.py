@@ -32,7 +32,8 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str]) -> d
             "format": m.scheme.format, "params": m.scheme.params, "source": m.source, "chosen_by": m.why,
             "shape": [m.out_features, m.in_features] if m.role.kind == "linear" else None,
             "tensors": {s: {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "sha256": digests[t.name],
-                            "shard": shard_of[t.name], **({"rewrite": t.rewrite_name} if t.rewrite_name else {})}
+                            "shard": shard_of[t.name], **({"rewrite": t.rewrite_name} if t.rewrite_name else {}),
+                            **({"renamed_from": t.renamed_from} if t.renamed_from else {})}
                         for s, t in sorted(m.tensors.items())},
         }
     sources = {}

@@ -24,6 +24,7 @@ class TensorPlan:
     source: str
     rewrite: Callable | None = None
     rewrite_name: str | None = None
+    renamed_from: str | None = None  # the source's suffix, where the written layout names it differently
 
     @property
     def dtype(self) -> str:
@@ -156,12 +157,13 @@ class _Planner:
         fmt = FORMATS[view.scheme.format]
         params = view.scheme.params
         check_expected(fmt, params, name, view.tensors, out_f, in_f, f"source {source!r}")
-        mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **fmt.output_params(params)), source, why,
-                        out_f, in_f)
+        mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **fmt.output_params(params, self.model_type)),
+                        source, why, out_f, in_f)
         for suffix in sorted(view.tensors):
             rw = fmt.rewrite(suffix, params)
-            mp.tensors[suffix] = TensorPlan(f"{name}.{suffix}", view.tensors[suffix], source, rw,
-                                            "gptq_v2_to_v1_qzeros" if rw else None)
+            out = fmt.output_suffix(suffix, params, self.model_type)
+            mp.tensors[out] = TensorPlan(f"{name}.{out}", view.tensors[suffix], source, rw,
+                                         "gptq_v2_to_v1_qzeros" if rw else None, suffix if out != suffix else None)
         return mp
 
     def check_units(self, modules: list[ModulePlan]) -> dict[str, dict]:

@@ -17,11 +17,9 @@ from sglang.srt.layers.quantization import QUANTIZATION_METHODS
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 
 from mpconvert.formats import FORMATS
+from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.manifest import MANIFEST, QUANT_METHOD
 
-# SGLang 0.5.17's Llama/Qwen2 loaders rename `weight_scale_inv` → `weight_scale`: a dense native block-FP8 model
-# then loads and emits garbage (seen on GPU). Refuse until the shim remaps it.
-_RENAMES_SCALE_INV = ("llama", "qwen2", "mistral")
 
 
 def _model_dir(config: dict) -> Path:
@@ -79,9 +77,11 @@ class MpconvertConfig(QuantizationConfig):
                 subs[unit] = None
                 continue
             name, cfg = native
-            if name == "fp8" and "weight_block_size" in cfg and model_type in _RENAMES_SCALE_INV:
-                raise ValueError(f"mpconvert: {unit} is native block FP8 (weight_scale_inv) in a {model_type} model; "
-                                 f"SGLang 0.5.17 renames that scale on load and serves garbage — not supported yet")
+            if name == "fp8" and "weight_block_size" in cfg and model_type in RENAMES_SCALE_INV:
+                # build writes these in the compressed-tensors layout; a manifest that still has them is stale
+                raise ValueError(f"mpconvert: {unit} is native block FP8 (weight_scale_inv) in a {model_type} model, "
+                                 f"whose SGLang loader renames that scale and serves garbage; rebuild with this "
+                                 f"mpconvert, which writes it in the compressed-tensors layout")
             key = name + json.dumps(cfg, sort_keys=True)
             if key not in built:
                 cfg = {**cfg, "packed_modules_mapping": config.get("packed_modules_mapping") or {}}

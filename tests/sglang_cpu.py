@@ -3,7 +3,8 @@
 Usage: sglang_cpu.py DIR PORT [TP RANK]; for TP=N run N of them at once (gloo ranks). Run as a script (one process per
 model: SGLang keeps process-global distributed state). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "loaded": [...],
-"params": {name: [dtype, shape, sha256 of its bytes after load_weights]}}.
+"params": {name: [dtype, shape, sha256 of its bytes after load_weights]}, "untouched": [parameters load_weights never
+wrote]}.
 
 Scaffolding for a CPU machine only (DESIGN.md §6), none of it replaces SGLang code that runs here: the device
 capability is answered as sm_90 (compressed-tensors and Marlin ask at construction), and RoPE's import of
@@ -33,6 +34,9 @@ def scaffold():
     import sglang.srt.layers.quantization.marlin_utils as mu
 
     mu.get_device_capability = lambda *a, **k: (9, 0)
+
+
+MARK = 0xA5  # byte pattern written into every parameter before loading
 
 
 def sha(t) -> str:
@@ -78,10 +82,17 @@ def main(path: str, port: str, tp: int = 1, rank: int = 0):
                     names.append(k)
                     yield k, fh.get_tensor(k)
 
+    # mark every parameter's bytes first: a parameter SGLang's loader skips (e.g. a renamed scale) keeps the mark
+    marked = {}
+    for n, p in model.named_parameters():
+        if p.numel():
+            p.data.view(torch.uint8).fill_(MARK)
+            marked[n] = sha(p)
     model.load_weights(weights())
     params = {n: [str(p.dtype), list(p.shape), sha(p)] for n, p in model.named_parameters()}
+    untouched = sorted(n for n, h in marked.items() if params[n][2] == h)
     print("RESULT " + json.dumps({"quant_config": type(qc).__name__, "methods": methods, "loaded": names,
-                                  "params": params}))
+                                  "params": params, "untouched": untouched}))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def check_faithful(out: Path, manifest: dict, fixtures: dict[str, Path], sources
             assert [info.dtype, list(info.shape)] == [t["dtype"], t["shape"]], name
             assert sha256_of(info) == t["sha256"], f"{t['name']}: bytes differ from the manifest"
             if "rewrite" not in t:
-                assert t["sha256"] == sha256_of(src.tensors[suffix]), f"{t['name']}: not byte-exact"
+                src_suffix = t.get("renamed_from", suffix)
+                assert t["sha256"] == sha256_of(src.tensors[src_suffix]), f"{t['name']}: not byte-exact"
         if mod["kind"] != "linear":
             continue
         got = dequantize_from_manifest(ck, mod)

@@ -20,7 +20,7 @@ HELPER = Path(__file__).parent / "sglang_cpu.py"
 
 def load(d: Path) -> dict:
     out = {}
-    for f in sorted(d.glob("model-*.safetensors")):
+    for f in sorted(d.glob("*.safetensors")):
         out.update(load_file(f))
     return out
 
@@ -46,6 +46,12 @@ def sglang_model(path: Path) -> dict:
     return result(start(path, str(random.randint(20000, 40000))))
 
 
+def not_loaded(r: dict) -> list[str]:
+    """Parameters load_weights never wrote, less those SGLang derives later (GPTQ-Marlin MoE's sort order of g_idx,
+    filled in process_weights_after_loading)."""
+    return [n for n in r["untouched"] if not n.endswith("g_idx_sort_indices")]
+
+
 def manifest_tensor_names(d: Path) -> set[str]:
     manifest = json.loads((d / "mpconvert_manifest.json").read_text())
     return {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
@@ -63,7 +69,8 @@ def test_dense_mixed_binds_native_methods_and_loads(llama, cli, tmp_path):
     assert m["model.layers.1.self_attn.qkv_proj"] == ["AWQLinearMethod", "AWQMarlinLinearScheme"]
     assert m["model.layers.1.mlp.down_proj"][0] == "GPTQMarlinLinearMethod"
     assert m["lm_head"][0] == "UnquantizedEmbeddingMethod"  # ParallelLMHead: SGLang's unquantized head
-    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")  # SGLang's load_weights consumed them all
+    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")  # every tensor was offered to load_weights
+    assert not_loaded(r) == []  # ... and it wrote every parameter (none silently skipped)
     p = r["params"]
     assert p["model.layers.1.mlp.down_proj.qweight"][:2] == ["torch.int32", [64, 256]]
     assert p["model.layers.0.mlp.gate_up_proj.weight"][:2] == ["torch.int8", [1024, 256]]
@@ -92,6 +99,7 @@ def test_moe_mixed_binds_fused_moe_per_layer_and_loads(moe, cli, tmp_path):
     assert m["model.layers.1.self_attn.qkv_proj"][0] == "GPTQMarlinLinearMethod"
     assert m["model.layers.0.mlp.gate"][0] == "UnquantizedLinearMethod"  # the router stays bf16
     assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")
+    assert not_loaded(r) == []
     out = load(tmp_path / "out")
     E = "model.layers.0.mlp.experts"
     w13 = torch.stack([torch.cat([out[f"{E}.{e}.gate_proj.weight"], out[f"{E}.{e}.up_proj.weight"]])
@@ -100,6 +108,29 @@ def test_moe_mixed_binds_fused_moe_per_layer_and_loads(moe, cli, tmp_path):
     assert p[f"{E}.w13_weight"][2] == sha(w13)
     assert p["model.layers.1.mlp.experts.w2_qweight"][2] == sha(torch.stack(
         [out[f"model.layers.1.mlp.experts.{e}.down_proj.qweight"] for e in range(8)]))
+
+
+def test_dense_native_block_fp8_is_served_in_ct_layout(llama, cli, tmp_path):
+    """SGLang's Llama loader renames `weight_scale_inv` and skips it (garbage on GPU): build writes those modules in
+    the compressed-tensors layout, same bytes, and SGLang's compressed-tensors block-FP8 method loads every scale."""
+    rules = """
+    - {match: "mlp.*", layers: 0, source: gptq}
+    """
+    recipe = write_recipe(tmp_path, llama, {"nfp8": "native-fp8-block", "gptq": "gptq"}, "nfp8", rules)
+    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    manifest = json.loads((tmp_path / "out" / "mpconvert_manifest.json").read_text())
+    q = manifest["modules"]["model.layers.1.self_attn.q_proj"]
+    assert q["params"]["layout"] == "ct" and q["params"]["converted_from"] == "native"
+    assert q["tensors"]["weight_scale"]["renamed_from"] == "weight_scale_inv"
+    r = sglang_model(tmp_path / "out")
+    assert r["methods"]["model.layers.1.self_attn.qkv_proj"] == ["CompressedTensorsLinearMethod",
+                                                                  "CompressedTensorsW8A8Fp8"]
+    assert r["methods"]["model.layers.0.mlp.down_proj"][0] == "GPTQMarlinLinearMethod"
+    assert not_loaded(r) == []
+    src = load(llama["native-fp8-block"])
+    L1 = "model.layers.1.self_attn"
+    assert r["params"][f"{L1}.qkv_proj.weight_scale"][2] == sha(torch.cat(
+        [src[f"{L1}.{x}_proj.weight_scale_inv"] for x in "qkv"]))
 
 
 def test_dense_mixed_tp2_each_rank_holds_its_shard(llama, cli, tmp_path):

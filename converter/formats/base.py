@@ -69,9 +69,14 @@ class Format:
         """An exact byte rewrite applied while copying (tensor → tensor), or None for a verbatim copy."""
         return None
 
-    def output_params(self, p: dict) -> dict:
-        """Params as they are after `rewrite` (what the manifest records)."""
+    def output_params(self, p: dict, model_type: str) -> dict:
+        """Params as written (what the manifest records): after `rewrite`, and after any change of layout that the
+        target runtime needs for this model type."""
         return p
+
+    def output_suffix(self, suffix: str, p: dict, model_type: str) -> str:
+        """The tensor's suffix as written, for the layout `output_params` gives (bytes unchanged)."""
+        return suffix
 
     def sglang_config(self, p: dict) -> tuple[str, dict] | None:
         """SGLang's native quantization method for this scheme: (registry name, the config dict its `from_config`

@@ -5,12 +5,19 @@
   `input_scale` only when `activation_scheme: static`. Despite its name `weight_scale_inv` is a multiplier.
 - compressed-tensors (`float-quantized`): `weight` f8e4m3 + `weight_scale` (model dtype) [1] per tensor,
   [out, 1] per channel, or [⌈out/bn⌉, ⌈in/bk⌉] per block; `input_scale` [1] when activations are static.
-SGLang trap: Llama/Qwen2 loaders rename `weight_scale_inv` → `weight_scale`; a native block-FP8 *dense* model then
-loads and emits garbage (seen on GPU, 0.5.17). The manifest keeps the layout so the shim can bind it correctly.
+SGLang trap: the Llama-family loader (0.5.17: `LlamaForCausalLM` and its subclasses) renames `weight_scale_inv` →
+`weight_scale`, finds no such parameter on a native block-FP8 layer and skips it silently: the model loads and emits
+garbage (seen on GPU). Both layouts have the same math and the same f32 block scales, so for those model types build
+writes native block FP8 in the compressed-tensors layout: the scale tensor renamed `weight_scale`, bytes unchanged,
+`converted_from: native` in the manifest. SGLang then binds it to its compressed-tensors block-FP8 kernel.
 """
 from __future__ import annotations
 
 from .base import FLOAT_DTYPES, Expect, Format, ceil_div, register
+
+
+# model_type → SGLang 0.5.17's loader renames `weight_scale_inv` (models/llama.py; Mistral inherits it; qwen3_5.py)
+RENAMES_SCALE_INV = ("llama", "mistral", "qwen3_5")
 
 
 class FP8(Format):
@@ -18,11 +25,22 @@ class FP8(Format):
 
     def describe(self, p):
         blk = f" {p['block'][0]}x{p['block'][1]}" if p["strategy"] == "block" else ""
-        return f"fp8 {p['strategy']}{blk} act={p['activation']} ({p['layout']})"
+        was = f", from {p['converted_from']}" if p.get("converted_from") else ""
+        return f"fp8 {p['strategy']}{blk} act={p['activation']} ({p['layout']}{was})"
 
     @staticmethod
     def scale_name(p) -> str:
         return "weight_scale_inv" if p["layout"] == "native" and p["strategy"] == "block" else "weight_scale"
+
+    def output_params(self, p, model_type):
+        if p["layout"] == "native" and p["strategy"] == "block" and model_type in RENAMES_SCALE_INV:
+            return {**p, "layout": "ct", "converted_from": "native"}
+        return p
+
+    def output_suffix(self, suffix, p, model_type):
+        if suffix == self.scale_name(p):
+            return self.scale_name(self.output_params(p, model_type))
+        return suffix
 
     def expected(self, p, out_f, in_f):
         native = p["layout"] == "native"

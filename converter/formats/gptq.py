@@ -99,7 +99,7 @@ class GPTQ(Format):
 
         return v2_to_v1
 
-    def output_params(self, p):
+    def output_params(self, p, model_type):
         if p["checkpoint_format"] == "gptq_v2":
             return {**p, "checkpoint_format": "gptq", "converted_from": "gptq_v2"}
         return p
