@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "Examples:\n\n"
                        "  mpconvert build recipe.yaml -o out/\n\n"
                        "  mpconvert inspect out/\n\n"
+                       "  mpconvert verify out/ --engine sglang --tp 2\n\n"
+                       "  mpconvert serve out/ -- --tp 2\n\n"
                        "  mpconvert demo demo-out/")
 err = Console(stderr=True)
 out = Console()
@@ -132,11 +134,14 @@ VERIFY_HELP = """Prove that a converted directory is complete, consistent, shard
 Checks: structure (config ↔ manifest sha256, index ↔ shards ↔ manifest, dtype/shape, sha256 of every tensor unless
 --fast), scheme invariants per format (packing shapes, group sizes, g_idx range, zero convention, scales), fused
 units and folded-scale consistency, TP/EP shardability for SGLang's kernels, a memory report, and with --numeric
---base BASE the per-block and end-to-end error of the dequantized model against the bf16 base on CPU.
+--base BASE the per-block and end-to-end error of the dequantized model against the bf16 base on CPU. With
+--engine sglang, SGLang's own classes build and load the model on CPU through the runtime shim (TP=1 and each rank
+of --tp): every layer must resolve to its format's native quant method and every parameter must be loaded.
 
 Exit codes: 0 all checks passed; 1 problems found (one line each); 2 usage error.
 
 Examples:  mpconvert verify out/ --tp 2      mpconvert verify out/ --numeric --base ./llama-bf16 --json
+           mpconvert verify out/ --engine sglang --tp 2
 """
 
 
@@ -161,6 +166,10 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
            fast: bool = typer.Option(False, "--fast", help="skip sha256 of tensors (said in the report)"),
            threshold: list[str] = typer.Option([], "--threshold", help="override a band: module.FMT=ERR, "
                                                                        "block.FMT=ERR or cosine.FMT=COS (repeatable)"),
+           engine: Optional[str] = typer.Option(None, "--engine", help="also build the model with this engine's "
+                                                "real classes on CPU through the shim and check every layer's "
+                                                "quant method (sglang), at TP=1 and at --tp"),
+           dtype: str = typer.Option("auto", "--dtype", help="model dtype for --engine (as SGLang's --dtype)"),
            json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout")):
     from mpconvert.verify import total_steps, verify as run_verify
 
@@ -171,7 +180,8 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err,
                       disable=json_out) as prog:
             task = prog.add_task("verifying", total=steps or None)
-            rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, lambda: prog.advance(task))
+            rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, lambda: prog.advance(task),
+                             engine, dtype)
     except UserError as e:
         _fail(e)
     if json_out:
@@ -193,12 +203,66 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
             out.print(t)
             out.print(f"logits cosine {rep.numeric['logits_cosine']:.4f} (limit {rep.numeric['cosine_limit']}), "
                       f"top-1 agreement {rep.numeric['top1_agreement']:.2%}", highlight=False)
+        if rep.engine:
+            runs = rep.engine["runs"]
+            out.print(f"engine sglang (dtype {rep.engine['dtype']}): " + "; ".join(
+                f"tp={r['tp']} rank {r['rank']}: " + (f"refused: {r['error']}" if r["error"] else
+                                                      f"{r['layers']} quantized layers, {r['parameters']} parameters")
+                for r in runs), highlight=False, soft_wrap=True)
         mem = rep.memory
         out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
                   f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}; by format: "
                   + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items())), highlight=False)
         out.print(("OK" if rep.ok else "FAILED") + f": {', '.join(rep.checks)}", highlight=False)
     raise typer.Exit(0 if rep.ok else 1)
+
+
+SERVE_HELP = """Serve a converted directory with SGLang: runs `python -m sglang.launch_server --model-path DIRECTORY`
+plus everything after `--`, in this Python (SGLang and mpconvert installed together, so SGLang finds the runtime shim
+through its `sglang.srt.plugins` entry point in every worker).
+
+Adds `--dtype float16` when the model has GPTQ MoE experts and no --dtype is given (SGLang's GPTQ-Marlin MoE kernel
+runs fp16 activations only). Refuses a directory without an mpconvert manifest, and an SGLANG_PLUGINS filter that
+would leave the shim out.
+
+Examples:  mpconvert serve out/ -- --tp 2 --port 30000      mpconvert serve out/ --print-command
+"""
+
+
+def serve_command(directory: Path, args: list[str]) -> list[str]:
+    import os
+
+    from mpconvert.manifest import MANIFEST, load_manifest
+
+    if not (directory / MANIFEST).exists():
+        raise UserError(f"{directory}: no {MANIFEST}; serve runs directories written by `mpconvert build`")
+    manifest = load_manifest(directory)
+    plugins = os.environ.get("SGLANG_PLUGINS")
+    if plugins is not None and "mpconvert" not in plugins.split(","):
+        raise UserError(f"SGLANG_PLUGINS={plugins!r} leaves out the mpconvert plugin, so SGLang could not read this "
+                        f"directory; add mpconvert to it or unset it")
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory), *args]
+    gptq_moe = any(u.endswith(".experts") and spec["format"] == "gptq" for u, spec in manifest["units"].items())
+    if gptq_moe and not any(a == "--dtype" or a.startswith("--dtype=") for a in args):
+        cmd += ["--dtype", "float16"]
+    return cmd
+
+
+@app.command(help=SERVE_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="converted directory"),
+          print_command: bool = typer.Option(False, "--print-command", help="print the command instead of running it")):
+    import os
+    import shlex
+
+    try:
+        cmd = serve_command(directory, list(ctx.args))
+    except UserError as e:
+        _fail(e)
+    if print_command:
+        print(shlex.join(cmd))
+        return
+    err.print("running: " + shlex.join(cmd), markup=False, highlight=False, soft_wrap=True)
+    os.execv(cmd[0], cmd)
 
 
 @app.command(help="Run the whole job on a built-in demo: make tiny random models, quantize them with the real "

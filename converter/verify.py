@@ -6,6 +6,8 @@ there is any. Checks:
   scheme     — per-format invariants (shapes, dtypes, g_idx range, zero convention, scales), fused units, folded scales
   tp         — every TP (and EP) split SGLang will make is legal for the module's kernel
   numeric    — per decoder block: dequantized vs bf16 base on the base's own hidden states; end-to-end logits
+  engine     — (--engine sglang) SGLang's real classes build and load the model on CPU through the shim, at TP=1 and
+               every rank of TP=N: each layer's quant method is its format's native one; every parameter is written
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
     numeric: dict | None = None
+    engine: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -48,7 +51,7 @@ class Report:
 
     def to_json(self) -> dict:
         return {"directory": self.directory, "ok": self.ok, "checks": self.checks, "hashed": self.hashed,
-                "findings": [asdict(f) for f in self.findings], "memory": self.memory, "numeric": self.numeric}
+                "findings": [asdict(f) for f in self.findings], "memory": self.memory, "numeric": self.numeric, "engine": self.engine}
 
 
 def _open(directory: Path) -> tuple[dict, dict]:
@@ -215,7 +218,8 @@ def memory_report(manifest: dict, found: dict[str, TensorInfo], tp: int) -> dict
 
 
 def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
-           numeric: bool = False, thresholds: dict | None = None, on_step=lambda: None) -> Report:
+           numeric: bool = False, thresholds: dict | None = None, on_step=lambda: None,
+           engine: str | None = None, dtype: str = "auto") -> Report:
     directory = Path(directory)
     if tp < 1 or ep < 1:
         raise UserError("--tp and --ep must be ≥ 1")
@@ -236,6 +240,16 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
             from .fidelity import numeric_check
 
             rep.numeric = numeric_check(directory, manifest, found, Path(base), rep, thresholds or {})
+    if engine:
+        if engine != "sglang":
+            raise UserError(f"--engine {engine}: the only engine is sglang")
+        rep.checks.append(f"engine=sglang (tp=1{f', tp={tp}' if tp > 1 else ''}, dtype={dtype})")
+        if any(f.check == "structure" for f in rep.findings):
+            rep.add("engine", str(directory), "skipped: the structure is broken")
+        else:
+            from .engine import check_engine
+
+            rep.engine = check_engine(directory, manifest, tp, dtype, rep)
     return rep
 
 

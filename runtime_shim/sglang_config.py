@@ -7,6 +7,7 @@ trap (refused here rather than served wrongly), GPU runs.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -30,6 +31,48 @@ def _model_dir(config: dict) -> Path:
     return Path(path)
 
 
+def _is_fallback(sub: QuantizationConfig, layer: torch.nn.Module, method, scheme: str) -> bool:
+    """True where a native config handed the layer to a slower or dequantizing kernel instead of its own."""
+    from sglang.srt.layers.linear import LinearBase
+
+    if type(method).__name__ == "UnquantizedLinearMethod":
+        return True
+    if "moe_wna16" in type(method).__module__:  # Marlin MoE configs fall back to the generic WNA16 MoE kernels
+        return True
+    # AWQMarlinConfig falls back to the dequantizing AWQ kernels for linears Marlin cannot take; in 0.5.17 both
+    # paths return AWQLinearMethod and only the scheme tells them apart
+    return type(sub).__name__ == "AWQMarlinConfig" and isinstance(layer, LinearBase) and "Marlin" not in scheme
+
+
+def _check_moe_dtype(layer: torch.nn.Module, prefix: str, sub: QuantizationConfig) -> None:
+    """GPTQ-Marlin MoE creates fp16 scales and its kernel asserts activations of the scales' dtype (0.5.17
+    fused_marlin_moe.py): in a bf16 model it loads, then fails at the first forward. Say so at load time instead."""
+    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+
+    dtype = torch.get_default_dtype()  # SGLang's loader builds the model under set_default_torch_dtype(model dtype)
+    if isinstance(layer, FusedMoE) and type(sub).__name__ == "GPTQMarlinConfig" and dtype != torch.float16:
+        raise ValueError(f"mpconvert: {prefix} is GPTQ MoE, whose SGLang kernel (GPTQ-Marlin MoE) runs fp16 "
+                         f"activations only, and this model runs in {dtype}; serve it with --dtype float16, or take "
+                         f"these experts from an AWQ, FP8 or Int8 source")
+
+
+class _instance_or_class:
+    """A method that receives the instance when called on one and the class otherwise (SGLang declares these as
+    classmethods but its loader calls them on the built config)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.f, cls if obj is None else obj)
+
+
+def _subs(self_or_cls) -> list[QuantizationConfig]:
+    if isinstance(self_or_cls, type):
+        return []
+    return list({id(s): s for s in self_or_cls.subs.values() if s is not None}.values())
+
+
 class MpconvertConfig(QuantizationConfig):
     def __init__(self, manifest: dict, subs: dict[str, Optional[QuantizationConfig]]):
         super().__init__()
@@ -46,15 +89,18 @@ class MpconvertConfig(QuantizationConfig):
             return QUANT_METHOD
         return None
 
-    @classmethod
-    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-        return [torch.bfloat16, torch.half]
+    # SGLang's loader asks the built config (an instance) for both, so each answers for this model's formats: the
+    # strictest capability and the act dtypes every format takes. Asked on the class, they give Marlin's floor.
+    @_instance_or_class
+    def get_supported_act_dtypes(self_or_cls) -> list[torch.dtype]:
+        dtypes = [torch.bfloat16, torch.half]
+        for sub in _subs(self_or_cls):
+            dtypes = [d for d in dtypes if d in sub.get_supported_act_dtypes()]
+        return dtypes
 
-    @classmethod
-    def get_min_capability(cls) -> int:
-        # Marlin's floor. SGLang checks only this class's value; taking the strictest sub-config's (FP8 wants 89)
-        # needs the manifest, which this classmethod cannot see — open in issue 4.
-        return 80
+    @_instance_or_class
+    def get_min_capability(self_or_cls) -> int:
+        return max([80] + [sub.get_min_capability() for sub in _subs(self_or_cls)])
 
     @staticmethod
     def get_config_filenames() -> list[str]:
@@ -99,13 +145,10 @@ class MpconvertConfig(QuantizationConfig):
         sub = self.subs[prefix]
         if sub is None:
             return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
+        _check_moe_dtype(layer, prefix, sub)
         method = sub.get_quant_method(layer, prefix)
-        # AWQMarlinConfig falls back to dequantizing AWQ kernels for layers Marlin cannot take; in 0.5.17 both paths
-        # return AWQLinearMethod and only the scheme tells them apart
         scheme = type(getattr(layer, "scheme", None)).__name__
-        fallback = type(method).__name__ == "UnquantizedLinearMethod" or (
-            type(sub).__name__ == "AWQMarlinConfig" and "Marlin" not in scheme)
-        if method is None or fallback:
+        if method is None or _is_fallback(sub, layer, method, scheme):
             raise ValueError(f"mpconvert: {prefix} ({self.manifest['units'][prefix]['format']}) got "
                              f"{type(method).__name__}/{scheme} from {type(sub).__name__}, not its native kernel; "
                              f"refusing a dequantizing or unquantized fallback")

@@ -57,5 +57,9 @@ class AWQ(Format):
         return "awq_marlin", {"quant_method": "awq", "bits": 4, "group_size": p["group_size"], "zero_point": True,
                               "modules_to_not_convert": None}
 
+    def sglang_methods(self, p, moe):
+        # AWQ-Marlin: in 0.5.17 the dequantizing fallback returns the same linear method class with another scheme
+        return ("AWQMoEMethod", "AWQMoEScheme") if moe else ("AWQLinearMethod", "AWQMarlinLinearScheme")
+
 
 AWQ_FORMAT = register(AWQ())

@@ -83,6 +83,11 @@ class Format:
         takes). None: unquantized."""
         raise NotImplementedError
 
+    def sglang_methods(self, p: dict, moe: bool) -> tuple[str, str | None]:
+        """The quant-method class SGLang 0.5.17 binds for this scheme (FusedMoE when `moe`), and its scheme class
+        where the method carries one (None: not checked). `verify --engine sglang` expects each layer to get these."""
+        raise NotImplementedError
+
     def check_values(self, module: str, t: dict, p: dict) -> str | None:
         """Value-level invariants (cheap, on loaded tensors); a problem description or None."""
         return None

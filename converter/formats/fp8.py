@@ -100,6 +100,12 @@ class FP8(Format):
                                                                     "input_activations": acts,
                                                                     "format": "float-quantized"}}}
 
+    def sglang_methods(self, p, moe):
+        if p["layout"] == "native":
+            return ("Fp8MoEMethod", None) if moe else ("Fp8LinearMethod", None)
+        return (("CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE") if moe
+                else ("CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"))
+
     def check_values(self, module, t, p):
         s = t[self.scale_name(p)].float()
         if not bool((s > 0).all()) or not bool(s.isfinite().all()):

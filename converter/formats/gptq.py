@@ -111,5 +111,8 @@ class GPTQ(Format):
         return "gptq_marlin", {"quant_method": "gptq", "bits": p["bits"], "group_size": p["group_size"],
                                "desc_act": p["desc_act"], "sym": p["sym"], "lm_head": False}
 
+    def sglang_methods(self, p, moe):
+        return ("GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme") if moe else ("GPTQMarlinLinearMethod", None)
+
 
 GPTQ_FORMAT = register(GPTQ())

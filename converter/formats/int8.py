@@ -27,6 +27,9 @@ class Int8(Format):
         # MoE path is NPU-only in 0.5.17)
         return "w8a8_int8", {"quant_method": "w8a8_int8"}
 
+    def sglang_methods(self, p, moe):
+        return ("W8A8Int8MoEMethod", None) if moe else ("W8A8Int8LinearMethod", None)
+
     def check_values(self, module, t, p):
         s = t["weight_scale"].float()
         if not bool((s > 0).all()) or not bool(s.isfinite().all()):

@@ -19,5 +19,8 @@ class Unquantized(Format):
     def sglang_config(self, p):
         return None
 
+    def sglang_methods(self, p, moe):
+        return ("UnquantizedFusedMoEMethod", None) if moe else ("UnquantizedLinearMethod", None)
+
 
 UNQUANTIZED = register(Unquantized())

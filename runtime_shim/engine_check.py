@@ -1,14 +1,22 @@
-"""Build an SGLang model for a converted directory on CPU with SGLang's own loader path, and load its weights.
+"""Build the SGLang model for a converted directory on CPU, through the shim, with SGLang's own loader path; load it.
 
-Usage: sglang_cpu.py DIR PORT [TP RANK]; for TP=N run N of them at once (gloo ranks). Run as a script (one process per
-model: SGLang keeps process-global distributed state). Prints one JSON line:
+What `mpconvert verify --engine sglang` runs (and the shim tests): SGLang's real classes construct every layer and
+pick its quant method exactly as on a GPU, and SGLang's real `load_weights` fills the parameters — everything up to
+`process_weights_after_loading`, which needs the GPU.
+
+Usage: python -m mpconvert.runtime_shim.engine_check DIR PORT [TP RANK]; for TP=N run N of them at once (gloo ranks),
+one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype (default
+auto). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "loaded": [...],
 "params": {name: [dtype, shape, sha256 of its bytes after load_weights]}, "untouched": [parameters load_weights never
 wrote]}.
 
-Scaffolding for a CPU machine only (DESIGN.md §6), none of it replaces SGLang code that runs here: the device
-capability is answered as sm_90 (compressed-tensors and Marlin ask at construction), and RoPE's import of
-`vllm._custom_ops.rotary_embedding` gets a function that raises (it only runs in a forward, which CPU tests never do).
+{..., "error": "..."} when SGLang or the shim refuses the model (e.g. a GPTQ MoE layer in a bf16 model).
+
+Stand-ins for the GPU this machine lacks (DESIGN.md §6); none replaces SGLang code that runs here: the device
+capability is answered as sm_90 (compressed-tensors and Marlin ask at construction; H100/H200 is what we serve on),
+and RoPE's import of `vllm._custom_ops.rotary_embedding` gets a function that raises (it only runs in a forward,
+which this never does).
 """
 import json
 import os
@@ -37,6 +45,9 @@ def scaffold():
 
 
 MARK = 0xA5  # byte pattern written into every parameter before loading
+# parameters no checkpoint tensor fills: SGLang derives them in process_weights_after_loading (GPTQ-Marlin MoE's sort
+# order of g_idx)
+DERIVED = ("g_idx_sort_indices",)
 
 
 def sha(t) -> str:
@@ -48,6 +59,13 @@ def sha(t) -> str:
 
 def main(path: str, port: str, tp: int = 1, rank: int = 0):
     scaffold()
+    try:
+        print("RESULT " + json.dumps(build_and_load(path, port, tp, rank)))
+    except ValueError as e:  # SGLang's and the shim's refusals of a model (load-time errors on a GPU too)
+        print("RESULT " + json.dumps({"error": str(e)}))
+
+
+def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
     from sglang.srt.plugins import load_plugins
 
     load_plugins()  # discovers mpconvert through the sglang.srt.plugins entry point
@@ -58,7 +76,7 @@ def main(path: str, port: str, tp: int = 1, rank: int = 0):
     from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
-    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp)
+    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, dtype=os.environ.get("SGLANG_DTYPE", "auto"))
     set_global_server_args_for_scheduler(sa)
     init_distributed_environment(backend="gloo", world_size=tp, rank=rank, local_rank=rank,
                                  distributed_init_method=f"tcp://127.0.0.1:{port}")
@@ -67,7 +85,10 @@ def main(path: str, port: str, tp: int = 1, rank: int = 0):
     initialize_dp_attention(sa, mc)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)
-    model = _initialize_model(mc, lc, qc)
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+
+    with set_default_torch_dtype(mc.dtype):  # as SGLang's DefaultModelLoader.load_model does
+        model = _initialize_model(mc, lc, qc)
     methods = {n: [type(m.quant_method).__name__, type(getattr(m, "scheme", None)).__name__]
                for n, m in model.named_modules() if getattr(m, "quant_method", None) is not None}
     from safetensors import safe_open
@@ -90,9 +111,10 @@ def main(path: str, port: str, tp: int = 1, rank: int = 0):
             marked[n] = sha(p)
     model.load_weights(weights())
     params = {n: [str(p.dtype), list(p.shape), sha(p)] for n, p in model.named_parameters()}
-    untouched = sorted(n for n, h in marked.items() if params[n][2] == h)
-    print("RESULT " + json.dumps({"quant_config": type(qc).__name__, "methods": methods, "loaded": names,
-                                  "params": params, "untouched": untouched}))
+    untouched = sorted(n for n, h in marked.items() if params[n][2] == h and not n.endswith(DERIVED))
+    return {"quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
+            "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "loaded": names,
+            "params": params, "untouched": untouched}
 
 
 if __name__ == "__main__":

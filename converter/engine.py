@@ -1,0 +1,97 @@
+"""verify --engine sglang: does SGLang, through the shim, bind every layer to the native method the manifest implies?
+
+Runs `mpconvert.runtime_shim.engine_check` (SGLang's real classes on CPU, one process per TP rank, gloo) for TP=1
+and for TP=N, and compares for every manifest unit the quant method (and scheme) the layer resolved to with what its
+format says SGLang should bind (`Format.sglang_methods`). Also a finding: any parameter SGLang's `load_weights` never
+wrote (a checkpoint tensor the model loader skipped), and any load-time refusal by SGLang or the shim.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .formats import FORMATS
+
+CHECK = "mpconvert.runtime_shim.engine_check"
+TIMEOUT_S = 1800
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(directory: Path, tp: int, dtype: str) -> list[dict]:
+    """One engine_check process per rank; their parsed results (or {"error": ...})."""
+    port = str(_free_port())
+    env = {**os.environ, "SGLANG_DTYPE": dtype}
+    procs = [subprocess.Popen([sys.executable, "-m", CHECK, str(directory), port, str(tp), str(rank)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(tp)]
+    results = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = "", f"timed out after {TIMEOUT_S} s"
+        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+        if line:
+            results.append(json.loads(line[-1][7:]))
+        else:
+            tail = [x for x in stderr.strip().splitlines() if x.strip()][-1:] or [f"exit code {p.returncode}"]
+            results.append({"error": f"SGLang crashed building the model: {tail[0]}"})
+    return results
+
+
+def expected_methods(manifest: dict) -> dict[str, tuple[str, str | None]]:
+    out = {}
+    for unit, spec in manifest["units"].items():
+        if unit.endswith("lm_head"):
+            # ParallelLMHead: an unquantized head gets SGLang's embedding method, not a linear one
+            out[unit] = ("UnquantizedEmbeddingMethod", None) if spec["format"] == "unquantized" else \
+                FORMATS[spec["format"]].sglang_methods(spec["params"], False)
+            continue
+        moe = unit.endswith(".experts")
+        out[unit] = FORMATS[spec["format"]].sglang_methods(spec["params"], moe)
+    return out
+
+
+def compare(manifest: dict, result: dict, label: str, rep) -> None:
+    if "error" in result:
+        rep.add("engine", label, result["error"])
+        return
+    got = result["methods"]
+    for unit, (method, scheme) in sorted(expected_methods(manifest).items()):
+        fmt = manifest["units"][unit]["format"]
+        if unit not in got:
+            rep.add("engine", f"{label} {unit}", f"SGLang built no quantized layer at this prefix ({fmt} expected "
+                                                 f"{method}); the model class names its layers differently")
+            continue
+        m, s = got[unit]
+        if m != method or (scheme is not None and s != scheme):
+            want = method + (f"/{scheme}" if scheme else "")
+            rep.add("engine", f"{label} {unit}", f"{fmt} resolved to {m}/{s}, expected {want}")
+    for name in result["untouched"]:
+        rep.add("engine", f"{label} {name}", "SGLang's load_weights never wrote this parameter (a checkpoint tensor "
+                                             "was skipped or renamed by the model loader)")
+
+
+def check_engine(directory: Path, manifest: dict, tp: int, dtype: str, rep) -> dict:
+    """Appends findings to rep; returns a summary for the report."""
+    summary = {"engine": "sglang", "dtype": dtype, "runs": []}
+    for size in sorted({1, tp}):
+        results = run_ranks(directory, size, dtype)
+        for rank, r in enumerate(results):
+            label = f"tp={size} rank {rank}"
+            compare(manifest, r, label, rep)
+            summary["runs"].append({"tp": size, "rank": rank, "error": r.get("error"),
+                                    "layers": len(r.get("methods", {})), "parameters": len(r.get("params", {})),
+                                    "min_capability": r.get("min_capability"), "act_dtypes": r.get("act_dtypes")})
+        if size == 1 and any("error" in r for r in results):
+            break  # the same refusal would repeat on every rank
+    return summary
