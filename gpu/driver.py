@@ -1,0 +1,278 @@
+"""The GPU proof, one part per run (see gpu/e2e.sh): build with mpconvert, serve with real SGLang, compare, report.
+
+Usage: driver.py dense|moe OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
+Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
+E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines.
+
+fidelity  every servable source S and the checkpoint built from a recipe taking everything from S are served in their
+          own Engines; greedy tokens and top-5 logprobs must be identical. Mixed recipes (≥ 3 formats) serve, and their
+          teacher-forced logprobs vs the bf16 model are reported beside their parts'. TP=2 vs TP=1 on the mixed model.
+speed     (dense part) a 12-layer Llama-8B-shaped model synthesized in FP8, Int8, GPTQ and AWQ, and a mixed build of
+          3 layers of each: decode tokens/s (CUDA graphs on), load time and SGLang's weight memory per checkpoint.
+Results: OUT/results.json, OUT/report.md (also printed), OUT/logs.tar.xz (every Engine's log).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STAGE = ROOT / ".gpu"
+WORK = Path("/tmp/e2e")
+T0 = time.time()
+BUDGET_S = float(os.environ.get("E2E_BUDGET_S", "540"))  # stop starting new work after this (the call has 600 s)
+
+DENSE_MIXED = """
+- {match: "self_attn.*", layers: 0, source: ct-fp8-static}
+- {match: "mlp.*", layers: 0, source: ct-w8a8}
+- {match: "self_attn.*", layers: 1, source: awq}
+"""  # default gptq: layer 1 mlp and nothing else
+MOE_MIXED = """
+- {match: "mlp.experts.*", layers: 0, source: ct-fp8-block}
+- {match: "mlp.experts.*", layers: 1, source: awq}
+- {match: "self_attn.*", layers: 0, source: ct-w8a8}
+"""  # default gptq: layer 1 attention (dense GPTQ-Marlin runs bf16)
+PARTS = {
+    # servable sources: kind → Engine overrides for serving the source itself
+    "dense": {"serve": {"ct-fp8-static": {}, "ct-fp8-block": {}, "ct-w8a8": {}, "gptq": {}, "awq": {}},
+              "unservable": ["native-fp8-block"], "mixed": DENSE_MIXED, "default": "gptq",
+              # native block FP8 is ct-fp8-block's bytes with the scale renamed (producers.py): once mpconvert writes
+              # it in the compressed-tensors layout it must serve exactly as ct-fp8-block does
+              "same": [("source-ct-fp8-block", "pure-native-fp8-block")]},
+    "moe": {"serve": {"ct-fp8-block": {}, "ct-w8a8": {"quantization": "w8a8_int8"}, "gptq": {"dtype": "float16"},
+                      "awq": {}},
+            "unservable": [], "mixed": MOE_MIXED, "default": "gptq", "same": []},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+# ---- build -------------------------------------------------------------------------------------------------------
+def build(name: str, base: Path, sources: dict[str, Path], default: str, rules: str = "", tp: int = 1) -> Path:
+    from mpconvert.plan import make_plan
+    from mpconvert.recipe import load_recipe
+    from mpconvert.writer import write
+
+    d = WORK / "recipes" / name
+    d.mkdir(parents=True, exist_ok=True)
+    text = f"base: {base}\nsources:\n" + "".join(f"  {k}: {v}\n" for k, v in sources.items()) + f"default: {default}\n"
+    if rules.strip():
+        text += "rules:\n" + "".join(f"  {line}\n" for line in rules.strip().splitlines())
+    (d / "recipe.yaml").write_text(text)
+    out = WORK / "built" / name
+    t = time.time()
+    write(make_plan(load_recipe(d / "recipe.yaml"), tp), out, 5 << 30, force=True)
+    log(f"built {name} in {time.time() - t:.1f}s")
+    return out
+
+
+# ---- engines -----------------------------------------------------------------------------------------------------
+def engine(label: str, spec: dict, timeout: int = 420) -> dict:
+    logf = WORK / "logs" / f"{label}.log"
+    logf.parent.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("E2E_DRY"):  # check builds and reporting on a machine without a GPU
+        return {"ok": False, "error": "dry run"}
+    left = BUDGET_S - (time.time() - T0)
+    if left < 60:
+        return {"ok": False, "error": "skipped: out of time budget"}
+    t = time.time()
+    with open(logf, "w") as fh:
+        try:
+            subprocess.run([sys.executable, str(HERE / "engine_child.py"), json.dumps(spec)], stdout=fh,
+                           stderr=subprocess.STDOUT, timeout=min(timeout, left))
+        except subprocess.TimeoutExpired:
+            pass
+    text = logf.read_text(errors="replace")
+    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
+    r = json.loads(lines[-1][7:]) if lines else {"ok": False, "error": "timeout or crash: " + text[-600:]}
+    m = re.findall(r"Load weight end.*?mem usage=([0-9.]+) GB", text)
+    if m:
+        r["weight_gb_log"] = float(m[-1])
+    r["wall_s"] = round(time.time() - t, 1)
+    log(f"{'OK  ' if r.get('ok') else 'FAIL'} {label} ({r['wall_s']}s){'' if r.get('ok') else ': ' + r['error'][-300:]}")
+    return r
+
+
+def run_all(jobs: dict[str, dict], par: int) -> dict[str, dict]:
+    with ThreadPoolExecutor(par) as ex:
+        futs = {k: ex.submit(engine, k, spec) for k, spec in jobs.items()}
+        res = {k: f.result() for k, f in futs.items()}
+    # a concurrent start can lose SGLang's memory-profiling race: retry those alone
+    for k, r in res.items():
+        if not r.get("ok") and "memory" in r.get("error", "").lower():
+            res[k] = engine(k + "-retry", jobs[k])
+    return res
+
+
+# ---- comparisons -------------------------------------------------------------------------------------------------
+def identical(a: dict, b: dict) -> dict:
+    if not (a.get("ok") and b.get("ok")):
+        return {"identical": None, "why": "a run failed"}
+    ids = all(x["ids"] == y["ids"] for x, y in zip(a["outputs"], b["outputs"]))
+    d = 0.0
+    same_top = True
+    for x, y in zip(a["outputs"], b["outputs"]):
+        for sx, sy in zip(x["top"], y["top"]):
+            same_top &= [t for _, t in sx] == [t for _, t in sy]
+            d = max(d, max(abs(p - q) for (p, _), (q, _) in zip(sx, sy)))
+    return {"identical": ids and same_top and d == 0.0, "same_tokens": ids, "same_top5_ids": same_top,
+            "max_top5_logprob_diff": d}
+
+
+def vs_bf16(r: dict, ref: dict) -> dict:
+    """Teacher-forced on the same prompts: |Δ logprob| of each prompt token and argmax agreement, vs bf16."""
+    if not (r.get("ok") and ref.get("ok")):
+        return {}
+    diffs, agree, n = [], 0, 0
+    for x, y in zip(r["outputs"], ref["outputs"]):
+        diffs += [abs(p - q) for p, q in zip(x["input_lp"], y["input_lp"]) if p is not None and q is not None]
+        for a, b in zip(x["input_top1"], y["input_top1"]):
+            if a is not None and b is not None:
+                agree += a == b
+                n += 1
+    return {"mean_abs_dlogprob": round(sum(diffs) / len(diffs), 5), "max_abs_dlogprob": round(max(diffs), 5),
+            "top1_agreement": round(agree / n, 4)}
+
+
+# ---- parts -------------------------------------------------------------------------------------------------------
+def fidelity(part: str, meta: dict, res: dict) -> None:
+    P = PARTS[part]
+    fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
+    base = fx["base"]
+    kinds = list(P["serve"]) + P["unservable"]
+    built = {f"pure-{k}": build(f"{part}-pure-{k}", base, {k: fx[k]}, k) for k in kinds}
+    srcs = {k: fx[k] for k in kinds if k in P["mixed"] or k == P["default"]}
+    built["mixed"] = build(f"{part}-mixed", base, srcs, P["default"], P["mixed"], tp=2)
+    jobs = {"bf16": {"path": str(base)}}
+    for k, over in P["serve"].items():
+        jobs[f"source-{k}"] = {"path": str(fx[k]), **over}
+        jobs[f"pure-{k}"] = {"path": str(built[f"pure-{k}"]), **({"dtype": over["dtype"]} if "dtype" in over else {})}
+    for k in P["unservable"]:
+        jobs[f"source-{k}"] = {"path": str(fx[k])}  # served as it is: the trap, for the record
+        jobs[f"pure-{k}"] = {"path": str(built[f"pure-{k}"])}
+    jobs["mixed"] = {"path": str(built["mixed"])}
+    for i, spec in enumerate(jobs.values()):
+        spec["gpu"] = i % 2
+    runs = run_all(jobs, par=int(os.environ.get("E2E_PAR", "8")))
+    runs["mixed-tp2"] = engine("mixed-tp2", {"path": str(built["mixed"]), "tp": 2})
+    res["runs"] = runs
+    res["identity"] = {k: identical(runs[f"source-{k}"], runs[f"pure-{k}"]) for k in P["serve"]}
+    res["vs_bf16"] = {k: vs_bf16(r, runs["bf16"]) for k, r in runs.items() if k != "bf16"}
+    res["identity"].update({f"{a} = {b}": identical(runs[a], runs[b]) for a, b in P["same"]})
+    res["tp2_vs_tp1"] = identical(runs["mixed"], runs["mixed-tp2"])
+    res["mixed_formats"] = sorted({u["format"] for u in json.loads(
+        (built["mixed"] / "mpconvert_manifest.json").read_text())["units"].values()})
+
+
+def torch_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def speed(meta: dict, res: dict) -> None:
+    sys.path.insert(0, str(HERE))
+    import synth
+
+    t = time.time()
+    tpl = meta["templates"]
+    dirs = synth.main(WORK / "synth", tpl, WORK / "fixtures" / "base")
+    log(f"synthesized {len(dirs)} checkpoints in {time.time() - t:.0f}s")
+    order = list(tpl)  # fp8, int8, gptq, awq
+    rules = "\n".join(f'- {{match: "*", layers: "{3 * i}-{3 * i + 2}", source: {k}}}' for i, k in enumerate(order))
+    mixed = build("synth-mixed", dirs["base"], {k: dirs[k] for k in order}, order[0], rules)
+    spec = {"mode": "speed", "cuda_graph": True, "mem_fraction": 0.6, "max_total_tokens": 16384, "log_level": "info"}
+    queues = [["ct-fp8-dynamic", "gptq", "mixed"], ["ct-w8a8", "awq", "mixed-gpu1"]]
+    if torch_gpus() < 2:
+        queues = [queues[0] + queues[1][:2]]
+
+    def run_queue(gpu: int, names: list[str]) -> dict:
+        out = {}
+        for n in names:
+            path = mixed if n.startswith("mixed") else dirs[n]
+            out[n] = engine(f"speed-{n}", {**spec, "path": str(path), "gpu": gpu}, timeout=300)
+        return out
+
+    with ThreadPoolExecutor(len(queues)) as ex:
+        parts = list(ex.map(run_queue, range(len(queues)), queues))
+    runs = {k: v for p in parts for k, v in p.items()}
+    res["speed_runs"] = runs
+    cfg = synth.CONFIG
+    h, v, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    support_gb = (2 * v * h + (2 * n + 1) * h) * 2 / 2**30  # bf16 embeddings, lm_head, norms
+    res["speed_support_gb"] = support_gb
+    res["speed_layers"] = {k: [3 * i, 3 * i + 2] for i, k in enumerate(order)}
+
+
+def summarize(part: str, res: dict) -> str:
+    L = [f"# mpconvert GPU proof — {part} part", "", f"card: {res.get('card')}; SGLang {res.get('sglang')}; "
+         f"torch {res.get('torch')}; {time.strftime('%Y-%m-%d')}", ""]
+    if "runs" in res:
+        L += ["## Fidelity (tiny real quantizer outputs)", "", "| run | ok | load s | tokens (prompt 0) | vs bf16: mean/max |Δlogprob|, top-1 agreement |",
+              "|---|---|---|---|---|"]
+        for k, r in res["runs"].items():
+            vb = res["vs_bf16"].get(k, {})
+            L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:].replace('|', '/')} | "
+                     f"{r.get('load_s', '')} | {r['outputs'][0]['ids'][:8] if r.get('ok') else ''} | "
+                     f"{vb.get('mean_abs_dlogprob', '')} / {vb.get('max_abs_dlogprob', '')}, {vb.get('top1_agreement', '')} |")
+        L += ["", "| source S | served S vs served pure-S recipe |", "|---|---|"]
+        for k, c in res["identity"].items():
+            L.append(f"| {k} | {'IDENTICAL' if c.get('identical') else 'DIFFERENT'} {c} |")
+        L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
+    if "speed_runs" in res:
+        L += ["## Speed and memory (12-layer Llama-8B-shaped synthetic model)", "",
+              "| checkpoint | ok | load s | weight GB (SGLang) | decode tok/s bs1 | bs8 |", "|---|---|---|---|---|---|"]
+        for k, r in res["speed_runs"].items():
+            d = r.get("decode", {})
+            L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:]} | {r.get('load_s', '')} | "
+                     f"{r.get('weight_gb_log', '')} | {d.get('bs1_tok_s', '')} | {d.get('bs8_tok_s', '')} |")
+        L += ["", f"layers per format in the mixed build: {res['speed_layers']}; bf16 embeddings/lm_head/norms "
+              f"{res['speed_support_gb']:.3f} GiB"]
+    return "\n".join(L) + "\n"
+
+
+def main(part: str, out: Path) -> None:
+    import torch
+
+    meta = json.loads((STAGE / "part.json").read_text())
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(STAGE / "fixtures.tar.xz") as t:
+        t.extractall(WORK)
+    res = {"part": part, "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+           "gpus": torch.cuda.device_count(),
+           "torch": torch.__version__}
+    import importlib.metadata as md
+
+    res["sglang"] = md.version("sglang") if md.packages_distributions().get("sglang") else None
+    res["mpconvert_plugin"] = [e.value for e in md.entry_points(group="sglang.srt.plugins")]
+    log(f"{res}")
+    try:
+        if os.environ.get("E2E_FIDELITY", "1") == "1":
+            fidelity(part, meta, res)
+        json.dump(res, open(out / "results.json", "w"), indent=1)
+        if os.environ.get("E2E_SPEED") == "1":
+            speed(meta, res)
+    finally:
+        json.dump(res, open(out / "results.json", "w"), indent=1)
+        try:
+            report = summarize(part, res)
+        except Exception as e:  # partial results: the JSON has everything
+            report = f"(summary failed: {e!r}; see results.json)\n"
+        (out / "report.md").write_text(report)
+        print(report)
+        with tarfile.open(out / "logs.tar.xz", "w:xz") as t:
+            t.add(WORK / "logs", arcname="logs")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
