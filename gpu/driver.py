@@ -2,7 +2,8 @@
 
 Usage: driver.py dense|moe OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
-E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines.
+E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
+E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline).
 
 fidelity  every servable source S and the checkpoint built from a recipe taking everything from S are served in their
           own Engines; greedy tokens and top-5 logprobs must be identical. Mixed recipes (≥ 3 formats) serve, and their
@@ -180,6 +181,38 @@ def torch_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def tp_only(part: str, meta: dict, res: dict) -> None:
+    """TP=2 vs TP=1 for the mixed build and, as the baseline of what TP alone changes, for the bf16 model."""
+    P = PARTS[part]
+    fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
+    kinds = list(P["serve"]) + P["unservable"]
+    srcs = {k: fx[k] for k in kinds if k in P["mixed"] or k == P["default"]}
+    mixed = build(f"{part}-mixed", fx["base"], srcs, P["default"], P["mixed"], tp=2)
+    runs = run_all({"bf16": {"path": str(fx["base"]), "gpu": 0}, "mixed": {"path": str(mixed), "gpu": 1}}, par=2)
+    # one TP=2 Engine at a time: two at once on the same two GPUs hung after loading (2026-11-28, MoE part)
+    for k, path in (("bf16-tp2", fx["base"]), ("mixed-tp2", mixed)):
+        runs[k] = engine(k, {"path": str(path), "tp": 2})
+    res["tp_runs"] = runs
+    res["tp2_vs_tp1"] = {"bf16": tp_compare(runs["bf16"], runs["bf16-tp2"]),
+                         "mixed": tp_compare(runs["mixed"], runs["mixed-tp2"])}
+
+
+def tp_compare(a: dict, b: dict) -> dict:
+    """Per prompt: same greedy tokens? where not, the top-2 margin in TP=1's logprobs at the first difference (an exact
+    tie there means the two runs only broke a tie differently)."""
+    if not (a.get("ok") and b.get("ok")):
+        return {"error": "a run failed"}
+    out = []
+    for x, y in zip(a["outputs"], b["outputs"]):
+        n = next((i for i, (p, q) in enumerate(zip(x["ids"], y["ids"])) if p != q), None)
+        out.append({"same": n is None} if n is None else
+                   {"same": False, "first_diff": n, "tp1_top2_margin": round(x["top"][n][0][0] - x["top"][n][1][0], 5)})
+    d = [abs(p - q) for x, y in zip(a["outputs"], b["outputs"]) for p, q in zip(x["input_lp"], y["input_lp"])
+         if p is not None and q is not None]
+    return {"prompts": out, "identical_prompts": sum(o["same"] for o in out), "of": len(out),
+            "teacher_forced_max_abs_dlogprob": round(max(d), 5), "mean": round(sum(d) / len(d), 5)}
+
+
 def speed(meta: dict, res: dict) -> None:
     sys.path.insert(0, str(HERE))
     import synth
@@ -229,6 +262,8 @@ def summarize(part: str, res: dict) -> str:
         for k, c in res["identity"].items():
             L.append(f"| {k} | {'IDENTICAL' if c.get('identical') else 'DIFFERENT'} {c} |")
         L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
+    if "tp_runs" in res:
+        L += ["## TP=2 vs TP=1", ""] + [f"- {k}: {v}" for k, v in res["tp2_vs_tp1"].items()] + [""]
     if "speed_runs" in res:
         L += ["## Speed and memory (12-layer Llama-8B-shaped synthetic model)", "",
               "| checkpoint | ok | load s | weight GB (SGLang) | decode tok/s bs1 | bs8 |", "|---|---|---|---|---|---|"]
@@ -257,7 +292,9 @@ def main(part: str, out: Path) -> None:
     res["mpconvert_plugin"] = [e.value for e in md.entry_points(group="sglang.srt.plugins")]
     log(f"{res}")
     try:
-        if os.environ.get("E2E_FIDELITY", "1") == "1":
+        if os.environ.get("E2E_TP_ONLY") == "1":
+            tp_only(part, meta, res)
+        elif os.environ.get("E2E_FIDELITY", "1") == "1":
             fidelity(part, meta, res)
         json.dump(res, open(out / "results.json", "w"), indent=1)
         if os.environ.get("E2E_SPEED") == "1":

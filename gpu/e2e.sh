@@ -13,7 +13,6 @@ if [ ! -f /tmp/site/sglang/__init__.py ]; then
   mkdir -p /tmp/site/sgl_kernel/sm100 && ln -sf ../sm90/common_ops.abi3.so /tmp/site/sgl_kernel/sm100/common_ops.abi3.so
 fi
 [ -d /tmp/tvmcache ] || tar -C /tmp -xJf .gpu/sglang-0.5.17-jit-sm90.tar.xz
-[ -f .gpu/tvmcache-extra.tar.xz ] && tar -C /tmp -xJf .gpu/tvmcache-extra.tar.xz
 # mpconvert as an installed distribution (its entry point is how SGLang's workers find the shim), no build tools needed
 rm -rf /tmp/mp && mkdir -p /tmp/mp/mpconvert-0.1.0.dist-info
 cp -r converter /tmp/mp/mpconvert && cp -r cli /tmp/mp/mpconvert/cli && cp -r runtime_shim /tmp/mp/mpconvert/runtime_shim

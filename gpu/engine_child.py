@@ -40,7 +40,7 @@ def main(spec: dict) -> dict:
         info = {"error": repr(ex)}
     out = {"load_s": round(load_s, 2), "import_s": round(t_import, 2), "server_memory": info}
     if spec.get("mode", "fidelity") == "fidelity":
-        ps = prompts()
+        ps = prompts(int(os.environ.get("E2E_PROMPTS", "4")))
         r = e.generate(input_ids=ps, sampling_params={"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
                        return_logprob=True, top_logprobs_num=5, logprob_start_len=0)
         out["outputs"] = [{"ids": x["output_ids"],

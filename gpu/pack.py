@@ -2,8 +2,8 @@
 
 Usage: .venv/bin/python gpu/pack.py dense|moe [SHARED_GPU_DIR]
 
-- the SGLang 0.5.17 bundle and its sm_90 kernel cache from ../shared/gpu (and a kernel cache brought back by an earlier
-  run, gpu/results/tvmcache.tar.xz, if there is one: it holds the MoE Marlin kernels);
+- the SGLang 0.5.17 bundle and its sm_90 kernel cache from ../shared/gpu (or, in its place, the fuller cache an earlier
+  run brought back, gpu/results/tvmcache.tar.xz, not committed);
 - the real quantizer outputs (cached fixtures) of the part's tiny model, as they are;
 - templates.json: the quantization_config and module scheme of each llama fixture kind, from which the GPU run
   synthesizes a large model of the same formats (gpu/synth.py).
@@ -61,14 +61,14 @@ def main(part: str, shared: Path) -> None:
     if STAGE.exists():
         shutil.rmtree(STAGE)
     (STAGE / "fixtures").mkdir(parents=True)
-    shutil.copy(shared / "sglang-0.5.17-jit-sm90.tar.xz", STAGE)
+    # a cache brought back by an earlier run holds the shared one plus what that run compiled: use it instead
+    extra = ROOT / "gpu" / "results" / "tvmcache.tar.xz"
+    shutil.copy(extra if extra.exists() else shared / "sglang-0.5.17-jit-sm90.tar.xz",
+                STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
     if part == "moe":
         slim_site(shared / "sglang-0.5.17-site.tar.xz", STAGE / "sglang-0.5.17-site.tar.xz")
     else:
         shutil.copy(shared / "sglang-0.5.17-site.tar.xz", STAGE)
-    extra = ROOT / "gpu" / "results" / "tvmcache.tar.xz"
-    if extra.exists():
-        shutil.copy(extra, STAGE / "tvmcache-extra.tar.xz")
     for kind in kinds:
         src = fixture(arch, kind)
         dst = STAGE / "fixtures" / kind
