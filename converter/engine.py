@@ -3,7 +3,8 @@
 Runs `mpconvert.runtime_shim.engine_check` (SGLang's real classes on CPU, one process per TP rank, gloo) for TP=1
 and for TP=N, and compares for every manifest unit the quant method (and scheme) the layer resolved to with what its
 format says SGLang should bind (`Format.sglang_methods`). Also a finding: any parameter SGLang's `load_weights` never
-wrote (a checkpoint tensor the model loader skipped), and any load-time refusal by SGLang or the shim.
+wrote (a checkpoint tensor the model loader skipped), a weight-sized float parameter in a quantized unit (a
+dequantized copy), and any load-time refusal by SGLang or the shim.
 """
 from __future__ import annotations
 
@@ -76,9 +77,27 @@ def compare(manifest: dict, result: dict, label: str, rep) -> None:
         if m != method or (scheme is not None and s != scheme):
             want = method + (f"/{scheme}" if scheme else "")
             rep.add("engine", f"{label} {unit}", f"{fmt} resolved to {m}/{s}, expected {want}")
+    _no_float_copies(manifest, result, label, rep)
     for name in result["untouched"]:
         rep.add("engine", f"{label} {name}", "SGLang's load_weights never wrote this parameter (a checkpoint tensor "
                                              "was skipped or renamed by the model loader)")
+
+
+FLOAT = ("torch.bfloat16", "torch.float16", "torch.float32")
+
+
+def _no_float_copies(manifest: dict, result: dict, label: str, rep) -> None:
+    """A quantized unit must hold no float tensor as large as a weight matrix: that would be a dequantized copy
+    (memory and speed lost, and a sign the native kernel is not the one in use)."""
+    units = {u: spec for u, spec in manifest["units"].items() if spec["format"] != "unquantized"}
+    for name, (dtype, shape, _) in result["params"].items():
+        unit = name.rsplit(".", 1)[0]
+        if unit not in units or dtype not in FLOAT or len(shape) < 2:
+            continue
+        rows, cols = shape[-2], shape[-1]
+        if min(rows, cols) >= 64 and rows * cols >= 64 * 64 and not name.endswith(("scale", "scales", "scale_inv")):
+            rep.add("engine", f"{label} {name}", f"{units[unit]['format']} unit holds a {dtype} {shape} parameter: "
+                                                 f"a dequantized copy of its weight")
 
 
 def check_engine(directory: Path, manifest: dict, tp: int, dtype: str, rep) -> dict:

@@ -199,7 +199,7 @@ class _Planner:
                 self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
         return self._hash_cache[key]
 
-    def support_plans(self, roles: dict[str, Role], linear: list[ModulePlan]) -> list[ModulePlan]:
+    def support_plans(self, roles: dict[str, Role], linear: list[ModulePlan]) -> list[ModulePlan]:  # noqa: C901
         """Norms, routers, embeddings: take the version the consuming linears were quantized against."""
         consumers: dict[tuple[int, str], list[ModulePlan]] = {}
         for m in linear:
@@ -216,6 +216,7 @@ class _Planner:
                 src = self.sources[u.source]
                 if name not in src.modules:
                     raise UserError(f"source {u.source!r} lacks {name}, which {u.name} was quantized against")
+                _check_unquantized(src, u.source, name, role)
                 versions.setdefault(self._value_key(src, name), []).append(u)
             if len(versions) > 1:
                 desc = "; ".join(f"{ms[0].name.rsplit('.', 1)[-1]} from {ms[0].source!r} via {ms[0].why}"
@@ -311,6 +312,14 @@ def tp_problems(linear: list[ModulePlan], info: ModelInfo, tp: int) -> list[str]
             problems.append(f"--tp {tp}: {m.name} ({m.scheme.describe()} from {m.source!r} via {m.why}): {problem}; "
                             f"use a smaller --tp or another format for this module")
     return problems
+
+
+def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
+    fmt = src.modules[name].scheme.format
+    if fmt != "unquantized":
+        raise UserError(f"source {label!r} quantized the {role.kind} {name} ({fmt}); SGLang keeps {role.kind}s "
+                        f"unquantized (no quant method there), so it cannot be served — re-export that source with "
+                        f"it ignored (llm-compressor: ignore=['re:.*{name.rsplit('.', 1)[-1]}$'])")
 
 
 def make_plan(recipe: Recipe, tp: int = 1) -> Plan:

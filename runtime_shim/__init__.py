@@ -1,8 +1,9 @@
-"""SGLang runtime shim: lets SGLang serve an mpconvert directory on its own native kernels (work in progress).
+"""SGLang runtime shim: lets SGLang serve an mpconvert directory on its own native kernels.
 
 `register()` is the `sglang.srt.plugins` entry point (SGLang loads plugins in every spawned worker). It adds the
 `mpconvert` quantization method, whose config reads the directory's manifest and hands each layer to SGLang's own
-config for its format (built with that config's `from_config`). See sglang_config.py for what works so far.
+config for its format (built with that config's `from_config`). engine_check.py builds and loads a directory's model on
+CPU through it (what `mpconvert verify --engine sglang` runs).
 """
 
 

@@ -1,9 +1,9 @@
 """The `mpconvert` quantization config for SGLang: one native sub-config per format, chosen per layer prefix.
 
-Status (SGLang 0.5.17): per-layer binding for dense models (fused qkv / gate_up units, lm_head) to native FP8
-(compressed-tensors and native layouts), GPTQ-Marlin, AWQ-Marlin and W8A8-Int8, constructed and loaded on CPU at
-TP=1 (tests/test_shim.py). Not done yet (issue 4): FusedMoE units, TP>1 tests, the dense native block-FP8 rename
-trap (refused here rather than served wrongly), GPU runs.
+SGLang 0.5.17: linears, fused qkv / gate_up units, FusedMoE per layer, shared experts and lm_head, each handed to the
+native config of its format (FP8 compressed-tensors and native, GPTQ-Marlin, AWQ-Marlin, W8A8-Int8) built with that
+config's own `from_config`. Fallbacks to dequantizing or generic kernels are refused at load time, naming the layer.
+Tested: tests/test_shim.py and verify --engine sglang on CPU; docs/gpu-results.md on H200.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "nativ
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq")
 MOE_KINDS = ("base", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "gptq", "awq")
 MIXTRAL_KINDS = ("base", "ct-fp8-block", "gptq")
+QWEN2MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # shared expert + shared_expert_gate, qkv bias
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,11 @@ def llama() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def moe() -> dict[str, Path]:
     return {k: fixture("qwen3moe", k) for k in MOE_KINDS}
+
+
+@pytest.fixture(scope="session")
+def qwen2moe() -> dict[str, Path]:
+    return {k: fixture("qwen2moe", k) for k in QWEN2MOE_KINDS}
 
 
 @pytest.fixture

@@ -207,3 +207,37 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
     r = cli("serve", tmp_path / "out", "--print-command")
     assert r.exit_code == 2 and "leaves out the mpconvert plugin" in r.output
+
+
+def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tmp_path):
+    """Qwen2-MoE: the shared expert (a plain gate_up/down MLP beside FusedMoE) in W8A8-Int8, routed experts in
+    CT block FP8 (layer 0) and GPTQ (layer 1, so fp16), attention with bias in Int8/GPTQ; routers stay bf16."""
+    rules = """
+    - {match: "mlp.experts.*", layers: 0, source: fp8}
+    - {match: "mlp.shared_expert.*", source: int8}
+    - {match: "self_attn.*", layers: 1, source: int8}
+    """
+    recipe = write_recipe(tmp_path, qwen2moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "gptq",
+                          rules)
+    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    r = sglang_model(tmp_path / "out", dtype="float16")
+    m = r["methods"]
+    L0, L1 = "model.layers.0", "model.layers.1"
+    assert m[f"{L0}.mlp.experts"] == ["CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE"]
+    assert m[f"{L1}.mlp.experts"] == ["GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme"]
+    for L in (L0, L1):
+        assert m[f"{L}.mlp.shared_expert.gate_up_proj"][0] == "W8A8Int8LinearMethod"
+        assert m[f"{L}.mlp.shared_expert.down_proj"][0] == "W8A8Int8LinearMethod"
+        assert m.get(f"{L}.mlp.shared_expert_gate", ["UnquantizedLinearMethod"])[0] == "UnquantizedLinearMethod"
+    assert m[f"{L0}.self_attn.qkv_proj"][0] == "GPTQMarlinLinearMethod"
+    assert m[f"{L1}.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
+    assert r["untouched"] == []
+    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")
+    out = load(tmp_path / "out")
+    S = f"{L0}.mlp.shared_expert"
+    assert r["params"][f"{S}.gate_up_proj.weight"][2] == sha(torch.cat([out[f"{S}.gate_proj.weight"],
+                                                                        out[f"{S}.up_proj.weight"]]))
+    # the bf16 bias becomes the model dtype (fp16 here, for GPTQ MoE), as SGLang casts every float parameter
+    assert r["params"][f"{L1}.self_attn.qkv_proj.bias"][:2] == ["torch.float16", [512]]
+    assert r["params"][f"{L1}.self_attn.qkv_proj.bias"][2] == sha(torch.cat(
+        [out[f"{L1}.self_attn.{x}_proj.bias"] for x in "qkv"]).to(torch.float16))

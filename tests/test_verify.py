@@ -212,3 +212,24 @@ def test_engine_sglang_reports_what_sglang_refuses(moe, cli, tmp_path):
     assert f["check"] == "engine" and "model.layers.0.mlp.experts is GPTQ MoE" in f["message"]
     assert "--dtype float16" in f["message"]
     assert run_verify(cli, tmp_path / "out", "--fast", "--engine", "sglang", "--dtype", "float16")["ok"]
+
+
+def test_engine_check_flags_a_float_copy_in_a_quantized_unit():
+    """The engine comparison itself: a weight-sized bf16 parameter in a GPTQ unit is a dequantized copy."""
+    from mpconvert.engine import compare
+    from mpconvert.verify import Report
+
+    manifest = {"units": {"model.layers.0.mlp.down_proj": {"format": "gptq", "params": {"bits": 4}}}}
+    ok = {"methods": {"model.layers.0.mlp.down_proj": ["GPTQMarlinLinearMethod", "GPTQMarlinLinearScheme"]},
+          "untouched": [], "params": {"model.layers.0.mlp.down_proj.qweight": ["torch.int32", [64, 256], ""],
+                                      "model.layers.0.mlp.down_proj.scales": ["torch.bfloat16", [4, 256], ""]}}
+    rep = Report("x")
+    compare(manifest, ok, "tp=1 rank 0", rep)
+    assert rep.findings == []
+    bad = {**ok, "params": {**ok["params"], "model.layers.0.mlp.down_proj.weight": ["torch.bfloat16", [256, 512], ""]}}
+    compare(manifest, bad, "tp=1 rank 0", rep)
+    [f] = rep.findings
+    assert f.where.endswith("down_proj.weight") and "dequantized copy" in f.message
+    compare(manifest, {**ok, "methods": {"model.layers.0.mlp.down_proj": ["MoeWNA16Method", "x"]}}, "tp=1 rank 0",
+            rep)
+    assert "expected GPTQMarlinLinearMethod" in rep.findings[-1].message
