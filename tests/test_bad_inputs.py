@@ -201,3 +201,27 @@ def test_write_failure_leaves_nothing(llama, tmp_path):
     assert "write failed" in p.stderr and "nothing was written" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
     assert not [x for x in tmp_path.iterdir() if "mpconvert-tmp" in x.name]
+
+
+def test_source_with_a_quantized_router(moe, cli, tmp_path):
+    """A source whose producer also quantized the router (mlp.gate): SGLang runs routers unquantized, so it could not
+    be served — refused by name, with the fix."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = copy(moe["ct-w8a8"], tmp_path / "int8-router")
+    cfg = json.loads((src / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    qc["ignore"] = [x for x in qc["ignore"] if "mlp.gate" not in x]
+    (src / "config.json").write_text(json.dumps(cfg))
+    [shard] = src.glob("*.safetensors")
+    sd = load_file(shard)
+    w = sd.pop("model.layers.0.mlp.gate.weight").float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    sd["model.layers.0.mlp.gate.weight"] = (w / scale).round().to(torch.int8)
+    sd["model.layers.0.mlp.gate.weight_scale"] = scale.to(torch.bfloat16)
+    save_file(sd, shard, metadata={"format": "pt"})
+    r = write_recipe(tmp_path, moe, {"gptq": "gptq"}, "gptq", '- {match: "mlp.experts.*", layers: 0, source: int8}')
+    r.write_text(r.read_text().replace("sources:\n", f"sources:\n  int8: {src}\n"))
+    fails(cli, tmp_path, r, match="source 'int8' quantized the router model.layers.0.mlp.gate (int8); SGLang keeps "
+                                  "routers unquantized")
