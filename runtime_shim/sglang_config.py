@@ -23,6 +23,10 @@ from mpconvert.manifest import MANIFEST, QUANT_METHOD
 
 
 
+# model types whose SGLang loader special-cases the quantization config class (DeepSeek MLA absorption)
+_UNSUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
+
+
 def _model_dir(config: dict) -> Path:
     hf = config.get("hf_config")
     path = getattr(hf, "_name_or_path", None) or getattr(hf, "name_or_path", None)
@@ -115,6 +119,10 @@ class MpconvertConfig(QuantizationConfig):
                              f"build?); run `mpconvert verify {d}`")
         manifest = json.loads(raw)
         model_type = manifest["model"]["model_type"]
+        if model_type in _UNSUPPORTED:
+            raise ValueError(f"mpconvert: {model_type} models are not served by the mpconvert shim yet: SGLang's "
+                             f"DeepSeek loader post-processes kv_b_proj (MLA weight absorption) by quant-config class, "
+                             f"which a mixed config does not match (seen failing on CPU, SGLang 0.5.17)")
         built: dict[str, QuantizationConfig] = {}
         subs: dict[str, Optional[QuantizationConfig]] = {}
         for unit, spec in manifest["units"].items():

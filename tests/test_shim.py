@@ -241,3 +241,20 @@ def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tm
     assert r["params"][f"{L1}.self_attn.qkv_proj.bias"][:2] == ["torch.float16", [512]]
     assert r["params"][f"{L1}.self_attn.qkv_proj.bias"][2] == sha(torch.cat(
         [out[f"{L1}.self_attn.{x}_proj.bias"] for x in "qkv"]).to(torch.float16))
+
+
+def test_deepseek_is_refused_at_load_not_served_wrong(llama, cli, tmp_path):
+    """DeepSeek's loader absorbs kv_b_proj by quant-config class; the shim refuses those models by name. (Shown on a
+    Llama build whose manifest says deepseek_v2, re-hashed so only the shim's own check can stop it.)"""
+    import hashlib
+
+    recipe = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    mpath, cpath = tmp_path / "out" / "mpconvert_manifest.json", tmp_path / "out" / "config.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["model"]["model_type"] = "deepseek_v2"
+    mpath.write_text(json.dumps(manifest))
+    cfg = json.loads(cpath.read_text())
+    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(mpath.read_bytes()).hexdigest()
+    cpath.write_text(json.dumps(cfg))
+    assert "deepseek_v2 models are not served by the mpconvert shim yet" in sglang_model(tmp_path / "out")["error"]
