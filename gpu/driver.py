@@ -3,7 +3,8 @@
 Usage: driver.py dense|moe OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
-E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline).
+E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline); E2E_ONLY=a,b runs only those fidelity
+Engines; E2E_CHILD_TIMEOUT per Engine (420 s; the first fp16 GPTQ MoE Engine compiles Marlin MoE for minutes).
 
 fidelity  every servable source S and the checkpoint built from a recipe taking everything from S are served in their
           own Engines; greedy tokens and top-5 logprobs must be identical. Mixed recipes (≥ 3 formats) serve, and their
@@ -78,7 +79,7 @@ def build(name: str, base: Path, sources: dict[str, Path], default: str, rules: 
 
 
 # ---- engines -----------------------------------------------------------------------------------------------------
-def engine(label: str, spec: dict, timeout: int = 420) -> dict:
+def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_TIMEOUT", "420"))) -> dict:
     logf = WORK / "logs" / f"{label}.log"
     logf.parent.mkdir(parents=True, exist_ok=True)
     if os.environ.get("E2E_DRY"):  # check builds and reporting on a machine without a GPU
@@ -162,15 +163,21 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
         jobs[f"source-{k}"] = {"path": str(fx[k])}  # served as it is: the trap, for the record
         jobs[f"pure-{k}"] = {"path": str(built[f"pure-{k}"])}
     jobs["mixed"] = {"path": str(built["mixed"])}
+    only = os.environ.get("E2E_ONLY")  # e.g. "source-gptq,pure-gptq,bf16": rerun just those
+    if only:
+        jobs = {k: v for k, v in jobs.items() if k in only.split(",")}
     for i, spec in enumerate(jobs.values()):
         spec["gpu"] = i % 2
     runs = run_all(jobs, par=int(os.environ.get("E2E_PAR", "8")))
-    runs["mixed-tp2"] = engine("mixed-tp2", {"path": str(built["mixed"]), "tp": 2})
+    if "mixed" in jobs:
+        runs["mixed-tp2"] = engine("mixed-tp2", {"path": str(built["mixed"]), "tp": 2})
     res["runs"] = runs
-    res["identity"] = {k: identical(runs[f"source-{k}"], runs[f"pure-{k}"]) for k in P["serve"]}
-    res["vs_bf16"] = {k: vs_bf16(r, runs["bf16"]) for k, r in runs.items() if k != "bf16"}
-    res["identity"].update({f"{a} = {b}": identical(runs[a], runs[b]) for a, b in P["same"]})
-    res["tp2_vs_tp1"] = identical(runs["mixed"], runs["mixed-tp2"])
+    missing = {"ok": False, "error": "not run"}
+    get = lambda k: runs.get(k, missing)  # noqa: E731
+    res["identity"] = {k: identical(get(f"source-{k}"), get(f"pure-{k}")) for k in P["serve"]}
+    res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16"}
+    res["identity"].update({f"{a} = {b}": identical(get(a), get(b)) for a, b in P["same"]})
+    res["tp2_vs_tp1"] = tp_compare(get("mixed"), get("mixed-tp2"))
     res["mixed_formats"] = sorted({u["format"] for u in json.loads(
         (built["mixed"] / "mpconvert_manifest.json").read_text())["units"].values()})
 
@@ -247,6 +254,30 @@ def speed(meta: dict, res: dict) -> None:
     res["speed_layers"] = {k: [3 * i, 3 * i + 2] for i, k in enumerate(order)}
 
 
+def speed_verdicts(res: dict) -> list[str]:
+    """Issue 6's targets, from the runs: mixed decode ≥ 0.97 × the blend of its parts (each part's share of layers,
+    harmonic), load ≤ 1.2 × the slowest part, weight memory = the parts' shares summed (± 1 %)."""
+    runs, layers = res["speed_runs"], res["speed_layers"]
+    n = sum(b - a + 1 for a, b in layers.values())
+    share = {k: (b - a + 1) / n for k, (a, b) in layers.items()}
+    mixed = [r for k, r in runs.items() if k.startswith("mixed") and r.get("ok")]
+    if not mixed or not all(runs.get(k, {}).get("ok") for k in share):
+        return ["incomplete: a run failed"]
+    out = []
+    for bs in ("bs1_tok_s", "bs8_tok_s"):
+        blend = 1 / sum(f / runs[k]["decode"][bs] for k, f in share.items())
+        got = [r["decode"][bs] / blend for r in mixed]
+        out.append(f"{bs}: blend {blend:.1f}, mixed/blend {', '.join(f'{g:.3f}' for g in got)} (target ≥ 0.97)")
+    slowest = max(runs[k]["load_s"] for k in share)
+    out.append(f"load: mixed {', '.join(str(r['load_s']) for r in mixed)} s vs slowest part {slowest} s "
+               f"(target ≤ {1.2 * slowest:.1f})")
+    w = lambda r: r["server_memory"]["memory_usage"]["weight"]  # noqa: E731
+    expect = sum(f * w(runs[k]) for k, f in share.items())  # support bytes are the same in every part
+    out.append(f"weight memory: parts' shares sum to {expect:.3f} GiB; mixed "
+               f"{', '.join(f'{w(r):.3f} ({w(r) / expect - 1:+.2%})' for r in mixed)} (target ± 1 %)")
+    return out
+
+
 def summarize(part: str, res: dict) -> str:
     L = [f"# mpconvert GPU proof — {part} part", "", f"card: {res.get('card')}; SGLang {res.get('sglang')}; "
          f"torch {res.get('torch')}; {time.strftime('%Y-%m-%d')}", ""]
@@ -260,7 +291,8 @@ def summarize(part: str, res: dict) -> str:
                      f"{vb.get('mean_abs_dlogprob', '')} / {vb.get('max_abs_dlogprob', '')}, {vb.get('top1_agreement', '')} |")
         L += ["", "| source S | served S vs served pure-S recipe |", "|---|---|"]
         for k, c in res["identity"].items():
-            L.append(f"| {k} | {'IDENTICAL' if c.get('identical') else 'DIFFERENT'} {c} |")
+            verdict = {True: "IDENTICAL", False: "DIFFERENT", None: "NOT MEASURED"}[c.get("identical")]
+            L.append(f"| {k} | {verdict} {c} |")
         L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
     if "tp_runs" in res:
         L += ["## TP=2 vs TP=1", ""] + [f"- {k}: {v}" for k, v in res["tp2_vs_tp1"].items()] + [""]
@@ -272,7 +304,7 @@ def summarize(part: str, res: dict) -> str:
             L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:]} | {r.get('load_s', '')} | "
                      f"{r.get('weight_gb_log', '')} | {d.get('bs1_tok_s', '')} | {d.get('bs8_tok_s', '')} |")
         L += ["", f"layers per format in the mixed build: {res['speed_layers']}; bf16 embeddings/lm_head/norms "
-              f"{res['speed_support_gb']:.3f} GiB"]
+              f"{res['speed_support_gb']:.3f} GiB", ""] + [f"- {line}" for line in speed_verdicts(res)]
     return "\n".join(L) + "\n"
 
 
