@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import types
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,8 +24,25 @@ from mpconvert.manifest import MANIFEST, QUANT_METHOD
 
 
 
-# model types whose SGLang loader special-cases the quantization config class (DeepSeek MLA absorption)
-_UNSUPPORTED = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
+# DeepSeek (MLA) loaders special-case the model's quant config: after loading they absorb kv_b_proj into w_kc/w_vc
+# (FP8 through `quant_config.linear_fp8_config.weight_block_size`, int8 per channel, and anything with a `qweight` as
+# AWQ), and they concatenate q_a_proj + kv_a_proj_with_mqa along dim 1 only when the *model's* config is AWQ.
+_MLA = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
+_MLA_NO_PACKED = ("self_attn.kv_b_proj", "self_attn.fused_qkv_a_proj_with_mqa")
+
+
+def _check_mla(manifest: dict) -> None:
+    for unit, spec in manifest["units"].items():
+        if unit.endswith(_MLA_NO_PACKED) and spec["format"] in ("gptq", "awq"):
+            raise ValueError(f"mpconvert: {unit} is {spec['format']} in a {manifest['model']['model_type']} model; "
+                             f"SGLang's MLA loader decodes packed int4 there only for a whole-model AWQ config "
+                             f"(kv_b_proj absorption, fused q_a/kv_a concatenation), so it would load wrong — take "
+                             f"the MLA projections from an FP8, Int8 or bf16 source")
+    blocks = {json.dumps(s["params"].get("block")) for u, s in manifest["units"].items()
+              if u.endswith("kv_b_proj") and s["format"] == "fp8"}
+    if len(blocks) > 1:
+        raise ValueError(f"mpconvert: the kv_b_proj layers use different FP8 layouts (blocks {sorted(blocks)}); "
+                         f"SGLang's MLA loader takes one for the whole model — take them from one FP8 source")
 
 
 def _model_dir(config: dict) -> Path:
@@ -119,10 +137,8 @@ class MpconvertConfig(QuantizationConfig):
                              f"build?); run `mpconvert verify {d}`")
         manifest = json.loads(raw)
         model_type = manifest["model"]["model_type"]
-        if model_type in _UNSUPPORTED:
-            raise ValueError(f"mpconvert: {model_type} models are not served by the mpconvert shim yet: SGLang's "
-                             f"DeepSeek loader post-processes kv_b_proj (MLA weight absorption) by quant-config class, "
-                             f"which a mixed config does not match (seen failing on CPU, SGLang 0.5.17)")
+        if model_type in _MLA:
+            _check_mla(manifest)
         built: dict[str, QuantizationConfig] = {}
         subs: dict[str, Optional[QuantizationConfig]] = {}
         for unit, spec in manifest["units"].items():
@@ -161,6 +177,14 @@ class MpconvertConfig(QuantizationConfig):
                              f"{type(method).__name__}/{scheme} from {type(sub).__name__}, not its native kernel; "
                              f"refusing a dequantizing or unquantized fallback")
         return method
+
+    @property
+    def linear_fp8_config(self):
+        """DeepSeek's loader asks this for the FP8 block of kv_b_proj (absorbed into w_kc/w_vc after loading); one
+        layout for the whole model (checked in from_config)."""
+        blocks = [s["params"].get("block") for u, s in self.manifest["units"].items()
+                  if u.endswith("kv_b_proj") and s["format"] == "fp8"]
+        return types.SimpleNamespace(weight_block_size=blocks[0]) if blocks else None
 
     def get_scaled_act_names(self) -> list[str]:
         return []

@@ -14,6 +14,7 @@ LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "nativ
 MOE_KINDS = ("base", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "gptq", "awq")
 MIXTRAL_KINDS = ("base", "ct-fp8-block", "gptq")
 QWEN2MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # shared expert + shared_expert_gate, qkv bias
+DEEPSEEK_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # DeepSeek-V2: MLA, shared experts
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,11 @@ def moe() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def qwen2moe() -> dict[str, Path]:
     return {k: fixture("qwen2moe", k) for k in QWEN2MOE_KINDS}
+
+
+@pytest.fixture(scope="session")
+def deepseek() -> dict[str, Path]:
+    return {k: fixture("deepseek", k) for k in DEEPSEEK_KINDS}
 
 
 @pytest.fixture

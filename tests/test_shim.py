@@ -243,18 +243,38 @@ def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tm
         [out[f"{L1}.self_attn.{x}_proj.bias"] for x in "qkv"]).to(torch.float16))
 
 
-def test_deepseek_is_refused_at_load_not_served_wrong(llama, cli, tmp_path):
-    """DeepSeek's loader absorbs kv_b_proj by quant-config class; the shim refuses those models by name. (Shown on a
-    Llama build whose manifest says deepseek_v2, re-hashed so only the shim's own check can stop it.)"""
-    import hashlib
+DEEPSEEK_RULES = """
+- {match: "self_attn.*", layers: 1, source: fp8}
+- {match: "mlp.shared_experts.*", layers: 1, source: fp8}
+- {match: "mlp.experts.*", layers: 1, source: gptq}
+"""
 
-    recipe = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+
+def test_deepseek_mla_and_moe_in_three_formats(deepseek, cli, tmp_path):
+    """DeepSeek-V2: fused q_a/kv_a (MLA) and kv_b_proj in block FP8 and Int8 (kv_b_proj is absorbed into w_kc/w_vc
+    by SGLang's loader after loading), shared experts in FP8, routed experts in GPTQ (so fp16), the dense layer 0 in
+    Int8."""
+    recipe = write_recipe(tmp_path, deepseek, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "int8",
+                          DEEPSEEK_RULES)
     assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
-    mpath, cpath = tmp_path / "out" / "mpconvert_manifest.json", tmp_path / "out" / "config.json"
-    manifest = json.loads(mpath.read_text())
-    manifest["model"]["model_type"] = "deepseek_v2"
-    mpath.write_text(json.dumps(manifest))
-    cfg = json.loads(cpath.read_text())
-    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(mpath.read_bytes()).hexdigest()
-    cpath.write_text(json.dumps(cfg))
-    assert "deepseek_v2 models are not served by the mpconvert shim yet" in sglang_model(tmp_path / "out")["error"]
+    r = sglang_model(tmp_path / "out", dtype="float16")
+    m = r["methods"]
+    L0, L1 = "model.layers.0", "model.layers.1"
+    fp8 = ["CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"]
+    assert m[f"{L1}.self_attn.fused_qkv_a_proj_with_mqa"] == fp8 and m[f"{L1}.self_attn.kv_b_proj"] == fp8
+    assert m[f"{L0}.self_attn.fused_qkv_a_proj_with_mqa"][0] == "W8A8Int8LinearMethod"
+    assert m[f"{L0}.mlp.gate_up_proj"][0] == "W8A8Int8LinearMethod"
+    assert m[f"{L1}.mlp.shared_experts.gate_up_proj"] == fp8
+    assert m[f"{L1}.mlp.experts"] == ["GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme"]
+    assert r["untouched"] == []
+    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")
+
+
+def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
+    """SGLang's MLA loader decodes a packed kv_b_proj as AWQ and fuses q_a/kv_a for AWQ only when the whole model is
+    AWQ: GPTQ there would load wrong, so the shim refuses it by name."""
+    recipe = write_recipe(tmp_path, deepseek, {"int8": "ct-w8a8", "gptq": "gptq"}, "int8",
+                          '- {match: "self_attn.kv_b_proj", layers: 1, source: gptq}')
+    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    err = sglang_model(tmp_path / "out")["error"]
+    assert "model.layers.1.self_attn.kv_b_proj is gptq in a deepseek_v2 model" in err
