@@ -1,8 +1,8 @@
 """The `mpconvert` quantization config for SGLang: one native sub-config per format, chosen per layer prefix.
 
-SGLang 0.5.17: linears, fused qkv / gate_up units, FusedMoE per layer, shared experts and lm_head, each handed to the
-native config of its format (FP8 compressed-tensors and native, GPTQ-Marlin, AWQ-Marlin, W8A8-Int8) built with that
-config's own `from_config`. Fallbacks to dequantizing or generic kernels are refused at load time, naming the layer.
+SGLang 0.5.17: linears, fused qkv / gate_up / MLA q_a+kv_a units, FusedMoE per layer, shared experts and lm_head,
+each handed to the native config of its format (FP8 compressed-tensors and native, GPTQ-Marlin, AWQ-Marlin,
+W8A8-Int8) built with that config's own `from_config`. Fallbacks to dequantizing or generic kernels are refused at load time, naming the layer.
 Tested: tests/test_shim.py and verify --engine sglang on CPU; docs/gpu-results.md on H200.
 """
 from __future__ import annotations
