@@ -56,7 +56,9 @@ def fixture(arch: str, kind: str = "base", log=None) -> Path:
         args.append(str(base))
     env = dict(os.environ, TMPDIR=os.environ.get("TMPDIR", "/tmp"), GPTQMODEL_CPU_WORKERS="2",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    p = subprocess.run(args, capture_output=True, text=True, env=env)
+    scratch = cache_root().parent / "producer-scratch"  # gptqmodel writes logs/ into its cwd: not the user's
+    scratch.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(args, capture_output=True, text=True, env=env, cwd=scratch)
     if p.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = " | ".join(p.stderr.strip().splitlines()[-3:])
