@@ -2,7 +2,8 @@
 
 SGLang 0.5.17: linears, fused qkv / gate_up / MLA q_a+kv_a units, FusedMoE per layer, shared experts and lm_head,
 each handed to the native config of its format (FP8 compressed-tensors and native, GPTQ-Marlin, AWQ-Marlin,
-W8A8-Int8) built with that config's own `from_config`. Fallbacks to dequantizing or generic kernels are refused at load time, naming the layer.
+W8A8-Int8) built with that config's own `from_config`. A layer that gets anything but its format's native method
+(`Format.sglang_methods`: no dequantizing, generic or unquantized fallback) is refused at load time, naming the layer.
 Tested: tests/test_shim.py and verify --engine sglang on CPU; docs/gpu-results.md on H200.
 """
 from __future__ import annotations
@@ -22,8 +23,6 @@ from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.manifest import MANIFEST, QUANT_METHOD
 
-
-
 # DeepSeek (MLA) loaders special-case the model's quant config: after loading they absorb kv_b_proj into w_kc/w_vc
 # (FP8 through `quant_config.linear_fp8_config.weight_block_size`, int8 per channel, and anything with a `qweight` as
 # AWQ), and they concatenate q_a_proj + kv_a_proj_with_mqa along dim 1 only when the *model's* config is AWQ.
@@ -31,7 +30,9 @@ _MLA = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
 _MLA_NO_PACKED = ("self_attn.kv_b_proj", "self_attn.fused_qkv_a_proj_with_mqa")
 
 
-def _check_mla(manifest: dict) -> None:
+def _check_mla(manifest: dict) -> Optional[types.SimpleNamespace]:
+    """Refuses what the MLA loader would load wrong; returns the model-wide FP8 layout of kv_b_proj (its
+    `linear_fp8_config`), or None where no kv_b_proj is FP8."""
     for unit, spec in manifest["units"].items():
         if unit.endswith(_MLA_NO_PACKED) and spec["format"] in ("gptq", "awq"):
             raise ValueError(f"mpconvert: {unit} is {spec['format']} in a {manifest['model']['model_type']} model; "
@@ -43,6 +44,7 @@ def _check_mla(manifest: dict) -> None:
     if len(blocks) > 1:
         raise ValueError(f"mpconvert: the kv_b_proj layers use different FP8 layouts (blocks {sorted(blocks)}); "
                          f"SGLang's MLA loader takes one for the whole model — take them from one FP8 source")
+    return types.SimpleNamespace(weight_block_size=json.loads(blocks.pop())) if blocks else None
 
 
 def _model_dir(config: dict) -> Path:
@@ -53,17 +55,19 @@ def _model_dir(config: dict) -> Path:
     return Path(path)
 
 
-def _is_fallback(sub: QuantizationConfig, layer: torch.nn.Module, method, scheme: str) -> bool:
-    """True where a native config handed the layer to a slower or dequantizing kernel instead of its own."""
-    from sglang.srt.layers.linear import LinearBase
+def _check_native(layer: torch.nn.Module, prefix: str, spec: dict, method) -> None:
+    """The method must be the format's native one, not a dequantizing or generic fallback (AWQ-Marlin → AWQ,
+    Marlin MoE → WNA16 MoE, unquantized); so must the scheme where the config has set one by now (linears: AWQ's
+    fallback keeps AWQLinearMethod and differs only there; MoE schemes come later, verify --engine checks those)."""
+    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
-    if type(method).__name__ == "UnquantizedLinearMethod":
-        return True
-    if "moe_wna16" in type(method).__module__:  # Marlin MoE configs fall back to the generic WNA16 MoE kernels
-        return True
-    # AWQMarlinConfig falls back to the dequantizing AWQ kernels for linears Marlin cannot take; in 0.5.17 both
-    # paths return AWQLinearMethod and only the scheme tells them apart
-    return type(sub).__name__ == "AWQMarlinConfig" and isinstance(layer, LinearBase) and "Marlin" not in scheme
+    want, want_scheme = FORMATS[spec["format"]].sglang_methods(spec["params"], isinstance(layer, FusedMoE))
+    got, scheme = type(method).__name__, type(getattr(layer, "scheme", None)).__name__
+    scheme_set = getattr(layer, "scheme", None) is not None
+    if method is None or got != want or (want_scheme is not None and scheme_set and scheme != want_scheme):
+        raise ValueError(f"mpconvert: {prefix} ({spec['format']}) got {got}/{scheme}, not its native "
+                         f"{want}{'/' + want_scheme if want_scheme else ''}; refusing a dequantizing, generic or "
+                         f"unquantized fallback")
 
 
 def _check_moe_dtype(layer: torch.nn.Module, prefix: str, sub: QuantizationConfig) -> None:
@@ -96,10 +100,13 @@ def _subs(self_or_cls) -> list[QuantizationConfig]:
 
 
 class MpconvertConfig(QuantizationConfig):
-    def __init__(self, manifest: dict, subs: dict[str, Optional[QuantizationConfig]]):
+    def __init__(self, manifest: dict, subs: dict[str, Optional[QuantizationConfig]],
+                 linear_fp8_config: Optional[types.SimpleNamespace] = None):
         super().__init__()
         self.manifest = manifest
         self.subs = subs  # SGLang layer prefix (unit) → native config, None = unquantized
+        # DeepSeek's loader reads the FP8 block of kv_b_proj here (absorbed into w_kc/w_vc after loading)
+        self.linear_fp8_config = linear_fp8_config
 
     @classmethod
     def get_name(cls) -> str:
@@ -137,8 +144,7 @@ class MpconvertConfig(QuantizationConfig):
                              f"build?); run `mpconvert verify {d}`")
         manifest = json.loads(raw)
         model_type = manifest["model"]["model_type"]
-        if model_type in _MLA:
-            _check_mla(manifest)
+        linear_fp8_config = _check_mla(manifest) if model_type in _MLA else None
         built: dict[str, QuantizationConfig] = {}
         subs: dict[str, Optional[QuantizationConfig]] = {}
         for unit, spec in manifest["units"].items():
@@ -157,7 +163,7 @@ class MpconvertConfig(QuantizationConfig):
                 cfg = {**cfg, "packed_modules_mapping": config.get("packed_modules_mapping") or {}}
                 built[key] = QUANTIZATION_METHODS[name].from_config(cfg)
             subs[unit] = built[key]
-        return cls(manifest, subs)
+        return cls(manifest, subs, linear_fp8_config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from sglang.srt.layers.linear import LinearBase
@@ -171,20 +177,8 @@ class MpconvertConfig(QuantizationConfig):
             return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
         _check_moe_dtype(layer, prefix, sub)
         method = sub.get_quant_method(layer, prefix)
-        scheme = type(getattr(layer, "scheme", None)).__name__
-        if method is None or _is_fallback(sub, layer, method, scheme):
-            raise ValueError(f"mpconvert: {prefix} ({self.manifest['units'][prefix]['format']}) got "
-                             f"{type(method).__name__}/{scheme} from {type(sub).__name__}, not its native kernel; "
-                             f"refusing a dequantizing or unquantized fallback")
+        _check_native(layer, prefix, self.manifest["units"][prefix], method)
         return method
-
-    @property
-    def linear_fp8_config(self):
-        """DeepSeek's loader asks this for the FP8 block of kv_b_proj (absorbed into w_kc/w_vc after loading); one
-        layout for the whole model (checked in from_config)."""
-        blocks = [s["params"].get("block") for u, s in self.manifest["units"].items()
-                  if u.endswith("kv_b_proj") and s["format"] == "fp8"]
-        return types.SimpleNamespace(weight_block_size=blocks[0]) if blocks else None
 
     def get_scaled_act_names(self) -> list[str]:
         return []
