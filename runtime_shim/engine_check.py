@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import torch
 
@@ -66,6 +67,7 @@ def main(path: str, port: str, tp: int = 1, rank: int = 0):
 
 
 def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
+    from safetensors import safe_open
     from sglang.srt.plugins import load_plugins
 
     load_plugins()  # discovers mpconvert through the sglang.srt.plugins entry point
@@ -74,6 +76,7 @@ def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
     from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
     from sglang.srt.layers.dp_attention import initialize_dp_attention
     from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
     sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, dtype=os.environ.get("SGLANG_DTYPE", "auto"))
@@ -85,15 +88,10 @@ def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
     initialize_dp_attention(sa, mc)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)
-    from sglang.srt.model_loader.utils import set_default_torch_dtype
-
     with set_default_torch_dtype(mc.dtype):  # as SGLang's DefaultModelLoader.load_model does
         model = _initialize_model(mc, lc, qc)
     methods = {n: [type(m.quant_method).__name__, type(getattr(m, "scheme", None)).__name__]
                for n, m in model.named_modules() if getattr(m, "quant_method", None) is not None}
-    from safetensors import safe_open
-    from pathlib import Path
-
     names = []
 
     def weights():
@@ -104,14 +102,12 @@ def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
                     yield k, fh.get_tensor(k)
 
     # mark every parameter's bytes first: a parameter SGLang's loader skips (e.g. a renamed scale) keeps the mark
-    marked = {}
-    for n, p in model.named_parameters():
-        if p.numel():
-            p.data.view(torch.uint8).fill_(MARK)
-            marked[n] = sha(p)
+    for p in model.parameters():
+        p.data.view(torch.uint8).fill_(MARK)
     model.load_weights(weights())
     params = {n: [str(p.dtype), list(p.shape), sha(p)] for n, p in model.named_parameters()}
-    untouched = sorted(n for n, h in marked.items() if params[n][2] == h and not n.endswith(DERIVED))
+    untouched = sorted(n for n, p in model.named_parameters()
+                       if p.numel() and bool((p.data.view(torch.uint8) == MARK).all()) and not n.endswith(DERIVED))
     return {"quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
             "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "loaded": names,
             "params": params, "untouched": untouched}
