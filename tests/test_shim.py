@@ -3,20 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_recipe
-from test_build import DENSE_RULES
-from test_verify import DENSE_SOURCES
+from mpconvert.engine import run_ranks
 
-HELPER = "mpconvert.runtime_shim.engine_check"
+from conftest import write_recipe
+from test_build import DENSE_RULES, build
+from test_verify import DENSE_SOURCES
 
 
 def load(d: Path) -> dict:
@@ -31,20 +27,23 @@ def sha(t) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def start(path: Path, port: str, *tp_rank: str, dtype: str = "auto") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", HELPER, str(path), port, *tp_rank], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "SGLANG_DTYPE": dtype})
+def refusal(path: Path, dtype: str = "auto") -> str:
+    """What SGLang or the shim said when refusing to build the model at TP=1."""
+    [r] = run_ranks(path, 1, dtype)
+    assert "error" in r, "SGLang built the model"
+    return r["error"]
 
 
-def result(p: subprocess.Popen) -> dict:
-    stdout, stderr = p.communicate(timeout=600)
-    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-    assert p.returncode == 0 and line, stderr[-3000:]
-    return json.loads(line[-1][7:])
-
-
-def sglang_model(path: Path, dtype: str = "auto") -> dict:
-    return result(start(path, str(random.randint(20000, 40000)), dtype=dtype))
+def loaded(path: Path, tp: int = 1, dtype: str = "auto") -> list[dict]:
+    """SGLang builds and loads the directory on CPU, one process per TP rank (what verify --engine runs); each rank
+    was offered every converted tensor and wrote every parameter (none silently skipped)."""
+    ranks = run_ranks(path, tp, dtype)
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    names = manifest_tensor_names(path)
+    for r in ranks:
+        assert set(r["loaded"]) == names
+        assert r["untouched"] == []
+    return ranks
 
 
 def manifest_tensor_names(d: Path) -> set[str]:
@@ -54,8 +53,8 @@ def manifest_tensor_names(d: Path) -> set[str]:
 
 def test_dense_mixed_binds_native_methods_and_loads(llama, cli, tmp_path):
     recipe = write_recipe(tmp_path, llama, DENSE_SOURCES, "gptq", DENSE_RULES)
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
-    r = sglang_model(tmp_path / "out")
+    build(cli, recipe, tmp_path / "out")
+    [r] = loaded(tmp_path / "out")
     assert r["quant_config"] == "MpconvertConfig"
     m = r["methods"]
     assert m["model.layers.0.self_attn.qkv_proj"] == ["CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"]
@@ -64,8 +63,6 @@ def test_dense_mixed_binds_native_methods_and_loads(llama, cli, tmp_path):
     assert m["model.layers.1.self_attn.qkv_proj"] == ["AWQLinearMethod", "AWQMarlinLinearScheme"]
     assert m["model.layers.1.mlp.down_proj"][0] == "GPTQMarlinLinearMethod"
     assert m["lm_head"][0] == "UnquantizedEmbeddingMethod"  # ParallelLMHead: SGLang's unquantized head
-    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")  # every tensor was offered to load_weights
-    assert r["untouched"] == []  # ... and it wrote every parameter (none silently skipped)
     p = r["params"]
     assert p["model.layers.1.mlp.down_proj.qweight"][:2] == ["torch.int32", [64, 256]]
     assert p["model.layers.0.mlp.gate_up_proj.weight"][:2] == ["torch.int8", [1024, 256]]
@@ -85,19 +82,17 @@ def test_moe_mixed_binds_fused_moe_per_layer_and_loads(moe, cli, tmp_path):
     - {match: "self_attn.*", layers: 0, source: int8}
     """
     recipe = write_recipe(tmp_path, moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "gptq", rules)
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    build(cli, recipe, tmp_path / "out")
     # GPTQ-Marlin MoE runs fp16 activations only: in the model's own bf16 the shim refuses at load, naming the layer
-    err = sglang_model(tmp_path / "out")["error"]
+    err = refusal(tmp_path / "out")
     assert "model.layers.1.mlp.experts is GPTQ MoE" in err and "--dtype float16" in err
-    r = sglang_model(tmp_path / "out", dtype="float16")
+    [r] = loaded(tmp_path / "out", dtype="float16")
     m, p = r["methods"], r["params"]
     assert m["model.layers.0.mlp.experts"] == ["CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE"]
     assert m["model.layers.1.mlp.experts"] == ["GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme"]
     assert m["model.layers.0.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
     assert m["model.layers.1.self_attn.qkv_proj"][0] == "GPTQMarlinLinearMethod"
     assert m["model.layers.0.mlp.gate"][0] == "UnquantizedLinearMethod"  # the router stays bf16
-    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")
-    assert r["untouched"] == []
     out = load(tmp_path / "out")
     E = "model.layers.0.mlp.experts"
     w13 = torch.stack([torch.cat([out[f"{E}.{e}.gate_proj.weight"], out[f"{E}.{e}.up_proj.weight"]])
@@ -115,16 +110,14 @@ def test_dense_native_block_fp8_is_served_in_ct_layout(llama, cli, tmp_path):
     - {match: "mlp.*", layers: 0, source: gptq}
     """
     recipe = write_recipe(tmp_path, llama, {"nfp8": "native-fp8-block", "gptq": "gptq"}, "nfp8", rules)
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
-    manifest = json.loads((tmp_path / "out" / "mpconvert_manifest.json").read_text())
+    manifest = build(cli, recipe, tmp_path / "out")
     q = manifest["modules"]["model.layers.1.self_attn.q_proj"]
     assert q["params"]["layout"] == "ct" and q["params"]["converted_from"] == "native"
     assert q["tensors"]["weight_scale"]["renamed_from"] == "weight_scale_inv"
-    r = sglang_model(tmp_path / "out")
+    [r] = loaded(tmp_path / "out")
     assert r["methods"]["model.layers.1.self_attn.qkv_proj"] == ["CompressedTensorsLinearMethod",
                                                                   "CompressedTensorsW8A8Fp8"]
     assert r["methods"]["model.layers.0.mlp.down_proj"][0] == "GPTQMarlinLinearMethod"
-    assert r["untouched"] == []
     src = load(llama["native-fp8-block"])
     L1 = "model.layers.1.self_attn"
     assert r["params"][f"{L1}.qkv_proj.weight_scale"][2] == sha(torch.cat(
@@ -134,10 +127,8 @@ def test_dense_native_block_fp8_is_served_in_ct_layout(llama, cli, tmp_path):
 def test_dense_mixed_tp2_each_rank_holds_its_shard(llama, cli, tmp_path):
     """TP=2 as two gloo ranks: each rank's parameters are exactly its slice of the converted tensors."""
     recipe = write_recipe(tmp_path, llama, DENSE_SOURCES, "gptq", DENSE_RULES)
-    assert cli("build", recipe, "-o", tmp_path / "out", "--tp", "2").exit_code == 0
-    port = str(random.randint(20000, 40000))
-    procs = [start(tmp_path / "out", port, "2", str(rank)) for rank in (0, 1)]
-    results = [result(p) for p in procs]
+    build(cli, recipe, tmp_path / "out", "--tp", "2")
+    results = loaded(tmp_path / "out", 2)
     out = load(tmp_path / "out")
     L0, L1 = "model.layers.0", "model.layers.1"
     for rank, r in enumerate(results):
@@ -166,10 +157,8 @@ def test_moe_awq_and_int8_experts_tp1_and_tp2(moe, cli, tmp_path):
     here: 64 output rows per rank, block 128.)"""
     recipe = write_recipe(tmp_path, moe, {"int8": "ct-w8a8", "awq": "awq"}, "int8",
                           MOE_TP_RULES)
-    assert cli("build", recipe, "-o", tmp_path / "out", "--tp", "2").exit_code == 0
-    port = str(random.randint(20000, 40000))
-    runs = [start(tmp_path / "out", str(int(port) + 1))] + [start(tmp_path / "out", port, "2", str(k)) for k in (0, 1)]
-    tp1, *ranks = [result(p) for p in runs]
+    build(cli, recipe, tmp_path / "out", "--tp", "2")
+    [tp1], ranks = loaded(tmp_path / "out"), loaded(tmp_path / "out", 2)
     out = load(tmp_path / "out")
     E0, E1 = "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"
     for r in [tp1, *ranks]:
@@ -177,7 +166,6 @@ def test_moe_awq_and_int8_experts_tp1_and_tp2(moe, cli, tmp_path):
         assert r["methods"][E1][0] == "W8A8Int8MoEMethod"
         assert r["methods"]["model.layers.0.self_attn.qkv_proj"] == ["AWQLinearMethod", "AWQMarlinLinearScheme"]
         assert r["methods"]["model.layers.1.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
-        assert r["untouched"] == []
     assert tp1["params"][f"{E1}.w13_weight"][2] == sha(torch.stack(
         [torch.cat([out[f"{E1}.{e}.gate_proj.weight"], out[f"{E1}.{e}.up_proj.weight"]]) for e in range(8)]))
     for k, r in enumerate(ranks):
@@ -197,7 +185,7 @@ def test_moe_awq_and_int8_experts_tp1_and_tp2(moe, cli, tmp_path):
 def test_serve_command(moe, cli, tmp_path, monkeypatch):
     """`mpconvert serve` launches SGLang's own server on the directory; GPTQ MoE gets --dtype float16 unless given."""
     recipe = write_recipe(tmp_path, moe, {"gptq": "gptq"}, "gptq")
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    build(cli, recipe, tmp_path / "out")
     r = cli("serve", tmp_path / "out", "--print-command", "--", "--tp", "2")
     assert r.exit_code == 0
     assert r.stdout.split()[1:] == ["-m", "sglang.launch_server", "--model-path", str(tmp_path / "out"), "--tp", "2",
@@ -219,8 +207,8 @@ def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tm
     """
     recipe = write_recipe(tmp_path, qwen2moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "gptq",
                           rules)
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
-    r = sglang_model(tmp_path / "out", dtype="float16")
+    build(cli, recipe, tmp_path / "out")
+    [r] = loaded(tmp_path / "out", dtype="float16")
     m = r["methods"]
     L0, L1 = "model.layers.0", "model.layers.1"
     assert m[f"{L0}.mlp.experts"] == ["CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE"]
@@ -231,8 +219,6 @@ def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tm
         assert m.get(f"{L}.mlp.shared_expert_gate", ["UnquantizedLinearMethod"])[0] == "UnquantizedLinearMethod"
     assert m[f"{L0}.self_attn.qkv_proj"][0] == "GPTQMarlinLinearMethod"
     assert m[f"{L1}.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
-    assert r["untouched"] == []
-    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")
     out = load(tmp_path / "out")
     S = f"{L0}.mlp.shared_expert"
     assert r["params"][f"{S}.gate_up_proj.weight"][2] == sha(torch.cat([out[f"{S}.gate_proj.weight"],
@@ -256,8 +242,8 @@ def test_deepseek_mla_and_moe_in_three_formats(deepseek, cli, tmp_path):
     Int8."""
     recipe = write_recipe(tmp_path, deepseek, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "int8",
                           DEEPSEEK_RULES)
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
-    r = sglang_model(tmp_path / "out", dtype="float16")
+    build(cli, recipe, tmp_path / "out")
+    [r] = loaded(tmp_path / "out", dtype="float16")
     m = r["methods"]
     L0, L1 = "model.layers.0", "model.layers.1"
     fp8 = ["CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"]
@@ -266,8 +252,6 @@ def test_deepseek_mla_and_moe_in_three_formats(deepseek, cli, tmp_path):
     assert m[f"{L0}.mlp.gate_up_proj"][0] == "W8A8Int8LinearMethod"
     assert m[f"{L1}.mlp.shared_experts.gate_up_proj"] == fp8
     assert m[f"{L1}.mlp.experts"] == ["GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme"]
-    assert r["untouched"] == []
-    assert set(r["loaded"]) == manifest_tensor_names(tmp_path / "out")
 
 
 def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
@@ -275,6 +259,6 @@ def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
     AWQ: GPTQ there would load wrong, so the shim refuses it by name."""
     recipe = write_recipe(tmp_path, deepseek, {"int8": "ct-w8a8", "gptq": "gptq"}, "int8",
                           '- {match: "self_attn.kv_b_proj", layers: 1, source: gptq}')
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
-    err = sglang_model(tmp_path / "out")["error"]
+    build(cli, recipe, tmp_path / "out")
+    err = refusal(tmp_path / "out")
     assert "model.layers.1.self_attn.kv_b_proj is gptq in a deepseek_v2 model" in err

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from mpconvert.manifest import MANIFEST
 
 from conftest import write_recipe
-from test_build import DENSE_RULES
+from test_build import DENSE_RULES, build
 
 DENSE_SOURCES = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq", "fp8blk": "native-fp8-block"}
 
@@ -92,7 +92,7 @@ def test_clean_moe_passes_everything(moe, cli, tmp_path):
     - {match: "*", layers: 1, source: awq}
     """
     recipe = write_recipe(tmp_path, moe, sources, "gptq", rules)
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    build(cli, recipe, tmp_path / "out")
     rep = run_verify(cli, tmp_path / "out", "--tp", "2", "--ep", "2", "--numeric", "--base", moe["base"])
     assert rep["ok"], messages(rep)
     n = rep["numeric"]
@@ -204,7 +204,7 @@ def test_engine_sglang_reports_what_sglang_refuses(moe, cli, tmp_path):
     the engine check fails (exit 1) naming the layer and the fix, and passes with --dtype float16."""
     recipe = write_recipe(tmp_path, moe, {"gptq": "gptq", "int8": "ct-w8a8"}, "gptq",
                           '- {match: "self_attn.*", source: int8}')
-    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    build(cli, recipe, tmp_path / "out")
     assert run_verify(cli, tmp_path / "out", "--fast")["ok"]
     rep = run_verify(cli, tmp_path / "out", "--fast", "--engine", "sglang")
     assert not rep["ok"]
