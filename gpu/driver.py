@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STAGE = ROOT / ".gpu"
@@ -147,14 +149,20 @@ def vs_bf16(r: dict, ref: dict) -> dict:
 
 
 # ---- parts -------------------------------------------------------------------------------------------------------
+def build_mixed(part: str, fx: dict[str, Path]) -> Path:
+    """The part's mixed recipe, over the sources its rules and default name; checked for TP=2."""
+    P = PARTS[part]
+    used = {rule["source"] for rule in yaml.safe_load(P["mixed"])} | {P["default"]}
+    return build(f"{part}-mixed", fx["base"], {k: fx[k] for k in sorted(used)}, P["default"], P["mixed"], tp=2)
+
+
 def fidelity(part: str, meta: dict, res: dict) -> None:
     P = PARTS[part]
     fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
     base = fx["base"]
     kinds = list(P["serve"]) + P["unservable"]
     built = {f"pure-{k}": build(f"{part}-pure-{k}", base, {k: fx[k]}, k) for k in kinds}
-    srcs = {k: fx[k] for k in kinds if k in P["mixed"] or k == P["default"]}
-    built["mixed"] = build(f"{part}-mixed", base, srcs, P["default"], P["mixed"], tp=2)
+    built["mixed"] = build_mixed(part, fx)
     jobs = {"bf16": {"path": str(base)}}
     for k, over in P["serve"].items():
         jobs[f"source-{k}"] = {"path": str(fx[k]), **over}
@@ -190,11 +198,8 @@ def torch_gpus() -> int:
 
 def tp_only(part: str, meta: dict, res: dict) -> None:
     """TP=2 vs TP=1 for the mixed build and, as the baseline of what TP alone changes, for the bf16 model."""
-    P = PARTS[part]
     fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
-    kinds = list(P["serve"]) + P["unservable"]
-    srcs = {k: fx[k] for k in kinds if k in P["mixed"] or k == P["default"]}
-    mixed = build(f"{part}-mixed", fx["base"], srcs, P["default"], P["mixed"], tp=2)
+    mixed = build_mixed(part, fx)
     runs = run_all({"bf16": {"path": str(fx["base"]), "gpu": 0}, "mixed": {"path": str(mixed), "gpu": 1}}, par=2)
     # one TP=2 Engine at a time: two at once on the same two GPUs hung after loading (2026-11-28, MoE part)
     for k, path in (("bf16-tp2", fx["base"]), ("mixed-tp2", mixed)):

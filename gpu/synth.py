@@ -53,9 +53,6 @@ def support(cfg) -> list[tuple[str, str, tuple]]:
 
 def values(name: str, suffix: str, dtype: str, shape: tuple, fmt: str, params: dict, gen) -> torch.Tensor:
     t = DT[dtype]
-    n = 1
-    for s in shape:
-        n *= s
     if suffix == "weight" and dtype == "BF16":
         if name.endswith("norm.weight"):
             return torch.ones(shape, dtype=t, device=DEV) + 0.05 * torch.randn(shape, generator=gen, device=DEV).to(t)
