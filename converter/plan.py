@@ -199,7 +199,7 @@ class _Planner:
                 self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
         return self._hash_cache[key]
 
-    def support_plans(self, roles: dict[str, Role], linear: list[ModulePlan]) -> list[ModulePlan]:  # noqa: C901
+    def support_plans(self, roles: dict[str, Role], linear: list[ModulePlan]) -> list[ModulePlan]:
         """Norms, routers, embeddings: take the version the consuming linears were quantized against."""
         consumers: dict[tuple[int, str], list[ModulePlan]] = {}
         for m in linear:

@@ -1,7 +1,6 @@
 """The runtime shim with real SGLang 0.5.17 classes on CPU: plugin discovery, per-layer native methods, loading."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mpconvert.engine import run_ranks
+from mpconvert.runtime_shim.engine_check import sha  # the hash engine_check reports for each parameter
 
 from conftest import write_recipe
 from test_build import DENSE_RULES, build
@@ -20,11 +20,6 @@ def load(d: Path) -> dict:
     for f in sorted(d.glob("*.safetensors")):
         out.update(load_file(f))
     return out
-
-
-def sha(t) -> str:
-    t = t.contiguous()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def refusal(path: Path, dtype: str = "auto") -> str:
