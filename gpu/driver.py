@@ -3,6 +3,7 @@
 Usage: driver.py dense|moe OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
+E2E_MEMORY=1 (dense) the weight-memory part alone, all Engines at once on one GPU;
 E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline); E2E_ONLY=a,b runs only those fidelity
 Engines; E2E_CHILD_TIMEOUT per Engine (420 s; the first fp16 GPTQ MoE Engine compiles Marlin MoE for minutes).
 
@@ -102,8 +103,63 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
     m = re.findall(r"Load weight end.*?mem usage=([0-9.]+) GB", text)
     if m:
         r["weight_gb_log"] = float(m[-1])
+    exact = [json.loads(x[17:]) for x in text.splitlines() if x.startswith("E2E_WEIGHT_BYTES ")]
+    if exact:  # gpu/measure_plugin.py: bytes the model's parameters and buffers hold, per TP rank
+        r["weight_bytes"] = exact
     r["wall_s"] = round(time.time() - t, 1)
     log(f"{'OK  ' if r.get('ok') else 'FAIL'} {label} ({r['wall_s']}s){'' if r.get('ok') else ': ' + r['error'][-300:]}")
+    return r
+
+
+def served(label: str, path: Path, port: int = 30555, timeout: int = 300) -> dict:
+    """`mpconvert serve DIR -- ARGS` (i.e. `python -m sglang.launch_server --model-path DIR`, no mpconvert flag): wait
+    for /health, send the fixed prompts to /generate, shut it down. Same fields as an Engine run, to compare."""
+    import signal
+    import urllib.request
+
+    sys.path.insert(0, str(HERE))
+    from engine_child import pack_outputs, prompts
+
+    logf = WORK / "logs" / f"{label}.log"
+    logf.parent.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("E2E_DRY") or BUDGET_S - (time.time() - T0) < 60:
+        return {"ok": False, "error": "dry run or out of time budget"}
+    args = ["--host", "127.0.0.1", "--port", str(port), "--attention-backend", "triton", "--sampling-backend",
+            "pytorch", "--grammar-backend", "none", "--skip-tokenizer-init", "--disable-cuda-graph",
+            "--mem-fraction-static", "0.1", "--max-total-tokens", "2048", "--log-level", "info"]
+    cmd = [sys.executable, "-m", "mpconvert.cli.main", "serve", str(path), "--", *args]
+    t = time.time()
+    r: dict = {"ok": False, "command": cmd}
+    with open(logf, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            while time.time() - t < timeout and proc.poll() is None:
+                try:
+                    if urllib.request.urlopen(url + "/health", timeout=5).status == 200:
+                        break
+                except OSError:
+                    time.sleep(2)
+            else:
+                raise RuntimeError(f"server not up (exit {proc.poll()}): " + logf.read_text(errors="replace")[-600:])
+            r["load_s"] = round(time.time() - t, 1)
+            body = {"input_ids": prompts(int(os.environ.get("E2E_PROMPTS", "4"))), "return_logprob": True,
+                    "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
+                    "top_logprobs_num": 5, "logprob_start_len": 0}
+            req = urllib.request.Request(url + "/generate", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            r["outputs"] = pack_outputs(json.loads(urllib.request.urlopen(req, timeout=120).read()))
+            r["ok"] = True
+        except Exception as e:  # recorded, not raised: the report says what failed
+            r["error"] = repr(e)[-800:]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    r["wall_s"] = round(time.time() - t, 1)
+    log(f"{'OK  ' if r['ok'] else 'FAIL'} {label} ({r['wall_s']}s){'' if r['ok'] else ': ' + r['error'][-300:]}")
     return r
 
 
@@ -174,17 +230,22 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     only = os.environ.get("E2E_ONLY")  # e.g. "source-gptq,pure-gptq,bf16": rerun just those
     if only:
         jobs = {k: v for k, v in jobs.items() if k in only.split(",")}
+    gpus = max(1, torch_gpus())
     for i, spec in enumerate(jobs.values()):
-        spec["gpu"] = i % 2
+        spec["gpu"] = i % gpus
     runs = run_all(jobs, par=int(os.environ.get("E2E_PAR", "8")))
     if "mixed" in jobs:
-        runs["mixed-tp2"] = engine("mixed-tp2", {"path": str(built["mixed"]), "tp": 2})
+        # the server path (launch_server through `mpconvert serve`) must answer exactly as the Engine did
+        runs["mixed-server"] = served("mixed-server", built["mixed"])
+        runs["mixed-tp2"] = (engine("mixed-tp2", {"path": str(built["mixed"]), "tp": 2}) if gpus > 1 else
+                             {"ok": False, "error": f"not run: TP=2 needs 2 GPUs, this machine has {gpus}"})
     res["runs"] = runs
     missing = {"ok": False, "error": "not run"}
     get = lambda k: runs.get(k, missing)  # noqa: E731
     res["identity"] = {k: identical(get(f"source-{k}"), get(f"pure-{k}")) for k in P["serve"]}
     res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16"}
     res["identity"].update({f"{a} = {b}": identical(get(a), get(b)) for a, b in P["same"]})
+    res["identity"]["mixed: launch_server = Engine"] = identical(get("mixed"), get("mixed-server"))
     res["tp2_vs_tp1"] = tp_compare(get("mixed"), get("mixed-tp2"))
     res["mixed_formats"] = sorted({u["format"] for u in json.loads(
         (built["mixed"] / "mpconvert_manifest.json").read_text())["units"].values()})
@@ -259,6 +320,25 @@ def speed(meta: dict, res: dict) -> None:
     res["speed_layers"] = {k: [3 * i, 3 * i + 2] for i, k in enumerate(order)}
 
 
+def memory(meta: dict, res: dict) -> None:
+    """Weight memory only (no decode): the synthetic parts and the mixed build loaded side by side on one GPU."""
+    sys.path.insert(0, str(HERE))
+    import synth
+
+    tpl = meta["templates"]
+    dirs = synth.main(WORK / "synth", tpl, WORK / "fixtures" / "base")
+    order = list(tpl)
+    rules = "\n".join(f'- {{match: "*", layers: "{3 * i}-{3 * i + 2}", source: {k}}}' for i, k in enumerate(order))
+    mixed = build("synth-mixed", dirs["base"], {k: dirs[k] for k in order}, order[0], rules)
+    spec = {"mode": "load", "mem_fraction": 0.08, "max_total_tokens": 4096, "log_level": "info", "gpu": 0}
+    jobs = {n: {**spec, "path": str(mixed if n == "mixed" else dirs[n])} for n in [*order, "mixed"]}
+    res["speed_runs"] = run_all(jobs, par=len(jobs))
+    res["speed_layers"] = {k: [3 * i, 3 * i + 2] for i, k in enumerate(order)}
+    cfg = synth.CONFIG
+    h, v, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    res["speed_support_gb"] = (2 * v * h + (2 * n + 1) * h) * 2 / 2**30
+
+
 def speed_verdicts(res: dict) -> list[str]:
     """Issue 6's targets, from the runs: mixed decode ≥ 0.97 × the blend of its parts (each part's share of layers,
     harmonic), load ≤ 1.2 × the slowest part, weight memory = the parts' shares summed (± 1 %)."""
@@ -269,6 +349,17 @@ def speed_verdicts(res: dict) -> list[str]:
     if not mixed or not all(runs.get(k, {}).get("ok") for k in share):
         return ["incomplete: a run failed"]
     out = []
+    if all("weight_bytes" in r for r in runs.values()):  # exact bytes (gpu/measure_plugin.py), rank 0
+        b = lambda r: r["weight_bytes"][0]["total"]  # noqa: E731
+        expect = sum(f * b(runs[k]) for k, f in share.items())
+        out.append(f"exact weight bytes (parameters + buffers on the GPU): parts' shares sum to {expect / 2**30:.4f} "
+                   f"GiB; mixed {', '.join(f'{b(r) / 2**30:.4f} ({b(r) / expect - 1:+.3%})' for r in mixed)}; "
+                   f"by dtype: mixed {mixed[0]['weight_bytes'][0]['by_dtype']}")
+    if "decode" not in mixed[0]:  # memory-only run
+        w = lambda r: r["weight_gb_log"]  # noqa: E731
+        expect = sum(f * w(runs[k]) for k, f in share.items())
+        return out + [f"SGLang's weight figure (free-memory drop): parts' shares sum to {expect:.3f} GB; mixed "
+                      f"{w(mixed[0]):.3f} ({w(mixed[0]) / expect - 1:+.2%})"]
     for bs in ("bs1_tok_s", "bs8_tok_s"):
         blend = 1 / sum(f / runs[k]["decode"][bs] for k, f in share.items())
         got = [r["decode"][bs] / blend for r in mixed]
@@ -303,11 +394,13 @@ def summarize(part: str, res: dict) -> str:
         L += ["## TP=2 vs TP=1", ""] + [f"- {k}: {v}" for k, v in res["tp2_vs_tp1"].items()] + [""]
     if "speed_runs" in res:
         L += ["## Speed and memory (12-layer Llama-8B-shaped synthetic model)", "",
-              "| checkpoint | ok | load s | weight GB (SGLang) | decode tok/s bs1 | bs8 |", "|---|---|---|---|---|---|"]
+              "| checkpoint | ok | load s | weight GB (SGLang) | exact weight GiB | decode tok/s bs1 | bs8 |",
+              "|---|---|---|---|---|---|---|"]
         for k, r in res["speed_runs"].items():
             d = r.get("decode", {})
+            exact = f"{r['weight_bytes'][0]['total'] / 2**30:.4f}" if "weight_bytes" in r else ""
             L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:]} | {r.get('load_s', '')} | "
-                     f"{r.get('weight_gb_log', '')} | {d.get('bs1_tok_s', '')} | {d.get('bs8_tok_s', '')} |")
+                     f"{r.get('weight_gb_log', '')} | {exact} | {d.get('bs1_tok_s', '')} | {d.get('bs8_tok_s', '')} |")
         L += ["", f"layers per format in the mixed build: {res['speed_layers']}; bf16 embeddings/lm_head/norms "
               f"{res['speed_support_gb']:.3f} GiB", ""] + [f"- {line}" for line in speed_verdicts(res)]
     return "\n".join(L) + "\n"
@@ -336,6 +429,8 @@ def main(part: str, out: Path) -> None:
         json.dump(res, open(out / "results.json", "w"), indent=1)
         if os.environ.get("E2E_SPEED") == "1":
             speed(meta, res)
+        elif os.environ.get("E2E_MEMORY") == "1":
+            memory(meta, res)
     finally:
         json.dump(res, open(out / "results.json", "w"), indent=1)
         try:

@@ -17,7 +17,9 @@ fi
 rm -rf /tmp/mp && mkdir -p /tmp/mp/mpconvert-0.1.0.dist-info
 cp -r converter /tmp/mp/mpconvert && cp -r cli /tmp/mp/mpconvert/cli && cp -r runtime_shim /tmp/mp/mpconvert/runtime_shim
 printf 'Metadata-Version: 2.1\nName: mpconvert\nVersion: 0.1.0\n' > /tmp/mp/mpconvert-0.1.0.dist-info/METADATA
-printf '[sglang.srt.plugins]\nmpconvert = mpconvert.runtime_shim:register\n' > /tmp/mp/mpconvert-0.1.0.dist-info/entry_points.txt
+cp gpu/measure_plugin.py /tmp/mp/e2e_measure.py  # prints each worker's exact weight bytes after loading
+printf '[sglang.srt.plugins]\nmpconvert = mpconvert.runtime_shim:register\ne2e_measure = e2e_measure:register\n' \
+  > /tmp/mp/mpconvert-0.1.0.dist-info/entry_points.txt
 export PYTHONPATH=/tmp/site:/tmp/mp:${PYTHONPATH:-} PATH=/usr/local/cuda/bin:$PATH TVM_FFI_CACHE_DIR=/tmp/tvmcache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 find /tmp/tvmcache -type f | sort > /tmp/tvm-before

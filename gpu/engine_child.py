@@ -1,6 +1,6 @@
 """One SGLang Engine in its own process: load DIR, run the fixed prompts (or the decode benchmark), print RESULT json.
 
-Usage: engine_child.py SPEC_JSON. SPEC: {"path", "tp", "gpu", "dtype", "quantization", "mode": "fidelity"|"speed",
+Usage: engine_child.py SPEC_JSON. SPEC: {"path", "tp", "gpu", "dtype", "quantization", "mode": "fidelity"|"speed"|"load",
 "cuda_graph": bool}. Run by gpu/driver.py; SGLang spawns its scheduler per Engine, so each Engine gets a process.
 """
 import json
@@ -13,6 +13,15 @@ import time
 def prompts(n=4, length=32, vocab=1000, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def pack_outputs(r: list[dict]) -> list[dict]:
+    """What the driver compares, from a generate answer (Engine or HTTP /generate: the same fields)."""
+    return [{"ids": x["output_ids"],
+             "top": [[[round(lp, 5), tid] for lp, tid, *_ in step] for step in x["meta_info"]["output_top_logprobs"]],
+             "input_lp": [None if lp is None else round(lp, 5) for lp, *_ in x["meta_info"]["input_token_logprobs"]],
+             "input_top1": [None if not step else step[0][1] for step in x["meta_info"]["input_top_logprobs"]]}
+            for x in r]
 
 
 def main(spec: dict) -> dict:
@@ -43,14 +52,8 @@ def main(spec: dict) -> dict:
         ps = prompts(int(os.environ.get("E2E_PROMPTS", "4")))
         r = e.generate(input_ids=ps, sampling_params={"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
                        return_logprob=True, top_logprobs_num=5, logprob_start_len=0)
-        out["outputs"] = [{"ids": x["output_ids"],
-                           "top": [[[round(lp, 5), tid] for lp, tid, *_ in step] for step in
-                                   x["meta_info"]["output_top_logprobs"]],
-                           "input_lp": [None if lp is None else round(lp, 5) for lp, *_ in
-                                        x["meta_info"]["input_token_logprobs"]],
-                           "input_top1": [None if not step else step[0][1] for step in
-                                          x["meta_info"]["input_top_logprobs"]]} for x in r]
-    else:
+        out["outputs"] = pack_outputs(r)
+    elif spec["mode"] == "speed":
         sp = lambda n: {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}  # noqa: E731
         e.generate(input_ids=prompts(1, 32), sampling_params=sp(16))  # warm-up (Triton JIT, graphs)
         res = {}
