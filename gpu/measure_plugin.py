@@ -6,6 +6,14 @@ import json
 
 
 def _weight_bytes(result, runner, *args, **kwargs):
+    try:  # a measurement must never break the run it measures
+        _report(runner)
+    except Exception as e:
+        print(f"E2E_WEIGHT_BYTES_FAILED {e!r}", flush=True)
+    return result
+
+
+def _report(runner) -> None:
     import torch
 
     seen, by_dtype = set(), {}
@@ -18,10 +26,9 @@ def _weight_bytes(result, runner, *args, **kwargs):
         seen.add(s.data_ptr())
         by_dtype[str(t.dtype)] = by_dtype.get(str(t.dtype), 0) + s.nbytes()
     torch.cuda.synchronize()
-    print("E2E_WEIGHT_BYTES " + json.dumps({"tp_rank": runner.tp_rank, "by_dtype": by_dtype,
+    print("E2E_WEIGHT_BYTES " + json.dumps({"tp_rank": runner.ps.tp_rank, "by_dtype": by_dtype,
                                             "total": sum(by_dtype.values()),
                                             "allocated": torch.cuda.memory_allocated()}), flush=True)
-    return result
 
 
 def register():
