@@ -40,10 +40,15 @@ Recipe (YAML; relative paths are relative to the recipe file):
   rules:                    # ordered, first match wins; matching nothing = error
     - {match: "*.self_attn.*", layers: "0-1", source: fp8}
     - {match: "mlp.down_proj", moe: false, source: base}
+    - {match: "mlp.experts.*", experts: {file: routing.json, top: 8}, source: fp8}
   output: {shard_size: 5GB}
 
 match: a glob on module names (a suffix glob matches too) or "re:REGEX", or a list; layers: 3, "0-5", "0-3,7";
-moe: true/false restricts to layers with/without a MoE block.
+moe: true/false restricts to layers with/without a MoE block; experts: routed expert ids ("0-3", [1, 5]) or
+{file: F, top: N | coverage: 0.8}, each layer's most routed experts from a routing-frequency file (JSON
+{"LAYER": [count per expert]} or SGLang's expert-distribution dump). Experts of one MoE layer may come in several
+formats (FP8, Int8, GPTQ, bf16; not from a folded-scale source such as AWQ): SGLang then runs one native fused-MoE
+call per format over its own experts.
 
 Example:  mpconvert build recipe.yaml -o out/ --tp 2
 """
@@ -67,6 +72,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
                                                    "recipe output.shard_size or 5GB)"),
           force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
           json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout")):
+    from mpconvert.manifest import describe_unit
     from mpconvert.plan import make_plan
     from mpconvert.recipe import load_recipe, parse_size
     from mpconvert.writer import check_output, write
@@ -89,7 +95,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
         _fail(e)
     summary = {"output": str(output), "seconds": round(secs, 3), "tensors": len(plan.tensors),
                "bytes": plan.total_bytes, "totals": manifest["totals"],
-               "units": {u: v["format"] for u, v in manifest["units"].items()}}
+               "units": {u: describe_unit(v) for u, v in manifest["units"].items()}}
     if json_out:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
@@ -232,7 +238,7 @@ Examples:  mpconvert serve out/ -- --tp 2 --port 30000      mpconvert serve out/
 def serve_command(directory: Path, args: list[str]) -> list[str]:
     import os
 
-    from mpconvert.manifest import MANIFEST, load_manifest
+    from mpconvert.manifest import MANIFEST, load_manifest, unit_groups
 
     if not (directory / MANIFEST).exists():
         raise UserError(f"{directory}: no {MANIFEST}; serve runs directories written by `mpconvert build`")
@@ -242,7 +248,8 @@ def serve_command(directory: Path, args: list[str]) -> list[str]:
         raise UserError(f"SGLANG_PLUGINS={plugins!r} leaves out the mpconvert plugin, so SGLang could not read this "
                         f"directory; add mpconvert to it or unset it")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory), *args]
-    gptq_moe = any(u.endswith(".experts") and spec["format"] == "gptq" for u, spec in manifest["units"].items())
+    gptq_moe = any(u.endswith(".experts") and g["format"] == "gptq"
+                   for u, spec in manifest["units"].items() for g in unit_groups(spec))
     if gptq_moe and not any(a == "--dtype" or a.startswith("--dtype=") for a in args):
         cmd += ["--dtype", "float16"]
     return cmd

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 from .formats import FORMATS
+from .manifest import MIXED_EXPERTS, describe_unit
+
+GROUPS = "expert_groups"  # runtime_shim.mixed_experts.GROUPS (not imported: that module needs SGLang)
 
 CHECK = "mpconvert.runtime_shim.engine_check"
 TIMEOUT_S = 1800
@@ -49,16 +52,23 @@ def run_ranks(directory: Path, tp: int, dtype: str) -> list[dict]:
     return results
 
 
-def expected_methods(manifest: dict) -> dict[str, tuple[str, str | None]]:
+def expected_layers(manifest: dict) -> dict[str, tuple[str, str, str | None]]:
+    """SGLang layer prefix → (format, quant-method class, scheme class or None) that the shim must bind there. A
+    mixed-experts MoE layer gets MixedExpertsMethod, and each of its format groups (`expert_groups.N` under it) its
+    format's native MoE method."""
     out = {}
     for unit, spec in manifest["units"].items():
+        fmt = spec["format"]
         if unit.endswith("lm_head"):
             # ParallelLMHead: an unquantized head gets SGLang's embedding method, not a linear one
-            out[unit] = ("UnquantizedEmbeddingMethod", None) if spec["format"] == "unquantized" else \
-                FORMATS[spec["format"]].sglang_methods(spec["params"], False)
-            continue
-        moe = unit.endswith(".experts")
-        out[unit] = FORMATS[spec["format"]].sglang_methods(spec["params"], moe)
+            out[unit] = (fmt, "UnquantizedEmbeddingMethod", None) if fmt == "unquantized" else \
+                (fmt, *FORMATS[fmt].sglang_methods(spec["params"], False))
+        elif fmt == MIXED_EXPERTS:
+            out[unit] = (describe_unit(spec), "MixedExpertsMethod", None)
+            for i, g in enumerate(spec["groups"]):
+                out[f"{unit}.{GROUPS}.{i}"] = (g["format"], *FORMATS[g["format"]].sglang_methods(g["params"], True))
+        else:
+            out[unit] = (fmt, *FORMATS[fmt].sglang_methods(spec["params"], unit.endswith(".experts")))
     return out
 
 
@@ -67,17 +77,17 @@ def compare(manifest: dict, result: dict, label: str, rep) -> None:
         rep.add("engine", label, result["error"])
         return
     got = result["methods"]
-    for unit, (method, scheme) in sorted(expected_methods(manifest).items()):
-        fmt = manifest["units"][unit]["format"]
-        if unit not in got:
-            rep.add("engine", f"{label} {unit}", f"SGLang built no quantized layer at this prefix ({fmt} expected "
-                                                 f"{method}); the model class names its layers differently")
+    expected = expected_layers(manifest)
+    for prefix, (fmt, method, scheme) in sorted(expected.items()):
+        if prefix not in got:
+            rep.add("engine", f"{label} {prefix}", f"SGLang built no quantized layer at this prefix ({fmt} expected "
+                                                   f"{method}); the model class names its layers differently")
             continue
-        m, s = got[unit]
+        m, s = got[prefix]
         if m != method or (scheme is not None and s != scheme):
             want = method + (f"/{scheme}" if scheme else "")
-            rep.add("engine", f"{label} {unit}", f"{fmt} resolved to {m}/{s}, expected {want}")
-    _no_float_copies(manifest, result, label, rep)
+            rep.add("engine", f"{label} {prefix}", f"{fmt} resolved to {m}/{s}, expected {want}")
+    _no_float_copies(expected, result, label, rep)
     for name in result["untouched"]:
         rep.add("engine", f"{label} {name}", "SGLang's load_weights never wrote this parameter (a checkpoint tensor "
                                              "was skipped or renamed by the model loader)")
@@ -86,17 +96,17 @@ def compare(manifest: dict, result: dict, label: str, rep) -> None:
 FLOAT = ("torch.bfloat16", "torch.float16", "torch.float32")
 
 
-def _no_float_copies(manifest: dict, result: dict, label: str, rep) -> None:
-    """A quantized unit must hold no float tensor as large as a weight matrix: that would be a dequantized copy
+def _no_float_copies(expected: dict, result: dict, label: str, rep) -> None:
+    """A quantized layer must hold no float tensor as large as a weight matrix: that would be a dequantized copy
     (memory and speed lost, and a sign the native kernel is not the one in use)."""
-    units = {u: spec for u, spec in manifest["units"].items() if spec["format"] != "unquantized"}
+    quantized = {p: fmt for p, (fmt, _, _) in expected.items() if fmt != "unquantized"}
     for name, (dtype, shape, _) in result["params"].items():
-        unit = name.rsplit(".", 1)[0]
-        if unit not in units or dtype not in FLOAT or len(shape) < 2:
+        prefix = name.rsplit(".", 1)[0]
+        if prefix not in quantized or dtype not in FLOAT or len(shape) < 2:
             continue
         rows, cols = shape[-2], shape[-1]
         if min(rows, cols) >= 64 and rows * cols >= 64 * 64 and not name.endswith(("scale", "scales", "scale_inv")):
-            rep.add("engine", f"{label} {name}", f"{units[unit]['format']} unit holds a {dtype} {shape} parameter: "
+            rep.add("engine", f"{label} {name}", f"{quantized[prefix]} layer holds a {dtype} {shape} parameter: "
                                                  f"a dequantized copy of its weight")
 
 

@@ -16,6 +16,38 @@ from .errors import UserError
 MANIFEST = "mpconvert_manifest.json"
 MANIFEST_VERSION = 1
 QUANT_METHOD = "mpconvert"
+# a MoE unit whose experts come in several formats: its "groups" list each format's params and expert ids
+MIXED_EXPERTS = "mixed_experts"
+
+
+def unit_groups(spec: dict) -> list[dict]:
+    """A unit's formats: [{format, params, experts}], experts None meaning all of them (every unit but a
+    mixed-experts one has exactly one group)."""
+    if spec["format"] == MIXED_EXPERTS:
+        return spec["groups"]
+    return [{"format": spec["format"], "params": spec["params"], "experts": None}]
+
+
+def unit_formats(manifest: dict) -> list[str]:
+    return sorted({g["format"] for spec in manifest["units"].values() for g in unit_groups(spec)})
+
+
+def describe_unit(spec: dict) -> str:
+    """fp8 / 'mixed_experts: fp8 [0-3], gptq [4-7]'"""
+    if spec["format"] != MIXED_EXPERTS:
+        return spec["format"]
+    return MIXED_EXPERTS + ": " + ", ".join(f"{g['format']} {_ranges(g['experts'])}" for g in spec["groups"])
+
+
+def _ranges(ids: list[int]) -> str:
+    out, start = [], None
+    for i, e in enumerate(ids):
+        if start is None:
+            start = e
+        if i + 1 == len(ids) or ids[i + 1] != e + 1:
+            out.append(f"{start}" if start == e else f"{start}-{e}")
+            start = None
+    return "[" + ",".join(out) + "]"
 
 
 def dumps(obj) -> bytes:

@@ -12,6 +12,7 @@ from .checkpoint import read_json
 from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
+from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe, Rule
 from .safetensors_io import TensorInfo, load_tensor, same_bytes, sha256_of
 from .sources import Source, open_source
@@ -71,6 +72,14 @@ def _describe_module(m: ModulePlan) -> str:
     return f"{m.name.rsplit('.', 1)[-1]}={m.scheme.describe()} from {m.source!r} via {m.why}"
 
 
+def _describe_schemes(members: list[ModulePlan]) -> str:
+    """One example module per scheme."""
+    by: dict[Scheme, ModulePlan] = {}
+    for m in members:
+        by.setdefault(m.scheme, m)
+    return "; ".join(_describe_module(m) for m in by.values())
+
+
 class _Planner:
     def __init__(self, recipe: Recipe, tp: int):
         self.recipe, self.tp = recipe, tp
@@ -111,13 +120,14 @@ class _Planner:
 
     def assign(self, roles: dict[str, Role]) -> dict[str, tuple[str, str]]:
         moe = self.moe_layers(roles)
+        self._check_expert_rules()
         hits = [0] * len(self.recipe.rules)
         chosen: dict[str, tuple[str, str]] = {}
         for name, role in roles.items():
             if role.kind != "linear":
                 continue
             for i, rule in enumerate(self.recipe.rules):
-                if self._rule_selects(rule, name, role, moe):
+                if self._rule_selects(i, name, role, moe):
                     hits[i] += 1
                     chosen[name] = (rule.source, rule.describe(i))
                     break
@@ -126,15 +136,28 @@ class _Planner:
         for i, n in enumerate(hits):
             if n == 0:
                 rule = self.recipe.rules[i]
-                shadow = any(self._rule_selects(rule, name, role, moe) for name, role in roles.items()
+                shadow = any(self._rule_selects(i, name, role, moe) for name, role in roles.items()
                              if role.kind == "linear")
                 why = "every module it matches is taken by an earlier rule" if shadow else "it matches no module"
                 raise UserError(f"recipe: {rule.describe(i)} selects nothing: {why}; fix or remove the rule "
                                 f"(module names look like {next(iter(roles))!r})")
         return chosen
 
-    @staticmethod
-    def _rule_selects(rule: Rule, name: str, role: Role, moe: set[int]) -> bool:
+    def _check_expert_rules(self) -> None:
+        n = self.info.num_experts
+        for i, rule in enumerate(self.recipe.rules):
+            if rule.experts is None:
+                continue
+            if not n:
+                raise UserError(f"recipe: {rule.describe(i)} selects experts, but {self.model_type} has no routed "
+                                f"experts; remove experts:")
+            ids = rule.expert_ids
+            if ids is not None and max(ids) >= n:
+                raise UserError(f"recipe: {rule.describe(i)} names expert {max(ids)}, but the model has {n} routed "
+                                f"experts per layer (ids 0-{n - 1})")
+
+    def _rule_selects(self, index: int, name: str, role: Role, moe: set[int]) -> bool:
+        rule = self.recipe.rules[index]
         if not rule.matches_name(name):
             return False
         layers = rule.layer_set
@@ -142,6 +165,15 @@ class _Planner:
             return False
         if rule.moe is not None and (role.layer in moe) != rule.moe:
             return False
+        if rule.experts is not None:
+            if role.expert is None:
+                return False
+            ids = self.recipe.routed_experts(index, role.layer)
+            if len(ids) and max(ids) >= self.info.num_experts:
+                raise UserError(f"recipe: {rule.describe(index)}: the routing file counts {max(ids) + 1} experts "
+                                f"in layer {role.layer}, but the model has {self.info.num_experts}; record it on "
+                                f"this model")
+            return role.expert in ids
         return True
 
     # ---- modules -------------------------------------------------------------------------------------------
@@ -173,16 +205,42 @@ class _Planner:
         out = {}
         for unit, members in units.items():
             schemes = {m.scheme for m in members}
+            if len(schemes) > 1 and members[0].role.expert is not None:
+                out[unit] = self.expert_groups(unit, members)
+                continue
             if len(schemes) > 1:
-                by = {}
-                for m in members:
-                    by.setdefault(m.scheme, m)
-                parts = "; ".join(_describe_module(m) for m in by.values())
-                raise UserError(f"fused unit {unit} mixes formats ({parts}); SGLang runs one kernel per fused "
-                                f"unit — assign all its parts to sources of one format")
+                raise UserError(f"fused unit {unit} mixes formats ({_describe_schemes(members)}); SGLang runs one "
+                                f"kernel per fused unit — assign all its parts to sources of one format")
             s = members[0].scheme
             out[unit] = {"format": s.format, "params": s.params, "members": [m.name for m in members]}
         return out
+
+    def expert_groups(self, unit: str, members: list[ModulePlan]) -> dict:
+        """Expert-level mixed precision: a MoE layer whose experts come in several formats is served as one native
+        fused-MoE call per format over its own experts (runtime_shim.mixed_experts). An expert's gate/up/down run in
+        one call, so each expert has one format; a folded-scale source cannot share a layer (see below)."""
+        by_expert: dict[int, list[ModulePlan]] = {}
+        for m in members:
+            by_expert.setdefault(m.role.expert, []).append(m)
+        for e, ms in sorted(by_expert.items()):
+            if len({m.scheme for m in ms}) > 1:
+                raise UserError(f"expert {e} of {unit} mixes formats ({_describe_schemes(ms)}); an expert's gate, up "
+                                f"and down projections run in one fused-MoE call — give the whole expert one format "
+                                f"(match \"mlp.experts.*\" with experts: [...])")
+        for m in members:
+            src = self.sources[m.source]
+            if src.folds_scales:
+                raise UserError(
+                    f"{unit} mixes formats across its experts ({_describe_schemes(members)}) and takes {m.name} from "
+                    f"{m.source!r} ({src.kind}), a folded-scale source: it folded activation scales into the norm "
+                    f"that the router and every expert of this layer read, so the other experts would see inputs "
+                    f"scaled for its weights — take all of this layer's experts from {m.source!r}, or mix only "
+                    f"sources that leave the norm alone (FP8, Int8, GPTQ, bf16)")
+        groups: dict[Scheme, list[int]] = {}
+        for e in sorted(by_expert):
+            groups.setdefault(by_expert[e][0].scheme, []).append(e)
+        return {"format": MIXED_EXPERTS, "params": {}, "members": [m.name for m in members],
+                "groups": [{"format": s.format, "params": s.params, "experts": ids} for s, ids in groups.items()]}
 
     # ---- folded scales -------------------------------------------------------------------------------------
     def _value_key(self, src: Source, module: str) -> str:

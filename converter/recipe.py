@@ -11,10 +11,14 @@
         source: fp8
       - match: lm_head
         source: base
+      - match: "mlp.experts.*"    # expert-level mixed precision: some experts of a MoE layer in another format
+        experts: "0-3"            # expert ids, or {file: routing.json, top: 8} / {file: …, coverage: 0.8}: the
+        source: fp8               #   most routed experts of each layer, from a routing-frequency file
 """
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from pathlib import Path
 from typing import Union
@@ -44,12 +48,31 @@ def parse_layers(spec: Union[str, int, list]) -> frozenset[int]:
     return frozenset(out)
 
 
+class ExpertsFromFile(BaseModel):
+    """The most routed experts of each layer, from a routing-frequency file: JSON {"LAYER": [count per expert]} or
+    SGLang's expert-distribution dump (a torch file whose `logical_count` is [..., layers, experts]). `top: N` takes
+    each layer's N most routed experts; `coverage: F` the fewest that receive a fraction F of its routed tokens.
+    Ties go to the lower expert id, so the choice is deterministic."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str
+    top: Union[int, None] = Field(None, ge=1)
+    coverage: Union[float, None] = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_criterion(self):
+        if (self.top is None) == (self.coverage is None):
+            raise ValueError("give exactly one of top (experts per layer) or coverage (fraction of routed tokens)")
+        return self
+
+
 class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     match: Union[str, list[str]] = Field(description="glob on module names, or 're:REGEX'; a list matches any")
     source: str
     layers: Union[str, int, list[Union[str, int]], None] = None
     moe: Union[bool, None] = Field(None, description="true: only layers with a MoE block; false: only dense layers")
+    experts: Union[str, int, list[Union[str, int]], ExpertsFromFile, None] = Field(
+        None, description="only these routed experts (ids or ranges), or the most routed ones from a file")
 
     @field_validator("match")
     @classmethod
@@ -71,6 +94,34 @@ class Rule(BaseModel):
             parse_layers(v)
         return v
 
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _experts_file(cls, v):
+        if not isinstance(v, dict):
+            return v
+        try:  # validated here so that the error names the file spec's problem, not every union member's
+            return ExpertsFromFile.model_validate(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (use file with top or coverage)"
+            raise ValueError(f"{where + ': ' if where else ''}{msg}") from None
+
+    @field_validator("experts")
+    @classmethod
+    def _experts_ok(cls, v):
+        if v is not None and not isinstance(v, ExpertsFromFile):
+            parse_layers(v)
+        return v
+
+    @property
+    def expert_ids(self) -> frozenset[int] | None:
+        """Fixed expert ids; None when the rule has no expert filter or takes them from a file (see Recipe)."""
+        return None if self.experts is None or isinstance(self.experts, ExpertsFromFile) else \
+            parse_layers(self.experts)
+
     @property
     def layer_set(self) -> frozenset[int] | None:
         return None if self.layers is None else parse_layers(self.layers)
@@ -90,7 +141,9 @@ class Rule(BaseModel):
 
     def describe(self, index: int) -> str:
         extra = (f" layers={self.layers}" if self.layers is not None else "") + (
-            f" moe={self.moe}" if self.moe is not None else "")
+            f" moe={self.moe}" if self.moe is not None else "") + (
+            f" experts={self.experts.model_dump(exclude_none=True) if isinstance(self.experts, ExpertsFromFile) else self.experts}"
+            if self.experts is not None else "")
         return f"rules[{index}] (match {self.match!r}{extra} → {self.source})"
 
 
@@ -123,8 +176,62 @@ class Recipe(BaseModel):
     _dir: Path = Path(".")
 
     def path_of(self, source: str) -> Path:
-        p = Path(self.base if source == BASE else self.sources[source]).expanduser()
+        return self._resolve(self.base if source == BASE else self.sources[source])
+
+    def _resolve(self, raw: str) -> Path:
+        p = Path(raw).expanduser()
         return p if p.is_absolute() else (self._dir / p)
+
+    def routed_experts(self, index: int, layer: int) -> frozenset[int] | None:
+        """The experts rules[index] selects in this layer (None: no expert filter)."""
+        rule = self.rules[index]
+        if not isinstance(rule.experts, ExpertsFromFile):
+            return rule.expert_ids
+        counts = _routing_counts(self._resolve(rule.experts.file), f"rules[{index}].experts.file")
+        if layer not in counts:
+            raise UserError(f"rules[{index}].experts.file: {rule.experts.file} has no counts for layer {layer}; "
+                            f"record routing over every MoE layer the rule's layers filter keeps")
+        c = counts[layer]
+        order = sorted(range(len(c)), key=lambda e: (-c[e], e))
+        if rule.experts.top is not None:
+            return frozenset(order[:rule.experts.top])
+        total, acc, chosen = sum(c), 0.0, []
+        for e in order:
+            if total and acc >= rule.experts.coverage * total:
+                break
+            chosen.append(e)
+            acc += c[e]
+        return frozenset(chosen)
+
+
+@functools.lru_cache(maxsize=8)
+def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
+    """layer → routed-token count per expert. JSON {"0": [..], ...}, or SGLang's expert-distribution dump (a torch
+    file with `logical_count`, [layers, experts] after summing any leading steps/ranks dimensions)."""
+    if not path.exists():
+        raise UserError(f"{where}: {path} not found; pass a routing-frequency file (JSON or SGLang's expert "
+                        f"distribution dump)")
+    try:
+        if path.suffix == ".json":
+            import json
+
+            raw = json.loads(path.read_text())
+            out = {int(k): tuple(float(x) for x in v) for k, v in raw.items()}
+        else:
+            import torch
+
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            t = obj["logical_count"] if isinstance(obj, dict) else obj
+            t = t.reshape(-1, *t.shape[-2:]).sum(0) if t.dim() > 2 else t
+            out = {i: tuple(float(x) for x in row) for i, row in enumerate(t.tolist())}
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{where}: cannot read routing counts from {path} ({e}); use JSON {{\"LAYER\": [count per "
+                        f"expert, ...]}} or a torch file with logical_count [layers, experts]") from None
+    if any(x < 0 for v in out.values() for x in v):
+        raise UserError(f"{where}: {path} has negative counts; counts are routed tokens per expert")
+    return out
 
 
 def load_recipe(path: Path) -> Recipe:

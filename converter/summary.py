@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import load_manifest
+from .manifest import describe_unit, load_manifest
 
 
 def summarize(directory: Path) -> dict:
@@ -19,7 +19,7 @@ def summarize(directory: Path) -> dict:
     bf16 = 2 * t["linear_weights"] + other
     return {"modules": rows, "by_format": t["by_format"], "bits_per_weight": t["bits_per_weight"],
             "bytes": t["bytes"], "bf16_bytes": bf16, "vs_bf16": t["bytes"] / bf16 if bf16 else 0.0,
-            "units": {u: v["format"] for u, v in m["units"].items()}}
+            "units": {u: describe_unit(v) for u, v in m["units"].items()}}
 
 
 def t_bytes(t: dict) -> int:

@@ -20,7 +20,7 @@ from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, role_of
-from .manifest import MANIFEST, QUANT_METHOD, load_manifest
+from .manifest import MANIFEST, MIXED_EXPERTS, QUANT_METHOD, describe_unit, load_manifest, unit_groups
 from .plan import ModulePlan, tp_problems
 from .safetensors_io import TensorInfo, load_tensor, read_header, sha256_of
 
@@ -146,15 +146,21 @@ def check_schemes(manifest: dict, found: dict[str, TensorInfo], rep: Report, val
             problem = fmt.check_values(name, {s: load_tensor(t) for s, t in tensors.items()}, mod["params"])
             if problem:
                 rep.add("scheme", name, problem)
-    # fused units: one format per SGLang layer, as the manifest's unit table says
+    # fused units: one format per SGLang layer (per expert group in a mixed-experts layer), as the unit table says
     for unit, u in manifest["units"].items():
+        group_of = {e: g for g in unit_groups(u) for e in (g["experts"] or [])}
         for member in u["members"]:
             m = mods.get(member)
             if m is None or m["unit"] != unit:
                 rep.add("scheme", unit, f"member {member} is not a module of this unit in the manifest")
-            elif (m["format"], m["params"]) != (u["format"], u["params"]):
-                rep.add("scheme", unit, f"{member} is {m['format']} {m['params']} but its fused unit is "
-                                        f"{u['format']} {u['params']}: SGLang runs one kernel per fused unit")
+                continue
+            g = group_of.get(m["expert"]) if u["format"] == MIXED_EXPERTS else unit_groups(u)[0]
+            if g is None:
+                rep.add("scheme", unit, f"{member} (expert {m['expert']}) is in no expert group of its layer")
+            elif (m["format"], m["params"]) != (g["format"], g["params"]):
+                rep.add("scheme", unit, f"{member} is {m['format']} {m['params']} but its fused unit (or expert "
+                                        f"group) is {g['format']} {g['params']}: SGLang runs one kernel per fused "
+                                        f"unit")
     check_folded(manifest, rep)
 
 
@@ -197,6 +203,12 @@ def check_tp(manifest: dict, rep: Report, tp: int, ep: int) -> None:
         rep.add("tp", name, p)
     if ep > 1 and info.num_experts and info.num_experts % ep:
         rep.add("tp", "model", f"--ep {ep}: {info.num_experts} experts cannot be split evenly over {ep} ranks")
+    if ep > 1:
+        for unit, u in manifest["units"].items():
+            if u["format"] == MIXED_EXPERTS:
+                rep.add("tp", unit, f"--ep {ep}: this layer mixes formats across its experts ({describe_unit(u)}); "
+                                    f"mpconvert serves such layers with tensor parallelism only (--tp), not expert "
+                                    f"parallelism")
 
 
 def memory_report(manifest: dict, found: dict[str, TensorInfo], tp: int) -> dict:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .checkpoint import INDEX
 from .errors import UserError
-from .manifest import MANIFEST, build_manifest, dumps, quantization_config
+from .manifest import MANIFEST, build_manifest, dumps, quantization_config, unit_formats
 from .plan import Plan, TensorPlan
 from .safetensors_io import PendingTensor, iter_bytes, load_tensor, tensor_to_bytes, write_file
 
@@ -123,7 +123,7 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> dict:
     raw = dumps(manifest)
     (tmp / MANIFEST).write_bytes(raw)
     config = dict(plan.base.ckpt.config)
-    config["quantization_config"] = quantization_config(raw, sorted({u["format"] for u in plan.units.values()}))
+    config["quantization_config"] = quantization_config(raw, unit_formats(manifest))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return manifest
 

@@ -21,7 +21,8 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig
 
 from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
-from mpconvert.manifest import MANIFEST, QUANT_METHOD
+from mpconvert.manifest import MANIFEST, MIXED_EXPERTS, QUANT_METHOD
+from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 
 # DeepSeek (MLA) loaders special-case the model's quant config: after loading they absorb kv_b_proj into w_kc/w_vc
 # (FP8 through `quant_config.linear_fp8_config.weight_block_size`, int8 per channel, and anything with a `qweight` as
@@ -96,15 +97,18 @@ class _instance_or_class:
 def _subs(self_or_cls) -> list[QuantizationConfig]:
     if isinstance(self_or_cls, type):
         return []
-    return list({id(s): s for s in self_or_cls.subs.values() if s is not None}.values())
+    every = list(self_or_cls.subs.values()) + [n for gs in self_or_cls.groups.values() for _, n in gs]
+    return list({id(s): s for s in every if s is not None}.values())
 
 
 class MpconvertConfig(QuantizationConfig):
     def __init__(self, manifest: dict, subs: dict[str, Optional[QuantizationConfig]],
+                 groups: dict[str, list[tuple[dict, Optional[QuantizationConfig]]]],
                  linear_fp8_config: Optional[types.SimpleNamespace] = None):
         super().__init__()
         self.manifest = manifest
         self.subs = subs  # SGLang layer prefix (unit) → native config, None = unquantized
+        self.groups = groups  # mixed-experts MoE layer prefix → (manifest group, native config) per format
         # DeepSeek's loader reads the FP8 block of kv_b_proj here (absorbed into w_kc/w_vc after loading)
         self.linear_fp8_config = linear_fp8_config
 
@@ -146,13 +150,12 @@ class MpconvertConfig(QuantizationConfig):
         model_type = manifest["model"]["model_type"]
         linear_fp8_config = _check_mla(manifest) if model_type in _MLA else None
         built: dict[str, QuantizationConfig] = {}
-        subs: dict[str, Optional[QuantizationConfig]] = {}
-        for unit, spec in manifest["units"].items():
-            native = FORMATS[spec["format"]].sglang_config(spec["params"])
-            if native is None:
-                subs[unit] = None
-                continue
-            name, cfg = native
+
+        def native(unit: str, fmt: str, params: dict) -> Optional[QuantizationConfig]:
+            spec = FORMATS[fmt].sglang_config(params)
+            if spec is None:
+                return None
+            name, cfg = spec
             if name == "fp8" and "weight_block_size" in cfg and model_type in RENAMES_SCALE_INV:
                 # build writes these in the compressed-tensors layout; a manifest that still has them is stale
                 raise ValueError(f"mpconvert: {unit} is native block FP8 (weight_scale_inv) in a {model_type} model, "
@@ -162,13 +165,26 @@ class MpconvertConfig(QuantizationConfig):
             if key not in built:
                 cfg = {**cfg, "packed_modules_mapping": config.get("packed_modules_mapping") or {}}
                 built[key] = QUANTIZATION_METHODS[name].from_config(cfg)
-            subs[unit] = built[key]
-        return cls(manifest, subs, linear_fp8_config)
+            return built[key]
+
+        subs: dict[str, Optional[QuantizationConfig]] = {}
+        groups: dict[str, list[tuple[dict, Optional[QuantizationConfig]]]] = {}
+        for unit, spec in manifest["units"].items():
+            if spec["format"] == MIXED_EXPERTS:
+                groups[unit] = [(g, native(unit, g["format"], g["params"])) for g in spec["groups"]]
+            else:
+                subs[unit] = native(unit, spec["format"], spec["params"])
+        return cls(manifest, subs, groups, linear_fp8_config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from sglang.srt.layers.linear import LinearBase
         from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
+        if prefix in self.groups:
+            for spec, sub in self.groups[prefix]:
+                if sub is not None:
+                    _check_moe_dtype(layer, f"{prefix} experts {spec['experts']}", sub)
+            return MixedExpertsMethod(prefix, self.groups[prefix], _check_native)
         if prefix not in self.subs:
             # not a module the manifest assigns (embeddings, routers, norms): SGLang's unquantized default
             return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None

@@ -1,0 +1,107 @@
+"""Expert-level mixed precision: one MoE layer whose experts come in several formats, served on native kernels.
+
+SGLang's FusedMoE holds one format per layer. For a layer the manifest lists as `mixed_experts`, the layer's quant
+method is `MixedExpertsMethod`: it builds one real FusedMoE per format group (named `expert_groups.N` under the
+layer), each holding only its own experts and bound by its native config to its native method (checked like any
+other layer). The model's router is untouched: top-k, renormalization and shared experts run exactly as the model
+defines them. In the forward, each group gets the same tokens and top-k weights with the top-k ids mapped to its own
+local ids and every other expert set to -1 — the sentinel SGLang's expert parallelism uses for experts on other ranks,
+which the Triton and Marlin MoE kernels skip — so each group computes only its experts' share, and the partial
+outputs are summed (a sum over top-k slots, as inside one kernel).
+
+Weight loading: the model's loader maps `experts.N.gate_proj.*` to `experts.w13_*` and calls that parameter's
+weight_loader with the global expert id. The layer holds one empty routing parameter per native name (`w13_weight`,
+`w13_qweight`, …); its loader hands the tensor to the owning group's real parameter with the group-local expert id.
+
+Limits (refused at load time, naming the layer): expert parallelism (SGLang maps contiguous expert ranges per rank)
+and shared experts fused into the FusedMoE.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig
+
+GROUPS = "expert_groups"  # submodule name of the per-format FusedMoE layers
+
+
+class MixedExpertsMethod(FusedMoEMethodBase):
+    def __init__(self, prefix: str, groups: list[tuple[dict, Optional[QuantizationConfig]]],
+                 check: Callable[[torch.nn.Module, str, dict, object], None]):
+        self.prefix = prefix
+        self.groups = groups  # (manifest group {format, params, experts}, native config or None for bf16)
+        self.check = check  # the shim's native-method check, applied to every group layer
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra):
+        from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+
+        if layer.moe_ep_size > 1:
+            raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts; mpconvert serves such "
+                             f"layers with tensor parallelism only — drop --ep (expert parallelism)")
+        if layer.num_fused_shared_experts:
+            raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts and SGLang fused shared "
+                             f"experts into it; serve with --disable-shared-experts-fusion")
+        cfg = layer.moe_runner_config
+        owner = {}
+        groups = []
+        for g, (spec, native) in enumerate(self.groups):
+            sub = FusedMoE(num_experts=len(spec["experts"]), hidden_size=hidden_size,
+                           intermediate_size=intermediate_size_per_partition * layer.moe_tp_size,
+                           layer_id=layer.layer_id, top_k=layer.top_k, params_dtype=params_dtype,
+                           reduce_results=False, quant_config=native, prefix=self.prefix,
+                           activation=cfg.activation, apply_router_weight_on_input=cfg.apply_router_weight_on_input,
+                           inplace=False,  # every group reads the same input
+                           no_combine=cfg.no_combine, routed_scaling_factor=cfg.routed_scaling_factor,
+                           gemm1_alpha=cfg.gemm1_alpha, gemm1_clamp_limit=cfg.gemm1_clamp_limit,
+                           swiglu_limit=cfg.swiglu_limit, with_bias=layer.with_bias,
+                           routing_method_type=cfg.routing_method_type, is_gated=cfg.is_gated,
+                           gate_up_interleaved=cfg.gate_up_interleaved)
+            self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
+            groups.append(sub)
+            # global expert id → this group's local id, -1 for every other expert (skipped by the kernels)
+            local = torch.full((layer.num_experts,), -1, dtype=torch.int32)
+            for i, e in enumerate(spec["experts"]):
+                local[e] = i
+                owner[e] = (g, i)
+            layer.register_buffer(f"expert_map_{g}", local, persistent=False)
+        layer.add_module(GROUPS, torch.nn.ModuleList(groups))
+        self.owner = owner
+        for name in sorted({n for sub in groups for n, _ in sub.named_parameters(recurse=False)}):
+            proxy = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+            proxy.weight_loader = self._router(layer, name)
+            layer.register_parameter(name, proxy)
+
+    def _router(self, layer, name: str):
+        def load(_proxy, loaded_weight, weight_name, shard_id=None, expert_id=None):
+            if expert_id not in self.owner:
+                raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} is in no expert group of "
+                                 f"{self.prefix} (the manifest lists {sorted(self.owner)})")
+            g, local = self.owner[expert_id]
+            sub = getattr(layer, GROUPS)[g]
+            real = sub._parameters.get(name)
+            if real is None:
+                spec = self.groups[g][0]
+                raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} of {self.prefix} is {spec['format']}, "
+                                 f"which has no {name}; the checkpoint and its manifest disagree — run mpconvert verify")
+            real.weight_loader(real, loaded_weight, weight_name, shard_id=shard_id, expert_id=local)
+        return load
+
+    def create_moe_runner(self, layer, moe_runner_config):
+        pass  # each group layer built its own runner
+
+    def process_weights_after_loading(self, layer):
+        pass  # SGLang's loader walks every module: the group layers are processed by their own native methods
+
+    def apply(self, layer, dispatch_output):
+        from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
+
+        topk = dispatch_output.topk_output
+        out = None
+        for g, sub in enumerate(getattr(layer, GROUPS)):
+            local_ids = getattr(layer, f"expert_map_{g}")[topk.topk_ids]
+            part = sub.quant_method.apply(sub, dispatch_output._replace(
+                topk_output=topk._replace(topk_ids=local_ids), hidden_states_pre_quant=None)).hidden_states
+            out = part if out is None else out.add_(part)
+        return StandardCombineInput(hidden_states=out)

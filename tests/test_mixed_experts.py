@@ -1,0 +1,151 @@
+"""Expert-level mixed precision: experts of one MoE layer in different formats — recipe, build, verify, and the shim
+with real SGLang classes (one native FusedMoE per format group, every expert's tensors loaded into its group)."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from mpconvert.engine import run_ranks
+from mpconvert.runtime_shim.engine_check import sha
+
+from conftest import write_recipe
+from test_bad_inputs import fails
+from test_build import build, check_faithful
+from test_shim import load, loaded
+
+SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
+# layer 0: experts 0-2 FP8, the rest GPTQ; layer 1: 0-2 FP8, 3/5/6 Int8, 4/7 GPTQ; attention Int8 (the default)
+RULES = """
+- {match: "mlp.experts.*", experts: "0-2", source: fp8}
+- {match: "mlp.experts.*", layers: 1, experts: [3, "5-6"], source: int8}
+- {match: "mlp.experts.*", source: gptq}
+"""
+E0, E1 = "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"
+GROUPS_L1 = [("fp8", [0, 1, 2]), ("int8", [3, 5, 6]), ("gptq", [4, 7])]
+
+
+def groups(manifest: dict, unit: str) -> list[tuple[str, list[int]]]:
+    return [(g["format"], g["experts"]) for g in manifest["units"][unit]["groups"]]
+
+
+def test_build_writes_expert_groups_byte_exact(moe, cli, tmp_path):
+    recipe = write_recipe(tmp_path, moe, SOURCES, "int8", RULES)
+    manifest = build(cli, recipe, tmp_path / "out", "--tp", "2")
+    assert manifest["units"][E0]["format"] == "mixed_experts"
+    assert groups(manifest, E0) == [("fp8", [0, 1, 2]), ("gptq", [3, 4, 5, 6, 7])]
+    assert groups(manifest, E1) == GROUPS_L1
+    assert manifest["modules"][f"{E1}.5.down_proj"]["format"] == "int8"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["formats"] == [
+        "fp8", "gptq", "int8", "unquantized"]  # lm_head stays bf16
+    worst = check_faithful(tmp_path / "out", manifest, moe, SOURCES, "qwen3_moe")
+    assert set(worst) >= {"fp8", "gptq", "int8"}
+    r = cli("verify", tmp_path / "out", "--tp", "2", "--json")
+    assert r.exit_code == 0, r.output
+    # SGLang's expert parallelism maps contiguous expert ranges per rank; mixed layers are served with TP only
+    r = cli("verify", tmp_path / "out", "--ep", "2", "--json")
+    assert r.exit_code == 1
+    assert [(f["where"], f["message"].split(";")[0]) for f in json.loads(r.stdout)["findings"]] == [
+        (E0, "--ep 2: this layer mixes formats across its experts (mixed_experts: fp8 [0-2], gptq [3-7])"),
+        (E1, "--ep 2: this layer mixes formats across its experts (mixed_experts: fp8 [0-2], int8 [3,5-6], "
+             "gptq [4,7])")]
+
+
+def test_shim_serves_each_format_group_natively_tp1_and_tp2(moe, cli, tmp_path):
+    recipe = write_recipe(tmp_path, moe, SOURCES, "int8", RULES)
+    build(cli, recipe, tmp_path / "out", "--tp", "2")
+    out = load(tmp_path / "out")
+    [tp1], ranks = loaded(tmp_path / "out", dtype="float16"), loaded(tmp_path / "out", 2, dtype="float16")
+    native = {"fp8": ["CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE"],
+              "int8": ["W8A8Int8MoEMethod"], "gptq": ["GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme"]}
+    for k, r in enumerate([tp1, *ranks]):
+        m, p = r["methods"], r["params"]
+        assert m[E1][0] == "MixedExpertsMethod"
+        for g, (fmt, _) in enumerate(GROUPS_L1):
+            assert m[f"{E1}.expert_groups.{g}"][:len(native[fmt])] == native[fmt]
+        rows = slice(None) if k == 0 else slice((k - 1) * 128, k * 128)  # moe_intermediate_size 256 over TP ranks
+        # each group holds exactly its experts, in manifest order, as its native method lays them out
+        fp8, int8, gptq = (f"{E1}.expert_groups.{g}" for g in range(3))
+        assert p[f"{fp8}.w13_weight"][:2] == ["torch.float8_e4m3fn", [3, 512 if k == 0 else 256, 256]]
+        assert p[f"{fp8}.w13_weight"][2] == sha(torch.stack(
+            [torch.cat([out[f"{E1}.{e}.gate_proj.weight"][rows], out[f"{E1}.{e}.up_proj.weight"][rows]])
+             for e in (0, 1, 2)]))
+        assert p[f"{int8}.w2_weight"][2] == sha(torch.stack([out[f"{E1}.{e}.down_proj.weight"][:, rows]
+                                                             for e in (3, 5, 6)]))
+        # (W8A8-Int8 MoE keeps its per-channel scales in float32: SGLang casts the checkpoint's on load)
+        assert p[f"{int8}.w2_weight_scale"][:2] == ["torch.float32", [3, 256, 1]]
+        assert p[f"{int8}.w2_weight_scale"][2] == sha(torch.stack([out[f"{E1}.{e}.down_proj.weight_scale"]
+                                                                   for e in (3, 5, 6)]).float())
+        # GPTQ qweight is [in/8, out]: down_proj's input (the intermediate) splits by rows
+        qrows = slice(None) if k == 0 else slice((k - 1) * 16, k * 16)
+        assert p[f"{gptq}.w2_qweight"][2] == sha(torch.stack([out[f"{E1}.{e}.down_proj.qweight"][qrows]
+                                                              for e in (4, 7)]))
+        # the layer's own routing parameters are empty: no second copy of any weight
+        assert p[f"{E1}.w13_weight"][1] == [0] and p[f"{E1}.w13_qweight"][1] == [0]
+
+
+def test_gptq_group_needs_fp16_and_unquantized_group(moe, cli, tmp_path):
+    """A GPTQ expert group runs on GPTQ-Marlin MoE (fp16 only): refused at load in bf16, naming the layer and its
+    experts. bf16 experts (from the base) form a group on SGLang's unquantized fused MoE."""
+    rules = """
+    - {match: "mlp.experts.*", experts: "0-3", source: base}
+    - {match: "mlp.experts.*", layers: 0, source: gptq}
+    - {match: "mlp.experts.*", source: fp8}
+    """
+    recipe = write_recipe(tmp_path, moe, SOURCES, "int8", rules)
+    manifest = build(cli, recipe, tmp_path / "out")
+    assert groups(manifest, E0) == [("unquantized", [0, 1, 2, 3]), ("gptq", [4, 5, 6, 7])]
+    [r] = run_ranks(tmp_path / "out", 1, "auto")
+    assert "model.layers.0.mlp.experts experts [4, 5, 6, 7] is GPTQ MoE" in r["error"] and "--dtype float16" in \
+        r["error"]
+    [r] = loaded(tmp_path / "out", dtype="float16")
+    assert r["methods"][f"{E0}.expert_groups.0"][0] == "UnquantizedFusedMoEMethod"
+    assert r["methods"][f"{E1}.expert_groups.1"][0] == "CompressedTensorsFusedMoEMethod"
+
+
+def test_routing_file_picks_the_most_routed_experts(moe, cli, tmp_path):
+    """experts: {file, top} / {file, coverage}: JSON counts per layer, or SGLang's expert-distribution dump."""
+    counts = {"0": [5, 90, 1, 40, 0, 3, 7, 2], "1": [10, 10, 300, 0, 0, 0, 0, 80]}
+    (tmp_path / "routing.json").write_text(json.dumps(counts))
+    rules = """
+    - {match: "mlp.experts.*", experts: {file: routing.json, top: 2}, source: fp8}
+    - {match: "mlp.experts.*", source: gptq}
+    """
+    manifest = build(cli, write_recipe(tmp_path, moe, SOURCES, "int8", rules), tmp_path / "top")
+    assert groups(manifest, E0) == [("gptq", [0, 2, 4, 5, 6, 7]), ("fp8", [1, 3])]
+    assert groups(manifest, E1) == [("gptq", [0, 1, 3, 4, 5, 6]), ("fp8", [2, 7])]
+    # SGLang's dump: logical_count [steps, layers, experts], summed over steps; ties go to the lower id
+    dump = torch.tensor([[[1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 5, 0, 0, 0, 0]],
+                         [[1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 1, 0]]], dtype=torch.int64)
+    torch.save({"logical_count": dump}, tmp_path / "dist.pt")
+    rules = """
+    - {match: "mlp.experts.*", experts: {file: dist.pt, coverage: 0.8}, source: fp8}
+    - {match: "mlp.experts.*", source: gptq}
+    """
+    manifest = build(cli, write_recipe(tmp_path, moe, SOURCES, "int8", rules), tmp_path / "cov")
+    assert groups(manifest, E0) == [("fp8", [0, 1]), ("gptq", [2, 3, 4, 5, 6, 7])]
+    assert groups(manifest, E1) == [("gptq", [0, 1, 2, 4, 5, 6, 7]), ("fp8", [3])]  # 6 of 7 tokens ≥ 0.8
+
+
+def test_bad_expert_recipes(moe, llama, cli, tmp_path):
+    awq = write_recipe(tmp_path, moe, {"awq": "awq", "fp8": "ct-fp8-block"}, "awq",
+                       '- {match: "mlp.experts.*", experts: "0-3", source: fp8}')
+    t = fails(cli, tmp_path, awq, match="mixes formats across its experts")
+    assert "a folded-scale source" in t and "take all of this layer's experts from 'awq'" in t
+    split = write_recipe(tmp_path, moe, SOURCES, "int8", '- {match: "mlp.experts.*.gate_proj", experts: 0, '
+                                                         'source: fp8}')
+    fails(cli, tmp_path, split, match="expert 0 of model.layers.0.mlp.experts mixes formats")
+    far = write_recipe(tmp_path, moe, SOURCES, "int8", '- {match: "mlp.experts.*", experts: "6-9", source: fp8}')
+    fails(cli, tmp_path, far, match="names expert 9, but the model has 8 routed experts per layer (ids 0-7)")
+    dense = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "mlp.*", experts: 0, source: base}')
+    fails(cli, tmp_path, dense, match="selects experts, but llama has no routed experts")
+    both = write_recipe(tmp_path, moe, SOURCES, "int8",
+                        '- {match: "mlp.experts.*", experts: {file: r.json, top: 2, coverage: 0.5}, source: fp8}')
+    fails(cli, tmp_path, both, match="give exactly one of top (experts per layer) or coverage")
+    missing = write_recipe(tmp_path, moe, SOURCES, "int8",
+                           '- {match: "mlp.experts.*", experts: {file: nothere.json, top: 2}, source: fp8}')
+    fails(cli, tmp_path, missing, match="nothere.json not found")
+    (tmp_path / "short.json").write_text(json.dumps({"0": [1] * 8}))
+    short = write_recipe(tmp_path, moe, SOURCES, "int8",
+                         '- {match: "mlp.experts.*", experts: {file: short.json, top: 2}, source: fp8}')
+    fails(cli, tmp_path, short, match="short.json has no counts for layer 1")
