@@ -28,6 +28,8 @@ STAGE = ROOT / ".gpu"
 PARTS = {
     "dense": ("llama", ("base", "ct-fp8-static", "ct-fp8-block", "ct-w8a8", "gptq", "awq", "native-fp8-block")),
     "moe": ("qwen3moe", ("base", "ct-fp8-block", "ct-w8a8", "gptq", "awq")),
+    # expert-level mixed precision (issue 5) and the GPTQ MoE pair issue 6 still lacked; AWQ cannot mix in a layer
+    "experts": ("qwen3moe", ("base", "ct-fp8-block", "ct-w8a8", "gptq")),
 }
 SYNTH_KINDS = ("ct-fp8-dynamic", "ct-w8a8", "gptq", "awq")  # the large synthetic model's formats (dense part)
 KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -65,7 +67,7 @@ def main(part: str, shared: Path) -> None:
     extra = ROOT / "gpu" / "results" / "tvmcache.tar.xz"
     shutil.copy(extra if extra.exists() else shared / "sglang-0.5.17-jit-sm90.tar.xz",
                 STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
-    if part == "moe":
+    if part in ("moe", "experts"):
         slim_site(shared / "sglang-0.5.17-site.tar.xz", STAGE / "sglang-0.5.17-site.tar.xz")
     else:
         shutil.copy(shared / "sglang-0.5.17-site.tar.xz", STAGE)
