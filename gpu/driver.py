@@ -3,6 +3,7 @@
 Usage: driver.py dense|moe OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
+E2E_GPTQ=0 (experts part) leaves out the MoE GPTQ pair;
 E2E_MEMORY=1 (dense) the weight-memory part alone, all Engines at once on one GPU;
 E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline); E2E_ONLY=a,b runs only those fidelity
 Engines; E2E_CHILD_TIMEOUT per Engine (420 s; the first fp16 GPTQ MoE Engine compiles Marlin MoE for minutes).
@@ -153,9 +154,11 @@ def served(label: str, path: Path, port: int = 30555, timeout: int = 300) -> dic
         except Exception as e:  # recorded, not raised: the report says what failed
             r["error"] = repr(e)[-800:]
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
             try:
+                os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
+            except ProcessLookupError:
+                pass  # the server already exited (its log says why)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
     r["wall_s"] = round(time.time() - t, 1)
@@ -315,6 +318,8 @@ def experts(meta: dict, res: dict) -> None:
     jobs = {k: {**small, **v, "gpu": 0} for k, v in jobs.items()}
     gptq_jobs = {"source-gptq": {**small, "path": str(fx["gptq"]), "dtype": "float16", "gpu": 0},
                  "pure-gptq": {**small, "path": str(gptq), "dtype": "float16", "gpu": 0}}
+    if os.environ.get("E2E_GPTQ", "1") != "1":
+        gptq_jobs = {}
     with ThreadPoolExecutor(2) as ex:  # the GPTQ pair may compile for minutes: it must not hold up the rest
         slow = ex.submit(run_all, gptq_jobs, 2)
         runs = run_all(jobs, par=len(jobs))

@@ -7,7 +7,8 @@ pick its quant method exactly as on a GPU, and SGLang's real `load_weights` fill
 Usage: python -m mpconvert.runtime_shim.engine_check DIR PORT [TP RANK]; for TP=N run N of them at once (gloo ranks),
 one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype (default
 auto). Prints one JSON line:
-{"methods": {layer prefix: [quant method class, scheme class]}, "loaded": [...],
+{"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
+experts held]}, "loaded": [...],
 "params": {name: [dtype, shape, sha256 of its bytes after load_weights]}, "untouched": [parameters load_weights never
 wrote]}.
 
@@ -92,6 +93,9 @@ def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
         model = _initialize_model(mc, lc, qc)
     methods = {n: [type(m.quant_method).__name__, type(getattr(m, "scheme", None)).__name__]
                for n, m in model.named_modules() if getattr(m, "quant_method", None) is not None}
+    # FusedMoE runner configs: [experts the layer routes over, experts it holds]
+    moe = {n: [m.moe_runner_config.num_experts, m.moe_runner_config.num_local_experts]
+           for n, m in model.named_modules() if hasattr(m, "moe_runner_config")}
     names = []
 
     def weights():
@@ -109,7 +113,7 @@ def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
     untouched = sorted(n for n, p in model.named_parameters()
                        if p.numel() and bool((p.data.view(torch.uint8) == MARK).all()) and not n.endswith(DERIVED))
     return {"quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
-            "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "loaded": names,
+            "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "moe": moe, "loaded": names,
             "params": params, "untouched": untouched}
 
 

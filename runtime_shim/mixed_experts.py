@@ -5,16 +5,22 @@ method is `MixedExpertsMethod`: it builds one real FusedMoE per format group (na
 layer), each holding only its own experts and bound by its native config to its native method (checked like any
 other layer). The model's router is untouched: top-k, renormalization and shared experts run exactly as the model
 defines them. In the forward, each group gets the same tokens and top-k weights with the top-k ids mapped to its own
-local ids and every other expert set to -1 — the sentinel SGLang's expert parallelism uses for experts on other ranks,
-which the Triton and Marlin MoE kernels skip — so each group computes only its experts' share, and the partial
-outputs are summed (a sum over top-k slots, as inside one kernel).
+local ids; the partial outputs are summed (a sum over top-k slots, as inside one kernel). Slots routed to other
+groups' experts are dropped in one of two ways:
+- Triton MoE runner (FP8, Int8, bf16): id -1, the sentinel SGLang's expert parallelism uses for experts on other
+  ranks. The runner skips -1 blocks only when its config says the layer has more experts than are local
+  (`num_experts != num_local_experts`), so the group's runner config gets the layer's expert count. The group
+  computes only its experts' share.
+- Marlin MoE (GPTQ): SGLang's GPTQ-Marlin MoE passes the kernel no expert map, so -1 is not known to be skipped
+  there. Such slots go to the group's first expert with weight 0: exact (a zero-weighted expert adds nothing), at the
+  cost of computing those slots once more in that group.
 
 Weight loading: the model's loader maps `experts.N.gate_proj.*` to `experts.w13_*` and calls that parameter's
 weight_loader with the global expert id. The layer holds one empty routing parameter per native name (`w13_weight`,
 `w13_qweight`, …); its loader hands the tensor to the owning group's real parameter with the group-local expert id.
 
-Limits (refused at load time, naming the layer): expert parallelism (SGLang maps contiguous expert ranges per rank)
-and shared experts fused into the FusedMoE.
+Limits (refused at load time, naming the layer): expert parallelism (SGLang maps contiguous expert ranges per rank),
+shared experts fused into the FusedMoE, and a --moe-runner-backend other than the default (auto/triton).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from typing import Callable, Optional
 
 import torch
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig
+
+from mpconvert.formats import FORMATS
 
 GROUPS = "expert_groups"  # submodule name of the per-format FusedMoE layers
 
@@ -40,12 +48,20 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         if layer.moe_ep_size > 1:
             raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts; mpconvert serves such "
                              f"layers with tensor parallelism only — drop --ep (expert parallelism)")
+        from sglang.srt.layers.moe import get_moe_runner_backend
+
+        backend = get_moe_runner_backend()
+        if not (backend.is_auto() or backend.is_triton()):
+            raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts, which mpconvert serves on "
+                             f"SGLang's default MoE runners (Triton, Marlin); drop --moe-runner-backend "
+                             f"{backend.value}")
         if layer.num_fused_shared_experts:
             raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts and SGLang fused shared "
                              f"experts into it; serve with --disable-shared-experts-fusion")
         cfg = layer.moe_runner_config
         owner = {}
         groups = []
+        self.drops_minus_one: list[bool] = []
         for g, (spec, native) in enumerate(self.groups):
             sub = FusedMoE(num_experts=len(spec["experts"]), hidden_size=hidden_size,
                            intermediate_size=intermediate_size_per_partition * layer.moe_tp_size,
@@ -59,6 +75,11 @@ class MixedExpertsMethod(FusedMoEMethodBase):
                            routing_method_type=cfg.routing_method_type, is_gated=cfg.is_gated,
                            gate_up_interleaved=cfg.gate_up_interleaved)
             self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
+            drops = FORMATS[spec["format"]].sglang_moe_runner == "triton"
+            if drops:
+                # its runner (which holds this same config object) now drops -1 slots (see the module docstring)
+                sub.moe_runner_config.num_experts = layer.num_experts
+            self.drops_minus_one.append(drops)
             groups.append(sub)
             # global expert id → this group's local id, -1 for every other expert (skipped by the kernels)
             local = torch.full((layer.num_experts,), -1, dtype=torch.int32)
@@ -101,7 +122,13 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         out = None
         for g, sub in enumerate(getattr(layer, GROUPS)):
             local_ids = getattr(layer, f"expert_map_{g}")[topk.topk_ids]
+            if self.drops_minus_one[g]:
+                mine = topk._replace(topk_ids=local_ids)
+            else:  # first local expert, weight 0
+                keep = local_ids >= 0
+                mine = topk._replace(topk_ids=local_ids.clamp(min=0),
+                                     topk_weights=topk.topk_weights * keep.to(topk.topk_weights.dtype))
             part = sub.quant_method.apply(sub, dispatch_output._replace(
-                topk_output=topk._replace(topk_ids=local_ids), hidden_states_pre_quant=None)).hidden_states
+                topk_output=mine, hidden_states_pre_quant=None)).hidden_states
             out = part if out is None else out.add_(part)
         return StandardCombineInput(hidden_states=out)

@@ -61,6 +61,9 @@ def test_shim_serves_each_format_group_natively_tp1_and_tp2(moe, cli, tmp_path):
     for k, r in enumerate([tp1, *ranks]):
         m, p = r["methods"], r["params"]
         assert m[E1][0] == "MixedExpertsMethod"
+        # Triton-run groups route over all 8 experts (so their runner drops other groups' -1 slots); the Marlin
+        # group gets other groups' slots as weight-0 slots of its own expert instead
+        assert [r["moe"][f"{E1}.expert_groups.{g}"] for g in range(3)] == [[8, 3], [8, 3], [2, 2]]
         for g, (fmt, _) in enumerate(GROUPS_L1):
             assert m[f"{E1}.expert_groups.{g}"][:len(native[fmt])] == native[fmt]
         rows = slice(None) if k == 0 else slice((k - 1) * 128, k * 128)  # moe_intermediate_size 256 over TP ranks

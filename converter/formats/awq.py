@@ -18,6 +18,7 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 class AWQ(Format):
     name = "awq"
     folds_scales = True
+    sglang_moe_runner = "marlin"
 
     @staticmethod
     def params_from_config(qc: dict, where: str) -> dict:

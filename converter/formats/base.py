@@ -50,6 +50,10 @@ class Format:
     # True where the producer folds activation scales into the previous op (norms, v_proj→o_proj, up→down),
     # which couples modules across sources (layout.py)
     folds_scales: bool = False
+    # SGLang 0.5.17's runner for this format's FusedMoE method: "triton" (drops top-k slots whose id is -1 when the
+    # layer has more experts than it holds — how expert parallelism and mixed-format expert groups skip others'
+    # experts) or "marlin" (GPTQ/AWQ: SGLang passes its kernel no expert map, so -1 is not known to be skipped)
+    sglang_moe_runner: str = "triton"
 
     def describe(self, p: dict) -> str:
         return self.name

@@ -29,6 +29,7 @@ def marlin_tp_problem(bits: int, group_size: int, out_part: int, in_part: int) -
 
 class GPTQ(Format):
     name = "gptq"
+    sglang_moe_runner = "marlin"
 
     @staticmethod
     def params_from_config(qc: dict, where: str) -> dict:
