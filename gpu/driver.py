@@ -315,7 +315,8 @@ def experts(meta: dict, res: dict) -> None:
             "mixed-experts": {"path": str(mixed)}, "dequantized-ref": {"path": str(ref)},
             "speed-pure-fp8": {**fast, "path": str(fp8)}, "speed-pure-int8": {**fast, "path": str(int8)},
             "speed-mixed-experts": {**fast, "path": str(mixed)}}
-    jobs = {k: {**small, **v, "gpu": 0} for k, v in jobs.items()}
+    gpus = max(1, torch_gpus())
+    jobs = {k: {**small, **v, "gpu": i % gpus} for i, (k, v) in enumerate(jobs.items())}
     gptq_jobs = {"source-gptq": {**small, "path": str(fx["gptq"]), "dtype": "float16", "gpu": 0},
                  "pure-gptq": {**small, "path": str(gptq), "dtype": "float16", "gpu": 0}}
     if os.environ.get("E2E_GPTQ", "1") != "1":
@@ -324,6 +325,9 @@ def experts(meta: dict, res: dict) -> None:
         slow = ex.submit(run_all, gptq_jobs, 2)
         runs = run_all(jobs, par=len(jobs))
         runs["mixed-experts-server"] = served("mixed-experts-server", mixed)
+        if gpus > 1:  # issue 6's TP=2 for a mixed MoE checkpoint; bf16 as the baseline of what TP alone changes
+            for k, path in (("mixed-experts-tp2", mixed), ("bf16-tp2", base)):
+                runs[k] = engine(k, {**small, "path": str(path), "tp": 2})
         runs.update(slow.result())
     res["runs"] = runs
     get = lambda k: runs.get(k, {"ok": False})  # noqa: E731
@@ -335,6 +339,9 @@ def experts(meta: dict, res: dict) -> None:
     res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16" and "outputs" in r}
     res["vs_dequantized_ref"] = {k: vs_bf16(get(k), get("dequantized-ref")) for k in ("mixed-experts", "bf16")}
     res["speed"] = {k: get(k).get("decode") for k in jobs if k.startswith("speed")}
+    if gpus > 1:
+        res["tp2_vs_tp1"] = {"mixed-experts": tp_compare(get("mixed-experts"), get("mixed-experts-tp2")),
+                             "bf16": tp_compare(get("bf16"), get("bf16-tp2"))}
     res["mixed_units"] = {u: s.get("groups") for u, s in json.loads(
         (mixed / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}
 
@@ -486,7 +493,8 @@ def summarize(part: str, res: dict) -> str:
                      f"{vb.get('mean_abs_dlogprob', '')} / {vb.get('max_abs_dlogprob', '')}, {vb.get('top1_agreement', '')} |")
         L += ["", *[f"- {k}: {v}" for k, v in res["identity"].items()],
               f"- vs the dequantized reference (mean/max |Δlogprob|, top-1): {res['vs_dequantized_ref']}",
-              f"- decode tok/s (CUDA graphs): {res['speed']}", ""]
+              f"- decode tok/s (CUDA graphs): {res['speed']}",
+              f"- TP=2 vs TP=1: {res.get('tp2_vs_tp1', 'not run (one GPU)')}", ""]
     if "tp_runs" in res:
         L += ["## TP=2 vs TP=1", ""] + [f"- {k}: {v}" for k, v in res["tp2_vs_tp1"].items()] + [""]
     if "speed_runs" in res:
