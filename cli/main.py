@@ -131,6 +131,9 @@ def inspect(directory: Path = typer.Argument(..., help="converted directory"),
     for f, d in sorted(s["by_format"].items()):
         t.add_row(f, str(d["modules"]), f"{d['bytes']:,}", f"{8 * d['bytes'] / d['weights']:.2f}")
     out.print(t)
+    for unit, desc in s["units"].items():
+        if desc.startswith("mixed_experts"):  # expert → format map of a MoE layer whose experts mix formats
+            out.print(f"{unit}: {desc}", highlight=False)
     out.print(f"linear weights: {s['bits_per_weight']} bits/weight on average; checkpoint {s['bytes']:,} bytes = "
               f"{s['vs_bf16']:.3f} × its bf16 size ({s['bf16_bytes']:,} bytes)", highlight=False)
 

@@ -40,6 +40,8 @@ def test_build_writes_expert_groups_byte_exact(moe, cli, tmp_path):
         "fp8", "gptq", "int8", "unquantized"]  # lm_head stays bf16
     worst = check_faithful(tmp_path / "out", manifest, moe, SOURCES, "qwen3_moe")
     assert set(worst) >= {"fp8", "gptq", "int8"}
+    r = cli("inspect", tmp_path / "out", "--no-modules")
+    assert f"{E1}: mixed_experts: fp8 [0-2], int8 [3,5-6], gptq [4,7]" in " ".join(r.output.split())
     r = cli("verify", tmp_path / "out", "--tp", "2", "--json")
     assert r.exit_code == 0, r.output
     # SGLang's expert parallelism maps contiguous expert ranges per rank; mixed layers are served with TP only
