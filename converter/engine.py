@@ -30,11 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(directory: Path, tp: int, dtype: str) -> list[dict]:
-    """One engine_check process per rank; their parsed results (or {"error": ...})."""
+def run_ranks(directory: Path, tp: int, dtype: str, ep: int = 1) -> list[dict]:
+    """One engine_check process per rank (EP, as SGLang's --ep, splits the experts over the TP ranks); their parsed
+    results (or {"error": ...})."""
     port = str(_free_port())
     env = {**os.environ, "SGLANG_DTYPE": dtype}
-    procs = [subprocess.Popen([sys.executable, "-m", CHECK, str(directory), port, str(tp), str(rank)],
+    procs = [subprocess.Popen([sys.executable, "-m", CHECK, str(directory), port, str(tp), str(rank), str(ep)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(tp)]
     results = []
     for p in procs:
@@ -52,11 +53,13 @@ def run_ranks(directory: Path, tp: int, dtype: str) -> list[dict]:
     return results
 
 
-def expected_layers(manifest: dict) -> dict[str, tuple[str, str, str | None]]:
+def expected_layers(manifest: dict, ep: int = 1, ep_rank: int = 0) -> dict[str, tuple[str, str, str | None]]:
     """SGLang layer prefix → (format, quant-method class, scheme class or None) that the shim must bind there. A
-    mixed-experts MoE layer gets MixedExpertsMethod, and each of its format groups (`expert_groups.N` under it) its
-    format's native MoE method."""
+    mixed-experts MoE layer gets MixedExpertsMethod, and each of its format groups (`expert_groups.N` under it) with
+    experts on this expert-parallel rank its format's native MoE method."""
     out = {}
+    per_rank = manifest["model"]["num_experts"] // ep
+    on_rank = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
     for unit, spec in manifest["units"].items():
         fmt = spec["format"]
         if unit.endswith("lm_head"):
@@ -66,7 +69,9 @@ def expected_layers(manifest: dict) -> dict[str, tuple[str, str, str | None]]:
         elif fmt == MIXED_EXPERTS:
             out[unit] = (describe_unit(spec), "MixedExpertsMethod", None)
             for i, g in enumerate(spec["groups"]):
-                out[f"{unit}.{GROUPS}.{i}"] = (g["format"], *FORMATS[g["format"]].sglang_methods(g["params"], True))
+                if any(e in on_rank for e in g["experts"]):
+                    out[f"{unit}.{GROUPS}.{i}"] = (g["format"], *FORMATS[g["format"]].sglang_methods(g["params"],
+                                                                                                     True))
         else:
             out[unit] = (fmt, *FORMATS[fmt].sglang_methods(spec["params"], unit.endswith(".experts")))
     return out
@@ -77,7 +82,7 @@ def compare(manifest: dict, result: dict, label: str, rep) -> None:
         rep.add("engine", label, result["error"])
         return
     got = result["methods"]
-    expected = expected_layers(manifest)
+    expected = expected_layers(manifest, result.get("ep", 1), result.get("ep_rank", 0))
     for prefix, (fmt, method, scheme) in sorted(expected.items()):
         if prefix not in got:
             rep.add("engine", f"{label} {prefix}", f"SGLang built no quantized layer at this prefix ({fmt} expected "
@@ -110,15 +115,16 @@ def _no_float_copies(expected: dict, result: dict, label: str, rep) -> None:
                                                  f"a dequantized copy of its weight")
 
 
-def check_engine(directory: Path, manifest: dict, tp: int, dtype: str, rep) -> dict:
-    """Appends findings to rep; returns a summary for the report."""
+def check_engine(directory: Path, manifest: dict, tp: int, dtype: str, rep, ep: int = 1) -> dict:
+    """Appends findings to rep; returns a summary for the report. TP=1, then TP=tp with EP=ep."""
     summary = {"engine": "sglang", "dtype": dtype, "runs": []}
     for size in sorted({1, tp}):
-        results = run_ranks(directory, size, dtype)
+        ep_size = ep if size == tp else 1
+        results = run_ranks(directory, size, dtype, ep_size)
         for rank, r in enumerate(results):
-            label = f"tp={size} rank {rank}"
+            label = f"tp={size}{f' ep={ep_size}' if ep_size > 1 else ''} rank {rank}"
             compare(manifest, r, label, rep)
-            summary["runs"].append({"tp": size, "rank": rank, "error": r.get("error"),
+            summary["runs"].append({"tp": size, "ep": ep_size, "rank": rank, "error": r.get("error"),
                                     "layers": len(r.get("methods", {})), "parameters": len(r.get("params", {})),
                                     "min_capability": r.get("min_capability"), "act_dtypes": r.get("act_dtypes")})
         if size == 1 and any("error" in r for r in results):

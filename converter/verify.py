@@ -7,7 +7,7 @@ there is any. Checks:
   tp         — every TP (and EP) split SGLang will make is legal for the module's kernel
   numeric    — per decoder block: dequantized vs bf16 base on the base's own hidden states; end-to-end logits
   engine     — (--engine sglang) SGLang's real classes build and load the model on CPU through the shim, at TP=1 and
-               every rank of TP=N: each layer's quant method is its format's native one; every parameter is written
+               every rank of TP=N (experts split by --ep): each layer's quant method is its format's native one; every parameter is written
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, role_of
-from .manifest import MANIFEST, MIXED_EXPERTS, QUANT_METHOD, describe_unit, load_manifest, unit_groups
+from .manifest import MANIFEST, MIXED_EXPERTS, QUANT_METHOD, load_manifest, unit_groups
 from .plan import ModulePlan, tp_problems
 from .safetensors_io import TensorInfo, load_tensor, read_header, sha256_of
 
@@ -203,12 +203,6 @@ def check_tp(manifest: dict, rep: Report, tp: int, ep: int) -> None:
         rep.add("tp", name, p)
     if ep > 1 and info.num_experts and info.num_experts % ep:
         rep.add("tp", "model", f"--ep {ep}: {info.num_experts} experts cannot be split evenly over {ep} ranks")
-    if ep > 1:
-        for unit, u in manifest["units"].items():
-            if u["format"] == MIXED_EXPERTS:
-                rep.add("tp", unit, f"--ep {ep}: this layer mixes formats across its experts ({describe_unit(u)}); "
-                                    f"mpconvert serves such layers with tensor parallelism only (--tp), not expert "
-                                    f"parallelism")
 
 
 def memory_report(manifest: dict, found: dict[str, TensorInfo], tp: int) -> dict:
@@ -255,13 +249,17 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
     if engine:
         if engine != "sglang":
             raise UserError(f"--engine {engine}: the only engine is sglang")
-        rep.checks.append(f"engine=sglang (tp=1{f', tp={tp}' if tp > 1 else ''}, dtype={dtype})")
+        if ep > 1 and (ep > tp or tp % ep):
+            raise UserError(f"--engine sglang --ep {ep}: SGLang splits experts over the TP ranks; --tp must be a "
+                            f"multiple of --ep (got --tp {tp})")
+        rep.checks.append(f"engine=sglang (tp=1{f', tp={tp}' if tp > 1 else ''}{f' ep={ep}' if ep > 1 else ''}, "
+                          f"dtype={dtype})")
         if any(f.check == "structure" for f in rep.findings):
             rep.add("engine", str(directory), "skipped: the structure is broken")
         else:
             from .engine import check_engine
 
-            rep.engine = check_engine(directory, manifest, tp, dtype, rep)
+            rep.engine = check_engine(directory, manifest, tp, dtype, rep, ep)
     return rep
 
 

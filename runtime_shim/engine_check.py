@@ -4,8 +4,8 @@ What `mpconvert verify --engine sglang` runs (and the shim tests): SGLang's real
 pick its quant method exactly as on a GPU, and SGLang's real `load_weights` fills the parameters — everything up to
 `process_weights_after_loading`, which needs the GPU.
 
-Usage: python -m mpconvert.runtime_shim.engine_check DIR PORT [TP RANK]; for TP=N run N of them at once (gloo ranks),
-one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype (default
+Usage: python -m mpconvert.runtime_shim.engine_check DIR PORT [TP RANK [EP]]; for TP=N run N of them at once (gloo
+ranks; EP splits the experts over them as SGLang's --ep does), one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype (default
 auto). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
 experts held]}, "loaded": [...],
@@ -59,15 +59,15 @@ def sha(t) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
-def main(path: str, port: str, tp: int = 1, rank: int = 0):
+def main(path: str, port: str, tp: int = 1, rank: int = 0, ep: int = 1):
     scaffold()
     try:
-        print("RESULT " + json.dumps(build_and_load(path, port, tp, rank)))
+        print("RESULT " + json.dumps(build_and_load(path, port, tp, rank, ep)))
     except ValueError as e:  # SGLang's and the shim's refusals of a model (load-time errors on a GPU too)
         print("RESULT " + json.dumps({"error": str(e)}))
 
 
-def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
+def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dict:
     from safetensors import safe_open
     from sglang.srt.plugins import load_plugins
 
@@ -80,11 +80,11 @@ def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
     from sglang.srt.model_loader.utils import set_default_torch_dtype
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
-    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, dtype=os.environ.get("SGLANG_DTYPE", "auto"))
+    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep, dtype=os.environ.get("SGLANG_DTYPE", "auto"))
     set_global_server_args_for_scheduler(sa)
     init_distributed_environment(backend="gloo", world_size=tp, rank=rank, local_rank=rank,
                                  distributed_init_method=f"tcp://127.0.0.1:{port}")
-    initialize_model_parallel(tensor_model_parallel_size=tp)
+    initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     mc = ModelConfig.from_server_args(sa)
     initialize_dp_attention(sa, mc)
     lc = LoadConfig()
@@ -112,10 +112,12 @@ def build_and_load(path: str, port: str, tp: int, rank: int) -> dict:
     params = {n: [str(p.dtype), list(p.shape), sha(p)] for n, p in model.named_parameters()}
     untouched = sorted(n for n, p in model.named_parameters()
                        if p.numel() and bool((p.data.view(torch.uint8) == MARK).all()) and not n.endswith(DERIVED))
-    return {"quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
+    from sglang.srt.runtime_context import get_parallel
+
+    return {"ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank, "quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
             "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "moe": moe, "loaded": names,
             "params": params, "untouched": untouched}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(x) for x in sys.argv[3:5]))
+    main(sys.argv[1], sys.argv[2], *(int(x) for x in sys.argv[3:6]))

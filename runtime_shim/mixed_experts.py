@@ -19,8 +19,11 @@ Weight loading: the model's loader maps `experts.N.gate_proj.*` to `experts.w13_
 weight_loader with the global expert id. The layer holds one empty routing parameter per native name (`w13_weight`,
 `w13_qweight`, …); its loader hands the tensor to the owning group's real parameter with the group-local expert id.
 
-Limits (refused at load time, naming the layer): expert parallelism (SGLang maps contiguous expert ranges per rank),
-shared experts fused into the FusedMoE, and a --moe-runner-backend other than the default (auto/triton).
+Expert parallelism (standard dispatcher): each rank builds the groups that have experts in its contiguous range, each
+holding just those; the dispatcher's rank-local ids map through the same tables (its -1 stays -1).
+
+Limits (refused at load time, naming the layer): shared experts fused into the FusedMoE, and a --moe-runner-backend
+other than the default (auto/triton).
 """
 from __future__ import annotations
 
@@ -43,11 +46,6 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra):
-        from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
-
-        if layer.moe_ep_size > 1:
-            raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts; mpconvert serves such "
-                             f"layers with tensor parallelism only — drop --ep (expert parallelism)")
         from sglang.srt.layers.moe import get_moe_runner_backend
 
         backend = get_moe_runner_backend()
@@ -58,55 +56,74 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         if layer.num_fused_shared_experts:
             raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts and SGLang fused shared "
                              f"experts into it; serve with --disable-shared-experts-fusion")
-        cfg = layer.moe_runner_config
-        owner = {}
-        groups = []
-        self.drops_minus_one: list[bool] = []
+        # Expert parallelism: this rank holds the contiguous range SGLang gives it, and its dispatcher hands the
+        # layer rank-local top-k ids (-1 for experts on other ranks). Each group holds its experts in that range.
+        per_rank = layer.num_experts // layer.moe_ep_size
+        lo = layer.moe_ep_rank * per_rank
+        self.owner: dict[int, tuple[str, int]] = {}  # global expert id on this rank → (group key, loader expert id)
+        self.every = {e for spec, _ in self.groups for e in spec["experts"]}
+        self.drops_minus_one: dict[str, bool] = {}
+        groups = torch.nn.ModuleDict()
         for g, (spec, native) in enumerate(self.groups):
-            sub = FusedMoE(num_experts=len(spec["experts"]), hidden_size=hidden_size,
-                           intermediate_size=intermediate_size_per_partition * layer.moe_tp_size,
-                           layer_id=layer.layer_id, top_k=layer.top_k, params_dtype=params_dtype,
-                           reduce_results=False, quant_config=native, prefix=self.prefix,
-                           activation=cfg.activation, apply_router_weight_on_input=cfg.apply_router_weight_on_input,
-                           inplace=False,  # every group reads the same input
-                           no_combine=cfg.no_combine, routed_scaling_factor=cfg.routed_scaling_factor,
-                           gemm1_alpha=cfg.gemm1_alpha, gemm1_clamp_limit=cfg.gemm1_clamp_limit,
-                           swiglu_limit=cfg.swiglu_limit, with_bias=layer.with_bias,
-                           routing_method_type=cfg.routing_method_type, is_gated=cfg.is_gated,
-                           gate_up_interleaved=cfg.gate_up_interleaved)
-            self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
-            drops = FORMATS[spec["format"]].sglang_moe_runner == "triton"
-            if drops:
-                # its runner (which holds this same config object) now drops -1 slots (see the module docstring)
-                sub.moe_runner_config.num_experts = layer.num_experts
-            self.drops_minus_one.append(drops)
-            groups.append(sub)
-            # global expert id → this group's local id, -1 for every other expert (skipped by the kernels)
-            local = torch.full((layer.num_experts,), -1, dtype=torch.int32)
-            for i, e in enumerate(spec["experts"]):
-                local[e] = i
-                owner[e] = (g, i)
-            layer.register_buffer(f"expert_map_{g}", local, persistent=False)
-        layer.add_module(GROUPS, torch.nn.ModuleList(groups))
-        self.owner = owner
-        for name in sorted({n for sub in groups for n, _ in sub.named_parameters(recurse=False)}):
+            mine = [e for e in spec["experts"] if lo <= e < lo + per_rank]
+            if mine:
+                groups[str(g)] = self._group(layer, g, spec, native, mine, lo, per_rank, hidden_size,
+                                             intermediate_size_per_partition, params_dtype)
+        layer.add_module(GROUPS, groups)
+        for name in sorted({n for sub in groups.values() for n, _ in sub.named_parameters(recurse=False)}):
             proxy = torch.nn.Parameter(torch.empty(0), requires_grad=False)
             proxy.weight_loader = self._router(layer, name)
             layer.register_parameter(name, proxy)
 
+    def _group(self, layer, g: int, spec: dict, native, mine: list[int], lo: int, per_rank: int, hidden_size: int,
+               intermediate_size_per_partition: int, params_dtype):
+        """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method."""
+        from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+
+        cfg, ep = layer.moe_runner_config, layer.moe_ep_size
+        # SGLang splits a FusedMoE's experts evenly over the EP ranks: declaring ep × len(mine) experts makes this
+        # rank hold len(mine); its loader takes them as ids rank·len(mine) + i (its own contiguous range)
+        sub = FusedMoE(num_experts=len(mine) * ep, hidden_size=hidden_size,
+                       intermediate_size=intermediate_size_per_partition * layer.moe_tp_size,
+                       layer_id=layer.layer_id, top_k=layer.top_k, params_dtype=params_dtype,
+                       reduce_results=False, quant_config=native, prefix=self.prefix,
+                       activation=cfg.activation, apply_router_weight_on_input=cfg.apply_router_weight_on_input,
+                       inplace=False,  # every group reads the same input
+                       no_combine=cfg.no_combine, routed_scaling_factor=cfg.routed_scaling_factor,
+                       gemm1_alpha=cfg.gemm1_alpha, gemm1_clamp_limit=cfg.gemm1_clamp_limit,
+                       swiglu_limit=cfg.swiglu_limit, with_bias=layer.with_bias,
+                       routing_method_type=cfg.routing_method_type, is_gated=cfg.is_gated,
+                       gate_up_interleaved=cfg.gate_up_interleaved)
+        self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
+        key = str(g)
+        self.drops_minus_one[key] = FORMATS[spec["format"]].sglang_moe_runner == "triton"
+        if self.drops_minus_one[key]:
+            # its runner (which holds this same config object) now drops -1 slots (see the module docstring)
+            sub.moe_runner_config.num_experts = layer.num_experts
+        # rank-local top-k id → this group's local id; -1 for other groups' experts, and the extra last entry maps
+        # the dispatcher's -1 (an expert on another rank) to -1 as well
+        local = torch.full((per_rank + 1,), -1, dtype=torch.int32)
+        for i, e in enumerate(mine):
+            local[e - lo] = i
+            self.owner[e] = (key, layer.moe_ep_rank * len(mine) + i)
+        layer.register_buffer(f"expert_map_{g}", local, persistent=False)
+        return sub
+
     def _router(self, layer, name: str):
         def load(_proxy, loaded_weight, weight_name, shard_id=None, expert_id=None):
-            if expert_id not in self.owner:
+            if expert_id not in self.every:
                 raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} is in no expert group of "
-                                 f"{self.prefix} (the manifest lists {sorted(self.owner)})")
-            g, local = self.owner[expert_id]
-            sub = getattr(layer, GROUPS)[g]
+                                 f"{self.prefix} (the manifest lists {sorted(self.every)})")
+            if expert_id not in self.owner:
+                return  # held by another expert-parallel rank, as FusedMoE's own loader skips it
+            key, loader_id = self.owner[expert_id]
+            sub = getattr(layer, GROUPS)[key]
             real = sub._parameters.get(name)
             if real is None:
-                spec = self.groups[g][0]
+                spec = self.groups[int(key)][0]
                 raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} of {self.prefix} is {spec['format']}, "
                                  f"which has no {name}; the checkpoint and its manifest disagree — run mpconvert verify")
-            real.weight_loader(real, loaded_weight, weight_name, shard_id=shard_id, expert_id=local)
+            real.weight_loader(real, loaded_weight, weight_name, shard_id=shard_id, expert_id=loader_id)
         return load
 
     def create_moe_runner(self, layer, moe_runner_config):
@@ -120,9 +137,9 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
         topk = dispatch_output.topk_output
         out = None
-        for g, sub in enumerate(getattr(layer, GROUPS)):
-            local_ids = getattr(layer, f"expert_map_{g}")[topk.topk_ids]
-            if self.drops_minus_one[g]:
+        for key, sub in getattr(layer, GROUPS).items():
+            local_ids = getattr(layer, f"expert_map_{key}")[topk.topk_ids]
+            if self.drops_minus_one[key]:
                 mine = topk._replace(topk_ids=local_ids)
             else:  # first local expert, weight 0
                 keep = local_ids >= 0

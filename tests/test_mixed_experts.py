@@ -12,7 +12,7 @@ from mpconvert.runtime_shim.engine_check import sha
 from conftest import write_recipe
 from test_bad_inputs import fails
 from test_build import build, check_faithful
-from test_shim import load, loaded
+from test_shim import load, loaded, manifest_tensor_names
 
 SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
 # layer 0: experts 0-2 FP8, the rest GPTQ; layer 1: 0-2 FP8, 3/5/6 Int8, 4/7 GPTQ; attention Int8 (the default)
@@ -42,15 +42,8 @@ def test_build_writes_expert_groups_byte_exact(moe, cli, tmp_path):
     assert set(worst) >= {"fp8", "gptq", "int8"}
     r = cli("inspect", tmp_path / "out", "--no-modules")
     assert f"{E1}: mixed_experts: fp8 [0-2], int8 [3,5-6], gptq [4,7]" in " ".join(r.output.split())
-    r = cli("verify", tmp_path / "out", "--tp", "2", "--json")
+    r = cli("verify", tmp_path / "out", "--tp", "2", "--ep", "2", "--json")
     assert r.exit_code == 0, r.output
-    # SGLang's expert parallelism maps contiguous expert ranges per rank; mixed layers are served with TP only
-    r = cli("verify", tmp_path / "out", "--ep", "2", "--json")
-    assert r.exit_code == 1
-    assert [(f["where"], f["message"].split(";")[0]) for f in json.loads(r.stdout)["findings"]] == [
-        (E0, "--ep 2: this layer mixes formats across its experts (mixed_experts: fp8 [0-2], gptq [3-7])"),
-        (E1, "--ep 2: this layer mixes formats across its experts (mixed_experts: fp8 [0-2], int8 [3,5-6], "
-             "gptq [4,7])")]
 
 
 def test_shim_serves_each_format_group_natively_tp1_and_tp2(moe, cli, tmp_path):
@@ -87,6 +80,34 @@ def test_shim_serves_each_format_group_natively_tp1_and_tp2(moe, cli, tmp_path):
                                                               for e in (4, 7)]))
         # the layer's own routing parameters are empty: no second copy of any weight
         assert p[f"{E1}.w13_weight"][1] == [0] and p[f"{E1}.w13_qweight"][1] == [0]
+
+
+def test_expert_parallel_ranks_hold_their_experts_of_each_group(moe, cli, tmp_path):
+    """--tp 2 --ep 2: rank 0 holds experts 0-3, rank 1 experts 4-7 (SGLang's contiguous split); each rank builds the
+    groups with experts in its range, each holding just those, at full intermediate size (moe_tp = tp / ep = 1)."""
+    recipe = write_recipe(tmp_path, moe, SOURCES, "int8", RULES)
+    build(cli, recipe, tmp_path / "out", "--tp", "2")
+    out = load(tmp_path / "out")
+    ranks = run_ranks(tmp_path / "out", 2, "float16", ep=2)
+    names = manifest_tensor_names(tmp_path / "out")
+    held = [{0: [0, 1, 2], 1: [3]}, {1: [5, 6], 2: [4, 7]}]  # layer 1: group → its experts on that rank
+    for k, r in enumerate(ranks):
+        assert "error" not in r, r["error"]
+        assert (r["ep"], r["ep_rank"]) == (2, k) and set(r["loaded"]) == names and r["untouched"] == []
+        groups_here = sorted(int(n.rsplit(".", 1)[1]) for n in r["methods"] if n.startswith(f"{E1}.expert_groups."))
+        assert groups_here == sorted(held[k])
+        for g, experts in held[k].items():
+            sub = f"{E1}.expert_groups.{g}"
+            assert r["moe"][sub][1] == len(experts)
+            w2 = "w2_qweight" if g == 2 else "w2_weight"
+            src = "qweight" if g == 2 else "weight"
+            assert r["params"][f"{sub}.{w2}"][2] == sha(torch.stack([out[f"{E1}.{e}.down_proj.{src}"]
+                                                                     for e in experts]))
+    r = cli("verify", tmp_path / "out", "--tp", "2", "--ep", "2", "--engine", "sglang", "--dtype", "float16",
+            "--json")
+    assert r.exit_code == 0, r.output
+    assert [(x["tp"], x["ep"], x["rank"]) for x in json.loads(r.stdout)["engine"]["runs"]] == [
+        (1, 1, 0), (2, 2, 0), (2, 2, 1)]
 
 
 def test_gptq_group_needs_fp16_and_unquantized_group(moe, cli, tmp_path):
