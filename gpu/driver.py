@@ -3,7 +3,8 @@
 Usage: driver.py dense|moe OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
-E2E_GPTQ=0 (experts part) leaves out the MoE GPTQ pair;
+E2E_GPTQ=0 (experts part) leaves out the MoE GPTQ pair; E2E_NO_CUSTOM_AR=1 starts TP=2 Engines with
+--disable-custom-all-reduce (MoE TP=2 Engines hung after loading on 2× H200);
 E2E_MEMORY=1 (dense) the weight-memory part alone, all Engines at once on one GPU;
 E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline); E2E_ONLY=a,b runs only those fidelity
 Engines; E2E_CHILD_TIMEOUT per Engine (420 s; the first fp16 GPTQ MoE Engine compiles Marlin MoE for minutes).

@@ -36,6 +36,8 @@ def main(spec: dict) -> dict:
               disable_cuda_graph=not spec.get("cuda_graph", False))
     if spec.get("cuda_graph"):  # decode graphs for the two batch sizes measured; no prefill graphs
         kw.update(cuda_graph_bs_decode=[1, 8], disable_prefill_cuda_graph=True)
+    if os.environ.get("E2E_NO_CUSTOM_AR") == "1" and spec.get("tp", 1) > 1:
+        kw["disable_custom_all_reduce"] = True  # to try when TP=2 Engines hang after loading (MoE, 2026-11-28)
     if spec.get("quantization"):
         kw["quantization"] = spec["quantization"]
     t1 = time.time()
