@@ -80,6 +80,7 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str]) -> d
                   "num_experts": plan.info.num_experts},
         "built_for_tp": plan.tp,
         "recipe": json.loads(plan.recipe.model_dump_json()),
+        **({"routing_files": plan.recipe.routing_files()} if plan.recipe.routing_files() else {}),
         "sources": sources, "units": plan.units, "modules": modules,
         "totals": totals(plan),
     }

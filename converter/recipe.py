@@ -18,13 +18,12 @@
 from __future__ import annotations
 
 import fnmatch
-import functools
 import re
 from pathlib import Path
 from typing import Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -140,10 +139,11 @@ class Rule(BaseModel):
         return False
 
     def describe(self, index: int) -> str:
+        experts = self.experts.model_dump(exclude_none=True) if isinstance(self.experts, ExpertsFromFile) else \
+            self.experts
         extra = (f" layers={self.layers}" if self.layers is not None else "") + (
             f" moe={self.moe}" if self.moe is not None else "") + (
-            f" experts={self.experts.model_dump(exclude_none=True) if isinstance(self.experts, ExpertsFromFile) else self.experts}"
-            if self.experts is not None else "")
+            f" experts={experts}" if experts is not None else "")
         return f"rules[{index}] (match {self.match!r}{extra} → {self.source})"
 
 
@@ -174,6 +174,7 @@ class Recipe(BaseModel):
 
     # paths are relative to the recipe file
     _dir: Path = Path(".")
+    _routing: dict = PrivateAttr(default_factory=dict)  # routing file → counts, read once per recipe
 
     def path_of(self, source: str) -> Path:
         return self._resolve(self.base if source == BASE else self.sources[source])
@@ -187,7 +188,10 @@ class Recipe(BaseModel):
         rule = self.rules[index]
         if not isinstance(rule.experts, ExpertsFromFile):
             return rule.expert_ids
-        counts = _routing_counts(self._resolve(rule.experts.file), f"rules[{index}].experts.file")
+        path = self._resolve(rule.experts.file)
+        if path not in self._routing:
+            self._routing[path] = _routing_counts(path, f"rules[{index}].experts.file")
+        counts = self._routing[path]
         if layer not in counts:
             raise UserError(f"rules[{index}].experts.file: {rule.experts.file} has no counts for layer {layer}; "
                             f"record routing over every MoE layer the rule's layers filter keeps")
@@ -196,15 +200,25 @@ class Recipe(BaseModel):
         if rule.experts.top is not None:
             return frozenset(order[:rule.experts.top])
         total, acc, chosen = sum(c), 0.0, []
+        if not total:
+            raise UserError(f"rules[{index}].experts.file: {rule.experts.file} counts no routed tokens in layer "
+                            f"{layer}, so coverage selects nothing; record routing on real traffic or use top")
         for e in order:
-            if total and acc >= rule.experts.coverage * total:
+            if acc >= rule.experts.coverage * total:
                 break
             chosen.append(e)
             acc += c[e]
         return frozenset(chosen)
 
 
-@functools.lru_cache(maxsize=8)
+    def routing_files(self) -> dict[str, str]:
+        """sha256 of every routing-frequency file the rules read (recorded in the manifest: it decides formats)."""
+        import hashlib
+
+        return {r.experts.file: hashlib.sha256(self._resolve(r.experts.file).read_bytes()).hexdigest()
+                for r in self.rules if isinstance(r.experts, ExpertsFromFile)}
+
+
 def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     """layer → routed-token count per expert. JSON {"0": [..], ...}, or SGLang's expert-distribution dump (a torch
     file with `logical_count`, [layers, experts] after summing any leading steps/ranks dimensions)."""

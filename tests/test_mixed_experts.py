@@ -2,6 +2,7 @@
 with real SGLang classes (one native FusedMoE per format group, every expert's tensors loaded into its group)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -140,6 +141,9 @@ def test_routing_file_picks_the_most_routed_experts(moe, cli, tmp_path):
     manifest = build(cli, write_recipe(tmp_path, moe, SOURCES, "int8", rules), tmp_path / "top")
     assert groups(manifest, E0) == [("gptq", [0, 2, 4, 5, 6, 7]), ("fp8", [1, 3])]
     assert groups(manifest, E1) == [("gptq", [0, 1, 3, 4, 5, 6]), ("fp8", [2, 7])]
+    # the file decides formats, so the manifest records which file it was
+    assert manifest["routing_files"] == {"routing.json": hashlib.sha256((tmp_path / "routing.json").read_bytes())
+                                         .hexdigest()}
     # SGLang's dump: logical_count [steps, layers, experts], summed over steps; ties go to the lower id
     dump = torch.tensor([[[1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 5, 0, 0, 0, 0]],
                          [[1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 1, 0]]], dtype=torch.int64)
