@@ -58,8 +58,6 @@ def expected_layers(manifest: dict, ep: int = 1, ep_rank: int = 0) -> dict[str, 
     mixed-experts MoE layer gets MixedExpertsMethod, and each of its format groups (`expert_groups.N` under it) with
     experts on this expert-parallel rank its format's native MoE method."""
     out = {}
-    per_rank = manifest["model"]["num_experts"] // ep
-    on_rank = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
     for unit, spec in manifest["units"].items():
         fmt = spec["format"]
         if unit.endswith("lm_head"):
@@ -68,6 +66,8 @@ def expected_layers(manifest: dict, ep: int = 1, ep_rank: int = 0) -> dict[str, 
                 (fmt, *FORMATS[fmt].sglang_methods(spec["params"], False))
         elif fmt == MIXED_EXPERTS:
             out[unit] = (describe_unit(spec), "MixedExpertsMethod", None)
+            per_rank = manifest["model"]["num_experts"] // ep  # SGLang's contiguous expert range of this rank
+            on_rank = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
             for i, g in enumerate(spec["groups"]):
                 if any(e in on_rank for e in g["experts"]):
                     out[f"{unit}.{GROUPS}.{i}"] = (g["format"], *FORMATS[g["format"]].sglang_methods(g["params"],
