@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 from .formats import FORMATS
-from .manifest import MIXED_EXPERTS, describe_unit
-
-GROUPS = "expert_groups"  # runtime_shim.mixed_experts.GROUPS (not imported: that module needs SGLang)
+from .manifest import EXPERT_GROUPS, MIXED_EXPERTS, describe_unit
 
 CHECK = "mpconvert.runtime_shim.engine_check"
 TIMEOUT_S = 1800
@@ -70,7 +68,7 @@ def expected_layers(manifest: dict, ep: int = 1, ep_rank: int = 0) -> dict[str, 
             on_rank = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
             for i, g in enumerate(spec["groups"]):
                 if any(e in on_rank for e in g["experts"]):
-                    out[f"{unit}.{GROUPS}.{i}"] = (g["format"], *FORMATS[g["format"]].sglang_methods(g["params"],
+                    out[f"{unit}.{EXPERT_GROUPS}.{i}"] = (g["format"], *FORMATS[g["format"]].sglang_methods(g["params"],
                                                                                                      True))
         else:
             out[unit] = (fmt, *FORMATS[fmt].sglang_methods(spec["params"], unit.endswith(".experts")))

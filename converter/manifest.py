@@ -18,6 +18,9 @@ MANIFEST_VERSION = 1
 QUANT_METHOD = "mpconvert"
 # a MoE unit whose experts come in several formats: its "groups" list each format's params and expert ids
 MIXED_EXPERTS = "mixed_experts"
+# where the runtime shim puts a mixed-experts layer's per-format FusedMoE layers (`<unit>.expert_groups.<i>`, i the
+# group's index in the manifest); verify --engine looks them up by that name
+EXPERT_GROUPS = "expert_groups"
 
 
 def unit_groups(spec: dict) -> list[dict]:
@@ -80,7 +83,7 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str]) -> d
                   "num_experts": plan.info.num_experts},
         "built_for_tp": plan.tp,
         "recipe": json.loads(plan.recipe.model_dump_json()),
-        **({"routing_files": plan.recipe.routing_files()} if plan.recipe.routing_files() else {}),
+        **({"routing_files": routing} if (routing := plan.recipe.routing_files()) else {}),
         "sources": sources, "units": plan.units, "modules": modules,
         "totals": totals(plan),
     }

@@ -148,13 +148,14 @@ def check_schemes(manifest: dict, found: dict[str, TensorInfo], rep: Report, val
                 rep.add("scheme", name, problem)
     # fused units: one format per SGLang layer (per expert group in a mixed-experts layer), as the unit table says
     for unit, u in manifest["units"].items():
-        group_of = {e: g for g in unit_groups(u) for e in (g["experts"] or [])}
+        groups = unit_groups(u)
+        group_of = {e: g for g in groups for e in (g["experts"] or [])}
         for member in u["members"]:
             m = mods.get(member)
             if m is None or m["unit"] != unit:
                 rep.add("scheme", unit, f"member {member} is not a module of this unit in the manifest")
                 continue
-            g = group_of.get(m["expert"]) if u["format"] == MIXED_EXPERTS else unit_groups(u)[0]
+            g = group_of.get(m["expert"]) if u["format"] == MIXED_EXPERTS else groups[0]
             if g is None:
                 rep.add("scheme", unit, f"{member} (expert {m['expert']}) is in no expert group of its layer")
             elif (m["format"], m["params"]) != (g["format"], g["params"]):

@@ -33,8 +33,7 @@ import torch
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig
 
 from mpconvert.formats import FORMATS
-
-GROUPS = "expert_groups"  # submodule name of the per-format FusedMoE layers
+from mpconvert.manifest import EXPERT_GROUPS as GROUPS
 
 
 class MixedExpertsMethod(FusedMoEMethodBase):
