@@ -175,6 +175,7 @@ class Recipe(BaseModel):
     # paths are relative to the recipe file
     _dir: Path = Path(".")
     _routing: dict = PrivateAttr(default_factory=dict)  # routing file → counts, read once per recipe
+    _selected: dict = PrivateAttr(default_factory=dict)  # (rule index, layer) → its experts, chosen once
 
     def path_of(self, source: str) -> Path:
         return self._resolve(self.base if source == BASE else self.sources[source])
@@ -184,10 +185,17 @@ class Recipe(BaseModel):
         return p if p.is_absolute() else (self._dir / p)
 
     def routed_experts(self, index: int, layer: int) -> frozenset[int] | None:
-        """The experts rules[index] selects in this layer (None: no expert filter)."""
+        """The experts rules[index] selects in this layer (None: no expert filter). Planning asks once per module;
+        the answer is computed once per (rule, layer)."""
         rule = self.rules[index]
         if not isinstance(rule.experts, ExpertsFromFile):
             return rule.expert_ids
+        if (index, layer) not in self._selected:
+            self._selected[index, layer] = self._from_file(index, layer)
+        return self._selected[index, layer]
+
+    def _from_file(self, index: int, layer: int) -> frozenset[int]:
+        rule = self.rules[index]
         path = self._resolve(rule.experts.file)
         if path not in self._routing:
             self._routing[path] = _routing_counts(path, f"rules[{index}].experts.file")
@@ -209,7 +217,6 @@ class Recipe(BaseModel):
             chosen.append(e)
             acc += c[e]
         return frozenset(chosen)
-
 
     def routing_files(self) -> dict[str, str]:
         """sha256 of every routing-frequency file the rules read (recorded in the manifest: it decides formats)."""
