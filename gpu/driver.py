@@ -382,7 +382,9 @@ def tp_compare(a: dict, b: dict) -> dict:
             "teacher_forced_max_abs_dlogprob": round(max(d), 5), "mean": round(sum(d) / len(d), 5)}
 
 
-def speed(meta: dict, res: dict) -> None:
+def synth_models(meta: dict, res: dict) -> tuple[dict[str, Path], Path]:
+    """The 12-layer 8B-shaped model synthesized in each format, and the mixed build taking 3 layers from each;
+    records which layers each format has and the bf16 bytes every checkpoint shares (embeddings, lm_head, norms)."""
     sys.path.insert(0, str(HERE))
     import synth
 
@@ -393,6 +395,15 @@ def speed(meta: dict, res: dict) -> None:
     order = list(tpl)  # fp8, int8, gptq, awq
     rules = "\n".join(f'- {{match: "*", layers: "{3 * i}-{3 * i + 2}", source: {k}}}' for i, k in enumerate(order))
     mixed = build("synth-mixed", dirs["base"], {k: dirs[k] for k in order}, order[0], rules)
+    res["speed_layers"] = {k: [3 * i, 3 * i + 2] for i, k in enumerate(order)}
+    cfg = synth.CONFIG
+    h, v, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    res["speed_support_gb"] = (2 * v * h + (2 * n + 1) * h) * 2 / 2**30
+    return {k: dirs[k] for k in order}, mixed
+
+
+def speed(meta: dict, res: dict) -> None:
+    dirs, mixed = synth_models(meta, res)
     spec = {"mode": "speed", "cuda_graph": True, "mem_fraction": 0.6, "max_total_tokens": 16384, "log_level": "info"}
     queues = [["ct-fp8-dynamic", "gptq", "mixed"], ["ct-w8a8", "awq", "mixed-gpu1"]]
     if torch_gpus() < 2:
@@ -407,32 +418,15 @@ def speed(meta: dict, res: dict) -> None:
 
     with ThreadPoolExecutor(len(queues)) as ex:
         parts = list(ex.map(run_queue, range(len(queues)), queues))
-    runs = {k: v for p in parts for k, v in p.items()}
-    res["speed_runs"] = runs
-    cfg = synth.CONFIG
-    h, v, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    support_gb = (2 * v * h + (2 * n + 1) * h) * 2 / 2**30  # bf16 embeddings, lm_head, norms
-    res["speed_support_gb"] = support_gb
-    res["speed_layers"] = {k: [3 * i, 3 * i + 2] for i, k in enumerate(order)}
+    res["speed_runs"] = {k: v for p in parts for k, v in p.items()}
 
 
 def memory(meta: dict, res: dict) -> None:
     """Weight memory only (no decode): the synthetic parts and the mixed build loaded side by side on one GPU."""
-    sys.path.insert(0, str(HERE))
-    import synth
-
-    tpl = meta["templates"]
-    dirs = synth.main(WORK / "synth", tpl, WORK / "fixtures" / "base")
-    order = list(tpl)
-    rules = "\n".join(f'- {{match: "*", layers: "{3 * i}-{3 * i + 2}", source: {k}}}' for i, k in enumerate(order))
-    mixed = build("synth-mixed", dirs["base"], {k: dirs[k] for k in order}, order[0], rules)
+    dirs, mixed = synth_models(meta, res)
     spec = {"mode": "load", "mem_fraction": 0.08, "max_total_tokens": 4096, "log_level": "info", "gpu": 0}
-    jobs = {n: {**spec, "path": str(mixed if n == "mixed" else dirs[n])} for n in [*order, "mixed"]}
+    jobs = {n: {**spec, "path": str(path)} for n, path in [*dirs.items(), ("mixed", mixed)]}
     res["speed_runs"] = run_all(jobs, par=len(jobs))
-    res["speed_layers"] = {k: [3 * i, 3 * i + 2] for i, k in enumerate(order)}
-    cfg = synth.CONFIG
-    h, v, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    res["speed_support_gb"] = (2 * v * h + (2 * n + 1) * h) * 2 / 2**30
 
 
 def speed_verdicts(res: dict) -> list[str]:
@@ -468,30 +462,31 @@ def speed_verdicts(res: dict) -> list[str]:
     return out
 
 
+def runs_table(res: dict) -> list[str]:
+    """One row per Engine run: outcome, load time, the first tokens of prompt 0, and its distance from bf16."""
+    L = ["| run | ok | load s | tokens (prompt 0) | vs bf16: mean/max |Δlogprob|, top-1 agreement |",
+         "|---|---|---|---|---|"]
+    for k, r in res["runs"].items():
+        vb = res["vs_bf16"].get(k, {})
+        L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:].replace('|', '/')} | "
+                 f"{r.get('load_s', '')} | {r['outputs'][0]['ids'][:8] if r.get('outputs') else ''} | "
+                 f"{vb.get('mean_abs_dlogprob', '')} / {vb.get('max_abs_dlogprob', '')}, {vb.get('top1_agreement', '')} |")
+    return L
+
+
 def summarize(part: str, res: dict) -> str:
     L = [f"# mpconvert GPU proof — {part} part", "", f"card: {res.get('card')}; SGLang {res.get('sglang')}; "
          f"torch {res.get('torch')}; {time.strftime('%Y-%m-%d')}", ""]
     if "runs" in res and part != "experts":
-        L += ["## Fidelity (tiny real quantizer outputs)", "", "| run | ok | load s | tokens (prompt 0) | vs bf16: mean/max |Δlogprob|, top-1 agreement |",
-              "|---|---|---|---|---|"]
-        for k, r in res["runs"].items():
-            vb = res["vs_bf16"].get(k, {})
-            L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:].replace('|', '/')} | "
-                     f"{r.get('load_s', '')} | {r['outputs'][0]['ids'][:8] if r.get('ok') else ''} | "
-                     f"{vb.get('mean_abs_dlogprob', '')} / {vb.get('max_abs_dlogprob', '')}, {vb.get('top1_agreement', '')} |")
+        L += ["## Fidelity (tiny real quantizer outputs)", ""] + runs_table(res)
         L += ["", "| source S | served S vs served pure-S recipe |", "|---|---|"]
         for k, c in res["identity"].items():
             verdict = {True: "IDENTICAL", False: "DIFFERENT", None: "NOT MEASURED"}[c.get("identical")]
             L.append(f"| {k} | {verdict} {c} |")
         L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
     if part == "experts" and "runs" in res:
-        L += ["## Expert-level mixed precision (Qwen3-MoE, 8 experts, top-2)", "", f"groups: {res['mixed_units']}", "",
-              "| run | ok | load s | tokens (prompt 0) | vs bf16: mean/max |Δlogprob|, top-1 |", "|---|---|---|---|---|"]
-        for k, r in res["runs"].items():
-            vb = res["vs_bf16"].get(k, {})
-            L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:].replace('|', '/')} | "
-                     f"{r.get('load_s', '')} | {r['outputs'][0]['ids'][:8] if r.get('outputs') else ''} | "
-                     f"{vb.get('mean_abs_dlogprob', '')} / {vb.get('max_abs_dlogprob', '')}, {vb.get('top1_agreement', '')} |")
+        L += ["## Expert-level mixed precision (Qwen3-MoE, 8 experts, top-2)", "", f"groups: {res['mixed_units']}",
+              ""] + runs_table(res)
         L += ["", *[f"- {k}: {v}" for k, v in res["identity"].items()],
               f"- vs the dequantized reference (mean/max |Δlogprob|, top-1): {res['vs_dequantized_ref']}",
               f"- decode tok/s (CUDA graphs): {res['speed']}",
