@@ -13,9 +13,8 @@ from mpconvert.runtime_shim.engine_check import sha
 from conftest import write_recipe
 from test_bad_inputs import fails
 from test_build import build, check_faithful
-from test_shim import load, loaded, manifest_tensor_names
+from test_shim import THREE_SOURCES as SOURCES, load, loaded, manifest_tensor_names
 
-SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
 # layer 0: experts 0-2 FP8, the rest GPTQ; layer 1: 0-2 FP8, 3/5/6 Int8, 4/7 GPTQ; attention Int8 (the default)
 RULES = """
 - {match: "mlp.experts.*", experts: "0-2", source: fp8}

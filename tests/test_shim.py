@@ -41,6 +41,17 @@ def loaded(path: Path, tp: int = 1, dtype: str = "auto") -> list[dict]:
     return ranks
 
 
+THREE_SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
+
+
+def built_and_loaded(fixtures: dict, cli, tmp_path: Path, default: str, rules: str) -> dict:
+    """Build a recipe over CT block FP8, CT Int8 and GPTQ; SGLang builds and loads it at TP=1 in fp16 (GPTQ MoE runs
+    fp16 only). The rank's result."""
+    build(cli, write_recipe(tmp_path, fixtures, THREE_SOURCES, default, rules), tmp_path / "out")
+    [r] = loaded(tmp_path / "out", dtype="float16")
+    return r
+
+
 def manifest_tensor_names(d: Path) -> set[str]:
     manifest = json.loads((d / "mpconvert_manifest.json").read_text())
     return {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
@@ -76,8 +87,7 @@ def test_moe_mixed_binds_fused_moe_per_layer_and_loads(moe, cli, tmp_path):
     - {match: "mlp.experts.*", layers: 0, source: fp8}
     - {match: "self_attn.*", layers: 0, source: int8}
     """
-    recipe = write_recipe(tmp_path, moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "gptq", rules)
-    build(cli, recipe, tmp_path / "out")
+    build(cli, write_recipe(tmp_path, moe, THREE_SOURCES, "gptq", rules), tmp_path / "out")
     # GPTQ-Marlin MoE runs fp16 activations only: in the model's own bf16 the shim refuses at load, naming the layer
     err = refusal(tmp_path / "out")
     assert "model.layers.1.mlp.experts is GPTQ MoE" in err and "--dtype float16" in err
@@ -200,10 +210,7 @@ def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tm
     - {match: "mlp.shared_expert.*", source: int8}
     - {match: "self_attn.*", layers: 1, source: int8}
     """
-    recipe = write_recipe(tmp_path, qwen2moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "gptq",
-                          rules)
-    build(cli, recipe, tmp_path / "out")
-    [r] = loaded(tmp_path / "out", dtype="float16")
+    r = built_and_loaded(qwen2moe, cli, tmp_path, "gptq", rules)
     m = r["methods"]
     L0, L1 = "model.layers.0", "model.layers.1"
     assert m[f"{L0}.mlp.experts"] == ["CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE"]
@@ -235,11 +242,7 @@ def test_deepseek_mla_and_moe_in_three_formats(deepseek, cli, tmp_path):
     """DeepSeek-V2: fused q_a/kv_a (MLA) and kv_b_proj in block FP8 and Int8 (kv_b_proj is absorbed into w_kc/w_vc
     by SGLang's loader after loading), shared experts in FP8, routed experts in GPTQ (so fp16), the dense layer 0 in
     Int8."""
-    recipe = write_recipe(tmp_path, deepseek, {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}, "int8",
-                          DEEPSEEK_RULES)
-    build(cli, recipe, tmp_path / "out")
-    [r] = loaded(tmp_path / "out", dtype="float16")
-    m = r["methods"]
+    m = built_and_loaded(deepseek, cli, tmp_path, "int8", DEEPSEEK_RULES)["methods"]
     L0, L1 = "model.layers.0", "model.layers.1"
     fp8 = ["CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"]
     assert m[f"{L1}.self_attn.fused_qkv_a_proj_with_mqa"] == fp8 and m[f"{L1}.self_attn.kv_b_proj"] == fp8
