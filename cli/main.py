@@ -145,7 +145,8 @@ Checks: structure (config ↔ manifest sha256, index ↔ shards ↔ manifest, dt
 units and folded-scale consistency, TP/EP shardability for SGLang's kernels, a memory report, and with --numeric
 --base BASE the per-block and end-to-end error of the dequantized model against the bf16 base on CPU. With
 --engine sglang, SGLang's own classes build and load the model on CPU through the runtime shim (TP=1 and each rank
-of --tp, with --ep's expert split): every layer must resolve to its format's native quant method and every parameter must be loaded.
+of --tp, with --ep's expert split): every layer must resolve to its format's native quant method and every
+parameter must be loaded.
 
 Exit codes: 0 all checks passed; 1 problems found (one line each); 2 usage error.
 
@@ -215,8 +216,9 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
         if rep.engine:
             runs = rep.engine["runs"]
             out.print(f"engine sglang (dtype {rep.engine['dtype']}): " + "; ".join(
-                f"tp={r['tp']}{' ep=' + str(r['ep']) if r.get('ep', 1) > 1 else ''} rank {r['rank']}: " + (f"refused: {r['error']}" if r["error"] else
-                                                      f"{r['layers']} quantized layers, {r['parameters']} parameters")
+                f"tp={r['tp']}{' ep=' + str(r['ep']) if r.get('ep', 1) > 1 else ''} rank {r['rank']}: " +
+                (f"refused: {r['error']}" if r["error"] else
+                 f"{r['layers']} quantized layers, {r['parameters']} parameters")
                 for r in runs), highlight=False, soft_wrap=True)
         mem = rep.memory
         out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"

@@ -7,7 +7,8 @@ there is any. Checks:
   tp         — every TP (and EP) split SGLang will make is legal for the module's kernel
   numeric    — per decoder block: dequantized vs bf16 base on the base's own hidden states; end-to-end logits
   engine     — (--engine sglang) SGLang's real classes build and load the model on CPU through the shim, at TP=1 and
-               every rank of TP=N (experts split by --ep): each layer's quant method is its format's native one; every parameter is written
+               every rank of TP=N (experts split by --ep): each layer's quant method is its format's native one; every
+               parameter is written
 """
 from __future__ import annotations
 

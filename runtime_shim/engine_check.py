@@ -5,7 +5,8 @@ pick its quant method exactly as on a GPU, and SGLang's real `load_weights` fill
 `process_weights_after_loading`, which needs the GPU.
 
 Usage: python -m mpconvert.runtime_shim.engine_check DIR PORT [TP RANK [EP]]; for TP=N run N of them at once (gloo
-ranks; EP splits the experts over them as SGLang's --ep does), one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype (default
+ranks; EP splits the experts over them as SGLang's --ep does), one process per rank (SGLang keeps process-global
+distributed state). SGLANG_DTYPE picks the model dtype (default
 auto). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
 experts held]}, "loaded": [...],
@@ -114,8 +115,10 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
                        if p.numel() and bool((p.data.view(torch.uint8) == MARK).all()) and not n.endswith(DERIVED))
     from sglang.srt.runtime_context import get_parallel
 
-    return {"ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank, "quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
-            "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "moe": moe, "loaded": names,
+    return {"ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank,
+            "quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
+            "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "moe": moe,
+            "loaded": names,
             "params": params, "untouched": untouched}
 
 

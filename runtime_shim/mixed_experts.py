@@ -120,8 +120,9 @@ class MixedExpertsMethod(FusedMoEMethodBase):
             real = sub._parameters.get(name)
             if real is None:
                 spec = self.groups[int(key)][0]
-                raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} of {self.prefix} is {spec['format']}, "
-                                 f"which has no {name}; the checkpoint and its manifest disagree — run mpconvert verify")
+                raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} of {self.prefix} is "
+                                 f"{spec['format']}, which has no {name}; the checkpoint and its manifest disagree — "
+                                 f"run mpconvert verify")
             real.weight_loader(real, loaded_weight, weight_name, shard_id=shard_id, expert_id=loader_id)
         return load
 
