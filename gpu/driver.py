@@ -19,8 +19,11 @@ Results: OUT/results.json, OUT/report.md (also printed), OUT/logs.tar.xz (every 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -85,6 +88,7 @@ def build(name: str, base: Path, sources: dict[str, Path], default: str, rules: 
 
 # ---- engines -----------------------------------------------------------------------------------------------------
 def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_TIMEOUT", "420"))) -> dict:
+    timeout = spec.get("timeout", timeout)
     logf = WORK / "logs" / f"{label}.log"
     logf.parent.mkdir(parents=True, exist_ok=True)
     if os.environ.get("E2E_DRY"):  # check builds and reporting on a machine without a GPU
@@ -94,11 +98,13 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
         return {"ok": False, "error": "skipped: out of time budget"}
     t = time.time()
     with open(logf, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(HERE / "engine_child.py"), json.dumps(spec)], stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            subprocess.run([sys.executable, str(HERE / "engine_child.py"), json.dumps(spec)], stdout=fh,
-                           stderr=subprocess.STDOUT, timeout=min(timeout, left))
-        except subprocess.TimeoutExpired:
-            pass
+            proc.wait(timeout=min(timeout, left))
+        except subprocess.TimeoutExpired:  # a hung Engine: its scheduler workers too, or they hold the GPUs
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     text = logf.read_text(errors="replace")
     lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
     r = json.loads(lines[-1][7:]) if lines else {"ok": False, "error": "timeout or crash: " + text[-600:]}
@@ -116,7 +122,6 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
 def served(label: str, path: Path, port: int = 30555, timeout: int = 300) -> dict:
     """`mpconvert serve DIR -- ARGS` (i.e. `python -m sglang.launch_server --model-path DIR`, no mpconvert flag): wait
     for /health, send the fixed prompts to /generate, shut it down. Same fields as an Engine run, to compare."""
-    import signal
     import urllib.request
 
     sys.path.insert(0, str(HERE))
@@ -260,11 +265,18 @@ EXPERTS_MIXED = """
 - {match: "mlp.experts.*", layers: 1, experts: "2-3", source: base}
 - {match: "mlp.experts.*", layers: 1, experts: "4-7", source: ct-fp8-block}
 """  # default ct-w8a8: layer 0 experts 4-7, layer 1 experts 0-1, all attention (bf16 model: no GPTQ group)
+EXPERTS_GPTQ_MIXED = """
+- {match: "mlp.experts.*", layers: 0, experts: "0-3", source: ct-fp8-block}
+- {match: "mlp.experts.*", layers: 1, experts: "0-1", source: ct-w8a8}
+- {match: "mlp.experts.*", layers: 1, experts: "6-7", source: ct-fp8-block}
+- {match: "self_attn.*", source: ct-w8a8}
+"""  # default gptq: layer 0 experts 4-7, layer 1 experts 2-5 (the model runs in fp16: GPTQ MoE on Marlin needs it)
 
 
 def split_groups(d: Path) -> None:
-    """Rewrite a built directory's single-format MoE layers as two expert groups of that same format (experts 0-3 and
-    4-7), and re-sign the manifest: the mixed-experts path with nothing mixed, to compare with the plain path."""
+    """Rewrite a built directory's single-format MoE layers as two expert groups of that same format (the lower and
+    upper half of the experts), and re-sign the manifest: the mixed-experts path with nothing mixed, to compare with
+    the plain path."""
     import hashlib
 
     mf = d / "mpconvert_manifest.json"
@@ -282,9 +294,21 @@ def split_groups(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def split_copy(d: Path, name: str) -> Path:
+    """A copy of built directory d (tensor files hard-linked, never written) whose MoE layers are split in two
+    same-format groups (split_groups)."""
+    out = WORK / "built" / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in d.iterdir():
+        (os.link if f.suffix == ".safetensors" else shutil.copy)(f, out / f.name)
+    split_groups(out)
+    return out
+
+
 def dequantized(d: Path, base: Path) -> Path:
     """The dequantized reference of a built directory: every linear replaced by its format's reference dequantization
-    (mpconvert.fidelity), as a plain bf16 checkpoint SGLang serves without any quantization."""
+    (mpconvert.fidelity), as a plain checkpoint SGLang serves without any quantization."""
     from mpconvert.checkpoint import Checkpoint
     from mpconvert.fidelity import _dequantized_checkpoint
 
@@ -295,56 +319,151 @@ def dequantized(d: Path, base: Path) -> Path:
     return out
 
 
+def per_layer(dumps: Path, ref: Path) -> dict:
+    """Each MoE block SGLang ran (inputs and outputs recorded by gpu/measure_plugin.py on the prompts' prefill) against
+    the same block of the reference checkpoint in transformers (float32, the model's own routing: softmax, top-k,
+    renormalization), fed the very inputs SGLang's block saw: ‖out − ref‖ / ‖ref‖ and cosine per layer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    files = sorted(dumps.glob("rank0.*.pt"))
+    if not files:
+        return {"error": f"no MoE block dumps in {dumps}"}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).to(dev).eval()
+    out = {}
+    for f in files:
+        name = f.name[len("rank0."):-len(".pt")]
+        block = model.get_submodule(name)
+        got, want = [], []
+        for call in torch.load(f):
+            with torch.no_grad():
+                r = block(call["input"].to(dev)[None])
+            want.append((r[0] if isinstance(r, tuple) else r).reshape(call["output"].shape))
+            got.append(call["output"].to(dev))
+        o, r = torch.cat(got), torch.cat(want)
+        out[name] = {"rel_error": round(float((o - r).norm() / r.norm()), 5), "tokens": o.shape[0],
+                     "cosine": round(float(torch.nn.functional.cosine_similarity(o.flatten(), r.flatten(), 0)), 6)}
+    return out
+
+
 def experts(meta: dict, res: dict) -> None:
-    """Issue 5 on the GPU: (a) the mixed-experts path with one format split in two groups vs the plain layer; (b) a
-    model whose MoE layers mix FP8, Int8 and bf16 experts serves, vs its dequantized reference and vs bf16, and
-    through launch_server; (c) decode speed of (b) vs the single-format FP8 and Int8 models. Beside them, issue 6's
-    missing MoE GPTQ pair (fp16; its Marlin MoE kernel may compile for minutes)."""
+    """Issue 5 on the GPU, with real quantizer outputs of the tiny Qwen3-MoE:
+    (a) one format split in two expert groups (the mixed-experts path, nothing mixed) vs the plain layer — FP8
+        (Triton) and GPTQ (Marlin, fp16);
+    (b) mixed models serve: FP8/Int8/bf16 experts, and FP8/Int8/GPTQ experts (fp16); whole-model vs bf16 and vs the
+        dequantized reference, and per MoE layer vs the reference block in transformers (beside each single format's
+        own per-layer error: the band);
+    (c) TP=2 and EP=2 vs TP=1 (bf16 beside them: what TP/EP alone change);
+    and issue 6's MoE GPTQ pair (the source served as it is vs the checkpoint built from it, fp16)."""
     fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
     base = fx["base"]
     fp8 = build("experts-pure-fp8", base, {"ct-fp8-block": fx["ct-fp8-block"]}, "ct-fp8-block")
     int8 = build("experts-pure-int8", base, {"ct-w8a8": fx["ct-w8a8"]}, "ct-w8a8")
-    split = build("experts-split-fp8", base, {"ct-fp8-block": fx["ct-fp8-block"]}, "ct-fp8-block")
-    split_groups(split)
+    gptq = build("experts-pure-gptq", base, {"gptq": fx["gptq"]}, "gptq")
     mixed = build("experts-mixed", base, {k: fx[k] for k in ("ct-fp8-block", "ct-w8a8")}, "ct-w8a8",
                   EXPERTS_MIXED, tp=2)
-    ref = dequantized(mixed, base)
-    gptq = build("experts-pure-gptq", base, {"gptq": fx["gptq"]}, "gptq")
+    mixed_gptq = build("experts-mixed-gptq", base, {k: fx[k] for k in ("ct-fp8-block", "ct-w8a8", "gptq")}, "gptq",
+                       EXPERTS_GPTQ_MIXED, tp=2)
+    refs = {k: dequantized(d, base) for k, d in (("pure-fp8", fp8), ("pure-int8", int8), ("pure-gptq", gptq),
+                                                  ("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
+    refs["bf16"] = base
     small = {"mem_fraction": 0.05, "max_total_tokens": 2048}
-    fast = {**small, "mode": "speed", "cuda_graph": True, "max_total_tokens": 4096}
-    jobs = {"bf16": {"path": str(base)}, "pure-fp8": {"path": str(fp8)}, "split-fp8": {"path": str(split)},
-            "mixed-experts": {"path": str(mixed)}, "dequantized-ref": {"path": str(ref)},
-            "speed-pure-fp8": {**fast, "path": str(fp8)}, "speed-pure-int8": {**fast, "path": str(int8)},
-            "speed-mixed-experts": {**fast, "path": str(mixed)}}
+    fp16 = {"dtype": "float16"}
+    dump = lambda k: {"dump": str(WORK / "dumps" / k)}  # noqa: E731
+    jobs = {"bf16": {"path": str(base), **dump("bf16")},
+            "pure-fp8": {"path": str(fp8), **dump("pure-fp8")},
+            "pure-int8": {"path": str(int8), **dump("pure-int8")},
+            "split-fp8": {"path": str(split_copy(fp8, "experts-split-fp8"))},
+            "mixed-experts": {"path": str(mixed), **dump("mixed-experts")},
+            "dequantized-ref": {"path": str(refs["mixed-experts"])},
+            "source-gptq": {"path": str(fx["gptq"]), **fp16},
+            "pure-gptq": {"path": str(gptq), **fp16, **dump("pure-gptq")},
+            "split-gptq": {"path": str(split_copy(gptq, "experts-split-gptq")), **fp16},
+            "mixed-gptq": {"path": str(mixed_gptq), **fp16, **dump("mixed-gptq")}}
     gpus = max(1, torch_gpus())
     jobs = {k: {**small, **v, "gpu": i % gpus} for i, (k, v) in enumerate(jobs.items())}
-    gptq_jobs = {"source-gptq": {**small, "path": str(fx["gptq"]), "dtype": "float16", "gpu": 0},
-                 "pure-gptq": {**small, "path": str(gptq), "dtype": "float16", "gpu": 0}}
-    if os.environ.get("E2E_GPTQ", "1") != "1":
-        gptq_jobs = {}
-    with ThreadPoolExecutor(2) as ex:  # the GPTQ pair may compile for minutes: it must not hold up the rest
-        slow = ex.submit(run_all, gptq_jobs, 2)
-        runs = run_all(jobs, par=len(jobs))
-        runs["mixed-experts-server"] = served("mixed-experts-server", mixed)
-        if gpus > 1:  # issue 6's TP=2 for a mixed MoE checkpoint; bf16 as the baseline of what TP alone changes
-            for k, path in (("mixed-experts-tp2", mixed), ("bf16-tp2", base)):
-                runs[k] = engine(k, {**small, "path": str(path), "tp": 2})
-        runs.update(slow.result())
+    runs = run_all(jobs, par=len(jobs))
+    if gpus > 1:  # TP=2 and EP=2 Engines side by side, each over both GPUs; stacks dumped if one hangs
+        multi = {"bf16-tp2": {"path": str(base), "tp": 2}, "mixed-experts-tp2": {"path": str(mixed), "tp": 2},
+                 "bf16-ep2": {"path": str(base), "tp": 2, "ep": 2},
+                 "mixed-experts-ep2": {"path": str(mixed), "tp": 2, "ep": 2},
+                 "mixed-gptq-tp2": {"path": str(mixed_gptq), "tp": 2, **fp16},
+                 # SGLang's own default (FlashInfer all-reduce fusion on): where the earlier TP=2 Engines hung
+                 "bf16-tp2-fusion": {"path": str(base), "tp": 2, "ar_fusion": True, "stacks": 75, "timeout": 150}}
+        runs.update(run_all({k: {**small, "stacks": 150, **v} for k, v in multi.items()}, par=len(multi)))
     res["runs"] = runs
     get = lambda k: runs.get(k, {"ok": False})  # noqa: E731
-    res["identity"] = {"split-fp8 (mixed-experts path, one format in 2 groups) vs pure-fp8":
-                       identical(get("pure-fp8"), get("split-fp8")),
-                       "gptq": identical(get("source-gptq"), get("pure-gptq")),
-                       "mixed-experts: launch_server = Engine": identical(get("mixed-experts"),
-                                                                          get("mixed-experts-server"))}
+    res["identity"] = {"split-fp8 (FP8 in 2 groups, Triton) vs pure-fp8": identical(get("pure-fp8"), get("split-fp8")),
+                       "split-gptq (GPTQ in 2 groups, Marlin) vs pure-gptq": identical(get("pure-gptq"),
+                                                                                     get("split-gptq")),
+                       "gptq MoE: source served as it is vs pure-gptq build": identical(get("source-gptq"),
+                                                                                        get("pure-gptq"))}
     res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16" and "outputs" in r}
     res["vs_dequantized_ref"] = {k: vs_bf16(get(k), get("dequantized-ref")) for k in ("mixed-experts", "bf16")}
-    res["speed"] = {k: get(k).get("decode") for k in jobs if k.startswith("speed")}
+    res["per_layer"] = {k: per_layer(WORK / "dumps" / k, refs[k]) if get(k).get("ok") else {"error": "run failed"}
+                        for k in refs}
     if gpus > 1:
-        res["tp2_vs_tp1"] = {"mixed-experts": tp_compare(get("mixed-experts"), get("mixed-experts-tp2")),
-                             "bf16": tp_compare(get("bf16"), get("bf16-tp2"))}
-    res["mixed_units"] = {u: s.get("groups") for u, s in json.loads(
-        (mixed / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}
+        res["tp2_vs_tp1"] = {k: tp_compare(get(k.rsplit("-", 1)[0]), get(k))
+                             for k in ("bf16-tp2", "mixed-experts-tp2", "bf16-ep2", "mixed-experts-ep2",
+                                       "mixed-gptq-tp2")}
+    res["mixed_units"] = {name: {u: s.get("groups") for u, s in json.loads(
+        (d / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}
+        for name, d in (("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
+
+
+def linear_bytes(d: Path) -> dict[str, int]:
+    """Bytes of a built checkpoint's linear tensors by format (from its manifest)."""
+    size = {"F8_E4M3": 1, "I8": 1, "I32": 4, "BF16": 2, "F16": 2, "F32": 4}
+    out: dict[str, int] = {}
+    for mod in json.loads((d / "mpconvert_manifest.json").read_text())["modules"].values():
+        if mod["kind"] == "linear":
+            n = sum(size[t["dtype"]] * math.prod(t["shape"]) for t in mod["tensors"].values())
+            out[mod["format"]] = out.get(mod["format"], 0) + n
+    return out
+
+
+def experts_speed(meta: dict, res: dict) -> None:
+    """Decode speed of expert-level mixed precision on a Qwen3-30B-A3B-shaped model (8 of its layers: 128 experts of
+    768, top-8; random weights in the real FP8-block and Int8 layouts, gpu/synth.py), one Engine per GPU at a time:
+    pure FP8, pure Int8, FP8 split in two groups of 64 (what the extra group calls cost, nothing else changed), and the
+    mixed model: each layer's 16 most routed experts (a routing-count file) in FP8, the other 112 and attention in
+    Int8. Target: mixed ≥ 0.97 × the byte-weighted blend of the pure models."""
+    import random
+
+    sys.path.insert(0, str(HERE))
+    import synth
+
+    t = time.time()
+    cfg = synth.moe_config(json.loads((WORK / "fixtures" / "base" / "config.json").read_text()))
+    dirs = synth.main(WORK / "synth-moe", meta["templates"], WORK / "fixtures" / "base", cfg)
+    log(f"synthesized {len(dirs)} MoE checkpoints in {time.time() - t:.0f}s")
+    fp8 = build("speed-pure-fp8", dirs["base"], {"ct-fp8-block": dirs["ct-fp8-block"]}, "ct-fp8-block")
+    int8 = build("speed-pure-int8", dirs["base"], {"ct-w8a8": dirs["ct-w8a8"]}, "ct-w8a8")
+    split = split_copy(fp8, "speed-split-fp8")
+    rng = random.Random(0)  # skewed, as real routing is: a few experts take most tokens
+    routing = WORK / "recipes" / "routing.json"
+    routing.parent.mkdir(parents=True, exist_ok=True)
+    experts = range(cfg["num_local_experts"])
+    routing.write_text(json.dumps({str(layer): [int(100 * rng.paretovariate(1.1)) for _ in experts]
+                                   for layer in range(cfg["num_hidden_layers"])}))
+    mixed = build("speed-mixed", dirs["base"], {k: dirs[k] for k in ("ct-fp8-block", "ct-w8a8")}, "ct-w8a8",
+                  f'- {{match: "mlp.experts.*", experts: {{file: "{routing}", top: 16}}, source: ct-fp8-block}}')
+    spec = {"mode": "speed", "cuda_graph": True, "mem_fraction": 0.5, "max_total_tokens": 16384, "log_level": "info",
+            "batch_sizes": [1, 8, 32]}
+    queues = [[("pure-fp8", fp8), ("split-fp8", split)], [("pure-int8", int8), ("mixed-experts", mixed)]]
+    if torch_gpus() < 2:
+        queues = [queues[0] + queues[1]]
+
+    def run_queue(gpu: int, names: list) -> dict:
+        return {n: engine(f"speed-{n}", {**spec, "path": str(path), "gpu": gpu}, timeout=300) for n, path in names}
+
+    with ThreadPoolExecutor(len(queues)) as ex:
+        parts = list(ex.map(run_queue, range(len(queues)), queues))
+    res["moe_speed_runs"] = {k: v for p in parts for k, v in p.items()}
+    b = linear_bytes(mixed)
+    res["moe_speed_fp8_share"] = b.get("fp8", 0) / sum(b.values())
+    res["moe_speed_model"] = {k: cfg[k] for k in synth.MOE_SHAPE}
 
 
 def torch_gpus() -> int:
@@ -462,6 +581,40 @@ def speed_verdicts(res: dict) -> list[str]:
     return out
 
 
+def per_layer_verdicts(res: dict) -> list[str]:
+    """A mixed layer's error must lie within the band of the single formats its groups use (their own native layers'
+    errors vs their own dequantized weights, same layer, same prompts)."""
+    pl, out = res["per_layer"], []
+    fmt_run = {"fp8": "pure-fp8", "int8": "pure-int8", "gptq": "pure-gptq", "unquantized": "bf16"}
+    for run, units in res["mixed_units"].items():
+        if "error" in pl.get(run, {"error": 1}):
+            out.append(f"{run}: not measured")
+            continue
+        for unit, groups in units.items():
+            block = unit.rsplit(".", 1)[0]
+            band = [pl[fmt_run[g["format"]]].get(block, {}).get("rel_error") for g in groups]
+            if None in band or not band:
+                out.append(f"{run} {block}: band not measured")
+                continue
+            got = pl[run][block]["rel_error"]
+            out.append(f"{run} {block} ({'+'.join(g['format'] for g in groups)}): {got} vs its formats' "
+                       f"{band} — {'within' if got <= max(band) * 1.1 else 'OUTSIDE'} the band (≤ max × 1.1)")
+    return out
+
+
+def moe_speed_verdicts(res: dict) -> list[str]:
+    runs = res["moe_speed_runs"]
+    if not all(runs.get(k, {}).get("ok") for k in ("pure-fp8", "pure-int8", "split-fp8", "mixed-experts")):
+        return ["incomplete: a run failed"]
+    f, out = res["moe_speed_fp8_share"], []
+    for bs in runs["pure-fp8"]["decode"]:
+        tok = {k: r["decode"][bs] for k, r in runs.items()}
+        blend = 1 / (f / tok["pure-fp8"] + (1 - f) / tok["pure-int8"])
+        out.append(f"{bs}: two FP8 groups / one FP8 layer {tok['split-fp8'] / tok['pure-fp8']:.3f} (the group calls' "
+                   f"cost); mixed / byte-weighted blend {tok['mixed-experts'] / blend:.3f} (target ≥ 0.97)")
+    return out
+
+
 def runs_table(res: dict) -> list[str]:
     """One row per Engine run: outcome, load time, the first tokens of prompt 0, and its distance from bf16."""
     L = ["| run | ok | load s | tokens (prompt 0) | vs bf16: mean/max |Δlogprob|, top-1 agreement |",
@@ -485,12 +638,32 @@ def summarize(part: str, res: dict) -> str:
             L.append(f"| {k} | {verdict} {c} |")
         L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
     if part == "experts" and "runs" in res:
-        L += ["## Expert-level mixed precision (Qwen3-MoE, 8 experts, top-2)", "", f"groups: {res['mixed_units']}",
-              ""] + runs_table(res)
+        L += ["## Expert-level mixed precision (tiny Qwen3-MoE, 8 experts, top-2, real quantizer outputs)", ""]
+        L += [f"- {name}: {units}" for name, units in res["mixed_units"].items()] + [""] + runs_table(res)
         L += ["", *[f"- {k}: {v}" for k, v in res["identity"].items()],
               f"- vs the dequantized reference (mean/max |Δlogprob|, top-1): {res['vs_dequantized_ref']}",
-              f"- decode tok/s (CUDA graphs): {res['speed']}",
-              f"- TP=2 vs TP=1: {res.get('tp2_vs_tp1', 'not run (one GPU)')}", ""]
+              f"- TP/EP vs TP=1: {res.get('tp2_vs_tp1', 'not run (one GPU)')}", ""]
+        L += ["### Per MoE layer: SGLang's block vs the reference block (transformers, fp32) on the same inputs", "",
+              "| run | reference | " + " | ".join(f"layer {i}" for i in range(2)) + " |", "|---|---|---|---|"]
+        for k, layers in res["per_layer"].items():
+            cells = [f"{v['rel_error']} (cos {v['cosine']})" for v in layers.values()] if "error" not in layers \
+                else [layers["error"]]
+            ref = "bf16 weights" if k == "bf16" else "its dequantized weights"
+            L.append(f"| {k} | {ref} | " + " | ".join(cells) + " |")
+        L += ["", *[f"- {line}" for line in per_layer_verdicts(res)], ""]
+    if "moe_speed_runs" in res:
+        L += ["## Decode speed, expert-level mixed precision (Qwen3-30B-A3B-shaped, 8 layers, synthetic)", "",
+              f"model: {res['moe_speed_model']}; FP8 share of the mixed model's linear bytes "
+              f"{res['moe_speed_fp8_share']:.3f}", "",
+              "| checkpoint | ok | load s | exact weight GiB | tok/s bs1 | bs8 | bs32 |",
+              "|---|---|---|---|---|---|---|"]
+        for k, r in res["moe_speed_runs"].items():
+            d = r.get("decode", {})
+            exact = f"{r['weight_bytes'][0]['total'] / 2**30:.3f}" if "weight_bytes" in r else ""
+            L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:]} | "
+                     f"{r.get('load_s', '')} | {exact} | {d.get('bs1_tok_s', '')} | {d.get('bs8_tok_s', '')} | "
+                     f"{d.get('bs32_tok_s', '')} |")
+        L += [""] + [f"- {line}" for line in moe_speed_verdicts(res)] + [""]
     if "tp_runs" in res:
         L += ["## TP=2 vs TP=1", ""] + [f"- {k}: {v}" for k, v in res["tp2_vs_tp1"].items()] + [""]
     if "speed_runs" in res:
@@ -524,13 +697,16 @@ def main(part: str, out: Path) -> None:
     log(f"{res}")
     try:
         if part == "experts":
-            experts(meta, res)
+            if os.environ.get("E2E_FIDELITY", "1") == "1":
+                experts(meta, res)
+            if os.environ.get("E2E_SPEED") == "1":
+                experts_speed(meta, res)
         elif os.environ.get("E2E_TP_ONLY") == "1":
             tp_only(part, meta, res)
         elif os.environ.get("E2E_FIDELITY", "1") == "1":
             fidelity(part, meta, res)
         json.dump(res, open(out / "results.json", "w"), indent=1)
-        if os.environ.get("E2E_SPEED") == "1":
+        if os.environ.get("E2E_SPEED") == "1" and part != "experts":
             speed(meta, res)
         elif os.environ.get("E2E_MEMORY") == "1":
             memory(meta, res)

@@ -1,7 +1,9 @@
 """One SGLang Engine in its own process: load DIR, run the fixed prompts (or the decode benchmark), print RESULT json.
 
-Usage: engine_child.py SPEC_JSON. SPEC: {"path", "tp", "gpu", "dtype", "quantization", "mode": "fidelity"|"speed"|"load",
-"cuda_graph": bool}. Run by gpu/driver.py; SGLang spawns its scheduler per Engine, so each Engine gets a process.
+Usage: engine_child.py SPEC_JSON. SPEC: {"path", "tp", "ep", "gpu", "dtype", "quantization",
+"mode": "fidelity"|"speed"|"load", "cuda_graph": bool, "batch_sizes": [1, 8], "ar_fusion": bool, "dump": DIR (MoE
+blocks' inputs/outputs), "stacks": S (thread stacks after S seconds)}. Run by gpu/driver.py; SGLang spawns its
+scheduler per Engine, so each Engine gets a process.
 """
 import json
 import os
@@ -26,18 +28,28 @@ def pack_outputs(r: list[dict]) -> list[dict]:
 
 def main(spec: dict) -> dict:
     t0 = time.time()
+    # read by gpu/measure_plugin.py in the scheduler workers this Engine spawns
+    if spec.get("dump"):
+        os.environ["E2E_DUMP_DIR"] = spec["dump"]
+    if spec.get("stacks"):
+        os.environ["E2E_STACKS"] = str(spec["stacks"])
     import sglang as sgl
 
     t_import = time.time() - t0
     kw = dict(model_path=spec["path"], attention_backend="triton", sampling_backend="pytorch", grammar_backend="none",
               skip_tokenizer_init=True, log_level=spec.get("log_level", "error"), dtype=spec.get("dtype", "auto"),
-              tp_size=spec.get("tp", 1), base_gpu_id=spec.get("gpu", 0),
+              tp_size=spec.get("tp", 1), ep_size=spec.get("ep", 1), base_gpu_id=spec.get("gpu", 0),
               mem_fraction_static=spec.get("mem_fraction", 0.1), max_total_tokens=spec.get("max_total_tokens", 2048),
               disable_cuda_graph=not spec.get("cuda_graph", False))
-    if spec.get("cuda_graph"):  # decode graphs for the two batch sizes measured; no prefill graphs
-        kw.update(cuda_graph_bs_decode=[1, 8], disable_prefill_cuda_graph=True)
+    sizes = spec.get("batch_sizes", [1, 8])
+    if spec.get("cuda_graph"):  # decode graphs for the batch sizes measured; no prefill graphs
+        kw.update(cuda_graph_bs_decode=sizes, disable_prefill_cuda_graph=True)
     if os.environ.get("E2E_NO_CUSTOM_AR") == "1" and spec.get("tp", 1) > 1:
-        kw["disable_custom_all_reduce"] = True  # to try when TP=2 Engines hang after loading (MoE, 2026-11-28)
+        kw["disable_custom_all_reduce"] = True
+    if spec.get("tp", 1) > 1 and not spec.get("ar_fusion"):
+        # SGLang turns FlashInfer's all-reduce fusion on for Qwen3-MoE (and other MoE archs) at TP>1 on sm90; on the
+        # lent machines, where NVLink multicast is off, those Engines hung right after loading (bf16 ones too)
+        kw["enforce_disable_flashinfer_allreduce_fusion"] = True
     if spec.get("quantization"):
         kw["quantization"] = spec["quantization"]
     t1 = time.time()
@@ -59,7 +71,7 @@ def main(spec: dict) -> dict:
         sp = lambda n: {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}  # noqa: E731
         e.generate(input_ids=prompts(1, 32), sampling_params=sp(16))  # warm-up (Triton JIT, graphs)
         res = {}
-        for bs in (1, 8):
+        for bs in sizes:
             ps = prompts(bs, 32, seed=bs)
             best = None
             for _ in range(2):

@@ -1,15 +1,25 @@
-"""A second SGLang plugin, for the GPU proof only (gpu/e2e.sh installs it beside mpconvert's): after each scheduler
-worker has loaded its model (process_weights_after_loading included), print the bytes its parameters and buffers hold
-on the device, by dtype, one storage counted once — the exact weight memory, beside SGLang's own figure (the drop in
-free device memory across loading, which also counts kernel code loaded and workspaces)."""
+"""A second SGLang plugin, for the GPU proof only (gpu/e2e.sh installs it beside mpconvert's). In each scheduler worker:
+
+- after the model has loaded (process_weights_after_loading included), print the bytes its parameters and buffers
+  hold on the device, by dtype, one storage counted once — the exact weight memory, beside SGLang's own figure (the
+  drop in free device memory across loading, which also counts kernel code loaded and workspaces);
+- with E2E_DUMP_DIR set, record the input and output of every MoE block (`model.layers.N.mlp` of a *SparseMoeBlock
+  class) on its first prefill batches (up to 4 forward calls of ≥ 16 tokens), to compare each layer with a reference
+  outside SGLang (gpu/driver.py). Fidelity runs only: a hook cannot copy to the host inside CUDA-graph capture;
+- with E2E_STACKS=S set, dump every thread's stack to the log if the worker is still alive after S seconds (where a
+  hung TP Engine waits).
+A measurement must never break the run it measures: every failure here is printed and swallowed.
+"""
 import json
+import os
 
 
-def _weight_bytes(result, runner, *args, **kwargs):
-    try:  # a measurement must never break the run it measures
-        _report(runner)
-    except Exception as e:
-        print(f"E2E_WEIGHT_BYTES_FAILED {e!r}", flush=True)
+def _after_load(result, runner, *args, **kwargs):
+    for what in (_report, _dump_hooks):
+        try:
+            what(runner)
+        except Exception as e:
+            print(f"E2E_PLUGIN_FAILED {what.__name__}: {e!r}", flush=True)
     return result
 
 
@@ -31,8 +41,40 @@ def _report(runner) -> None:
                                             "allocated": torch.cuda.memory_allocated()}), flush=True)
 
 
+def _dump_hooks(runner) -> None:
+    out = os.environ.get("E2E_DUMP_DIR")
+    if not out:
+        return
+    import torch
+
+    os.makedirs(out, exist_ok=True)
+    rank = runner.ps.tp_rank
+    seen: dict = {}
+
+    def hook(module, args, kwargs, output, name):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        calls = seen.setdefault(name, [])
+        # prefill batches only (the driver's prompts are 32 tokens each; decode steps carry one token per prompt)
+        if x is None or x.shape[0] < 16 or len(calls) >= 4:
+            return
+        calls.append({"input": x.detach().float().cpu(), "output": output.detach().float().cpu()})
+        torch.save(calls, os.path.join(out, f"rank{rank}.{name}.pt"))
+
+    n = 0
+    for name, module in runner.model.named_modules():
+        if name.endswith(".mlp") and type(module).__name__.endswith("SparseMoeBlock"):
+            module.register_forward_hook(lambda m, a, k, o, name=name: hook(m, a, k, o, name), with_kwargs=True)
+            n += 1
+    print(f"E2E_DUMP_HOOKS {n} MoE blocks on rank {rank} -> {out}", flush=True)
+
+
 def register():
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register("sglang.srt.model_executor.model_runner.ModelRunner.load_model", _weight_bytes,
+    if os.environ.get("E2E_STACKS"):
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(float(os.environ["E2E_STACKS"]), exit=False, file=sys.stderr)
+    HookRegistry.register("sglang.srt.model_executor.model_runner.ModelRunner.load_model", _after_load,
                           HookType.AFTER)

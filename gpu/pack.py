@@ -2,11 +2,13 @@
 
 Usage: .venv/bin/python gpu/pack.py dense|moe [SHARED_GPU_DIR]
 
-- the SGLang 0.5.17 bundle and its sm_90 kernel cache from ../shared/gpu (or, in its place, the fuller cache an earlier
-  run brought back, gpu/results/tvmcache.tar.xz, not committed);
+- the SGLang 0.5.17 bundle from ../shared/gpu;
+- one sm_90a kernel cache of built kernels only (the .so files, which SGLang loads directly): the shared bundle's,
+  the one an earlier run brought back (gpu/results/tvmcache.tar.xz) and the ones gpu/prebuild_kernels.py compiled
+  here (gpu/results/kernels/), none of them committed;
 - the real quantizer outputs (cached fixtures) of the part's tiny model, as they are;
-- templates.json: the quantization_config and module scheme of each llama fixture kind, from which the GPU run
-  synthesizes a large model of the same formats (gpu/synth.py).
+- part.json's templates: the quantization_config and module scheme of each fixture kind from which the GPU run
+  synthesizes a large model of the same formats (gpu/synth.py; dense: Llama, experts: Qwen3-MoE).
 Dense and MoE fixtures together are over the carry limit, so each part is one run; fixtures travel as one tar.xz, and
 the MoE part's SGLang bundle leaves out what serving never reads (FlashInfer's CUTLASS/CCCL JIT headers — attention
 runs on Triton — and SGLang's diffusion and test packages) to fit.
@@ -31,20 +33,49 @@ PARTS = {
     # expert-level mixed precision (issue 5) and the GPTQ MoE pair issue 6 still lacked; AWQ cannot mix in a layer
     "experts": ("qwen3moe", ("base", "ct-fp8-block", "ct-w8a8", "gptq")),
 }
-SYNTH_KINDS = ("ct-fp8-dynamic", "ct-w8a8", "gptq", "awq")  # the large synthetic model's formats (dense part)
+# the large synthetic models' formats, and the module whose scheme each template takes (dense: speed and memory;
+# experts: decode speed of expert-level mixed precision)
+SYNTH = {"dense": ("llama", ("ct-fp8-dynamic", "ct-w8a8", "gptq", "awq"), "model.layers.0.self_attn.q_proj"),
+         "experts": ("qwen3moe", ("ct-fp8-block", "ct-w8a8"), "model.layers.0.mlp.experts.0.gate_proj")}
 KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def templates() -> dict:
+def templates(part: str) -> dict:
+    if part not in SYNTH:
+        return {}
+    arch, kinds, module = SYNTH[part]
     out = {}
-    for kind in SYNTH_KINDS:
-        d = fixture("llama", kind)
-        src = open_source(kind, d, "llama")
-        m = src.modules["model.layers.0.self_attn.q_proj"]
+    for kind in kinds:
+        d = fixture(arch, kind)
+        src = open_source(kind, d, arch)
+        m = src.modules[module]
         out[kind] = {"quantization_config": json.loads((d / "config.json").read_text())["quantization_config"],
                      "format": m.scheme.format, "params": m.scheme.params,
                      "dtypes": {suffix: t.dtype for suffix, t in m.tensors.items()}}
     return out
+
+
+# kernels a part never runs, left out to keep under the carry limit: the experts part runs GPTQ in fp16 only, without
+# an expert map (the shim's Marlin groups weight other groups' slots 0 instead), and no AWQ
+UNUSED_KERNELS = {"experts": ("gptq_marlin_bf16_t", "moe_wna16_marlin_bf16_t", "moe_wna16_marlin_fp16_t_true",
+                              "awq_marlin_repack")}
+
+
+def kernel_cache(part: str, shared: Path, dst: Path) -> None:
+    """Merge every kernel cache there is into one tar.xz of `tvmcache/<build dir>/<module>.so` (objects, sources and
+    ninja files left out: SGLang loads a built .so without them)."""
+    results = ROOT / "gpu" / "results"
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = Path(tmp) / "tvmcache"
+        for tarball in (shared / "sglang-0.5.17-jit-sm90.tar.xz", results / "tvmcache.tar.xz"):
+            if tarball.exists():
+                subprocess.run(["tar", "-C", tmp, "-xJf", str(tarball)], check=True)
+        if (results / "kernels").is_dir():
+            shutil.copytree(results / "kernels", merged, dirs_exist_ok=True)
+        keep = sorted(p.relative_to(tmp) for p in merged.glob("*/*.so")
+                      if not any(f"jit_{u}" in p.name for u in UNUSED_KERNELS.get(part, ())))
+        subprocess.run(["tar", "-C", tmp, "-cJf", str(dst), *map(str, keep)], check=True)
+    print(f"kernel cache: {len(keep)} built kernels, {dst.stat().st_size / 2**20:.1f} MiB")
 
 
 SLIM = ("./flashinfer/data/cutlass", "./flashinfer/data/cccl", "./sglang/multimodal_gen", "./sglang/test")
@@ -63,10 +94,7 @@ def main(part: str, shared: Path) -> None:
     if STAGE.exists():
         shutil.rmtree(STAGE)
     (STAGE / "fixtures").mkdir(parents=True)
-    # a cache brought back by an earlier run holds the shared one plus what that run compiled: use it instead
-    extra = ROOT / "gpu" / "results" / "tvmcache.tar.xz"
-    shutil.copy(extra if extra.exists() else shared / "sglang-0.5.17-jit-sm90.tar.xz",
-                STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
+    kernel_cache(part, shared, STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
     if part in ("moe", "experts"):
         slim_site(shared / "sglang-0.5.17-site.tar.xz", STAGE / "sglang-0.5.17-site.tar.xz")
     else:
@@ -81,7 +109,7 @@ def main(part: str, shared: Path) -> None:
     subprocess.run(f"tar -C {STAGE} -cf - fixtures | xz -6 -T4 > {STAGE}/fixtures.tar.xz", shell=True, check=True)
     shutil.rmtree(STAGE / "fixtures")
     (STAGE / "part.json").write_text(json.dumps({"part": part, "arch": arch, "kinds": list(kinds),
-                                                 "templates": templates() if part == "dense" else {}}, indent=1))
+                                                 "templates": templates(part)}, indent=1))
     size = sum(p.stat().st_size for p in STAGE.rglob("*") if p.is_file())
     print(f"staged {part} into {STAGE}: {size / 2**20:.1f} MiB")
 

@@ -1,4 +1,5 @@
-"""Synthesize a large Llama-shaped model in each format, for the speed and memory runs (weights random, formats exact).
+"""Synthesize a large Llama- or Qwen3-MoE-shaped model in each format, for the speed and memory runs (weights random,
+formats exact).
 
 Tensor names, shapes and dtypes come from mpconvert's format modules (`Format.expected`), quantization_config from a
 real producer output of the same kind (templates.json, written by gpu/pack.py); values are random but well-formed
@@ -24,9 +25,18 @@ CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_siz
               num_hidden_layers=12, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000,
               max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
               hidden_act="silu", torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+# Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts of 768, top-8, 32/4 heads of 128) with 8 of its 48 layers:
+# 4.8 G expert parameters, so decode reads real expert weights; the rest of the config comes from the tiny fixture
+MOE_SHAPE = dict(hidden_size=2048, num_hidden_layers=8, num_local_experts=128, num_experts_per_tok=8,
+                 moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                 head_dim=128, vocab_size=32000, max_position_embeddings=4096)
 DT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32, "I8": torch.int8,
       "F8_E4M3": torch.float8_e4m3fn}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_moe(cfg) -> bool:
+    return "num_local_experts" in cfg
 
 
 def linears(cfg) -> list[tuple[str, int, int]]:
@@ -36,8 +46,14 @@ def linears(cfg) -> list[tuple[str, int, int]]:
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         out += [(f"{p}.self_attn.q_proj", q, h), (f"{p}.self_attn.k_proj", kv, h), (f"{p}.self_attn.v_proj", kv, h),
-                (f"{p}.self_attn.o_proj", h, q), (f"{p}.mlp.gate_proj", i, h), (f"{p}.mlp.up_proj", i, h),
-                (f"{p}.mlp.down_proj", h, i)]
+                (f"{p}.self_attn.o_proj", h, q)]
+        if is_moe(cfg):
+            m = cfg["moe_intermediate_size"]
+            for e in range(cfg["num_local_experts"]):
+                x = f"{p}.mlp.experts.{e}"
+                out += [(f"{x}.gate_proj", m, h), (f"{x}.up_proj", m, h), (f"{x}.down_proj", h, m)]
+        else:
+            out += [(f"{p}.mlp.gate_proj", i, h), (f"{p}.mlp.up_proj", i, h), (f"{p}.mlp.down_proj", h, i)]
     return out
 
 
@@ -46,9 +62,20 @@ def support(cfg) -> list[tuple[str, str, tuple]]:
     out = [("model.embed_tokens.weight", "BF16", (v, h)), ("model.norm.weight", "BF16", (h,)),
            ("lm_head.weight", "BF16", (v, h))]
     for layer in range(cfg["num_hidden_layers"]):
-        out += [(f"model.layers.{layer}.input_layernorm.weight", "BF16", (h,)),
-                (f"model.layers.{layer}.post_attention_layernorm.weight", "BF16", (h,))]
+        p = f"model.layers.{layer}"
+        out += [(f"{p}.input_layernorm.weight", "BF16", (h,)), (f"{p}.post_attention_layernorm.weight", "BF16", (h,))]
+        if is_moe(cfg):  # the router (never quantized) and Qwen3's q/k norms
+            out += [(f"{p}.mlp.gate.weight", "BF16", (cfg["num_local_experts"], h)),
+                    (f"{p}.self_attn.q_norm.weight", "BF16", (cfg["head_dim"],)),
+                    (f"{p}.self_attn.k_norm.weight", "BF16", (cfg["head_dim"],))]
     return out
+
+
+def moe_config(tiny: dict) -> dict:
+    """The tiny fixture's Qwen3-MoE config at MOE_SHAPE (the rest, e.g. rope and norm_topk_prob, as it is)."""
+    cfg = {k: v for k, v in tiny.items() if k != "quantization_config"}
+    cfg.update(MOE_SHAPE)
+    return cfg
 
 
 def values(name: str, suffix: str, dtype: str, shape: tuple, fmt: str, params: dict, gen) -> torch.Tensor:
@@ -126,7 +153,10 @@ def checkpoint(out: Path, cfg: dict, kind: str | None, tpl: dict | None, tokeniz
     write_safetensors(out / "model.safetensors", entries, lambda n: cache[n] if n in cache else maker[n](), hole)
     c = dict(cfg)
     if tpl is not None:
-        c["quantization_config"] = tpl["quantization_config"]
+        c["quantization_config"] = dict(tpl["quantization_config"])
+        if is_moe(cfg):  # the routers stay bf16: the template's ignore list names the tiny model's layers
+            c["quantization_config"]["ignore"] = ["lm_head"] + [f"model.layers.{i}.mlp.gate"
+                                                                for i in range(cfg["num_hidden_layers"])]
     (out / "config.json").write_text(json.dumps(c, indent=1))
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (tokenizer / f).exists():
