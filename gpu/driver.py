@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def served(label: str, path: Path, port: int = 30555, timeout: int = 300) -> dic
 
 
 def run_all(jobs: dict[str, dict], par: int) -> dict[str, dict]:
+    # one NCCL port per Engine, by label: Engines started together otherwise race for the same free port
+    jobs = {k: {"nccl_port": 20000 + 10 * (zlib.crc32(k.encode()) % 2000), **v} for k, v in jobs.items()}
     with ThreadPoolExecutor(par) as ex:
         futs = {k: ex.submit(engine, k, spec) for k, spec in jobs.items()}
         res = {k: f.result() for k, f in futs.items()}
@@ -382,31 +385,40 @@ def experts(meta: dict, res: dict) -> None:
             "split-gptq": {"path": str(split_copy(gptq, "experts-split-gptq")), **fp16},
             "mixed-gptq": {"path": str(mixed_gptq), **fp16, **dump("mixed-gptq")}}
     gpus = max(1, torch_gpus())
-    jobs = {k: {**small, **v, "gpu": i % gpus} for i, (k, v) in enumerate(jobs.items())}
+    only = os.environ.get("E2E_ONLY", "").split(",") if os.environ.get("E2E_ONLY") else None  # rerun just those
+    pick = lambda d: {k: v for k, v in d.items() if only is None or k in only}  # noqa: E731
+    jobs = {k: {**small, **v, "gpu": i % gpus} for i, (k, v) in enumerate(pick(jobs).items())}
     runs = run_all(jobs, par=len(jobs))
-    if gpus > 1:  # TP=2 and EP=2 Engines side by side, each over both GPUs; stacks dumped if one hangs
-        multi = {"bf16-tp2": {"path": str(base), "tp": 2}, "mixed-experts-tp2": {"path": str(mixed), "tp": 2},
+    if gpus > 1:  # TP=2 and EP=2 Engines side by side, each over both GPUs (MoE blocks dumped on rank 0 after the
+        # all-reduce: the whole layer's output, comparable with the same reference as at TP=1)
+        multi = {"bf16-tp2": {"path": str(base), "tp": 2, **dump("bf16-tp2")},
+                 "mixed-experts-tp2": {"path": str(mixed), "tp": 2, **dump("mixed-experts-tp2")},
                  "bf16-ep2": {"path": str(base), "tp": 2, "ep": 2},
-                 "mixed-experts-ep2": {"path": str(mixed), "tp": 2, "ep": 2},
-                 "mixed-gptq-tp2": {"path": str(mixed_gptq), "tp": 2, **fp16},
-                 # SGLang's own default (FlashInfer all-reduce fusion on): where the earlier TP=2 Engines hung
+                 "mixed-experts-ep2": {"path": str(mixed), "tp": 2, "ep": 2, **dump("mixed-experts-ep2")},
+                 "mixed-gptq-tp2": {"path": str(mixed_gptq), "tp": 2, **fp16, **dump("mixed-gptq-tp2")},
+                 # SGLang's own default (FlashInfer all-reduce fusion on), stacks dumped: what the Engine waits for
                  "bf16-tp2-fusion": {"path": str(base), "tp": 2, "ar_fusion": True, "stacks": 75, "timeout": 150}}
-        runs.update(run_all({k: {**small, "stacks": 150, **v} for k, v in multi.items()}, par=len(multi)))
+        runs.update(run_all({k: {**small, "stacks": 150, **v} for k, v in pick(multi).items()}, par=len(multi)))
     res["runs"] = runs
     get = lambda k: runs.get(k, {"ok": False})  # noqa: E731
     res["identity"] = {"split-fp8 (FP8 in 2 groups, Triton) vs pure-fp8": identical(get("pure-fp8"), get("split-fp8")),
                        "split-gptq (GPTQ in 2 groups, Marlin) vs pure-gptq": identical(get("pure-gptq"),
                                                                                      get("split-gptq")),
                        "gptq MoE: source served as it is vs pure-gptq build": identical(get("source-gptq"),
-                                                                                        get("pure-gptq"))}
+                                                                                        get("pure-gptq")),
+                       "split-gptq (the shim's Marlin groups) vs the GPTQ source served natively":
+                           identical(get("source-gptq"), get("split-gptq"))}
     res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16" and "outputs" in r}
     res["vs_dequantized_ref"] = {k: vs_bf16(get(k), get("dequantized-ref")) for k in ("mixed-experts", "bf16")}
-    res["per_layer"] = {k: per_layer(WORK / "dumps" / k, refs[k]) if get(k).get("ok") else {"error": "run failed"}
-                        for k in refs}
+    # every run whose MoE blocks were dumped, against the reference of the checkpoint it served (TP/EP runs: the same)
+    dumped = [k for k, v in runs.items() if (WORK / "dumps" / k).is_dir()]
+    res["per_layer"] = {k: per_layer(WORK / "dumps" / k, refs[re.sub(r"-(tp|ep)2$", "", k)]) if get(k).get("ok")
+                        else {"error": "run failed"} for k in dumped}
     if gpus > 1:
         res["tp2_vs_tp1"] = {k: tp_compare(get(k.rsplit("-", 1)[0]), get(k))
                              for k in ("bf16-tp2", "mixed-experts-tp2", "bf16-ep2", "mixed-experts-ep2",
                                        "mixed-gptq-tp2")}
+    res["n_layers"] = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     res["mixed_units"] = {name: {u: s.get("groups") for u, s in json.loads(
         (d / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}
         for name, d in (("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
@@ -586,8 +598,11 @@ def per_layer_verdicts(res: dict) -> list[str]:
     errors vs their own dequantized weights, same layer, same prompts)."""
     pl, out = res["per_layer"], []
     fmt_run = {"fp8": "pure-fp8", "int8": "pure-int8", "gptq": "pure-gptq", "unquantized": "bf16"}
-    for run, units in res["mixed_units"].items():
-        if "error" in pl.get(run, {"error": 1}):
+    for run in pl:
+        units = res["mixed_units"].get(re.sub(r"-(tp|ep)2$", "", run))
+        if units is None:
+            continue
+        if "error" in pl[run]:
             out.append(f"{run}: not measured")
             continue
         for unit, groups in units.items():
@@ -644,7 +659,8 @@ def summarize(part: str, res: dict) -> str:
               f"- vs the dequantized reference (mean/max |Δlogprob|, top-1): {res['vs_dequantized_ref']}",
               f"- TP/EP vs TP=1: {res.get('tp2_vs_tp1', 'not run (one GPU)')}", ""]
         L += ["### Per MoE layer: SGLang's block vs the reference block (transformers, fp32) on the same inputs", "",
-              "| run | reference | " + " | ".join(f"layer {i}" for i in range(2)) + " |", "|---|---|---|---|"]
+              "| run | reference | " + " | ".join(f"layer {i}" for i in range(res["n_layers"])) + " |",
+              "|---|---|" + "---|" * res["n_layers"]]
         for k, layers in res["per_layer"].items():
             cells = [f"{v['rel_error']} (cos {v['cosine']})" for v in layers.values()] if "error" not in layers \
                 else [layers["error"]]

@@ -47,9 +47,12 @@ def main(spec: dict) -> dict:
     if os.environ.get("E2E_NO_CUSTOM_AR") == "1" and spec.get("tp", 1) > 1:
         kw["disable_custom_all_reduce"] = True
     if spec.get("tp", 1) > 1 and not spec.get("ar_fusion"):
-        # SGLang turns FlashInfer's all-reduce fusion on for Qwen3-MoE (and other MoE archs) at TP>1 on sm90; on the
-        # lent machines, where NVLink multicast is off, those Engines hung right after loading (bf16 ones too)
+        # SGLang turns FlashInfer's all-reduce fusion on for Qwen3-MoE (and other MoE archs) at TP>1 on sm90; its
+        # workspace JIT-compiles FlashInfer's TRT-LLM comm kernels at start-up, for minutes, while the other rank waits
+        # at a barrier (what looked like a hang after loading, 2026-11-28; the stacks are in that run's logs)
         kw["enforce_disable_flashinfer_allreduce_fusion"] = True
+    if spec.get("nccl_port"):  # Engines started side by side otherwise race for a free port (EADDRINUSE)
+        kw["nccl_port"] = spec["nccl_port"]
     if spec.get("quantization"):
         kw["quantization"] = spec["quantization"]
     t1 = time.time()

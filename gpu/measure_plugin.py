@@ -50,20 +50,28 @@ def _dump_hooks(runner) -> None:
     os.makedirs(out, exist_ok=True)
     rank = runner.ps.tp_rank
     seen: dict = {}
+    pending: dict = {}
 
-    def hook(module, args, kwargs, output, name):
+    def before(module, args, kwargs, name):
+        # the input is copied before the block runs: SGLang's plain fused MoE writes its output into it (inplace)
         x = kwargs.get("hidden_states", args[0] if args else None)
-        calls = seen.setdefault(name, [])
+        if x is not None and x.shape[0] >= 16 and len(seen.get(name, [])) < 4:
+            pending[name] = x.detach().float().cpu()
+
+    def after(module, args, kwargs, output, name):
         # prefill batches only (the driver's prompts are 32 tokens each; decode steps carry one token per prompt)
-        if x is None or x.shape[0] < 16 or len(calls) >= 4:
+        x = pending.pop(name, None)
+        if x is None:
             return
-        calls.append({"input": x.detach().float().cpu(), "output": output.detach().float().cpu()})
+        calls = seen.setdefault(name, [])
+        calls.append({"input": x, "output": output.detach().float().cpu()})
         torch.save(calls, os.path.join(out, f"rank{rank}.{name}.pt"))
 
     n = 0
     for name, module in runner.model.named_modules():
         if name.endswith(".mlp") and type(module).__name__.endswith("SparseMoeBlock"):
-            module.register_forward_hook(lambda m, a, k, o, name=name: hook(m, a, k, o, name), with_kwargs=True)
+            module.register_forward_pre_hook(lambda m, a, k, name=name: before(m, a, k, name), with_kwargs=True)
+            module.register_forward_hook(lambda m, a, k, o, name=name: after(m, a, k, o, name), with_kwargs=True)
             n += 1
     print(f"E2E_DUMP_HOOKS {n} MoE blocks on rank {rank} -> {out}", flush=True)
 
