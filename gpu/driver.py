@@ -371,6 +371,7 @@ def experts(meta: dict, res: dict) -> None:
     refs = {k: dequantized(d, base) for k, d in (("pure-fp8", fp8), ("pure-int8", int8), ("pure-gptq", gptq),
                                                   ("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
     refs["bf16"] = base
+    refs["source-gptq"] = refs["pure-gptq"]  # the same bytes
     small = {"mem_fraction": 0.05, "max_total_tokens": 2048}
     fp16 = {"dtype": "float16"}
     dump = lambda k: {"dump": str(WORK / "dumps" / k)}  # noqa: E731
@@ -396,6 +397,10 @@ def experts(meta: dict, res: dict) -> None:
                  "bf16-ep2": {"path": str(base), "tp": 2, "ep": 2},
                  "mixed-experts-ep2": {"path": str(mixed), "tp": 2, "ep": 2, **dump("mixed-experts-ep2")},
                  "mixed-gptq-tp2": {"path": str(mixed_gptq), "tp": 2, **fp16, **dump("mixed-gptq-tp2")},
+                 # GPTQ MoE at TP=2: SGLang serving the source itself (its 0.5.17 bugs, sglang_fixes.py) and the
+                 # checkpoint built from it through the shim (corrected)
+                 "source-gptq-tp2": {"path": str(fx["gptq"]), "tp": 2, **fp16, **dump("source-gptq-tp2")},
+                 "pure-gptq-tp2": {"path": str(gptq), "tp": 2, **fp16, **dump("pure-gptq-tp2")},
                  # SGLang's own default (FlashInfer all-reduce fusion on), stacks dumped: what the Engine waits for
                  "bf16-tp2-fusion": {"path": str(base), "tp": 2, "ar_fusion": True, "stacks": 75, "timeout": 150}}
         runs.update(run_all({k: {**small, "stacks": 150, **v} for k, v in pick(multi).items()}, par=len(multi)))
@@ -417,7 +422,7 @@ def experts(meta: dict, res: dict) -> None:
     if gpus > 1:
         res["tp2_vs_tp1"] = {k: tp_compare(get(k.rsplit("-", 1)[0]), get(k))
                              for k in ("bf16-tp2", "mixed-experts-tp2", "bf16-ep2", "mixed-experts-ep2",
-                                       "mixed-gptq-tp2")}
+                                       "mixed-gptq-tp2", "source-gptq-tp2", "pure-gptq-tp2")}
     res["n_layers"] = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     res["mixed_units"] = {name: {u: s.get("groups") for u, s in json.loads(
         (d / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}

@@ -35,6 +35,8 @@ from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, Quant
 from mpconvert.formats import FORMATS
 from mpconvert.manifest import EXPERT_GROUPS as GROUPS
 
+from mpconvert.runtime_shim.sglang_fixes import correct_built_gptq_marlin_moe
+
 
 class MixedExpertsMethod(FusedMoEMethodBase):
     def __init__(self, prefix: str, groups: list[tuple[dict, Optional[QuantizationConfig]]],
@@ -94,6 +96,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
                        routing_method_type=cfg.routing_method_type, is_gated=cfg.is_gated,
                        gate_up_interleaved=cfg.gate_up_interleaved)
         self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
+        correct_built_gptq_marlin_moe(sub)  # SGLang 0.5.17's GPTQ-Marlin MoE under TP (sglang_fixes.py)
         key = str(g)
         self.drops_minus_one[key] = FORMATS[spec["format"]].sglang_moe_runner == "triton"
         if self.drops_minus_one[key]:

@@ -23,6 +23,7 @@ from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.manifest import MANIFEST, MIXED_EXPERTS, QUANT_METHOD
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
+from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
 
 # DeepSeek (MLA) loaders special-case the model's quant config: after loading they absorb kv_b_proj into w_kc/w_vc
 # (FP8 through `quant_config.linear_fp8_config.weight_block_size`, int8 per channel, and anything with a `qweight` as
@@ -194,7 +195,7 @@ class MpconvertConfig(QuantizationConfig):
         _check_moe_dtype(layer, prefix, sub)
         method = sub.get_quant_method(layer, prefix)
         _check_native(layer, prefix, self.manifest["units"][prefix], method)
-        return method
+        return patch_gptq_marlin_moe(method)
 
     def get_scaled_act_names(self) -> list[str]:
         return []

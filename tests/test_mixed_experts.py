@@ -78,6 +78,12 @@ def test_shim_serves_each_format_group_natively_tp1_and_tp2(moe, cli, tmp_path):
         qrows = slice(None) if k == 0 else slice((k - 1) * 16, k * 16)
         assert p[f"{gptq}.w2_qweight"][2] == sha(torch.stack([out[f"{E1}.{e}.down_proj.qweight"][qrows]
                                                               for e in (4, 7)]))
+        # and its scales (one row per 128-group of the intermediate): this rank's groups only. SGLang 0.5.17 sizes
+        # them for every rank's and leaves all but the first uninitialized (runtime_shim/sglang_fixes.py)
+        groups_here = slice(None) if k == 0 else slice(k - 1, k)
+        assert p[f"{gptq}.w2_scales"][:2] == ["torch.float16", [2, 2 if k == 0 else 1, 256]]
+        assert p[f"{gptq}.w2_scales"][2] == sha(torch.stack([out[f"{E1}.{e}.down_proj.scales"][groups_here]
+                                                             for e in (4, 7)]))
         # the layer's own routing parameters are empty: no second copy of any weight
         assert p[f"{E1}.w13_weight"][1] == [0] and p[f"{E1}.w13_qweight"][1] == [0]
 
