@@ -174,6 +174,8 @@ def served(label: str, path: Path, port: int = 30555, timeout: int = 300) -> dic
 
 
 def run_all(jobs: dict[str, dict], par: int) -> dict[str, dict]:
+    if not jobs:
+        return {}
     # one NCCL port per Engine, by label: Engines started together otherwise race for the same free port
     jobs = {k: {"nccl_port": 20000 + 10 * (zlib.crc32(k.encode()) % 2000), **v} for k, v in jobs.items()}
     with ThreadPoolExecutor(par) as ex:
@@ -739,6 +741,7 @@ def main(part: str, out: Path) -> None:
             report = f"(summary failed: {e!r}; see results.json)\n"
         (out / "report.md").write_text(report)
         print(report)
+        (WORK / "logs").mkdir(parents=True, exist_ok=True)
         with tarfile.open(out / "logs.tar.xz", "w:xz") as t:
             t.add(WORK / "logs", arcname="logs")
 
