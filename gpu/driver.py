@@ -112,7 +112,12 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
     m = re.findall(r"Load weight end.*?mem usage=(-?[0-9.]+) GB", text)
     if m:
         r["weight_gb_log"] = float(m[-1])
-    exact = [json.loads(x[17:]) for x in text.splitlines() if x.startswith("E2E_WEIGHT_BYTES ")]
+    exact = []  # one JSON object per rank; two ranks' prints can share a line
+    for m in re.finditer(r"E2E_WEIGHT_BYTES (\{)", text):
+        try:
+            exact.append(json.JSONDecoder().raw_decode(text, m.start(1))[0])
+        except ValueError:
+            pass
     if exact:  # gpu/measure_plugin.py: bytes the model's parameters and buffers hold, per TP rank
         r["weight_bytes"] = exact
     r["wall_s"] = round(time.time() - t, 1)
