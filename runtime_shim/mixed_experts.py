@@ -137,18 +137,49 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
     def apply(self, layer, dispatch_output):
         from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
+        from sglang.srt.model_executor.runner import get_is_capture_mode
 
-        topk = dispatch_output.topk_output
-        out = None
-        for key, sub in getattr(layer, GROUPS).items():
-            local_ids = getattr(layer, f"expert_map_{key}")[topk.topk_ids]
-            if self.drops_minus_one[key]:
-                mine = topk._replace(topk_ids=local_ids)
-            else:  # first local expert, weight 0
-                keep = local_ids >= 0
-                mine = topk._replace(topk_ids=local_ids.clamp(min=0),
-                                     topk_weights=topk.topk_weights * keep.to(topk.topk_weights.dtype))
-            part = sub.quant_method.apply(sub, dispatch_output._replace(
-                topk_output=mine, hidden_states_pre_quant=None)).hidden_states
-            out = part if out is None else out.add_(part)
+        groups = list(getattr(layer, GROUPS).items())
+        # Decode (captured in CUDA graphs) is bound by the latency of each group's chain of small kernels, not by
+        # their work: the groups after the first run on side streams, concurrently, as SGLang's Qwen2-MoE runs its
+        # shared expert beside the routed ones (also in capture mode only). Prefill runs them one after another.
+        side = _side_streams(len(groups) - 1) if len(groups) > 1 and get_is_capture_mode() else []
+        main = torch.cuda.current_stream() if side else None
+        parts = []
+        for i, (key, sub) in enumerate(groups):
+            if i and side:
+                side[i - 1].wait_stream(main)
+                with torch.cuda.stream(side[i - 1]):
+                    parts.append(self._apply_group(layer, key, sub, dispatch_output))
+            else:
+                parts.append(self._apply_group(layer, key, sub, dispatch_output))
+        for stream in side:
+            main.wait_stream(stream)
+        out = parts[0]
+        for part in parts[1:]:
+            out.add_(part)
         return StandardCombineInput(hidden_states=out)
+
+    def _apply_group(self, layer, key: str, sub, dispatch_output):
+        """One group's native fused-MoE call on the layer's tokens, restricted to its own experts."""
+        topk = dispatch_output.topk_output
+        local_ids = getattr(layer, f"expert_map_{key}")[topk.topk_ids]
+        if self.drops_minus_one[key]:
+            mine = topk._replace(topk_ids=local_ids)
+        else:  # first local expert, weight 0
+            keep = local_ids >= 0
+            mine = topk._replace(topk_ids=local_ids.clamp(min=0),
+                                 topk_weights=topk.topk_weights * keep.to(topk.topk_weights.dtype))
+        return sub.quant_method.apply(sub, dispatch_output._replace(
+            topk_output=mine, hidden_states_pre_quant=None)).hidden_states
+
+
+_STREAMS: list = []
+
+
+def _side_streams(n: int) -> list:
+    """n side streams, shared by every mixed layer (layers run one after another, and each joins its streams before
+    it returns). Made on first use, which is warm-up before capture."""
+    while len(_STREAMS) < n:
+        _STREAMS.append(torch.cuda.Stream())
+    return _STREAMS[:n]
