@@ -1,19 +1,21 @@
 """The GPU proof, one part per run (see gpu/e2e.sh): build with mpconvert, serve with real SGLang, compare, report.
 
-Usage: driver.py dense|moe OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
+Usage: driver.py dense|moe|experts OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
-E2E_GPTQ=0 (experts part) leaves out the MoE GPTQ pair; E2E_NO_CUSTOM_AR=1 starts TP=2 Engines with
---disable-custom-all-reduce (MoE TP=2 Engines hung after loading on 2× H200);
+E2E_NO_CUSTOM_AR=1 starts TP=2 Engines with --disable-custom-all-reduce;
 E2E_MEMORY=1 (dense) the weight-memory part alone, all Engines at once on one GPU;
 E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline); E2E_ONLY=a,b runs only those fidelity
-Engines; E2E_CHILD_TIMEOUT per Engine (420 s; the first fp16 GPTQ MoE Engine compiles Marlin MoE for minutes).
+Engines (dense/moe fidelity, experts); E2E_CHILD_TIMEOUT per Engine (420 s).
+TP>1 Engines run with FlashInfer's all-reduce fusion off (engine_child.py says why).
 
 fidelity  every servable source S and the checkpoint built from a recipe taking everything from S are served in their
           own Engines; greedy tokens and top-5 logprobs must be identical. Mixed recipes (≥ 3 formats) serve, and their
           teacher-forced logprobs vs the bf16 model are reported beside their parts'. TP=2 vs TP=1 on the mixed model.
 speed     (dense part) a 12-layer Llama-8B-shaped model synthesized in FP8, Int8, GPTQ and AWQ, and a mixed build of
           3 layers of each: decode tokens/s (CUDA graphs on), load time and SGLang's weight memory per checkpoint.
+experts   expert-level mixed precision (issue 5) and the MoE GPTQ pair: see experts(); with E2E_SPEED=1 also the decode
+          speed of mixed-experts layers on a Qwen3-30B-A3B-shaped synthetic model (experts_speed()).
 Results: OUT/results.json, OUT/report.md (also printed), OUT/logs.tar.xz (every Engine's log).
 """
 from __future__ import annotations
