@@ -34,7 +34,6 @@ from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, Quant
 
 from mpconvert.formats import FORMATS
 from mpconvert.manifest import EXPERT_GROUPS as GROUPS
-
 from mpconvert.runtime_shim.sglang_fixes import correct_built_gptq_marlin_moe
 
 

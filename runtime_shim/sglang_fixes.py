@@ -1,8 +1,9 @@
 """Corrections of SGLang 0.5.17 bugs that make a layer the shim binds compute wrong numbers without any error.
 
 GPTQ-Marlin MoE under tensor parallelism (sgl-project/sglang#36822; fixes proposed in sglang#19938, #35955 and, for
-the second, vllm#50196), both found by the GPU run's per-layer check (gpu/driver.py: a GPTQ expert group at TP=2 was
-0.45–0.60 off its dequantized reference per layer, against 0.0008 at TP=1):
+the second, vllm#50196), found by the GPU run's per-layer check (gpu/driver.py: a model with GPTQ expert groups was
+0.45–0.60 off its dequantized reference per MoE layer at TP=2, against 0.024–0.034 at TP=1; served by SGLang alone,
+the GPTQ MoE source gives NaN at TP=2):
 
 1. Without act-order, create_weights sizes w2_scales / w2_qzeros for the whole intermediate dimension instead of
    this rank's part (the desc_act condition is reversed). The loader writes the rank's groups into the first rows
@@ -12,7 +13,8 @@ the second, vllm#50196), both found by the GPU run's per-layer check (gpu/driver
    partition, but w13's K is the hidden size: where the two fall on different sides of the group size, the scales
    get the single-group permutation although they have several groups. Fixed by showing it the right K.
 
-Each correction checks for the bug's signature and does nothing without it.
+The first checks for the bug's signature and does nothing without it; the second changes only what 0.5.17's method
+reads, for the length of that call.
 """
 from __future__ import annotations
 
