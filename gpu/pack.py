@@ -55,9 +55,12 @@ def templates(part: str) -> dict:
     return out
 
 
-# kernels a part never runs, left out to keep under the carry limit: the experts part runs GPTQ in fp16 only, without
-# an expert map (the shim's Marlin groups weight other groups' slots 0 instead), and no AWQ
-UNUSED_KERNELS = {"experts": ("gptq_marlin_bf16_t", "moe_wna16_marlin_bf16_t", "moe_wna16_marlin_fp16_t_true",
+# kernels a part never runs, left out to keep under the carry limit: the dense part has no MoE and runs GPTQ/AWQ in
+# bf16; the experts part runs GPTQ in fp16 only, without an expert map (the shim's Marlin groups weight other groups'
+# slots 0 instead), and no AWQ
+UNUSED_KERNELS = {"dense": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+                  "moe": ("moe_wna16_marlin_fp16_t_true",),
+                  "experts": ("gptq_marlin_bf16_t", "moe_wna16_marlin_bf16_t", "moe_wna16_marlin_fp16_t_true",
                               "awq_marlin_repack")}
 
 
