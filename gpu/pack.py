@@ -114,7 +114,10 @@ def main(part: str, shared: Path) -> None:
     (STAGE / "part.json").write_text(json.dumps({"part": part, "arch": arch, "kinds": list(kinds),
                                                  "templates": templates(part)}, indent=1))
     size = sum(p.stat().st_size for p in STAGE.rglob("*") if p.is_file())
-    print(f"staged {part} into {STAGE}: {size / 2**20:.1f} MiB")
+    tree = sum((ROOT / f).stat().st_size for f in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True,
+                                                                  text=True).stdout.splitlines() if (ROOT / f).is_file())
+    print(f"staged {part} into {STAGE}: {size / 2**20:.1f} MiB; with the tracked tree {(size + tree) / 2**20:.1f} MiB"
+          f"{' — over the 64 MiB the device tool carries' if size + tree > 64 * 2**20 else ''}")
 
 
 if __name__ == "__main__":
