@@ -21,7 +21,6 @@ Results: OUT/results.json, OUT/report.md (also printed), OUT/logs.tar.xz (every 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -289,7 +288,7 @@ def split_groups(d: Path) -> None:
     """Rewrite a built directory's single-format MoE layers as two expert groups of that same format (the lower and
     upper half of the experts), and re-sign the manifest: the mixed-experts path with nothing mixed, to compare with
     the plain path."""
-    import hashlib
+    from mpconvert.manifest import dumps, quantization_config, unit_formats
 
     mf = d / "mpconvert_manifest.json"
     m = json.loads(mf.read_text())
@@ -299,10 +298,10 @@ def split_groups(d: Path) -> None:
             m["units"][unit] = {"format": "mixed_experts", "params": {}, "members": spec["members"], "groups": [
                 {"format": spec["format"], "params": spec["params"], "experts": list(range(half))},
                 {"format": spec["format"], "params": spec["params"], "experts": list(range(half, 2 * half))}]}
-    raw = (json.dumps(m, indent=1, sort_keys=True) + "\n").encode()
+    raw = dumps(m)
     mf.write_bytes(raw)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
+    cfg["quantization_config"] = quantization_config(raw, unit_formats(m))  # as mpconvert's writer signs it
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -331,21 +330,28 @@ def dequantized(d: Path, base: Path) -> Path:
     return out
 
 
-def per_layer(dumps: Path, ref: Path, tie: float = 1e-2) -> dict:
+def per_layer(dumps: dict[str, Path], ref: Path, tie: float = 1e-2) -> dict[str, dict]:
     """Each MoE block SGLang ran (inputs and outputs recorded by gpu/measure_plugin.py on the prompts' prefill) against
     the same block of the reference checkpoint in transformers (float32, the model's own routing: softmax, top-k,
     renormalization), fed the very inputs SGLang's block saw: ‖out − ref‖ / ‖ref‖ and cosine per layer. A token whose
     k-th and (k+1)-th router logits lie within `tie` of each other may pick another expert in SGLang's half-precision
     router than in the float32 reference, which is not an error of the experts: the error is also given without those
-    tokens (`near_ties` counts them), with the worst token's."""
+    tokens (`near_ties` counts them), with the worst token's. `dumps`: run → its dump directory, every run served
+    a checkpoint whose reference is `ref` (loaded once for them all)."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).to(dev).eval()
+    return {run: _blocks_vs_reference(d, model, dev, tie) for run, d in dumps.items()}
+
+
+def _blocks_vs_reference(dumps: Path, model, dev: str, tie: float) -> dict:
+    import torch
 
     files = sorted(dumps.glob("rank0.*.pt"))
     if not files:
         return {"error": f"no MoE block dumps in {dumps}"}
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).to(dev).eval()
     k = model.config.num_experts_per_tok
     out = {}
     for f in files:
@@ -446,9 +452,13 @@ def experts(meta: dict, res: dict) -> None:
     res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16" and "outputs" in r}
     res["vs_dequantized_ref"] = {k: vs_bf16(get(k), get("dequantized-ref")) for k in ("mixed-experts", "bf16")}
     # every run whose MoE blocks were dumped, against the reference of the checkpoint it served (TP/EP runs: the same)
-    dumped = [k for k, v in runs.items() if (WORK / "dumps" / k).is_dir()]
-    res["per_layer"] = {k: per_layer(WORK / "dumps" / k, refs[re.sub(r"-(tp|ep)2$", "", k)]) if get(k).get("ok")
-                        else {"error": "run failed"} for k in dumped}
+    dumped = [k for k in runs if (WORK / "dumps" / k).is_dir()]
+    by_ref: dict[Path, dict[str, Path]] = {}
+    for k in dumped:
+        if get(k).get("ok"):
+            by_ref.setdefault(refs[re.sub(r"-(tp|ep)2$", "", k)], {})[k] = WORK / "dumps" / k
+    compared = {run: r for ref, ds in by_ref.items() for run, r in per_layer(ds, ref).items()}
+    res["per_layer"] = {k: compared.get(k, {"error": "run failed"}) for k in dumped}
     if gpus > 1:
         res["tp2_vs_tp1"] = {k: tp_compare(get(k.rsplit("-", 1)[0]), get(k))
                              for k in ("bf16-tp2", "mixed-experts-tp2", "bf16-ep2", "mixed-experts-ep2",
@@ -457,17 +467,6 @@ def experts(meta: dict, res: dict) -> None:
     res["mixed_units"] = {name: {u: s.get("groups") for u, s in json.loads(
         (d / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}
         for name, d in (("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
-
-
-def linear_bytes(d: Path) -> dict[str, int]:
-    """Bytes of a built checkpoint's linear tensors by format (from its manifest)."""
-    size = {"F8_E4M3": 1, "I8": 1, "I32": 4, "BF16": 2, "F16": 2, "F32": 4}
-    out: dict[str, int] = {}
-    for mod in json.loads((d / "mpconvert_manifest.json").read_text())["modules"].values():
-        if mod["kind"] == "linear":
-            n = sum(size[t["dtype"]] * math.prod(t["shape"]) for t in mod["tensors"].values())
-            out[mod["format"]] = out.get(mod["format"], 0) + n
-    return out
 
 
 def experts_speed(meta: dict, res: dict) -> None:
@@ -501,15 +500,9 @@ def experts_speed(meta: dict, res: dict) -> None:
     queues = [[("pure-fp8", fp8), ("split-fp8", split)], [("pure-int8", int8), ("mixed-experts", mixed)]]
     if torch_gpus() < 2:
         queues = [queues[0] + queues[1]]
-
-    def run_queue(gpu: int, names: list) -> dict:
-        return {n: engine(f"speed-{n}", {**spec, "path": str(path), "gpu": gpu}, timeout=300) for n, path in names}
-
-    with ThreadPoolExecutor(len(queues)) as ex:
-        parts = list(ex.map(run_queue, range(len(queues)), queues))
-    res["moe_speed_runs"] = {k: v for p in parts for k, v in p.items()}
-    b = linear_bytes(mixed)
-    res["moe_speed_fp8_share"] = b.get("fp8", 0) / sum(b.values())
+    res["moe_speed_runs"] = run_queues(queues, spec)
+    totals = json.loads((mixed / "mpconvert_manifest.json").read_text())["totals"]
+    res["moe_speed_fp8_share"] = totals["by_format"].get("fp8", {"bytes": 0})["bytes"] / totals["linear_bytes"]
     res["moe_speed_model"] = {k: cfg[k] for k in synth.MOE_SHAPE}
 
 
@@ -568,23 +561,24 @@ def synth_models(meta: dict, res: dict) -> tuple[dict[str, Path], Path]:
     return {k: dirs[k] for k in order}, mixed
 
 
-def speed(meta: dict, res: dict) -> None:
-    dirs, mixed = synth_models(meta, res)
-    spec = {"mode": "speed", "cuda_graph": True, "mem_fraction": 0.6, "max_total_tokens": 16384, "log_level": "info"}
-    queues = [["ct-fp8-dynamic", "gptq", "mixed"], ["ct-w8a8", "awq", "mixed-gpu1"]]
-    if torch_gpus() < 2:
-        queues = [queues[0] + queues[1][:2]]
-
-    def run_queue(gpu: int, names: list[str]) -> dict:
-        out = {}
-        for n in names:
-            path = mixed if n.startswith("mixed") else dirs[n]
-            out[n] = engine(f"speed-{n}", {**spec, "path": str(path), "gpu": gpu}, timeout=300)
-        return out
+def run_queues(queues: list[list[tuple[str, Path]]], spec: dict) -> dict[str, dict]:
+    """Speed Engines: queue i runs on GPU i, one Engine at a time (so none shares its GPU), the queues side by side."""
+    def run_queue(gpu: int, runs: list[tuple[str, Path]]) -> dict:
+        return {n: engine(f"speed-{n}", {**spec, "path": str(path), "gpu": gpu}, timeout=300) for n, path in runs}
 
     with ThreadPoolExecutor(len(queues)) as ex:
         parts = list(ex.map(run_queue, range(len(queues)), queues))
-    res["speed_runs"] = {k: v for p in parts for k, v in p.items()}
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def speed(meta: dict, res: dict) -> None:
+    dirs, mixed = synth_models(meta, res)
+    spec = {"mode": "speed", "cuda_graph": True, "mem_fraction": 0.6, "max_total_tokens": 16384, "log_level": "info"}
+    queues = [[(k, dirs[k]) for k in ("ct-fp8-dynamic", "gptq")] + [("mixed", mixed)],
+              [(k, dirs[k]) for k in ("ct-w8a8", "awq")] + [("mixed-gpu1", mixed)]]
+    if torch_gpus() < 2:
+        queues = [queues[0] + queues[1][:2]]
+    res["speed_runs"] = run_queues(queues, spec)
 
 
 def memory(meta: dict, res: dict) -> None:
@@ -662,6 +656,22 @@ def moe_speed_verdicts(res: dict) -> list[str]:
     return out
 
 
+def speed_table(runs: dict, sizes: tuple[int, ...], sglang_weight: bool, digits: int,
+                rate: str = "decode tok/s") -> list[str]:
+    """One row per speed Engine: outcome, load time, (SGLang's weight figure,) exact weight GiB, decode tok/s."""
+    cols = ["checkpoint", "ok", "load s", *(["weight GB (SGLang)"] if sglang_weight else []), "exact weight GiB",
+            f"{rate} bs{sizes[0]}", *(f"bs{b}" for b in sizes[1:])]
+    L = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for k, r in runs.items():
+        d = r.get("decode", {})
+        cells = [k, "OK" if r.get("ok") else "FAIL: " + r.get("error", "")[-120:], r.get("load_s", ""),
+                 *([r.get("weight_gb_log", "")] if sglang_weight else []),
+                 f"{r['weight_bytes'][0]['total'] / 2**30:.{digits}f}" if "weight_bytes" in r else "",
+                 *(d.get(f"bs{b}_tok_s", "") for b in sizes)]
+        L.append("| " + " | ".join(map(str, cells)) + " |")
+    return L
+
+
 def runs_table(res: dict) -> list[str]:
     """One row per Engine run: outcome, load time, the first tokens of prompt 0, and its distance from bf16."""
     L = ["| run | ok | load s | tokens (prompt 0) | vs bf16: mean/max |Δlogprob|, top-1 agreement |",
@@ -704,26 +714,13 @@ def summarize(part: str, res: dict) -> str:
         L += ["## Decode speed, expert-level mixed precision (Qwen3-30B-A3B-shaped, 8 layers, synthetic)", "",
               f"model: {res['moe_speed_model']}; FP8 share of the mixed model's linear bytes "
               f"{res['moe_speed_fp8_share']:.3f}", "",
-              "| checkpoint | ok | load s | exact weight GiB | tok/s bs1 | bs8 | bs32 |",
-              "|---|---|---|---|---|---|---|"]
-        for k, r in res["moe_speed_runs"].items():
-            d = r.get("decode", {})
-            exact = f"{r['weight_bytes'][0]['total'] / 2**30:.3f}" if "weight_bytes" in r else ""
-            L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:]} | "
-                     f"{r.get('load_s', '')} | {exact} | {d.get('bs1_tok_s', '')} | {d.get('bs8_tok_s', '')} | "
-                     f"{d.get('bs32_tok_s', '')} |")
+              *speed_table(res["moe_speed_runs"], (1, 8, 32), sglang_weight=False, digits=3, rate="tok/s")]
         L += [""] + [f"- {line}" for line in moe_speed_verdicts(res)] + [""]
     if "tp_runs" in res:
         L += ["## TP=2 vs TP=1", ""] + [f"- {k}: {v}" for k, v in res["tp2_vs_tp1"].items()] + [""]
     if "speed_runs" in res:
         L += ["## Speed and memory (12-layer Llama-8B-shaped synthetic model)", "",
-              "| checkpoint | ok | load s | weight GB (SGLang) | exact weight GiB | decode tok/s bs1 | bs8 |",
-              "|---|---|---|---|---|---|---|"]
-        for k, r in res["speed_runs"].items():
-            d = r.get("decode", {})
-            exact = f"{r['weight_bytes'][0]['total'] / 2**30:.4f}" if "weight_bytes" in r else ""
-            L.append(f"| {k} | {'OK' if r.get('ok') else 'FAIL: ' + r.get('error', '')[-120:]} | {r.get('load_s', '')} | "
-                     f"{r.get('weight_gb_log', '')} | {exact} | {d.get('bs1_tok_s', '')} | {d.get('bs8_tok_s', '')} |")
+              *speed_table(res["speed_runs"], (1, 8), sglang_weight=True, digits=4)]
         L += ["", f"layers per format in the mixed build: {res['speed_layers']}; bf16 embeddings/lm_head/norms "
               f"{res['speed_support_gb']:.3f} GiB", ""] + [f"- {line}" for line in speed_verdicts(res)]
     return "\n".join(L) + "\n"
