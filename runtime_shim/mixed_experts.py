@@ -15,6 +15,11 @@ groups' experts are dropped in one of two ways:
   there. Such slots go to the group's first expert with weight 0: exact (a zero-weighted expert adds nothing), at the
   cost of computing those slots once more in that group.
 
+Kernel configs: SGLang picks a Triton fused-MoE kernel config by the layer's expert count (tuned files such as
+`E=128,N=768,device_name=NVIDIA_H200,…`), so a group of 16 or 112 experts would find none and run the untuned
+default. Each expert of a group sees the same tokens as in the plain layer, so a group runs the config the plain layer
+would: its lookup is made with the layer's expert count on this rank (`layer_kernel_config`).
+
 Weight loading: the model's loader maps `experts.N.gate_proj.*` to `experts.w13_*` and calls that parameter's
 weight_loader with the global expert id. The layer holds one empty routing parameter per native name (`w13_weight`,
 `w13_qweight`, …); its loader hands the tensor to the owning group's real parameter with the group-local expert id.
@@ -27,6 +32,7 @@ other than the default (auto/triton).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -60,6 +66,8 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         # layer rank-local top-k ids (-1 for experts on other ranks). Each group holds its experts in that range.
         per_rank = layer.num_experts // layer.moe_ep_size
         lo = layer.moe_ep_rank * per_rank
+        self.layer_experts = per_rank  # what the plain layer would hold: its kernel-config lookup key
+        _install_layer_config_lookup()
         self.owner: dict[int, tuple[str, int]] = {}  # global expert id on this rank → (group key, loader expert id)
         self.every = {e for spec, _ in self.groups for e in spec["experts"]}
         self.drops_minus_one: dict[str, bool] = {}
@@ -169,8 +177,44 @@ class MixedExpertsMethod(FusedMoEMethodBase):
             keep = local_ids >= 0
             mine = topk._replace(topk_ids=local_ids.clamp(min=0),
                                  topk_weights=topk.topk_weights * keep.to(topk.topk_weights.dtype))
-        return sub.quant_method.apply(sub, dispatch_output._replace(
-            topk_output=mine, hidden_states_pre_quant=None)).hidden_states
+        with layer_kernel_config(self.layer_experts):
+            return sub.quant_method.apply(sub, dispatch_output._replace(
+                topk_output=mine, hidden_states_pre_quant=None)).hidden_states
+
+
+_LAYER_EXPERTS: list[int] = []  # innermost layer_kernel_config's expert count
+
+
+@contextmanager
+def layer_kernel_config(num_experts: int):
+    """Within: SGLang's Triton fused-MoE config lookups are made as for a layer of num_experts experts (the group's
+    weights keep their own shapes; only the lookup key changes). Config lookups run in Python, also while CUDA graphs
+    are captured, so the config is fixed into the graph."""
+    _LAYER_EXPERTS.append(num_experts)
+    try:
+        yield
+    finally:
+        _LAYER_EXPERTS.pop()
+
+
+def _install_layer_config_lookup():
+    """Wrap the lookup SGLang's Triton runner calls (fused_moe.try_get_optimal_moe_config, called once per forward
+    with the weights' shapes) so that layer_kernel_config can give it the layer's expert count. Outside
+    layer_kernel_config it is SGLang's own lookup, unchanged."""
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe
+
+    lookup = fused_moe.try_get_optimal_moe_config
+    if getattr(lookup, "mpconvert_layer_lookup", False):
+        return
+
+    def as_layer(w1_shape, w2_shape, *args, **kwargs):
+        if _LAYER_EXPERTS:
+            e = _LAYER_EXPERTS[-1]
+            w1_shape, w2_shape = (e, *w1_shape[1:]), (e, *w2_shape[1:])
+        return lookup(w1_shape, w2_shape, *args, **kwargs)
+
+    as_layer.mpconvert_layer_lookup = True
+    fused_moe.try_get_optimal_moe_config = as_layer
 
 
 _STREAMS: list = []

@@ -116,6 +116,39 @@ def test_expert_parallel_ranks_hold_their_experts_of_each_group(moe, cli, tmp_pa
         (1, 1, 0), (2, 2, 0), (2, 2, 1)]
 
 
+def test_triton_groups_look_up_the_kernel_config_tuned_for_the_whole_layer(monkeypatch):
+    """A group of 16 of a layer's 128 FP8 experts runs the Triton config SGLang tuned for the 128-expert layer (the
+    same tokens per expert), not the untuned default its own expert count would find. SGLang's real lookup and its
+    shipped tuning files; the GPU's name (none on a CPU) and the server's exec settings given here."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, fused_moe_triton_config as tuning
+
+    from mpconvert.runtime_shim import mixed_experts
+
+    monkeypatch.setattr(tuning, "get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "get_exec", lambda: SimpleNamespace(
+        deterministic=SimpleNamespace(enable_deterministic_inference=False)))
+    tuning.get_moe_configs.cache_clear()
+    monkeypatch.setattr(fused_moe, "try_get_optimal_moe_config", tuning.try_get_optimal_moe_config)
+    mixed_experts._install_layer_config_lookup()
+    lookup = fused_moe.try_get_optimal_moe_config  # what the runner calls
+    assert lookup is not tuning.try_get_optimal_moe_config
+
+    def shapes(e):  # Qwen3-30B-A3B: hidden 2048, moe_intermediate 768
+        return (e, 1536, 2048), (e, 2048, 768)
+
+    for m in (1, 8, 32):
+        args, kw = (8, "fp8_w8a8", m), dict(block_shape=[128, 128], return_down_config=True)
+        layer = tuning.try_get_optimal_moe_config(*shapes(128), *args, **kw)
+        alone = lookup(*shapes(16), *args, **kw)
+        with mixed_experts.layer_kernel_config(128):
+            assert lookup(*shapes(16), *args, **kw) == layer
+        assert lookup(*shapes(16), *args, **kw) == alone  # outside: SGLang's own lookup
+    assert alone != layer  # the tuned file (bs 32: BLOCK_SIZE_M 16 …) is not the default (64)
+    tuning.get_moe_configs.cache_clear()
+
+
 def test_gptq_group_needs_fp16_and_unquantized_group(moe, cli, tmp_path):
     """A GPTQ expert group runs on GPTQ-Marlin MoE (fp16 only): refused at load in bf16, naming the layer and its
     experts. bf16 experts (from the base) form a group on SGLang's unquantized fused MoE."""
