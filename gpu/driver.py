@@ -1,12 +1,11 @@
 """The GPU proof, one part per run (see gpu/e2e.sh): build with mpconvert, serve with real SGLang, compare, report.
 
-Usage: driver.py dense|moe|experts OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
+Usage: driver.py dense|moe|experts|tp OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
 E2E_NO_CUSTOM_AR=1 starts TP=2 Engines with --disable-custom-all-reduce;
 E2E_MEMORY=1 (dense) the weight-memory part alone, all Engines at once on one GPU;
-E2E_TP_ONLY=1 runs only TP=2 vs TP=1 (mixed, and bf16 as the baseline); E2E_ONLY=a,b runs only those fidelity
-Engines (dense/moe fidelity, experts); E2E_CHILD_TIMEOUT per Engine (420 s).
+E2E_ONLY=a,b runs only those fidelity Engines (dense/moe fidelity, experts); E2E_CHILD_TIMEOUT per Engine (420 s).
 TP>1 Engines run with FlashInfer's all-reduce fusion off (engine_child.py says why).
 
 fidelity  every servable source S and the checkpoint built from a recipe taking everything from S are served in their
@@ -16,6 +15,8 @@ speed     (dense part) a 12-layer Llama-8B-shaped model synthesized in FP8, Int8
           3 layers of each: decode tokens/s (CUDA graphs on), load time and SGLang's weight memory per checkpoint.
 experts   expert-level mixed precision (issue 5) and the MoE GPTQ pair: see experts(); with E2E_SPEED=1 also the decode
           speed of mixed-experts layers on a Qwen3-30B-A3B-shaped synthetic model (experts_speed()).
+tp        TP=2 / EP=2 vs TP=1 greedy identity of mixed checkpoints of taught models (tp_identity()); with E2E_SPEED=1
+          also experts_speed().
 Results: OUT/results.json, OUT/report.md (also printed), OUT/logs.tar.xz (every Engine's log).
 """
 from __future__ import annotations
@@ -481,8 +482,9 @@ def experts_speed(meta: dict, res: dict) -> None:
     import synth
 
     t = time.time()
-    cfg = synth.moe_config(json.loads((WORK / "fixtures" / "base" / "config.json").read_text()))
-    dirs = synth.main(WORK / "synth-moe", meta["templates"], WORK / "fixtures" / "base", cfg)
+    base = WORK / "fixtures" / ("moe" if meta["part"] == "tp" else "") / "base"  # its tokenizer and config
+    cfg = synth.moe_config(json.loads((base / "config.json").read_text()))
+    dirs = synth.main(WORK / "synth-moe", meta["templates"], base, cfg)
     log(f"synthesized {len(dirs)} MoE checkpoints in {time.time() - t:.0f}s")
     fp8 = build("speed-pure-fp8", dirs["base"], {"ct-fp8-block": dirs["ct-fp8-block"]}, "ct-fp8-block")
     int8 = build("speed-pure-int8", dirs["base"], {"ct-w8a8": dirs["ct-w8a8"]}, "ct-w8a8")
@@ -512,17 +514,46 @@ def torch_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def tp_only(part: str, meta: dict, res: dict) -> None:
-    """TP=2 vs TP=1 for the mixed build and, as the baseline of what TP alone changes, for the bf16 model."""
-    fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
-    mixed = build_mixed(part, fx)
-    runs = run_all({"bf16": {"path": str(fx["base"]), "gpu": 0}, "mixed": {"path": str(mixed), "gpu": 1}}, par=2)
-    # one TP=2 Engine at a time: two at once on the same two GPUs hung after loading (2026-11-28, MoE part)
-    for k, path in (("bf16-tp2", fx["base"]), ("mixed-tp2", mixed)):
-        runs[k] = engine(k, {"path": str(path), "tp": 2})
+def tp_identity(meta: dict, res: dict) -> None:
+    """Issue 6 item 4 on taught models (producers.teach: trained to continue any prompt along a fixed successor chain,
+    so their greedy choices are confident, as a served model's are — a random model's top two logits often differ by
+    less than a TP split's rounding): the dense mixed recipe (FP8, Int8, AWQ, GPTQ layers) and the mixed-experts
+    recipe (FP8, Int8 and bf16 experts in one layer), and each bf16 model as the baseline, at TP=1, then TP=2 and, for
+    the MoE models, EP=2, all on the same prompts."""
+    sys.path.insert(0, str(HERE))
+    from engine_child import prompts
+    from mpconvert.producers import successor
+
+    ll = {k: WORK / "fixtures" / "llama" / k for k in meta["sets"]["llama"]}
+    mo = {k: WORK / "fixtures" / "moe" / k for k in meta["sets"]["moe"]}
+    models = {"dense-bf16": ll["base"], "dense-mixed": build_mixed("dense", ll), "moe-bf16": mo["base"],
+              "experts-mixed": build("tp-experts-mixed", mo["base"], {k: mo[k] for k in ("ct-fp8-block", "ct-w8a8")},
+                                     "ct-w8a8", EXPERTS_MIXED, tp=2)}
+    small = {"mem_fraction": 0.05, "max_total_tokens": 2048}
+    gpus = max(1, torch_gpus())
+    runs = run_all({k: {**small, "path": str(p), "gpu": i % gpus} for i, (k, p) in enumerate(models.items())},
+                   par=len(models))
+    if gpus > 1:
+        multi = {f"{k}-tp2": {**small, "path": str(p), "tp": 2} for k, p in models.items()}
+        multi.update({f"{k}-ep2": {**small, "path": str(models[k]), "tp": 2, "ep": 2}
+                      for k in ("moe-bf16", "experts-mixed")})
+        runs.update(run_all({k: {"stacks": 150, **v} for k, v in multi.items()}, par=len(multi)))
     res["tp_runs"] = runs
-    res["tp2_vs_tp1"] = {"bf16": tp_compare(runs["bf16"], runs["bf16-tp2"]),
-                         "mixed": tp_compare(runs["mixed"], runs["mixed-tp2"])}
+    res["mixed_formats"] = {k: sorted({u["format"] for u in json.loads(
+        (models[k] / "mpconvert_manifest.json").read_text())["units"].values()}) for k in ("dense-mixed",
+                                                                                          "experts-mixed")}
+    nxt = successor(json.loads((ll["base"] / "config.json").read_text())["vocab_size"])
+    res["tp2_vs_tp1"] = {}
+    for k, r in runs.items():
+        one = k.rsplit("-", 1)[0] if k.endswith(("-tp2", "-ep2")) else None
+        if one:
+            res["tp2_vs_tp1"][k] = tp_compare(runs.get(one, {"ok": False}), r)
+        elif r.get("ok"):  # how confident TP=1 is: its greedy tokens follow the taught chain, by what margin
+            seqs = [p[-1:] + x["ids"] for p, x in zip(prompts(len(r["outputs"])), r["outputs"])]
+            follow = [int(b) == int(nxt[a]) for s in seqs for a, b in zip(s, s[1:])]
+            res.setdefault("tp1_confidence", {})[k] = {
+                "follows_chain": round(sum(follow) / len(follow), 4),
+                "smallest_top2_margin": round(min(t[0][0] - t[1][0] for x in r["outputs"] for t in x["top"]), 4)}
 
 
 def tp_compare(a: dict, b: dict) -> dict:
@@ -684,6 +715,21 @@ def runs_table(res: dict) -> list[str]:
     return L
 
 
+def tp_table(res: dict) -> list[str]:
+    L = ["## TP=2 / EP=2 vs TP=1, taught models (4 prompts × 16 greedy tokens)", "",
+         f"mixed formats: {res['mixed_formats']}; TP=1's confidence: {res.get('tp1_confidence')}", "",
+         "| run | vs its TP=1 run: identical prompts | first differences | teacher-forced max / mean |Δlogprob| |",
+         "|---|---|---|---|"]
+    for k, c in res["tp2_vs_tp1"].items():
+        if "error" in c:
+            L.append(f"| {k} | {c['error']}: {res['tp_runs'].get(k, {}).get('error', '')[-120:]} | | |")
+            continue
+        diffs = [p for p in c["prompts"] if not p["same"]]
+        L.append(f"| {k} | {c['identical_prompts']} of {c['of']} | {diffs or '—'} | "
+                 f"{c['teacher_forced_max_abs_dlogprob']} / {c['mean']} |")
+    return L + [""]
+
+
 def summarize(part: str, res: dict) -> str:
     L = [f"# mpconvert GPU proof — {part} part", "", f"card: {res.get('card')}; SGLang {res.get('sglang')}; "
          f"torch {res.get('torch')}; {time.strftime('%Y-%m-%d')}", ""]
@@ -717,7 +763,7 @@ def summarize(part: str, res: dict) -> str:
               *speed_table(res["moe_speed_runs"], (1, 8, 32), sglang_weight=False, digits=3, rate="tok/s")]
         L += [""] + [f"- {line}" for line in moe_speed_verdicts(res)] + [""]
     if "tp_runs" in res:
-        L += ["## TP=2 vs TP=1", ""] + [f"- {k}: {v}" for k, v in res["tp2_vs_tp1"].items()] + [""]
+        L += tp_table(res)
     if "speed_runs" in res:
         L += ["## Speed and memory (12-layer Llama-8B-shaped synthetic model)", "",
               *speed_table(res["speed_runs"], (1, 8), sglang_weight=True, digits=4)]
@@ -742,13 +788,12 @@ def main(part: str, out: Path) -> None:
     res["mpconvert_plugin"] = [e.value for e in md.entry_points(group="sglang.srt.plugins")]
     log(f"{res}")
     try:
-        if part == "experts":
+        if part in ("experts", "tp"):
             if os.environ.get("E2E_FIDELITY", "1") == "1":
-                experts(meta, res)
+                (experts if part == "experts" else tp_identity)(meta, res)
+            json.dump(res, open(out / "results.json", "w"), indent=1)
             if os.environ.get("E2E_SPEED") == "1":
                 experts_speed(meta, res)
-        elif os.environ.get("E2E_TP_ONLY") == "1":
-            tp_only(part, meta, res)
         elif os.environ.get("E2E_FIDELITY", "1") == "1":
             fidelity(part, meta, res)
         json.dump(res, open(out / "results.json", "w"), indent=1)

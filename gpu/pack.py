@@ -1,6 +1,6 @@
 """Stage what one GPU run needs into the ignored folder .gpu/ (carried by the device tool; 64 MiB in all).
 
-Usage: .venv/bin/python gpu/pack.py dense|moe [SHARED_GPU_DIR]
+Usage: .venv/bin/python gpu/pack.py dense|moe|experts|tp [SHARED_GPU_DIR]
 
 - the SGLang 0.5.17 bundle from ../shared/gpu;
 - one sm_90a kernel cache of built kernels only (the .so files, which SGLang loads directly): the shared bundle's,
@@ -10,8 +10,8 @@ Usage: .venv/bin/python gpu/pack.py dense|moe [SHARED_GPU_DIR]
 - part.json's templates: the quantization_config and module scheme of each fixture kind from which the GPU run
   synthesizes a large model of the same formats (gpu/synth.py; dense: Llama, experts: Qwen3-MoE).
 Dense and MoE fixtures together are over the carry limit, so each part is one run; fixtures travel as one tar.xz, and
-the MoE part's SGLang bundle leaves out what serving never reads (FlashInfer's CUTLASS/CCCL JIT headers — attention
-runs on Triton — and SGLang's diffusion and test packages) to fit.
+every part but dense gets an SGLang bundle without what serving never reads (FlashInfer's CUTLASS/CCCL JIT headers —
+attention runs on Triton —, SGLang's diffusion and test packages, its gRPC and Rust servers) to fit.
 """
 from __future__ import annotations
 
@@ -27,16 +27,22 @@ from mpconvert.sources import open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / ".gpu"
+# part → [(fixture arch, kinds, folder under fixtures/ ("" for the part's only set))]
 PARTS = {
-    "dense": ("llama", ("base", "ct-fp8-static", "ct-fp8-block", "ct-w8a8", "gptq", "awq", "native-fp8-block")),
-    "moe": ("qwen3moe", ("base", "ct-fp8-block", "ct-w8a8", "gptq", "awq")),
+    "dense": [("llama", ("base", "ct-fp8-static", "ct-fp8-block", "ct-w8a8", "gptq", "awq", "native-fp8-block"), "")],
+    "moe": [("qwen3moe", ("base", "ct-fp8-block", "ct-w8a8", "gptq", "awq"), "")],
     # expert-level mixed precision (issue 5) and the GPTQ MoE pair issue 6 still lacked; AWQ cannot mix in a layer
-    "experts": ("qwen3moe", ("base", "ct-fp8-block", "ct-w8a8", "gptq")),
+    "experts": [("qwen3moe", ("base", "ct-fp8-block", "ct-w8a8", "gptq"), "")],
+    # TP=2 vs TP=1 greedy identity on taught (confident) models: the dense mixed recipe's four sources and the
+    # mixed-experts recipe's two, then the experts decode speed (its templates below)
+    "tp": [("llama-taught", ("base", "ct-fp8-static", "ct-w8a8", "gptq", "awq"), "llama"),
+           ("qwen3moe-taught", ("base", "ct-fp8-block", "ct-w8a8"), "moe")],
 }
 # the large synthetic models' formats, and the module whose scheme each template takes (dense: speed and memory;
 # experts: decode speed of expert-level mixed precision)
 SYNTH = {"dense": ("llama", ("ct-fp8-dynamic", "ct-w8a8", "gptq", "awq"), "model.layers.0.self_attn.q_proj"),
          "experts": ("qwen3moe", ("ct-fp8-block", "ct-w8a8"), "model.layers.0.mlp.experts.0.gate_proj")}
+SYNTH["tp"] = SYNTH["experts"]
 KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -61,7 +67,8 @@ def templates(part: str) -> dict:
 UNUSED_KERNELS = {"dense": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
                   "moe": ("moe_wna16_marlin_fp16_t_true",),
                   "experts": ("gptq_marlin_bf16_t", "moe_wna16_marlin_bf16_t", "moe_wna16_marlin_fp16_t_true",
-                              "awq_marlin_repack")}
+                              "awq_marlin_repack"),
+                  "tp": ("moe_wna16_marlin", "fp16_t")}  # bf16 only: dense GPTQ/AWQ on Marlin, MoE on Triton
 
 
 def kernel_cache(part: str, shared: Path, dst: Path) -> None:
@@ -76,43 +83,47 @@ def kernel_cache(part: str, shared: Path, dst: Path) -> None:
         if (results / "kernels").is_dir():
             shutil.copytree(results / "kernels", merged, dirs_exist_ok=True)
         keep = sorted(p.relative_to(tmp) for p in merged.glob("*/*.so")
-                      if not any(f"jit_{u}" in p.name for u in UNUSED_KERNELS.get(part, ())))
+                      if not any(u in p.name for u in UNUSED_KERNELS.get(part, ())))
         subprocess.run(["tar", "-C", tmp, "-cJf", str(dst), *map(str, keep)], check=True)
     print(f"kernel cache: {len(keep)} built kernels, {dst.stat().st_size / 2**20:.1f} MiB")
 
 
-SLIM = ("./flashinfer/data/cutlass", "./flashinfer/data/cccl", "./sglang/multimodal_gen", "./sglang/test")
+SLIM = ("./flashinfer/data/cutlass", "./flashinfer/data/cccl", "./sglang/multimodal_gen", "./sglang/test",
+        # the gRPC server (--grpc-mode) and the Rust server (SGLANG_RUST_SERVER): imported only when asked for
+        "./sglang/srt/grpc/_core.cpython-312-x86_64-linux-gnu.so",
+        "./sglang/srt/server/_core.cpython-312-x86_64-linux-gnu.so")
 
 
 def slim_site(src: Path, dst: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["tar", "-C", tmp, "-xJf", str(src)], check=True)
-        for d in SLIM:
-            shutil.rmtree(Path(tmp) / d)
+        for d in map(Path(tmp).joinpath, SLIM):
+            shutil.rmtree(d) if d.is_dir() else d.unlink()
         subprocess.run(f"tar -C {tmp} -cf - . | xz -6 -T8 > {dst}", shell=True, check=True)
 
 
 def main(part: str, shared: Path) -> None:
-    arch, kinds = PARTS[part]
     if STAGE.exists():
         shutil.rmtree(STAGE)
     (STAGE / "fixtures").mkdir(parents=True)
     kernel_cache(part, shared, STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
-    if part in ("moe", "experts"):
+    if part != "dense":
         slim_site(shared / "sglang-0.5.17-site.tar.xz", STAGE / "sglang-0.5.17-site.tar.xz")
     else:
         shutil.copy(shared / "sglang-0.5.17-site.tar.xz", STAGE)
-    for kind in kinds:
-        src = fixture(arch, kind)
-        dst = STAGE / "fixtures" / kind
-        dst.mkdir()
-        for f in KEEP:
-            if (src / f).exists():
-                shutil.copy(src / f, dst / f)
+    for arch, kinds, folder in PARTS[part]:
+        for kind in kinds:
+            src = fixture(arch, kind)
+            dst = STAGE / "fixtures" / folder / kind
+            dst.mkdir(parents=True)
+            for f in KEEP:
+                if (src / f).exists():
+                    shutil.copy(src / f, dst / f)
     subprocess.run(f"tar -C {STAGE} -cf - fixtures | xz -6 -T4 > {STAGE}/fixtures.tar.xz", shell=True, check=True)
     shutil.rmtree(STAGE / "fixtures")
-    (STAGE / "part.json").write_text(json.dumps({"part": part, "arch": arch, "kinds": list(kinds),
-                                                 "templates": templates(part)}, indent=1))
+    sets = {folder: list(kinds) for _, kinds, folder in PARTS[part]}
+    (STAGE / "part.json").write_text(json.dumps({"part": part, "arch": PARTS[part][0][0], "kinds": sets.get(""),
+                                                 "sets": sets, "templates": templates(part)}, indent=1))
     size = sum(p.stat().st_size for p in STAGE.rglob("*") if p.is_file())
     tree = sum((ROOT / f).stat().st_size for f in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True,
                                                                   text=True).stdout.splitlines() if (ROOT / f).is_file())
