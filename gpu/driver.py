@@ -122,6 +122,9 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
             pass
     if exact:  # gpu/measure_plugin.py: bytes the model's parameters and buffers hold, per TP rank
         r["weight_bytes"] = exact
+    bench = re.search(r"E2E_MOE_BENCH (\{.*\})", text)
+    if bench:  # gpu/measure_plugin.py: one MoE block timed alone in a CUDA graph
+        r["moe_bench"] = json.loads(bench.group(1))
     r["wall_s"] = round(time.time() - t, 1)
     log(f"{'OK  ' if r.get('ok') else 'FAIL'} {label} ({r['wall_s']}s){'' if r.get('ok') else ': ' + r['error'][-300:]}")
     return r
@@ -687,6 +690,25 @@ def moe_speed_verdicts(res: dict) -> list[str]:
     return out
 
 
+def moe_bench_lines(runs: dict, fp8_share: float) -> list[str]:
+    """The first MoE block alone, in a CUDA graph (gpu/measure_plugin.py): µs per call, and the same ratios as the
+    decode rows (a time ratio inverted: > 1 is faster)."""
+    bench = {k: r["moe_bench"] for k, r in runs.items() if "moe_bench" in r}
+    if not {"pure-fp8", "split-fp8", "pure-int8", "mixed-experts"} <= set(bench):
+        return []
+    out = ["", "One MoE block alone (router, top-k, experts) in a CUDA graph, µs per call:", "",
+           "| batch | pure FP8 | two FP8 groups | the same, groups in sequence | pure Int8 | mixed | mixed, groups "
+           "in sequence | one FP8 layer / two groups | byte-weighted blend / mixed |", "|---|" + "---|" * 8]
+    for bs in bench["pure-fp8"]["as served"]:
+        t = {k: b["as served"][bs] for k, b in bench.items()}
+        seq = {k: b.get("groups in sequence", {}).get(bs, "") for k, b in bench.items()}
+        blend = fp8_share * t["pure-fp8"] + (1 - fp8_share) * t["pure-int8"]
+        out.append(f"| {bs} | {t['pure-fp8']} | {t['split-fp8']} | {seq['split-fp8']} | {t['pure-int8']} | "
+                   f"{t['mixed-experts']} | {seq['mixed-experts']} | {t['pure-fp8'] / t['split-fp8']:.3f} | "
+                   f"{blend / t['mixed-experts']:.3f} |")
+    return out
+
+
 def speed_table(runs: dict, sizes: tuple[int, ...], sglang_weight: bool, digits: int,
                 rate: str = "decode tok/s") -> list[str]:
     """One row per speed Engine: outcome, load time, (SGLang's weight figure,) exact weight GiB, decode tok/s."""
@@ -761,7 +783,8 @@ def summarize(part: str, res: dict) -> str:
               f"model: {res['moe_speed_model']}; FP8 share of the mixed model's linear bytes "
               f"{res['moe_speed_fp8_share']:.3f}", "",
               *speed_table(res["moe_speed_runs"], (1, 8, 32), sglang_weight=False, digits=3, rate="tok/s")]
-        L += [""] + [f"- {line}" for line in moe_speed_verdicts(res)] + [""]
+        L += [""] + [f"- {line}" for line in moe_speed_verdicts(res)]
+        L += moe_bench_lines(res["moe_speed_runs"], res["moe_speed_fp8_share"]) + [""]
     if "tp_runs" in res:
         L += tp_table(res)
     if "speed_runs" in res:
@@ -797,7 +820,7 @@ def main(part: str, out: Path) -> None:
         elif os.environ.get("E2E_FIDELITY", "1") == "1":
             fidelity(part, meta, res)
         json.dump(res, open(out / "results.json", "w"), indent=1)
-        if os.environ.get("E2E_SPEED") == "1" and part != "experts":
+        if os.environ.get("E2E_SPEED") == "1" and part not in ("experts", "tp"):
             speed(meta, res)
         elif os.environ.get("E2E_MEMORY") == "1":
             memory(meta, res)

@@ -6,6 +6,10 @@
 - with E2E_DUMP_DIR set, record the input and output of every MoE block (`model.layers.N.mlp` of a *SparseMoeBlock
   class) on its first prefill batches (up to 4 forward calls of ≥ 16 tokens), to compare each layer with a reference
   outside SGLang (gpu/driver.py). Fidelity runs only: a hook cannot copy to the host inside CUDA-graph capture;
+- with E2E_MOE_BENCH=1 set (TP=1), time the first MoE block alone (router, top-k and experts) in a CUDA graph at
+  decode batch sizes, on the same seeded inputs in every checkpoint — the extra group calls' cost without the
+  scheduler's noise; mixed-experts layers also with their groups in sequence (no side streams); and its kernels at
+  batch 32 (torch.profiler, eager);
 - with E2E_STACKS=S set, dump every thread's stack to the log if the worker is still alive after S seconds (where a
   hung TP Engine waits).
 A measurement must never break the run it measures: every failure here is printed and swallowed.
@@ -15,7 +19,7 @@ import os
 
 
 def _after_load(result, runner, *args, **kwargs):
-    for what in (_report, _dump_hooks):
+    for what in (_report, _dump_hooks, _moe_bench):
         try:
             what(runner)
         except Exception as e:
@@ -74,6 +78,77 @@ def _dump_hooks(runner) -> None:
             module.register_forward_hook(lambda m, a, k, o, name=name: after(m, a, k, o, name), with_kwargs=True)
             n += 1
     print(f"E2E_DUMP_HOOKS {n} MoE blocks on rank {rank} -> {out}", flush=True)
+
+
+def _moe_bench(runner, sizes=(1, 8, 32, 128), replays=200) -> None:
+    if os.environ.get("E2E_MOE_BENCH") != "1":
+        return
+    from sglang.srt.model_executor.runner import model_capture_mode
+
+    from mpconvert.runtime_shim import mixed_experts
+
+    name, block = next((n, m) for n, m in runner.model.named_modules()
+                       if n.endswith(".mlp") and type(m).__name__.endswith("SparseMoeBlock"))
+    mixed = type(block.experts.quant_method).__name__ == "MixedExpertsMethod"
+    streams = mixed_experts._side_streams
+    result = {"block": name, "mixed": mixed}
+    for variant in ("as served", "groups in sequence") if mixed else ("as served",):
+        if variant == "groups in sequence":
+            mixed_experts._side_streams = lambda n: []
+        try:
+            result[variant] = {bs: _time_block(block, bs, replays, model_capture_mode) for bs in sizes}
+            result[f"kernels at batch 32, {variant}"] = _kernels(block, 32, model_capture_mode)
+        finally:
+            mixed_experts._side_streams = streams
+    print("E2E_MOE_BENCH " + json.dumps(result), flush=True)
+
+
+def _inputs(block, bs: int):
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(bs)
+    return torch.randn(bs, block.gate.weight.shape[1], generator=g, device="cuda", dtype=block.gate.weight.dtype)
+
+
+def _kernels(block, bs: int, capture_mode, calls: int = 20) -> list:
+    """The block's kernels (eager, in capture mode's code path): [name, launches per call, µs per call], top 15."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x0 = _inputs(block, bs)
+    with capture_mode():
+        block(x0.clone())
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                block(x0.clone())
+            torch.cuda.synchronize()
+    rows = [(e.key, e.count / calls, e.device_time_total / calls) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return [[k[:90], round(c, 2), round(t, 2)] for k, c, t in sorted(rows, key=lambda r: -r[2])[:15]]
+
+
+def _time_block(block, bs: int, replays: int, capture_mode) -> float:
+    """µs per call of block on bs seeded tokens, replayed from a CUDA graph captured as SGLang captures decode."""
+    import torch
+
+    x0 = _inputs(block, bs)
+    with capture_mode():
+        for _ in range(3):  # warm-up: Triton JIT, side streams made
+            block(x0.clone())
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            block(x0.clone())  # the plain fused MoE writes into its input: every replay starts from x0
+    for _ in range(20):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) * 1000 / replays, 2)
 
 
 def register():
