@@ -68,7 +68,9 @@ UNUSED_KERNELS = {"dense": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
                   "moe": ("moe_wna16_marlin_fp16_t_true",),
                   "experts": ("gptq_marlin_bf16_t", "moe_wna16_marlin_bf16_t", "moe_wna16_marlin_fp16_t_true",
                               "awq_marlin_repack"),
-                  "tp": ("moe_wna16_marlin", "fp16_t")}  # bf16 only: dense GPTQ/AWQ on Marlin, MoE on Triton
+                  # bf16 only (dense GPTQ/AWQ on Marlin, MoE on Triton); its static FP8 still runs an fp16 kernel
+                  "tp": ("moe_wna16_marlin", "gptq_marlin_fp16_t", "activation_fp16_t", "custom_all_reduce_fp16_t",
+                         "fused_rope_true_64_true_fp16_t", "per_token_group_quant_fp16_t", "qknorm_64_true_fp16_t")}
 
 
 def kernel_cache(part: str, shared: Path, dst: Path) -> None:
