@@ -8,8 +8,8 @@
   outside SGLang (gpu/driver.py). Fidelity runs only: a hook cannot copy to the host inside CUDA-graph capture;
 - with E2E_MOE_BENCH=1 set (TP=1), time the first MoE block alone (router, top-k and experts) in a CUDA graph at
   decode batch sizes, on the same seeded inputs in every checkpoint — the extra group calls' cost without the
-  scheduler's noise; mixed-experts layers also with their groups in sequence (no side streams); and its kernels at
-  batch 32 (torch.profiler, eager);
+  scheduler's noise (run 4b also timed mixed layers with their groups on side streams); and its kernels at batch 32
+  (torch.profiler, eager);
 - with E2E_STACKS=S set, dump every thread's stack to the log if the worker is still alive after S seconds (where a
   hung TP Engine waits).
 A measurement must never break the run it measures: every failure here is printed and swallowed.
@@ -85,21 +85,11 @@ def _moe_bench(runner, sizes=(1, 8, 32, 128), replays=200) -> None:
         return
     from sglang.srt.model_executor.runner import model_capture_mode
 
-    from mpconvert.runtime_shim import mixed_experts
-
     name, block = next((n, m) for n, m in runner.model.named_modules()
                        if n.endswith(".mlp") and type(m).__name__.endswith("SparseMoeBlock"))
-    mixed = type(block.experts.quant_method).__name__ == "MixedExpertsMethod"
-    streams = mixed_experts._side_streams
-    result = {"block": name, "mixed": mixed}
-    for variant in ("as served", "groups in sequence") if mixed else ("as served",):
-        if variant == "groups in sequence":
-            mixed_experts._side_streams = lambda n: []
-        try:
-            result[variant] = {bs: _time_block(block, bs, replays, model_capture_mode) for bs in sizes}
-            result[f"kernels at batch 32, {variant}"] = _kernels(block, 32, model_capture_mode)
-        finally:
-            mixed_experts._side_streams = streams
+    result = {"block": name, "mixed": type(block.experts.quant_method).__name__ == "MixedExpertsMethod",
+              "as served": {bs: _time_block(block, bs, replays, model_capture_mode) for bs in sizes},
+              "kernels at batch 32, as served": _kernels(block, 32, model_capture_mode)}
     print("E2E_MOE_BENCH " + json.dumps(result), flush=True)
 
 
@@ -134,7 +124,7 @@ def _time_block(block, bs: int, replays: int, capture_mode) -> float:
 
     x0 = _inputs(block, bs)
     with capture_mode():
-        for _ in range(3):  # warm-up: Triton JIT, side streams made
+        for _ in range(3):  # warm-up: Triton JIT
             block(x0.clone())
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

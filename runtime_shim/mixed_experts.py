@@ -144,27 +144,14 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
     def apply(self, layer, dispatch_output):
         from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
-        from sglang.srt.model_executor.runner import get_is_capture_mode
 
-        groups = list(getattr(layer, GROUPS).items())
-        # Decode (captured in CUDA graphs) is bound by the latency of each group's chain of small kernels, not by
-        # their work: the groups after the first run on side streams, concurrently, as SGLang's Qwen2-MoE runs its
-        # shared expert beside the routed ones (also in capture mode only). Prefill runs them one after another.
-        side = _side_streams(len(groups) - 1) if len(groups) > 1 and get_is_capture_mode() else []
-        main = torch.cuda.current_stream() if side else None
-        parts = []
-        for i, (key, sub) in enumerate(groups):
-            if i and side:
-                side[i - 1].wait_stream(main)
-                with torch.cuda.stream(side[i - 1]):
-                    parts.append(self._apply_group(layer, key, sub, dispatch_output))
-            else:
-                parts.append(self._apply_group(layer, key, sub, dispatch_output))
-        for stream in side:
-            main.wait_stream(stream)
-        out = parts[0]
-        for part in parts[1:]:
-            out.add_(part)
+        # The groups run one after another. Side streams (as SGLang runs Qwen2-MoE's shared expert) gained nothing:
+        # each group's Triton GEMMs launch a grid over all of its possible expert blocks, which fills the GPU, and a
+        # block timed alone in a CUDA graph was as fast or faster in sequence (gpu/results/…-speed-4b).
+        out = None
+        for key, sub in getattr(layer, GROUPS).items():
+            part = self._apply_group(layer, key, sub, dispatch_output)
+            out = part if out is None else out.add_(part)
         return StandardCombineInput(hidden_states=out)
 
     def _apply_group(self, layer, key: str, sub, dispatch_output):
@@ -216,13 +203,3 @@ def _install_layer_config_lookup():
     as_layer.mpconvert_layer_lookup = True
     fused_moe.try_get_optimal_moe_config = as_layer
 
-
-_STREAMS: list = []
-
-
-def _side_streams(n: int) -> list:
-    """n side streams, shared by every mixed layer (layers run one after another, and each joins its streams before
-    it returns). Made on first use, which is warm-up before capture."""
-    while len(_STREAMS) < n:
-        _STREAMS.append(torch.cuda.Stream())
-    return _STREAMS[:n]
