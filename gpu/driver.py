@@ -42,6 +42,7 @@ STAGE = ROOT / ".gpu"
 WORK = Path("/tmp/e2e")
 T0 = time.time()
 BUDGET_S = float(os.environ.get("E2E_BUDGET_S", "540"))  # stop starting new work after this (the call has 600 s)
+SMALL = {"mem_fraction": 0.05, "max_total_tokens": 2048}  # an Engine of a tiny model, many side by side on one GPU
 
 DENSE_MIXED = """
 - {match: "self_attn.*", layers: 0, source: ct-fp8-static}
@@ -199,6 +200,11 @@ def run_all(jobs: dict[str, dict], par: int) -> dict[str, dict]:
 
 
 # ---- comparisons -------------------------------------------------------------------------------------------------
+def tp1_run(label: str) -> str | None:
+    """The TP=1 run a TP=2 or EP=2 run is compared with (`mixed-experts-ep2` → `mixed-experts`); None for a TP=1 run."""
+    return label[:-4] if label.endswith(("-tp2", "-ep2")) else None
+
+
 def identical(a: dict, b: dict) -> dict:
     if not (a.get("ok") and b.get("ok")):
         return {"identical": None, "why": "a run failed"}
@@ -404,7 +410,6 @@ def experts(meta: dict, res: dict) -> None:
                                                   ("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
     refs["bf16"] = base
     refs["source-gptq"] = refs["pure-gptq"]  # the same bytes
-    small = {"mem_fraction": 0.05, "max_total_tokens": 2048}
     fp16 = {"dtype": "float16"}
     dump = lambda k: {"dump": str(WORK / "dumps" / k)}  # noqa: E731
     jobs = {"bf16": {"path": str(base), **dump("bf16")},
@@ -424,7 +429,7 @@ def experts(meta: dict, res: dict) -> None:
     gpus = max(1, torch_gpus())
     only = os.environ.get("E2E_ONLY", "").split(",") if os.environ.get("E2E_ONLY") else None  # rerun just those
     pick = lambda d: {k: v for k, v in d.items() if only is None or k in only}  # noqa: E731
-    jobs = {k: {**small, **v, "gpu": i % gpus} for i, (k, v) in enumerate(pick(jobs).items())}
+    jobs = {k: {**SMALL, **v, "gpu": i % gpus} for i, (k, v) in enumerate(pick(jobs).items())}
     runs = run_all(jobs, par=len(jobs))
     if gpus > 1:  # TP=2 and EP=2 Engines side by side, each over both GPUs (MoE blocks dumped on rank 0 after the
         # all-reduce: the whole layer's output, comparable with the same reference as at TP=1)
@@ -439,7 +444,7 @@ def experts(meta: dict, res: dict) -> None:
                  "pure-gptq-tp2": {"path": str(gptq), "tp": 2, **fp16, **dump("pure-gptq-tp2")},
                  # SGLang's own default (FlashInfer all-reduce fusion on), stacks dumped: what the Engine waits for
                  "bf16-tp2-fusion": {"path": str(base), "tp": 2, "ar_fusion": True, "stacks": 75, "timeout": 150}}
-        runs.update(run_all({k: {**small, "stacks": 150, **v} for k, v in pick(multi).items()}, par=len(multi)))
+        runs.update(run_all({k: {**SMALL, "stacks": 150, **v} for k, v in pick(multi).items()}, par=len(multi)))
     res["runs"] = runs
     get = lambda k: runs.get(k, {"ok": False})  # noqa: E731
     res["identity"] = {"split-fp8 (FP8 in 2 groups, Triton) vs pure-fp8": identical(get("pure-fp8"), get("split-fp8")),
@@ -460,13 +465,11 @@ def experts(meta: dict, res: dict) -> None:
     by_ref: dict[Path, dict[str, Path]] = {}
     for k in dumped:
         if get(k).get("ok"):
-            by_ref.setdefault(refs[re.sub(r"-(tp|ep)2$", "", k)], {})[k] = WORK / "dumps" / k
+            by_ref.setdefault(refs[tp1_run(k) or k], {})[k] = WORK / "dumps" / k
     compared = {run: r for ref, ds in by_ref.items() for run, r in per_layer(ds, ref).items()}
     res["per_layer"] = {k: compared.get(k, {"error": "run failed"}) for k in dumped}
     if gpus > 1:
-        res["tp2_vs_tp1"] = {k: tp_compare(get(k.rsplit("-", 1)[0]), get(k))
-                             for k in ("bf16-tp2", "mixed-experts-tp2", "bf16-ep2", "mixed-experts-ep2",
-                                       "mixed-gptq-tp2", "source-gptq-tp2", "pure-gptq-tp2")}
+        res["tp2_vs_tp1"] = {k: tp_compare(get(tp1_run(k)), get(k)) for k in runs if tp1_run(k)}
     res["n_layers"] = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     res["mixed_units"] = {name: {u: s.get("groups") for u, s in json.loads(
         (d / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}
@@ -532,13 +535,12 @@ def tp_identity(meta: dict, res: dict) -> None:
     models = {"dense-bf16": ll["base"], "dense-mixed": build_mixed("dense", ll), "moe-bf16": mo["base"],
               "experts-mixed": build("tp-experts-mixed", mo["base"], {k: mo[k] for k in ("ct-fp8-block", "ct-w8a8")},
                                      "ct-w8a8", EXPERTS_MIXED, tp=2)}
-    small = {"mem_fraction": 0.05, "max_total_tokens": 2048}
     gpus = max(1, torch_gpus())
-    runs = run_all({k: {**small, "path": str(p), "gpu": i % gpus} for i, (k, p) in enumerate(models.items())},
+    runs = run_all({k: {**SMALL, "path": str(p), "gpu": i % gpus} for i, (k, p) in enumerate(models.items())},
                    par=len(models))
     if gpus > 1:
-        multi = {f"{k}-tp2": {**small, "path": str(p), "tp": 2} for k, p in models.items()}
-        multi.update({f"{k}-ep2": {**small, "path": str(models[k]), "tp": 2, "ep": 2}
+        multi = {f"{k}-tp2": {**SMALL, "path": str(p), "tp": 2} for k, p in models.items()}
+        multi.update({f"{k}-ep2": {**SMALL, "path": str(models[k]), "tp": 2, "ep": 2}
                       for k in ("moe-bf16", "experts-mixed")})
         runs.update(run_all({k: {"stacks": 150, **v} for k, v in multi.items()}, par=len(multi)))
     res["tp_runs"] = runs
@@ -548,9 +550,8 @@ def tp_identity(meta: dict, res: dict) -> None:
     nxt = successor(json.loads((ll["base"] / "config.json").read_text())["vocab_size"])
     res["tp2_vs_tp1"] = {}
     for k, r in runs.items():
-        one = k.rsplit("-", 1)[0] if k.endswith(("-tp2", "-ep2")) else None
-        if one:
-            res["tp2_vs_tp1"][k] = tp_compare(runs.get(one, {"ok": False}), r)
+        if tp1_run(k):
+            res["tp2_vs_tp1"][k] = tp_compare(runs.get(tp1_run(k), {"ok": False}), r)
         elif r.get("ok"):  # how confident TP=1 is: its greedy tokens follow the taught chain, by what margin
             seqs = [p[-1:] + x["ids"] for p, x in zip(prompts(len(r["outputs"])), r["outputs"])]
             follow = [int(b) == int(nxt[a]) for s in seqs for a, b in zip(s, s[1:])]
@@ -663,7 +664,7 @@ def per_layer_verdicts(res: dict) -> list[str]:
     fmt_run = {"fp8": "pure-fp8", "int8": "pure-int8", "gptq": "pure-gptq", "unquantized": "bf16"}
     err = lambda run, block: pl.get(run, {}).get(block, {}).get("rel_error_without_near_ties")  # noqa: E731
     for run in pl:
-        units = res["mixed_units"].get(re.sub(r"-(tp|ep)2$", "", run))
+        units = res["mixed_units"].get(tp1_run(run) or run)
         if units is None:
             continue
         for unit, groups in units.items():
@@ -811,18 +812,13 @@ def main(part: str, out: Path) -> None:
     res["sglang"] = md.version("sglang") if md.packages_distributions().get("sglang") else None
     res["mpconvert_plugin"] = [e.value for e in md.entry_points(group="sglang.srt.plugins")]
     log(f"{res}")
+    moe_speed = part in ("experts", "tp")  # these parts' speed run is the mixed-experts one
     try:
-        if part in ("experts", "tp"):
-            if os.environ.get("E2E_FIDELITY", "1") == "1":
-                (experts if part == "experts" else tp_identity)(meta, res)
-            json.dump(res, open(out / "results.json", "w"), indent=1)
-            if os.environ.get("E2E_SPEED") == "1":
-                experts_speed(meta, res)
-        elif os.environ.get("E2E_FIDELITY", "1") == "1":
-            fidelity(part, meta, res)
+        if os.environ.get("E2E_FIDELITY", "1") == "1":
+            {"experts": experts, "tp": tp_identity}.get(part, lambda m, r: fidelity(part, m, r))(meta, res)
         json.dump(res, open(out / "results.json", "w"), indent=1)
-        if os.environ.get("E2E_SPEED") == "1" and part not in ("experts", "tp"):
-            speed(meta, res)
+        if os.environ.get("E2E_SPEED") == "1":
+            (experts_speed if moe_speed else speed)(meta, res)
         elif os.environ.get("E2E_MEMORY") == "1":
             memory(meta, res)
     finally:
