@@ -202,4 +202,3 @@ def _install_layer_config_lookup():
 
     as_layer.mpconvert_layer_lookup = True
     fused_moe.try_get_optimal_moe_config = as_layer
-
