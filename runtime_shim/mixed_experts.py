@@ -4,21 +4,30 @@ SGLang's FusedMoE holds one format per layer. For a layer the manifest lists as 
 method is `MixedExpertsMethod`: it builds one real FusedMoE per format group (named `expert_groups.N` under the
 layer), each holding only its own experts and bound by its native config to its native method (checked like any
 other layer). The model's router is untouched: top-k, renormalization and shared experts run exactly as the model
-defines them. In the forward, each group gets the same tokens and top-k weights with the top-k ids mapped to its own
-local ids; the partial outputs are summed (a sum over top-k slots, as inside one kernel). Slots routed to other
-groups' experts are dropped in one of two ways:
-- Triton MoE runner (FP8, Int8, bf16): id -1, the sentinel SGLang's expert parallelism uses for experts on other
-  ranks. The runner skips -1 blocks only when its config says the layer has more experts than are local
-  (`num_experts != num_local_experts`), so the group's runner config gets the layer's expert count. The group
-  computes only its experts' share.
-- Marlin MoE (GPTQ): SGLang's GPTQ-Marlin MoE passes the kernel no expert map, so -1 is not known to be skipped
-  there. Such slots go to the group's first expert with weight 0: exact (a zero-weighted expert adds nothing), at the
-  cost of computing those slots once more in that group.
+defines them. Every top-k slot belongs to exactly one group; the forward computes each slot with its group's native
+kernel and sums the slots as the plain layer does.
 
-Kernel configs: SGLang picks a Triton fused-MoE kernel config by the layer's expert count (tuned files such as
-`E=128,N=768,device_name=NVIDIA_H200,…`), so a group of 16 or 112 experts would find none and run the untuned
-default. Each expert of a group sees the same tokens as in the plain layer, so a group runs the config the plain layer
-would: its lookup is made with the layer's expert count on this rank (`layer_kernel_config`).
+Triton groups (FP8, Int8, bf16) share ONE native fused-MoE sequence, SGLang's own (`_fused_moe_kernel_sequence`, run
+by the lead group's TritonRunnerCore): one alignment of the layer's top-k ids, one activation, one top-k sum. Inside
+it each group's GEMM is SGLang's `invoke_fused_moe_kernel` with the group's weights, scales and flags (built by the
+group's own native method, whose runner is tapped to hand them over: `_QuantInfoTap`):
+- The alignment sorts the slots into blocks of one layer expert each. A per-group table maps each block's expert to
+  the group's own id, or to -1 for another group's (or another rank's) expert: the sentinel SGLang's expert
+  parallelism uses, whose blocks the kernel skips (the group's runner config gets the layer's expert count, which is
+  what turns that filter on).
+- The lead group (the one with the most experts here) runs the sequence: its gate-up and down GEMMs write their rows
+  and zeros in every other row. The other groups' GEMMs run in the sequence's hooks (the contract SGLang's MoE LoRA
+  uses) and add their rows onto those zeros (FUSE_ADD_TO_OUTPUT): exact. A layer of one format split into two groups
+  therefore computes what the plain layer does, bit for bit.
+- Kernel configs are SGLang's tuned ones for the whole layer (the same tokens per expert as the plain layer; a group's
+  own expert count, 16 or 112, would find no tuned file): the alignment and lookups use this rank's layer expert
+  count. The groups share the lead's BLOCK_SIZE_M, the alignment's block.
+So a second Triton group costs its two GEMM launches, its activation quantization, and one table lookup for all
+groups — not a second chain.
+
+Marlin groups (GPTQ): SGLang's GPTQ-Marlin MoE passes the kernel no expert map, so -1 is not known to be skipped
+there. Each runs its own native call, with other groups' slots sent to its first expert with weight 0 (exact: a
+zero-weighted expert adds nothing, at the cost of computing those slots once more), and its output is added.
 
 Weight loading: the model's loader maps `experts.N.gate_proj.*` to `experts.w13_*` and calls that parameter's
 weight_loader with the global expert id. The layer holds one empty routing parameter per native name (`w13_weight`,
@@ -27,12 +36,11 @@ weight_loader with the global expert id. The layer holds one empty routing param
 Expert parallelism (standard dispatcher): each rank builds the groups that have experts in its contiguous range, each
 holding just those; the dispatcher's rank-local ids map through the same tables (its -1 stays -1).
 
-Limits (refused at load time, naming the layer): shared experts fused into the FusedMoE, and a --moe-runner-backend
-other than the default (auto/triton).
+Limits (refused at load time, naming the layer and the fix): shared experts fused into the FusedMoE, a
+--moe-runner-backend other than the default (auto/triton), --enable-fused-moe-sum-all-reduce, and no_combine.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -52,32 +60,36 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra):
-        from sglang.srt.layers.moe import get_moe_runner_backend
-
-        backend = get_moe_runner_backend()
-        if not (backend.is_auto() or backend.is_triton()):
-            raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts, which mpconvert serves on "
-                             f"SGLang's default MoE runners (Triton, Marlin); drop --moe-runner-backend "
-                             f"{backend.value}")
-        if layer.num_fused_shared_experts:
-            raise ValueError(f"mpconvert: {self.prefix} mixes formats across its experts and SGLang fused shared "
-                             f"experts into it; serve with --disable-shared-experts-fusion")
+        _refuse_unsupported(self.prefix, layer)
         # Expert parallelism: this rank holds the contiguous range SGLang gives it, and its dispatcher hands the
         # layer rank-local top-k ids (-1 for experts on other ranks). Each group holds its experts in that range.
         per_rank = layer.num_experts // layer.moe_ep_size
         lo = layer.moe_ep_rank * per_rank
-        self.layer_experts = per_rank  # what the plain layer would hold: its kernel-config lookup key
-        _install_layer_config_lookup()
+        self.layer_experts = per_rank  # what the plain layer would hold: the alignment's and config lookup's count
         self.owner: dict[int, tuple[str, int]] = {}  # global expert id on this rank → (group key, loader expert id)
         self.every = {e for spec, _ in self.groups for e in spec["experts"]}
-        self.drops_minus_one: dict[str, bool] = {}
-        groups = torch.nn.ModuleDict()
+        groups, local_ids = torch.nn.ModuleDict(), {}
         for g, (spec, native) in enumerate(self.groups):
             mine = [e for e in spec["experts"] if lo <= e < lo + per_rank]
             if mine:
-                groups[str(g)] = self._group(layer, g, spec, native, mine, lo, per_rank, hidden_size,
-                                             intermediate_size_per_partition, params_dtype)
+                groups[str(g)], local_ids[str(g)] = self._group(layer, g, spec, native, mine, lo, per_rank,
+                                                                hidden_size, intermediate_size_per_partition,
+                                                                params_dtype)
         layer.add_module(GROUPS, groups)
+        # The Triton groups share one chain, led by the group with the most experts here (its kernel config's
+        # BLOCK_SIZE_M sets the shared alignment's block). Their rows of one table map the alignment's block experts
+        # (rank-local ids; -1, another rank's, wraps to the last column) to their own ids, -1 for other groups'.
+        triton = [k for k in groups if FORMATS[self.groups[int(k)][0]["format"]].sglang_moe_runner == "triton"]
+        self.triton_keys = sorted(triton, key=lambda k: (-int((local_ids[k] >= 0).sum()), int(k)))
+        if self.triton_keys:
+            layer.register_buffer("block_expert_maps", torch.stack([local_ids[k] for k in self.triton_keys]),
+                                  persistent=False)
+            for k in self.triton_keys:  # their native methods now build quant info for the chain to run
+                _tap_runner(groups[k])
+            self.lead_core = _tap_runner(groups[self.triton_keys[0]]).runner.runner_core
+        for k in groups:
+            if k not in self.triton_keys:  # a Marlin group maps the top-k ids itself
+                layer.register_buffer(f"expert_map_{k}", local_ids[k], persistent=False)
         for name in sorted({n for sub in groups.values() for n, _ in sub.named_parameters(recurse=False)}):
             proxy = torch.nn.Parameter(torch.empty(0), requires_grad=False)
             proxy.weight_loader = self._router(layer, name)
@@ -85,7 +97,9 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
     def _group(self, layer, g: int, spec: dict, native, mine: list[int], lo: int, per_rank: int, hidden_size: int,
                intermediate_size_per_partition: int, params_dtype):
-        """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method."""
+        """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method. Returns
+        it and its local-id table: rank-local expert id → the group's id, -1 for other groups' experts, and an extra
+        last entry -1 for the dispatcher's -1 (an expert on another rank)."""
         from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
         cfg, ep = layer.moe_runner_config, layer.moe_ep_size
@@ -104,19 +118,14 @@ class MixedExpertsMethod(FusedMoEMethodBase):
                        gate_up_interleaved=cfg.gate_up_interleaved)
         self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
         correct_built_gptq_marlin_moe(sub)  # SGLang 0.5.17's GPTQ-Marlin MoE under TP (sglang_fixes.py)
-        key = str(g)
-        self.drops_minus_one[key] = FORMATS[spec["format"]].sglang_moe_runner == "triton"
-        if self.drops_minus_one[key]:
-            # its runner (which holds this same config object) now drops -1 slots (see the module docstring)
+        if FORMATS[spec["format"]].sglang_moe_runner == "triton":
+            # its kernels (which read this same config object) now drop -1 blocks (see the module docstring)
             sub.moe_runner_config.num_experts = layer.num_experts
-        # rank-local top-k id → this group's local id; -1 for other groups' experts, and the extra last entry maps
-        # the dispatcher's -1 (an expert on another rank) to -1 as well
         local = torch.full((per_rank + 1,), -1, dtype=torch.int32)
         for i, e in enumerate(mine):
             local[e - lo] = i
-            self.owner[e] = (key, layer.moe_ep_rank * len(mine) + i)
-        layer.register_buffer(f"expert_map_{g}", local, persistent=False)
-        return sub
+            self.owner[e] = (str(g), layer.moe_ep_rank * len(mine) + i)
+        return sub, local
 
     def _router(self, layer, name: str):
         def load(_proxy, loaded_weight, weight_name, shard_id=None, expert_id=None):
@@ -145,60 +154,176 @@ class MixedExpertsMethod(FusedMoEMethodBase):
     def apply(self, layer, dispatch_output):
         from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
 
-        # The groups run one after another. Side streams (as SGLang runs Qwen2-MoE's shared expert) gained nothing:
-        # each group's Triton GEMMs launch a grid over all of its possible expert blocks, which fills the GPU, and a
-        # block timed alone in a CUDA graph was as fast or faster in sequence (gpu/results/…-speed-4b).
-        out = None
-        for key, sub in getattr(layer, GROUPS).items():
-            part = self._apply_group(layer, key, sub, dispatch_output)
-            out = part if out is None else out.add_(part)
+        groups = getattr(layer, GROUPS)
+        out = self._apply_triton_chain(layer, groups, dispatch_output) if self.triton_keys else None
+        for key in groups:  # the Marlin groups: each its own native call, added to the output
+            if key not in self.triton_keys:
+                part = self._apply_marlin_group(layer, key, groups[key], dispatch_output)
+                out = part if out is None else out.add_(part)
         return StandardCombineInput(hidden_states=out)
 
-    def _apply_group(self, layer, key: str, sub, dispatch_output):
-        """One group's native fused-MoE call on the layer's tokens, restricted to its own experts."""
+    def _apply_triton_chain(self, layer, groups, dispatch_output):
+        """All Triton groups in one native fused-MoE sequence (see the module docstring): the lead group's, run by its
+        own TritonRunnerCore on the layer's alignment, with the other groups' GEMMs added in its hooks."""
+        from types import SimpleNamespace
+
+        from sglang.srt.layers.moe.moe_runner.triton import TritonRunnerInput
+        from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import _prepare_fused_moe_run
+
+        x, topk = dispatch_output.hidden_states, dispatch_output.topk_output
+        plain = dispatch_output._replace(hidden_states_pre_quant=None)
+        # each group's own native method builds its quant info (weights, scales, flags); its tapped runner returns it
+        infos = [groups[k].quant_method.apply(groups[k], plain) for k in self.triton_keys]
+        lead = infos[0]
+        config, down_config, use_tma, sorted_ids, block_experts, padded = _prepare_fused_moe_run(
+            x, *self._layer_shapes(lead), topk.topk_ids, **_kernel_flags(lead))
+        local = group_block_experts(layer.block_expert_maps, block_experts)
+        hooks = None
+        if len(infos) > 1:
+            block_m = config["BLOCK_SIZE_M"]
+            others = [(info, local[i], *self._group_configs(info, x, topk.topk_ids.shape[1], block_m))
+                      for i, info in enumerate(infos[1:], start=1)]
+            add = _OtherGroups(others, sorted_ids, padded, layer.moe_runner_config, x)
+            hooks = SimpleNamespace(after_gate_up=add.gate_up, after_down=add.down)
+        core = self.lead_core
+        run = TritonRunnerInput(hidden_states=x, topk_weights=topk.topk_weights, topk_ids=topk.topk_ids,
+                                sorted_token_ids=sorted_ids, expert_ids=local[0], num_tokens_post_padded=padded)
+        state = {"config": config, "down_config": down_config, "down_moe_use_tma": use_tma}
+        return core.run(run, lead, state, hooks=hooks).hidden_states
+
+    def _layer_shapes(self, info):
+        """The group's weight shapes as the whole layer on this rank would have them (its expert count): what SGLang
+        aligns the layer's ids over and looks its tuned kernel config up by. Meta tensors: shapes only."""
+        return tuple(torch.empty((self.layer_experts, *w.shape[1:]), dtype=w.dtype, device="meta")
+                     for w in (info.w13_weight, info.w2_weight))
+
+    def _group_configs(self, info, x, top_k: int, block_m: int):
+        """A non-lead group's kernel configs: those SGLang tuned for the whole layer in the group's format (as
+        _prepare_fused_moe_run finds them), on the lead's BLOCK_SIZE_M: the groups share one alignment, whose blocks
+        are that many rows."""
+        from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe
+
+        w13, w2 = self._layer_shapes(info)
+        padded = fused_moe.padding_size
+        flags = _kernel_flags(info)
+        if not (flags["use_fp8_w8a8"] or flags["use_int8_w8a8"]) or flags["block_shape"] is not None or fused_moe._use_aiter:
+            padded = 0
+        dtype = fused_moe.get_config_dtype_str(dtype=x.dtype, **{k: flags[k] for k in (
+            "use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16")})
+        config, (down, _) = fused_moe.try_get_optimal_moe_config(
+            w13.shape, (*w2.shape[:2], w2.shape[2] - padded), top_k, dtype, x.shape[0],
+            block_shape=flags["block_shape"], per_channel_quant=flags["per_channel_quant"], return_down_config=True)
+        gate_up = {**config, "BLOCK_SIZE_M": block_m}
+        down = {k: v for k, v in (down or config).items() if k != "USE_TMA"}
+        return gate_up, {**down, "BLOCK_SIZE_M": block_m}
+
+    def _apply_marlin_group(self, layer, key: str, sub, dispatch_output):
+        """A Marlin group's native fused-MoE call on the layer's tokens: other groups' slots go to its first expert with
+        weight 0."""
         topk = dispatch_output.topk_output
         local_ids = getattr(layer, f"expert_map_{key}")[topk.topk_ids]
-        if self.drops_minus_one[key]:
-            mine = topk._replace(topk_ids=local_ids)
-        else:  # first local expert, weight 0
-            keep = local_ids >= 0
-            mine = topk._replace(topk_ids=local_ids.clamp(min=0),
-                                 topk_weights=topk.topk_weights * keep.to(topk.topk_weights.dtype))
-        with layer_kernel_config(self.layer_experts):
-            return sub.quant_method.apply(sub, dispatch_output._replace(
-                topk_output=mine, hidden_states_pre_quant=None)).hidden_states
+        keep = local_ids >= 0
+        mine = topk._replace(topk_ids=local_ids.clamp(min=0),
+                             topk_weights=topk.topk_weights * keep.to(topk.topk_weights.dtype))
+        return sub.quant_method.apply(sub, dispatch_output._replace(
+            topk_output=mine, hidden_states_pre_quant=None)).hidden_states
 
 
-_LAYER_EXPERTS: list[int] = []  # innermost layer_kernel_config's expert count
+def group_block_experts(maps: torch.Tensor, block_experts: torch.Tensor) -> torch.Tensor:
+    """Each Triton group's view of the shared alignment: row i gives, for each block, group i's own id of the block's
+    expert, or -1 (another group's expert; the dispatcher's -1, another rank's expert). maps is [groups, layer experts
+    + 1] with the -1 column last; remainder sends -1 there, and keeps entries past the padded block count (which the
+    kernel never reads, and SGLang leaves unset) inside the table. Two small kernels for all groups."""
+    return maps.index_select(1, torch.remainder(block_experts, maps.shape[1]))
 
 
-@contextmanager
-def layer_kernel_config(num_experts: int):
-    """Within: SGLang's Triton fused-MoE config lookups are made as for a layer of num_experts experts (the group's
-    weights keep their own shapes; only the lookup key changes). Config lookups run in Python, also while CUDA graphs
-    are captured, so the config is fixed into the graph."""
-    _LAYER_EXPERTS.append(num_experts)
-    try:
-        yield
-    finally:
-        _LAYER_EXPERTS.pop()
+def _kernel_flags(info) -> dict:
+    """What SGLang's Triton MoE path takes from a TritonMoeQuantInfo to pick and run its kernels."""
+    return dict(use_fp8_w8a8=info.use_fp8_w8a8, use_int8_w8a8=info.use_int8_w8a8, use_int8_w8a16=info.use_int8_w8a16,
+                use_int4_w4a16=info.use_int4_w4a16, per_channel_quant=info.per_channel_quant,
+                block_shape=info.block_shape)
 
 
-def _install_layer_config_lookup():
-    """Wrap the lookup SGLang's Triton runner calls (fused_moe.try_get_optimal_moe_config, called once per forward
-    with the weights' shapes) so that layer_kernel_config can give it the layer's expert count. Outside
-    layer_kernel_config it is SGLang's own lookup, unchanged."""
-    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe
+class _OtherGroups:
+    """The non-lead Triton groups' GEMMs, as hooks of the lead's sequence (the contract SGLang's MoE LoRA uses):
+    after the lead's gate-up GEMM and after its down GEMM, each other group's native kernel adds its experts' rows
+    into the same buffer (FUSE_ADD_TO_OUTPUT). The lead's kernel wrote its rows and zeros in every other row; each row
+    belongs to one group, so every add is onto zero and exact."""
 
-    lookup = fused_moe.try_get_optimal_moe_config
-    if getattr(lookup, "mpconvert_layer_lookup", False):
-        return
+    def __init__(self, others, sorted_ids, padded, cfg, x):
+        import triton.language as tl
 
-    def as_layer(w1_shape, w2_shape, *args, **kwargs):
-        if _LAYER_EXPERTS:
-            e = _LAYER_EXPERTS[-1]
-            w1_shape, w2_shape = (e, *w1_shape[1:]), (e, *w2_shape[1:])
-        return lookup(w1_shape, w2_shape, *args, **kwargs)
+        self.others, self.sorted_ids, self.padded, self.cfg = others, sorted_ids, padded, cfg
+        self.compute_type = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+        self.every_token = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
 
-    as_layer.mpconvert_layer_lookup = True
-    fused_moe.try_get_optimal_moe_config = as_layer
+    def gate_up(self, hidden_states, cache1, topk_weights, topk_ids):
+        top_k = topk_ids.shape[1]
+        for info, experts, config, _ in self.others:
+            self._add(hidden_states, info.w13_weight, info.b13, cache1.view(-1, cache1.shape[-1]), info.a13_scale,
+                      info.w13_scale, info.w13_zp, topk_weights, topk_ids, experts,
+                      self.cfg.apply_router_weight_on_input, top_k, config, info)
+
+    def down(self, cache2, cache3, topk_weights, topk_ids):
+        for info, experts, _, config in self.others:
+            self._add(cache2, info.w2_weight, info.b2, cache3, info.a2_scale, info.w2_scale, info.w2_zp,
+                      topk_weights, topk_ids, experts, not self.cfg.apply_router_weight_on_input, 1, config, info)
+
+    def _add(self, a, w, bias, out, a_scale, w_scale, w_zp, topk_weights, topk_ids, experts, mul_routed_weight,
+             top_k, config, info):
+        from sglang.kernels.ops.moe.fused_moe_triton_kernels import invoke_fused_moe_kernel
+
+        invoke_fused_moe_kernel(a, w, bias, out, a_scale, w_scale, w_zp, topk_weights, topk_ids, self.sorted_ids,
+                                experts, self.padded, mul_routed_weight, top_k, config,
+                                compute_type=self.compute_type, **_kernel_flags(info), filter_expert=True,
+                                fuse_add_to_output=True, add_output_mask=self.every_token,
+                                router_topk=topk_ids.shape[1])
+
+
+def _refuse_unsupported(prefix: str, layer):
+    """What a mixed layer cannot be served with, named with the fix (raised at load time)."""
+    from sglang.srt.layers.moe import get_moe_runner_backend
+    from sglang.srt.runtime_context import get_exec
+
+    backend = get_moe_runner_backend()
+    if not (backend.is_auto() or backend.is_triton()):
+        raise ValueError(f"mpconvert: {prefix} mixes formats across its experts, which mpconvert serves on SGLang's "
+                         f"default MoE runners (Triton, Marlin); drop --moe-runner-backend {backend.value}")
+    if layer.num_fused_shared_experts:
+        raise ValueError(f"mpconvert: {prefix} mixes formats across its experts and SGLang fused shared experts into "
+                         f"it; serve with --disable-shared-experts-fusion")
+    if get_exec().moe.enable_fused_moe_sum_all_reduce:
+        # the down GEMM would add into the output directly, past the buffer the other groups add their rows to
+        raise ValueError(f"mpconvert: {prefix} mixes formats across its experts, which its groups' shared Triton "
+                         f"chain serves with SGLang's separate top-k sum; drop --enable-fused-moe-sum-all-reduce")
+    if layer.moe_runner_config.no_combine:
+        raise ValueError(f"mpconvert: {prefix} mixes formats across its experts, which mpconvert serves with the "
+                         f"top-k outputs combined; SGLang asked this layer not to combine them (no_combine)")
+
+
+def _tap_runner(sub) -> "_QuantInfoTap":
+    """Put a _QuantInfoTap in place of the group's MoeRunner (on its method, or on its compressed-tensors scheme,
+    whichever created it); idempotent."""
+    for holder in (sub.quant_method, getattr(sub, "scheme", None)):
+        runner = getattr(holder, "runner", None)
+        if isinstance(runner, _QuantInfoTap):
+            return runner
+        if runner is not None:
+            holder.runner = _QuantInfoTap(runner)
+            return holder.runner
+    raise ValueError(f"mpconvert: a group of {sub.layer_name}: its native MoE method made no runner; mpconvert serves "
+                     f"mixed experts on SGLang's Triton MoE runner")
+
+
+class _QuantInfoTap:
+    """Stands in for a Triton group's MoeRunner: the group's native method builds its TritonMoeQuantInfo and hands it
+    to runner.run, which here returns it; MixedExpertsMethod runs the kernels. Everything else is the real runner's."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, dispatch_output, quant_info, *args, **kwargs):
+        return quant_info
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)

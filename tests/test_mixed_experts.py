@@ -116,37 +116,54 @@ def test_expert_parallel_ranks_hold_their_experts_of_each_group(moe, cli, tmp_pa
         (1, 1, 0), (2, 2, 0), (2, 2, 1)]
 
 
-def test_triton_groups_look_up_the_kernel_config_tuned_for_the_whole_layer(monkeypatch):
-    """A group of 16 of a layer's 128 FP8 experts runs the Triton config SGLang tuned for the 128-expert layer (the
-    same tokens per expert), not the untuned default its own expert count would find. SGLang's real lookup and its
-    shipped tuning files; the GPU's name (none on a CPU) and the server's exec settings given here."""
+def test_triton_groups_run_the_kernel_config_tuned_for_the_whole_layer(monkeypatch):
+    """The Triton groups share one chain whose alignment and config lookups use the whole layer's expert count on
+    this rank: a group of 16 of a layer's 128 FP8 experts runs the config SGLang tuned for the 128-expert layer (the
+    same tokens per expert), on the lead group's BLOCK_SIZE_M, not the untuned default its own count would find.
+    SGLang's real lookup and shipped tuning files; the GPU's name (none on a CPU) and exec settings given here."""
     from types import SimpleNamespace
 
-    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, fused_moe_triton_config as tuning
+    from sglang.srt.layers.moe.moe_runner.triton import TritonMoeQuantInfo
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe_triton_config as tuning
 
-    from mpconvert.runtime_shim import mixed_experts
+    from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 
     monkeypatch.setattr(tuning, "get_device_name", lambda: "NVIDIA H200")
     monkeypatch.setattr(tuning, "get_exec", lambda: SimpleNamespace(
         deterministic=SimpleNamespace(enable_deterministic_inference=False)))
     tuning.get_moe_configs.cache_clear()
-    monkeypatch.setattr(fused_moe, "try_get_optimal_moe_config", tuning.try_get_optimal_moe_config)
-    mixed_experts._install_layer_config_lookup()
-    lookup = fused_moe.try_get_optimal_moe_config  # what the runner calls
-    assert lookup is not tuning.try_get_optimal_moe_config
-
-    def shapes(e):  # Qwen3-30B-A3B: hidden 2048, moe_intermediate 768
-        return (e, 1536, 2048), (e, 2048, 768)
-
+    method = MixedExpertsMethod("model.layers.0.mlp.experts", [], check=None)
+    method.layer_experts = 128
+    # a group of 16 Qwen3-30B-A3B experts (hidden 2048, moe_intermediate 768), block FP8: its real weight shapes
+    group = TritonMoeQuantInfo(w13_weight=torch.empty(16, 1536, 2048, dtype=torch.float8_e4m3fn, device="meta"),
+                               w2_weight=torch.empty(16, 2048, 768, dtype=torch.float8_e4m3fn, device="meta"),
+                               use_fp8_w8a8=True, block_shape=[128, 128])
+    assert [w.shape for w in method._layer_shapes(group)] == [(128, 1536, 2048), (128, 2048, 768)]
     for m in (1, 8, 32):
+        x = torch.empty(m, 2048, dtype=torch.bfloat16, device="meta")
+        gate_up, down = method._group_configs(group, x, 8, block_m=32)
         args, kw = (8, "fp8_w8a8", m), dict(block_shape=[128, 128], return_down_config=True)
-        layer = tuning.try_get_optimal_moe_config(*shapes(128), *args, **kw)
-        alone = lookup(*shapes(16), *args, **kw)
-        with mixed_experts.layer_kernel_config(128):
-            assert lookup(*shapes(16), *args, **kw) == layer
-        assert lookup(*shapes(16), *args, **kw) == alone  # outside: SGLang's own lookup
-    assert alone != layer  # the tuned file (bs 32: BLOCK_SIZE_M 16 …) is not the default (64)
+        layer, (layer_down, _) = tuning.try_get_optimal_moe_config((128, 1536, 2048), (128, 2048, 768), *args, **kw)
+        alone, _ = tuning.try_get_optimal_moe_config((16, 1536, 2048), (16, 2048, 768), *args, **kw)
+        assert gate_up == {**layer, "BLOCK_SIZE_M": 32}
+        assert down == {**{k: v for k, v in (layer_down or layer).items() if k != "USE_TMA"}, "BLOCK_SIZE_M": 32}
+        # the tuned file (bs 1: BLOCK_SIZE_N 64; bs 8: 5 stages; bs 32: GROUP_SIZE_M 1) is not the 16-expert default
+        assert {**alone, "BLOCK_SIZE_M": 32} != gate_up
     tuning.get_moe_configs.cache_clear()
+
+
+def test_each_triton_group_sees_only_its_experts_blocks():
+    """The shared alignment's blocks name layer experts (rank-local; -1 for another rank's, and unset entries past the
+    padded count); each group's row gives its own id of the block's expert, else -1, the id the kernel skips."""
+    from mpconvert.runtime_shim.mixed_experts import group_block_experts
+
+    # a rank holding 6 experts: group A holds 1 and 4 (its 0, 1), group B 0, 2, 3, 5; the -1 column last
+    maps = torch.tensor([[-1, 0, -1, -1, 1, -1, -1], [0, -1, 1, 2, -1, 3, -1]], dtype=torch.int32)
+    blocks = torch.tensor([0, 1, 1, 2, 3, 4, 5, -1, 123456, -9], dtype=torch.int32)
+    got = group_block_experts(maps, blocks)
+    assert got[:, :8].tolist() == [[-1, 0, 0, -1, -1, 1, -1, -1], [0, -1, -1, 1, 2, -1, 3, -1]]
+    assert got.dtype == torch.int32 and got.shape == (2, 10)  # past the padded count: some entry, never out of range
+    assert all(row.is_contiguous() for row in got)  # each row is a kernel's expert_ids argument
 
 
 def test_gptq_group_needs_fp16_and_unquantized_group(moe, cli, tmp_path):
