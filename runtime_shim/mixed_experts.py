@@ -65,7 +65,6 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         # layer rank-local top-k ids (-1 for experts on other ranks). Each group holds its experts in that range.
         per_rank = layer.num_experts // layer.moe_ep_size
         lo = layer.moe_ep_rank * per_rank
-        self.layer_experts = per_rank  # what the plain layer would hold: the alignment's and config lookup's count
         self.owner: dict[int, tuple[str, int]] = {}  # global expert id on this rank → (group key, loader expert id)
         self.every = {e for spec, _ in self.groups for e in spec["experts"]}
         groups, local_ids = torch.nn.ModuleDict(), {}
@@ -97,9 +96,8 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
     def _group(self, layer, g: int, spec: dict, native, mine: list[int], lo: int, per_rank: int, hidden_size: int,
                intermediate_size_per_partition: int, params_dtype):
-        """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method. Returns
-        it and its local-id table: rank-local expert id → the group's id, -1 for other groups' experts, and an extra
-        last entry -1 for the dispatcher's -1 (an expert on another rank)."""
+        """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method; and its
+        local_id_table."""
         from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
         cfg, ep = layer.moe_runner_config, layer.moe_ep_size
@@ -121,11 +119,9 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         if FORMATS[spec["format"]].sglang_moe_runner == "triton":
             # its kernels (which read this same config object) now drop -1 blocks (see the module docstring)
             sub.moe_runner_config.num_experts = layer.num_experts
-        local = torch.full((per_rank + 1,), -1, dtype=torch.int32)
         for i, e in enumerate(mine):
-            local[e - lo] = i
             self.owner[e] = (str(g), layer.moe_ep_rank * len(mine) + i)
-        return sub, local
+        return sub, local_id_table(mine, lo, per_rank)
 
     def _router(self, layer, name: str):
         def load(_proxy, loaded_weight, weight_name, shard_id=None, expert_id=None):
@@ -163,59 +159,12 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         return StandardCombineInput(hidden_states=out)
 
     def _apply_triton_chain(self, layer, groups, dispatch_output):
-        """All Triton groups in one native fused-MoE sequence (see the module docstring): the lead group's, run by its
-        own TritonRunnerCore on the layer's alignment, with the other groups' GEMMs added in its hooks."""
-        from types import SimpleNamespace
-
-        from sglang.srt.layers.moe.moe_runner.triton import TritonRunnerInput
-        from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import _prepare_fused_moe_run
-
-        x, topk = dispatch_output.hidden_states, dispatch_output.topk_output
+        topk = dispatch_output.topk_output
         plain = dispatch_output._replace(hidden_states_pre_quant=None)
         # each group's own native method builds its quant info (weights, scales, flags); its tapped runner returns it
         infos = [groups[k].quant_method.apply(groups[k], plain) for k in self.triton_keys]
-        lead = infos[0]
-        config, down_config, use_tma, sorted_ids, block_experts, padded = _prepare_fused_moe_run(
-            x, *self._layer_shapes(lead), topk.topk_ids, **_kernel_flags(lead))
-        local = group_block_experts(layer.block_expert_maps, block_experts)
-        hooks = None
-        if len(infos) > 1:
-            block_m = config["BLOCK_SIZE_M"]
-            others = [(info, local[i], *self._group_configs(info, x, topk.topk_ids.shape[1], block_m))
-                      for i, info in enumerate(infos[1:], start=1)]
-            add = _OtherGroups(others, sorted_ids, padded, layer.moe_runner_config, x)
-            hooks = SimpleNamespace(after_gate_up=add.gate_up, after_down=add.down)
-        core = self.lead_core
-        run = TritonRunnerInput(hidden_states=x, topk_weights=topk.topk_weights, topk_ids=topk.topk_ids,
-                                sorted_token_ids=sorted_ids, expert_ids=local[0], num_tokens_post_padded=padded)
-        state = {"config": config, "down_config": down_config, "down_moe_use_tma": use_tma}
-        return core.run(run, lead, state, hooks=hooks).hidden_states
-
-    def _layer_shapes(self, info):
-        """The group's weight shapes as the whole layer on this rank would have them (its expert count): what SGLang
-        aligns the layer's ids over and looks its tuned kernel config up by. Meta tensors: shapes only."""
-        return tuple(torch.empty((self.layer_experts, *w.shape[1:]), dtype=w.dtype, device="meta")
-                     for w in (info.w13_weight, info.w2_weight))
-
-    def _group_configs(self, info, x, top_k: int, block_m: int):
-        """A non-lead group's kernel configs: those SGLang tuned for the whole layer in the group's format (as
-        _prepare_fused_moe_run finds them), on the lead's BLOCK_SIZE_M: the groups share one alignment, whose blocks
-        are that many rows."""
-        from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe
-
-        w13, w2 = self._layer_shapes(info)
-        padded = fused_moe.padding_size
-        flags = _kernel_flags(info)
-        if not (flags["use_fp8_w8a8"] or flags["use_int8_w8a8"]) or flags["block_shape"] is not None or fused_moe._use_aiter:
-            padded = 0
-        dtype = fused_moe.get_config_dtype_str(dtype=x.dtype, **{k: flags[k] for k in (
-            "use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16")})
-        config, (down, _) = fused_moe.try_get_optimal_moe_config(
-            w13.shape, (*w2.shape[:2], w2.shape[2] - padded), top_k, dtype, x.shape[0],
-            block_shape=flags["block_shape"], per_channel_quant=flags["per_channel_quant"], return_down_config=True)
-        gate_up = {**config, "BLOCK_SIZE_M": block_m}
-        down = {k: v for k, v in (down or config).items() if k != "USE_TMA"}
-        return gate_up, {**down, "BLOCK_SIZE_M": block_m}
+        return run_triton_groups(self.lead_core, infos, layer.block_expert_maps, dispatch_output.hidden_states,
+                                 topk.topk_weights, topk.topk_ids)
 
     def _apply_marlin_group(self, layer, key: str, sub, dispatch_output):
         """A Marlin group's native fused-MoE call on the layer's tokens: other groups' slots go to its first expert with
@@ -227,6 +176,71 @@ class MixedExpertsMethod(FusedMoEMethodBase):
                              topk_weights=topk.topk_weights * keep.to(topk.topk_weights.dtype))
         return sub.quant_method.apply(sub, dispatch_output._replace(
             topk_output=mine, hidden_states_pre_quant=None)).hidden_states
+
+
+def run_triton_groups(core, infos: list, maps: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor) -> torch.Tensor:
+    """All Triton groups of a layer in one native fused-MoE sequence (see the module docstring): SGLang's
+    _fused_moe_kernel_sequence run by the lead group's TritonRunnerCore (core) on the layer's alignment, with the other
+    groups' GEMMs added in its hooks. infos: each group's TritonMoeQuantInfo, the lead's first; maps: their block
+    tables (group_block_experts); topk_ids: the layer's rank-local ids."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.moe.moe_runner.triton import TritonRunnerInput
+    from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import _prepare_fused_moe_run
+
+    layer_experts, lead = maps.shape[1] - 1, infos[0]
+    config, down_config, use_tma, sorted_ids, block_experts, padded = _prepare_fused_moe_run(
+        x, *layer_shapes(lead, layer_experts), topk_ids, **_kernel_flags(lead))
+    local = group_block_experts(maps, block_experts)
+    hooks = None
+    if len(infos) > 1:
+        block_m = config["BLOCK_SIZE_M"]
+        others = [(info, local[i], *group_configs(info, layer_experts, x, topk_ids.shape[1], block_m))
+                  for i, info in enumerate(infos[1:], start=1)]
+        add = _OtherGroups(others, sorted_ids, padded, core.config, x)
+        hooks = SimpleNamespace(after_gate_up=add.gate_up, after_down=add.down)
+    run = TritonRunnerInput(hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids,
+                            sorted_token_ids=sorted_ids, expert_ids=local[0], num_tokens_post_padded=padded)
+    state = {"config": config, "down_config": down_config, "down_moe_use_tma": use_tma}
+    return core.run(run, lead, state, hooks=hooks).hidden_states
+
+
+def layer_shapes(info, layer_experts: int):
+    """A group's weight shapes as the whole layer on this rank would have them (its expert count): what SGLang aligns
+    the layer's ids over and looks its tuned kernel config up by. Meta tensors: shapes only."""
+    return tuple(torch.empty((layer_experts, *w.shape[1:]), dtype=w.dtype, device="meta")
+                 for w in (info.w13_weight, info.w2_weight))
+
+
+def group_configs(info, layer_experts: int, x: torch.Tensor, top_k: int, block_m: int) -> tuple[dict, dict]:
+    """A non-lead group's kernel configs, gate-up and down: those SGLang tuned for the whole layer in the group's format
+    (as _prepare_fused_moe_run finds them), on the lead's BLOCK_SIZE_M: the groups share one alignment, whose blocks
+    are that many rows."""
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe
+
+    w13, w2 = layer_shapes(info, layer_experts)
+    flags = _kernel_flags(info)
+    padded = fused_moe.padding_size
+    if not (flags["use_fp8_w8a8"] or flags["use_int8_w8a8"]) or flags["block_shape"] is not None or fused_moe._use_aiter:
+        padded = 0
+    dtype = fused_moe.get_config_dtype_str(dtype=x.dtype, **{k: flags[k] for k in (
+        "use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16")})
+    config, (down, _) = fused_moe.try_get_optimal_moe_config(
+        w13.shape, (*w2.shape[:2], w2.shape[2] - padded), top_k, dtype, x.shape[0],
+        block_shape=flags["block_shape"], per_channel_quant=flags["per_channel_quant"], return_down_config=True)
+    down = {k: v for k, v in (down or config).items() if k != "USE_TMA"}
+    return {**config, "BLOCK_SIZE_M": block_m}, {**down, "BLOCK_SIZE_M": block_m}
+
+
+def local_id_table(mine: list[int], lo: int, per_rank: int) -> torch.Tensor:
+    """A group's id table on a rank holding experts lo … lo + per_rank - 1: rank-local expert id → the group's own id
+    (its experts in manifest order), -1 for other groups' experts, and an extra last entry -1 for the dispatcher's -1
+    (an expert on another rank)."""
+    table = torch.full((per_rank + 1,), -1, dtype=torch.int32)
+    for i, e in enumerate(mine):
+        table[e - lo] = i
+    return table
 
 
 def group_block_experts(maps: torch.Tensor, block_experts: torch.Tensor) -> torch.Tensor:

@@ -126,22 +126,20 @@ def test_triton_groups_run_the_kernel_config_tuned_for_the_whole_layer(monkeypat
     from sglang.srt.layers.moe.moe_runner.triton import TritonMoeQuantInfo
     from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe_triton_config as tuning
 
-    from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
+    from mpconvert.runtime_shim.mixed_experts import group_configs, layer_shapes
 
     monkeypatch.setattr(tuning, "get_device_name", lambda: "NVIDIA H200")
     monkeypatch.setattr(tuning, "get_exec", lambda: SimpleNamespace(
         deterministic=SimpleNamespace(enable_deterministic_inference=False)))
     tuning.get_moe_configs.cache_clear()
-    method = MixedExpertsMethod("model.layers.0.mlp.experts", [], check=None)
-    method.layer_experts = 128
     # a group of 16 Qwen3-30B-A3B experts (hidden 2048, moe_intermediate 768), block FP8: its real weight shapes
     group = TritonMoeQuantInfo(w13_weight=torch.empty(16, 1536, 2048, dtype=torch.float8_e4m3fn, device="meta"),
                                w2_weight=torch.empty(16, 2048, 768, dtype=torch.float8_e4m3fn, device="meta"),
                                use_fp8_w8a8=True, block_shape=[128, 128])
-    assert [w.shape for w in method._layer_shapes(group)] == [(128, 1536, 2048), (128, 2048, 768)]
+    assert [w.shape for w in layer_shapes(group, 128)] == [(128, 1536, 2048), (128, 2048, 768)]
     for m in (1, 8, 32):
         x = torch.empty(m, 2048, dtype=torch.bfloat16, device="meta")
-        gate_up, down = method._group_configs(group, x, 8, block_m=32)
+        gate_up, down = group_configs(group, 128, x, 8, block_m=32)
         args, kw = (8, "fp8_w8a8", m), dict(block_shape=[128, 128], return_down_config=True)
         layer, (layer_down, _) = tuning.try_get_optimal_moe_config((128, 1536, 2048), (128, 2048, 768), *args, **kw)
         alone, _ = tuning.try_get_optimal_moe_config((16, 1536, 2048), (16, 2048, 768), *args, **kw)
@@ -150,6 +148,27 @@ def test_triton_groups_run_the_kernel_config_tuned_for_the_whole_layer(monkeypat
         # the tuned file (bs 1: BLOCK_SIZE_N 64; bs 8: 5 stages; bs 32: GROUP_SIZE_M 1) is not the 16-expert default
         assert {**alone, "BLOCK_SIZE_M": 32} != gate_up
     tuning.get_moe_configs.cache_clear()
+
+
+def test_triton_groups_in_one_sequence_compute_the_plain_layer():
+    """SGLang's real fused-MoE sequence and Triton kernels under Triton's CPU interpreter (tests/interpreted_moe.py):
+    a layer's experts split into two or three groups, in the shim's shared sequence, give exactly the output of the
+    plain layer that SGLang runs itself — also with expert parallelism's -1 slots — and the plain layer matches a
+    float32 reference."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("interpreted_moe.py")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert got["plain_vs_reference"] < 0.01, got  # float16 kernels against float32; outputs are about 0.3
+    assert got["two_groups_equal_plain"] and got["three_groups_equal_plain"], got
+    assert got["ep_equal_plain"] and got["ep_differs_from_all_slots"], got
 
 
 def test_each_triton_group_sees_only_its_experts_blocks():
