@@ -22,7 +22,9 @@ group's own native method, whose runner is tapped to hand them over: `_QuantInfo
 - Kernel configs are SGLang's tuned ones for the whole layer (the same tokens per expert as the plain layer; a group's
   own expert count, 16 or 112, would find no tuned file): the alignment and lookups use this rank's layer expert
   count. The groups share the lead's BLOCK_SIZE_M, the alignment's block.
-So a second Triton group costs its two GEMM launches, its activation quantization, and one table lookup for all
+- The block tables of all groups (and the add mask) come from one small Triton kernel of the shim's
+  (`group_block_experts`): glue, not a GEMM; in torch ops it was three kernels.
+So a second Triton group costs its two GEMM launches, its activation quantization, and the one glue kernel for all
 groups — not a second chain.
 
 Marlin groups (GPTQ): SGLang's GPTQ-Marlin MoE passes the kernel no expert map, so -1 is not known to be skipped
@@ -44,6 +46,8 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import triton
+import triton.language as tl
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig
 
 from mpconvert.formats import FORMATS
@@ -192,13 +196,13 @@ def run_triton_groups(core, infos: list, maps: torch.Tensor, x: torch.Tensor, to
     layer_experts, lead = maps.shape[1] - 1, infos[0]
     config, down_config, use_tma, sorted_ids, block_experts, padded = _prepare_fused_moe_run(
         x, *layer_shapes(lead, layer_experts), topk_ids, **_kernel_flags(lead))
-    local = group_block_experts(maps, block_experts)
+    local, every_token = group_block_experts(maps, block_experts, x.shape[0] if len(infos) > 1 else 0)
     hooks = None
     if len(infos) > 1:
         block_m = config["BLOCK_SIZE_M"]
         others = [(info, local[i], *group_configs(info, layer_experts, x, topk_ids.shape[1], block_m))
                   for i, info in enumerate(infos[1:], start=1)]
-        add = _OtherGroups(others, sorted_ids, padded, core.config, x)
+        add = _OtherGroups(others, sorted_ids, padded, core.config, x, every_token)
         hooks = SimpleNamespace(after_gate_up=add.gate_up, after_down=add.down)
     run = TritonRunnerInput(hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids,
                             sorted_token_ids=sorted_ids, expert_ids=local[0], num_tokens_post_padded=padded)
@@ -243,12 +247,39 @@ def local_id_table(mine: list[int], lo: int, per_rank: int) -> torch.Tensor:
     return table
 
 
-def group_block_experts(maps: torch.Tensor, block_experts: torch.Tensor) -> torch.Tensor:
-    """Each Triton group's view of the shared alignment: row i gives, for each block, group i's own id of the block's
-    expert, or -1 (another group's expert; the dispatcher's -1, another rank's expert). maps is [groups, layer experts
-    + 1] with the -1 column last; remainder sends -1 there, and keeps entries past the padded block count (which the
-    kernel never reads, and SGLang leaves unset) inside the table. Two small kernels for all groups."""
-    return maps.index_select(1, torch.remainder(block_experts, maps.shape[1]))
+def group_block_experts(maps: torch.Tensor, block_experts: torch.Tensor, num_tokens: int):
+    """Each Triton group's view of the shared alignment, in one small kernel for all groups (in torch ops, a remainder,
+    an index_select and a fill: 5.3 µs at batch 32 on H200, §8 of docs/gpu-results.md).
+
+    Returns local [groups, blocks]: row i gives, for each block, group i's own id of the block's expert, or -1
+    (another group's expert; the dispatcher's -1, another rank's expert). maps is [groups, layer experts + 1] with the
+    -1 column last; -1 and anything outside the table (entries past the padded block count, which the kernels never
+    read and SGLang leaves unset) read that column. And every_token: num_tokens True, the add mask the other groups'
+    kernels take."""
+    groups, columns = maps.shape
+    blocks = block_experts.numel()
+    local = torch.empty((groups, blocks), dtype=torch.int32, device=maps.device)
+    every_token = torch.empty(num_tokens, dtype=torch.bool, device=maps.device)
+    grid = (triton.cdiv(max(blocks, num_tokens, 1), _GLUE_BLOCK),)
+    _group_block_experts_kernel[grid](maps, block_experts, local, every_token, blocks, num_tokens, columns,
+                                      GROUPS=groups, BLOCK=_GLUE_BLOCK)
+    return local, every_token
+
+
+_GLUE_BLOCK = 256
+
+
+@triton.jit
+def _group_block_experts_kernel(maps_ptr, block_experts_ptr, local_ptr, every_token_ptr, num_blocks, num_tokens,
+                                num_columns, GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_blocks = offs < num_blocks
+    expert = tl.load(block_experts_ptr + offs, mask=in_blocks, other=-1)
+    column = tl.where((expert >= 0) & (expert < num_columns - 1), expert, num_columns - 1)
+    for g in tl.static_range(GROUPS):
+        own = tl.load(maps_ptr + g * num_columns + column, mask=in_blocks, other=-1)
+        tl.store(local_ptr + g * num_blocks + offs, own, mask=in_blocks)
+    tl.store(every_token_ptr + offs, tl.full([BLOCK], 1, tl.int1), mask=offs < num_tokens)
 
 
 def _kernel_flags(info) -> dict:
@@ -264,12 +295,10 @@ class _OtherGroups:
     into the same buffer (FUSE_ADD_TO_OUTPUT). The lead's kernel wrote its rows and zeros in every other row; each row
     belongs to one group, so every add is onto zero and exact."""
 
-    def __init__(self, others, sorted_ids, padded, cfg, x):
-        import triton.language as tl
-
+    def __init__(self, others, sorted_ids, padded, cfg, x, every_token):
         self.others, self.sorted_ids, self.padded, self.cfg = others, sorted_ids, padded, cfg
         self.compute_type = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
-        self.every_token = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        self.every_token = every_token
 
     def gate_up(self, hidden_states, cache1, topk_weights, topk_ids):
         top_k = topk_ids.shape[1]

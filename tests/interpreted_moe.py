@@ -3,7 +3,8 @@ Triton kernels (`_fused_moe_kernel_sequence`, `invoke_fused_moe_kernel`, its top
 (TRITON_INTERPRET=1, set by the caller before anything imports triton).
 
 Run by tests/test_mixed_experts.py in a subprocess; prints one JSON line. What it shows: groups of one format in the
-shared sequence compute exactly what SGLang's plain layer computes, with and without expert parallelism's -1 slots.
+shared sequence compute exactly what SGLang's plain layer computes, with and without expert parallelism's -1 slots;
+the block tables each group reads (the shim's own small Triton kernel).
 What the interpreter cannot run, the GPU run shows (docs/gpu-results.md §8): bfloat16 (numpy has none; SGLang's own
 plain sequence gives garbage there, float16 is right), Int8 activations (their quantization calls CUDA's libdevice),
 FP8 (wrong numbers in the interpreter) — so several formats in one sequence.
@@ -133,6 +134,16 @@ def main():
     result["ep_equal_plain"] = torch.equal(ep, ep_whole)
     result["ep_differs_from_all_slots"] = not torch.equal(ep_whole, whole)
 
+    # the block tables alone: a rank holding 6 experts, group A holds 1 and 4 (its 0, 1), group B 0, 2, 3, 5; the
+    # alignment's blocks name rank-local experts, -1 (another rank's), and past the padded count anything at all
+    from mpconvert.runtime_shim.mixed_experts import group_block_experts
+
+    maps = torch.tensor([[-1, 0, -1, -1, 1, -1, -1], [0, -1, 1, 2, -1, 3, -1]], dtype=torch.int32)
+    blocks = torch.tensor([0, 1, 1, 2, 3, 4, 5, -1, 123456, -9], dtype=torch.int32)
+    local, every_token = group_block_experts(maps, blocks, 3)
+    result["block_tables"] = local.tolist()
+    result["block_tables_contiguous"] = all(row.is_contiguous() for row in local)  # each: a kernel's expert_ids
+    result["every_token"] = every_token.tolist()
     result["output_scale"] = whole.float().abs().mean().item()
     print("RESULT " + json.dumps(result))
 

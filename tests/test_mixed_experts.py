@@ -154,7 +154,7 @@ def test_triton_groups_in_one_sequence_compute_the_plain_layer():
     """SGLang's real fused-MoE sequence and Triton kernels under Triton's CPU interpreter (tests/interpreted_moe.py):
     a layer's experts split into two or three groups, in the shim's shared sequence, give exactly the output of the
     plain layer that SGLang runs itself — also with expert parallelism's -1 slots — and the plain layer matches a
-    float32 reference."""
+    float32 reference. And the block tables that restrict each group to its experts."""
     import os
     import subprocess
     import sys
@@ -169,20 +169,10 @@ def test_triton_groups_in_one_sequence_compute_the_plain_layer():
     assert got["plain_vs_reference"] < 0.01, got  # float16 kernels against float32; outputs are about 0.3
     assert got["two_groups_equal_plain"] and got["three_groups_equal_plain"], got
     assert got["ep_equal_plain"] and got["ep_differs_from_all_slots"], got
-
-
-def test_each_triton_group_sees_only_its_experts_blocks():
-    """The shared alignment's blocks name layer experts (rank-local; -1 for another rank's, and unset entries past the
-    padded count); each group's row gives its own id of the block's expert, else -1, the id the kernel skips."""
-    from mpconvert.runtime_shim.mixed_experts import group_block_experts
-
-    # a rank holding 6 experts: group A holds 1 and 4 (its 0, 1), group B 0, 2, 3, 5; the -1 column last
-    maps = torch.tensor([[-1, 0, -1, -1, 1, -1, -1], [0, -1, 1, 2, -1, 3, -1]], dtype=torch.int32)
-    blocks = torch.tensor([0, 1, 1, 2, 3, 4, 5, -1, 123456, -9], dtype=torch.int32)
-    got = group_block_experts(maps, blocks)
-    assert got[:, :8].tolist() == [[-1, 0, 0, -1, -1, 1, -1, -1], [0, -1, -1, 1, 2, -1, 3, -1]]
-    assert got.dtype == torch.int32 and got.shape == (2, 10)  # past the padded count: some entry, never out of range
-    assert all(row.is_contiguous() for row in got)  # each row is a kernel's expert_ids argument
+    # each group sees only its experts' blocks: its own id there, -1 elsewhere (another group's expert, another
+    # rank's, and entries past the padded count, which the kernels never read: never outside the table)
+    assert got["block_tables"] == [[-1, 0, 0, -1, -1, 1, -1, -1, -1, -1], [0, -1, -1, 1, 2, -1, 3, -1, -1, -1]]
+    assert got["block_tables_contiguous"] and got["every_token"] == [True, True, True]
 
 
 def test_gptq_group_needs_fp16_and_unquantized_group(moe, cli, tmp_path):
