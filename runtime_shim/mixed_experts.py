@@ -163,6 +163,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         return StandardCombineInput(hidden_states=out)
 
     def _apply_triton_chain(self, layer, groups, dispatch_output):
+        """The Triton groups in one native sequence (run_triton_groups)."""
         topk = dispatch_output.topk_output
         plain = dispatch_output._replace(hidden_states_pre_quant=None)
         # each group's own native method builds its quant info (weights, scales, flags); its tapped runner returns it
@@ -225,22 +226,23 @@ def group_configs(info, layer_experts: int, x: torch.Tensor, top_k: int, block_m
 
     w13, w2 = layer_shapes(info, layer_experts)
     flags = _kernel_flags(info)
-    padded = fused_moe.padding_size
-    if not (flags["use_fp8_w8a8"] or flags["use_int8_w8a8"]) or flags["block_shape"] is not None or fused_moe._use_aiter:
-        padded = 0
+    padding = fused_moe.padding_size  # SGLang pads per-tensor/channel FP8 and Int8 weights' K (as its own lookup)
+    if not (flags["use_fp8_w8a8"] or flags["use_int8_w8a8"]) or flags["block_shape"] is not None \
+            or fused_moe._use_aiter:
+        padding = 0
     dtype = fused_moe.get_config_dtype_str(dtype=x.dtype, **{k: flags[k] for k in (
         "use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16")})
     config, (down, _) = fused_moe.try_get_optimal_moe_config(
-        w13.shape, (*w2.shape[:2], w2.shape[2] - padded), top_k, dtype, x.shape[0],
+        w13.shape, (*w2.shape[:2], w2.shape[2] - padding), top_k, dtype, x.shape[0],
         block_shape=flags["block_shape"], per_channel_quant=flags["per_channel_quant"], return_down_config=True)
     down = {k: v for k, v in (down or config).items() if k != "USE_TMA"}
     return {**config, "BLOCK_SIZE_M": block_m}, {**down, "BLOCK_SIZE_M": block_m}
 
 
 def local_id_table(mine: list[int], lo: int, per_rank: int) -> torch.Tensor:
-    """A group's id table on a rank holding experts lo … lo + per_rank - 1: rank-local expert id → the group's own id
-    (its experts in manifest order), -1 for other groups' experts, and an extra last entry -1 for the dispatcher's -1
-    (an expert on another rank)."""
+    """A group's id table on a rank holding experts lo … lo + per_rank - 1: rank-local expert id → the group's own
+    id (its experts in manifest order), -1 for other groups' experts, and an extra last entry -1 for the dispatcher's
+    -1 (an expert on another rank)."""
     table = torch.full((per_rank + 1,), -1, dtype=torch.int32)
     for i, e in enumerate(mine):
         table[e - lo] = i
