@@ -71,24 +71,24 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         lo = layer.moe_ep_rank * per_rank
         self.owner: dict[int, tuple[str, int]] = {}  # global expert id on this rank → (group key, loader expert id)
         self.every = {e for spec, _ in self.groups for e in spec["experts"]}
-        groups, local_ids = torch.nn.ModuleDict(), {}
+        groups, local_ids, triton = torch.nn.ModuleDict(), {}, {}  # triton: key → the group's experts here
         for g, (spec, native) in enumerate(self.groups):
             mine = [e for e in spec["experts"] if lo <= e < lo + per_rank]
             if mine:
+                on_triton = FORMATS[spec["format"]].sglang_moe_runner == "triton"
                 groups[str(g)], local_ids[str(g)] = self._group(layer, g, spec, native, mine, lo, per_rank,
                                                                 hidden_size, intermediate_size_per_partition,
-                                                                params_dtype)
+                                                                params_dtype, on_triton)
+                if on_triton:
+                    triton[str(g)] = len(mine)
         layer.add_module(GROUPS, groups)
         # The Triton groups share one chain, led by the group with the most experts here (its kernel config's
         # BLOCK_SIZE_M sets the shared alignment's block). Their rows of one table map the alignment's block experts
         # (rank-local ids; -1, another rank's, wraps to the last column) to their own ids, -1 for other groups'.
-        triton = [k for k in groups if FORMATS[self.groups[int(k)][0]["format"]].sglang_moe_runner == "triton"]
-        self.triton_keys = sorted(triton, key=lambda k: (-int((local_ids[k] >= 0).sum()), int(k)))
+        self.triton_keys = sorted(triton, key=lambda k: (-triton[k], int(k)))
         if self.triton_keys:
             layer.register_buffer("block_expert_maps", torch.stack([local_ids[k] for k in self.triton_keys]),
                                   persistent=False)
-            for k in self.triton_keys:  # their native methods now build quant info for the chain to run
-                _tap_runner(groups[k])
             self.lead_core = _tap_runner(groups[self.triton_keys[0]]).runner.runner_core
         for k in groups:
             if k not in self.triton_keys:  # a Marlin group maps the top-k ids itself
@@ -99,9 +99,9 @@ class MixedExpertsMethod(FusedMoEMethodBase):
             layer.register_parameter(name, proxy)
 
     def _group(self, layer, g: int, spec: dict, native, mine: list[int], lo: int, per_rank: int, hidden_size: int,
-               intermediate_size_per_partition: int, params_dtype):
+               intermediate_size_per_partition: int, params_dtype, on_triton: bool):
         """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method; and its
-        local_id_table."""
+        local_id_table. A group on SGLang's Triton runner is readied for the shared chain."""
         from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
         cfg, ep = layer.moe_runner_config, layer.moe_ep_size
@@ -120,9 +120,11 @@ class MixedExpertsMethod(FusedMoEMethodBase):
                        gate_up_interleaved=cfg.gate_up_interleaved)
         self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
         correct_built_gptq_marlin_moe(sub)  # SGLang 0.5.17's GPTQ-Marlin MoE under TP (sglang_fixes.py)
-        if FORMATS[spec["format"]].sglang_moe_runner == "triton":
-            # its kernels (which read this same config object) now drop -1 blocks (see the module docstring)
+        if on_triton:
+            # its kernels (which read this same config object) now drop -1 blocks (see the module docstring), and its
+            # native method now builds quant info for the chain to run
             sub.moe_runner_config.num_experts = layer.num_experts
+            _tap_runner(sub)
         for i, e in enumerate(mine):
             self.owner[e] = (str(g), layer.moe_ep_rank * len(mine) + i)
         return sub, local_id_table(mine, lo, per_rank)
@@ -348,7 +350,7 @@ def _refuse_unsupported(prefix: str, layer):
 
 def _tap_runner(sub) -> "_QuantInfoTap":
     """Put a _QuantInfoTap in place of the group's MoeRunner (on its method, or on its compressed-tensors scheme,
-    whichever created it); idempotent."""
+    whichever created it); idempotent: a tapped group gives its tap."""
     for holder in (sub.quant_method, getattr(sub, "scheme", None)):
         runner = getattr(holder, "runner", None)
         if isinstance(runner, _QuantInfoTap):
