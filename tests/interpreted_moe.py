@@ -100,7 +100,7 @@ def fp16(w13, w2, experts):
 
 
 def reference(w13, w2, x, weights, ids):
-    """The MoE in float32 from the given (dequantized) weights; -1 slots add nothing."""
+    """The MoE in float32 from the given weights; -1 slots add nothing."""
     out = torch.zeros(x.shape[0], H)
     for t in range(x.shape[0]):
         for k in range(K):
