@@ -14,7 +14,7 @@ from rich.table import Table
 
 from mpconvert.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Merge quantized checkpoints of one model (FP8, GPTQ, AWQ, W8A8-Int8) into one "
                        "mixed-precision checkpoint with a manifest.\n\n"
                        "Examples:\n\n"
@@ -59,62 +59,110 @@ def _fail(e: UserError) -> None:
     raise typer.Exit(e.exit_code)
 
 
+INTERNAL_ERROR = 70  # EX_SOFTWARE
+
+
+def guarded(command):
+    """Every command: a UserError is one `error:` line and exit 2; anything unexpected is one `internal error:` line
+    naming a log file with the traceback, and exit 70 — a traceback never reaches the terminal."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            _fail(e)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 — the point of the guard
+            log = _write_crash_log()
+            err.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — please "
+                      f"report it; details in {log}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(INTERNAL_ERROR)
+    return run
+
+
+def _write_crash_log() -> str:
+    import os
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    for d in (os.environ.get("MPCONVERT_CACHE"), str(Path.home() / ".cache" / "mpconvert"), tempfile.gettempdir()):
+        if not d:
+            continue
+        try:
+            logs = Path(d) / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            f = logs / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            f.write_text(" ".join(sys.argv) + "\n\n" + text)
+            return str(f)
+        except OSError:
+            continue
+    return "(no writable log directory)"
+
+
 def _progress(json_mode: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=err, disable=json_mode)
 
 
 @app.command(help=BUILD_HELP)
+@guarded
 def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           output: Path = typer.Option(..., "-o", "--output", help="output directory (must not exist, see --force)"),
-          tp: int = typer.Option(1, "--tp", help="check that every module shards for this tensor-parallel size"),
+          tp: int = typer.Option(1, "--tp", help="check every split SGLang makes at this tensor-parallel size"),
+          ep: int = typer.Option(1, "--ep", help="expert-parallel size (experts over EP ranks, their intermediate "
+                                                 "size over tp/ep), as SGLang's --ep"),
           shard_size: Optional[str] = typer.Option(None, "--shard-size", help="max shard size, e.g. 5GB (default: "
                                                    "recipe output.shard_size or 5GB)"),
-          force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+          force: bool = typer.Option(False, "--force", help="replace an existing output directory (only the one "
+                                                            "there when the build starts)"),
           json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout")):
-    from mpconvert.manifest import describe_unit
+    import os
+
     from mpconvert.plan import make_plan
     from mpconvert.recipe import load_recipe, parse_size
+    from mpconvert.safety import OutputLock
     from mpconvert.writer import check_output, write
 
-    try:
-        check_output(output, force)
-        r = load_recipe(recipe)
-        cap = parse_size(shard_size or r.output.shard_size or "5GB")
-        t0 = time.perf_counter()
-        plan = make_plan(r, tp)
+    check_output(output, force)
+    r = load_recipe(recipe)
+    cap = parse_size(shard_size or r.output.shard_size or "5GB")
+    t0 = time.perf_counter()
+    with OutputLock(Path(os.path.abspath(output))) as lock:
+        for line in lock.recovered:
+            err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+        plan = make_plan(r, tp, ep)
         check_output(output, force, plan)
         if not json_out:
             for label, src in sorted(plan.sources.items()):
                 err.print(f"{label}: {src.describe()}", markup=False, highlight=False)
         with _progress(json_out) as prog:
             task = prog.add_task("writing", total=plan.total_bytes)
-            manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n))
-        secs = time.perf_counter() - t0
-    except UserError as e:
-        _fail(e)
+            manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n), lock)
+    secs = time.perf_counter() - t0
     summary = {"output": str(output), "seconds": round(secs, 3), "tensors": len(plan.tensors),
-               "bytes": plan.total_bytes, "totals": manifest["totals"],
-               "units": {u: describe_unit(v) for u, v in manifest["units"].items()}}
+               "bytes": plan.total_bytes, "totals": manifest.totals.model_dump(mode="json"),
+               "units": {u: v.describe() for u, v in manifest.units.items()}}
     if json_out:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
-        t = manifest["totals"]
+        t = manifest.totals
         out.print(f"built {output}: {len(plan.tensors)} tensors, {plan.total_bytes / 1e6:.1f} MB, "
-                  f"{t['bits_per_weight']} bits/weight in linears, {secs:.1f} s", highlight=False)
+                  f"{t.bits_per_weight} bits/weight in linears, {secs:.1f} s", highlight=False)
 
 
 @app.command(help="Show what a converted directory holds: module → format, source, bytes; totals per format; "
                   "average bits per weight and the size vs bf16.\n\nExample:  mpconvert inspect out/ --json")
+@guarded
 def inspect(directory: Path = typer.Argument(..., help="converted directory"),
             json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
             modules: bool = typer.Option(True, "--modules/--no-modules", help="list every linear module")):
     from mpconvert.summary import summarize
 
-    try:
-        s = summarize(directory)
-    except UserError as e:
-        _fail(e)
+    s = summarize(directory)
     if json_out:
         print(json.dumps(s, indent=1, sort_keys=True))
         return
@@ -160,14 +208,22 @@ def _parse_thresholds(items: list[str]) -> dict:
     for item in items:
         try:
             key, val = item.split("=", 1)
+            value = float(val)
+            if not value >= 0 or value == float("inf"):
+                raise ValueError
+            if key in ("kl", "fold"):
+                out[key] = value
+                continue
             kind, fmt = key.split(".", 1)
-            out[{"module": "module", "block": "block", "cosine": "cosine"}[kind]][fmt] = float(val)
+            out[{"module": "module", "block": "block", "cosine": "cosine"}[kind]][fmt] = value
         except (ValueError, KeyError):
-            raise UserError(f"--threshold {item!r}: use module.FORMAT=ERR, block.FORMAT=ERR or cosine.FORMAT=COS, e.g. block.gptq=0.3")
+            raise UserError(f"--threshold {item!r}: use module.FORMAT=ERR, block.FORMAT=ERR, cosine.FORMAT=COS, "
+                            f"fold=ERR or kl=NATS with a finite number ≥ 0, e.g. block.gptq=0.3")
     return out
 
 
 @app.command(help=VERIFY_HELP)
+@guarded
 def verify(directory: Path = typer.Argument(..., help="converted directory"),
            tp: int = typer.Option(1, "--tp", help="tensor-parallel size to check shardability for"),
            ep: int = typer.Option(1, "--ep", help="expert-parallel size to check for MoE models"),
@@ -180,30 +236,38 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
                                                 "real classes on CPU through the shim and check every layer's "
                                                 "quant method (sglang), at TP=1 and at --tp"),
            dtype: str = typer.Option("auto", "--dtype", help="model dtype for --engine (as SGLang's --dtype)"),
+           text: Optional[Path] = typer.Option(None, "--text", help="with --numeric: perplexity of the base and of "
+                                               "the converted model, and their KL, on this text file"),
            json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout")):
-    from mpconvert.verify import total_steps, verify as run_verify
+    from mpconvert.verify import SUMMARY_ROWS, Progress as VerifyProgress, verify as run_verify
 
-    try:
-        thresholds = _parse_thresholds(threshold)
-        steps = total_steps(directory) if directory.is_dir() and (directory / "mpconvert_manifest.json").exists() \
-            else 0
-        with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err,
-                      disable=json_out) as prog:
-            task = prog.add_task("verifying", total=steps or None)
-            rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, lambda: prog.advance(task),
-                             engine, dtype)
-    except UserError as e:
-        _fail(e)
+    thresholds = _parse_thresholds(threshold)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err,
+                  disable=json_out) as prog:
+        task = prog.add_task("verifying", total=None)
+
+        class Bar(VerifyProgress):
+            def start(self, total):
+                prog.update(task, total=total)
+
+            def step(self):
+                prog.advance(task)
+
+        rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, Bar(), engine, dtype, text)
     if json_out:
         print(json.dumps(rep.to_json(), indent=1, sort_keys=True))
     else:
         if rep.findings:
-            t = Table(title=f"{directory}: {len(rep.findings)} problem(s)")
+            t = Table(title=f"{directory}: {len(rep.findings)} problem(s)"
+                            + (f", the first {SUMMARY_ROWS} shown" if len(rep.findings) > SUMMARY_ROWS else ""))
             for c in ("check", "where", "problem"):
                 t.add_column(c, overflow="fold")
-            for f in rep.findings:
+            for f in rep.findings[:SUMMARY_ROWS]:
                 t.add_row(f.check, f.where, f.message)
             out.print(t)
+            if len(rep.findings) > SUMMARY_ROWS:
+                out.print("problems per check: " + ", ".join(f"{k} {v:,}" for k, v in sorted(rep.counts().items()))
+                          + " (all of them: --json)", highlight=False)
         if rep.numeric:
             t = Table(title="numeric fidelity vs base (per block: error of the block's contribution)")
             for c in ("block", "formats", "rel. error", "limit"):
@@ -213,6 +277,10 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
             out.print(t)
             out.print(f"logits cosine {rep.numeric['logits_cosine']:.4f} (limit {rep.numeric['cosine_limit']}), "
                       f"top-1 agreement {rep.numeric['top1_agreement']:.2%}", highlight=False)
+            if "text" in rep.numeric:
+                x = rep.numeric["text"]
+                out.print(f"on {x['file']} ({x['tokens']} tokens): perplexity {x['perplexity']:.3f} vs the base's "
+                          f"{x['perplexity_base']:.3f}, KL to the base {x['kl']:.5f}", highlight=False)
         if rep.engine:
             runs = rep.engine["runs"]
             out.print(f"engine sglang (dtype {rep.engine['dtype']}): " + "; ".join(
@@ -221,9 +289,10 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
                  f"{r['layers']} quantized layers, {r['parameters']} parameters")
                 for r in runs), highlight=False, soft_wrap=True)
         mem = rep.memory
-        out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
-                  f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}; by format: "
-                  + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items())), highlight=False)
+        if mem:
+            out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
+                      f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}; by format: "
+                      + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items())), highlight=False)
         out.print(("OK" if rep.ok else "FAILED") + f": {', '.join(rep.checks)}", highlight=False)
     raise typer.Exit(0 if rep.ok else 1)
 
@@ -243,33 +312,31 @@ Examples:  mpconvert serve out/ -- --tp 2 --port 30000      mpconvert serve out/
 def serve_command(directory: Path, args: list[str]) -> list[str]:
     import os
 
-    from mpconvert.manifest import MANIFEST, load_manifest, unit_groups
+    from mpconvert.manifest import MANIFEST, load_manifest
 
     if not (directory / MANIFEST).exists():
         raise UserError(f"{directory}: no {MANIFEST}; serve runs directories written by `mpconvert build`")
-    manifest = load_manifest(directory)
+    manifest, _ = load_manifest(directory)
     plugins = os.environ.get("SGLANG_PLUGINS")
     if plugins is not None and "mpconvert" not in plugins.split(","):
         raise UserError(f"SGLANG_PLUGINS={plugins!r} leaves out the mpconvert plugin, so SGLang could not read this "
                         f"directory; add mpconvert to it or unset it")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory), *args]
-    gptq_moe = any(u.endswith(".experts") and g["format"] == "gptq"
-                   for u, spec in manifest["units"].items() for g in unit_groups(spec))
+    gptq_moe = any(u.endswith(".experts") and fmt == "gptq"
+                   for u, spec in manifest.units.items() for fmt, _ in spec.schemes())
     if gptq_moe and not any(a == "--dtype" or a.startswith("--dtype=") for a in args):
         cmd += ["--dtype", "float16"]
     return cmd
 
 
 @app.command(help=SERVE_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@guarded
 def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="converted directory"),
           print_command: bool = typer.Option(False, "--print-command", help="print the command instead of running it")):
     import os
     import shlex
 
-    try:
-        cmd = serve_command(directory, list(ctx.args))
-    except UserError as e:
-        _fail(e)
+    cmd = serve_command(directory, list(ctx.args))
     if print_command:
         print(shlex.join(cmd))
         return
@@ -280,15 +347,13 @@ def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="conver
 @app.command(help="Run the whole job on a built-in demo: make tiny random models, quantize them with the real "
                   "producers (llm-compressor, gptqmodel; needs `make setup`), build a mixed checkpoint, inspect it."
                   "\n\nExample:  mpconvert demo demo-out/")
+@guarded
 def demo(directory: Path = typer.Argument(Path("demo-out"), help="where the demo writes its recipe and output"),
          force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo output")):
     from mpconvert.demo import run_demo
 
-    try:
-        recipe = run_demo(directory, err)
-    except UserError as e:
-        _fail(e)
-    build(recipe, directory / "mixed", 1, None, force, False)
+    recipe = run_demo(directory, err)
+    build(recipe, directory / "mixed", 1, 1, None, force, False)
     inspect(directory / "mixed", False, True)
 
 

@@ -60,27 +60,45 @@ class Checkpoint:
     def _shard_names(self) -> list[str]:
         index, single = self.path / INDEX, self.path / SINGLE
         if index.exists():
-            files = sorted(set(self.index.get("weight_map", {}).values()))
+            weight_map = self.index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{index}: weight_map must map tensor names to shard file names; re-save the "
+                                f"checkpoint")
+            files = sorted(set(weight_map.values()))
             if not files:
                 raise UserError(f"{index}: weight_map is empty; re-save the checkpoint")
             for f in files:
-                p = (self.path / f).resolve()
-                if not isinstance(f, str) or p.parent != self.path or not f.endswith(".safetensors"):
+                if not f.endswith(".safetensors") or "/" in f or "\\" in f or f in (".", ".."):
                     raise UserError(f"{index}: shard path {f!r} escapes the checkpoint directory or is not "
                                     f".safetensors; refusing to read it")
-                if not p.exists():
+                if not (self.path / f).exists():
                     raise UserError(f"{index}: shard {f} is listed but missing; re-download the checkpoint")
-            return files
-        if single.exists():
-            return [SINGLE]
-        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
-        if shards:
-            return shards
+            names = files
+        elif single.exists():
+            names = [SINGLE]
+        else:
+            names = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if names:
+            for name in names:
+                self.check_inside(self.path / name)
+            return names
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise UserError(f"{self.label}: {self.path} holds only pickle weights ({pickles[0]}); mpconvert never "
                             f"unpickles — re-save it as safetensors (save_pretrained(..., safe_serialization=True))")
         raise UserError(f"{self.label}: {self.path} has no .safetensors weights; point the recipe at a checkpoint dir")
+
+    def check_inside(self, p: Path) -> None:
+        """A file of the checkpoint must stay in it. A symlink is followed only where it stays inside the directory,
+        or — the Hugging Face cache layout, `<repo>/snapshots/<rev>/FILE -> ../../blobs/<sha>` — inside its
+        repository's blobs/."""
+        real = p.resolve()
+        if real.parent == self.path or self.path in real.parents:
+            return
+        if self.path.parent.name == "snapshots" and (self.path.parent.parent / "blobs") in real.parents:
+            return
+        raise UserError(f"{self.label}: {p} is a link to {real}, outside the checkpoint directory (and outside a "
+                        f"Hugging Face cache repository's blobs/); refusing to follow it — copy the file in instead")
 
     @cached_property
     def index(self) -> dict:

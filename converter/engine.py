@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .formats import FORMATS
-from .manifest import EXPERT_GROUPS, MIXED_EXPERTS, describe_unit
+from .manifest import EXPERT_GROUPS
 
 CHECK = "mpconvert.runtime_shim.engine_check"
 TIMEOUT_S = 1800
@@ -51,31 +51,30 @@ def run_ranks(directory: Path, tp: int, dtype: str, ep: int = 1) -> list[dict]:
     return results
 
 
-def expected_layers(manifest: dict, ep: int = 1, ep_rank: int = 0) -> dict[str, tuple[str, str, str | None]]:
+def expected_layers(manifest, ep: int = 1, ep_rank: int = 0) -> dict[str, tuple[str, str, str | None]]:
     """SGLang layer prefix → (format, quant-method class, scheme class or None) that the shim must bind there. A
     mixed-experts MoE layer gets MixedExpertsMethod, and each of its format groups (`expert_groups.N` under it) with
     experts on this expert-parallel rank its format's native MoE method."""
     out = {}
-    for unit, spec in manifest["units"].items():
-        fmt = spec["format"]
+    for unit, spec in manifest.units.items():
+        fmt = spec.format
         if unit.endswith("lm_head"):
             # ParallelLMHead: an unquantized head gets SGLang's embedding method, not a linear one
             out[unit] = (fmt, "UnquantizedEmbeddingMethod", None) if fmt == "unquantized" else \
-                (fmt, *FORMATS[fmt].sglang_methods(spec["params"], False))
-        elif fmt == MIXED_EXPERTS:
-            out[unit] = (describe_unit(spec), "MixedExpertsMethod", None)
-            per_rank = manifest["model"]["num_experts"] // ep  # SGLang's contiguous expert range of this rank
+                (fmt, *FORMATS[fmt].sglang_methods(spec.params, False))
+        elif spec.groups:
+            out[unit] = (spec.describe(), "MixedExpertsMethod", None)
+            per_rank = manifest.model.num_experts // ep  # SGLang's contiguous expert range of this rank
             on_rank = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
-            for i, g in enumerate(spec["groups"]):
-                if any(e in on_rank for e in g["experts"]):
-                    out[f"{unit}.{EXPERT_GROUPS}.{i}"] = (g["format"], *FORMATS[g["format"]].sglang_methods(g["params"],
-                                                                                                     True))
+            for i, g in enumerate(spec.groups):
+                if any(e in on_rank for e in g.experts):
+                    out[f"{unit}.{EXPERT_GROUPS}.{i}"] = (g.format, *FORMATS[g.format].sglang_methods(g.params, True))
         else:
-            out[unit] = (fmt, *FORMATS[fmt].sglang_methods(spec["params"], unit.endswith(".experts")))
+            out[unit] = (fmt, *FORMATS[fmt].sglang_methods(spec.params, unit.endswith(".experts")))
     return out
 
 
-def compare(manifest: dict, result: dict, label: str, rep) -> None:
+def compare(manifest, result: dict, label: str, rep) -> None:
     if "error" in result:
         rep.add("engine", label, result["error"])
         return
@@ -113,7 +112,7 @@ def _no_float_copies(expected: dict, result: dict, label: str, rep) -> None:
                                                  f"a dequantized copy of its weight")
 
 
-def check_engine(directory: Path, manifest: dict, tp: int, dtype: str, rep, ep: int = 1) -> dict:
+def check_engine(directory: Path, manifest, tp: int, dtype: str, rep, ep: int = 1) -> dict:
     """Appends findings to rep; returns a summary for the report. TP=1, then TP=tp with EP=ep."""
     summary = {"engine": "sglang", "dtype": dtype, "runs": []}
     for size in sorted({1, tp}):

@@ -11,29 +11,36 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .formats import Scheme
 from .errors import UserError
+from .formats import FORMATS
 from .layout import role_of
 from .numeric import dequantize, rel_error
 from .safetensors_io import TensorInfo, load_tensor
 
-# Relative error of what each decoder block adds to the residual stream, ‖ŷ−y‖/‖y−x‖,, by the least precise format in the block, and the lowest
-# end-to-end logits cosine. Calibrated on the real fixtures (tests/test_verify.py prints the measured values) with
-# headroom; a format bug (wrong zero convention, missed AWQ interleave, a norm from the wrong source) lands far out.
-BLOCK_ERROR = {"unquantized": 1e-4, "int8": 0.10, "fp8": 0.25, "gptq": 0.40, "awq": 0.40}
-# ‖Ŵ−W‖/‖W‖ of one dequantized weight vs the bf16 base (DESIGN.md §3 measured 0.09–0.17 int4, 0.027 fp8, 0.008
-# int8; decoding v1 as v2 gives 0.29, skipping the AWQ interleave 1.24). AWQ weights are compared as norm·W, since
-# AWQ moved a scale from the weight into the norm; AWQ o_proj/down_proj (scaled by v_proj/up_proj) only per block.
-MODULE_ERROR = {"unquantized": 1e-6, "int8": 0.03, "fp8": 0.06, "gptq": 0.25, "awq": 0.25}
 # AWQ fold consistency: the per-input-channel scale s AWQ moved into a consumer (least squares of Ŵ against W,
 # per column) implies the norm the consumer needs, base_norm / s; the norm in the directory must be that one.
 # Measured on the fixtures: 0.007–0.011 when right, 0.027–0.08 with the base model's norm.
 FOLD_ERROR = 0.02
-LOGITS_COSINE = {"unquantized": 0.9999, "int8": 0.99, "fp8": 0.97, "gptq": 0.85, "awq": 0.85}
 
 
-def _dequantized_checkpoint(directory: Path, manifest: dict, found: dict[str, TensorInfo], base: Path,
-                            tmp: Path) -> None:
+def module_band(fmt: str, params: dict, reference) -> tuple[float, float]:
+    """The largest weight error a correctly decoded module of this scheme may have against `reference` (the base
+    weight, norm-scaled for folded-scale formats), and the error of round-to-nearest in the same scheme on it.
+
+    A fixed number per format fails correct modules of real, outlier-heavy layers (a real 135M model's GPTQ g64 layer
+    measured 0.257 against a fixed 0.25) and lets bugs through on tame ones; what the scheme itself can do on this
+    very weight is the yardstick: the band is Format.rtn_factor × that (never below Format.module_floor). A decoding
+    bug lands well beyond it: a v2 zero read as v1 shifts every value by a whole step (≈3.5× RTN), a missed AWQ
+    interleave scrambles columns (≈10×), a scale from another source is off by its ratio."""
+    f = FORMATS[fmt]
+    rtn = f.rtn_error(reference, params)
+    return max(f.module_floor, f.rtn_factor * rtn), rtn
+
+
+def _dequantized_checkpoint(directory: Path, manifest, found: dict[str, TensorInfo], base: Path,
+                            tmp: Path) -> dict:
+    """Write the dequantized model (float32, the base's names and config) into tmp; returns each linear's error
+    {name: (error, band, rtn)} and AWQ fold errors under name + '#fold'."""
     import torch
     from safetensors.torch import save_file
 
@@ -41,13 +48,14 @@ def _dequantized_checkpoint(directory: Path, manifest: dict, found: dict[str, Te
     state = {n: load_tensor(t).float() for n, t in base_ck.tensors.items()}
     base_state = dict(state)
     errors = {}
-    for name, mod in manifest["modules"].items():
-        tensors = {s: found[t["name"]] for s, t in mod["tensors"].items()}
-        if mod["kind"] == "linear":
-            w = dequantize(Scheme.of(mod["format"], **mod["params"]), tensors, *mod["shape"])
+    for name, mod in manifest.modules.items():
+        tensors = {s: found[t.name] for s, t in mod.tensors.items()}
+        if mod.kind == "linear":
+            w = dequantize(mod.scheme, tensors, *mod.shape)
             key = f"{name}.weight"
-            if key not in state:
-                raise UserError(f"--base {base}: has no {key}; pass the base model this directory was built from")
+            if key not in state or tuple(state[key].shape) != tuple(mod.shape):
+                raise UserError(f"--base {base}: has no {key} of shape {mod.shape}; pass the base model this "
+                                f"directory was built from")
             errors[name] = module_error(name, mod, w, base_state, manifest, found)
             fold = fold_error(name, mod, w, base_state, manifest, found)
             if fold is not None:
@@ -65,16 +73,16 @@ def _dequantized_checkpoint(directory: Path, manifest: dict, found: dict[str, Te
     return errors
 
 
-def _consumed_norm(name: str, role, manifest: dict, found: dict):
+def _consumed_norm(name: str, role, manifest, found: dict):
     norm = "input_layernorm" if role.stage == "attn_in" else "post_attention_layernorm"
     nname = f"{name.split('.self_attn')[0].split('.mlp')[0].split('.block_sparse_moe')[0]}.{norm}"
-    return nname, load_tensor(found[manifest["modules"][nname]["tensors"]["weight"]["name"]]).float()
+    return nname, load_tensor(found[manifest.modules[nname].tensors["weight"].name]).float()
 
 
-def fold_error(name: str, mod: dict, w, base_state: dict, manifest: dict, found: dict) -> float | None:
+def fold_error(name: str, mod, w, base_state: dict, manifest, found: dict) -> float | None:
     role = role_of(name)
     # only consumers whose rows carry no second fold (v_proj and up_proj also carry o_proj's / down_proj's scales)
-    if mod["format"] != "awq" or role.stage is None or role.slot not in ("q", "k", "gate", "w1"):
+    if not FORMATS[mod.format].folds_scales or role.stage is None or role.slot not in ("q", "k", "gate", "w1"):
         return None
     nname, n_out = _consumed_norm(name, role, manifest, found)
     ref = base_state[f"{name}.weight"]
@@ -83,16 +91,19 @@ def fold_error(name: str, mod: dict, w, base_state: dict, manifest: dict, found:
     return rel_error(n_out, implied)
 
 
-def module_error(name: str, mod: dict, w, base_state: dict, manifest: dict, found: dict) -> float | None:
-    """‖Ŵ−W‖/‖W‖ against the base weight (norm-corrected for AWQ consumers); None where not comparable."""
+def module_error(name: str, mod, w, base_state: dict, manifest, found: dict) -> tuple[float, float, float] | None:
+    """(‖Ŵ−W‖/‖W‖ against the base weight, its band, round-to-nearest's error); folded-scale formats compared as
+    norm·W, since they moved a scale from the weight into the norm; None where not comparable (a folded-scale
+    module whose scales live in another linear: o_proj, down_proj)."""
     ref = base_state[f"{name}.weight"]
     role = role_of(name)
-    if mod["format"] == "awq":
+    if FORMATS[mod.format].folds_scales:
         if role.stage is None:
             return None
         nname, n_out = _consumed_norm(name, role, manifest, found)
         w, ref = w * n_out, ref * base_state[f"{nname}.weight"]
-    return rel_error(w, ref)
+    band, rtn = module_band(mod.format, mod.params, ref)
+    return rel_error(w, ref), band, rtn
 
 
 def _capture(model, ids, replace: dict | None = None):
@@ -129,61 +140,118 @@ def _capture(model, ids, replace: dict | None = None):
     return inputs, outputs, logits
 
 
-def numeric_check(directory: Path, manifest: dict, found: dict[str, TensorInfo], base: Path, rep,
-                  thresholds: dict) -> dict:
+def numeric_check(directory: Path, manifest, found: dict[str, TensorInfo], base: Path, rep, thresholds: dict,
+                  text: Path | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    block_band = {**BLOCK_ERROR, **thresholds.get("block", {})}
-    cos_band = {**LOGITS_COSINE, **thresholds.get("cosine", {})}
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     vocab = base_model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (2, 32), generator=g)
     b_in, b_out, b_logits = _capture(base_model, ids)
-    del base_model
     with tempfile.TemporaryDirectory(prefix="mpconvert-verify-") as t:
         mod_errors = _dequantized_checkpoint(directory, manifest, found, base, Path(t))
         model = AutoModelForCausalLM.from_pretrained(t, dtype=torch.float32).eval()
     _, q_out, _ = _capture(model, ids, replace=b_in)
     _, _, q_logits = _capture(model, ids)
-    mod_band = {**MODULE_ERROR, **thresholds.get("module", {})}
-    worst: dict[str, float] = {}
+    result = {"module_error_max": _module_findings(manifest, mod_errors, thresholds, rep),
+              **_block_findings(manifest, b_in, b_out, q_out, thresholds, rep)}
+    linear_formats = {m.format for m in manifest.modules.values() if m.kind == "linear"}
+    cos = float(torch.nn.functional.cosine_similarity(q_logits.flatten(0, 1), b_logits.flatten(0, 1), dim=-1).mean())
+    top1 = float((q_logits.argmax(-1) == b_logits.argmax(-1)).float().mean())
+    cos_limit = min(thresholds.get("cosine", {}).get(f, FORMATS[f].logits_cosine_band) for f in linear_formats)
+    if not cos >= cos_limit:
+        rep.add("numeric", "logits", f"end-to-end logits cosine {cos:.4f} is below {cos_limit} for "
+                                     f"{'+'.join(sorted(linear_formats))}")
+    result.update(logits_cosine=round(cos, 5), top1_agreement=round(top1, 4), cosine_limit=cos_limit,
+                  tokens=list(ids.shape))
+    if text is not None:
+        result["text"] = text_check(base, base_model, model, Path(text), thresholds, rep)
+    return result
+
+
+def _module_findings(manifest, mod_errors: dict, thresholds: dict, rep) -> dict:
+    worst: dict[str, dict] = {}
     for name, err in mod_errors.items():
         if name.endswith("#fold"):
             name = name[: -len("#fold")]
-            worst["awq-fold"] = max(worst.get("awq-fold", 0.0), err)
-            if not err <= thresholds.get("fold", FOLD_ERROR):
+            limit = thresholds.get("fold", FOLD_ERROR)
+            worst.setdefault("awq-fold", {"error": 0.0})["error"] = max(worst.get("awq-fold", {}).get("error", 0), err)
+            if not err <= limit:
                 rep.add("numeric", name, f"its norm does not match the scales AWQ folded into it (implied-norm "
-                                         f"mismatch {err:.4f} > {FOLD_ERROR}): the norm comes from another source")
+                                         f"mismatch {err:.4f} > {limit}): the norm comes from another source")
             continue
-        fmt = manifest["modules"][name]["format"]
         if err is None:
             continue
-        worst[fmt] = max(worst.get(fmt, 0.0), err)
-        if not err <= mod_band[fmt]:
-            rep.add("numeric", name, f"weight error {err:.4f} vs the base exceeds {mod_band[fmt]} for {fmt}: it "
-                                     f"decodes wrongly (zero convention, packing, scale or norm from another source)")
+        fmt = manifest.modules[name].format
+        error, band, rtn = err
+        band = thresholds.get("module", {}).get(fmt, band)
+        w = worst.setdefault(fmt, {"error": 0.0, "ratio_to_rtn": 0.0})
+        w["error"] = round(max(w["error"], error), 5)
+        w["ratio_to_rtn"] = round(max(w["ratio_to_rtn"], error / rtn if rtn else 0.0), 3)
+        if not error <= band:
+            rep.add("numeric", name, f"weight error {error:.4f} vs the base exceeds {band:.4f} for {fmt} "
+                                     f"({FORMATS[fmt].rtn_factor}× the {rtn:.4f} that round-to-nearest in its scheme "
+                                     f"gets on this weight): it decodes wrongly (zero convention, packing, scale or "
+                                     f"norm from another source)")
+    return dict(sorted(worst.items()))
+
+
+def _block_findings(manifest, b_in: dict, b_out: dict, q_out: dict, thresholds: dict, rep) -> dict:
     formats_by_layer: dict[int, set] = {}
-    for mod in manifest["modules"].values():
-        if mod["kind"] == "linear" and mod["layer"] is not None:
-            formats_by_layer.setdefault(mod["layer"], set()).add(mod["format"])
+    for mod in manifest.modules.values():
+        if mod.kind == "linear" and mod.layer is not None:
+            formats_by_layer.setdefault(mod.layer, set()).add(mod.format)
     blocks = []
     for i in sorted(b_out):
         # relative to what the block adds to the residual stream: the pass-through part would hide errors
         err = float((q_out[i] - b_out[i]).norm() / (b_out[i] - b_in[i]).norm())
         fmts = sorted(formats_by_layer.get(i, {"unquantized"}))
-        limit = max(block_band[f] for f in fmts)
+        limit = max(thresholds.get("block", {}).get(f, FORMATS[f].block_error_band) for f in fmts)
         blocks.append({"layer": i, "formats": fmts, "rel_error": round(err, 5), "limit": limit})
         if not err <= limit:
             rep.add("numeric", f"model.layers.{i}", f"block output error {err:.4f} exceeds {limit} for "
                                                   f"{'+'.join(fmts)}: a module of this block decodes wrongly")
-    all_fmts = {m["format"] for m in manifest["modules"].values() if m["kind"] == "linear"}
-    cos = float(torch.nn.functional.cosine_similarity(q_logits.flatten(0, 1), b_logits.flatten(0, 1), dim=-1).mean())
-    top1 = float((q_logits.argmax(-1) == b_logits.argmax(-1)).float().mean())
-    cos_limit = min(cos_band[f] for f in all_fmts)
-    if not cos >= cos_limit:
-        rep.add("numeric", "logits", f"end-to-end logits cosine {cos:.4f} is below {cos_limit} for "
-                                     f"{'+'.join(sorted(all_fmts))}")
-    return {"module_error_max": {k: round(v, 5) for k, v in sorted(worst.items())}, "blocks": blocks, "logits_cosine": round(cos, 5), "top1_agreement": round(top1, 4),
-            "cosine_limit": cos_limit, "tokens": list(ids.shape)}
+    return {"blocks": blocks}
+
+
+TEXT_WINDOW, TEXT_MAX_TOKENS = 256, 4096
+
+
+def text_check(base: Path, base_model, model, text: Path, thresholds: dict, rep) -> dict:
+    """Perplexity of the base and of the dequantized model on real text, and the mean KL(base ‖ model) of the
+    next-token distributions (teacher-forced, windows of 256 tokens, the first 4096 tokens of the file)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        words = text.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--text {text}: cannot read it as UTF-8 text ({e})") from None
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok(words, return_tensors="pt", add_special_tokens=False).input_ids[0][:TEXT_MAX_TOKENS]
+    if ids.numel() < 16:
+        raise UserError(f"--text {text}: only {ids.numel()} tokens; give at least a paragraph of text")
+    nll_b = nll_q = kl = 0.0
+    n = 0
+    with torch.no_grad():
+        for start in range(0, ids.numel() - 1, TEXT_WINDOW):
+            window = ids[start:start + TEXT_WINDOW + 1][None]
+            if window.shape[1] < 2:
+                break
+            lb = torch.log_softmax(base_model(input_ids=window[:, :-1]).logits.float(), -1)
+            lq = torch.log_softmax(model(input_ids=window[:, :-1]).logits.float(), -1)
+            target = window[:, 1:, None]
+            nll_b -= float(lb.gather(-1, target).sum())
+            nll_q -= float(lq.gather(-1, target).sum())
+            kl += float((lb.exp() * (lb - lq)).sum())
+            n += target.numel()
+    import math
+
+    out = {"file": str(text), "tokens": n, "perplexity_base": round(math.exp(nll_b / n), 4),
+           "perplexity": round(math.exp(nll_q / n), 4), "kl": round(kl / n, 6)}
+    limit = thresholds.get("kl")
+    if limit is not None and not out["kl"] <= limit:
+        rep.add("numeric", "text", f"KL to the base on {text.name} is {out['kl']:.4f}, above --threshold kl={limit}")
+    return out

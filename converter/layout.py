@@ -32,7 +32,7 @@ class Role:
 
 
 def _rx(p: str) -> re.Pattern:
-    return re.compile("^" + p + "$")
+    return re.compile(p)  # used with fullmatch: `$` would match before a trailing newline
 
 
 # (regex, builder) — first match wins. Builders take the match and return a Role.
@@ -70,7 +70,7 @@ _RULES: list[tuple[re.Pattern, object]] = [
 
 def role_of(module: str) -> Role | None:
     for rx, build in _RULES:
-        m = rx.match(module)
+        m = rx.fullmatch(module)
         if m:
             return build(m)
     return None
@@ -99,12 +99,28 @@ class ModelInfo:
     @classmethod
     def from_config(cls, cfg: dict, where: str) -> "ModelInfo":
         cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
-        try:
-            return cls(cfg["model_type"], int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"]),
-                       int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-                       int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0))
-        except KeyError as e:
-            raise UserError(f"{where}: config.json lacks {e.args[0]!r}; mpconvert needs a decoder LLM config") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{where}: config.json text_config must be an object")
+
+        def count(key: str, *alternatives: str, minimum: int = 1, default=None) -> int:
+            for k in (key, *alternatives):
+                v = cfg.get(k)
+                if v is not None:
+                    break
+            else:
+                if default is None:
+                    raise UserError(f"{where}: config.json lacks {key!r}; mpconvert needs a decoder LLM config")
+                return default
+            if type(v) is not int or v < minimum:
+                raise UserError(f"{where}: config.json {k}={v!r} must be an integer ≥ {minimum}; fix the config")
+            return v
+
+        model_type = cfg.get("model_type")
+        if not isinstance(model_type, str) or not model_type:
+            raise UserError(f"{where}: config.json model_type={model_type!r} must be a non-empty string")
+        heads = count("num_attention_heads")
+        return cls(model_type, count("num_hidden_layers"), heads, count("num_key_value_heads", default=heads),
+                   count("num_experts", "num_local_experts", "n_routed_experts", minimum=0, default=0))
 
 
 def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str) -> None:

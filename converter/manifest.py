@@ -1,20 +1,37 @@
-"""The manifest: the single source of truth about a converted directory, written by build, read by verify and shim.
+"""The manifest: the single source of truth about a converted directory, written by build, read by verify, inspect,
+serve and the runtime shim — always through the typed model here (`load_manifest` / `Manifest.dumps`), never as a
+raw dict.
 
-Per module: role, SGLang unit, format + params, source + the rule that chose it, and per tensor name/dtype/shape/
-sha256/shard (and the exact rewrite applied, if any). Per unit (SGLang's fused layer prefix): format + params +
-members. Deterministic: no timestamps, no absolute paths; keys sorted.
+Schema (manifest_version 2; JSON, keys sorted, absent optional fields omitted):
+  model        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts
+  built_for_tp / built_for_ep   the parallel sizes build checked every split for
+  recipe       the recipe as validated (paths as written); routing_files: file → sha256 (they decide formats)
+  sources      label → path as written, kind, producer, description, fingerprint, files (shard → header digest)
+  config       the base config.json as build wrote it, less quantization_config (verify diffs config.json with it)
+  files        side file (tokenizer, generation config, …) → sha256
+  units        SGLang layer prefix → format, params, members; a mixed_experts unit: groups [{format, params, experts}]
+  modules      HF module name → kind, unit, layer?, expert?, format, params, source, chosen_by, shape? [out, in],
+               tensors: suffix → name, dtype, shape, sha256, shard, rewrite?, renamed_from?
+  totals       bytes, linear_bytes, linear_weights, bits_per_weight, by_format: format → modules, bytes, weights
+A module's and a unit's params are validated against their format's own schema (Format.params_model).
+Deterministic: no timestamps, no absolute paths.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
 
-from .checkpoint import read_json
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from .errors import UserError
+from .formats import FORMATS
+from .formats.base import first_error
+from .safetensors_io import DTYPE_SIZE
 
 MANIFEST = "mpconvert_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 QUANT_METHOD = "mpconvert"
 # a MoE unit whose experts come in several formats: its "groups" list each format's params and expert ids
 MIXED_EXPERTS = "mixed_experts"
@@ -22,24 +39,186 @@ MIXED_EXPERTS = "mixed_experts"
 # group's index in the manifest); verify --engine looks them up by that name
 EXPERT_GROUPS = "expert_groups"
 
-
-def unit_groups(spec: dict) -> list[dict]:
-    """A unit's formats: [{format, params, experts}], experts None meaning all of them (every unit but a
-    mixed-experts one has exactly one group)."""
-    if spec["format"] == MIXED_EXPERTS:
-        return spec["groups"]
-    return [{"format": spec["format"], "params": spec["params"], "experts": None}]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
 
 
-def unit_formats(manifest: dict) -> list[str]:
-    return sorted({g["format"] for spec in manifest["units"].values() for g in unit_groups(spec)})
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def describe_unit(spec: dict) -> str:
-    """fp8 / 'mixed_experts: fp8 [0-3], gptq [4-7]'"""
-    if spec["format"] != MIXED_EXPERTS:
-        return spec["format"]
-    return MIXED_EXPERTS + ": " + ", ".join(f"{g['format']} {_ranges(g['experts'])}" for g in spec["groups"])
+def _scheme_ok(fmt: str, params: dict) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+    try:
+        FORMATS[fmt].check_params(params)
+    except ValueError as e:
+        raise ValueError(f"params of {fmt}: {e}") from None
+
+
+class TensorEntry(_Entry):
+    name: str
+    dtype: Literal[tuple(DTYPE_SIZE)]  # type: ignore[valid-type]
+    shape: list[Count]
+    sha256: Sha256
+    shard: str
+    rewrite: Optional[str] = None
+    renamed_from: Optional[str] = None
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ModuleEntry(_Entry):
+    kind: Literal["linear", "norm", "router", "embedding"]
+    unit: str
+    layer: Optional[Count] = None
+    expert: Optional[Count] = None
+    format: str
+    params: dict[str, Any]
+    source: str
+    chosen_by: str
+    shape: Optional[Annotated[list[Positive], Field(min_length=2, max_length=2)]] = None
+    tensors: dict[str, TensorEntry]
+
+    @model_validator(mode="after")
+    def _valid(self):
+        _scheme_ok(self.format, self.params)
+        if self.kind == "linear" and self.shape is None:
+            raise ValueError("a linear module records its shape [out, in]")
+        if not self.tensors:
+            raise ValueError("a module has at least one tensor")
+        return self
+
+    @property
+    def scheme(self):
+        from .formats import Scheme
+
+        return Scheme.of(self.format, **self.params)
+
+    def weight_bytes(self) -> int:
+        """Bytes of everything but the bias (what a format costs)."""
+        return sum(t.nbytes for s, t in self.tensors.items() if s != "bias")
+
+
+class ExpertGroup(_Entry):
+    format: str
+    params: dict[str, Any]
+    experts: Annotated[list[Count], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _valid(self):
+        _scheme_ok(self.format, self.params)
+        return self
+
+
+class UnitEntry(_Entry):
+    format: str
+    params: dict[str, Any]
+    members: Annotated[list[str], Field(min_length=1)]
+    groups: Optional[list[ExpertGroup]] = None
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.format == MIXED_EXPERTS:
+            if not self.groups or self.params:
+                raise ValueError("a mixed_experts unit has groups and no params")
+        else:
+            _scheme_ok(self.format, self.params)
+            if self.groups is not None:
+                raise ValueError(f"a {self.format} unit has no groups")
+        return self
+
+    def schemes(self) -> list[tuple[str, dict]]:
+        """This unit's (format, params): one, or a mixed-experts unit's one per group."""
+        return [(g.format, g.params) for g in self.groups] if self.groups else [(self.format, self.params)]
+
+    def describe(self) -> str:
+        """fp8 / 'mixed_experts: fp8 [0-3], gptq [4-7]'"""
+        if not self.groups:
+            return self.format
+        return MIXED_EXPERTS + ": " + ", ".join(f"{g.format} {_ranges(g.experts)}" for g in self.groups)
+
+
+class ModelEntry(_Entry):
+    model_type: str
+    num_hidden_layers: Positive
+    num_attention_heads: Positive
+    num_key_value_heads: Positive
+    num_experts: Count
+
+    def info(self):
+        from .layout import ModelInfo
+
+        return ModelInfo(self.model_type, self.num_hidden_layers, self.num_attention_heads,
+                         self.num_key_value_heads, self.num_experts)
+
+
+class SourceEntry(_Entry):
+    path: str
+    kind: str
+    producer: str
+    description: str
+    fingerprint: Sha256
+    files: dict[str, Sha256]
+
+
+class FormatTotal(_Entry):
+    modules: Count
+    bytes: Count
+    weights: Count
+
+
+class Totals(_Entry):
+    bytes: Count
+    linear_bytes: Count
+    linear_weights: Count
+    bits_per_weight: Optional[float] = None
+    by_format: dict[str, FormatTotal]
+
+
+class Manifest(_Entry):
+    manifest_version: Literal[2]
+    mpconvert_version: str
+    model: ModelEntry
+    built_for_tp: Positive
+    built_for_ep: Positive
+    recipe: dict[str, Any]
+    routing_files: Optional[dict[str, Sha256]] = None
+    sources: dict[str, SourceEntry]
+    config: dict[str, Any]
+    files: dict[str, Sha256]
+    units: dict[str, UnitEntry]
+    modules: dict[str, ModuleEntry]
+    totals: Totals
+
+    def dumps(self) -> bytes:
+        return dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def formats(self) -> list[str]:
+        return sorted({f for u in self.units.values() for f, _ in u.schemes()})
+
+    def linears(self) -> list:
+        """Every linear module as the shared rules (rules.py) see it; modules without a known role are left out
+        (verify reports them)."""
+        from .layout import role_of
+        from .rules import Linear
+
+        out = []
+        for name, m in self.modules.items():
+            role = role_of(name)
+            if m.kind == "linear" and role is not None and role.kind == "linear":
+                out.append(Linear(name, role, m.scheme, m.source, m.chosen_by, *m.shape))
+        return out
+
+
+class ManifestError(UserError):
+    """The manifest is unreadable or breaks its schema: for verify a finding, for every other reader an error."""
 
 
 def _ranges(ids: list[int]) -> str:
@@ -57,7 +236,43 @@ def dumps(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str]) -> dict:
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ManifestError(f"{where}: not valid JSON ({e}); rebuild instead of editing") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: not a JSON object; rebuild instead of editing")
+    if data.get("manifest_version") != MANIFEST_VERSION:
+        raise ManifestError(f"{where}: manifest_version {data.get('manifest_version')!r} is not {MANIFEST_VERSION}; "
+                            f"rebuild with this mpconvert")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(f"{where}: breaks the manifest schema at {first_error(e)}; rebuild instead of "
+                            f"editing") from None
+
+
+def load_manifest(directory: Path) -> tuple[Manifest, bytes]:
+    """The typed manifest of a converted directory and its raw bytes (whose sha256 config.json records)."""
+    path = Path(directory) / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{directory}: no {MANIFEST}; pass a directory written by `mpconvert build`") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_manifest(raw, str(path)), raw
+
+
+def quantization_config(manifest_bytes: bytes, formats: list[str]) -> dict:
+    """What config.json says, so that SGLang hands the model to the runtime shim (quant_method "mpconvert")."""
+    return {"quant_method": QUANT_METHOD, "manifest": MANIFEST, "manifest_version": MANIFEST_VERSION,
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "formats": sorted(formats)}
+
+
+def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], config: dict,
+                   files: dict[str, str]) -> Manifest:
     from . import __version__
 
     modules = {}
@@ -67,8 +282,7 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str]) -> d
             "format": m.scheme.format, "params": m.scheme.params, "source": m.source, "chosen_by": m.why,
             "shape": [m.out_features, m.in_features] if m.role.kind == "linear" else None,
             "tensors": {s: {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "sha256": digests[t.name],
-                            "shard": shard_of[t.name], **({"rewrite": t.rewrite_name} if t.rewrite_name else {}),
-                            **({"renamed_from": t.renamed_from} if t.renamed_from else {})}
+                            "shard": shard_of[t.name], "rewrite": t.rewrite_name, "renamed_from": t.renamed_from}
                         for s, t in sorted(m.tensors.items())},
         }
     sources = {}
@@ -76,44 +290,32 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str]) -> d
         raw = plan.recipe.base if label == "base" else plan.recipe.sources[label]
         sources[label] = {"path": raw, "kind": src.kind, "producer": src.producer, "description": src.describe(),
                           "fingerprint": src.ckpt.fingerprint(), "files": dict(sorted(src.ckpt.file_fingerprints.items()))}
-    return {
+    return Manifest.model_validate({
         "manifest_version": MANIFEST_VERSION, "mpconvert_version": __version__,
         "model": {"model_type": plan.info.model_type, "num_hidden_layers": plan.info.num_layers,
                   "num_attention_heads": plan.info.num_heads, "num_key_value_heads": plan.info.num_kv_heads,
                   "num_experts": plan.info.num_experts},
-        "built_for_tp": plan.tp,
+        "built_for_tp": plan.tp, "built_for_ep": plan.ep,
         "recipe": json.loads(plan.recipe.model_dump_json()),
-        **({"routing_files": routing} if (routing := plan.recipe.routing_files()) else {}),
-        "sources": sources, "units": plan.units, "modules": modules,
-        "totals": totals(plan),
-    }
+        "routing_files": plan.recipe.routing_files() or None,
+        "sources": sources, "config": config, "files": files, "units": plan.units, "modules": modules,
+        "totals": totals(plan.modules, plan.total_bytes),
+    })
 
 
-def totals(plan) -> dict:
+def totals(modules, total_bytes: int) -> dict:
+    """Bytes and bits per weight by format over the linear modules (from plans or manifest entries alike: each has
+    kind/format/out×in and its tensors' byte counts)."""
     by_format: dict[str, dict] = {}
-    for m in plan.modules:
-        if m.role.kind != "linear":
+    for m in modules:
+        if m.kind != "linear":
             continue
-        d = by_format.setdefault(m.scheme.format, {"modules": 0, "bytes": 0, "weights": 0})
+        d = by_format.setdefault(m.format, {"modules": 0, "bytes": 0, "weights": 0})
         d["modules"] += 1
-        d["bytes"] += sum(t.nbytes for t in m.tensors.values() if not t.name.endswith(".bias"))
-        d["weights"] += m.out_features * m.in_features
+        d["bytes"] += m.weight_bytes()
+        d["weights"] += m.shape[0] * m.shape[1]
     lin_bytes = sum(d["bytes"] for d in by_format.values())
     lin_weights = sum(d["weights"] for d in by_format.values())
-    return {"bytes": plan.total_bytes, "linear_bytes": lin_bytes, "linear_weights": lin_weights,
+    return {"bytes": total_bytes, "linear_bytes": lin_bytes, "linear_weights": lin_weights,
             "bits_per_weight": round(8 * lin_bytes / lin_weights, 4) if lin_weights else None,
-            "by_format": by_format}
-
-
-def quantization_config(manifest_bytes: bytes, formats: list[str]) -> dict:
-    """What config.json says, so that SGLang hands the model to the runtime shim (quant_method "mpconvert")."""
-    return {"quant_method": QUANT_METHOD, "manifest": MANIFEST, "manifest_version": MANIFEST_VERSION,
-            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "formats": sorted(formats)}
-
-
-def load_manifest(directory: Path) -> dict:
-    m = read_json(Path(directory) / MANIFEST, "mpconvert manifest")
-    if m.get("manifest_version") != MANIFEST_VERSION:
-        raise UserError(f"{directory / MANIFEST}: manifest_version {m.get('manifest_version')!r} is not "
-                        f"{MANIFEST_VERSION}; rebuild with this mpconvert")
-    return m
+            "by_format": dict(sorted(by_format.items()))}

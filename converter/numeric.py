@@ -12,11 +12,14 @@ def dequantize(scheme: Scheme, tensors: dict, out_f: int, in_f: int):
     return FORMATS[scheme.format].dequantize(loaded, scheme.params, out_f, in_f)
 
 
-def dequantize_from_manifest(ck: Checkpoint, module: dict):
-    """A module of a converted directory, as its manifest entry describes it."""
-    tensors = {s: ck.tensors[t["name"]] for s, t in module["tensors"].items()}
-    out_f, in_f = module["shape"]
-    return dequantize(Scheme.of(module["format"], **module["params"]), tensors, out_f, in_f)
+def dequantize_from_manifest(ck: Checkpoint, module):
+    """A module of a converted directory, as its manifest entry (a ModuleEntry, or its JSON) describes it."""
+    from .manifest import ModuleEntry
+
+    if isinstance(module, dict):
+        module = ModuleEntry.model_validate(module)
+    tensors = {s: ck.tensors[t.name] for s, t in module.tensors.items()}
+    return dequantize(module.scheme, tensors, *module.shape)
 
 
 def rel_error(a, b) -> float:

@@ -13,7 +13,8 @@ from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
 from .manifest import MIXED_EXPERTS
-from .recipe import BASE, Recipe, Rule
+from .recipe import BASE, Recipe
+from . import rules
 from .safetensors_io import TensorInfo, load_tensor, same_bytes, sha256_of
 from .sources import Source, open_source
 
@@ -51,6 +52,25 @@ class ModulePlan:
     in_features: int
     tensors: dict[str, TensorPlan] = field(default_factory=dict)
 
+    @property
+    def kind(self) -> str:
+        return self.role.kind
+
+    @property
+    def format(self) -> str:
+        return self.scheme.format
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for s, t in self.tensors.items() if s != "bias")
+
+    def linear(self) -> rules.Linear:
+        return rules.Linear(self.name, self.role, self.scheme, self.source, self.why, self.out_features,
+                            self.in_features)
+
 
 @dataclass
 class Plan:
@@ -59,6 +79,7 @@ class Plan:
     sources: dict[str, Source]
     info: ModelInfo
     tp: int
+    ep: int
     modules: list[ModulePlan]
     tensors: list[TensorPlan]
     units: dict[str, dict]
@@ -68,21 +89,9 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def _describe_module(m: ModulePlan) -> str:
-    return f"{m.name.rsplit('.', 1)[-1]}={m.scheme.describe()} from {m.source!r} via {m.why}"
-
-
-def _describe_schemes(members: list[ModulePlan]) -> str:
-    """One example module per scheme."""
-    by: dict[Scheme, ModulePlan] = {}
-    for m in members:
-        by.setdefault(m.scheme, m)
-    return "; ".join(_describe_module(m) for m in by.values())
-
-
 class _Planner:
-    def __init__(self, recipe: Recipe, tp: int):
-        self.recipe, self.tp = recipe, tp
+    def __init__(self, recipe: Recipe, tp: int, ep: int):
+        self.recipe, self.tp, self.ep = recipe, tp, ep
         base_dir = recipe.path_of(BASE)
         cfg = read_json(base_dir / "config.json", "config.json of the base")  # model_type names the modules
         self.model_type = cfg.get("model_type", "")
@@ -189,6 +198,11 @@ class _Planner:
         fmt = FORMATS[view.scheme.format]
         params = view.scheme.params
         check_expected(fmt, params, name, view.tensors, out_f, in_f, f"source {source!r}")
+        values = {s: load_tensor(view.tensors[s]) for s in fmt.value_suffixes(params)}
+        problem = fmt.check_values(name, values, params)
+        if problem:
+            raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {problem}; the checkpoint is "
+                            f"corrupt or was written wrongly — re-export it or take {name} from another source")
         mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **fmt.output_params(params, self.model_type)),
                         source, why, out_f, in_f)
         for suffix in sorted(view.tensors):
@@ -199,48 +213,20 @@ class _Planner:
         return mp
 
     def check_units(self, modules: list[ModulePlan]) -> dict[str, dict]:
-        units: dict[str, list[ModulePlan]] = {}
-        for m in modules:
-            units.setdefault(m.role.unit, []).append(m)
+        """The unit table (SGLang layer prefix → format, params, members; a mixed-experts layer's groups), after the
+        fused-unit rules (rules.unit_problems)."""
         out = {}
-        for unit, members in units.items():
-            schemes = {m.scheme for m in members}
-            if len(schemes) > 1 and members[0].role.expert is not None:
-                out[unit] = self.expert_groups(unit, members)
-                continue
-            if len(schemes) > 1:
-                raise UserError(f"fused unit {unit} mixes formats ({_describe_schemes(members)}); SGLang runs one "
-                                f"kernel per fused unit — assign all its parts to sources of one format")
-            s = members[0].scheme
-            out[unit] = {"format": s.format, "params": s.params, "members": [m.name for m in members]}
+        for unit, members in rules.by_unit([m.linear() for m in modules]).items():
+            _raise_first(rules.unit_problems(unit, members))
+            names = [m.name for m in members]
+            if len({m.scheme for m in members}) > 1:  # expert-level mixed precision (runtime_shim.mixed_experts)
+                out[unit] = {"format": MIXED_EXPERTS, "params": {}, "members": names,
+                             "groups": [{"format": s.format, "params": s.params, "experts": ids}
+                                        for s, ids in rules.expert_groups(members)]}
+            else:
+                s = members[0].scheme
+                out[unit] = {"format": s.format, "params": s.params, "members": names}
         return out
-
-    def expert_groups(self, unit: str, members: list[ModulePlan]) -> dict:
-        """Expert-level mixed precision: a MoE layer whose experts come in several formats is served as one native
-        fused-MoE call per format over its own experts (runtime_shim.mixed_experts). An expert's gate/up/down run in
-        one call, so each expert has one format; a folded-scale source cannot share a layer (see below)."""
-        by_expert: dict[int, list[ModulePlan]] = {}
-        for m in members:
-            by_expert.setdefault(m.role.expert, []).append(m)
-        for e, ms in sorted(by_expert.items()):
-            if len({m.scheme for m in ms}) > 1:
-                raise UserError(f"expert {e} of {unit} mixes formats ({_describe_schemes(ms)}); an expert's gate, up "
-                                f"and down projections run in one fused-MoE call — give the whole expert one format "
-                                f"(match \"mlp.experts.*\" with experts: [...])")
-        for m in members:
-            src = self.sources[m.source]
-            if src.folds_scales:
-                raise UserError(
-                    f"{unit} mixes formats across its experts ({_describe_schemes(members)}) and takes {m.name} from "
-                    f"{m.source!r} ({src.kind}), a folded-scale source: it folded activation scales into the norm "
-                    f"that the router and every expert of this layer read, so the other experts would see inputs "
-                    f"scaled for its weights — take all of this layer's experts from {m.source!r}, or mix only "
-                    f"sources that leave the norm alone (FP8, Int8, GPTQ, bf16)")
-        groups: dict[Scheme, list[int]] = {}
-        for e in sorted(by_expert):
-            groups.setdefault(by_expert[e][0].scheme, []).append(e)
-        return {"format": MIXED_EXPERTS, "params": {}, "members": [m.name for m in members],
-                "groups": [{"format": s.format, "params": s.params, "experts": ids} for s, ids in groups.items()]}
 
     # ---- folded scales -------------------------------------------------------------------------------------
     def _value_key(self, src: Source, module: str) -> str:
@@ -293,8 +279,12 @@ class _Planner:
                     if name in src.modules and self._value_key(src, name) != "base":
                         raise UserError(f"source {label!r} changed {name}, which mpconvert cannot couple to any "
                                         f"module; it will not mix it with other sources' modules")
+            _raise_first(rules.norm_problems(name, role, source, [u.linear() for u in users]))
             view = self.sources[source].modules[name]
             w = view.tensors["weight"]
+            if role.kind in ("norm", "router") and not bool(load_tensor(w).float().isfinite().all()):
+                raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {name}.weight has NaN or "
+                                f"infinite values; the checkpoint is corrupt — re-export it")
             mp = ModulePlan(name, role, Scheme.of("unquantized", dtype=w.dtype), source, why,
                             *(tuple(w.shape) + (1,))[:2])
             for suffix in sorted(view.tensors):
@@ -302,74 +292,22 @@ class _Planner:
             plans.append(mp)
         return plans
 
-    def check_folded_pairs(self, linear: list[ModulePlan]) -> None:
-        """AWQ folds o_proj's input scales into v_proj and down_proj's into up_proj: such pairs travel together."""
-        pairs: dict[str, dict[str, ModulePlan]] = {}
-        for m in linear:
-            if m.role.pair:
-                pairs.setdefault(m.role.pair[0], {})[m.role.pair[1]] = m
-        for pid, p in pairs.items():
-            prod, cons = p.get("producer"), p.get("consumer")
-            if not prod or not cons or prod.source == cons.source:
-                continue
-            if prod.out_features != cons.in_features:
-                continue  # shapes do not allow the fold (e.g. GQA v→o)
-            for m in (prod, cons):
-                if self.sources[m.source].folds_scales:
-                    raise UserError(
-                        f"folded scales: {cons.name} comes from {cons.source!r} via {cons.why} but {prod.name} from "
-                        f"{prod.source!r} via {prod.why}; {m.source!r} ({self.sources[m.source].kind}) folds "
-                        f"{cons.name.rsplit('.', 1)[-1]}'s input scales into {prod.name.rsplit('.', 1)[-1]} — "
-                        f"take both from the same source")
-
-    # ---- tensor parallelism --------------------------------------------------------------------------------
-    def check_tp(self, linear: list[ModulePlan]) -> None:
-        problems = tp_problems(linear, self.info, self.tp)
-        if problems:
-            raise UserError(problems[0])
-
     def plan(self) -> Plan:
         roles = self.base_modules()
         chosen = self.assign(roles)
         linear = [self.module_plan(n, roles[n], *chosen[n]) for n in chosen]
         units = self.check_units(linear)
-        self.check_folded_pairs(linear)
+        _raise_first(rules.pair_problems([m.linear() for m in linear]))
         support = self.support_plans(roles, linear)
-        self.check_tp(linear)
+        _raise_first(rules.partition_problems([m.linear() for m in linear], self.info, self.tp, self.ep))
         modules = sorted(linear + support, key=lambda m: natural_key(m.name))
         tensors = sorted((t for m in modules for t in m.tensors.values()), key=lambda t: natural_key(t.name))
-        return Plan(self.recipe, self.base, self.sources, self.info, self.tp, modules, tensors, units)
+        return Plan(self.recipe, self.base, self.sources, self.info, self.tp, self.ep, modules, tensors, units)
 
 
-def tp_problems(linear: list[ModulePlan], info: ModelInfo, tp: int) -> list[str]:
-    """Every reason the TP split SGLang will make is illegal for some module's kernel (empty: shardable)."""
-    if tp == 1:
-        return []
-    if info.num_heads % tp:
-        return [f"--tp {tp}: num_attention_heads={info.num_heads} is not divisible by {tp}"]
-    if info.num_kv_heads % tp and tp % info.num_kv_heads:
-        return [f"--tp {tp}: num_key_value_heads={info.num_kv_heads} neither divides nor is divisible by {tp}"]
-    problems = []
-    for m in linear:
-        out_p, in_p = m.out_features, m.in_features
-        if m.role.parallel == "column":
-            ways = min(tp, info.num_kv_heads) if m.role.slot in ("k", "v") else tp
-            if out_p % ways:
-                problems.append(f"--tp {tp}: {m.name} has {out_p} outputs, not divisible by {ways}")
-                continue
-            out_p //= ways
-        elif m.role.parallel == "row":
-            if in_p % tp:
-                problems.append(f"--tp {tp}: {m.name} has {in_p} inputs, not divisible by {tp}")
-                continue
-            in_p //= tp
-        else:
-            continue
-        problem = FORMATS[m.scheme.format].tp_problem(m.scheme.params, out_p, in_p)
-        if problem:
-            problems.append(f"--tp {tp}: {m.name} ({m.scheme.describe()} from {m.source!r} via {m.why}): {problem}; "
-                            f"use a smaller --tp or another format for this module")
-    return problems
+def _raise_first(problems: list[rules.Problem]) -> None:
+    if problems:
+        raise UserError(problems[0].message)
 
 
 def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
@@ -380,8 +318,8 @@ def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
                         f"it ignored (llm-compressor: ignore=['re:.*{name.rsplit('.', 1)[-1]}$'])")
 
 
-def make_plan(recipe: Recipe, tp: int = 1) -> Plan:
-    if tp < 1:
-        raise UserError(f"--tp must be ≥ 1 (got {tp})")
-    return _Planner(recipe, tp).plan()
+def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1) -> Plan:
+    if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
+        raise UserError(f"--tp and --ep must be between 1 and 4096 (got --tp {tp} --ep {ep})")
+    return _Planner(recipe, tp, ep).plan()
 

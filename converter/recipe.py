@@ -30,19 +30,26 @@ from .errors import UserError
 BASE = "base"
 
 
+MAX_ID = 65535  # beyond any model's layer or expert count; also bounds what a range may allocate
+
+
 def parse_layers(spec: Union[str, int, list]) -> frozenset[int]:
     """"0-3,7" / 5 / [0, 1, "4-6"] → {0,1,2,3,7} …"""
     items = spec if isinstance(spec, list) else [spec]
     out: set[int] = set()
     for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"bad layer range {item!r}; use forms like 3, 0-5 or \"0-3,7\"")
         for part in str(item).split(","):
             part = part.strip()
-            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+            m = re.fullmatch(r"(\d{1,9})\s*-\s*(\d{1,9})|(\d{1,9})", part)
             if not m:
                 raise ValueError(f"bad layer range {part!r}; use forms like 3, 0-5 or \"0-3,7\"")
             lo, hi = (int(m[1]), int(m[2])) if m[1] else (int(m[3]), int(m[3]))
             if hi < lo:
                 raise ValueError(f"bad layer range {part!r}: {hi} < {lo}")
+            if hi > MAX_ID:
+                raise ValueError(f"bad layer range {part!r}: ids go up to {MAX_ID}")
             out.update(range(lo, hi + 1))
     return frozenset(out)
 
@@ -250,18 +257,26 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     except Exception as e:
         raise UserError(f"{where}: cannot read routing counts from {path} ({e}); use JSON {{\"LAYER\": [count per "
                         f"expert, ...]}} or a torch file with logical_count [layers, experts]") from None
-    if any(x < 0 for v in out.values() for x in v):
-        raise UserError(f"{where}: {path} has negative counts; counts are routed tokens per expert")
+    if not all(0 <= x < float("inf") for v in out.values() for x in v):  # NaN fails both comparisons
+        raise UserError(f"{where}: {path} has negative, NaN or infinite counts; counts are routed tokens per expert")
     return out
 
 
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found; pass the path of a recipe YAML (see `mpconvert build --help`)") \
             from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory; pass the path of a recipe YAML file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -283,17 +298,29 @@ def load_recipe(path: Path) -> Recipe:
     return recipe
 
 
+MAX_SHARD = 2**50  # 1 PiB: a bound, not a limit anyone meets
+
+
 def parse_size(v: Union[str, int]) -> int:
     """'5GB' / '500MiB' / 1000000 → bytes (decimal units as Hugging Face uses them; *iB binary)."""
-    if isinstance(v, int):
-        return v
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", v, re.I)
-    if not m:
+    from decimal import Decimal
+
+    if isinstance(v, bool):
         raise UserError(f"bad size {v!r}; use forms like 5GB, 500MB, 2GiB")
-    num, unit = float(m[1]), m[2].upper().rstrip("B")
-    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-            "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    n = int(num * mult)
+    if isinstance(v, int):
+        n = v
+    else:
+        m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGT]?i?B?)\s*", v, re.I)
+        if not m:
+            raise UserError(f"bad size {v!r}; use forms like 5GB, 500MB, 2GiB")
+        unit = m[2].upper().rstrip("B")
+        mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}.get(unit)
+        if mult is None:
+            raise UserError(f"bad size {v!r}; use forms like 5GB, 500MB, 2GiB")
+        n = int(Decimal(m[1]) * mult)
     if n <= 0:
         raise UserError(f"bad size {v!r}: must be positive")
+    if n > MAX_SHARD:
+        raise UserError(f"bad size {v!r}: larger than 1 PiB; shards are usually 5GB")
     return n

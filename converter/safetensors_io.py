@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,36 @@ class TensorInfo:
         return n
 
 
+# Tensor names: what checkpoints actually use (module paths, digits, a few separators). Anything else — a newline,
+# a control character, a space — is refused: names end up in regexes, file listings and error messages.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/:+]{0,499}")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _Duplicate(k)
+        d[k] = v
+    return d
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _is_int(x) -> bool:
+    return type(x) is int  # bool is an int subclass in Python; JSON true must not pass as 1
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
-    """Parse and validate one .safetensors header. Returns tensors and the raw header bytes (for fingerprints)."""
+    """Parse and validate one .safetensors header, as strictly as the official library or more.
+
+    Refused, naming the file and the tensor: a header longer than the file; invalid or non-object JSON; duplicate
+    keys; names outside [A-Za-z0-9_.-/:+]; unknown dtypes; shapes that are not lists of non-negative integers;
+    offsets that are not two integers with 0 <= begin <= end; a byte range that disagrees with dtype x shape; and a
+    data area not covered exactly — overlapping tensors (one tensor's bytes aliasing another's), gaps, or bytes after
+    the last tensor (safetensors refuses all three). Returns the tensors and the raw header bytes (fingerprints)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -59,31 +88,68 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise UserError(f"{path}: header lists {e.args[0]!r} twice; the file is corrupt (safetensors refuses "
+                        f"duplicate keys) — re-save it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: header is not a JSON object; the file is corrupt")
-    data_start = 8 + n
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
+    data_start, data_len = 8 + n, size - 8 - n
     out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = meta["dtype"], tuple(int(x) for x in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: tensor {name!r} has a malformed header entry; the file is corrupt") from None
-        if dtype not in DTYPE_SIZE:
-            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        info = TensorInfo(name, dtype, shape, path, data_start + b, e - b)
-        if e < b or info.nbytes != info.numel * DTYPE_SIZE[dtype]:
-            raise UserError(f"{path}: tensor {name!r} byte range {b}..{e} does not match dtype {dtype} shape "
-                            f"{list(shape)}; the file is corrupt")
-        if data_start + e > size:
-            raise UserError(f"{path}: truncated: tensor {name!r} needs bytes up to {data_start + e}, the file has "
-                            f"{size}; re-download or re-save the checkpoint")
-        out[name] = info
+    for name, entry in header.items():
+        out[name] = _tensor_info(path, name, entry, data_start)
+    _check_coverage(path, out.values(), data_start, data_len)
     return out, raw
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    if not _NAME.fullmatch(name):
+        raise UserError(f"{path}: tensor name {name!r} has characters outside [A-Za-z0-9_.-/:+] (or is empty or "
+                        f"over 500 characters); the file is corrupt or not a model checkpoint")
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise UserError(f"{path}: tensor {name!r}: a header entry has exactly dtype, shape and data_offsets; "
+                        f"the file is corrupt")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZE:
+        raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise UserError(f"{path}: tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers "
+                        f"— the file is corrupt")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise UserError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; they must be two integers "
+                        f"0 <= begin <= end — the file is corrupt")
+    b, e = offsets
+    info = TensorInfo(name, dtype, tuple(shape), path, data_start + b, e - b)
+    if info.nbytes != info.numel * DTYPE_SIZE[dtype]:
+        raise UserError(f"{path}: tensor {name!r} byte range {b}..{e} does not match dtype {dtype} shape "
+                        f"{list(shape)}; the file is corrupt")
+    return info
+
+
+def _check_coverage(path: Path, infos, data_start: int, data_len: int) -> None:
+    """The tensors tile the data area exactly: sorted by offset, each begins where the previous ended."""
+    at = 0
+    for t in sorted(infos, key=lambda t: (t.start, t.nbytes)):
+        begin = t.start - data_start
+        if begin < at:
+            raise UserError(f"{path}: tensor {t.name!r} (bytes {begin}..{begin + t.nbytes}) overlaps the tensor "
+                            f"before it; safetensors refuses aliased tensors — re-save the checkpoint")
+        if begin > at:
+            raise UserError(f"{path}: {begin - at} bytes before tensor {t.name!r} belong to no tensor; the file is "
+                            f"corrupt (safetensors refuses gaps) — re-save it")
+        at = begin + t.nbytes
+        if at > data_len:
+            raise UserError(f"{path}: truncated: tensor {t.name!r} needs bytes up to {data_start + at}, the file has "
+                            f"{data_start + data_len}; re-download or re-save the checkpoint")
+    if at < data_len:
+        raise UserError(f"{path}: {data_len - at} bytes after the last tensor belong to no tensor (appended "
+                        f"data); safetensors refuses the file — re-save it")
 
 
 def iter_bytes(t: TensorInfo, chunk: int = CHUNK) -> Iterator[bytes]:
@@ -115,6 +181,32 @@ def sha256_of(t: TensorInfo) -> str:
     for b in iter_bytes(t):
         h.update(b)
     return h.hexdigest()
+
+
+# Float dtypes as raw words: (numpy view, exponent mask). A value is NaN or infinite when its exponent bits are all
+# ones; E4M3 (no infinities) is NaN only as S.1111.111, checked apart.
+_NONFINITE = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+              "F64": (np.uint64, 0x7FF0000000000000), "F8_E5M2": (np.uint8, 0x7C)}
+
+
+def has_nonfinite(dtype: str, chunk: bytes) -> bool:
+    """Whether a chunk of raw little-endian values of `dtype` holds a NaN or an infinity (integers never do)."""
+    if dtype == "F8_E4M3":
+        return bool(((np.frombuffer(chunk, np.uint8) & 0x7F) == 0x7F).any())
+    if dtype not in _NONFINITE:
+        return False
+    view, exp = _NONFINITE[dtype]
+    words = np.frombuffer(chunk, view)
+    return bool(((words & view(exp)) == view(exp)).any())
+
+
+def digest_and_scan(t: TensorInfo) -> tuple[str, bool]:
+    """sha256 of a tensor's bytes, and whether any of its values is NaN or infinite — in one read."""
+    h, bad = hashlib.sha256(), False
+    for b in iter_bytes(t):
+        h.update(b)
+        bad = bad or has_nonfinite(t.dtype, b)
+    return h.hexdigest(), bad
 
 
 _TORCH_DTYPES = None

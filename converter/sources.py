@@ -7,14 +7,14 @@ lm_head, routers, norms).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .formats import FORMATS, Scheme
+from .formats import Scheme
 from .formats.awq import AWQ
 from .formats.base import FLOAT_DTYPES
 from .formats.compressed_tensors import CompressedTensorsConfig
+from .formats.fp8 import FP8
 from .formats.gptq import GPTQ
 from .layout import canonical_module
 from .safetensors_io import TensorInfo
@@ -48,11 +48,6 @@ class Source:
     producer: str
     modules: dict[str, ModuleView] = field(default_factory=dict)
 
-    @cached_property  # asked once per folded pair while planning; modules are complete once opened
-    def folds_scales(self) -> bool:
-        """Whether any module is in a format that folds input scales into the previous op (AWQ)."""
-        return any(FORMATS[m.scheme.format].folds_scales for m in self.modules.values())
-
     def describe(self) -> str:
         schemes = sorted({m.scheme.describe() for m in self.modules.values() if m.scheme.format != "unquantized"})
         return f"{self.kind} [{'; '.join(schemes) or 'unquantized'}] by {self.producer}"
@@ -61,13 +56,13 @@ class Source:
 def _producer(qc: dict | None) -> str:
     if not qc:
         return "unquantized"
-    meta = qc.get("meta") or {}
-    q = meta.get("quantizer")
+    meta = qc.get("meta")
+    q = meta.get("quantizer") if isinstance(meta, dict) else None
     if q:
-        return ", ".join(q) if isinstance(q, list) else str(q)
+        return ", ".join(map(str, q)) if isinstance(q, list) else str(q)
     if qc.get("quant_method") == "compressed-tensors":
         return f"llm-compressor (compressed-tensors {qc.get('version', '?')})"
-    return qc.get("quant_method") or "auto-gptq"
+    return str(qc.get("quant_method") or "auto-gptq")
 
 
 class _Detector:
@@ -80,18 +75,18 @@ class _Detector:
         self.params: dict = {}
         if not qc:
             return
-        method = str(qc.get("quant_method") or ("gptq" if "bits" in qc else "")).lower()
+        if not isinstance(qc, dict):
+            raise UserError(f"{where}: quantization_config must be a JSON object, got {type(qc).__name__}")
+        method = qc.get("quant_method") or ("gptq" if "bits" in qc else "")
+        if not isinstance(method, str):
+            raise UserError(f"{where}: quantization_config.quant_method must be a string, got {method!r}")
+        method = method.lower()
         if method == "gptq":
             self.kind, self.params = "gptq", GPTQ.params_from_config(qc, where)
         elif method == "awq":
             self.kind, self.params = "awq", AWQ.params_from_config(qc, where)
         elif method == "fp8":
-            act = qc.get("activation_scheme", "dynamic")
-            if act not in ("dynamic", "static"):
-                raise UserError(f"{where}: fp8 activation_scheme {act!r} is not dynamic/static")
-            if qc.get("fmt", "e4m3") != "e4m3":
-                raise UserError(f"{where}: fp8 fmt {qc.get('fmt')!r} is not supported (e4m3 only)")
-            self.kind, self.params = "fp8", {"activation": act, "block": qc.get("weight_block_size")}
+            self.kind, self.params = "fp8", FP8.params_from_config(qc, where)
         elif method == "w8a8_int8":
             self.kind = "w8a8_int8"
         elif method == "compressed-tensors":

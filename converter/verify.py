@@ -1,14 +1,22 @@
 """verify: prove a converted directory complete, consistent, shardable and (with --numeric) faithful.
 
-Reads the manifest written by build and never re-derives it. Each problem is one Finding; the CLI exits 1 when
-there is any. Checks:
-  structure  — config.json ↔ manifest (sha256), index ↔ shards ↔ manifest, dtype/shape, sha256 of every tensor
-  scheme     — per-format invariants (shapes, dtypes, g_idx range, zero convention, scales), fused units, folded scales
-  tp         — every TP (and EP) split SGLang will make is legal for the module's kernel
-  numeric    — per decoder block: dequantized vs bf16 base on the base's own hidden states; end-to-end logits
-  engine     — (--engine sglang) SGLang's real classes build and load the model on CPU through the shim, at TP=1 and
-               every rank of TP=N (experts split by --ep): each layer's quant method is its format's native one; every
-               parameter is written
+Reads the manifest written by build (through its typed model; a manifest that breaks the schema is a finding, never
+a crash) and never re-derives it. Each problem is one Finding; the CLI exits 1 when there is any. Checks:
+  manifest   — the schema (every field typed, every format's params valid); the manifest agrees with itself: each
+               module's role, unit, layer and expert as its name says, sources it names, tensor names, the unit table
+               and totals recomputed from the modules
+  config     — config.json: quantization_config exactly as build wrote it (the manifest's sha256 included), every
+               other field as recorded at build time (a changed field is named), tokenizer and other side files by
+               sha256
+  structure  — index ↔ shards ↔ manifest; every shard's header read as strictly as safetensors does (appended bytes,
+               gaps, overlaps); dtype/shape; sha256 of every tensor and no NaN/inf in any float tensor (--fast skips
+               both: the report says so)
+  scheme     — per-format invariants (shapes, dtypes, positive finite scales, g_idx range, zero convention), finite
+               norms and routers, and the shared rules (rules.py): fused units, folded scales
+  tp         — every split SGLang makes at --tp/--ep and at the sizes the build was checked for, and every layer's
+               kernel shape (at TP=1 too)
+  numeric    — (--numeric --base) per module against what its own scheme can do, per decoder block, end-to-end
+  engine     — (--engine sglang) SGLang's real classes build and load the model on CPU through the shim
 """
 from __future__ import annotations
 
@@ -17,13 +25,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import rules
 from .checkpoint import INDEX, read_json
 from .errors import UserError
-from .formats import FORMATS, Scheme, check_expected
+from .formats import FORMATS, check_expected
 from .layout import ModelInfo, role_of
-from .manifest import MANIFEST, MIXED_EXPERTS, QUANT_METHOD, load_manifest, unit_groups
-from .plan import ModulePlan, tp_problems
-from .safetensors_io import TensorInfo, load_tensor, read_header, sha256_of
+from .manifest import MANIFEST, Manifest, ManifestError, load_manifest, quantization_config, totals
+from .safetensors_io import TensorInfo, digest_and_scan, load_tensor, read_header
+
+SUMMARY_ROWS = 50  # the CLI prints this many findings, then counts per check and place
 
 
 @dataclass
@@ -50,65 +60,132 @@ class Report:
     def add(self, check: str, where: str, message: str) -> None:
         self.findings.append(Finding(check, where, message))
 
+    def add_problems(self, check: str, problems: list[rules.Problem]) -> None:
+        for p in problems:
+            self.add(check, p.where, p.message)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.findings:
+            out[f.check] = out.get(f.check, 0) + 1
+        return out
+
     def to_json(self) -> dict:
         return {"directory": self.directory, "ok": self.ok, "checks": self.checks, "hashed": self.hashed,
-                "findings": [asdict(f) for f in self.findings], "memory": self.memory, "numeric": self.numeric, "engine": self.engine}
+                "counts": self.counts(), "findings": [asdict(f) for f in self.findings], "memory": self.memory,
+                "numeric": self.numeric, "engine": self.engine}
 
 
-def _open(directory: Path) -> tuple[dict, dict]:
-    if not directory.is_dir():
-        raise UserError(f"{directory}: not a directory; pass a directory written by `mpconvert build`")
-    if not (directory / MANIFEST).exists():
-        raise UserError(f"{directory}: no {MANIFEST}; verify checks directories written by `mpconvert build`")
-    return load_manifest(directory), read_json(directory / "config.json", "config.json")
+class Progress:
+    """What verify tells the CLI: the number of tensors to read, then one step per tensor."""
+
+    def start(self, total: int) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
 
 
-def check_structure(d: Path, manifest: dict, config: dict, rep: Report, hash_tensors: bool,
-                    on_step=lambda: None) -> dict[str, TensorInfo]:
-    """Returns the tensors actually found (name → location) for the later checks."""
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        rep.add("structure", "config.json", f"quantization_config.quant_method is {qc.get('quant_method')!r}, not "
-                                            f"{QUANT_METHOD!r}: SGLang would not hand this model to the shim")
-    digest = hashlib.sha256((d / MANIFEST).read_bytes()).hexdigest()
-    if qc.get("manifest_sha256") != digest:
-        rep.add("structure", MANIFEST, "manifest was edited after build (its sha256 differs from config.json "
-                                       "quantization_config.manifest_sha256); rebuild instead of editing")
+# ---- config.json ---------------------------------------------------------------------------------------------
+def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) -> None:
     try:
-        weight_map = read_json(d / INDEX, "safetensors index").get("weight_map", {})
+        config = read_json(d / "config.json", "config.json")
+    except UserError as e:
+        rep.add("config", "config.json", str(e))
+        return
+    qc = config.get("quantization_config")
+    digest = hashlib.sha256(raw).hexdigest()
+    if not isinstance(qc, dict) or qc.get("manifest_sha256") != digest:
+        rep.add("config", MANIFEST, "manifest was edited after build (its sha256 differs from config.json "
+                                    "quantization_config.manifest_sha256); rebuild instead of editing")
+    if manifest is None:
+        return
+    want = quantization_config(raw, manifest.formats())
+    qc = qc if isinstance(qc, dict) else {}
+    for k in sorted(set(want) | set(qc)):
+        if k != "manifest_sha256" and qc.get(k) != want.get(k):
+            rep.add("config", f"config.json quantization_config.{k}",
+                    f"is {qc.get(k)!r}, build wrote {want.get(k)!r}: SGLang reads it to pick the shim and its "
+                    f"formats; rebuild or restore it")
+    rest = {k: v for k, v in config.items() if k != "quantization_config"}
+    for k in sorted(set(rest) | set(manifest.config)):
+        if rest.get(k, "<absent>") != manifest.config.get(k, "<absent>"):
+            rep.add("config", f"config.json {k}",
+                    f"is {rest.get(k, '<absent>')!r}, built with {manifest.config.get(k, '<absent>')!r}: config.json "
+                    f"was edited after build, and it decides how SGLang builds and runs the model — restore it or "
+                    f"rebuild")
+    try:
+        info = ModelInfo.from_config(manifest.config, "recorded config")
+    except UserError as e:
+        rep.add("manifest", "config", str(e))
+    else:
+        if info != manifest.model.info():
+            rep.add("manifest", "model", f"records {manifest.model.model_dump()} but the recorded config says "
+                                         f"{info}: the manifest was edited")
+    for name, sha in sorted(manifest.files.items()):
+        p = d / name
+        if not p.is_file():
+            rep.add("config", name, "side file recorded at build time is missing (the server needs it); restore it")
+        elif hashlib.sha256(p.read_bytes()).hexdigest() != sha:
+            rep.add("config", name, "sha256 differs from the one recorded at build time: the file was edited; "
+                                    "restore it or rebuild")
+
+
+# ---- structure -------------------------------------------------------------------------------------------------
+def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    """The index's weight map and every tensor the shards hold (each header read strictly)."""
+    try:
+        weight_map = read_json(d / INDEX, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names")
     except UserError as e:
         rep.add("structure", INDEX, str(e))
         weight_map = {}
     found: dict[str, TensorInfo] = {}
-    for shard in sorted(set(weight_map.values())):
-        p = (d / shard).resolve()
-        if p.parent != d.resolve():
+    on_disk = {p.name for p in d.glob("*.safetensors")}
+    for shard in sorted(set(weight_map.values()) | on_disk):
+        p = d / shard
+        if "/" in shard or shard.startswith(".."):
             rep.add("structure", INDEX, f"shard path {shard!r} escapes the directory")
             continue
-        if not p.exists():
+        if shard not in on_disk:
             rep.add("structure", shard, "shard listed in the index is missing")
             continue
         try:
-            found.update(read_header(p)[0])
+            infos = read_header(p)[0]
         except UserError as e:
             rep.add("structure", shard, str(e).removeprefix(f"{p}: "))
-    expected = {t["name"]: (mod_name, t) for mod_name, mod in manifest["modules"].items()
-                for t in mod["tensors"].values()}
-    for name, (module, t) in expected.items():
-        info = found.get(name)
-        if weight_map.get(name) != t["shard"]:
-            rep.add("structure", name, f"index places it in {weight_map.get(name)!r}, the manifest in {t['shard']!r}")
-        if info is None:
-            rep.add("structure", name, f"missing from the shards (manifest: {module}, {t['shard']})")
             continue
-        if info.file.name != t["shard"]:
-            rep.add("structure", name, f"found in {info.file.name}, the manifest says {t['shard']}")
-        if info.dtype != t["dtype"] or list(info.shape) != t["shape"]:
-            rep.add("structure", name, f"is {info.dtype}{list(info.shape)}, the manifest records "
-                                       f"{t['dtype']}{t['shape']}")
-        elif hash_tensors and sha256_of(info) != t["sha256"]:
-            rep.add("structure", name, "sha256 differs from the manifest: the bytes changed after build")
-        on_step()
+        for name, info in infos.items():
+            if name in found:
+                rep.add("structure", name, f"in both {found[name].file.name} and {shard}")
+            found[name] = info
+    return weight_map, found
+
+
+def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progress: Progress) -> dict[str, TensorInfo]:
+    """Returns the tensors actually found (name → location) for the later checks."""
+    weight_map, found = _shards(d, rep)
+    expected = {t.name: (mod_name, t) for mod_name, mod in manifest.modules.items() for t in mod.tensors.values()}
+    progress.start(len(expected))
+    for name, (module, t) in expected.items():
+        progress.step()
+        info = found.get(name)
+        if weight_map.get(name) != t.shard:
+            rep.add("structure", name, f"index places it in {weight_map.get(name)!r}, the manifest in {t.shard!r}")
+        if info is None:
+            rep.add("structure", name, f"missing from the shards (manifest: {module}, {t.shard})")
+            continue
+        if info.file.name != t.shard:
+            rep.add("structure", name, f"found in {info.file.name}, the manifest says {t.shard}")
+        if info.dtype != t.dtype or list(info.shape) != t.shape:
+            rep.add("structure", name, f"is {info.dtype}{list(info.shape)}, the manifest records {t.dtype}{t.shape}")
+        elif deep:
+            sha, nonfinite = digest_and_scan(info)
+            if sha != t.sha256:
+                rep.add("structure", name, "sha256 differs from the manifest: the bytes changed after build")
+            if nonfinite:
+                rep.add("scheme", name, f"holds NaN or infinite {info.dtype} values; no served model may")
     for name in sorted(set(found) - set(expected)):
         rep.add("structure", name, f"unexpected tensor in {found[name].file.name} (not in the manifest)")
     for name in sorted(set(weight_map) - set(expected) - set(found)):
@@ -116,155 +193,183 @@ def check_structure(d: Path, manifest: dict, config: dict, rep: Report, hash_ten
     return found
 
 
-def _module_plans(manifest: dict) -> list[ModulePlan]:
-    out = []
-    for name, mod in manifest["modules"].items():
-        if mod["kind"] != "linear":
-            continue
+# ---- the manifest against itself and the shared rules ------------------------------------------------------------
+def check_manifest(manifest: Manifest, rep: Report) -> None:
+    for name, m in manifest.modules.items():
         role = role_of(name)
-        out.append(ModulePlan(name, role, Scheme.of(mod["format"], **mod["params"]), mod["source"], mod["chosen_by"],
-                              *mod["shape"]))
-    return out
-
-
-def check_schemes(manifest: dict, found: dict[str, TensorInfo], rep: Report, values: bool = True) -> None:
-    mods = manifest["modules"]
-    for name, mod in mods.items():
-        if mod["kind"] != "linear" or mod["format"] not in FORMATS:
-            if mod["format"] not in FORMATS:
-                rep.add("scheme", name, f"unknown format {mod['format']!r}")
+        if role is None:
+            rep.add("manifest", name, "is no module mpconvert knows a role for; the manifest was edited")
             continue
-        fmt = FORMATS[mod["format"]]
-        tensors = {s: found[t["name"]] for s, t in mod["tensors"].items() if t["name"] in found}
-        if len(tensors) != len(mod["tensors"]):
+        if (m.kind, m.unit, m.layer, m.expert) != (role.kind, role.unit, role.layer, role.expert):
+            rep.add("manifest", name, f"records kind={m.kind} unit={m.unit} layer={m.layer} expert={m.expert}, its "
+                                      f"name says kind={role.kind} unit={role.unit} layer={role.layer} "
+                                      f"expert={role.expert}: the manifest was edited")
+        if m.source not in manifest.sources:
+            rep.add("manifest", name, f"names source {m.source!r}, which the manifest does not list")
+        for suffix, t in m.tensors.items():
+            if t.name != f"{name}.{suffix}":
+                rep.add("manifest", name, f"tensor {suffix} is recorded as {t.name!r}")
+        if m.kind != "linear" and (m.format != "unquantized" or m.shape is not None):
+            rep.add("manifest", name, f"a {m.kind} is unquantized and has no linear shape; recorded {m.format}")
+    linears = manifest.linears()
+    _check_units(manifest, linears, rep)
+    rep.add_problems("scheme", rules.pair_problems(linears))
+    readers = rules.consumers(linears)
+    for name, m in manifest.modules.items():
+        role = role_of(name)
+        if role is not None and m.kind != "linear" and role.stage:
+            rep.add_problems("scheme", rules.norm_problems(name, role, m.source, readers.get((role.layer, role.stage),
+                                                                                               [])))
+    want = totals(manifest.modules.values(), sum(t.nbytes for m in manifest.modules.values()
+                                                  for t in m.tensors.values()))
+    if manifest.totals.model_dump(mode="json") != json.loads(json.dumps(want)):
+        rep.add("manifest", "totals", "differ from the totals of the modules it lists: the manifest was edited")
+
+
+def _check_units(manifest: Manifest, linears: list[rules.Linear], rep: Report) -> None:
+    """The unit table is what the modules imply (rules.by_unit / expert_groups), and the fused-unit rules hold."""
+    units = rules.by_unit(linears)
+    for unit in sorted(set(manifest.units) - set(units)):
+        rep.add("manifest", unit, "a unit without any linear module of it")
+    for unit, members in units.items():
+        rep.add_problems("scheme", rules.unit_problems(unit, members))
+        u = manifest.units.get(unit)
+        if u is None:
+            rep.add("manifest", unit, f"{members[0].name} names this unit, the unit table lacks it")
+            continue
+        if sorted(u.members) != sorted(m.name for m in members):
+            rep.add("manifest", unit, "its member list differs from the modules that name it")
+        schemes = {m.scheme for m in members}
+        if len(schemes) == 1:
+            (s,) = schemes
+            if u.groups or (u.format, u.params) != (s.format, s.params):
+                rep.add("scheme", unit, f"the unit is recorded as {u.describe()} {u.params} but its modules are "
+                                        f"{s.format} {s.params}: SGLang runs one kernel per fused unit")
+        else:
+            groups = [(g.format, g.params, g.experts) for g in (u.groups or [])]
+            want = [(s.format, s.params, ids) for s, ids in rules.expert_groups(members)]
+            if groups != want:
+                rep.add("scheme", unit, f"its expert groups ({u.describe()}) are not its experts' formats")
+
+
+# ---- scheme invariants --------------------------------------------------------------------------------------------
+def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) -> None:
+    """Every module's tensors as its format expects, and the values the format's invariants cover (small tensors:
+    cheap enough for --fast too)."""
+    for name, m in manifest.modules.items():
+        tensors = {s: found[t.name] for s, t in m.tensors.items() if t.name in found}
+        if len(tensors) != len(m.tensors):
             continue  # already reported as missing
+        if m.kind != "linear":
+            w = tensors.get("weight")
+            if m.kind in ("norm", "router") and w is not None and not bool(load_tensor(w).float().isfinite().all()):
+                rep.add("scheme", name, f"{name}.weight has NaN or infinite values")
+            continue
+        fmt = FORMATS[m.format]
         try:
-            check_expected(fmt, mod["params"], name, tensors, *mod["shape"], "scheme")
+            check_expected(fmt, m.params, name, tensors, *m.shape, "scheme")
         except UserError as e:
             rep.add("scheme", name, str(e).removeprefix("scheme: "))
             continue
-        if values:
-            problem = fmt.check_values(name, {s: load_tensor(t) for s, t in tensors.items()}, mod["params"])
-            if problem:
-                rep.add("scheme", name, problem)
-    # fused units: one format per SGLang layer (per expert group in a mixed-experts layer), as the unit table says
-    for unit, u in manifest["units"].items():
-        groups = unit_groups(u)
-        group_of = {e: g for g in groups for e in (g["experts"] or [])}
-        for member in u["members"]:
-            m = mods.get(member)
-            if m is None or m["unit"] != unit:
-                rep.add("scheme", unit, f"member {member} is not a module of this unit in the manifest")
-                continue
-            g = group_of.get(m["expert"]) if u["format"] == MIXED_EXPERTS else groups[0]
-            if g is None:
-                rep.add("scheme", unit, f"{member} (expert {m['expert']}) is in no expert group of its layer")
-            elif (m["format"], m["params"]) != (g["format"], g["params"]):
-                rep.add("scheme", unit, f"{member} is {m['format']} {m['params']} but its fused unit (or expert "
-                                        f"group) is {g['format']} {g['params']}: SGLang runs one kernel per fused "
-                                        f"unit")
-    check_folded(manifest, rep)
+        problem = fmt.check_values(name, {s: load_tensor(tensors[s]) for s in fmt.value_suffixes(m.params)},
+                                   m.params)
+        if problem:
+            rep.add("scheme", name, problem)
 
 
-def check_folded(manifest: dict, rep: Report) -> None:
-    """Norms/routers must be the version their consumers were quantized against; AWQ pairs stay together."""
-    mods = manifest["modules"]
-    consumers: dict[tuple, list[str]] = {}
-    pairs: dict[str, dict[str, str]] = {}
-    for name, mod in mods.items():
-        role = role_of(name)
-        if mod["kind"] == "linear" and role.stage:
-            consumers.setdefault((role.layer, role.stage), []).append(name)
-        if mod["kind"] == "linear" and role.pair:
-            pairs.setdefault(role.pair[0], {})[role.pair[1]] = name
-    for name, mod in mods.items():
-        role = role_of(name)
-        if mod["kind"] == "linear" or not role.stage:
-            continue
-        for c in consumers.get((role.layer, role.stage), []):
-            src = mods[c]["source"]
-            # (a base-version norm with AWQ consumers is legal when the producer left that norm alone — build
-            # compared values; whether the bytes here are right is for --numeric to see)
-            if mod["source"] != "base" and src != mod["source"]:
-                rep.add("scheme", name, f"comes from {mod['source']!r} (folded scales) but its consumer {c} comes "
-                                        f"from {src!r}")
-    for p in pairs.values():
-        a, b = p.get("producer"), p.get("consumer")
-        if a and b and mods[a]["source"] != mods[b]["source"] and mods[a]["shape"][0] == mods[b]["shape"][1]:
-            if FORMATS[mods[a]["format"]].folds_scales or FORMATS[mods[b]["format"]].folds_scales:
-                rep.add("scheme", b, f"comes from {mods[b]['source']!r} but {a} from {mods[a]['source']!r}; AWQ folds "
-                                     f"one into the other")
+def check_partitions(manifest: Manifest, rep: Report, tp: int, ep: int) -> None:
+    """SGLang's splits at the asked sizes and at the ones build checked (a manifest claiming a TP it cannot serve is
+    wrong), each layer's kernel shape included."""
+    info, linears = manifest.model.info(), manifest.linears()
+    asked = rules.partition_problems(linears, info, tp, ep)
+    rep.add_problems("tp", asked)
+    built = (manifest.built_for_tp, manifest.built_for_ep)
+    if built != (tp, ep):
+        for p in rules.partition_problems(linears, info, *built):
+            rep.add("manifest", p.where, f"built_for_tp={built[0]} built_for_ep={built[1]}, but {p.message}")
 
 
-def check_tp(manifest: dict, rep: Report, tp: int, ep: int) -> None:
-    model = manifest["model"]
-    info = ModelInfo(model["model_type"], model["num_hidden_layers"], model["num_attention_heads"],
-                     model["num_key_value_heads"], model["num_experts"])
-    for p in tp_problems(_module_plans(manifest), info, tp):
-        name = p.split(": ", 1)[1].split(" ", 1)[0]
-        rep.add("tp", name, p)
-    if ep > 1 and info.num_experts and info.num_experts % ep:
-        rep.add("tp", "model", f"--ep {ep}: {info.num_experts} experts cannot be split evenly over {ep} ranks")
-
-
-def memory_report(manifest: dict, found: dict[str, TensorInfo], tp: int) -> dict:
+def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int) -> dict:
     by_format: dict[str, int] = {}
     per_rank = 0
-    for name, mod in manifest["modules"].items():
-        nbytes = sum(found[t["name"]].nbytes for t in mod["tensors"].values() if t["name"] in found)
-        by_format[mod["format"]] = by_format.get(mod["format"], 0) + nbytes
+    for name, mod in manifest.modules.items():
+        nbytes = sum(found[t.name].nbytes for t in mod.tensors.values() if t.name in found)
+        by_format[mod.format] = by_format.get(mod.format, 0) + nbytes
         role = role_of(name)
         parallel = role.parallel if role else "replicated"
         per_rank += nbytes / tp if parallel in ("column", "row", "vocab") else nbytes
     total = sum(by_format.values())
     linear = sum(v for k, v in by_format.items() if k != "unquantized")
-    t = manifest["totals"]
-    bf16 = 2 * t["linear_weights"] + (t["bytes"] - t["linear_bytes"])
+    t = manifest.totals
+    bf16 = 2 * t.linear_weights + (t.bytes - t.linear_bytes)
     return {"bytes": total, "by_format": by_format, "tp": tp, "bytes_per_rank": int(per_rank),
-            "bits_per_weight": t["bits_per_weight"], "vs_bf16": round(total / bf16, 4) if bf16 else None,
+            "bits_per_weight": t.bits_per_weight, "vs_bf16": round(total / bf16, 4) if bf16 else None,
             "quantized_bytes": linear}
 
 
-def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
-           numeric: bool = False, thresholds: dict | None = None, on_step=lambda: None,
-           engine: str | None = None, dtype: str = "auto") -> Report:
-    directory = Path(directory)
-    if tp < 1 or ep < 1:
-        raise UserError("--tp and --ep must be ≥ 1")
+def _usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: bool, text: Path | None,
+           engine: str | None) -> None:
+    if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
+        raise UserError("--tp and --ep must be between 1 and 4096")
     if numeric and base is None:
         raise UserError("--numeric needs --base BASE (the bf16 model the sources were quantized from)")
-    manifest, config = _open(directory)
+    if text is not None and not numeric:
+        raise UserError("--text needs --numeric --base BASE (it measures perplexity and KL against the base)")
+    if base is not None and not (Path(base) / "config.json").is_file():
+        raise UserError(f"--base {base}: not a model directory (no config.json); pass the bf16 model the sources "
+                        f"were quantized from")
+    if text is not None and not Path(text).is_file():
+        raise UserError(f"--text {text}: no such file; pass a UTF-8 text file")
+    if engine is not None and engine != "sglang":
+        raise UserError(f"--engine {engine}: the only engine is sglang")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not a directory; pass a directory written by `mpconvert build`")
+    if not (directory / MANIFEST).exists():
+        raise UserError(f"{directory}: no {MANIFEST}; verify checks directories written by `mpconvert build`")
+
+
+def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
+           numeric: bool = False, thresholds: dict | None = None, progress: Progress | None = None,
+           engine: str | None = None, dtype: str = "auto", text: Path | None = None) -> Report:
+    directory = Path(directory)
+    _usage(directory, tp, ep, base, numeric, text, engine)
+    progress = progress or Progress()
     rep = Report(str(directory), hashed=hash_tensors)
-    rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 skipped)"), "scheme", f"tp={tp} ep={ep}"]
-    found = check_structure(directory, manifest, config, rep, hash_tensors, on_step)
-    check_schemes(manifest, found, rep)
-    check_tp(manifest, rep, tp, ep)
+    rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 and NaN scan skipped)"), "manifest",
+                  "config", "scheme", f"tp={tp} ep={ep}"]
+    raw = (directory / MANIFEST).read_bytes()
+    try:
+        manifest, _ = load_manifest(directory)
+    except ManifestError as e:
+        rep.add("manifest", MANIFEST, str(e).removeprefix(f"{directory / MANIFEST}: "))
+        check_config(directory, None, raw, rep)
+        _shards(directory, rep)
+        return rep
+    check_config(directory, manifest, raw, rep)
+    found = check_structure(directory, manifest, rep, hash_tensors, progress)
+    check_manifest(manifest, rep)
+    check_values(manifest, found, rep)
+    check_partitions(manifest, rep, tp, ep)
     rep.memory = memory_report(manifest, found, tp)
+    broken = any(f.check in ("structure", "manifest") for f in rep.findings)
     if numeric:
         rep.checks.append("numeric")
-        if any(f.check == "structure" for f in rep.findings):
-            rep.add("numeric", str(directory), "skipped: the structure is broken")
+        if broken:
+            rep.add("numeric", str(directory), "skipped: the structure or the manifest is broken")
         else:
             from .fidelity import numeric_check
 
-            rep.numeric = numeric_check(directory, manifest, found, Path(base), rep, thresholds or {})
+            rep.numeric = numeric_check(directory, manifest, found, Path(base), rep, thresholds or {}, text)
     if engine:
-        if engine != "sglang":
-            raise UserError(f"--engine {engine}: the only engine is sglang")
         if ep > 1 and (ep > tp or tp % ep):
             raise UserError(f"--engine sglang --ep {ep}: SGLang splits experts over the TP ranks; --tp must be a "
                             f"multiple of --ep (got --tp {tp})")
         rep.checks.append(f"engine=sglang (tp=1{f', tp={tp}' if tp > 1 else ''}{f' ep={ep}' if ep > 1 else ''}, "
                           f"dtype={dtype})")
-        if any(f.check == "structure" for f in rep.findings):
-            rep.add("engine", str(directory), "skipped: the structure is broken")
+        if broken:
+            rep.add("engine", str(directory), "skipped: the structure or the manifest is broken")
         else:
             from .engine import check_engine
 
             rep.engine = check_engine(directory, manifest, tp, dtype, rep, ep)
     return rep
-
-
-def total_steps(directory: Path) -> int:
-    m = json.loads((Path(directory) / MANIFEST).read_text())
-    return sum(len(mod["tensors"]) for mod in m["modules"].values())

@@ -1,11 +1,13 @@
 """Execution: stream the planned tensors into size-capped shards in a temp dir, then index, config, manifest; rename.
 
 Memory stays bounded by one copy chunk (16 MiB) — or one tensor for the rare exact rewrite (GPTQ v2→v1 qzeros).
-Nothing appears at the output path until everything is written and fsynced.
+Nothing appears at the output path until everything is written and fsynced; the output is claimed, put in place and
+cleaned up after as safety.py describes.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -14,8 +16,9 @@ from typing import Callable
 
 from .checkpoint import INDEX
 from .errors import UserError
-from .manifest import MANIFEST, build_manifest, dumps, quantization_config, unit_formats
+from .manifest import MANIFEST, Manifest, build_manifest, quantization_config
 from .plan import Plan, TensorPlan
+from .safety import OutputLock, fsync_dir
 from .safetensors_io import PendingTensor, iter_bytes, load_tensor, tensor_to_bytes, write_file
 
 # Copied from the base when present: everything a server needs besides weights and config.
@@ -52,6 +55,9 @@ def _pending(t: TensorPlan) -> PendingTensor:
 def check_output(out: Path, force: bool, plan: Plan | None = None) -> None:
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another -o or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a converted directory; --force replaces only a directory — remove it "
+                        f"yourself or choose another -o")
     if plan is not None:
         for label, src in plan.sources.items():
             p = src.ckpt.path
@@ -66,34 +72,29 @@ def _source_state(plan: Plan) -> dict:
 
 
 def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
-          on_bytes: Callable[[int], None] = lambda n: None) -> dict:
-    """Write the converted directory. Returns the manifest."""
-    out = Path(out)
+          on_bytes: Callable[[int], None] = lambda n: None, lock: OutputLock | None = None) -> Manifest:
+    """Write the converted directory; returns the manifest. `lock`: the output's lock when the caller took it before
+    planning (the CLI does); else it is taken here. Nothing is lost: see safety.py."""
+    if lock is None:
+        with OutputLock(Path(os.path.abspath(out))) as lock:
+            return write(plan, out, shard_size, force, on_bytes, lock)
+    out = lock.out
     check_output(out, force, plan)
-    out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     need = plan.total_bytes + (1 << 20)
     if free < need:
         raise UserError(f"{out.parent}: {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; free space or "
                         f"write elsewhere")
     before = _source_state(plan)
-    tmp = out.parent / f".{out.name}.mpconvert-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = lock.aside("tmp")
     try:
+        tmp.mkdir()
         manifest = _write_into(plan, tmp, shard_size, on_bytes)
         if _source_state(plan) != before:
             raise UserError("a source file changed while building; nothing was written — rebuild when sources are "
                             "stable")
-        _fsync_dir(tmp)
-        if out.exists():  # --force: swap in the new one, then drop the old one
-            old = out.parent / f".{out.name}.mpconvert-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out)
-        _fsync_dir(out.parent)
+        fsync_dir(tmp)
+        lock.put_in_place(tmp)
         return manifest
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +107,7 @@ def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
         raise
 
 
-def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> dict:
+def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
     shards = split_shards(plan.tensors, shard_size)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     digests: dict[str, str] = {}
@@ -116,21 +117,15 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> dict:
         shard_of.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    files = {}
     for f in SIDE_FILES:
         if (plan.base.ckpt.path / f).is_file():
             shutil.copyfile(plan.base.ckpt.path / f, tmp / f)
-    manifest = build_manifest(plan, shard_of, digests)
-    raw = dumps(manifest)
+            files[f] = hashlib.sha256((tmp / f).read_bytes()).hexdigest()
+    config = {k: v for k, v in plan.base.ckpt.config.items() if k != "quantization_config"}
+    manifest = build_manifest(plan, shard_of, digests, config, files)
+    raw = manifest.dumps()
     (tmp / MANIFEST).write_bytes(raw)
-    config = dict(plan.base.ckpt.config)
-    config["quantization_config"] = quantization_config(raw, unit_formats(manifest))
+    config["quantization_config"] = quantization_config(raw, manifest.formats())
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

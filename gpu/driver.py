@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from mpconvert.manifest import load_manifest
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STAGE = ROOT / ".gpu"
@@ -277,8 +279,7 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     res["identity"].update({f"{a} = {b}": identical(get(a), get(b)) for a, b in P["same"]})
     res["identity"]["mixed: launch_server = Engine"] = identical(get("mixed"), get("mixed-server"))
     res["tp2_vs_tp1"] = tp_compare(get("mixed"), get("mixed-tp2"))
-    res["mixed_formats"] = sorted({u["format"] for u in json.loads(
-        (built["mixed"] / "mpconvert_manifest.json").read_text())["units"].values()})
+    res["mixed_formats"] = sorted({u.format for u in load_manifest(built["mixed"])[0].units.values()})
 
 
 EXPERTS_MIXED = """
@@ -298,20 +299,21 @@ def split_groups(d: Path) -> None:
     """Rewrite a built directory's single-format MoE layers as two expert groups of that same format (the lower and
     upper half of the experts), and re-sign the manifest: the mixed-experts path with nothing mixed, to compare with
     the plain path."""
-    from mpconvert.manifest import dumps, quantization_config, unit_formats
+    from mpconvert.manifest import MANIFEST, ExpertGroup, UnitEntry, quantization_config
 
-    mf = d / "mpconvert_manifest.json"
-    m = json.loads(mf.read_text())
-    for unit, spec in m["units"].items():
+    m, _ = load_manifest(d)
+    units = dict(m.units)
+    for unit, spec in m.units.items():
         if unit.endswith(".experts"):
-            half = m["model"]["num_experts"] // 2
-            m["units"][unit] = {"format": "mixed_experts", "params": {}, "members": spec["members"], "groups": [
-                {"format": spec["format"], "params": spec["params"], "experts": list(range(half))},
-                {"format": spec["format"], "params": spec["params"], "experts": list(range(half, 2 * half))}]}
-    raw = dumps(m)
-    mf.write_bytes(raw)
+            half = m.model.num_experts // 2
+            units[unit] = UnitEntry(format="mixed_experts", params={}, members=spec.members, groups=[
+                ExpertGroup(format=spec.format, params=spec.params, experts=list(range(half))),
+                ExpertGroup(format=spec.format, params=spec.params, experts=list(range(half, 2 * half)))])
+    m = m.model_copy(update={"units": units})
+    raw = m.dumps()
+    (d / MANIFEST).write_bytes(raw)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config(raw, unit_formats(m))  # as mpconvert's writer signs it
+    cfg["quantization_config"] = quantization_config(raw, m.formats())  # as mpconvert's writer signs it
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -335,8 +337,7 @@ def dequantized(d: Path, base: Path) -> Path:
 
     out = WORK / "built" / (d.name + "-dequantized")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((d / "mpconvert_manifest.json").read_text())
-    _dequantized_checkpoint(d, manifest, Checkpoint.open(d, "out").tensors, base, out)
+    _dequantized_checkpoint(d, load_manifest(d)[0], Checkpoint.open(d, "out").tensors, base, out)
     return out
 
 
@@ -471,9 +472,9 @@ def experts(meta: dict, res: dict) -> None:
     if gpus > 1:
         res["tp2_vs_tp1"] = {k: tp_compare(get(tp1_run(k)), get(k)) for k in runs if tp1_run(k)}
     res["n_layers"] = json.loads((base / "config.json").read_text())["num_hidden_layers"]
-    res["mixed_units"] = {name: {u: s.get("groups") for u, s in json.loads(
-        (d / "mpconvert_manifest.json").read_text())["units"].items() if u.endswith(".experts")}
-        for name, d in (("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
+    res["mixed_units"] = {name: {u: [g.model_dump() for g in s.groups] if s.groups else None
+                                 for u, s in load_manifest(d)[0].units.items() if u.endswith(".experts")}
+                          for name, d in (("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
 
 
 def experts_speed(meta: dict, res: dict) -> None:
@@ -509,8 +510,9 @@ def experts_speed(meta: dict, res: dict) -> None:
     if torch_gpus() < 2:
         queues = [queues[0] + queues[1]]
     res["moe_speed_runs"] = run_queues(queues, spec)
-    totals = json.loads((mixed / "mpconvert_manifest.json").read_text())["totals"]
-    res["moe_speed_fp8_share"] = totals["by_format"].get("fp8", {"bytes": 0})["bytes"] / totals["linear_bytes"]
+    totals = load_manifest(mixed)[0].totals
+    res["moe_speed_fp8_share"] = (totals.by_format["fp8"].bytes if "fp8" in totals.by_format else 0) / \
+        totals.linear_bytes
     res["moe_speed_model"] = {k: cfg[k] for k in synth.MOE_SHAPE}
 
 
@@ -544,9 +546,8 @@ def tp_identity(meta: dict, res: dict) -> None:
                       for k in ("moe-bf16", "experts-mixed")})
         runs.update(run_all({k: {"stacks": 150, **v} for k, v in multi.items()}, par=len(multi)))
     res["tp_runs"] = runs
-    res["mixed_formats"] = {k: sorted({u["format"] for u in json.loads(
-        (models[k] / "mpconvert_manifest.json").read_text())["units"].values()}) for k in ("dense-mixed",
-                                                                                          "experts-mixed")}
+    res["mixed_formats"] = {k: sorted({u.format for u in load_manifest(models[k])[0].units.values()})
+                            for k in ("dense-mixed", "experts-mixed")}
     nxt = successor(json.loads((ll["base"] / "config.json").read_text())["vocab_size"])
     res["tp2_vs_tp1"] = {}
     for k, r in runs.items():

@@ -51,15 +51,15 @@ import triton.language as tl
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, QuantizationConfig
 
 from mpconvert.formats import FORMATS
-from mpconvert.manifest import EXPERT_GROUPS as GROUPS
+from mpconvert.manifest import EXPERT_GROUPS as GROUPS, ExpertGroup
 from mpconvert.runtime_shim.sglang_fixes import correct_built_gptq_marlin_moe
 
 
 class MixedExpertsMethod(FusedMoEMethodBase):
-    def __init__(self, prefix: str, groups: list[tuple[dict, Optional[QuantizationConfig]]],
+    def __init__(self, prefix: str, groups: list[tuple[ExpertGroup, Optional[QuantizationConfig]]],
                  check: Callable[[torch.nn.Module, str, dict, object], None]):
         self.prefix = prefix
-        self.groups = groups  # (manifest group {format, params, experts}, native config or None for bf16)
+        self.groups = groups  # (the manifest's group: format, params, experts; native config or None for bf16)
         self.check = check  # the shim's native-method check, applied to every group layer
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
@@ -70,12 +70,12 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         per_rank = layer.num_experts // layer.moe_ep_size
         lo = layer.moe_ep_rank * per_rank
         self.owner: dict[int, tuple[str, int]] = {}  # global expert id on this rank → (group key, loader expert id)
-        self.every = {e for spec, _ in self.groups for e in spec["experts"]}
+        self.every = {e for spec, _ in self.groups for e in spec.experts}
         groups, local_ids, triton = torch.nn.ModuleDict(), {}, {}  # triton: key → the group's experts here
         for g, (spec, native) in enumerate(self.groups):
-            mine = [e for e in spec["experts"] if lo <= e < lo + per_rank]
+            mine = [e for e in spec.experts if lo <= e < lo + per_rank]
             if mine:
-                on_triton = FORMATS[spec["format"]].sglang_moe_runner == "triton"
+                on_triton = FORMATS[spec.format].sglang_moe_runner == "triton"
                 groups[str(g)], local_ids[str(g)] = self._group(layer, g, spec, native, mine, lo, per_rank,
                                                                 hidden_size, intermediate_size_per_partition,
                                                                 params_dtype, on_triton)
@@ -98,7 +98,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
             proxy.weight_loader = self._router(layer, name)
             layer.register_parameter(name, proxy)
 
-    def _group(self, layer, g: int, spec: dict, native, mine: list[int], lo: int, per_rank: int, hidden_size: int,
+    def _group(self, layer, g: int, spec: ExpertGroup, native, mine: list[int], lo: int, per_rank: int, hidden_size: int,
                intermediate_size_per_partition: int, params_dtype, on_triton: bool):
         """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method; and its
         local_id_table. A group on SGLang's Triton runner is readied for the shared chain."""
@@ -118,7 +118,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
                        swiglu_limit=cfg.swiglu_limit, with_bias=layer.with_bias,
                        routing_method_type=cfg.routing_method_type, is_gated=cfg.is_gated,
                        gate_up_interleaved=cfg.gate_up_interleaved)
-        self.check(sub, f"{self.prefix} experts {spec['experts']}", spec, sub.quant_method)
+        self.check(sub, f"{self.prefix} experts {spec.experts}", spec, sub.quant_method)
         correct_built_gptq_marlin_moe(sub)  # SGLang 0.5.17's GPTQ-Marlin MoE under TP (sglang_fixes.py)
         if on_triton:
             # its kernels (which read this same config object) now drop -1 blocks (see the module docstring), and its
@@ -142,7 +142,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
             if real is None:
                 spec = self.groups[int(key)][0]
                 raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} of {self.prefix} is "
-                                 f"{spec['format']}, which has no {name}; the checkpoint and its manifest disagree — "
+                                 f"{spec.format}, which has no {name}; the checkpoint and its manifest disagree — "
                                  f"run mpconvert verify")
             real.weight_loader(real, loaded_weight, weight_name, shard_id=shard_id, expert_id=loader_id)
         return load

@@ -21,7 +21,8 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig
 
 from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
-from mpconvert.manifest import MANIFEST, MIXED_EXPERTS, QUANT_METHOD
+from mpconvert.errors import UserError
+from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
 
@@ -32,17 +33,17 @@ _MLA = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
 _MLA_NO_PACKED = ("self_attn.kv_b_proj", "self_attn.fused_qkv_a_proj_with_mqa")
 
 
-def _check_mla(manifest: dict) -> Optional[types.SimpleNamespace]:
+def _check_mla(manifest: Manifest) -> Optional[types.SimpleNamespace]:
     """Refuses what the MLA loader would load wrong; returns the model-wide FP8 layout of kv_b_proj (its
     `linear_fp8_config`), or None where no kv_b_proj is FP8."""
-    for unit, spec in manifest["units"].items():
-        if unit.endswith(_MLA_NO_PACKED) and spec["format"] in ("gptq", "awq"):
-            raise ValueError(f"mpconvert: {unit} is {spec['format']} in a {manifest['model']['model_type']} model; "
+    for unit, spec in manifest.units.items():
+        if unit.endswith(_MLA_NO_PACKED) and spec.format in ("gptq", "awq"):
+            raise ValueError(f"mpconvert: {unit} is {spec.format} in a {manifest.model.model_type} model; "
                              f"SGLang's MLA loader decodes packed int4 there only for a whole-model AWQ config "
                              f"(kv_b_proj absorption, fused q_a/kv_a concatenation), so it would load wrong — take "
                              f"the MLA projections from an FP8, Int8 or bf16 source")
-    blocks = {json.dumps(s["params"].get("block")) for u, s in manifest["units"].items()
-              if u.endswith("kv_b_proj") and s["format"] == "fp8"}
+    blocks = {json.dumps(s.params.get("block")) for u, s in manifest.units.items()
+              if u.endswith("kv_b_proj") and s.format == "fp8"}
     if len(blocks) > 1:
         raise ValueError(f"mpconvert: the kv_b_proj layers use different FP8 layouts (blocks {sorted(blocks)}); "
                          f"SGLang's MLA loader takes one for the whole model — take them from one FP8 source")
@@ -57,17 +58,17 @@ def _model_dir(config: dict) -> Path:
     return Path(path)
 
 
-def _check_native(layer: torch.nn.Module, prefix: str, spec: dict, method) -> None:
+def _check_native(layer: torch.nn.Module, prefix: str, spec, method) -> None:
     """The method must be the format's native one, not a dequantizing or generic fallback (AWQ-Marlin → AWQ,
     Marlin MoE → WNA16 MoE, unquantized); so must the scheme where the config has set one by now (linears: AWQ's
     fallback keeps AWQLinearMethod and differs only there; MoE schemes come later, verify --engine checks those)."""
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
-    want, want_scheme = FORMATS[spec["format"]].sglang_methods(spec["params"], isinstance(layer, FusedMoE))
+    want, want_scheme = FORMATS[spec.format].sglang_methods(spec.params, isinstance(layer, FusedMoE))
     got, scheme = type(method).__name__, type(getattr(layer, "scheme", None)).__name__
     scheme_set = getattr(layer, "scheme", None) is not None
     if method is None or got != want or (want_scheme is not None and scheme_set and scheme != want_scheme):
-        raise ValueError(f"mpconvert: {prefix} ({spec['format']}) got {got}/{scheme}, not its native "
+        raise ValueError(f"mpconvert: {prefix} ({spec.format}) got {got}/{scheme}, not its native "
                          f"{want}{'/' + want_scheme if want_scheme else ''}; refusing a dequantizing, generic or "
                          f"unquantized fallback")
 
@@ -103,8 +104,8 @@ def _subs(self_or_cls) -> list[QuantizationConfig]:
 
 
 class MpconvertConfig(QuantizationConfig):
-    def __init__(self, manifest: dict, subs: dict[str, Optional[QuantizationConfig]],
-                 groups: dict[str, list[tuple[dict, Optional[QuantizationConfig]]]],
+    def __init__(self, manifest: Manifest, subs: dict[str, Optional[QuantizationConfig]],
+                 groups: dict[str, list[tuple[ExpertGroup, Optional[QuantizationConfig]]]],
                  linear_fp8_config: Optional[types.SimpleNamespace] = None):
         super().__init__()
         self.manifest = manifest
@@ -143,12 +144,14 @@ class MpconvertConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MpconvertConfig":
         d = _model_dir(config)
-        raw = (d / MANIFEST).read_bytes()
+        try:
+            manifest, raw = load_manifest(d)
+        except UserError as e:  # a missing, old or schema-breaking manifest: SGLang reports ValueErrors at load
+            raise ValueError(f"mpconvert: {e}; run `mpconvert verify {d}`") from None
         if config.get("manifest_sha256") != hashlib.sha256(raw).hexdigest():
             raise ValueError(f"mpconvert: {d / MANIFEST} does not match config.json's manifest_sha256 (edited after "
                              f"build?); run `mpconvert verify {d}`")
-        manifest = json.loads(raw)
-        model_type = manifest["model"]["model_type"]
+        model_type = manifest.model.model_type
         linear_fp8_config = _check_mla(manifest) if model_type in _MLA else None
         built: dict[str, QuantizationConfig] = {}
 
@@ -169,12 +172,12 @@ class MpconvertConfig(QuantizationConfig):
             return built[key]
 
         subs: dict[str, Optional[QuantizationConfig]] = {}
-        groups: dict[str, list[tuple[dict, Optional[QuantizationConfig]]]] = {}
-        for unit, spec in manifest["units"].items():
-            if spec["format"] == MIXED_EXPERTS:
-                groups[unit] = [(g, native(unit, g["format"], g["params"])) for g in spec["groups"]]
+        groups: dict[str, list[tuple[ExpertGroup, Optional[QuantizationConfig]]]] = {}
+        for unit, spec in manifest.units.items():
+            if spec.groups:
+                groups[unit] = [(g, native(unit, g.format, g.params)) for g in spec.groups]
             else:
-                subs[unit] = native(unit, spec["format"], spec["params"])
+                subs[unit] = native(unit, spec.format, spec.params)
         return cls(manifest, subs, groups, linear_fp8_config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
@@ -184,7 +187,7 @@ class MpconvertConfig(QuantizationConfig):
         if prefix in self.groups:
             for spec, sub in self.groups[prefix]:
                 if sub is not None:
-                    _check_moe_dtype(layer, f"{prefix} experts {spec['experts']}", sub)
+                    _check_moe_dtype(layer, f"{prefix} experts {spec.experts}", sub)
             return MixedExpertsMethod(prefix, self.groups[prefix], _check_native)
         if prefix not in self.subs:
             # not a module the manifest assigns (embeddings, routers, norms): SGLang's unquantized default
@@ -194,7 +197,7 @@ class MpconvertConfig(QuantizationConfig):
             return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
         _check_moe_dtype(layer, prefix, sub)
         method = sub.get_quant_method(layer, prefix)
-        _check_native(layer, prefix, self.manifest["units"][prefix], method)
+        _check_native(layer, prefix, self.manifest.units[prefix], method)
         return patch_gptq_marlin_moe(method)
 
     def get_scaled_act_names(self) -> list[str]:

@@ -102,7 +102,7 @@ def test_clean_moe_passes_everything(moe, cli, tmp_path):
 
 def test_fast_mode_says_it_skipped_hashes(dense_out, cli):
     rep = run_verify(cli, dense_out, "--fast")
-    assert rep["ok"] and not rep["hashed"] and "sha256 skipped" in rep["checks"][0]
+    assert rep["ok"] and not rep["hashed"] and "sha256 and NaN scan skipped" in rep["checks"][0]
 
 
 L0 = "model.layers.0"
@@ -219,7 +219,13 @@ def test_engine_check_flags_a_float_copy_in_a_quantized_unit():
     from mpconvert.engine import compare
     from mpconvert.verify import Report
 
-    manifest = {"units": {"model.layers.0.mlp.down_proj": {"format": "gptq", "params": {"bits": 4}}}}
+    from types import SimpleNamespace
+
+    from mpconvert.manifest import UnitEntry
+
+    gptq = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    manifest = SimpleNamespace(units={"model.layers.0.mlp.down_proj": UnitEntry(
+        format="gptq", params=gptq, members=["model.layers.0.mlp.down_proj"])})
     ok = {"methods": {"model.layers.0.mlp.down_proj": ["GPTQMarlinLinearMethod", "GPTQMarlinLinearScheme"]},
           "untouched": [], "params": {"model.layers.0.mlp.down_proj.qweight": ["torch.int32", [64, 256], ""],
                                       "model.layers.0.mlp.down_proj.scales": ["torch.bfloat16", [4, 256], ""]}}

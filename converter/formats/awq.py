@@ -7,30 +7,64 @@ v_proj→o_proj, up_proj→down_proj): see layout.py for the coupling this force
 """
 from __future__ import annotations
 
+from typing import Literal, Optional
+
+from pydantic import field_validator
+
 from ..errors import UserError
-from .base import Expect, Format, ceil_div, register
-from .gptq import marlin_tp_problem
-from .intpack import unpack_cols
+from .base import Expect, Format, Params, ProducerConfig, ceil_div, parse_config, positive_scales, register
+from .gptq import group_size_ok, marlin_problem
+from .intpack import round_to_nearest_int, unpack_cols
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+# SGLang 0.5.17's AWQ-Marlin asks verify_marlin_supports_shape (marlin_utils.py: GPTQ_MARLIN_MIN_THREAD_K = 128)
+# and falls back to the dequantizing AWQ kernel where it says no — which the shim refuses: so 128 binds here.
+AWQ_MARLIN_MIN_K = 128
+
+
+class AWQParams(Params):
+    bits: Literal[4]
+    group_size: int
+    zero_point: Literal[True]
+
+    _group = field_validator("group_size")(group_size_ok)
+
+
+class AWQConfig(ProducerConfig):
+    """AutoAWQ (w_bit, q_group_size, version) and gptqmodel (bits, group_size, format) spellings."""
+    version: Optional[str] = None
+    format: Optional[str] = None
+    bits: Optional[int] = None
+    w_bit: Optional[int] = None
+    group_size: Optional[int] = None
+    q_group_size: Optional[int] = None
+    zero_point: bool = True
 
 
 class AWQ(Format):
     name = "awq"
+    params_model = AWQParams
+    value_tensors = ("scales",)
     folds_scales = True
     sglang_moe_runner = "marlin"
+    rtn_factor, module_floor, block_error_band, logits_cosine_band = 2.5, 0.02, 0.40, 0.85
 
     @staticmethod
     def params_from_config(qc: dict, where: str) -> dict:
-        version = str(qc.get("version") or qc.get("format") or "gemm").lower()
-        bits = int(qc.get("bits", qc.get("w_bit", 4)))
-        gs = int(qc.get("group_size", qc.get("q_group_size", 128)))
+        c = parse_config(AWQConfig, qc, where)
+        version = (c.version or c.format or "gemm").lower()
+        bits = c.bits if c.bits is not None else c.w_bit if c.w_bit is not None else 4
+        gs = c.group_size if c.group_size is not None else c.q_group_size if c.q_group_size is not None else 128
+        try:
+            group_size_ok(gs)
+        except ValueError as e:
+            raise UserError(f"{where}: quantization_config: {e}") from None
         if version != "gemm":
             raise UserError(f"{where}: AWQ version {version!r} is not supported (only GEMM); re-export with "
                             f"version='gemm'")
         if bits != 4:
             raise UserError(f"{where}: AWQ with {bits} bits is not supported (AWQ-Marlin is 4-bit)")
-        if not qc.get("zero_point", True):
+        if not c.zero_point:
             raise UserError(f"{where}: AWQ without zero points is not supported by SGLang's AWQ-Marlin")
         return {"bits": 4, "group_size": gs, "zero_point": True}
 
@@ -51,8 +85,14 @@ class AWQ(Format):
         s = t["scales"].float().repeat_interleave(gs, 0)[: q.shape[0]]
         return ((q - z).float() * s).T.contiguous()
 
-    def tp_problem(self, p, out_part, in_part):
-        return marlin_tp_problem(4, p["group_size"], out_part, in_part)
+    def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
+        return marlin_problem(4, p["group_size"], out_parts, in_part, in_full, AWQ_MARLIN_MIN_K)
+
+    def check_values(self, module, t, p):
+        return positive_scales(module, "scales", t["scales"])
+
+    def round_to_nearest(self, w, p):
+        return round_to_nearest_int(w, 4, p["group_size"], symmetric=False)
 
     def sglang_config(self, p):
         return "awq_marlin", {"quant_method": "awq", "bits": 4, "group_size": p["group_size"], "zero_point": True,

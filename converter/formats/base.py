@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from ..errors import UserError
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -45,8 +47,55 @@ class Expect:
         return dtype in self.dtypes and (tuple(shape) == self.shape or tuple(shape) in self.alt_shapes)
 
 
+class Params(BaseModel):
+    """A format's params as the manifest records them: typed, nothing unknown, no coercion (a JSON true is not 1)."""
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ProducerConfig(BaseModel):
+    """A producer's quantization_config as this format reads it: the fields it uses are typed and checked, the rest
+    (producer metadata) ignored."""
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+def first_error(e: ValidationError) -> str:
+    """pydantic's first error as 'field.path: message'."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(model: type[BaseModel], data, where: str):
+    """Validate a producer's config (or part of one) into `model`; a violation is one UserError naming the field."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: quantization_config must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{where}: quantization_config.{first_error(e)}; fix the config or re-export the "
+                        f"checkpoint") from None
+
+
+def positive_scales(module: str, suffix: str, s) -> str | None:
+    """Every scale a format multiplies by must be a positive finite number (the README promises it)."""
+    s = s.float()
+    if not bool(s.isfinite().all()):
+        return f"{module}.{suffix} has NaN or infinite scales"
+    if not bool((s > 0).all()):
+        return f"{module}.{suffix} has zero or negative scales"
+    return None
+
+
 class Format:
     name: str = ""
+    params_model: type[Params] = Params
+    # the suffixes check_values reads: small tensors (scales, zeros, g_idx), cheap enough to check on every build
+    value_tensors: tuple[str, ...] = ()
     # True where the producer folds activation scales into the previous op (norms, v_proj→o_proj, up→down),
     # which couples modules across sources (layout.py)
     folds_scales: bool = False
@@ -54,6 +103,14 @@ class Format:
     # layer has more experts than it holds — how expert parallelism and mixed-format expert groups skip others'
     # experts) or "marlin" (GPTQ/AWQ: SGLang passes its kernel no expert map, so -1 is not known to be skipped)
     sglang_moe_runner: str = "triton"
+    # numeric bands of verify --numeric (fidelity.py): a module's weight error against the base may be rtn_factor ×
+    # what round-to-nearest in its own scheme gets on the same weight (never below module_floor); a decoder block's
+    # output error up to block_error_band (its least precise format's); the end-to-end logits cosine at least
+    # logits_cosine_band (the model's least precise format's). Calibrated on the real fixtures (tests print them).
+    rtn_factor: float = 1.5
+    module_floor: float = 1e-6
+    block_error_band: float = 1e-4
+    logits_cosine_band: float = 0.9999
 
     def describe(self, p: dict) -> str:
         return self.name
@@ -65,9 +122,18 @@ class Format:
         """Reference dequantizer: stored tensors → float32 weight [out, in]."""
         raise NotImplementedError
 
-    def tp_problem(self, p: dict, out_part: int, in_part: int) -> str | None:
-        """Why a TP partition of [out_part, in_part] cannot run on the native kernel, or None."""
+    def kernel_problem(self, p: dict, out_parts: list[int], in_part: int, in_full: int, split_out: bool,
+                       split_in: bool, moe: bool) -> str | None:
+        """Why SGLang's native kernel for this scheme cannot take a layer as one rank holds it, or None.
+        out_parts: the output sizes of the layer's fused parts on the rank (q, k, v; gate, up; one part unfused);
+        in_part: its input size on the rank, in_full before any split; split_out / split_in: whether TP split the
+        output (column parallel) / the input (row parallel); moe: an expert layer (FusedMoE), whose out_parts are
+        [intermediate, intermediate] for gate/up and whose in_part is the intermediate size for down."""
         return None
+
+    def value_suffixes(self, p: dict) -> tuple[str, ...]:
+        """The suffixes check_values reads (small: scales, zeros, g_idx)."""
+        return self.value_tensors
 
     def rewrite(self, suffix: str, p: dict) -> Callable | None:
         """An exact byte rewrite applied while copying (tensor → tensor), or None for a verbatim copy."""
@@ -92,8 +158,24 @@ class Format:
         where the method carries one (None: not checked). `verify --engine sglang` expects each layer to get these."""
         raise NotImplementedError
 
+    def round_to_nearest(self, w, p: dict):
+        """w (float32 [out, in]) quantized by plain round-to-nearest in this scheme and dequantized: the yardstick
+        of what the scheme can do on this weight (fidelity.module_band)."""
+        return w
+
+    def rtn_error(self, w, p: dict) -> float:
+        q = self.round_to_nearest(w.float(), p)
+        return float((q.double() - w.double()).norm() / w.double().norm().clamp(min=1e-30))
+
+    def check_params(self, p) -> None:
+        """Raise ValueError('field: problem') unless p is a valid params object of this format."""
+        try:
+            self.params_model.model_validate(p)
+        except ValidationError as e:
+            raise ValueError(first_error(e)) from None
+
     def check_values(self, module: str, t: dict, p: dict) -> str | None:
-        """Value-level invariants (cheap, on loaded tensors); a problem description or None."""
+        """Value-level invariants on the loaded `value_tensors` (cheap); a problem description or None."""
         return None
 
 

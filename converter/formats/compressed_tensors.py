@@ -8,56 +8,115 @@ per-channel weights with dynamic per-token activations. W4A16 `pack-quantized`, 
 from __future__ import annotations
 
 import re
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UserError
-from .base import Scheme
+from .base import ProducerConfig, Scheme, parse_config
+
+_CLASS_TARGETS = ("Linear", "nn.Linear", "torch.nn.Linear")
+
+
+def _regexes_ok(targets: list[str]) -> list[str]:
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise ValueError(f"bad regex {t!r}: {e}") from None
+    return targets
+
+
+class QuantArgs(BaseModel):
+    """compressed-tensors QuantizationArgs, the fields mpconvert reads."""
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    num_bits: int
+    type: str
+    strategy: Optional[str] = None
+    symmetric: bool = True
+    dynamic: bool = False
+    block_structure: Optional[list[int]] = Field(None, min_length=2, max_length=2)
+    group_size: Optional[int] = None
+
+    @field_validator("block_structure")
+    @classmethod
+    def _block(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError(f"block_structure {v} must be two positive integers")
+        return v
+
+
+class ConfigGroup(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    targets: list[str] = []
+    weights: Optional[QuantArgs] = None
+    input_activations: Optional[QuantArgs] = None
+    format: Optional[str] = None
+
+    _targets = field_validator("targets")(classmethod(lambda cls, v: _regexes_ok(v)))
+
+
+class CTConfig(ProducerConfig):
+    config_groups: dict[str, ConfigGroup] = {}
+    ignore: list[str] = []
+    format: Optional[str] = None
+    quantization_status: str = "compressed"
+    sparsity_config: Optional[dict] = None
+    transform_config: Optional[dict] = None
+
+    _ignore = field_validator("ignore")(classmethod(lambda cls, v: _regexes_ok(v)))
 
 
 def _matches(target: str, module: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], module) is not None
-    if target in ("Linear", "nn.Linear", "torch.nn.Linear"):
+    if target in _CLASS_TARGETS:
         return True  # every module we ask about is a linear
     return module == target or module.endswith("." + target)
 
 
-def scheme_of_group(group: dict, top_format: str | None, where: str) -> Scheme:
-    w, a = group.get("weights") or {}, group.get("input_activations")
-    fmt = group.get("format") or top_format
-    act = "none" if not a else ("dynamic" if a.get("dynamic") else "static")
-    if w.get("type") == "float" and w.get("num_bits") == 8:
-        strategy = w.get("strategy")
-        if strategy not in ("tensor", "channel", "block"):
-            raise UserError(f"{where}: compressed-tensors FP8 weight strategy {strategy!r} is not supported")
-        if a and a.get("type") != "float":
+def scheme_of_group(group: ConfigGroup, top_format: str | None, where: str) -> Scheme:
+    w, a = group.weights, group.input_activations
+    if w is None:
+        raise UserError(f"{where}: config group has no weights args; mpconvert reads weight-quantized groups only")
+    fmt = group.format or top_format
+    act = "none" if not a else ("dynamic" if a.dynamic else "static")
+    if w.type == "float" and w.num_bits == 8:
+        if w.strategy not in ("tensor", "channel", "block"):
+            raise UserError(f"{where}: compressed-tensors FP8 weight strategy {w.strategy!r} is not supported")
+        if a and a.type != "float":
             raise UserError(f"{where}: FP8 weights with non-FP8 activations are not supported")
-        block = list(w.get("block_structure") or []) if strategy == "block" else None
-        return Scheme.of("fp8", layout="ct", strategy=strategy, block=block, activation=act)
-    if w.get("type") == "int" and w.get("num_bits") == 8:
-        if w.get("strategy") != "channel" or not w.get("symmetric", True):
+        if w.strategy == "block" and w.block_structure is None:
+            raise UserError(f"{where}: FP8 block strategy without block_structure; re-export the checkpoint")
+        block = list(w.block_structure) if w.strategy == "block" else None
+        return Scheme.of("fp8", layout="ct", strategy=w.strategy, block=block, activation=act)
+    if w.type == "int" and w.num_bits == 8:
+        if w.strategy != "channel" or not w.symmetric:
             raise UserError(f"{where}: int8 weights must be symmetric per-channel for SGLang's W8A8-Int8 kernel "
-                            f"(found strategy={w.get('strategy')!r}, symmetric={w.get('symmetric')})")
-        if act != "dynamic" or a.get("strategy") != "token":
+                            f"(found strategy={w.strategy!r}, symmetric={w.symmetric})")
+        if act != "dynamic" or a.strategy != "token":
             raise UserError(f"{where}: int8 needs dynamic per-token activations for SGLang's W8A8-Int8 kernel "
                             f"(found {act}); re-quantize with scheme W8A8")
         return Scheme.of("int8", layout="ct", activation="dynamic")
-    raise UserError(f"{where}: compressed-tensors scheme {w.get('type')}{w.get('num_bits')} (format {fmt!r}) is not "
+    raise UserError(f"{where}: compressed-tensors scheme {w.type}{w.num_bits} (format {fmt!r}) is not "
                     f"supported yet; supported: FP8 (tensor/channel/block) and W8A8 int8")
 
 
 class CompressedTensorsConfig:
     def __init__(self, qc: dict, where: str):
         self.where = where
-        if qc.get("sparsity_config"):
+        c = parse_config(CTConfig, qc, where)
+        if c.sparsity_config:
             raise UserError(f"{where}: compressed-tensors sparsity is not supported; use a dense quantized source")
-        if qc.get("transform_config"):
+        if c.transform_config:
             raise UserError(f"{where}: compressed-tensors transforms are not supported")
-        if qc.get("quantization_status", "compressed") != "compressed":
-            raise UserError(f"{where}: quantization_status is {qc.get('quantization_status')!r}; save with "
+        if c.quantization_status != "compressed":
+            raise UserError(f"{where}: quantization_status is {c.quantization_status!r}; save with "
                             f"save_compressed=True")
-        self.ignore = list(qc.get("ignore") or [])
-        self.groups = [(name, list(g.get("targets") or []), scheme_of_group(g, qc.get("format"), f"{where} {name}"))
-                       for name, g in sorted((qc.get("config_groups") or {}).items())]
+        self.ignore = list(c.ignore)
+        self.groups = [(name, list(g.targets), scheme_of_group(g, c.format, f"{where} {name}"))
+                       for name, g in sorted(c.config_groups.items())]
         if not self.groups:
             raise UserError(f"{where}: compressed-tensors config has no config_groups")
 
@@ -68,6 +127,6 @@ class CompressedTensorsConfig:
         for specific in (True, False):
             for _, targets, scheme in self.groups:
                 for t in targets:
-                    if (t not in ("Linear", "nn.Linear", "torch.nn.Linear")) == specific and _matches(t, module):
+                    if (t not in _CLASS_TARGETS) == specific and _matches(t, module):
                         return scheme
         return None

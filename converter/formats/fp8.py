@@ -13,15 +13,62 @@ writes native block FP8 in the compressed-tensors layout: the scale tensor renam
 """
 from __future__ import annotations
 
-from .base import FLOAT_DTYPES, Expect, Format, ceil_div, register
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .base import (FLOAT_DTYPES, Expect, Format, Params, ProducerConfig, ceil_div, parse_config, positive_scales,
+                   register)
 
 
 # model_type → SGLang 0.5.17's loader renames `weight_scale_inv` (models/llama.py; Mistral inherits it; qwen3_5.py)
 RENAMES_SCALE_INV = ("llama", "mistral", "qwen3_5")
 
 
+class FP8Params(Params):
+    layout: Literal["ct", "native"]
+    strategy: Literal["tensor", "channel", "block"]
+    block: Optional[list[int]]
+    activation: Literal["none", "dynamic", "static"]
+    converted_from: Optional[Literal["native"]] = None
+
+    @model_validator(mode="after")
+    def _block(self):
+        if (self.strategy == "block") != (self.block is not None):
+            raise ValueError("block is [block_n, block_k] exactly when strategy is block")
+        if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
+            raise ValueError(f"block {self.block} must be two positive integers")
+        return self
+
+
+class NativeFP8Config(ProducerConfig):
+    """SGLang's / DeepSeek's `quant_method: fp8`."""
+    activation_scheme: Literal["dynamic", "static"] = "dynamic"
+    fmt: Literal["e4m3"] = "e4m3"
+    weight_block_size: Optional[list[int]] = Field(None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _block(self):
+        if self.weight_block_size is not None and min(self.weight_block_size) < 1:
+            raise ValueError(f"weight_block_size {self.weight_block_size} must be two positive integers")
+        return self
+
+
+FP8_MAX = 448.0  # largest finite E4M3 value
+
+
 class FP8(Format):
     name = "fp8"
+    params_model = FP8Params
+    rtn_factor, module_floor, block_error_band, logits_cosine_band = 1.5, 1e-3, 0.25, 0.97
+
+    @staticmethod
+    def params_from_config(qc: dict, where: str) -> dict:
+        c = parse_config(NativeFP8Config, qc, where)
+        return {"activation": c.activation_scheme, "block": c.weight_block_size}
+
+    def value_suffixes(self, p) -> tuple[str, ...]:
+        return (self.scale_name(p),) + (("input_scale",) if p["activation"] == "static" else ())
 
     def describe(self, p):
         blk = f" {p['block'][0]}x{p['block'][1]}" if p["strategy"] == "block" else ""
@@ -69,14 +116,27 @@ class FP8(Format):
             s = s.reshape(())
         return w * s
 
-    def tp_problem(self, p, out_part, in_part):
+    def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
+        """SGLang 0.5.17's block-FP8 shape rules (fp8.py / fp8_utils.validate_fp8_block_shape /
+        compressed_tensors_w8a8_fp8_moe.py): a row-split input, every column-split or fused output part (a fused
+        layer at TP=1 too: compressed-tensors exempts its last part there), and an expert's intermediate size are
+        whole blocks."""
         if p["strategy"] != "block":
             return None
         bn, bk = p["block"]
-        if out_part % bn:
-            return f"output partition {out_part} is not a multiple of the FP8 block {bn}"
-        if in_part % bk:
-            return f"input partition {in_part} is not a multiple of the FP8 block {bk}"
+        if split_in and in_part % bk:
+            what = "expert intermediate size" if moe else "input size per rank"
+            return f"{what} {in_part} is not a multiple of the FP8 block {bk}"
+        if moe:  # gate/up: the intermediate size per partition; down's output (the hidden size) is not checked
+            checked = out_parts if len(out_parts) > 1 else []
+        elif split_out:
+            checked = out_parts
+        else:
+            checked = [] if len(out_parts) == 1 else out_parts if p["layout"] == "native" else out_parts[:-1]
+        for o in checked:
+            if o % bn:
+                what = "expert intermediate size" if moe else "output part" + (" per rank" if split_out else "")
+                return f"{what} {o} (of {out_parts}) is not a multiple of the FP8 block {bn}"
         return None
 
     def sglang_config(self, p):
@@ -106,10 +166,27 @@ class FP8(Format):
         return (("CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE") if moe
                 else ("CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"))
 
+    def round_to_nearest(self, w, p):
+        import torch
+
+        def cast(x, s):
+            return (x / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+
+        if p["strategy"] == "tensor":
+            return cast(w, w.abs().amax().clamp(min=1e-12) / FP8_MAX)
+        if p["strategy"] == "channel":
+            return cast(w, w.abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX)
+        (bn, bk), (out_f, in_f) = p["block"], w.shape
+        x = torch.nn.functional.pad(w, (0, -in_f % bk, 0, -out_f % bn))
+        xb = x.reshape(x.shape[0] // bn, bn, x.shape[1] // bk, bk)
+        s = xb.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / FP8_MAX
+        return cast(xb, s).reshape(x.shape)[:out_f, :in_f]
+
     def check_values(self, module, t, p):
-        s = t[self.scale_name(p)].float()
-        if not bool((s > 0).all()) or not bool(s.isfinite().all()):
-            return f"{module}.{self.scale_name(p)} has non-positive or non-finite scales"
+        for suffix in self.value_suffixes(p):
+            problem = positive_scales(module, suffix, t[suffix])
+            if problem:
+                return problem
         return None
 
 

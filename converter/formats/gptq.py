@@ -9,33 +9,79 @@ Dequant: W[o, i] = (q[i, o] − z[g_idx[i], o]) · s[g_idx[i], o], with z = stor
 """
 from __future__ import annotations
 
+from typing import Literal, Optional
+
+from pydantic import field_validator
+
 from ..errors import UserError
-from .base import Expect, Format, ceil_div, register
-from .intpack import pack_cols, unpack_cols, unpack_rows
+from .base import Expect, Format, Params, ProducerConfig, ceil_div, parse_config, positive_scales, register
+from .intpack import pack_cols, round_to_nearest_int, unpack_cols, unpack_rows
 
-MARLIN_MIN_N, MARLIN_MIN_K = 64, 128  # SGLang marlin_utils: GPTQ_MARLIN_MIN_THREAD_N / _K
+# SGLang 0.5.17's Marlin kernel (kernels/jit/csrc/gemm/marlin/marlin.cuh: min_thread_n = min_thread_k = 64; it
+# picks a thread_k of 64 or 128 that divides K). GPTQ-Marlin runs whatever the kernel takes: SGLang computes its
+# Python-side shape check (check_marlin_supports_shape) and ignores the answer.
+MARLIN_MIN_N, MARLIN_KERNEL_MIN_K = 64, 64
 
 
-def marlin_tp_problem(bits: int, group_size: int, out_part: int, in_part: int) -> str | None:
-    """Shared by GPTQ and AWQ: SGLang's Marlin kernels' shape rules for one TP partition."""
-    if out_part % MARLIN_MIN_N:
-        return f"output partition {out_part} is not a multiple of {MARLIN_MIN_N} (Marlin tile)"
-    if in_part % MARLIN_MIN_K:
-        return f"input partition {in_part} is not a multiple of {MARLIN_MIN_K} (Marlin tile)"
-    if group_size > 0 and in_part % group_size:
-        return f"input partition {in_part} splits a quantization group of {group_size}"
+def marlin_problem(bits: int, group_size: int, out_parts: list[int], in_part: int, in_full: int,
+                   min_k: int) -> str | None:
+    """Shared by GPTQ and AWQ: the Marlin kernel's shape rules for one layer as a rank holds it (fused parts summed
+    into one N; every part packs whole int32 words along N where the format packs along N)."""
+    n = sum(out_parts)
+    if n % MARLIN_MIN_N:
+        return f"output size {n} is not a multiple of {MARLIN_MIN_N} (Marlin's minimum tile)"
+    if in_part % min_k:
+        return f"input size {in_part} is not a multiple of {min_k} (Marlin's minimum tile)"
+    if 0 < group_size < in_full and in_part % group_size:
+        return f"input size {in_part} splits a quantization group of {group_size}"
+    pf = 32 // bits
+    if any(o % pf for o in out_parts):
+        return f"a fused part's output size ({out_parts}) is not a multiple of {pf} packed values"
     return None
+
+
+def group_size_ok(v: int) -> int:
+    if v != -1 and v <= 0:
+        raise ValueError(f"group_size {v} must be -1 (one group) or positive")
+    return v
+
+
+class GPTQParams(Params):
+    bits: Literal[4, 8]
+    group_size: int
+    desc_act: bool
+    sym: Literal[True]  # Marlin is symmetric only: asymmetric GPTQ is refused at build, so never recorded
+    checkpoint_format: Literal["gptq", "gptq_v2"]
+    converted_from: Optional[Literal["gptq_v2"]] = None
+
+    _group = field_validator("group_size")(group_size_ok)
+
+
+class GPTQConfig(ProducerConfig):
+    """gptqmodel / auto-gptq quantize_config (config.json quantization_config or quantize_config.json)."""
+    bits: int = 4
+    group_size: int = 128
+    checkpoint_format: Optional[str] = None
+    format: Optional[str] = None
+    sym: bool = True
+    desc_act: bool = False
+    dynamic: Optional[dict] = None
+
+    _group = field_validator("group_size")(group_size_ok)
 
 
 class GPTQ(Format):
     name = "gptq"
+    params_model = GPTQParams
+    value_tensors = ("scales", "qzeros", "g_idx")
     sglang_moe_runner = "marlin"
+    rtn_factor, module_floor, block_error_band, logits_cosine_band = 2.5, 0.02, 0.40, 0.85
 
     @staticmethod
     def params_from_config(qc: dict, where: str) -> dict:
-        bits, gs = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
-        fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
-        sym, desc_act = bool(qc.get("sym", True)), bool(qc.get("desc_act", False))
+        c = parse_config(GPTQConfig, qc, where)
+        bits, gs, sym, desc_act = c.bits, c.group_size, c.sym, c.desc_act
+        fmt = c.checkpoint_format or c.format or "gptq"
         if fmt not in ("gptq", "gptq_v2"):
             raise UserError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (only gptq and gptq_v2); "
                             f"re-export it with format='gptq'")
@@ -44,7 +90,7 @@ class GPTQ(Format):
         if not sym:
             raise UserError(f"{where}: asymmetric GPTQ (sym=false) has no native SGLang kernel (Marlin is symmetric "
                             f"only); re-quantize with sym=True or take these modules from another source")
-        if qc.get("dynamic"):
+        if c.dynamic:
             raise UserError(f"{where}: GPTQ `dynamic` per-module overrides are not supported yet; use a uniform "
                             f"GPTQ checkpoint")
         return {"bits": bits, "group_size": gs, "desc_act": desc_act, "sym": sym, "checkpoint_format": fmt}
@@ -70,10 +116,16 @@ class GPTQ(Format):
         s = t["scales"].float()[g]
         return ((q - z).float() * s).T.contiguous()
 
+    def round_to_nearest(self, w, p):
+        return round_to_nearest_int(w, p["bits"], p["group_size"], symmetric=True)
+
     def check_values(self, module, t, p):
+        problem = positive_scales(module, "scales", t["scales"])
+        if problem:
+            return problem
         groups = t["scales"].shape[0]
         g = t["g_idx"]
-        if int(g.min()) < 0 or int(g.max()) >= groups:
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
             return f"{module}.g_idx has values outside [0, {groups})"
         if not p["desc_act"] and p["group_size"] > 0:
             import torch
@@ -105,8 +157,8 @@ class GPTQ(Format):
             return {**p, "checkpoint_format": "gptq", "converted_from": "gptq_v2"}
         return p
 
-    def tp_problem(self, p, out_part, in_part):
-        return marlin_tp_problem(p["bits"], p["group_size"], out_part, in_part)
+    def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
+        return marlin_problem(p["bits"], p["group_size"], out_parts, in_part, in_full, MARLIN_KERNEL_MIN_K)
 
     def sglang_config(self, p):
         return "gptq_marlin", {"quant_method": "gptq", "bits": p["bits"], "group_size": p["group_size"],

@@ -7,11 +7,21 @@ SGLang: W8A8Int8Config (dense and FusedMoE); compressed-tensors' own int8 MoE pa
 """
 from __future__ import annotations
 
-from .base import FLOAT_DTYPES, Expect, Format, register
+from typing import Literal
+
+from .base import FLOAT_DTYPES, Expect, Format, Params, positive_scales, register
+
+
+class Int8Params(Params):
+    layout: Literal["ct", "native"]
+    activation: Literal["dynamic"]
 
 
 class Int8(Format):
     name = "int8"
+    params_model = Int8Params
+    value_tensors = ("weight_scale",)
+    rtn_factor, module_floor, block_error_band, logits_cosine_band = 1.5, 1e-3, 0.10, 0.99
 
     def describe(self, p):
         return f"int8 w8a8 per-channel act={p['activation']} ({p['layout']})"
@@ -31,10 +41,11 @@ class Int8(Format):
         return ("W8A8Int8MoEMethod", None) if moe else ("W8A8Int8LinearMethod", None)
 
     def check_values(self, module, t, p):
-        s = t["weight_scale"].float()
-        if not bool((s > 0).all()) or not bool(s.isfinite().all()):
-            return f"{module}.weight_scale has non-positive or non-finite scales"
-        return None
+        return positive_scales(module, "weight_scale", t["weight_scale"])
+
+    def round_to_nearest(self, w, p):
+        s = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+        return (w / s).round().clamp(-128, 127) * s
 
 
 INT8_FORMAT = register(Int8())

@@ -36,3 +36,26 @@ def pack_cols(vals, bits: int):
         word |= v[:, :, k] << (bits * k)
     word = torch.where(word >= 2**31, word - 2**32, word)
     return word.to(torch.int32)
+
+
+def round_to_nearest_int(w, bits: int, group_size: int, symmetric: bool):
+    """Round-to-nearest b-bit integer quantization of w [out, in] in groups of `group_size` inputs (-1: one group per
+    row), dequantized: symmetric as GPTQ's sym (zero at the midpoint, scale 2·absmax/maxq), asymmetric as AWQ's
+    (min..max over maxq steps, integer zero)."""
+    import torch
+
+    out_f, in_f = w.shape
+    gs = group_size if group_size > 0 else in_f
+    pad = -in_f % gs
+    x = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out_f, -1, gs)
+    maxq = 2 ** bits - 1
+    if symmetric:
+        scale = 2 * x.abs().amax(-1, keepdim=True) / maxq
+        scale[scale == 0] = 1
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / maxq).clamp(min=1e-5)
+        zero = (-torch.round(lo / scale)).clamp(0, maxq)
+    q = (torch.round(x / scale) + zero).clamp(0, maxq)
+    return ((q - zero) * scale).reshape(out_f, -1)[:, :in_f]

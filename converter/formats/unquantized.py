@@ -1,11 +1,18 @@
 """Unquantized (bf16/fp16/fp32) weights: `weight` [out, in] (+ `bias`)."""
 from __future__ import annotations
 
-from .base import FLOAT_DTYPES, Expect, Format, register
+from typing import Literal
+
+from .base import FLOAT_DTYPES, Expect, Format, Params, register
+
+
+class UnquantizedParams(Params):
+    dtype: Literal["BF16", "F16", "F32"]
 
 
 class Unquantized(Format):
     name = "unquantized"
+    params_model = UnquantizedParams
 
     def describe(self, p):
         return f"unquantized {p['dtype'].lower()}"

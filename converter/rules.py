@@ -1,0 +1,232 @@
+"""The rules a mixed checkpoint must keep to be served right, in one place for build (on its plan) and verify (on
+the manifest): both describe their linear modules as `Linear`s and get structured `Problem`s back.
+
+- fused units: SGLang runs one kernel per fused layer (qkv, gate_up, MLA q_a+kv_a, a MoE layer's experts), so its
+  parts share one scheme; a MoE layer may hold several schemes per expert (mixed experts), each expert one, never
+  with a folded-scale format (its norm is every expert's input).
+- folded scales: AWQ folds o_proj's input scales into v_proj and down_proj's into up_proj — such pairs stay in one
+  source; a norm taken from a source other than the base goes with every module that reads it.
+- partitions (SGLang 0.5.17's rules, layers/linear.py, moe/fused_moe_triton/layer.py): attention heads over TP; the
+  experts over EP ranks and their intermediate size over moe_tp = tp / ep; each fused layer as a rank holds it must
+  fit its format's native kernel (Format.kernel_problem) — at TP=1 as well (a fused qkv of 576 outputs is not whole
+  FP8 blocks of 128 at any TP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import FORMATS, Scheme
+from .layout import ModelInfo, Role
+
+# the order of a fused unit's parts as SGLang stacks them (its last part is the one compressed-tensors' block-FP8 check
+# exempts at TP=1)
+SLOT_ORDER = {s: i for i, s in enumerate(("q", "k", "v", "q_a_proj", "kv_a_proj_with_mqa", "gate", "up", "w1", "w3"))}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """What the rules need to know of one linear module, from a plan or from a manifest."""
+    name: str
+    role: Role
+    scheme: Scheme
+    source: str
+    why: str  # the rule that chose its source (for messages)
+    out_features: int
+    in_features: int
+
+    def describe(self) -> str:
+        return f"{self.name.rsplit('.', 1)[-1]}={self.scheme.describe()} from {self.source!r} via {self.why}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    rule: str  # fused-unit | expert | folded-scales | heads | experts | partition | kernel
+    where: str  # the module or unit
+    message: str  # one line, with the fix
+
+
+def describe_schemes(members: list[Linear]) -> str:
+    """One example module per scheme."""
+    by: dict[Scheme, Linear] = {}
+    for m in members:
+        by.setdefault(m.scheme, m)
+    return "; ".join(m.describe() for m in by.values())
+
+
+# ---- fused units -------------------------------------------------------------------------------------------------
+def by_unit(linears: list[Linear]) -> dict[str, list[Linear]]:
+    units: dict[str, list[Linear]] = {}
+    for m in linears:
+        units.setdefault(m.role.unit, []).append(m)
+    return units
+
+
+def unit_problems(unit: str, members: list[Linear]) -> list[Problem]:
+    """One scheme per fused unit; in a MoE layer one scheme per expert and no folded-scale format among several."""
+    schemes = {m.scheme for m in members}
+    if len(schemes) == 1:
+        return []
+    if members[0].role.expert is None:
+        return [Problem("fused-unit", unit, f"fused unit {unit} mixes formats ({describe_schemes(members)}); SGLang "
+                                            f"runs one kernel per fused unit — assign all its parts to sources of "
+                                            f"one format")]
+    problems = []
+    for e, ms in sorted(experts_of(members).items()):
+        if len({m.scheme for m in ms}) > 1:
+            problems.append(Problem("expert", unit, f"expert {e} of {unit} mixes formats ({describe_schemes(ms)}); an "
+                                                    f"expert's gate, up and down projections run in one fused-MoE "
+                                                    f"call — give the whole expert one format (match "
+                                                    f"\"mlp.experts.*\" with experts: [...])"))
+    for m in members:
+        if FORMATS[m.scheme.format].folds_scales:
+            problems.append(Problem(
+                "expert", unit,
+                f"{unit} mixes formats across its experts ({describe_schemes(members)}) and takes {m.name} from "
+                f"{m.source!r} ({m.scheme.format}), a folded-scale source: it folded activation scales into the norm "
+                f"that the router and every expert of this layer read, so the other experts would see inputs scaled "
+                f"for its weights — take all of this layer's experts from {m.source!r}, or mix only formats that "
+                f"leave the norm alone (FP8, Int8, GPTQ, bf16)"))
+            break
+    return problems
+
+
+def experts_of(members: list[Linear]) -> dict[int, list[Linear]]:
+    out: dict[int, list[Linear]] = {}
+    for m in members:
+        out.setdefault(m.role.expert, []).append(m)
+    return out
+
+
+def expert_groups(members: list[Linear]) -> list[tuple[Scheme, list[int]]]:
+    """A mixed-experts layer's groups: (scheme, its expert ids ascending), in order of each scheme's first expert."""
+    groups: dict[Scheme, list[int]] = {}
+    for e, ms in sorted(experts_of(members).items()):
+        groups.setdefault(ms[0].scheme, []).append(e)
+    return list(groups.items())
+
+
+# ---- folded scales -----------------------------------------------------------------------------------------------
+def pair_problems(linears: list[Linear]) -> list[Problem]:
+    """AWQ folds o_proj's input scales into v_proj and down_proj's into up_proj: such pairs travel together (where
+    the shapes allow the fold: not GQA's v→o)."""
+    pairs: dict[str, dict[str, Linear]] = {}
+    for m in linears:
+        if m.role.pair:
+            pairs.setdefault(m.role.pair[0], {})[m.role.pair[1]] = m
+    problems = []
+    for p in pairs.values():
+        prod, cons = p.get("producer"), p.get("consumer")
+        if not prod or not cons or prod.source == cons.source or prod.out_features != cons.in_features:
+            continue
+        folder = next((m for m in (prod, cons) if FORMATS[m.scheme.format].folds_scales), None)
+        if folder:
+            problems.append(Problem(
+                "folded-scales", cons.name,
+                f"folded scales: {cons.name} comes from {cons.source!r} via {cons.why} but {prod.name} from "
+                f"{prod.source!r} via {prod.why}; {folder.source!r} ({folder.scheme.format}) folds "
+                f"{cons.name.rsplit('.', 1)[-1]}'s input scales into {prod.name.rsplit('.', 1)[-1]} — take both "
+                f"from the same source"))
+    return problems
+
+
+def consumers(linears: list[Linear]) -> dict[tuple[int | None, str], list[Linear]]:
+    """(layer, stage) → the linears that read that norm's output (their folded scales live in it)."""
+    out: dict[tuple, list[Linear]] = {}
+    for m in linears:
+        if m.role.stage is not None:
+            out.setdefault((m.role.layer, m.role.stage), []).append(m)
+    return out
+
+
+def norm_problems(norm: str, role: Role, source: str, readers: list[Linear]) -> list[Problem]:
+    """A norm (or router) taken from a source other than the base carries that source's folded scales: every
+    module reading it must come from that source."""
+    if source == "base":
+        return []
+    return [Problem("folded-scales", norm, f"{norm} comes from {source!r} (folded scales) but its consumer {c.name} "
+                                           f"comes from {c.source!r}; assign them together")
+            for c in readers if c.source != source]
+
+
+# ---- partitions and kernel shapes -------------------------------------------------------------------------------
+def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1) -> list[Problem]:
+    """Every split SGLang makes at TP=tp, EP=ep (experts over ep ranks, their intermediate size over tp/ep), and
+    every fused layer as one rank holds it, checked against its format's native kernel."""
+    problems = []
+    flag = f"--tp {tp}" + (f" --ep {ep}" if ep > 1 else "")
+    if info.num_heads % tp:
+        problems.append(Problem("heads", "model", f"{flag}: num_attention_heads={info.num_heads} is not divisible "
+                                                  f"by {tp}"))
+    if info.num_kv_heads % tp and tp % info.num_kv_heads:
+        problems.append(Problem("heads", "model", f"{flag}: num_key_value_heads={info.num_kv_heads} neither divides "
+                                                  f"nor is divisible by {tp}"))
+    if ep > 1 and tp % ep:
+        problems.append(Problem("experts", "model", f"{flag}: SGLang splits experts over the TP ranks; --tp must be a "
+                                                    f"multiple of --ep"))
+    if ep > 1 and info.num_experts % ep:
+        problems.append(Problem("experts", "model", f"{flag}: {info.num_experts} experts cannot be split evenly over "
+                                                    f"{ep} ranks"))
+    if problems:
+        return problems
+    for unit, members in by_unit(linears).items():
+        if members[0].role.expert is not None:
+            problems += _expert_unit(unit, members, tp, ep, flag)
+        else:
+            problems += _dense_unit(unit, members, info, tp, flag)
+    return problems
+
+
+def _kernel(unit: str, m: Linear, flag: str, tp: int, *args) -> list[Problem]:
+    problem = FORMATS[m.scheme.format].kernel_problem(m.scheme.params, *args)
+    if not problem:
+        return []
+    prefix = f"{flag}: " if tp > 1 else ""
+    fix = "use a smaller --tp or another format for this module" if tp > 1 else \
+        "SGLang cannot load it in this format at any TP; take it from another format"
+    return [Problem("kernel", unit, f"{prefix}{unit} ({m.scheme.describe()} from {m.source!r} via {m.why}): "
+                                    f"{problem}; {fix}")]
+
+
+def _dense_unit(unit: str, members: list[Linear], info: ModelInfo, tp: int, flag: str) -> list[Problem]:
+    members = sorted(members, key=lambda m: SLOT_ORDER.get(m.role.slot, 0))
+    first = members[0]
+    parallel = first.role.parallel
+    if parallel not in ("column", "row", "replicated"):
+        return []  # vocab-parallel heads: SGLang pads the vocabulary per rank
+    out_parts, problems = [], []
+    for m in members:
+        ways = (min(tp, info.num_kv_heads) if m.role.slot in ("k", "v") else tp) if parallel == "column" else 1
+        if m.out_features % ways:
+            problems.append(Problem("partition", m.name, f"{flag}: {m.name} has {m.out_features} outputs, not "
+                                                         f"divisible by {ways}"))
+        out_parts.append(m.out_features // ways)
+    in_ways = tp if parallel == "row" else 1
+    if first.in_features % in_ways:
+        problems.append(Problem("partition", first.name, f"{flag}: {first.name} has {first.in_features} inputs, not "
+                                                         f"divisible by {tp}"))
+    if problems:
+        return problems
+    return _kernel(unit, first, flag, tp, out_parts, first.in_features // in_ways, first.in_features,
+                   tp > 1 and parallel == "column", tp > 1 and parallel == "row", False)
+
+
+def _expert_unit(unit: str, members: list[Linear], tp: int, ep: int, flag: str) -> list[Problem]:
+    """Each scheme of the layer (one, or a mixed layer's groups) on one of its experts: gate/up as [I, I] by the
+    hidden size, down as the hidden size by I, with I split over moe_tp = tp / ep. SGLang's block-FP8 MoE checks
+    read the global TP size (split_in is tp > 1)."""
+    moe_tp = tp // ep
+    problems = []
+    for scheme, experts in expert_groups(members):
+        parts = {m.role.slot: m for m in experts_of(members)[experts[0]]}
+        gate, down = parts.get("w1") or parts.get("w3"), parts.get("w2")
+        if gate is None or down is None:
+            continue
+        inter, hidden = gate.out_features, gate.in_features
+        if inter % moe_tp:
+            problems.append(Problem("partition", unit, f"{flag}: {unit}'s expert intermediate size {inter} is not "
+                                                       f"divisible by moe_tp = {moe_tp}"))
+            continue
+        ip = inter // moe_tp
+        problems += _kernel(unit, gate, flag, tp, [ip, ip], hidden, hidden, moe_tp > 1, False, True) or \
+            _kernel(unit, down, flag, tp, [hidden], ip, inter, False, tp > 1, True)
+    return problems
