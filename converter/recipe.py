@@ -38,11 +38,11 @@ def parse_layers(spec: Union[str, int, list]) -> frozenset[int]:
     items = spec if isinstance(spec, list) else [spec]
     out: set[int] = set()
     for item in items:
-        if isinstance(item, bool):
+        if isinstance(item, bool) or len(str(item)) > 1000:
             raise ValueError(f"bad layer range {item!r}; use forms like 3, 0-5 or \"0-3,7\"")
         for part in str(item).split(","):
             part = part.strip()
-            m = re.fullmatch(r"(\d{1,9})\s*-\s*(\d{1,9})|(\d{1,9})", part)
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
             if not m:
                 raise ValueError(f"bad layer range {part!r}; use forms like 3, 0-5 or \"0-3,7\"")
             lo, hi = (int(m[1]), int(m[2])) if m[1] else (int(m[3]), int(m[3]))

@@ -133,13 +133,16 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
 
 
 def _check_coverage(path: Path, infos, data_start: int, data_len: int) -> None:
-    """The tensors tile the data area exactly: sorted by offset, each begins where the previous ended."""
+    """The tensors tile the data area exactly: no two share a byte, and sorted by offset each begins where the
+    previous ended, the last at the end of the file."""
+    ordered = sorted(infos, key=lambda t: (t.start, t.nbytes))
+    for a, b in zip(ordered, ordered[1:]):
+        if b.start < a.start + a.nbytes:
+            raise UserError(f"{path}: tensors {a.name!r} and {b.name!r} share bytes (overlapping data_offsets); "
+                            f"safetensors refuses aliased tensors — the file is corrupt, re-save it")
     at = 0
-    for t in sorted(infos, key=lambda t: (t.start, t.nbytes)):
+    for t in ordered:
         begin = t.start - data_start
-        if begin < at:
-            raise UserError(f"{path}: tensor {t.name!r} (bytes {begin}..{begin + t.nbytes}) overlaps the tensor "
-                            f"before it; safetensors refuses aliased tensors — re-save the checkpoint")
         if begin > at:
             raise UserError(f"{path}: {begin - at} bytes before tensor {t.name!r} belong to no tensor; the file is "
                             f"corrupt (safetensors refuses gaps) — re-save it")

@@ -1,0 +1,455 @@
+"""Off the happy path, by class: malformed safetensors, wrong-typed configs, bad values in sources, odd recipes and
+outputs, broken manifests. Each is one `error:` line naming the file/field and exit 2 (or, for verify, a finding and
+exit 1) — never a traceback, never a partial output. Real files: the fixtures' shards rewritten byte by byte."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_recipe
+from test_bad_inputs import copy, fails
+
+L0 = "model.layers.0"
+
+
+# ---- safetensors files written by hand ---------------------------------------------------------------------------
+def read_raw(f: Path) -> tuple[dict, bytes]:
+    b = f.read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    return json.loads(b[8:8 + n]), b[8 + n:]
+
+
+def write_raw(f: Path, header_text: str, data: bytes) -> None:
+    raw = header_text.encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def edit_header(src: Path, edit) -> Path:
+    """Rewrite the only shard's header: edit(header dict, data) → (header text, data)."""
+    [f] = src.glob("*.safetensors")
+    header, data = read_raw(f)
+    text, data = edit(header, data)
+    write_raw(f, text, data)
+    return src
+
+
+def dumps(h: dict) -> str:
+    return json.dumps(h, separators=(",", ":"))
+
+
+def overlap(h, data):  # k_proj's bytes alias q_proj's: the official library refuses this
+    q, k = h[f"{L0}.self_attn.q_proj.weight"], h[f"{L0}.self_attn.k_proj.weight"]
+    k["data_offsets"] = list(q["data_offsets"])
+    return dumps(h), data
+
+
+def gap(h, data):  # one tensor's bytes moved 8 bytes on: a hole before it
+    last = max((v for k, v in h.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][1])
+    b, e = last["data_offsets"]
+    last["data_offsets"] = [b + 8, e + 8]
+    return dumps(h), data[:b] + b"\0" * 8 + data[b:]
+
+
+def negative_begin(h, data):
+    t = h[f"{L0}.self_attn.q_proj.weight"]
+    t["data_offsets"] = [-8, t["data_offsets"][1] - t["data_offsets"][0] - 8]
+    return dumps(h), data
+
+
+def duplicate_key(h, data):
+    name = f"{L0}.self_attn.q_proj.weight"
+    text = dumps(h)
+    return text[:-1] + "," + json.dumps(name) + ":" + json.dumps(h[name]) + "}", data
+
+
+def shape(value):
+    def edit(h, data):
+        h[f"{L0}.input_layernorm.weight"]["shape"] = value
+        return dumps(h), data
+    return edit
+
+
+def offsets(value):
+    def edit(h, data):
+        h[f"{L0}.input_layernorm.weight"]["data_offsets"] = value
+        return dumps(h), data
+    return edit
+
+
+def newline_name(h, data):
+    name = f"{L0}.input_layernorm.weight"
+    h[name + "\n"] = h.pop(name)
+    return dumps(h), data
+
+
+def appended(h, data):
+    return dumps(h), data + b"\0" * 64
+
+
+def bad_metadata(h, data):
+    h["__metadata__"] = {"format": 1}
+    return dumps(h), data
+
+
+HEADER_CASES = {
+    "overlapping offsets": (overlap, "share bytes (overlapping data_offsets)"),
+    "gap between tensors": (gap, "belong to no tensor"),
+    "negative begin": (negative_begin, "data_offsets"),
+    "duplicate key": (duplicate_key, "twice"),
+    "negative shape": (shape([-1, -256]), "non-negative integers"),
+    "boolean shape": (shape([True, 256]), "non-negative integers"),
+    "float offsets": (offsets([0.0, 512.0]), "must be two integers"),
+    "string offsets": (offsets(["0", "512"]), "must be two integers"),
+    "newline in a name": (newline_name, "characters outside"),
+    "appended bytes": (appended, "after the last tensor"),
+    "metadata not strings": (bad_metadata, "__metadata__ must map strings to strings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_malformed_safetensors_source_is_refused(case, llama, cli, tmp_path):
+    edit, match = HEADER_CASES[case]
+    src = edit_header(copy(llama["ct-fp8-static"], tmp_path / "src"), edit)
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, match=match)
+
+
+def test_overlap_in_the_base_is_refused_too(llama, cli, tmp_path):
+    base = edit_header(copy(llama["base"], tmp_path / "b"), overlap)
+    r = write_recipe(tmp_path, {**llama, "base": base}, {"g": "gptq"}, "g")
+    fails(cli, tmp_path, r, match="share bytes (overlapping data_offsets)")
+
+
+# ---- values in sources -----------------------------------------------------------------------------------------
+def set_values(src: Path, name: str, values) -> Path:
+    """Overwrite tensor `name` of the source in place (bytes only: header, size and layout unchanged)."""
+    [f] = src.glob("*.safetensors")
+    header, data = read_raw(f)
+    t = header[name]
+    b, e = t["data_offsets"]
+    dt = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32}[t["dtype"]]
+    arr = np.frombuffer(data[b:e], dt).copy()
+    if t["dtype"] == "BF16":
+        f32 = np.frombuffer(arr.astype(np.uint32) << 16, np.float32).copy()
+        f32[: len(values)] = values
+        arr = (f32.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        arr[: len(values)] = values
+    (n,) = struct.unpack("<Q", f.read_bytes()[:8])
+    with open(f, "r+b") as fh:
+        fh.seek(8 + n + b)
+        fh.write(arr.tobytes())
+    return src
+
+
+VALUE_CASES = {
+    "NaN FP8 weight scale": ("ct-fp8-static", f"{L0}.mlp.down_proj.weight_scale", [np.nan],
+                             "weight_scale has NaN or infinite scales"),
+    "zero FP8 input scale": ("ct-fp8-static", f"{L0}.mlp.down_proj.input_scale", [0.0],
+                             "input_scale has zero or negative scales"),
+    "negative Int8 scale": ("ct-w8a8", f"{L0}.mlp.down_proj.weight_scale", [-1.0], "zero or negative scales"),
+    "negative GPTQ scale": ("gptq", f"{L0}.mlp.down_proj.scales", [-0.5], "scales has zero or negative scales"),
+    "infinite GPTQ scale": ("gptq", f"{L0}.mlp.down_proj.scales", [np.inf], "NaN or infinite scales"),
+    "g_idx out of range": ("gptq", f"{L0}.mlp.down_proj.g_idx", [99], "g_idx has values outside"),
+    "zero AWQ scale": ("awq", f"{L0}.self_attn.q_proj.scales", [0.0], "zero or negative scales"),
+    "NaN norm of a folded-scale source": ("awq", f"{L0}.input_layernorm.weight", [np.nan],
+                                          "input_layernorm.weight has NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_CASES))
+def test_bad_values_are_refused_before_writing(case, llama, cli, tmp_path):
+    kind, name, values, match = VALUE_CASES[case]
+    src = set_values(copy(llama[kind], tmp_path / "src"), name, values)
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, match=match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_routing_counts(moe, cli, tmp_path):
+    (tmp_path / "routing.json").write_text('{"0": [NaN, 1, 1, 1, 1, 1, 1, 1], "1": [1, 1, 1, 1, 1, 1, 1, 1]}')
+    r = write_recipe(tmp_path, moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8"}, "int8",
+                     '- {match: "mlp.experts.*", experts: {file: routing.json, top: 2}, source: fp8}')
+    fails(cli, tmp_path, r, match="negative, NaN or infinite counts")
+
+
+# ---- configs of the wrong type -----------------------------------------------------------------------------------
+def edit_config(src: Path, edit, name: str = "config.json") -> Path:
+    p = src / name
+    cfg = json.loads(p.read_text())
+    edit(cfg)
+    p.write_text(json.dumps(cfg))
+    return src
+
+
+def qc(**fields):
+    return lambda c: c["quantization_config"].update(fields)
+
+
+CONFIG_CASES = {
+    "bits a string": ("gptq", qc(bits="abc"), "quantization_config.bits"),
+    "group_size null": ("gptq", qc(group_size=None), "quantization_config.group_size"),
+    "group_size zero": ("gptq", qc(group_size=0), "group_size 0 must be -1 (one group) or positive"),
+    "config_groups a list": ("ct-w8a8", qc(config_groups=[]), "quantization_config.config_groups"),
+    "bad regex in ignore": ("ct-w8a8", qc(ignore=["re:(("]), "bad regex"),
+    "quant_method a number": ("gptq", qc(quant_method=7), "quant_method must be a string"),
+    "quantization_config a list": ("gptq", lambda c: c.update(quantization_config=[1]), "must be a JSON object"),
+    "weight_block_size zero": ("native-fp8-block", qc(weight_block_size=[0, 128]), "must be two positive integers"),
+    "fp8 activation scheme": ("native-fp8-block", qc(activation_scheme="weekly"), "activation_scheme"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_wrong_typed_producer_config(case, llama, cli, tmp_path):
+    kind, edit, match = CONFIG_CASES[case]
+    src = edit_config(copy(llama[kind], tmp_path / "src"), edit)
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, match=match)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", "abc", "num_hidden_layers='abc' must be an integer"),
+    ("num_attention_heads", 0, "num_attention_heads=0 must be an integer ≥ 1"),
+    ("num_key_value_heads", True, "num_key_value_heads=True must be an integer"),
+    ("model_type", None, "model_type=None must be a non-empty string"),
+])
+def test_wrong_typed_model_config(field, value, match, llama, cli, tmp_path):
+    base = edit_config(copy(llama["base"], tmp_path / "b"), lambda c: c.update({field: value}))
+    r = write_recipe(tmp_path, {**llama, "base": base}, {"g": "gptq"}, "g")
+    fails(cli, tmp_path, r, "--tp", "2", match=match)
+
+
+def test_index_of_the_wrong_type(llama, cli, tmp_path):
+    src = copy(llama["gptq"], tmp_path / "src")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, match="weight_map must map tensor names to shard file names")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": 3}}))
+    fails(cli, tmp_path, r, match="weight_map must map tensor names to shard file names")
+
+
+# ---- recipes and options ---------------------------------------------------------------------------------------
+def test_recipe_that_is_a_directory_or_not_utf8(llama, cli, tmp_path):
+    fails(cli, tmp_path, tmp_path, match="is a directory; pass the path of a recipe YAML file")
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"base: \xff\xfe\n")
+    fails(cli, tmp_path, p, match="not UTF-8 text")
+
+
+def test_huge_layer_range_is_refused_without_allocating(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g", '- {match: "*", layers: "0-2000000000", source: g}')
+    fails(cli, tmp_path, r, match="ids go up to 65535")
+
+
+def test_absurd_shard_size(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
+    fails(cli, tmp_path, r, "--shard-size", "9" * 400, match="bad size")
+    fails(cli, tmp_path, r, "--shard-size", "9" * 25, match="larger than 1 PiB")
+
+
+def test_output_under_a_file_or_a_read_only_filesystem(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
+    (tmp_path / "file").write_text("x")
+    fails(cli, tmp_path, r, "-o", tmp_path / "file" / "out", match="cannot create the output's parent directory")
+    fails(cli, tmp_path, r, "-o", "/proc/mpconvert-out", match="cannot write there")
+
+
+def test_output_with_a_long_name_builds(llama, cli, tmp_path):
+    """A name of 240 bytes is legal; the build's own side files beside it must not push past the 255-byte limit."""
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
+    out = tmp_path / ("o" * 240)
+    res = cli("build", r, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "mpconvert_manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["recipe.yaml", out.name])
+
+
+# ---- the Hugging Face cache layout --------------------------------------------------------------------------------
+def hf_cache(src: Path, root: Path) -> Path:
+    """src laid out as the Hugging Face cache holds a download: snapshots/<rev>/FILE -> ../../blobs/<sha>."""
+    import hashlib
+
+    repo = root / "models--org--model"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, repo / "blobs" / sha)
+        (snap / f.name).symlink_to(Path("../../blobs") / sha)
+    return snap
+
+
+def test_hugging_face_cache_snapshots_build(llama, cli, tmp_path):
+    base = hf_cache(llama["base"], tmp_path / "hf-base")
+    gptq = hf_cache(llama["gptq"], tmp_path / "hf-gptq")
+    r = write_recipe(tmp_path, {**llama, "base": base, "g": gptq}, {"g": "g"}, "g")
+    res = cli("build", r, "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert cli("verify", tmp_path / "out").exit_code == 0
+
+
+def test_a_link_leaving_the_cache_repository_is_refused(llama, cli, tmp_path):
+    gptq = hf_cache(llama["gptq"], tmp_path / "hf")
+    [shard] = gptq.glob("*.safetensors")
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(shard.resolve(), outside)
+    shard.unlink()
+    shard.symlink_to(outside)
+    r = write_recipe(tmp_path, {**llama, "g": gptq}, {"g": "g"}, "g")
+    fails(cli, tmp_path, r, match="outside the checkpoint directory (and outside a Hugging Face cache repository's")
+
+
+# ---- verify on broken manifests and bad options -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built(llama, tmp_path_factory) -> Path:
+    from typer.testing import CliRunner
+
+    from mpconvert.cli.main import app
+
+    d = tmp_path_factory.mktemp("trust")
+    r = write_recipe(d, llama, {"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq",
+                     '- {match: "self_attn.*", layers: 0, source: fp8}')
+    res = CliRunner().invoke(app, ["build", str(r), "-o", str(d / "out")])
+    assert res.exit_code == 0, res.output
+    return d / "out"
+
+
+def resign(d: Path, manifest: dict) -> None:
+    """Write an edited manifest and re-sign config.json with its sha256: only the manifest checks can see it."""
+    import hashlib
+
+    raw = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    (d / "mpconvert_manifest.json").write_bytes(raw)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+MANIFEST_EDITS = {
+    "no model block": (lambda m: m.pop("model"), "breaks the manifest schema at model: required field is missing"),
+    "no totals": (lambda m: m.pop("totals"), "totals: required field is missing"),
+    "a module without tensors": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].pop("tensors"),
+                                 f"modules.{L0}.mlp.down_proj.tensors: required field is missing"),
+    "an unknown format": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(format="int3"),
+                          "unknown format 'int3'"),
+    "GPTQ made asymmetric": (lambda m: m["modules"][f"{L0}.mlp.down_proj"]["params"].update(sym=False),
+                             "params of gptq: sym"),
+    "not JSON": (None, "not valid JSON"),
+    "an old version": (lambda m: m.update(manifest_version=1), "manifest_version 1 is not 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_EDITS))
+def test_verify_reports_a_broken_manifest_as_a_finding(case, built, cli, tmp_path):
+    edit, match = MANIFEST_EDITS[case]
+    d = copy(built, tmp_path / "d")
+    if edit is None:
+        (d / "mpconvert_manifest.json").write_text("{not json")
+    else:
+        m = json.loads((d / "mpconvert_manifest.json").read_text())
+        edit(m)
+        resign(d, m)
+    r = cli("verify", d, "--json")
+    assert r.exit_code == 1, r.output
+    rep = json.loads(r.stdout)
+    assert any(f["check"] == "manifest" and match in f["message"] for f in rep["findings"]), rep["findings"]
+    r = cli("inspect", d)  # every other reader: one error line, exit 2
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
+
+
+def test_verify_usage_errors(built, cli, tmp_path):
+    for args, match in [(["--numeric", "--base", tmp_path / "nothing"], "not a model directory"),
+                        (["--text", tmp_path / "t.txt"], "--text needs --numeric"),
+                        (["--tp", "0"], "between 1 and 4096"),
+                        (["--threshold", "kl=nan"], "finite number")]:
+        r = cli("verify", built, *args)
+        assert r.exit_code == 2 and match in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
+
+
+def test_an_unexpected_error_is_one_line_and_a_log(built, cli, tmp_path, monkeypatch):
+    """The guard: what no check foresaw is `internal error: …` on one line, exit 70, the traceback in a log file."""
+    import mpconvert.summary
+
+    monkeypatch.setenv("MPCONVERT_CACHE", str(tmp_path))
+    monkeypatch.setattr(mpconvert.summary, "load_manifest", lambda d: 1 / 0)
+    r = cli("inspect", built)
+    assert r.exit_code == 70 and r.output.startswith("internal error: ZeroDivisionError")
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 3
+    [log] = (tmp_path / "logs").iterdir()
+    assert "Traceback" in log.read_text() and "1 / 0" in log.read_text()
+
+
+def test_kernel_shape_rules_agree_with_sglang(monkeypatch):
+    """The FP8-block and AWQ-Marlin shape rules, at TP=1 too, against SGLang 0.5.17's own checks on the same shapes
+    (fp8_utils.validate_fp8_block_shape, marlin_utils.verify_marlin_supports_shape): SmolLM2's qkv (576, 192, 192)
+    is not whole 128-blocks at any TP."""
+    from types import SimpleNamespace
+
+    import sglang.srt.layers.quantization.fp8_utils as fp8_utils
+    from sglang.srt.layers.quantization.marlin_utils import verify_marlin_supports_shape
+
+    from mpconvert.formats import FORMATS
+
+    fp8 = {"layout": "ct", "strategy": "block", "block": [128, 128], "activation": "dynamic"}
+    awq = {"bits": 4, "group_size": 64, "zero_point": True}
+    cases = 0
+    for parts, in_f in [([576, 192, 192], 576), ([256, 256, 256], 256), ([1536, 1536], 576), ([576], 1536),
+                        ([768, 128, 128], 768), ([512], 384), ([640, 640], 2048)]:
+        for tp in (1, 2, 4):
+            for column in (True, False):
+                if (column and any(p % tp for p in parts)) or (not column and in_f % tp):
+                    continue
+                out_parts = [p // tp for p in parts] if column else parts
+                in_part = in_f if column else in_f // tp
+                split_out, split_in = tp > 1 and column, tp > 1 and not column
+                # the TP size as SGLang's parallel state would give it (no process group on a CPU test)
+                monkeypatch.setattr(fp8_utils, "get_parallel", lambda: SimpleNamespace(tp_size=tp))
+                try:
+                    fp8_utils.validate_fp8_block_shape(SimpleNamespace(), in_f, sum(parts), in_part, out_parts,
+                                                       [128, 128])
+                    sglang_fp8 = None
+                except ValueError as e:
+                    sglang_fp8 = str(e)
+                ours = FORMATS["fp8"].kernel_problem(fp8, out_parts, in_part, in_f, split_out, split_in, False)
+                assert (ours is None) == (sglang_fp8 is None), (parts, in_f, tp, column, ours, sglang_fp8)
+                try:
+                    verify_marlin_supports_shape(sum(out_parts), in_part, in_f, 64)
+                    sglang_awq = None
+                except ValueError as e:
+                    sglang_awq = str(e)
+                ours = FORMATS["awq"].kernel_problem(awq, out_parts, in_part, in_f, split_out, split_in, False)
+                assert (ours is None) == (sglang_awq is None), (parts, in_f, tp, column, ours, sglang_awq)
+                cases += 1
+    assert cases >= 30
+
+
+def test_fp8_block_qkv_of_576_is_refused_at_tp1():
+    """The shared rule as build and verify run it, on a SmolLM2-shaped attention (hidden 576, 9 heads, 3 KV heads)."""
+    from mpconvert.formats import Scheme
+    from mpconvert.layout import ModelInfo, role_of
+    from mpconvert.rules import Linear, partition_problems
+
+    fp8 = Scheme.of("fp8", layout="ct", strategy="block", block=[128, 128], activation="dynamic")
+    mods = [Linear(f"model.layers.0.self_attn.{p}_proj", role_of(f"model.layers.0.self_attn.{p}_proj"), fp8, "fp8",
+                   "default (fp8)", o, 576) for p, o in (("q", 576), ("k", 192), ("v", 192))]
+    info = ModelInfo("llama", 30, 9, 3, 0)
+    [p] = partition_problems(mods, info, 1)
+    assert p.rule == "kernel" and "output part 576" in p.message and "at any TP" in p.message
+    gptq = Scheme.of("gptq", bits=4, group_size=64, desc_act=False, sym=True, checkpoint_format="gptq")
+    assert partition_problems([Linear(m.name, m.role, gptq, "g", "x", m.out_features, 576) for m in mods], info,
+                              1) == []  # GPTQ-Marlin's kernel takes K = 576 (thread_k 64)
+
+
+def test_no_leftovers_in_a_clean_build(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
+    assert cli("build", r, "-o", tmp_path / "out").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]
