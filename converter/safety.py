@@ -5,7 +5,7 @@ that died.
   dies, even by kill -9) for the whole build; a second build of the same output is refused while one runs.
 - The output is written into `.OUT.mpconvert-tmp-PID` beside it and renamed into place with RENAME_NOREPLACE: a path
   that appeared meanwhile (another program's directory, even an empty one) is never replaced. With --force, only
-  the exact directory that existed when the build started (same device and inode) is swapped out: it is renamed to
+  the exact directory that existed when the build started (same device, inode and change time) is swapped out: it is renamed to
   `.OUT.mpconvert-old-PID` first, the new one renamed in, then the old one deleted.
 - Whoever next takes the lock of an output finds the leftovers of dead builds of it (the lock proves their builders
   are gone): temporary directories are deleted; an old output whose swap was cut short is put back where it was if
@@ -27,12 +27,15 @@ from .errors import UserError
 _KINDS = ("tmp", "old")
 
 
-def identity(p: Path) -> tuple[int, int] | None:
+def identity(p: Path) -> tuple[int, int, int] | None:
+    """Which file is at p: device, inode and change time (an inode number is reused at once after a delete, so a
+    directory replaced by another can show the same one; the change time tells them apart, and also moves when
+    anything is added to or removed from the directory — then --force does not replace it either)."""
     try:
         st = os.lstat(p)
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def fsync_dir(d: Path) -> None:
@@ -172,4 +175,4 @@ class OutputLock:
 
 def _same_file(fd: int, path: Path) -> bool:
     st = os.fstat(fd)
-    return identity(path) == (st.st_dev, st.st_ino)
+    return (identity(path) or ())[:2] == (st.st_dev, st.st_ino)

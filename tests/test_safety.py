@@ -1,0 +1,210 @@
+"""Nothing lost: a directory that appears at -o during a build, a concurrent build, --force only on what was there,
+and builds killed with SIGKILL at random points (outputs absent or complete, sources unchanged, leftovers of dead
+builds cleaned by the next build of the same output)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mpconvert.errors import UserError
+from mpconvert.plan import make_plan
+from mpconvert.recipe import load_recipe
+from mpconvert.safety import OutputLock
+from mpconvert.writer import write
+
+from conftest import write_recipe
+
+RULES = '- {match: "self_attn.*", layers: 0, source: fp8}'
+SOURCES = {"fp8": "ct-fp8-static", "gptq": "gptq"}
+
+
+def recipe(llama, d: Path) -> Path:
+    return write_recipe(d, llama, SOURCES, "gptq", RULES)
+
+
+def tree_digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(d)} {st.st_size} {st.st_mtime_ns}\n".encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".mpconvert-" in p.name)
+
+
+def test_a_directory_appearing_at_the_output_mid_build_is_left_alone(llama, tmp_path):
+    plan = make_plan(load_recipe(recipe(llama, tmp_path)))
+    out = tmp_path / "out"
+
+    def someone_else(n):  # another program creates the output path while the shards are being written
+        if not out.exists():
+            out.mkdir()
+            (out / "theirs.txt").write_text("not mpconvert's")
+
+    try:
+        write(plan, out, 1 << 30, False, someone_else)
+        raise AssertionError("the build must refuse")
+    except UserError as e:
+        assert "appeared while this build ran" in str(e) and "left untouched" in str(e)
+    assert sorted(os.listdir(out)) == ["theirs.txt"] and leftovers(tmp_path) == []
+
+
+def test_force_replaces_only_the_directory_that_was_there(llama, tmp_path):
+    plan = make_plan(load_recipe(recipe(llama, tmp_path)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the output replaced by --force")
+
+    def swap(n):  # someone replaces the output directory by another one during the build
+        if (out / "old.txt").exists():
+            shutil.rmtree(out)
+            out.mkdir()
+            (out / "new.txt").write_text("someone else's")
+
+    try:
+        write(plan, out, 1 << 30, True, swap)
+        raise AssertionError("the build must refuse")
+    except UserError as e:
+        assert "was replaced or removed while this build ran" in str(e)
+    assert sorted(os.listdir(out)) == ["new.txt"] and leftovers(tmp_path) == []
+    write(plan, out, 1 << 30, True)  # unchanged during the build: --force replaces it
+    assert (out / "mpconvert_manifest.json").exists() and not (out / "new.txt").exists()
+
+
+def test_a_second_build_of_the_same_output_is_refused_while_one_runs(llama, cli, tmp_path):
+    r = recipe(llama, tmp_path)
+    out = tmp_path / "out"
+    with OutputLock(out):  # held as a running build holds it
+        res = cli("build", r, "-o", out)
+        assert res.exit_code == 2 and "another mpconvert build (pid" in res.output
+        assert "is writing this output now" in " ".join(res.output.split())
+    assert not out.exists()
+    assert cli("build", r, "-o", out).exit_code == 0
+    res = cli("build", r, "-o", out)  # the second of two builds: refused, the first one's output kept
+    assert res.exit_code == 2 and "already exists" in res.output
+
+
+# A builder that imports mpconvert once and forks one child per build, so that a build starts at once and a kill can
+# be timed against the build itself rather than against Python's and torch's start-up. It reads argument lists (JSON lines),
+# prints each child's pid, then its exit status once it ends. The parent never runs torch (no OpenMP state to fork).
+FORKING_BUILDER = """
+import json, os, sys
+import torch, mpconvert.plan, mpconvert.writer, mpconvert.verify  # loaded once; no torch op runs here
+from mpconvert.cli.main import main
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        sys.argv = ["mpconvert"] + json.loads(line)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1); os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(status, flush=True)
+"""
+
+
+class Builder:
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, "-c", FORKING_BUILDER], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+
+    def start(self, *args) -> int:
+        import json
+
+        self.p.stdin.write(json.dumps([str(a) for a in args]) + "\n")
+        self.p.stdin.flush()
+        return int(self.p.stdout.readline())
+
+    def status(self) -> int:
+        return int(self.p.stdout.readline())
+
+    def run(self, *args) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        self.start(*args)
+        status = self.status()
+        return status, time.perf_counter() - t0
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def test_kill_9_at_random_points_loses_nothing(llama, cli, tmp_path):
+    """100 builds (half of them --force over an earlier output), each killed with SIGKILL at a random point of its
+    run. After each: the output is absent or complete (verify passes). After the next build of the same output no
+    leftovers remain; the sources are unchanged."""
+    r = recipe(llama, tmp_path)
+    sources = {k: tree_digest(llama[k]) for k in ("base", *SOURCES.values())}
+    rng = random.Random(7)
+    out = tmp_path / "out"
+    b = Builder()
+    try:
+        times = []
+        for _ in range(4):  # a whole build, warm: kills land anywhere in 0 … 1.2× its median
+            status, secs = b.run("build", r, "-o", out)
+            assert status == 0
+            times.append(secs)
+            shutil.rmtree(out)
+        full = sorted(times)[2]
+        print("build times in the forking builder:", [round(t, 3) for t in times])
+        outcomes = {"absent": 0, "complete": 0, "finished": 0}
+        left = set()
+        for i in range(100):
+            force = i % 2 == 1
+            if force and not out.exists():  # (an earlier kill may have left a swap for this build to restore)
+                assert b.run("build", r, "-o", out, "--force")[0] == 0
+            if not force and out.exists():
+                shutil.rmtree(out)
+            pid = b.start("build", r, "-o", out, *(["--force"] if force else []))
+            time.sleep(rng.uniform(0, 1.2) * full)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            outcomes["finished"] += b.status() == 0
+            left.update(leftovers(tmp_path))
+            if out.exists():
+                res = cli("verify", out, "--fast", "--json")
+                assert res.exit_code == 0, f"kill {i}: a half-written output is in place: {res.output}"
+                outcomes["complete"] += 1
+            else:
+                outcomes["absent"] += 1
+        print("kill -9 outcomes:", outcomes, "leftovers seen:", sorted({x.rsplit("-", 1)[0] for x in left}))
+        res = cli("build", r, "-o", out, "--force")
+        assert res.exit_code == 0, res.output
+        assert leftovers(tmp_path) == [], "the next build of the output removes the dead builds' leftovers"
+    finally:
+        b.close()
+    assert {k: tree_digest(llama[k]) for k in sources} == sources
+    assert outcomes["finished"] < 90 and any("tmp" in x for x in left), "kills must land inside builds' writes"
+
+
+def test_a_force_swap_cut_short_is_restored(llama, cli, tmp_path):
+    """A --force build that died between moving the old output aside and renaming the new one in: the next build
+    of that output puts the old one back (nothing else had taken its place) and says so."""
+    r = recipe(llama, tmp_path)
+    out = tmp_path / "out"
+    assert cli("build", r, "-o", out).exit_code == 0
+    before = tree_digest(out)
+    out.rename(tmp_path / ".out.mpconvert-old-999999")  # what the dead build left
+    (tmp_path / ".out.mpconvert-tmp-999999").mkdir()
+    res = cli("build", r, "-o", out)
+    assert res.exit_code == 2 and "already exists" in res.output  # the old output is back: not overwritten
+    assert "restored" in res.output and "removed .out.mpconvert-tmp-999999" in res.output
+    assert tree_digest(out) == before and leftovers(tmp_path) == []
