@@ -6,10 +6,11 @@ that died.
 - The output is written into `.OUT.mpconvert-tmp-PID` beside it and renamed into place with RENAME_NOREPLACE: a path
   that appeared meanwhile (another program's directory, even an empty one) is never replaced. With --force, only
   the exact directory that existed when the build started (same device, inode and change time) is swapped out: it is renamed to
-  `.OUT.mpconvert-old-PID` first, the new one renamed in, then the old one deleted.
+  `.OUT.mpconvert-old-PID` first, the new one renamed in, then the old one renamed to `.OUT.mpconvert-trash-PID` and
+  deleted (so that a half-deleted directory never carries the name of one that may be restored).
 - Whoever next takes the lock of an output finds the leftovers of dead builds of it (the lock proves their builders
-  are gone): temporary directories are deleted; an old output whose swap was cut short is put back where it was if
-  nothing took its place. `recover()` says what it did.
+  are gone): temporary and trash directories are deleted; an old output whose swap was cut short is put back where
+  it was if nothing took its place. `recover()` says what it did.
 """
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ import socket
 from pathlib import Path
 
 from .errors import UserError
-
-_KINDS = ("tmp", "old")
 
 
 def identity(p: Path) -> tuple[int, int, int] | None:
@@ -145,6 +144,9 @@ class OutputLock:
         for tmp in self.leftovers("tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
             said.append(f"removed {tmp.name}: the unfinished output of a build that died")
+        for trash in self.leftovers("trash"):
+            shutil.rmtree(trash, ignore_errors=True)
+            said.append(f"removed {trash.name}: the replaced output a --force build was deleting when it died")
         return said
 
     def put_in_place(self, new: Path) -> None:
@@ -169,7 +171,9 @@ class OutputLock:
             except FileExistsError:
                 raise UserError(f"{self.out} appeared while this build swapped it; the previous output is kept at "
                                 f"{old} and nothing else was touched") from None
-            shutil.rmtree(old, ignore_errors=True)
+            trash = self.aside("trash")  # renamed first: a kill during the delete must leave nothing restorable
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         fsync_dir(self.out.parent)
 
 
