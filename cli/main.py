@@ -350,11 +350,23 @@ def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="conver
 @guarded
 def demo(directory: Path = typer.Argument(Path("demo-out"), help="where the demo writes its recipe and output"),
          force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo output")):
-    from mpconvert.demo import run_demo
-
-    recipe = run_demo(directory, err)
+    recipe = _fixture_factory().run_demo(directory, err)
     build(recipe, directory / "mixed", 1, 1, None, force, False)
     inspect(directory / "mixed", False, True)
+
+
+def _fixture_factory():
+    """The repository's fixture factory (fixtures/factory.py): the demo runs from a checkout after `make setup`."""
+    import importlib
+
+    import mpconvert
+
+    root = Path(mpconvert.__file__).resolve().parent.parent
+    if not (root / "fixtures" / "factory.py").is_file():
+        raise UserError("the demo makes its models with the repository's fixture factory: run it from a checkout of "
+                        "mpconvert after `make setup`")
+    sys.path.insert(0, str(root))
+    return importlib.import_module("fixtures.factory")
 
 
 def main() -> None:

@@ -206,10 +206,10 @@ class _Planner:
         mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **fmt.output_params(params, self.model_type)),
                         source, why, out_f, in_f)
         for suffix in sorted(view.tensors):
-            rw = fmt.rewrite(suffix, params)
+            rw_name, rw = fmt.rewrite(suffix, params) or (None, None)
             out = fmt.output_suffix(suffix, params, self.model_type)
-            mp.tensors[out] = TensorPlan(f"{name}.{out}", view.tensors[suffix], source, rw,
-                                         "gptq_v2_to_v1_qzeros" if rw else None, suffix if out != suffix else None)
+            mp.tensors[out] = TensorPlan(f"{name}.{out}", view.tensors[suffix], source, rw, rw_name,
+                                         suffix if out != suffix else None)
         return mp
 
     def check_units(self, modules: list[ModulePlan]) -> dict[str, dict]:
@@ -299,6 +299,7 @@ class _Planner:
         units = self.check_units(linear)
         _raise_first(rules.pair_problems([m.linear() for m in linear]))
         support = self.support_plans(roles, linear)
+        _raise_first(rules.mla_problems([m.linear() for m in linear], self.model_type))
         _raise_first(rules.partition_problems([m.linear() for m in linear], self.info, self.tp, self.ep))
         modules = sorted(linear + support, key=lambda m: natural_key(m.name))
         tensors = sorted((t for m in modules for t in m.tensors.values()), key=lambda t: natural_key(t.name))

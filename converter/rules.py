@@ -148,6 +148,43 @@ def norm_problems(norm: str, role: Role, source: str, readers: list[Linear]) -> 
             for c in readers if c.source != source]
 
 
+# ---- architecture-specific loaders --------------------------------------------------------------------------------
+# DeepSeek (MLA) loaders special-case the model's quant config: after loading they absorb kv_b_proj into w_kc/w_vc
+# (FP8 through `quant_config.linear_fp8_config.weight_block_size`, one layout for the whole model; int8 per channel;
+# anything with a `qweight` as AWQ), and they concatenate q_a_proj + kv_a_proj_with_mqa along dim 1 only when the
+# model's config is AWQ (SGLang 0.5.17 models/deepseek_v2.py).
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
+_MLA_NO_PACKED = ("self_attn.kv_b_proj", "self_attn.fused_qkv_a_proj_with_mqa")
+
+
+def mla_problems(linears: list[Linear], model_type: str) -> list[Problem]:
+    if model_type not in MLA_MODEL_TYPES:
+        return []
+    problems = []
+    for unit, members in by_unit(linears).items():
+        m = members[0]
+        if unit.endswith(_MLA_NO_PACKED) and m.scheme.format in ("gptq", "awq"):
+            problems.append(Problem("mla", unit, f"{unit} is {m.scheme.format} (from {m.source!r} via {m.why}) in a "
+                                                 f"{model_type} model; SGLang's MLA loader decodes packed int4 there "
+                                                 f"only for a whole-model AWQ config (kv_b_proj absorption, fused "
+                                                 f"q_a/kv_a concatenation), so it would load wrong — take the MLA "
+                                                 f"projections from an FP8, Int8 or bf16 source"))
+    blocks = mla_fp8_blocks(linears, model_type)
+    if len(blocks) > 1:
+        problems.append(Problem("mla", "kv_b_proj", f"the kv_b_proj layers use different FP8 layouts (blocks "
+                                                    f"{sorted(blocks, key=str)}); SGLang's MLA loader takes one for "
+                                                    f"the whole model — take them from one FP8 source"))
+    return problems
+
+
+def mla_fp8_blocks(linears: list[Linear], model_type: str) -> set:
+    """The FP8 block layouts (None: per tensor/channel) of an MLA model's kv_b_proj layers."""
+    if model_type not in MLA_MODEL_TYPES:
+        return set()
+    return {tuple(m.scheme.params["block"] or ()) or None for m in linears
+            if m.name.endswith("kv_b_proj") and m.scheme.format == "fp8"}
+
+
 # ---- partitions and kernel shapes -------------------------------------------------------------------------------
 def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1) -> list[Problem]:
     """Every split SGLang makes at TP=tp, EP=ep (experts over ep ranks, their intermediate size over tp/ep), and

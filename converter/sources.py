@@ -10,18 +10,14 @@ from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .formats import Scheme
-from .formats.awq import AWQ
-from .formats.base import FLOAT_DTYPES
-from .formats.compressed_tensors import CompressedTensorsConfig
-from .formats.fp8 import FP8
-from .formats.gptq import GPTQ
+from .formats import FORMATS, READERS, Scheme
+from .formats.unquantized import UNQUANTIZED
 from .layout import canonical_module
 from .safetensors_io import TensorInfo
 
-# Every tensor suffix a module may carry in a supported format; anything else is refused rather than guessed.
-KNOWN_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "qweight", "qzeros", "scales", "g_idx", "weight",
-                  "bias")
+# Every tensor suffix a module may carry in a supported format (each format lists its own); anything else is refused
+# rather than guessed.
+KNOWN_SUFFIXES = tuple(sorted({s for f in FORMATS.values() for s in f.suffixes} | {"bias"}))
 
 
 def split_tensor_name(name: str) -> tuple[str, str]:
@@ -65,71 +61,38 @@ def _producer(qc: dict | None) -> str:
     return str(qc.get("quant_method") or "auto-gptq")
 
 
-class _Detector:
-    """Maps (module, its tensors) → Scheme for one source, from the source's declared config."""
+def _reader(qc, where: str):
+    """The reader of this source's config and its parsed config: (None, None) for an unquantized checkpoint."""
+    if not qc:
+        return None, None
+    if not isinstance(qc, dict):
+        raise UserError(f"{where}: quantization_config must be a JSON object, got {type(qc).__name__}")
+    method = qc.get("quant_method") or ("gptq" if "bits" in qc else "")  # auto-gptq's quantize_config.json
+    if not isinstance(method, str):
+        raise UserError(f"{where}: quantization_config.quant_method must be a string, got {method!r}")
+    reader = READERS.get(method.lower())
+    if reader is None:
+        raise UserError(f"{where}: quant_method {method.lower()!r} is not supported (supported: "
+                        f"{', '.join(sorted(READERS))}, or none)")
+    return reader, reader.read_config(qc, where)
 
-    def __init__(self, qc: dict | None, where: str):
-        self.where = where
-        self.kind = "unquantized"
-        self.ct = None
-        self.params: dict = {}
-        if not qc:
-            return
-        if not isinstance(qc, dict):
-            raise UserError(f"{where}: quantization_config must be a JSON object, got {type(qc).__name__}")
-        method = qc.get("quant_method") or ("gptq" if "bits" in qc else "")
-        if not isinstance(method, str):
-            raise UserError(f"{where}: quantization_config.quant_method must be a string, got {method!r}")
-        method = method.lower()
-        if method == "gptq":
-            self.kind, self.params = "gptq", GPTQ.params_from_config(qc, where)
-        elif method == "awq":
-            self.kind, self.params = "awq", AWQ.params_from_config(qc, where)
-        elif method == "fp8":
-            self.kind, self.params = "fp8", FP8.params_from_config(qc, where)
-        elif method == "w8a8_int8":
-            self.kind = "w8a8_int8"
-        elif method == "compressed-tensors":
-            self.kind, self.ct = "compressed-tensors", CompressedTensorsConfig(qc, where)
-        else:
-            raise UserError(f"{where}: quant_method {method!r} is not supported (supported: gptq, awq, fp8, "
-                            f"w8a8_int8, compressed-tensors, or none)")
 
-    def scheme(self, module: str, tensors: dict[str, TensorInfo]) -> Scheme:
-        suffixes = set(tensors) - {"bias"}
-        w = tensors.get("weight")
-        if suffixes == {"weight"} and w is not None and w.dtype in FLOAT_DTYPES:
-            return Scheme.of("unquantized", dtype=w.dtype)
-        if self.kind == "gptq" and "qweight" in suffixes and "g_idx" in suffixes:
-            return Scheme.of("gptq", **self.params)
-        if self.kind == "awq" and "qweight" in suffixes:
-            return Scheme.of("awq", **self.params)
-        if self.kind == "fp8" and w is not None and w.dtype == "F8_E4M3":
-            block = self.params["block"]
-            if "weight_scale_inv" in suffixes:
-                if not block:
-                    raise UserError(f"{self.where}: {module} has weight_scale_inv but config.json has no "
-                                    f"weight_block_size")
-                return Scheme.of("fp8", layout="native", strategy="block", block=list(block),
-                                 activation=self.params["activation"])
-            return Scheme.of("fp8", layout="native", strategy="tensor", block=None,
-                             activation=self.params["activation"])
-        if self.kind == "w8a8_int8" and w is not None and w.dtype == "I8":
-            return Scheme.of("int8", layout="native", activation="dynamic")
-        if self.ct is not None and w is not None and w.dtype in ("F8_E4M3", "I8"):
-            s = self.ct.scheme_for(module)
-            if s is None:
-                raise UserError(f"{self.where}: {module} is quantized ({w.dtype}) but no config group targets it")
-            return s
-        raise UserError(f"{self.where}: {module} has tensors {sorted(tensors)} that do not fit its declared "
-                        f"format ({self.kind}); the checkpoint and its config disagree")
+def _scheme(reader, config, module: str, tensors: dict[str, TensorInfo], where: str) -> Scheme:
+    """A plain float module is unquantized whatever the source; anything else must be in the source's layout."""
+    scheme = UNQUANTIZED.scheme_of(module, tensors, None, where)
+    if scheme is None and reader is not None:
+        scheme = reader.scheme_of(module, tensors, config, where)
+    if scheme is None:
+        raise UserError(f"{where}: {module} has tensors {sorted(tensors)} that do not fit its declared format "
+                        f"({reader.kind if reader else 'unquantized'}); the checkpoint and its config disagree")
+    return scheme
 
 
 def open_source(label: str, path, model_type: str) -> Source:
     ck = Checkpoint.open(path, label)
     where = f"source {label!r} ({ck.path})" if label != "base" else f"base ({ck.path})"
     qc = ck.quantize_config
-    det = _Detector(qc, where)
+    reader, config = _reader(qc, where)
     grouped: dict[str, dict[str, TensorInfo]] = {}
     for name, info in ck.tensors.items():
         module, suffix = split_tensor_name(name)
@@ -137,7 +100,7 @@ def open_source(label: str, path, model_type: str) -> Source:
             raise UserError(f"{where}: tensor {name!r} is of a kind mpconvert does not know (suffix not in "
                             f"{', '.join(KNOWN_SUFFIXES)}); it will not guess what it means")
         grouped.setdefault(canonical_module(module, model_type), {})[suffix] = info
-    src = Source(label, ck, det.kind, _producer(qc))
-    for module in grouped:
-        src.modules[module] = ModuleView(module, det.scheme(module, grouped[module]), grouped[module])
+    src = Source(label, ck, reader.kind if reader else "unquantized", _producer(qc))
+    for module, tensors in grouped.items():
+        src.modules[module] = ModuleView(module, _scheme(reader, config, module, tensors, where), tensors)
     return src

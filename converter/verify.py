@@ -214,6 +214,7 @@ def check_manifest(manifest: Manifest, rep: Report) -> None:
     linears = manifest.linears()
     _check_units(manifest, linears, rep)
     rep.add_problems("scheme", rules.pair_problems(linears))
+    rep.add_problems("scheme", rules.mla_problems(linears, manifest.model.model_type))
     readers = rules.consumers(linears)
     for name, m in manifest.modules.items():
         role = role_of(name)

@@ -40,6 +40,7 @@ from mpconvert.manifest import load_manifest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # the repository's fixture factory (fixtures/)
 STAGE = ROOT / ".gpu"
 WORK = Path("/tmp/e2e")
 T0 = time.time()
@@ -530,7 +531,7 @@ def tp_identity(meta: dict, res: dict) -> None:
     the MoE models, EP=2, all on the same prompts."""
     sys.path.insert(0, str(HERE))
     from engine_child import prompts
-    from mpconvert.producers import successor
+    from fixtures.producers import successor
 
     ll = {k: WORK / "fixtures" / "llama" / k for k in meta["sets"]["llama"]}
     mo = {k: WORK / "fixtures" / "moe" / k for k in meta["sets"]["moe"]}

@@ -22,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mpconvert.demo import fixture
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
+from fixtures.factory import fixture  # noqa: E402
 from mpconvert.sources import open_source
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,31 +23,19 @@ from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.errors import UserError
 from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
+from mpconvert.rules import mla_fp8_blocks, mla_problems
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
 
-# DeepSeek (MLA) loaders special-case the model's quant config: after loading they absorb kv_b_proj into w_kc/w_vc
-# (FP8 through `quant_config.linear_fp8_config.weight_block_size`, int8 per channel, and anything with a `qweight` as
-# AWQ), and they concatenate q_a_proj + kv_a_proj_with_mqa along dim 1 only when the *model's* config is AWQ.
-_MLA = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
-_MLA_NO_PACKED = ("self_attn.kv_b_proj", "self_attn.fused_qkv_a_proj_with_mqa")
-
-
 def _check_mla(manifest: Manifest) -> Optional[types.SimpleNamespace]:
-    """Refuses what the MLA loader would load wrong; returns the model-wide FP8 layout of kv_b_proj (its
-    `linear_fp8_config`), or None where no kv_b_proj is FP8."""
-    for unit, spec in manifest.units.items():
-        if unit.endswith(_MLA_NO_PACKED) and spec.format in ("gptq", "awq"):
-            raise ValueError(f"mpconvert: {unit} is {spec.format} in a {manifest.model.model_type} model; "
-                             f"SGLang's MLA loader decodes packed int4 there only for a whole-model AWQ config "
-                             f"(kv_b_proj absorption, fused q_a/kv_a concatenation), so it would load wrong — take "
-                             f"the MLA projections from an FP8, Int8 or bf16 source")
-    blocks = {json.dumps(s.params.get("block")) for u, s in manifest.units.items()
-              if u.endswith("kv_b_proj") and s.format == "fp8"}
-    if len(blocks) > 1:
-        raise ValueError(f"mpconvert: the kv_b_proj layers use different FP8 layouts (blocks {sorted(blocks)}); "
-                         f"SGLang's MLA loader takes one for the whole model — take them from one FP8 source")
-    return types.SimpleNamespace(weight_block_size=json.loads(blocks.pop())) if blocks else None
+    """Refuses what the MLA loader would load wrong (rules.mla_problems: build refuses it too, verify reports it);
+    returns the model-wide FP8 layout of kv_b_proj (its `linear_fp8_config`), or None where no kv_b_proj is FP8."""
+    linears, model_type = manifest.linears(), manifest.model.model_type
+    problems = mla_problems(linears, model_type)
+    if problems:
+        raise ValueError(f"mpconvert: {problems[0].message}")
+    blocks = mla_fp8_blocks(linears, model_type)
+    return types.SimpleNamespace(weight_block_size=list(blocks.pop() or ()) or None) if blocks else None
 
 
 def _model_dir(config: dict) -> Path:
@@ -152,7 +140,7 @@ class MpconvertConfig(QuantizationConfig):
             raise ValueError(f"mpconvert: {d / MANIFEST} does not match config.json's manifest_sha256 (edited after "
                              f"build?); run `mpconvert verify {d}`")
         model_type = manifest.model.model_type
-        linear_fp8_config = _check_mla(manifest) if model_type in _MLA else None
+        linear_fp8_config = _check_mla(manifest)
         built: dict[str, QuantizationConfig] = {}
 
         def native(unit: str, fmt: str, params: dict) -> Optional[QuantizationConfig]:

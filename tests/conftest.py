@@ -1,13 +1,15 @@
-"""Shared test fixtures: real quantizer outputs (cached by content hash, see mpconvert.demo) and a CLI runner."""
+"""Shared test fixtures: real quantizer outputs (cached by content hash, see fixtures/factory.py) and a CLI runner."""
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from mpconvert.demo import fixture
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
+from fixtures.factory import fixture  # noqa: E402
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq")

@@ -206,7 +206,7 @@ def test_scheme_detection_reports_each_format(llama):
 def test_mixtral_expert_names_are_mapped(cli, tmp_path):
     """Quantizers under transformers 5 write Mixtral experts as `…experts.N.gate_proj` (llm-compressor under
     block_sparse_moe, gptqmodel under mlp); SGLang wants `block_sparse_moe.experts.N.w1/w3/w2`."""
-    from mpconvert.demo import fixture
+    from fixtures.factory import fixture
 
     from conftest import MIXTRAL_KINDS
 

@@ -254,9 +254,24 @@ def test_deepseek_mla_and_moe_in_three_formats(deepseek, cli, tmp_path):
 
 def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
     """SGLang's MLA loader decodes a packed kv_b_proj as AWQ and fuses q_a/kv_a for AWQ only when the whole model is
-    AWQ: GPTQ there would load wrong, so the shim refuses it by name."""
+    AWQ: GPTQ there would load wrong. One rule (rules.mla_problems) refuses it at build, and the shim with it."""
+    from mpconvert.manifest import load_manifest
+    from mpconvert.runtime_shim.sglang_config import _check_mla
+
     recipe = write_recipe(tmp_path, deepseek, {"int8": "ct-w8a8", "gptq": "gptq"}, "int8",
                           '- {match: "self_attn.kv_b_proj", layers: 1, source: gptq}')
-    build(cli, recipe, tmp_path / "out")
-    err = refusal(tmp_path / "out")
-    assert "model.layers.1.self_attn.kv_b_proj is gptq in a deepseek_v2 model" in err
+    r = cli("build", recipe, "-o", tmp_path / "out")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "model.layers.1.self_attn.kv_b_proj is gptq (from 'gptq' via rules[0]" in text
+    assert "in a deepseek_v2 model; SGLang's MLA loader decodes packed int4 there only" in text
+    build(cli, write_recipe(tmp_path, deepseek, {"int8": "ct-w8a8"}, "int8"), tmp_path / "ok")
+    m, _ = load_manifest(tmp_path / "ok")
+    unit = "model.layers.1.self_attn.kv_b_proj"
+    gptq = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    edited = m.model_copy(update={"modules": {**m.modules, unit: m.modules[unit].model_copy(
+        update={"format": "gptq", "params": gptq})}})
+    try:
+        _check_mla(edited)
+        raise AssertionError("the shim must refuse it")
+    except ValueError as e:
+        assert f"{unit} is gptq" in str(e)

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 from pydantic import field_validator
 
 from ..errors import UserError
-from .base import Expect, Format, Params, ProducerConfig, ceil_div, parse_config, positive_scales, register
+from .base import Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config, positive_scales, register
 from .gptq import group_size_ok, marlin_problem
 from .intpack import round_to_nearest_int, unpack_cols
 
@@ -42,15 +42,19 @@ class AWQConfig(ProducerConfig):
 
 
 class AWQ(Format):
-    name = "awq"
+    name = kind = "awq"
+    quant_methods = ("awq",)
     params_model = AWQParams
+    suffixes = ("qweight", "qzeros", "scales")
     value_tensors = ("scales",)
     folds_scales = True
     sglang_moe_runner = "marlin"
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 2.5, 0.02, 0.40, 0.85
 
-    @staticmethod
-    def params_from_config(qc: dict, where: str) -> dict:
+    def scheme_of(self, module, tensors, config, where):
+        return Scheme.of("awq", **config) if "qweight" in tensors else None
+
+    def read_config(self, qc: dict, where: str) -> dict:
         c = parse_config(AWQConfig, qc, where)
         version = (c.version or c.format or "gemm").lower()
         bits = c.bits if c.bits is not None else c.w_bit if c.w_bit is not None else 4

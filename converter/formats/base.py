@@ -91,9 +91,27 @@ def positive_scales(module: str, suffix: str, s) -> str | None:
     return None
 
 
-class Format:
+class ConfigReader:
+    """Reads one producer family's checkpoints: its config (quantization_config.quant_method in `quant_methods`)
+    and, per module, which scheme its tensors are in. Every Format is one (for the quant methods its producers
+    write); compressed-tensors, a container of several formats, is another (formats/compressed_tensors.py)."""
+    kind: str = ""  # how a source read by it is described (its quant_method family)
+    quant_methods: tuple[str, ...] = ()
+
+    def read_config(self, qc: dict, where: str):
+        """The producer's config, parsed and checked (a UserError naming the field when it is wrong)."""
+        return None
+
+    def scheme_of(self, module: str, tensors: dict, config, where: str) -> "Scheme | None":
+        """The scheme of a module whose tensors are in this reader's layout; None when they are not."""
+        return None
+
+
+class Format(ConfigReader):
     name: str = ""
     params_model: type[Params] = Params
+    # every tensor suffix a module of this format may store (besides bias); anything else is refused, not guessed
+    suffixes: tuple[str, ...] = ()
     # the suffixes check_values reads: small tensors (scales, zeros, g_idx), cheap enough to check on every build
     value_tensors: tuple[str, ...] = ()
     # True where the producer folds activation scales into the previous op (norms, v_proj→o_proj, up→down),
@@ -135,8 +153,9 @@ class Format:
         """The suffixes check_values reads (small: scales, zeros, g_idx)."""
         return self.value_tensors
 
-    def rewrite(self, suffix: str, p: dict) -> Callable | None:
-        """An exact byte rewrite applied while copying (tensor → tensor), or None for a verbatim copy."""
+    def rewrite(self, suffix: str, p: dict) -> tuple[str, Callable] | None:
+        """An exact byte rewrite applied while copying: (its name, as the manifest records it; tensor → tensor), or
+        None for a verbatim copy."""
         return None
 
     def output_params(self, p: dict, model_type: str) -> dict:
@@ -180,11 +199,18 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {}
+READERS: dict[str, ConfigReader] = {}  # quantization_config.quant_method → its reader
 
 
 def register(fmt: Format) -> Format:
     FORMATS[fmt.name] = fmt
-    return fmt
+    return register_reader(fmt)
+
+
+def register_reader(reader):
+    for m in reader.quant_methods:
+        READERS[m] = reader
+    return reader
 
 
 def check_expected(fmt: Format, scheme_params: dict, module: str, tensors: dict, out_f: int, in_f: int,

@@ -13,7 +13,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UserError
-from .base import ProducerConfig, Scheme, parse_config
+from .base import ConfigReader, ProducerConfig, Scheme, parse_config, register_reader
 
 _CLASS_TARGETS = ("Linear", "nn.Linear", "torch.nn.Linear")
 
@@ -130,3 +130,23 @@ class CompressedTensorsConfig:
                     if (t not in _CLASS_TARGETS) == specific and _matches(t, module):
                         return scheme
         return None
+
+
+class CompressedTensorsReader(ConfigReader):
+    kind = "compressed-tensors"
+    quant_methods = ("compressed-tensors",)
+
+    def read_config(self, qc, where):
+        return CompressedTensorsConfig(qc, where)
+
+    def scheme_of(self, module, tensors, config, where):
+        w = tensors.get("weight")
+        if w is None or w.dtype not in ("F8_E4M3", "I8"):
+            return None
+        s = config.scheme_for(module)
+        if s is None:
+            raise UserError(f"{where}: {module} is quantized ({w.dtype}) but no config group targets it")
+        return s
+
+
+register_reader(CompressedTensorsReader())

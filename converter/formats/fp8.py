@@ -17,8 +17,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .base import (FLOAT_DTYPES, Expect, Format, Params, ProducerConfig, ceil_div, parse_config, positive_scales,
-                   register)
+from ..errors import UserError
+from .base import (FLOAT_DTYPES, Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config,
+                   positive_scales, register)
 
 
 # model_type → SGLang 0.5.17's loader renames `weight_scale_inv` (models/llama.py; Mistral inherits it; qwen3_5.py)
@@ -58,14 +59,26 @@ FP8_MAX = 448.0  # largest finite E4M3 value
 
 
 class FP8(Format):
-    name = "fp8"
+    name = kind = "fp8"
+    quant_methods = ("fp8",)  # the native layout; compressed-tensors FP8 is read by formats/compressed_tensors.py
     params_model = FP8Params
+    suffixes = ("weight", "weight_scale", "weight_scale_inv", "input_scale")
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 1.5, 1e-3, 0.25, 0.97
 
-    @staticmethod
-    def params_from_config(qc: dict, where: str) -> dict:
+    def read_config(self, qc: dict, where: str) -> dict:
         c = parse_config(NativeFP8Config, qc, where)
         return {"activation": c.activation_scheme, "block": c.weight_block_size}
+
+    def scheme_of(self, module, tensors, config, where):
+        w = tensors.get("weight")
+        if w is None or w.dtype != "F8_E4M3":
+            return None
+        if "weight_scale_inv" in tensors:
+            if not config["block"]:
+                raise UserError(f"{where}: {module} has weight_scale_inv but config.json has no weight_block_size")
+            return Scheme.of("fp8", layout="native", strategy="block", block=list(config["block"]),
+                             activation=config["activation"])
+        return Scheme.of("fp8", layout="native", strategy="tensor", block=None, activation=config["activation"])
 
     def value_suffixes(self, p) -> tuple[str, ...]:
         return (self.scale_name(p),) + (("input_scale",) if p["activation"] == "static" else ())

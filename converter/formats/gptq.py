@@ -14,7 +14,7 @@ from typing import Literal, Optional
 from pydantic import field_validator
 
 from ..errors import UserError
-from .base import Expect, Format, Params, ProducerConfig, ceil_div, parse_config, positive_scales, register
+from .base import Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config, positive_scales, register
 from .intpack import pack_cols, round_to_nearest_int, unpack_cols, unpack_rows
 
 # SGLang 0.5.17's Marlin kernel (kernels/jit/csrc/gemm/marlin/marlin.cuh: min_thread_n = min_thread_k = 64; it
@@ -71,14 +71,18 @@ class GPTQConfig(ProducerConfig):
 
 
 class GPTQ(Format):
-    name = "gptq"
+    name = kind = "gptq"
+    quant_methods = ("gptq",)
     params_model = GPTQParams
+    suffixes = ("qweight", "qzeros", "scales", "g_idx")
     value_tensors = ("scales", "qzeros", "g_idx")
     sglang_moe_runner = "marlin"
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 2.5, 0.02, 0.40, 0.85
 
-    @staticmethod
-    def params_from_config(qc: dict, where: str) -> dict:
+    def scheme_of(self, module, tensors, config, where):
+        return Scheme.of("gptq", **config) if {"qweight", "g_idx"} <= set(tensors) else None
+
+    def read_config(self, qc: dict, where: str) -> dict:
         c = parse_config(GPTQConfig, qc, where)
         bits, gs, sym, desc_act = c.bits, c.group_size, c.sym, c.desc_act
         fmt = c.checkpoint_format or c.format or "gptq"
@@ -150,7 +154,7 @@ class GPTQ(Format):
                 raise UserError("gptq_v2 zero point 0 cannot be stored as v1 (zero−1 < 0); re-export as v1")
             return pack_cols(z - 1, bits)
 
-        return v2_to_v1
+        return "gptq_v2_to_v1_qzeros", v2_to_v1
 
     def output_params(self, p, model_type):
         if p["checkpoint_format"] == "gptq_v2":

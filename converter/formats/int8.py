@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .base import FLOAT_DTYPES, Expect, Format, Params, positive_scales, register
+from .base import FLOAT_DTYPES, Expect, Format, Params, Scheme, positive_scales, register
 
 
 class Int8Params(Params):
@@ -19,12 +19,19 @@ class Int8Params(Params):
 
 class Int8(Format):
     name = "int8"
+    kind = "w8a8_int8"
+    quant_methods = ("w8a8_int8",)  # SGLang's own layout; compressed-tensors int8 is read by compressed_tensors.py
     params_model = Int8Params
+    suffixes = ("weight", "weight_scale")
     value_tensors = ("weight_scale",)
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 1.5, 1e-3, 0.10, 0.99
 
     def describe(self, p):
         return f"int8 w8a8 per-channel act={p['activation']} ({p['layout']})"
+
+    def scheme_of(self, module, tensors, config, where):
+        w = tensors.get("weight")
+        return Scheme.of("int8", layout="native", activation="dynamic") if w is not None and w.dtype == "I8" else None
 
     def expected(self, p, out_f, in_f):
         return {"weight": Expect(("I8",), (out_f, in_f)), "weight_scale": Expect(FLOAT_DTYPES, (out_f, 1), ((out_f,),))}

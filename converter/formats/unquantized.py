@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .base import FLOAT_DTYPES, Expect, Format, Params, register
+from .base import FLOAT_DTYPES, Expect, Format, Params, Scheme, register
 
 
 class UnquantizedParams(Params):
@@ -11,11 +11,19 @@ class UnquantizedParams(Params):
 
 
 class Unquantized(Format):
-    name = "unquantized"
+    name = kind = "unquantized"
     params_model = UnquantizedParams
+    suffixes = ("weight",)
 
     def describe(self, p):
         return f"unquantized {p['dtype'].lower()}"
+
+    def scheme_of(self, module, tensors, config, where):
+        """Any source's plain float module (ignored layers, lm_head, routers, norms) — asked before its reader."""
+        w = tensors.get("weight")
+        if set(tensors) - {"bias"} == {"weight"} and w.dtype in FLOAT_DTYPES:
+            return Scheme.of("unquantized", dtype=w.dtype)
+        return None
 
     def expected(self, p, out_f, in_f):
         return {"weight": Expect((p["dtype"],) if p.get("dtype") else FLOAT_DTYPES, (out_f, in_f))}
