@@ -36,10 +36,10 @@ demo: setup  ## tiny real fixtures → mixed checkpoint → inspect
 	$(VENV)/bin/mpconvert demo demo-out
 
 fixtures: setup  ## make (or find cached) every test fixture
-	$(VENV)/bin/python -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; from fixtures.factory import fixture; \
+	$(VENV)/bin/python -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; from fixtures.factory import fixture, smollm2; \
 	  [fixture('llama', k) for k in c.LLAMA_KINDS]; [fixture('qwen3moe', k) for k in c.MOE_KINDS]; \
 	  [fixture('mixtral', k) for k in c.MIXTRAL_KINDS]; [fixture('qwen2moe', k) for k in c.QWEN2MOE_KINDS]; \
-	  [fixture('deepseek', k) for k in c.DEEPSEEK_KINDS]"
+	  [fixture('deepseek', k) for k in c.DEEPSEEK_KINDS]; [smollm2(k) for k in c.SMOLLM2_KINDS]"
 
 test: setup fixtures
 	$(VENV)/bin/pytest -q

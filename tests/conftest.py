@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import fixture  # noqa: E402
+from fixtures.factory import fixture, smollm2  # noqa: E402
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq")
@@ -17,6 +16,7 @@ MOE_KINDS = ("base", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "gptq", "awq
 MIXTRAL_KINDS = ("base", "ct-fp8-block", "gptq")
 QWEN2MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # shared expert + shared_expert_gate, qkv bias
 DEEPSEEK_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # DeepSeek-V2: MLA, shared experts
+SMOLLM2_KINDS = ("base", "fp8-block", "fp8-dynamic", "w8a8", "gptq-g64")  # the real 135M model (fixtures/smollm2.py)
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +39,11 @@ def deepseek() -> dict[str, Path]:
     return {k: fixture("deepseek", k) for k in DEEPSEEK_KINDS}
 
 
+@pytest.fixture(scope="session")
+def real() -> dict[str, Path]:
+    return {k: smollm2(k) for k in SMOLLM2_KINDS}
+
+
 @pytest.fixture
 def cli():
     from mpconvert.cli.main import app
@@ -49,16 +54,3 @@ def cli():
     return run
 
 
-def write_recipe(dir: Path, fixtures: dict[str, Path], sources: dict[str, str], default: str, rules: str = "",
-                 extra: str = "") -> Path:
-    """A recipe whose sources name fixture kinds: {"fp8": "ct-fp8-static", ...}."""
-    lines = [f"base: {fixtures['base']}", "sources:"] + [f"  {n}: {fixtures[k]}" for n, k in sources.items()]
-    lines.append(f"default: {default}")
-    if rules:
-        lines.append("rules:")
-        lines.append(textwrap.indent(textwrap.dedent(rules).strip("\n"), "  "))
-    if extra:
-        lines.append(textwrap.dedent(extra).strip("\n"))
-    p = dir / "recipe.yaml"
-    p.write_text("\n".join(lines) + "\n")
-    return p

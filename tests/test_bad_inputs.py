@@ -10,25 +10,7 @@ import sys
 from pathlib import Path
 
 
-from conftest import write_recipe
-
-
-def fails(cli, tmp_path, *args, match: str, out: Path | None = None):
-    out = out or tmp_path / "out"
-    r = cli("build", *args, "-o", out) if args and "-o" not in args else cli("build", *args)
-    assert r.exit_code == 2, r.output
-    text = " ".join(r.output.split())
-    assert "Traceback" not in r.output
-    assert match in text, text
-    assert text.startswith("error: ") and len(r.output.strip().splitlines()) <= 4  # one (wrapped) line
-    leftovers = [p.name for p in tmp_path.iterdir() if "mpconvert-tmp" in p.name]
-    assert not leftovers, leftovers
-    return text
-
-
-def copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
+from helpers import copy, fails, write_recipe
 
 
 def test_recipe_missing(cli, tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -11,68 +10,10 @@ from safetensors import safe_open
 from mpconvert.checkpoint import Checkpoint
 from mpconvert.formats import Scheme
 from mpconvert.manifest import MANIFEST
-from mpconvert.numeric import dequantize, dequantize_from_manifest, rel_error
-from mpconvert.safetensors_io import load_tensor, sha256_of
+from mpconvert.numeric import dequantize, dequantize_from_manifest
 from mpconvert.sources import open_source
 
-from conftest import write_recipe
-
-# ‖Ŵ−W‖/‖W‖ of a correctly decoded module vs the bf16 base: the same bands verify --numeric uses (a multiple of what
-# round-to-nearest in the module's own scheme gets on the same weight).
-from mpconvert.fidelity import module_band  # noqa: E402
-
-DENSE_RULES = """
-- {match: "self_attn.*", layers: 0, source: fp8}
-- {match: "mlp.*", layers: 0, source: int8}
-- {match: "self_attn.*", layers: 1, source: awq}
-- {match: lm_head, source: fp8blk}
-"""
-
-
-def build(cli, recipe: Path, out: Path, *extra):
-    r = cli("build", recipe, "-o", out, *extra)
-    assert r.exit_code == 0, r.output
-    return json.loads((out / MANIFEST).read_text())
-
-
-def check_faithful(out: Path, manifest: dict, fixtures: dict[str, Path], sources: dict[str, str],
-                   model_type: str) -> dict:
-    """Every output tensor is byte-identical to its source tensor, and every module dequantizes exactly as in its
-    source and within its format's band of the bf16 base. `sources` is the recipe's name → fixture kind.
-    Returns {format: worst error ÷ round-to-nearest's} for reporting."""
-    ck = Checkpoint.open(out, "out")
-    base_src = open_source("base", fixtures["base"], model_type)
-    opened = {label: open_source(label, fixtures[kind], model_type) for label, kind in sources.items()}
-    opened["base"] = base_src
-    worst: dict[str, float] = {}
-    for name, mod in manifest["modules"].items():
-        src = opened[mod["source"]].modules[name]
-        for suffix, t in mod["tensors"].items():
-            info = ck.tensors[t["name"]]
-            assert [info.dtype, list(info.shape)] == [t["dtype"], t["shape"]], name
-            assert sha256_of(info) == t["sha256"], f"{t['name']}: bytes differ from the manifest"
-            if "rewrite" not in t:
-                src_suffix = t.get("renamed_from", suffix)
-                assert t["sha256"] == sha256_of(src.tensors[src_suffix]), f"{t['name']}: not byte-exact"
-        if mod["kind"] != "linear":
-            continue
-        got = dequantize_from_manifest(ck, mod)
-        want = dequantize(src.scheme, src.tensors, *mod["shape"])
-        assert torch.equal(got, want), f"{name}: dequantizes differently from its source"
-        ref = load_tensor(base_src.modules[name].tensors["weight"]).float()
-        if mod["format"] == "awq":
-            if not name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
-                continue  # o/down are scaled by the (unstored) v/up folding; checked via their producers
-            norm = "input_layernorm" if "self_attn" in name else "post_attention_layernorm"
-            layer = name.split(".self_attn")[0].split(".mlp")[0]
-            n_src = load_tensor(opened[mod["source"]].modules[f"{layer}.{norm}"].tensors["weight"]).float()
-            n_base = load_tensor(base_src.modules[f"{layer}.{norm}"].tensors["weight"]).float()
-            got, ref = got * n_src, ref * n_base  # folded scales: norm·W is what the model computes
-        err = rel_error(got, ref)
-        band, rtn = module_band(mod["format"], mod["params"], ref)
-        assert err <= band, f"{name} ({mod['format']}): error {err:.4f} vs bf16 base, band {band:.4f}"
-        worst[mod["format"]] = max(worst.get(mod["format"], 0.0), err / rtn if rtn else 0.0)
-    return worst
+from helpers import DENSE_RULES, build, check_faithful, write_recipe
 
 
 def test_dense_mixed_four_formats(llama, cli, tmp_path):

@@ -10,17 +10,10 @@ import torch
 from mpconvert.engine import run_ranks
 from mpconvert.runtime_shim.engine_check import sha
 
-from conftest import write_recipe
-from test_bad_inputs import fails
-from test_build import build, check_faithful
-from test_shim import THREE_SOURCES as SOURCES, load, loaded, manifest_tensor_names
+from helpers import MIXED_EXPERTS_RULES as RULES, THREE_SOURCES as SOURCES, build, check_faithful, fails, load, \
+    loaded, manifest_tensor_names, write_recipe
 
-# layer 0: experts 0-2 FP8, the rest GPTQ; layer 1: 0-2 FP8, 3/5/6 Int8, 4/7 GPTQ; attention Int8 (the default)
-RULES = """
-- {match: "mlp.experts.*", experts: "0-2", source: fp8}
-- {match: "mlp.experts.*", layers: 1, experts: [3, "5-6"], source: int8}
-- {match: "mlp.experts.*", source: gptq}
-"""
+# RULES — layer 0: experts 0-2 FP8, the rest GPTQ; layer 1: 0-2 FP8, 3/5/6 Int8, 4/7 GPTQ; attention Int8 (default)
 E0, E1 = "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"
 GROUPS_L1 = [("fp8", [0, 1, 2]), ("int8", [3, 5, 6]), ("gptq", [4, 7])]
 

@@ -19,7 +19,7 @@ from mpconvert.recipe import load_recipe
 from mpconvert.safety import OutputLock
 from mpconvert.writer import write
 
-from conftest import write_recipe
+from helpers import write_recipe
 
 RULES = '- {match: "self_attn.*", layers: 0, source: fp8}'
 SOURCES = {"fp8": "ct-fp8-static", "gptq": "gptq"}

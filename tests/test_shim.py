@@ -1,47 +1,13 @@
 """The runtime shim with real SGLang 0.5.17 classes on CPU: plugin discovery, per-layer native methods, loading."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from mpconvert.engine import run_ranks
 from mpconvert.runtime_shim.engine_check import sha  # the hash engine_check reports for each parameter
 
-from conftest import write_recipe
-from test_build import DENSE_RULES, build
-from test_verify import DENSE_SOURCES
-
-
-def load(d: Path) -> dict:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def refusal(path: Path, dtype: str = "auto") -> str:
-    """What SGLang or the shim said when refusing to build the model at TP=1."""
-    [r] = run_ranks(path, 1, dtype)
-    assert "error" in r, "SGLang built the model"
-    return r["error"]
-
-
-def loaded(path: Path, tp: int = 1, dtype: str = "auto") -> list[dict]:
-    """SGLang builds and loads the directory on CPU, one process per TP rank (what verify --engine runs); each rank
-    was offered every converted tensor and wrote every parameter (none silently skipped)."""
-    ranks = run_ranks(path, tp, dtype)
-    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
-    names = manifest_tensor_names(path)
-    for r in ranks:
-        assert set(r["loaded"]) == names
-        assert r["untouched"] == []
-    return ranks
-
-
-THREE_SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
+from helpers import DENSE_RULES, DENSE_SOURCES, THREE_SOURCES, build, load, loaded, refusal, write_recipe
 
 
 def built_and_loaded(fixtures: dict, cli, tmp_path: Path, default: str, rules: str) -> dict:
@@ -50,11 +16,6 @@ def built_and_loaded(fixtures: dict, cli, tmp_path: Path, default: str, rules: s
     build(cli, write_recipe(tmp_path, fixtures, THREE_SOURCES, default, rules), tmp_path / "out")
     [r] = loaded(tmp_path / "out", dtype="float16")
     return r
-
-
-def manifest_tensor_names(d: Path) -> set[str]:
-    manifest = json.loads((d / "mpconvert_manifest.json").read_text())
-    return {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
 
 
 def test_dense_mixed_binds_native_methods_and_loads(llama, cli, tmp_path):

@@ -17,10 +17,8 @@ import pytest
 from mpconvert.safetensors_io import read_header
 from mpconvert.verify import verify
 
-from conftest import write_recipe
-from test_mixed_experts import RULES as MOE_RULES
-from test_shim import THREE_SOURCES as MOE_SOURCES
-from test_verify import DENSE_RULES, DENSE_SOURCES
+from helpers import DENSE_RULES, DENSE_SOURCES, MIXED_EXPERTS_RULES as MOE_RULES, THREE_SOURCES as MOE_SOURCES, \
+    write_recipe
 
 PER_KIND = 12  # instances of each kind in each directory
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_recipe
-from test_bad_inputs import copy, fails
+from helpers import copy, fails, write_recipe
 
 L0 = "model.layers.0"
 

@@ -12,10 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mpconvert.manifest import MANIFEST
 
-from conftest import write_recipe
-from test_build import DENSE_RULES, build
-
-DENSE_SOURCES = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq", "fp8blk": "native-fp8-block"}
+from helpers import DENSE_RULES, DENSE_SOURCES, build, write_recipe
 
 
 @pytest.fixture(scope="module")

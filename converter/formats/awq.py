@@ -49,7 +49,7 @@ class AWQ(Format):
     value_tensors = ("scales",)
     folds_scales = True
     sglang_moe_runner = "marlin"
-    rtn_factor, module_floor, block_error_band, logits_cosine_band = 2.5, 0.02, 0.40, 0.85
+    rtn_factor, module_floor, block_error_band, logits_cosine_band = 3.0, 0.02, 0.40, 0.85
 
     def scheme_of(self, module, tensors, config, where):
         return Scheme.of("awq", **config) if "qweight" in tensors else None

@@ -77,7 +77,7 @@ class GPTQ(Format):
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
     value_tensors = ("scales", "qzeros", "g_idx")
     sglang_moe_runner = "marlin"
-    rtn_factor, module_floor, block_error_band, logits_cosine_band = 2.5, 0.02, 0.40, 0.85
+    rtn_factor, module_floor, block_error_band, logits_cosine_band = 3.0, 0.02, 0.40, 0.85
 
     def scheme_of(self, module, tensors, config, where):
         return Scheme.of("gptq", **config) if {"qweight", "g_idx"} <= set(tensors) else None

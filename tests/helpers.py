@@ -1,0 +1,151 @@
+"""What several test files share: recipes over the fixtures, build/verify/load helpers and the bad-input check."""
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mpconvert.checkpoint import Checkpoint
+from mpconvert.engine import run_ranks
+from mpconvert.fidelity import module_band
+from mpconvert.manifest import MANIFEST
+from mpconvert.numeric import dequantize, dequantize_from_manifest, rel_error
+from mpconvert.safetensors_io import load_tensor, sha256_of
+from mpconvert.sources import open_source
+
+
+def write_recipe(dir: Path, fixtures: dict[str, Path], sources: dict[str, str], default: str, rules: str = "",
+                 extra: str = "") -> Path:
+    """A recipe whose sources name fixture kinds: {"fp8": "ct-fp8-static", ...}."""
+    lines = [f"base: {fixtures['base']}", "sources:"] + [f"  {n}: {fixtures[k]}" for n, k in sources.items()]
+    lines.append(f"default: {default}")
+    if rules:
+        lines.append("rules:")
+        lines.append(textwrap.indent(textwrap.dedent(rules).strip("\n"), "  "))
+    if extra:
+        lines.append(textwrap.dedent(extra).strip("\n"))
+    p = dir / "recipe.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def fails(cli, tmp_path, *args, match: str, out: Path | None = None):
+    out = out or tmp_path / "out"
+    r = cli("build", *args, "-o", out) if args and "-o" not in args else cli("build", *args)
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "Traceback" not in r.output
+    assert match in text, text
+    assert text.startswith("error: ") and len(r.output.strip().splitlines()) <= 4  # one (wrapped) line
+    leftovers = [p.name for p in tmp_path.iterdir() if "mpconvert-tmp" in p.name]
+    assert not leftovers, leftovers
+    return text
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+DENSE_RULES = """
+- {match: "self_attn.*", layers: 0, source: fp8}
+- {match: "mlp.*", layers: 0, source: int8}
+- {match: "self_attn.*", layers: 1, source: awq}
+- {match: lm_head, source: fp8blk}
+"""
+
+
+def build(cli, recipe: Path, out: Path, *extra):
+    r = cli("build", recipe, "-o", out, *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads((out / MANIFEST).read_text())
+
+
+# check_faithful: ‖Ŵ−W‖/‖W‖ of a correctly decoded module vs the bf16 base within the same band verify --numeric uses
+# (a multiple of what round-to-nearest in the module's own scheme gets on the same weight)
+def check_faithful(out: Path, manifest: dict, fixtures: dict[str, Path], sources: dict[str, str],
+                   model_type: str) -> dict:
+    """Every output tensor is byte-identical to its source tensor, and every module dequantizes exactly as in its
+    source and within its format's band of the bf16 base. `sources` is the recipe's name → fixture kind.
+    Returns {format: worst error ÷ round-to-nearest's} for reporting."""
+    ck = Checkpoint.open(out, "out")
+    base_src = open_source("base", fixtures["base"], model_type)
+    opened = {label: open_source(label, fixtures[kind], model_type) for label, kind in sources.items()}
+    opened["base"] = base_src
+    worst: dict[str, float] = {}
+    for name, mod in manifest["modules"].items():
+        src = opened[mod["source"]].modules[name]
+        for suffix, t in mod["tensors"].items():
+            info = ck.tensors[t["name"]]
+            assert [info.dtype, list(info.shape)] == [t["dtype"], t["shape"]], name
+            assert sha256_of(info) == t["sha256"], f"{t['name']}: bytes differ from the manifest"
+            if "rewrite" not in t:
+                src_suffix = t.get("renamed_from", suffix)
+                assert t["sha256"] == sha256_of(src.tensors[src_suffix]), f"{t['name']}: not byte-exact"
+        if mod["kind"] != "linear":
+            continue
+        got = dequantize_from_manifest(ck, mod)
+        want = dequantize(src.scheme, src.tensors, *mod["shape"])
+        assert torch.equal(got, want), f"{name}: dequantizes differently from its source"
+        ref = load_tensor(base_src.modules[name].tensors["weight"]).float()
+        if mod["format"] == "awq":
+            if not name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                continue  # o/down are scaled by the (unstored) v/up folding; checked via their producers
+            norm = "input_layernorm" if "self_attn" in name else "post_attention_layernorm"
+            layer = name.split(".self_attn")[0].split(".mlp")[0]
+            n_src = load_tensor(opened[mod["source"]].modules[f"{layer}.{norm}"].tensors["weight"]).float()
+            n_base = load_tensor(base_src.modules[f"{layer}.{norm}"].tensors["weight"]).float()
+            got, ref = got * n_src, ref * n_base  # folded scales: norm·W is what the model computes
+        err = rel_error(got, ref)
+        band, rtn = module_band(mod["format"], mod["params"], ref)
+        assert err <= band, f"{name} ({mod['format']}): error {err:.4f} vs bf16 base, band {band:.4f}"
+        worst[mod["format"]] = max(worst.get(mod["format"], 0.0), err / rtn if rtn else 0.0)
+    return worst
+
+
+def load(d: Path) -> dict:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def refusal(path: Path, dtype: str = "auto") -> str:
+    """What SGLang or the shim said when refusing to build the model at TP=1."""
+    [r] = run_ranks(path, 1, dtype)
+    assert "error" in r, "SGLang built the model"
+    return r["error"]
+
+
+def loaded(path: Path, tp: int = 1, dtype: str = "auto") -> list[dict]:
+    """SGLang builds and loads the directory on CPU, one process per TP rank (what verify --engine runs); each rank
+    was offered every converted tensor and wrote every parameter (none silently skipped)."""
+    ranks = run_ranks(path, tp, dtype)
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    names = manifest_tensor_names(path)
+    for r in ranks:
+        assert set(r["loaded"]) == names
+        assert r["untouched"] == []
+    return ranks
+
+
+THREE_SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
+
+
+def manifest_tensor_names(d: Path) -> set[str]:
+    manifest = json.loads((d / "mpconvert_manifest.json").read_text())
+    return {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
+
+
+DENSE_SOURCES = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq", "fp8blk": "native-fp8-block"}
+
+
+MIXED_EXPERTS_RULES = """
+- {match: "mlp.experts.*", experts: "0-2", source: fp8}
+- {match: "mlp.experts.*", layers: 1, experts: [3, "5-6"], source: int8}
+- {match: "mlp.experts.*", source: gptq}
+"""
