@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .checkpoint import read_json
+from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
 from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
@@ -16,7 +16,7 @@ from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe
 from . import rules
 from .safetensors_io import TensorInfo, load_tensor, same_bytes, sha256_of
-from .sources import Source, open_source
+from .sources import Source, open_source, source_of
 
 
 @dataclass
@@ -89,26 +89,32 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
 
-class _Planner:
-    def __init__(self, recipe: Recipe, tp: int, ep: int):
-        self.recipe, self.tp, self.ep = recipe, tp, ep
-        base_dir = recipe.path_of(BASE)
-        cfg = read_json(base_dir / "config.json", "config.json of the base")  # model_type names the modules
-        self.model_type = cfg.get("model_type", "")
-        self.info = ModelInfo.from_config(cfg, "base")
-        self.base = open_source("base", base_dir, self.model_type)
-        if self.base.kind != "unquantized":
-            raise UserError(f"base ({self.base.ckpt.path}) is quantized ({self.base.kind}); the base must be the "
-                            f"bf16/fp16 model (it provides config, tokenizer and reference weights)")
-        self.sources: dict[str, Source] = {BASE: self.base}
-        for name in sorted(recipe.sources):
-            src = open_source(name, recipe.path_of(name), self.model_type)
-            check_same_architecture(cfg, src.ckpt.config, f"source {name!r}")
-            self.sources[name] = src
-        self._hash_cache: dict[tuple[str, str], str] = {}
+@dataclass
+class Inputs:
+    """The recipe's checkpoints, opened (headers only): the base, every source by label (the base among them), the
+    model's shape."""
+    base: Source
+    sources: dict[str, Source]
+    info: ModelInfo
 
-    # ---- which modules exist -------------------------------------------------------------------------------
-    def base_modules(self) -> dict[str, Role]:
+    @classmethod
+    def open(cls, recipe: Recipe) -> "Inputs":
+        ck = Checkpoint.open(recipe.path_of(BASE), "base")
+        cfg = ck.config  # read once: it names the modules (model_type) and is what every source must match
+        info = ModelInfo.from_config(cfg, f"base ({ck.path})")
+        base = source_of("base", ck, info.model_type)
+        if base.kind != "unquantized":
+            raise UserError(f"base ({ck.path}) is quantized ({base.kind}); the base must be the bf16/fp16 model (it "
+                            f"provides config, tokenizer and reference weights)")
+        sources = {BASE: base}
+        for name in sorted(recipe.sources):
+            src = open_source(name, recipe.path_of(name), info.model_type)
+            check_same_architecture(cfg, src.ckpt.config, f"source {name!r}")
+            sources[name] = src
+        return cls(base, sources, info)
+
+    def roles(self) -> dict[str, Role]:
+        """Every module of the base with its role, in natural order; a source module the base lacks is refused."""
         roles = {}
         for name in sorted(self.base.modules, key=natural_key):
             role = role_of(name)
@@ -123,12 +129,18 @@ class _Planner:
                                 f"quantize the same architecture")
         return roles
 
-    # ---- rules ---------------------------------------------------------------------------------------------
-    def moe_layers(self, roles: dict[str, Role]) -> set[int]:
-        return {r.layer for r in roles.values() if r.expert is not None}
 
-    def assign(self, roles: dict[str, Role]) -> dict[str, tuple[str, str]]:
-        moe = self.moe_layers(roles)
+class RuleMatcher:
+    """Which source every linear module comes from: the recipe's rules in order, first match wins, else the default;
+    a rule that selects nothing is an error."""
+
+    def __init__(self, recipe: Recipe, info: ModelInfo, roles: dict[str, Role]):
+        self.recipe, self.info, self.roles = recipe, info, roles
+        self.moe = {r.layer for r in roles.values() if r.expert is not None}
+
+    def assign(self) -> dict[str, tuple[str, str]]:
+        """module → (source, why) for every linear module."""
+        roles, moe = self.roles, self.moe
         self._check_expert_rules()
         hits = [0] * len(self.recipe.rules)
         chosen: dict[str, tuple[str, str]] = {}
@@ -185,7 +197,20 @@ class _Planner:
             return role.expert in ids
         return True
 
-    # ---- modules -------------------------------------------------------------------------------------------
+
+
+class _Planner:
+    """Module by module: every linear from its chosen source (checked against its format), every norm, router and
+    embedding from the source its consumers were quantized against; then the shared rules over the whole."""
+
+    def __init__(self, recipe: Recipe, tp: int, ep: int):
+        self.recipe, self.tp, self.ep = recipe, tp, ep
+        inputs = Inputs.open(recipe)
+        self.base, self.sources, self.info = inputs.base, inputs.sources, inputs.info
+        self.model_type = self.info.model_type
+        self.roles = inputs.roles()
+        self._hash_cache: dict[tuple[str, str], str] = {}
+
     def module_plan(self, name: str, role: Role, source: str, why: str) -> ModulePlan:
         base_w = self.base.modules[name].tensors.get("weight")
         if base_w is None or len(base_w.shape) != 2:
@@ -293,8 +318,8 @@ class _Planner:
         return plans
 
     def plan(self) -> Plan:
-        roles = self.base_modules()
-        chosen = self.assign(roles)
+        roles = self.roles
+        chosen = RuleMatcher(self.recipe, self.info, roles).assign()
         linear = [self.module_plan(n, roles[n], *chosen[n]) for n in chosen]
         units = self.check_units(linear)
         _raise_first(rules.pair_problems([m.linear() for m in linear]))

@@ -89,7 +89,12 @@ def _scheme(reader, config, module: str, tensors: dict[str, TensorInfo], where: 
 
 
 def open_source(label: str, path, model_type: str) -> Source:
-    ck = Checkpoint.open(path, label)
+    return source_of(label, Checkpoint.open(path, label), model_type)
+
+
+def source_of(label: str, ck: Checkpoint, model_type: str) -> Source:
+    """An opened checkpoint seen as a source: every module with its scheme (model_type maps names, e.g. Mixtral's
+    experts)."""
     where = f"source {label!r} ({ck.path})" if label != "base" else f"base ({ck.path})"
     qc = ck.quantize_config
     reader, config = _reader(qc, where)
