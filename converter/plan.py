@@ -170,7 +170,7 @@ class RuleMatcher:
             if rule.experts is None:
                 continue
             if not n:
-                raise UserError(f"recipe: {rule.describe(i)} selects experts, but {self.model_type} has no routed "
+                raise UserError(f"recipe: {rule.describe(i)} selects experts, but {self.info.model_type} has no routed "
                                 f"experts; remove experts:")
             ids = rule.expert_ids
             if ids is not None and max(ids) >= n:

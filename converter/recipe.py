@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .patterns import check_re_patterns
 
 BASE = "base"
 
@@ -83,14 +84,10 @@ class Rule(BaseModel):
     @field_validator("match")
     @classmethod
     def _patterns_ok(cls, v):
-        for p in [v] if isinstance(v, str) else v:
-            if not p:
-                raise ValueError("empty pattern")
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as e:
-                    raise ValueError(f"bad regex {p!r}: {e}") from None
+        patterns = [v] if isinstance(v, str) else v
+        if not all(patterns):
+            raise ValueError("empty pattern")
+        check_re_patterns(patterns)
         return v
 
     @field_validator("layers")

@@ -149,3 +149,18 @@ MIXED_EXPERTS_RULES = """
 - {match: "mlp.experts.*", layers: 1, experts: [3, "5-6"], source: int8}
 - {match: "mlp.experts.*", source: gptq}
 """
+
+
+def build_once(tmp_path_factory, fixtures: dict[str, Path], sources: dict[str, str], default: str, rules: str,
+               name: str) -> Path:
+    """Build a recipe over fixture kinds into a fresh directory (for module-scoped fixtures, where the function-scoped
+    `cli` fixture cannot be used); the output path."""
+    from typer.testing import CliRunner
+
+    from mpconvert.cli.main import app
+
+    d = tmp_path_factory.mktemp(name)
+    r = write_recipe(d, fixtures, sources, default, rules)
+    res = CliRunner().invoke(app, ["build", str(r), "-o", str(d / "out")])
+    assert res.exit_code == 0, res.output
+    return d / "out"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fails, write_recipe
+from helpers import build_once, fails, write_recipe
 
 EVAL_TEXT = ("GFDL-1.3", "Artistic")  # the GPTQ source was calibrated on GPL-3 and Apache-2.0 (fixtures/smollm2.py)
 
@@ -16,18 +16,11 @@ EVAL_TEXT = ("GFDL-1.3", "Artistic")  # the GPTQ source was calibrated on GPL-3 
 @pytest.fixture(scope="module")
 def mixed(real, tmp_path_factory) -> Path:
     """Attention FP8 (per channel, dynamic), MLP GPTQ int4 g64: 5.27 bits per weight."""
-    from typer.testing import CliRunner
-
-    from mpconvert.cli.main import app
-
-    d = tmp_path_factory.mktemp("real")
-    r = write_recipe(d, real, {"fp8": "fp8-dynamic", "gptq": "gptq-g64"}, "gptq",
-                     '- {match: "self_attn.*", source: fp8}')
-    res = CliRunner().invoke(app, ["build", str(r), "-o", str(d / "out")])
-    assert res.exit_code == 0, res.output
-    text = d / "eval.txt"
+    out = build_once(tmp_path_factory, real, {"fp8": "fp8-dynamic", "gptq": "gptq-g64"}, "gptq",
+                     '- {match: "self_attn.*", source: fp8}', "real")
+    text = out.parent / "eval.txt"
     text.write_text("\n\n".join(Path("/usr/share/common-licenses", n).read_text() for n in EVAL_TEXT))
-    return d / "out"
+    return out
 
 
 def test_fp8_block_attention_of_576_is_refused_at_tp1(real, cli, tmp_path):

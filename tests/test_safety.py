@@ -43,6 +43,15 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".mpconvert-" in p.name)
 
 
+def refused(plan, out: Path, force: bool, meanwhile) -> str:
+    """Build with `meanwhile` called as the shards are written; the build must refuse: its message."""
+    try:
+        write(plan, out, 1 << 30, force, meanwhile)
+    except UserError as e:
+        return str(e)
+    raise AssertionError("the build must refuse")
+
+
 def test_a_directory_appearing_at_the_output_mid_build_is_left_alone(llama, tmp_path):
     plan = make_plan(load_recipe(recipe(llama, tmp_path)))
     out = tmp_path / "out"
@@ -52,11 +61,8 @@ def test_a_directory_appearing_at_the_output_mid_build_is_left_alone(llama, tmp_
             out.mkdir()
             (out / "theirs.txt").write_text("not mpconvert's")
 
-    try:
-        write(plan, out, 1 << 30, False, someone_else)
-        raise AssertionError("the build must refuse")
-    except UserError as e:
-        assert "appeared while this build ran" in str(e) and "left untouched" in str(e)
+    e = refused(plan, out, False, someone_else)
+    assert "appeared while this build ran" in e and "left untouched" in e
     assert sorted(os.listdir(out)) == ["theirs.txt"] and leftovers(tmp_path) == []
 
 
@@ -72,11 +78,7 @@ def test_force_replaces_only_the_directory_that_was_there(llama, tmp_path):
             out.mkdir()
             (out / "new.txt").write_text("someone else's")
 
-    try:
-        write(plan, out, 1 << 30, True, swap)
-        raise AssertionError("the build must refuse")
-    except UserError as e:
-        assert "was replaced or removed while this build ran" in str(e)
+    assert "was replaced or removed while this build ran" in refused(plan, out, True, swap)
     assert sorted(os.listdir(out)) == ["new.txt"] and leftovers(tmp_path) == []
     write(plan, out, 1 << 30, True)  # unchanged during the build: --force replaces it
     assert (out / "mpconvert_manifest.json").exists() and not (out / "new.txt").exists()

@@ -18,16 +18,9 @@ from mpconvert.safetensors_io import read_header
 from mpconvert.verify import verify
 
 from helpers import DENSE_RULES, DENSE_SOURCES, MIXED_EXPERTS_RULES as MOE_RULES, THREE_SOURCES as MOE_SOURCES, \
-    write_recipe
+    build_once
 
 PER_KIND = 12  # instances of each kind in each directory
-
-
-def build(cli, fixtures, sources, default, rules, d: Path) -> Path:
-    r = write_recipe(d, fixtures, sources, default, rules)
-    res = cli("build", r, "-o", d / "out")
-    assert res.exit_code == 0, res.output
-    return d / "out"
 
 
 # ---- helpers over a converted directory ---------------------------------------------------------------------------
@@ -353,18 +346,8 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def converted(llama, moe, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from mpconvert.cli.main import app
-
-    def cli(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
-
-    d = tmp_path_factory.mktemp("sweep")
-    (d / "dense").mkdir()
-    (d / "moe").mkdir()
-    return {"dense": build(cli, llama, DENSE_SOURCES, "gptq", DENSE_RULES, d / "dense"),
-            "moe": build(cli, moe, MOE_SOURCES, "int8", MOE_RULES, d / "moe")}
+    return {"dense": build_once(tmp_path_factory, llama, DENSE_SOURCES, "gptq", DENSE_RULES, "dense"),
+            "moe": build_once(tmp_path_factory, moe, MOE_SOURCES, "int8", MOE_RULES, "moe")}
 
 
 def test_every_injected_corruption_is_caught(converted, tmp_path):

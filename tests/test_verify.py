@@ -12,20 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from mpconvert.manifest import MANIFEST
 
-from helpers import DENSE_RULES, DENSE_SOURCES, build, write_recipe
+from helpers import DENSE_RULES, DENSE_SOURCES, build, build_once, write_recipe
 
 
 @pytest.fixture(scope="module")
 def dense_out(llama, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from mpconvert.cli.main import app
-
-    d = tmp_path_factory.mktemp("dense")
-    recipe = write_recipe(d, llama, DENSE_SOURCES, "gptq", DENSE_RULES)
-    r = CliRunner().invoke(app, ["build", str(recipe), "-o", str(d / "out")])
-    assert r.exit_code == 0, r.output
-    return d / "out"
+    return build_once(tmp_path_factory, llama, DENSE_SOURCES, "gptq", DENSE_RULES, "dense")
 
 
 def run_verify(cli, d: Path, *args):

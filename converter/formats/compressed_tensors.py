@@ -13,19 +13,10 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UserError
+from ..patterns import check_re_patterns
 from .base import ConfigReader, ProducerConfig, Scheme, parse_config, register_reader
 
 _CLASS_TARGETS = ("Linear", "nn.Linear", "torch.nn.Linear")
-
-
-def _regexes_ok(targets: list[str]) -> list[str]:
-    for t in targets:
-        if t.startswith("re:"):
-            try:
-                re.compile(t[3:])
-            except re.error as e:
-                raise ValueError(f"bad regex {t!r}: {e}") from None
-    return targets
 
 
 class QuantArgs(BaseModel):
@@ -54,7 +45,7 @@ class ConfigGroup(BaseModel):
     input_activations: Optional[QuantArgs] = None
     format: Optional[str] = None
 
-    _targets = field_validator("targets")(classmethod(lambda cls, v: _regexes_ok(v)))
+    _targets = field_validator("targets")(classmethod(lambda cls, v: check_re_patterns(v)))
 
 
 class CTConfig(ProducerConfig):
@@ -65,7 +56,7 @@ class CTConfig(ProducerConfig):
     sparsity_config: Optional[dict] = None
     transform_config: Optional[dict] = None
 
-    _ignore = field_validator("ignore")(classmethod(lambda cls, v: _regexes_ok(v)))
+    _ignore = field_validator("ignore")(classmethod(lambda cls, v: check_re_patterns(v)))
 
 
 def _matches(target: str, module: str) -> bool:
