@@ -68,6 +68,11 @@ _RULES: list[tuple[re.Pattern, object]] = [
 ]
 
 
+# Tensors a module may carry besides its format's: a linear's bias, and DeepSeek-V3's router bias (noaux_tc routing
+# adds e_score_correction_bias to the router's scores). Bytes copied as they are.
+EXTRA_TENSORS = ("bias", "e_score_correction_bias")
+
+
 def role_of(module: str) -> Role | None:
     for rx, build in _RULES:
         m = rx.fullmatch(module)

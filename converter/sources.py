@@ -12,12 +12,12 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS, READERS, Scheme
 from .formats.unquantized import UNQUANTIZED
-from .layout import canonical_module
+from .layout import EXTRA_TENSORS, canonical_module
 from .safetensors_io import TensorInfo
 
 # Every tensor suffix a module may carry in a supported format (each format lists its own); anything else is refused
 # rather than guessed.
-KNOWN_SUFFIXES = tuple(sorted({s for f in FORMATS.values() for s in f.suffixes} | {"bias"}))
+KNOWN_SUFFIXES = tuple(sorted({s for f in FORMATS.values() for s in f.suffixes} | set(EXTRA_TENSORS)))
 
 
 def split_tensor_name(name: str) -> tuple[str, str]:

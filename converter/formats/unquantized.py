@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..layout import EXTRA_TENSORS
 from .base import FLOAT_DTYPES, Expect, Format, Params, Scheme, register
 
 
@@ -21,7 +22,7 @@ class Unquantized(Format):
     def scheme_of(self, module, tensors, config, where):
         """Any source's plain float module (ignored layers, lm_head, routers, norms) — asked before its reader."""
         w = tensors.get("weight")
-        if set(tensors) - {"bias"} == {"weight"} and w.dtype in FLOAT_DTYPES:
+        if set(tensors) - set(EXTRA_TENSORS) == {"weight"} and w.dtype in FLOAT_DTYPES:
             return Scheme.of("unquantized", dtype=w.dtype)
         return None
 
