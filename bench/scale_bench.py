@@ -1,0 +1,77 @@
+"""The DeepSeek-V3-shaped scale benchmark (issue: a V3-sized job in seconds): build, verify, verify --fast and inspect
+on the job of bench/v3_shaped.py at N and 2N layers, each beside its baseline in the same run (`cp -r && sync` of
+the output, `sha256sum` of its shards), with every command's peak RSS. Prints one table (markdown).
+
+    python bench/scale_bench.py [--layers 30] [--workdir /tmp/mpc-scale]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MPCONVERT = str(Path(sys.executable).parent / "mpconvert")
+
+
+def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command (GNU time's %M)."""
+    rss = Path(os.environ.get("TMPDIR", "/tmp")) / f"mpc-scale-rss-{os.getpid()}"
+    t = time.perf_counter()
+    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss), *cmd], check=True, cwd=cwd,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t, int(rss.read_text().split()[-1]) * 1024
+
+
+def run(work: Path, layers: int) -> dict:
+    d = work / f"L{layers}"
+    if not (d / "recipe.yaml").exists():
+        subprocess.run([sys.executable, str(HERE / "v3_shaped.py"), str(d), "--layers", str(layers)], check=True)
+    shutil.rmtree(d / "out", ignore_errors=True)
+    subprocess.run(["cat", *map(str, d.rglob("*.safetensors"))], check=True, stdout=subprocess.DEVNULL)  # warm
+    res = {"layers": layers}
+    res["build_s"], res["build_rss"] = timed([MPCONVERT, "build", "recipe.yaml", "-o", "out", "--tp", "8", "--ep",
+                                              "8"], d)
+    m = json.loads((d / "out" / "mpconvert_manifest.json").read_text())
+    res["tensors"] = sum(len(x["tensors"]) for x in m["modules"].values())
+    res["output_gb"] = sum(p.stat().st_size for p in (d / "out").iterdir()) / 1e9
+    res["manifest_mb"] = (d / "out" / "mpconvert_manifest.json").stat().st_size / 1e6
+    shutil.rmtree(d / "copy", ignore_errors=True)
+    res["cp_sync_s"], _ = timed(["sh", "-c", "cp -r out copy && sync"], d)
+    shutil.rmtree(d / "copy")
+    res["verify_s"], res["verify_rss"] = timed([MPCONVERT, "verify", "out", "--tp", "8", "--ep", "8"], d)
+    res["fast_s"], res["fast_rss"] = timed([MPCONVERT, "verify", "out", "--tp", "8", "--ep", "8", "--fast"], d)
+    res["sha256sum_s"], _ = timed(["sh", "-c", "sha256sum out/*.safetensors"], d)
+    res["inspect_s"], res["inspect_rss"] = timed([MPCONVERT, "inspect", "out", "--no-modules"], d)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/mpc-scale"))
+    a = ap.parse_args(argv)
+    rows = [run(a.workdir, n) for n in (a.layers, 2 * a.layers)]
+    gib = 2 ** 30
+    print("| layers | tensors | output GB | manifest MB | build s | cp -r && sync s | build / copy | verify s | "
+          "sha256sum s | verify / sha256sum | verify --fast s | inspect s | peak RSS GiB (build / verify / fast / "
+          "inspect) |")
+    print("|" + "---:|" * 13)
+    for r in rows:
+        print(f"| {r['layers']} | {r['tensors']:,} | {r['output_gb']:.2f} | {r['manifest_mb']:.0f} | "
+              f"{r['build_s']:.1f} | {r['cp_sync_s']:.1f} | {r['build_s'] / r['cp_sync_s']:.1f} | {r['verify_s']:.1f} | "
+              f"{r['sha256sum_s']:.1f} | {r['verify_s'] / r['sha256sum_s']:.1f} | {r['fast_s']:.1f} | "
+              f"{r['inspect_s']:.1f} | {r['build_rss'] / gib:.2f} / {r['verify_rss'] / gib:.2f} / "
+              f"{r['fast_rss'] / gib:.2f} / {r['inspect_rss'] / gib:.2f} |")
+    a1, a2 = rows
+    print(f"\n2× layers: build ×{a2['build_s'] / a1['build_s']:.2f}, verify ×{a2['verify_s'] / a1['verify_s']:.2f}, "
+          f"verify --fast ×{a2['fast_s'] / a1['fast_s']:.2f}, inspect ×{a2['inspect_s'] / a1['inspect_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
