@@ -83,6 +83,7 @@ class OutputLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
+        self.created = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -113,13 +114,19 @@ class OutputLock:
         self.existing = identity(self.out)  # the only thing --force may replace
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
         os.close(self.fd)
         self.fd = None
+        if exc_type is not None:  # a failed build leaves no trace: not even the parent directories it made for -o
+            for d in self.created:  # deepest first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
     def aside(self, kind: str) -> Path:
         """This build's temporary ("tmp") or swapped-out ("old") directory beside the output."""

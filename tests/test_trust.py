@@ -253,6 +253,12 @@ def test_absurd_shard_size(llama, cli, tmp_path):
     fails(cli, tmp_path, r, "--shard-size", "9" * 25, match="larger than 1 PiB")
 
 
+def test_a_failed_build_leaves_no_parent_directories(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g", '- {match: "*.cross_attn.*", source: base}')
+    fails(cli, tmp_path, r, "-o", tmp_path / "new" / "deeper" / "out", match="selects nothing")
+    assert not (tmp_path / "new").exists()
+
+
 def test_output_under_a_file_or_a_read_only_filesystem(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
     (tmp_path / "file").write_text("x")
