@@ -68,6 +68,13 @@ def duplicate_key(h, data):
     return text[:-1] + "," + json.dumps(name) + ":" + json.dumps(h[name]) + "}", data
 
 
+def duplicate_field(h, data):  # a second dtype inside one entry: the later would silently win in a plain parse
+    name = f"{L0}.input_layernorm.weight"
+    text = dumps(h)
+    entry = json.dumps(h[name], separators=(",", ":"))
+    return text.replace(entry, entry[:-1] + ',"dtype":"F32"}', 1), data
+
+
 def shape(value):
     def edit(h, data):
         h[f"{L0}.input_layernorm.weight"]["shape"] = value
@@ -102,6 +109,7 @@ HEADER_CASES = {
     "gap between tensors": (gap, "belong to no tensor"),
     "negative begin": (negative_begin, "data_offsets"),
     "duplicate key": (duplicate_key, "twice"),
+    "duplicate field in an entry": (duplicate_field, "lists 'dtype' twice"),
     "negative shape": (shape([-1, -256]), "non-negative integers"),
     "boolean shape": (shape([True, 256]), "non-negative integers"),
     "float offsets": (offsets([0.0, 512.0]), "must be two integers"),
