@@ -144,3 +144,17 @@ def test_every_quant_method_has_one_reader():
     assert sorted(READERS) == ["awq", "compressed-tensors", "fp8", "gptq", "w8a8_int8"]
     for name, f in FORMATS.items():
         assert all(READERS[m] is f for m in f.quant_methods), name
+
+
+def test_marlin_shapes_dense_and_moe():
+    """Marlin's thread configs (SGLang's kernel sources): dense N % 64 and K % 64 for GPTQ, K % 128 for AWQ (SGLang's
+    own gate there); the MoE kernel N % 128."""
+    gptq = FORMATS["gptq"]
+    assert gptq.kernel_problem(GPTQ, [576, 192, 192], 576, 576, False, False, False) is None  # SmolLM2's qkv
+    assert "multiple of 64" in gptq.kernel_problem(GPTQ, [32], 576, 576, False, False, False)
+    assert "multiple of 64 (Marlin's minimum tile)" in gptq.kernel_problem(GPTQ, [128], 96, 96, False, False, False)
+    assert gptq.kernel_problem(GPTQ, [64, 64], 256, 256, True, False, True) is None
+    assert "Marlin MoE kernel's minimum tile" in gptq.kernel_problem(GPTQ, [32, 32], 256, 256, True, False, True)
+    assert "multiple of 128" in FORMATS["awq"].kernel_problem(AWQ, [128], 576, 576, False, False, False)
+    g128 = {**GPTQ, "group_size": 128}
+    assert "splits a quantization group of 128" in gptq.kernel_problem(g128, [128], 192, 384, False, True, False)

@@ -90,7 +90,7 @@ class AWQ(Format):
         return ((q - z).float() * s).T.contiguous()
 
     def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
-        return marlin_problem(4, p["group_size"], out_parts, in_part, in_full, AWQ_MARLIN_MIN_K)
+        return marlin_problem(4, p["group_size"], out_parts, in_part, in_full, AWQ_MARLIN_MIN_K, moe)
 
     def check_values(self, module, t, p):
         return positive_scales(module, "scales", t["scales"])

@@ -17,19 +17,21 @@ from ..errors import UserError
 from .base import Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config, positive_scales, register
 from .intpack import pack_cols, round_to_nearest_int, unpack_cols, unpack_rows
 
-# SGLang 0.5.17's Marlin kernel (kernels/jit/csrc/gemm/marlin/marlin.cuh: min_thread_n = min_thread_k = 64; it
-# picks a thread_k of 64 or 128 that divides K). GPTQ-Marlin runs whatever the kernel takes: SGLang computes its
-# Python-side shape check (check_marlin_supports_shape) and ignores the answer.
-MARLIN_MIN_N, MARLIN_KERNEL_MIN_K = 64, 64
+# SGLang 0.5.17's Marlin kernels (kernels/jit/csrc/gemm/marlin/gptq_marlin.cuh and marlin_moe/moe_wna16_marlin.cuh):
+# a problem runs on a thread config whose thread_k divides K and thread_n divides N. The dense kernel has configs
+# down to thread_k 64 and thread_n 64; the MoE kernel's smallest thread_n is 128. GPTQ-Marlin runs whatever the
+# kernel takes: SGLang computes its Python-side shape check (check_marlin_supports_shape, K % 128) and ignores it.
+MARLIN_MIN_N, MARLIN_MOE_MIN_N, MARLIN_KERNEL_MIN_K = 64, 128, 64
 
 
 def marlin_problem(bits: int, group_size: int, out_parts: list[int], in_part: int, in_full: int,
-                   min_k: int) -> str | None:
-    """Shared by GPTQ and AWQ: the Marlin kernel's shape rules for one layer as a rank holds it (fused parts summed
+                   min_k: int, moe: bool = False) -> str | None:
+    """Shared by GPTQ and AWQ: the Marlin kernels' shape rules for one layer as a rank holds it (fused parts summed
     into one N; every part packs whole int32 words along N where the format packs along N)."""
-    n = sum(out_parts)
-    if n % MARLIN_MIN_N:
-        return f"output size {n} is not a multiple of {MARLIN_MIN_N} (Marlin's minimum tile)"
+    n, min_n = sum(out_parts), MARLIN_MOE_MIN_N if moe else MARLIN_MIN_N
+    if n % min_n:
+        kernel = "the Marlin MoE kernel's" if moe else "Marlin's"
+        return f"output size {n} is not a multiple of {min_n} ({kernel} minimum tile)"
     if in_part % min_k:
         return f"input size {in_part} is not a multiple of {min_k} (Marlin's minimum tile)"
     if 0 < group_size < in_full and in_part % group_size:
@@ -162,7 +164,7 @@ class GPTQ(Format):
         return p
 
     def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
-        return marlin_problem(p["bits"], p["group_size"], out_parts, in_part, in_full, MARLIN_KERNEL_MIN_K)
+        return marlin_problem(p["bits"], p["group_size"], out_parts, in_part, in_full, MARLIN_KERNEL_MIN_K, moe)
 
     def sglang_config(self, p):
         return "gptq_marlin", {"quant_method": "gptq", "bits": p["bits"], "group_size": p["group_size"],
