@@ -2,13 +2,14 @@
 PY      ?= python3
 VENV    := .venv
 FVENV   := .venv-fixtures
+V23     := .venv-sglang23
 PIP     := $(VENV)/bin/pip
 export MPCONVERT_CACHE ?= $(HOME)/.cache/mpconvert
 export TMPDIR ?= /tmp
 
 .PHONY: setup demo test fixtures bench clean
 
-setup: $(VENV)/.done $(FVENV)/.done  ## both venvs: the tool (+ SGLang's real classes) and the fixture producers
+setup: $(VENV)/.done $(FVENV)/.done $(V23)/.done  ## the tool (+ SGLang 0.5.17's classes), the producers, SGLang 0.5.23
 
 # The tool's venv. torch is pinned and installed first (from local disk here), so nothing resolves another torch;
 # SGLang comes --no-deps plus the light packages its imports need (DESIGN.md §6).
@@ -32,6 +33,16 @@ $(FVENV)/.done: $(VENV)/.done requirements/fixtures.txt requirements/fixtures-no
 	$(FVENV)/bin/pip install -q --no-deps -r requirements/fixtures-nodeps.txt
 	touch $@
 
+# SGLang 0.5.23 for the CPU engine tests on the second supported version: layered on the tool's venv (site.addsitedir,
+# so that its torch and the editable mpconvert are seen), with only what 0.5.23 needs differently on top.
+$(V23)/.done: $(VENV)/.done requirements/sglang23.txt requirements/sglang23-nodeps.txt requirements/lock-sglang23.txt
+	$(PY) -m venv $(V23)
+	echo "import site; site.addsitedir('$$($(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")')" > \
+	  "$$($(V23)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mpconvert_main_venv.pth"
+	$(V23)/bin/pip install -q -c requirements/lock-sglang23.txt -r requirements/sglang23.txt
+	$(V23)/bin/pip install -q --no-deps -r requirements/sglang23-nodeps.txt
+	touch $@
+
 demo: setup  ## tiny real fixtures → mixed checkpoint → inspect
 	$(VENV)/bin/mpconvert demo demo-out
 
@@ -41,8 +52,11 @@ fixtures: setup  ## make (or find cached) every test fixture
 	  [fixture('mixtral', k) for k in c.MIXTRAL_KINDS]; [fixture('qwen2moe', k) for k in c.QWEN2MOE_KINDS]; \
 	  [fixture('deepseek', k) for k in c.DEEPSEEK_KINDS]; [smollm2(k) for k in c.SMOLLM2_KINDS]"
 
+# The whole suite on SGLang 0.5.17, then every test that runs SGLang's classes again on 0.5.23.
 test: setup fixtures
 	$(VENV)/bin/pytest -q
+	$(V23)/bin/python -m pytest -q tests/test_shim.py tests/test_mixed_experts.py tests/test_verify.py \
+	  -k "test_shim or test_mixed_experts or engine"
 
 # mergekit (the comparison in the build benchmark) in its own venv, layered on .venv's torch like the producers.
 .venv-bench/.done: $(VENV)/.done requirements/bench.txt
@@ -56,4 +70,4 @@ bench: setup .venv-bench/.done  ## build vs cp -r vs mergekit passthrough, peak 
 	$(VENV)/bin/python bench/build_bench.py
 
 clean:
-	rm -rf $(VENV) $(FVENV) .venv-bench demo-out
+	rm -rf $(VENV) $(FVENV) $(V23) .venv-bench demo-out

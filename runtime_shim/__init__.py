@@ -11,5 +11,8 @@ def register() -> None:
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS
 
     from .sglang_config import MpconvertConfig
+    from .sglang_versions import warn_if_untested
+
+    warn_if_untested()  # one loud warning in every process of an SGLang version nobody tested
 
     QUANTIZATION_METHODS[MpconvertConfig.get_name()] = MpconvertConfig  # mutate in place: others import the dict

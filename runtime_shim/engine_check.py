@@ -74,20 +74,14 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
 
     load_plugins()  # discovers mpconvert through the sglang.srt.plugins entry point
     from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
-    from sglang.srt.layers.dp_attention import initialize_dp_attention
     from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
     from sglang.srt.model_loader.utils import set_default_torch_dtype
-    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+    from sglang.srt.server_args import ServerArgs
+
+    from mpconvert.runtime_shim.sglang_versions import init_rank, version
 
     sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep, dtype=os.environ.get("SGLANG_DTYPE", "auto"))
-    set_global_server_args_for_scheduler(sa)
-    init_distributed_environment(backend="gloo", world_size=tp, rank=rank, local_rank=rank,
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
-    initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-    mc = ModelConfig.from_server_args(sa)
-    initialize_dp_attention(sa, mc)
+    mc = init_rank(sa, tp, rank, ep, port)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)
     with set_default_torch_dtype(mc.dtype):  # as SGLang's DefaultModelLoader.load_model does
@@ -115,7 +109,7 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
                        if p.numel() and bool((p.data.view(torch.uint8) == MARK).all()) and not n.endswith(DERIVED))
     from sglang.srt.runtime_context import get_parallel
 
-    return {"ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank,
+    return {"sglang": version(), "ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank,
             "quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
             "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "moe": moe,
             "loaded": names,

@@ -64,6 +64,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra):
+        _refuse_untested_sglang(self.prefix)
         _refuse_unsupported(self.prefix, layer)
         # Expert parallelism: this rank holds the contiguous range SGLang gives it, and its dispatcher hands the
         # layer rank-local top-k ids (-1 for experts on other ranks). Each group holds its experts in that range.
@@ -194,10 +195,13 @@ def run_triton_groups(core, infos: list, maps: torch.Tensor, x: torch.Tensor, to
     from types import SimpleNamespace
 
     from sglang.srt.layers.moe.moe_runner.triton import TritonRunnerInput
-    from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import _prepare_fused_moe_run
+    from mpconvert.runtime_shim.sglang_versions import prepare_fused_moe_run
 
     layer_experts, lead = maps.shape[1] - 1, infos[0]
-    config, down_config, use_tma, sorted_ids, block_experts, padded = _prepare_fused_moe_run(
+    if any(getattr(info, "fuse_swiglu_interleaved", False) for info in infos):  # SGLang ≥ 0.5.23
+        raise ValueError("mpconvert: a mixed-experts layer with interleaved gate/up weights fused into the activation "
+                         "cannot share one sequence (the other groups' gate/up rows would miss the activation)")
+    config, down_config, tma, sorted_ids, block_experts, padded = prepare_fused_moe_run(
         x, *layer_shapes(lead, layer_experts), topk_ids, **_kernel_flags(lead))
     local, every_token = group_block_experts(maps, block_experts, x.shape[0] if len(infos) > 1 else 0)
     hooks = None
@@ -209,7 +213,7 @@ def run_triton_groups(core, infos: list, maps: torch.Tensor, x: torch.Tensor, to
         hooks = SimpleNamespace(after_gate_up=add.gate_up, after_down=add.down)
     run = TritonRunnerInput(hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids,
                             sorted_token_ids=sorted_ids, expert_ids=local[0], num_tokens_post_padded=padded)
-    state = {"config": config, "down_config": down_config, "down_moe_use_tma": use_tma}
+    state = {"config": config, "down_config": down_config, **tma}
     return core.run(run, lead, state, hooks=hooks).hidden_states
 
 
@@ -237,8 +241,9 @@ def group_configs(info, layer_experts: int, x: torch.Tensor, top_k: int, block_m
     config, (down, _) = fused_moe.try_get_optimal_moe_config(
         w13.shape, (*w2.shape[:2], w2.shape[2] - padding), top_k, dtype, x.shape[0],
         block_shape=flags["block_shape"], per_channel_quant=flags["per_channel_quant"], return_down_config=True)
-    down = {k: v for k, v in (down or config).items() if k != "USE_TMA"}
-    return {**config, "BLOCK_SIZE_M": block_m}, {**down, "BLOCK_SIZE_M": block_m}
+    # TMA is the lead's choice in the shared sequence (its runner state); a group's own GEMMs run without it
+    up, down = ({k: v for k, v in c.items() if k != "USE_TMA"} for c in (config, down or config))
+    return {**up, "BLOCK_SIZE_M": block_m}, {**down, "BLOCK_SIZE_M": block_m}
 
 
 def local_id_table(mine: list[int], lo: int, per_rank: int) -> torch.Tensor:
@@ -325,6 +330,15 @@ class _OtherGroups:
                                 compute_type=self.compute_type, **_kernel_flags(info), filter_expert=True,
                                 fuse_add_to_output=True, add_output_mask=self.every_token,
                                 router_topk=topk_ids.shape[1])
+
+
+def _refuse_untested_sglang(prefix: str):
+    """Mixed-format experts drive SGLang's private fused-MoE internals: on a version nobody tested, refuse."""
+    from mpconvert.runtime_shim.sglang_versions import tested, untested_message
+
+    if not tested():
+        raise ValueError(f"mpconvert: {prefix} mixes formats across its experts, which is served only on the tested "
+                         f"SGLang versions — {untested_message()}")
 
 
 def _refuse_unsupported(prefix: str, layer):

@@ -28,23 +28,21 @@ E, H, I, M, K = 8, 64, 32, 6, 2  # experts on the rank, hidden, moe intermediate
 
 def sglang_context():
     """What the sequence reads from a running server: its arguments, a (one-rank, gloo) TP group, the GPU's name."""
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
     from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, fused_moe_triton_config
-    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+    from sglang.srt.server_args import ServerArgs
     from transformers import Qwen3MoeConfig
+
+    from mpconvert.runtime_shim.sglang_versions import init_rank
 
     model = tempfile.mkdtemp()
     Qwen3MoeConfig(hidden_size=H, intermediate_size=2 * H, moe_intermediate_size=I, num_experts=E,
                    num_experts_per_tok=K, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                    head_dim=32, vocab_size=128, architectures=["Qwen3MoeForCausalLM"]).save_pretrained(model)
-    set_global_server_args_for_scheduler(ServerArgs(model_path=model, device="cpu"))
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    init_distributed_environment(backend="gloo", world_size=1, rank=0, local_rank=0,
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
-    initialize_model_parallel(1)
+    init_rank(ServerArgs(model_path=model, device="cpu"), 1, 0, 1, str(port))
     fused_moe_triton_config.get_device_name = lambda: "NVIDIA H200"
     fused_moe.moe_align_block_size = align
 

@@ -236,3 +236,27 @@ def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
         raise AssertionError("the shim must refuse it")
     except ValueError as e:
         assert f"{unit} is gptq" in str(e)
+
+
+def test_an_untested_sglang_is_warned_about_and_refuses_mixed_experts(monkeypatch):
+    """register() checks SGLang's version against the tested ones: an untested one gets a loud warning naming them
+    and the check to run, and mixed-format experts (SGLang's private fused-MoE internals) are refused there."""
+    import warnings
+
+    import pytest
+    import sglang
+
+    from mpconvert.runtime_shim import register
+    from mpconvert.runtime_shim.mixed_experts import _refuse_untested_sglang
+    from mpconvert.runtime_shim.sglang_versions import TESTED, version
+
+    assert version() in TESTED  # what CI runs: both tested versions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        register()  # a tested version: silent
+    monkeypatch.setattr(sglang, "__version__", "0.9.99")
+    with pytest.warns(RuntimeWarning, match="tested with SGLang 0.5.17 and 0.5.23, not 0.9.99.*--engine sglang"):
+        register()
+    with pytest.raises(ValueError, match="served only on the tested SGLang versions"):
+        _refuse_untested_sglang("model.layers.0.mlp.experts")
+
