@@ -29,7 +29,11 @@ out = Console()
 BUILD_HELP = """Merge the checkpoints named by RECIPE into one sharded safetensors checkpoint with a manifest.
 
 Tensors are copied byte-exact (never re-quantized or dequantized), streamed with bounded memory into a temporary
-directory beside OUTPUT that is renamed into place only when complete.
+directory beside OUTPUT that is renamed into place only when complete. Every input is checked before a byte is
+written (strict safetensors headers, typed configs, scale and g_idx values, fused units, folded scales, SGLang's
+TP/EP splits and kernel shapes); each problem is one `error:` line and exit code 2. One build per OUTPUT at a time
+(a lock); an existing OUTPUT is replaced only with --force, and only the directory that was there when the build
+started; leftovers of a build that died are cleaned up by the next build of the same OUTPUT.
 
 Recipe (YAML; relative paths are relative to the recipe file):
 
@@ -50,7 +54,11 @@ moe: true/false restricts to layers with/without a MoE block; experts: routed ex
 formats (FP8, Int8, GPTQ, bf16; not from a folded-scale source such as AWQ): SGLang then runs one native fused-MoE
 call per format over its own experts.
 
-Example:  mpconvert build recipe.yaml -o out/ --tp 2
+Examples:
+
+\b
+  mpconvert build recipe.yaml -o out/ --tp 2
+  mpconvert build recipe.yaml -o out/ --tp 8 --ep 8 --force --json
 """
 
 
@@ -188,18 +196,26 @@ def inspect(directory: Path = typer.Argument(..., help="converted directory"),
 
 VERIFY_HELP = """Prove that a converted directory is complete, consistent, shardable and faithful.
 
-Checks: structure (config ↔ manifest sha256, index ↔ shards ↔ manifest, dtype/shape, sha256 of every tensor unless
---fast), scheme invariants per format (packing shapes, group sizes, g_idx range, zero convention, scales), fused
-units and folded-scale consistency, TP/EP shardability for SGLang's kernels, a memory report, and with --numeric
---base BASE the per-block and end-to-end error of the dequantized model against the bf16 base on CPU. With
---engine sglang, SGLang's own classes build and load the model on CPU through the runtime shim (TP=1 and each rank
-of --tp, with --ep's expert split): every layer must resolve to its format's native quant method and every
-parameter must be loaded.
+Checks: structure (index ↔ shards ↔ manifest, every shard header read strictly, dtype/shape, sha256 of every tensor
+and a NaN/inf scan of every float tensor unless --fast); the manifest (its schema, and agreeing with itself);
+config.json (quantization_config as build wrote it, every other field as recorded at build time, tokenizer files by
+sha256); scheme invariants per format (packing shapes, group sizes, positive finite scales, g_idx range, zero
+convention), fused units, folded scales and the MLA loader rule; TP/EP splits and kernel shapes for SGLang (at TP=1
+too); a memory report. With --numeric --base BASE: every module against what round-to-nearest in its own scheme
+does on the base weight, each block and the logits against the bf16 base on CPU, and with --text FILE perplexity and
+KL to the base on real text. With --engine sglang, SGLang's own classes build and load the model on CPU through the
+runtime shim (TP=1 and each rank of --tp, with --ep's expert split): every layer must resolve to its format's native
+quant method and every parameter must be loaded.
 
-Exit codes: 0 all checks passed; 1 problems found (one line each); 2 usage error.
+Exit codes: 0 all checks passed; 1 problems found (one line each; past 50, counts per check); 2 usage error;
+70 internal error (one line, the traceback in a log file).
 
-Examples:  mpconvert verify out/ --tp 2      mpconvert verify out/ --numeric --base ./llama-bf16 --json
-           mpconvert verify out/ --engine sglang --tp 2
+Examples:
+
+\b
+  mpconvert verify out/ --tp 8 --ep 8
+  mpconvert verify out/ --numeric --base ./llama-bf16 --text t.txt
+  mpconvert verify out/ --engine sglang --tp 2 --json
 """
 
 
@@ -229,9 +245,10 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
            ep: int = typer.Option(1, "--ep", help="expert-parallel size to check for MoE models"),
            base: Optional[Path] = typer.Option(None, "--base", help="the bf16 base model (for --numeric)"),
            numeric: bool = typer.Option(False, "--numeric", help="run blocks on CPU vs the base (needs --base)"),
-           fast: bool = typer.Option(False, "--fast", help="skip sha256 of tensors (said in the report)"),
+           fast: bool = typer.Option(False, "--fast", help="skip the sha256 and NaN scan of tensor data (said in the report)"),
            threshold: list[str] = typer.Option([], "--threshold", help="override a band: module.FMT=ERR, "
-                                                                       "block.FMT=ERR or cosine.FMT=COS (repeatable)"),
+                                                                       "block.FMT=ERR, cosine.FMT=COS, fold=ERR or "
+                                                                       "kl=NATS (repeatable)"),
            engine: Optional[str] = typer.Option(None, "--engine", help="also build the model with this engine's "
                                                 "real classes on CPU through the shim and check every layer's "
                                                 "quant method (sglang), at TP=1 and at --tp"),
