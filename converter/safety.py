@@ -129,7 +129,7 @@ class OutputLock:
                     break
 
     def aside(self, kind: str) -> Path:
-        """This build's temporary ("tmp") or swapped-out ("old") directory beside the output."""
+        """This build's temporary ("tmp"), swapped-out ("old") or being-deleted ("trash") directory beside the output."""
         return self.out.parent / f"{self.stem}-{kind}-{os.getpid()}"
 
     def leftovers(self, kind: str) -> list[Path]:
