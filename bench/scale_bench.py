@@ -64,7 +64,8 @@ def main(argv=None):
     print("|" + "---:|" * 13)
     for r in rows:
         print(f"| {r['layers']} | {r['tensors']:,} | {r['output_gb']:.2f} | {r['manifest_mb']:.0f} | "
-              f"{r['build_s']:.1f} | {r['cp_sync_s']:.1f} | {r['build_s'] / r['cp_sync_s']:.1f} | {r['verify_s']:.1f} | "
+              f"{r['build_s']:.1f} | {r['cp_sync_s']:.1f} | {r['build_s'] / r['cp_sync_s']:.1f} | "
+              f"{r['verify_s']:.1f} | "
               f"{r['sha256sum_s']:.1f} | {r['verify_s'] / r['sha256sum_s']:.1f} | {r['fast_s']:.1f} | "
               f"{r['inspect_s']:.1f} | {r['build_rss'] / gib:.2f} / {r['verify_rss'] / gib:.2f} / "
               f"{r['fast_rss'] / gib:.2f} / {r['inspect_rss'] / gib:.2f} |")

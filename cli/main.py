@@ -245,7 +245,8 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
            ep: int = typer.Option(1, "--ep", help="expert-parallel size to check for MoE models"),
            base: Optional[Path] = typer.Option(None, "--base", help="the bf16 base model (for --numeric)"),
            numeric: bool = typer.Option(False, "--numeric", help="run blocks on CPU vs the base (needs --base)"),
-           fast: bool = typer.Option(False, "--fast", help="skip the sha256 and NaN scan of tensor data (said in the report)"),
+           fast: bool = typer.Option(False, "--fast", help="skip the sha256 and NaN scan of tensor data (said in the "
+                                                           "report)"),
            threshold: list[str] = typer.Option([], "--threshold", help="override a band: module.FMT=ERR, "
                                                                        "block.FMT=ERR, cosine.FMT=COS, fold=ERR or "
                                                                        "kl=NATS (repeatable)"),

@@ -5,8 +5,8 @@ that died.
   dies, even by kill -9) for the whole build; a second build of the same output is refused while one runs.
 - The output is written into `.OUT.mpconvert-tmp-PID` beside it and renamed into place with RENAME_NOREPLACE: a path
   that appeared meanwhile (another program's directory, even an empty one) is never replaced. With --force, only
-  the exact directory that existed when the build started (same device, inode and change time) is swapped out: it is renamed to
-  `.OUT.mpconvert-old-PID` first, the new one renamed in, then the old one renamed to `.OUT.mpconvert-trash-PID` and
+  the exact directory that existed when the build started (same device, inode and change time) is swapped out: it
+  is renamed to `.OUT.mpconvert-old-PID` first, the new one renamed in, then the old one renamed to `.OUT.mpconvert-trash-PID` and
   deleted (so that a half-deleted directory never carries the name of one that may be restored).
 - Whoever next takes the lock of an output finds the leftovers of dead builds of it (the lock proves their builders
   are gone): temporary and trash directories are deleted; an old output whose swap was cut short is put back where
@@ -129,7 +129,8 @@ class OutputLock:
                     break
 
     def aside(self, kind: str) -> Path:
-        """This build's temporary ("tmp"), swapped-out ("old") or being-deleted ("trash") directory beside the output."""
+        """This build's temporary ("tmp"), swapped-out ("old") or being-deleted ("trash") directory beside the
+        output."""
         return self.out.parent / f"{self.stem}-{kind}-{os.getpid()}"
 
     def leftovers(self, kind: str) -> list[Path]:

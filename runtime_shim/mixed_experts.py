@@ -99,8 +99,8 @@ class MixedExpertsMethod(FusedMoEMethodBase):
             proxy.weight_loader = self._router(layer, name)
             layer.register_parameter(name, proxy)
 
-    def _group(self, layer, g: int, spec: ExpertGroup, native, mine: list[int], lo: int, per_rank: int, hidden_size: int,
-               intermediate_size_per_partition: int, params_dtype, on_triton: bool):
+    def _group(self, layer, g: int, spec: ExpertGroup, native, mine: list[int], lo: int, per_rank: int,
+               hidden_size: int, intermediate_size_per_partition: int, params_dtype, on_triton: bool):
         """The FusedMoE of one format group: exactly this rank's experts of the group, on its native method; and its
         local_id_table. A group on SGLang's Triton runner is readied for the shared chain."""
         from sglang.srt.layers.moe.fused_moe_triton import FusedMoE

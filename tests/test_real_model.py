@@ -46,7 +46,8 @@ def test_numeric_bands_hold_on_the_real_model(mixed, real, cli):
     assert n["module_error_max"]["gptq"]["error"] > 0.25  # the layer a fixed band failed
     assert n["module_error_max"]["gptq"]["ratio_to_rtn"] < 3.0
     t = n["text"]
-    assert t["tokens"] > 4000 and 0 < t["kl"] < 0.5 and t["perplexity_base"] < t["perplexity"] < 2 * t["perplexity_base"]
+    assert t["tokens"] > 4000 and 0 < t["kl"] < 0.5
+    assert t["perplexity_base"] < t["perplexity"] < 2 * t["perplexity_base"]
 
 
 def test_a_decoding_bug_still_fails_on_the_real_model(mixed, real, cli, tmp_path):

@@ -98,8 +98,8 @@ def test_a_second_build_of_the_same_output_is_refused_while_one_runs(llama, cli,
 
 
 # A builder that imports mpconvert once and forks one child per build, so that a build starts at once and a kill can
-# be timed against the build itself rather than against Python's and torch's start-up. It reads argument lists (JSON lines),
-# prints each child's pid, then its exit status once it ends. The parent never runs torch (no OpenMP state to fork).
+# be timed against the build itself rather than against Python's and torch's start-up. It reads argument lists (JSON
+# lines), prints each child's pid, then its exit status once it ends. The parent never runs torch (no OpenMP state to fork).
 FORKING_BUILDER = """
 import json, os, sys
 import torch, mpconvert.plan, mpconvert.writer, mpconvert.verify  # loaded once; no torch op runs here

@@ -44,7 +44,8 @@ def test_tp8_without_ep_is_refused_only_for_the_experts(v3, cli):
     assert "expert intermediate size 16 (of [16, 16]) is not a multiple of the FP8 block 128" in text
     r = cli("verify", v3 / "ep8", "--tp", "8", "--json")  # the EP=8 build checked for TP=8 without EP
     rep = json.loads(r.stdout)
-    # each MoE layer's two expert groups (FP8: 16 not whole blocks; GPTQ-Marlin: N = 2·16 under its 64 tile), nothing else
+    # each MoE layer's two expert groups (FP8: 16 not whole blocks; GPTQ-Marlin: N = 2·16 under its tile), nothing
+    # else
     assert r.exit_code == 1 and rep["counts"] == {"tp": 4}
     assert {f["where"] for f in rep["findings"]} == {"model.layers.3.mlp.experts", "model.layers.4.mlp.experts"}
 
