@@ -210,3 +210,20 @@ def test_a_force_swap_cut_short_is_restored(llama, cli, tmp_path):
     assert res.exit_code == 2 and "already exists" in res.output  # the old output is back: not overwritten
     assert "restored" in res.output and "removed .out.mpconvert-tmp-999999" in res.output
     assert tree_digest(out) == before and leftovers(tmp_path) == []
+
+
+def test_a_source_changed_mid_build_writes_nothing(llama, tmp_path):
+    """A source shard rewritten while the build copies from it (its mtime moves): the build fails, nothing is left."""
+    src = tmp_path / "gptq"
+    shutil.copytree(llama["gptq"], src)
+    r = write_recipe(tmp_path, {**llama, "g": src}, {"g": "g"}, "g")
+    plan = make_plan(load_recipe(r))
+    [shard] = src.glob("*.safetensors")
+
+    def touched(n):
+        st = shard.stat()
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    e = refused(plan, tmp_path / "out", False, touched)
+    assert "a source file changed while building; nothing was written" in e
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
