@@ -195,8 +195,9 @@ def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progre
 
 # ---- the manifest against itself and the shared rules ------------------------------------------------------------
 def check_manifest(manifest: Manifest, rep: Report) -> None:
+    roles = {name: role_of(name) for name in manifest.modules}
     for name, m in manifest.modules.items():
-        role = role_of(name)
+        role = roles[name]
         if role is None:
             rep.add("manifest", name, "is no module mpconvert knows a role for; the manifest was edited")
             continue
@@ -217,7 +218,7 @@ def check_manifest(manifest: Manifest, rep: Report) -> None:
     rep.add_problems("scheme", rules.mla_problems(linears, manifest.model.model_type))
     readers = rules.consumers(linears)
     for name, m in manifest.modules.items():
-        role = role_of(name)
+        role = roles[name]
         if role is not None and m.kind != "linear" and role.stage:
             rep.add_problems("scheme", rules.norm_problems(name, role, m.source, readers.get((role.layer, role.stage),
                                                                                                [])))
