@@ -170,8 +170,8 @@ class RuleMatcher:
             if rule.experts is None:
                 continue
             if not n:
-                raise UserError(f"recipe: {rule.describe(i)} selects experts, but {self.info.model_type} has no routed "
-                                f"experts; remove experts:")
+                raise UserError(f"recipe: {rule.describe(i)} selects experts, but {self.info.model_type} has no "
+                                f"routed experts; remove experts:")
             ids = rule.expert_ids
             if ids is not None and max(ids) >= n:
                 raise UserError(f"recipe: {rule.describe(i)} names expert {max(ids)}, but the model has {n} routed "
@@ -198,7 +198,6 @@ class RuleMatcher:
         return True
 
 
-
 class _Planner:
     """Module by module: every linear from its chosen source (checked against its format), every norm, router and
     embedding from the source its consumers were quantized against; then the shared rules over the whole."""
@@ -207,7 +206,6 @@ class _Planner:
         self.recipe, self.tp, self.ep = recipe, tp, ep
         inputs = Inputs.open(recipe)
         self.base, self.sources, self.info = inputs.base, inputs.sources, inputs.info
-        self.model_type = self.info.model_type
         self.roles = inputs.roles()
         self._hash_cache: dict[tuple[str, str], str] = {}
 
@@ -228,20 +226,20 @@ class _Planner:
         if problem:
             raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {problem}; the checkpoint is "
                             f"corrupt or was written wrongly — re-export it or take {name} from another source")
-        mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **fmt.output_params(params, self.model_type)),
-                        source, why, out_f, in_f)
+        written = fmt.output_params(params, self.info.model_type)
+        mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **written), source, why, out_f, in_f)
         for suffix in sorted(view.tensors):
             rw_name, rw = fmt.rewrite(suffix, params) or (None, None)
-            out = fmt.output_suffix(suffix, params, self.model_type)
+            out = fmt.output_suffix(suffix, params, self.info.model_type)
             mp.tensors[out] = TensorPlan(f"{name}.{out}", view.tensors[suffix], source, rw, rw_name,
                                          suffix if out != suffix else None)
         return mp
 
-    def check_units(self, modules: list[ModulePlan]) -> dict[str, dict]:
+    def check_units(self, linears: list[rules.Linear]) -> dict[str, dict]:
         """The unit table (SGLang layer prefix → format, params, members; a mixed-experts layer's groups), after the
         fused-unit rules (rules.unit_problems)."""
         out = {}
-        for unit, members in rules.by_unit([m.linear() for m in modules]).items():
+        for unit, members in rules.by_unit(linears).items():
             _raise_first(rules.unit_problems(unit, members))
             names = [m.name for m in members]
             if len({m.scheme for m in members}) > 1:  # expert-level mixed precision (runtime_shim.mixed_experts)
@@ -268,19 +266,16 @@ class _Planner:
                 self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
         return self._hash_cache[key]
 
-    def support_plans(self, roles: dict[str, Role], linear: list[ModulePlan]) -> list[ModulePlan]:
+    def support_plans(self, roles: dict[str, Role], linears: list[rules.Linear]) -> list[ModulePlan]:
         """Norms, routers, embeddings: take the version the consuming linears were quantized against."""
-        consumers: dict[tuple[int, str], list[ModulePlan]] = {}
-        for m in linear:
-            if m.role.stage is not None:
-                consumers.setdefault((m.role.layer, m.role.stage), []).append(m)
-        used = sorted({m.source for m in linear} - {BASE})
+        consumers = rules.consumers(linears)
+        used = sorted({m.source for m in linears} - {BASE})
         plans = []
         for name, role in roles.items():
             if role.kind == "linear":
                 continue
             users = consumers.get((role.layer, role.stage), []) if role.stage else []
-            versions: dict[str, list[ModulePlan]] = {}
+            versions: dict[str, list[rules.Linear]] = {}
             for u in users:
                 src = self.sources[u.source]
                 if name not in src.modules:
@@ -304,7 +299,7 @@ class _Planner:
                     if name in src.modules and self._value_key(src, name) != "base":
                         raise UserError(f"source {label!r} changed {name}, which mpconvert cannot couple to any "
                                         f"module; it will not mix it with other sources' modules")
-            _raise_first(rules.norm_problems(name, role, source, [u.linear() for u in users]))
+            _raise_first(rules.norm_problems(name, role, source, users))
             view = self.sources[source].modules[name]
             w = view.tensors["weight"]
             if role.kind in ("norm", "router") and not bool(load_tensor(w).float().isfinite().all()):
@@ -321,11 +316,12 @@ class _Planner:
         roles = self.roles
         chosen = RuleMatcher(self.recipe, self.info, roles).assign()
         linear = [self.module_plan(n, roles[n], *chosen[n]) for n in chosen]
-        units = self.check_units(linear)
-        _raise_first(rules.pair_problems([m.linear() for m in linear]))
-        support = self.support_plans(roles, linear)
-        _raise_first(rules.mla_problems([m.linear() for m in linear], self.model_type))
-        _raise_first(rules.partition_problems([m.linear() for m in linear], self.info, self.tp, self.ep))
+        linears = [m.linear() for m in linear]  # what the shared rules see
+        units = self.check_units(linears)
+        _raise_first(rules.pair_problems(linears))
+        support = self.support_plans(roles, linears)
+        _raise_first(rules.mla_problems(linears, self.info.model_type))
+        _raise_first(rules.partition_problems(linears, self.info, self.tp, self.ep))
         modules = sorted(linear + support, key=lambda m: natural_key(m.name))
         tensors = sorted((t for m in modules for t in m.tensors.values()), key=lambda t: natural_key(t.name))
         return Plan(self.recipe, self.base, self.sources, self.info, self.tp, self.ep, modules, tensors, units)

@@ -252,9 +252,9 @@ def _expert_unit(unit: str, members: list[Linear], tp: int, ep: int, flag: str) 
     hidden size, down as the hidden size by I, with I split over moe_tp = tp / ep. SGLang's block-FP8 MoE checks
     read the global TP size (split_in is tp > 1)."""
     moe_tp = tp // ep
-    problems = []
+    problems, by_expert = [], experts_of(members)
     for scheme, experts in expert_groups(members):
-        parts = {m.role.slot: m for m in experts_of(members)[experts[0]]}
+        parts = {m.role.slot: m for m in by_expert[experts[0]]}
         gate, down = parts.get("w1") or parts.get("w3"), parts.get("w2")
         if gate is None or down is None:
             continue

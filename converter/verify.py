@@ -194,7 +194,7 @@ def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progre
 
 
 # ---- the manifest against itself and the shared rules ------------------------------------------------------------
-def check_manifest(manifest: Manifest, rep: Report) -> None:
+def check_manifest(manifest: Manifest, linears: list[rules.Linear], rep: Report) -> None:
     roles = {name: role_of(name) for name in manifest.modules}
     for name, m in manifest.modules.items():
         role = roles[name]
@@ -212,7 +212,6 @@ def check_manifest(manifest: Manifest, rep: Report) -> None:
                 rep.add("manifest", name, f"tensor {suffix} is recorded as {t.name!r}")
         if m.kind != "linear" and (m.format != "unquantized" or m.shape is not None):
             rep.add("manifest", name, f"a {m.kind} is unquantized and has no linear shape; recorded {m.format}")
-    linears = manifest.linears()
     _check_units(manifest, linears, rep)
     rep.add_problems("scheme", rules.pair_problems(linears))
     rep.add_problems("scheme", rules.mla_problems(linears, manifest.model.model_type))
@@ -279,10 +278,10 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
             rep.add("scheme", name, problem)
 
 
-def check_partitions(manifest: Manifest, rep: Report, tp: int, ep: int) -> None:
+def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Report, tp: int, ep: int) -> None:
     """SGLang's splits at the asked sizes and at the ones build checked (a manifest claiming a TP it cannot serve is
     wrong), each layer's kernel shape included."""
-    info, linears = manifest.model.info(), manifest.linears()
+    info = manifest.model.info()
     asked = rules.partition_problems(linears, info, tp, ep)
     rep.add_problems("tp", asked)
     built = (manifest.built_for_tp, manifest.built_for_ep)
@@ -349,9 +348,10 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
         return rep
     check_config(directory, manifest, raw, rep)
     found = check_structure(directory, manifest, rep, hash_tensors, progress)
-    check_manifest(manifest, rep)
+    linears = manifest.linears()  # what the shared rules see, built once
+    check_manifest(manifest, linears, rep)
     check_values(manifest, found, rep)
-    check_partitions(manifest, rep, tp, ep)
+    check_partitions(manifest, linears, rep, tp, ep)
     rep.memory = memory_report(manifest, found, tp)
     broken = any(f.check in ("structure", "manifest") for f in rep.findings)
     if numeric:
