@@ -150,6 +150,8 @@ def numeric_check(directory: Path, manifest, found: dict[str, TensorInfo], base:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (2, 32), generator=g)
     b_in, b_out, b_logits = _capture(base_model, ids)
+    if text is None:
+        del base_model  # one float32 model in memory at a time, unless --text runs the two side by side
     with tempfile.TemporaryDirectory(prefix="mpconvert-verify-") as t:
         mod_errors = _dequantized_checkpoint(directory, manifest, found, base, Path(t))
         model = AutoModelForCausalLM.from_pretrained(t, dtype=torch.float32).eval()
@@ -177,7 +179,8 @@ def _module_findings(manifest, mod_errors: dict, thresholds: dict, rep) -> dict:
         if name.endswith("#fold"):
             name = name[: -len("#fold")]
             limit = thresholds.get("fold", FOLD_ERROR)
-            worst.setdefault("awq-fold", {"error": 0.0})["error"] = max(worst.get("awq-fold", {}).get("error", 0), err)
+            fold = worst.setdefault("awq-fold", {"error": 0.0})
+            fold["error"] = round(max(fold["error"], err), 5)
             if not err <= limit:
                 rep.add("numeric", name, f"its norm does not match the scales AWQ folded into it (implied-norm "
                                          f"mismatch {err:.4f} > {limit}): the norm comes from another source")
@@ -192,9 +195,8 @@ def _module_findings(manifest, mod_errors: dict, thresholds: dict, rep) -> dict:
         w["ratio_to_rtn"] = round(max(w["ratio_to_rtn"], error / rtn if rtn else 0.0), 3)
         if not error <= band:
             rep.add("numeric", name, f"weight error {error:.4f} vs the base exceeds {band:.4f} for {fmt} "
-                                     f"({FORMATS[fmt].rtn_factor}× the {rtn:.4f} that round-to-nearest in its scheme "
-                                     f"gets on this weight): it decodes wrongly (zero convention, packing, scale or "
-                                     f"norm from another source)")
+                                     f"(round-to-nearest in its scheme gets {rtn:.4f} on this weight): it decodes "
+                                     f"wrongly (zero convention, packing, scale or norm from another source)")
     return dict(sorted(worst.items()))
 
 
