@@ -52,9 +52,10 @@ class AWQ(Format):
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 3.0, 0.02, 0.40, 0.85
 
     def scheme_of(self, module, tensors, config, where):
-        return Scheme.of("awq", **config) if "qweight" in tensors else None
+        return config if "qweight" in tensors else None
 
-    def read_config(self, qc: dict, where: str) -> dict:
+    def read_config(self, qc: dict, where: str) -> Scheme:
+        """The one scheme every quantized module of the checkpoint has (built once, not per module)."""
         c = parse_config(AWQConfig, qc, where)
         version = (c.version or c.format or "gemm").lower()
         bits = c.bits if c.bits is not None else c.w_bit if c.w_bit is not None else 4
@@ -70,7 +71,7 @@ class AWQ(Format):
             raise UserError(f"{where}: AWQ with {bits} bits is not supported (AWQ-Marlin is 4-bit)")
         if not c.zero_point:
             raise UserError(f"{where}: AWQ without zero points is not supported by SGLang's AWQ-Marlin")
-        return {"bits": 4, "group_size": gs, "zero_point": True}
+        return Scheme.of("awq", bits=4, group_size=gs, zero_point=True)
 
     def describe(self, p):
         return f"awq int4 g{p['group_size']}"

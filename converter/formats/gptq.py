@@ -82,9 +82,10 @@ class GPTQ(Format):
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 3.0, 0.02, 0.40, 0.85
 
     def scheme_of(self, module, tensors, config, where):
-        return Scheme.of("gptq", **config) if {"qweight", "g_idx"} <= set(tensors) else None
+        return config if {"qweight", "g_idx"} <= set(tensors) else None
 
-    def read_config(self, qc: dict, where: str) -> dict:
+    def read_config(self, qc: dict, where: str) -> Scheme:
+        """The one scheme every quantized module of the checkpoint has (built once, not per module)."""
         c = parse_config(GPTQConfig, qc, where)
         bits, gs, sym, desc_act = c.bits, c.group_size, c.sym, c.desc_act
         fmt = c.checkpoint_format or c.format or "gptq"
@@ -99,7 +100,7 @@ class GPTQ(Format):
         if c.dynamic:
             raise UserError(f"{where}: GPTQ `dynamic` per-module overrides are not supported yet; use a uniform "
                             f"GPTQ checkpoint")
-        return {"bits": bits, "group_size": gs, "desc_act": desc_act, "sym": sym, "checkpoint_format": fmt}
+        return Scheme.of("gptq", bits=bits, group_size=gs, desc_act=desc_act, sym=sym, checkpoint_format=fmt)
 
     def describe(self, p):
         return (f"gptq int{p['bits']} g{p['group_size']}{' desc_act' if p['desc_act'] else ''}"
