@@ -23,14 +23,17 @@ from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.errors import UserError
 from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
-from mpconvert.rules import mla_fp8_blocks, mla_problems
+from mpconvert.rules import MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
 
 def _check_mla(manifest: Manifest) -> Optional[types.SimpleNamespace]:
     """Refuses what the MLA loader would load wrong (rules.mla_problems: build refuses it too, verify reports it);
     returns the model-wide FP8 layout of kv_b_proj (its `linear_fp8_config`), or None where no kv_b_proj is FP8."""
-    linears, model_type = manifest.linears(), manifest.model.model_type
+    model_type = manifest.model.model_type
+    if model_type not in MLA_MODEL_TYPES:
+        return None  # every SGLang worker loads the config: no role lookups where no MLA loader runs
+    linears = manifest.linears()
     problems = mla_problems(linears, model_type)
     if problems:
         raise ValueError(f"mpconvert: {problems[0].message}")
