@@ -164,3 +164,15 @@ def build_once(tmp_path_factory, fixtures: dict[str, Path], sources: dict[str, s
     res = CliRunner().invoke(app, ["build", str(r), "-o", str(d / "out")])
     assert res.exit_code == 0, res.output
     return d / "out"
+
+
+def resign(d: Path, manifest: dict) -> None:
+    """Write an edited manifest (JSON) into converted directory d and re-sign config.json with its sha256, so that only
+    the checks behind the signature can see the edit."""
+    import hashlib
+
+    raw = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    (d / MANIFEST).write_bytes(raw)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
+    (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

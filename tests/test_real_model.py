@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_once, fails, write_recipe
+from helpers import build_once, fails, resign, write_recipe
 
 EVAL_TEXT = ("GFDL-1.3", "Artistic")  # the GPTQ source was calibrated on GPL-3 and Apache-2.0 (fixtures/smollm2.py)
 
@@ -53,7 +53,6 @@ def test_numeric_bands_hold_on_the_real_model(mixed, real, cli):
 def test_a_decoding_bug_still_fails_on_the_real_model(mixed, real, cli, tmp_path):
     """The same checkpoint with its GPTQ modules' zero convention mislabelled (v1 zeros read as v2: every value one
     quantization step off) — structurally consistent, re-signed — fails the numeric check on the real weights."""
-    import hashlib
     import shutil
 
     d = tmp_path / "bug"
@@ -63,11 +62,7 @@ def test_a_decoding_bug_still_fails_on_the_real_model(mixed, real, cli, tmp_path
         m["modules"][name]["params"]["checkpoint_format"] = "gptq_v2"
     for unit in ("model.layers.11.mlp.down_proj", "model.layers.3.mlp.gate_up_proj"):
         m["units"][unit]["params"]["checkpoint_format"] = "gptq_v2"
-    raw = (json.dumps(m, indent=1, sort_keys=True) + "\n").encode()
-    (d / "mpconvert_manifest.json").write_bytes(raw)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
-    (d / "config.json").write_text(json.dumps(cfg))
+    resign(d, m)
     r = cli("verify", d, "--numeric", "--base", real["base"], "--json")
     rep = json.loads(r.stdout)
     assert r.exit_code == 1

@@ -18,7 +18,7 @@ from mpconvert.safetensors_io import read_header
 from mpconvert.verify import verify
 
 from helpers import DENSE_RULES, DENSE_SOURCES, MIXED_EXPERTS_RULES as MOE_RULES, THREE_SOURCES as MOE_SOURCES, \
-    build_once
+    build_once, resign
 
 PER_KIND = 12  # instances of each kind in each directory
 
@@ -26,14 +26,6 @@ PER_KIND = 12  # instances of each kind in each directory
 # ---- helpers over a converted directory ---------------------------------------------------------------------------
 def manifest_of(d: Path) -> dict:
     return json.loads((d / "mpconvert_manifest.json").read_text())
-
-
-def resign(d: Path, m: dict) -> None:
-    raw = (json.dumps(m, indent=1, sort_keys=True) + "\n").encode()
-    (d / "mpconvert_manifest.json").write_bytes(raw)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
-    (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def tensors(d: Path) -> dict:

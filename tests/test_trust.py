@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import build_once, copy, fails, write_recipe
+from helpers import build_once, copy, fails, resign, write_recipe
 
 L0 = "model.layers.0"
 
@@ -325,17 +325,6 @@ def test_a_link_leaving_the_cache_repository_is_refused(llama, cli, tmp_path):
 def built(llama, tmp_path_factory) -> Path:
     return build_once(tmp_path_factory, llama, {"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq",
                       '- {match: "self_attn.*", layers: 0, source: fp8}', "trust")
-
-
-def resign(d: Path, manifest: dict) -> None:
-    """Write an edited manifest and re-sign config.json with its sha256: only the manifest checks can see it."""
-    import hashlib
-
-    raw = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-    (d / "mpconvert_manifest.json").write_bytes(raw)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
-    (d / "config.json").write_text(json.dumps(cfg))
 
 
 MANIFEST_EDITS = {

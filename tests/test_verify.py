@@ -1,7 +1,6 @@
 """verify on real converted checkpoints: clean ones pass; every injected corruption is caught with a precise message."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from mpconvert.manifest import MANIFEST
 
-from helpers import DENSE_RULES, DENSE_SOURCES, build, build_once, write_recipe
+from helpers import DENSE_RULES, DENSE_SOURCES, build, build_once, resign, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +50,7 @@ def mutate(src: Path, dst: Path, change, rehash: bool = False) -> Path:
             for t in mod["tensors"].values():
                 if t["name"] in ck.tensors:
                     t["sha256"] = sha256_of(ck.tensors[t["name"]])
-        raw = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-        (dst / MANIFEST).write_bytes(raw)
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
-        (dst / "config.json").write_text(json.dumps(cfg))
+        resign(dst, manifest)
     return dst
 
 
