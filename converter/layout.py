@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import UserError
 
@@ -73,7 +74,10 @@ _RULES: list[tuple[re.Pattern, object]] = [
 EXTRA_TENSORS = ("bias", "e_score_correction_bias")
 
 
+@lru_cache(maxsize=1 << 18)
 def role_of(module: str) -> Role | None:
+    """A module's role from its name (cached: plan, verify and the shim each ask for every module, more than once
+    at DeepSeek-V3 scale, and a Role is immutable)."""
     for rx, build in _RULES:
         m = rx.fullmatch(module)
         if m:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS, Scheme, check_expected
@@ -15,7 +17,7 @@ from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe
 from . import rules
-from .safetensors_io import TensorInfo, load_tensor, same_bytes, sha256_of
+from .safetensors_io import TensorInfo, forget_open_files, load_array, load_tensor, same_bytes, sha256_of
 from .sources import Source, open_source, source_of
 
 
@@ -221,7 +223,7 @@ class _Planner:
         fmt = FORMATS[view.scheme.format]
         params = view.scheme.params
         check_expected(fmt, params, name, view.tensors, out_f, in_f, f"source {source!r}")
-        values = {s: load_tensor(view.tensors[s]) for s in fmt.value_suffixes(params)}
+        values = {s: load_array(view.tensors[s]) for s in fmt.value_suffixes(params)}
         problem = fmt.check_values(name, values, params)
         if problem:
             raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {problem}; the checkpoint is "
@@ -302,7 +304,7 @@ class _Planner:
             _raise_first(rules.norm_problems(name, role, source, users))
             view = self.sources[source].modules[name]
             w = view.tensors["weight"]
-            if role.kind in ("norm", "router") and not bool(load_tensor(w).float().isfinite().all()):
+            if role.kind in ("norm", "router") and not np.isfinite(load_array(w)).all():
                 raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {name}.weight has NaN or "
                                 f"infinite values; the checkpoint is corrupt — re-export it")
             mp = ModulePlan(name, role, Scheme.of("unquantized", dtype=w.dtype), source, why,
@@ -343,5 +345,6 @@ def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
 def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1) -> Plan:
     if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
         raise UserError(f"--tp and --ep must be between 1 and 4096 (got --tp {tp} --ep {ep})")
+    forget_open_files()  # sources may have changed since an earlier operation in this process
     return _Planner(recipe, tp, ep).plan()
 

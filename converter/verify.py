@@ -25,13 +25,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import rules
 from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, check_expected
 from .layout import ModelInfo, role_of
 from .manifest import MANIFEST, Manifest, ManifestError, load_manifest, quantization_config, totals
-from .safetensors_io import TensorInfo, digest_and_scan, load_tensor, read_header
+from .safetensors_io import TensorInfo, digest_and_scan, forget_open_files, load_array, read_header
 
 SUMMARY_ROWS = 50  # the CLI prints this many findings, then counts per check and place
 
@@ -263,7 +265,7 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
             continue  # already reported as missing
         if m.kind != "linear":
             w = tensors.get("weight")
-            if m.kind in ("norm", "router") and w is not None and not bool(load_tensor(w).float().isfinite().all()):
+            if m.kind in ("norm", "router") and w is not None and not np.isfinite(load_array(w)).all():
                 rep.add("scheme", name, f"{name}.weight has NaN or infinite values")
             continue
         fmt = FORMATS[m.format]
@@ -272,7 +274,7 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
         except UserError as e:
             rep.add("scheme", name, str(e).removeprefix("scheme: "))
             continue
-        problem = fmt.check_values(name, {s: load_tensor(tensors[s]) for s in fmt.value_suffixes(m.params)},
+        problem = fmt.check_values(name, {s: load_array(tensors[s]) for s in fmt.value_suffixes(m.params)},
                                    m.params)
         if problem:
             rep.add("scheme", name, problem)
@@ -333,6 +335,7 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
            numeric: bool = False, thresholds: dict | None = None, progress: Progress | None = None,
            engine: str | None = None, dtype: str = "auto", text: Path | None = None) -> Report:
     directory = Path(directory)
+    forget_open_files()  # files may have changed since an earlier operation in this process
     _usage(directory, tp, ep, base, numeric, text, engine)
     progress = progress or Progress()
     rep = Report(str(directory), hashed=hash_tensors)

@@ -19,7 +19,7 @@ from .errors import UserError
 from .manifest import MANIFEST, Manifest, build_manifest, quantization_config
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_dir
-from .safetensors_io import PendingTensor, iter_bytes, load_tensor, tensor_to_bytes, write_file
+from .safetensors_io import PendingTensor, forget_open_files, iter_bytes, load_tensor, tensor_to_bytes, write_file
 
 # Copied from the base when present: everything a server needs besides weights and config.
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -79,6 +79,7 @@ def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
         with OutputLock(Path(os.path.abspath(out))) as lock:
             return write(plan, out, shard_size, force, on_bytes, lock)
     out = lock.out
+    forget_open_files()  # read the sources as they are now (_source_state below watches them)
     check_output(out, force, plan)
     free = shutil.disk_usage(out.parent).free
     need = plan.total_bytes + (1 << 20)

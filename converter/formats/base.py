@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import UserError
@@ -28,11 +30,17 @@ class Scheme:
 
     @property
     def params(self) -> dict:
-        return json.loads(self.params_json)
+        return dict(_parsed(self.params_json))  # a copy: callers may extend it (output_params does)
 
     def describe(self) -> str:
         p = self.params
         return FORMATS[self.format].describe(p)
+
+
+@lru_cache(maxsize=4096)
+def _parsed(params_json: str) -> dict:
+    """A DeepSeek-V3-sized job asks for the params of a few schemes some 350k times: parse each once."""
+    return json.loads(params_json)
 
 
 @dataclass(frozen=True)
@@ -82,11 +90,12 @@ def parse_config(model: type[BaseModel], data, where: str):
 
 
 def positive_scales(module: str, suffix: str, s) -> str | None:
-    """Every scale a format multiplies by must be a positive finite number (the README promises it)."""
-    s = s.float()
-    if not bool(s.isfinite().all()):
+    """Every scale a format multiplies by must be a positive finite number (the README promises it). `s`: a numpy
+    array (what the value checks load) or a float torch tensor."""
+    s = np.asarray(s, dtype=np.float64) if isinstance(s, np.ndarray) else s.double().numpy()
+    if not np.isfinite(s).all():
         return f"{module}.{suffix} has NaN or infinite scales"
-    if not bool((s > 0).all()):
+    if not (s > 0).all():
         return f"{module}.{suffix} has zero or negative scales"
     return None
 
@@ -129,6 +138,9 @@ class Format(ConfigReader):
     module_floor: float = 1e-6
     block_error_band: float = 1e-4
     logits_cosine_band: float = 0.9999
+
+    def __init__(self):
+        self._valid_params: set[str] = set()
 
     def describe(self, p: dict) -> str:
         return self.name
@@ -187,14 +199,24 @@ class Format(ConfigReader):
         return float((q.double() - w.double()).norm() / w.double().norm().clamp(min=1e-30))
 
     def check_params(self, p) -> None:
-        """Raise ValueError('field: problem') unless p is a valid params object of this format."""
+        """Raise ValueError('field: problem') unless p is a valid params object of this format. Validated once per
+        distinct params (a manifest repeats a few schemes over tens of thousands of modules)."""
+        try:
+            key = json.dumps(p, sort_keys=True)
+        except (TypeError, ValueError):
+            key = None
+        if key is not None and key in self._valid_params:
+            return
         try:
             self.params_model.model_validate(p)
         except ValidationError as e:
             raise ValueError(first_error(e)) from None
+        if key is not None:
+            self._valid_params.add(key)
 
     def check_values(self, module: str, t: dict, p: dict) -> str | None:
-        """Value-level invariants on the loaded `value_tensors` (cheap); a problem description or None."""
+        """Value-level invariants on the `value_tensors`, loaded as numpy arrays (safetensors_io.load_array: cheap,
+        no torch); a problem description or None."""
         return None
 
 

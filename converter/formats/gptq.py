@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import numpy as np
 from pydantic import field_validator
 
 from ..errors import UserError
@@ -131,17 +132,15 @@ class GPTQ(Format):
         if problem:
             return problem
         groups = t["scales"].shape[0]
-        g = t["g_idx"]
-        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
+        g = np.asarray(t["g_idx"])
+        if g.size and (int(g.min()) < 0 or int(g.max()) >= groups):
             return f"{module}.g_idx has values outside [0, {groups})"
         if not p["desc_act"] and p["group_size"] > 0:
-            import torch
-
-            if not torch.equal(g.long(), torch.arange(g.numel()) // p["group_size"]):
+            if not np.array_equal(g, np.arange(g.size) // p["group_size"]):
                 return f"{module}.g_idx is permuted but desc_act is false"
         if p["sym"] and p["checkpoint_format"] == "gptq":
             mid = 1 << (p["bits"] - 1)
-            if not bool((self.zeros(t["qzeros"], p) == mid).all()):
+            if not (self.zeros(np.asarray(t["qzeros"]), p) == mid).all():
                 return (f"{module}.qzeros: a symmetric v1 checkpoint stores zero−1 = {mid - 1} everywhere, found "
                         f"other values (v2 zeros labelled v1?)")
         return None

@@ -1,6 +1,8 @@
 """Bit packing shared by the int4/int8 formats: k-bit values packed into int32 words, first value lowest."""
 from __future__ import annotations
 
+import numpy as np
+
 
 def unpack_rows(packed, bits: int):
     """[R, C] int32 holding 32/bits values per word along rows → [R*32/bits, C] ints (row r*pf+i = field i)."""
@@ -13,12 +15,16 @@ def unpack_rows(packed, bits: int):
 
 
 def unpack_cols(packed, bits: int, order: list[int] | None = None):
-    """[R, C] int32 packed along columns → [R, C*pf]; `order[k]` is the column offset that field k holds."""
-    import torch
-
+    """[R, C] int32 packed along columns → [R, C*pf]; `order[k]` is the column offset that field k holds. Takes a
+    torch tensor or a numpy array (the value checks run on numpy) and returns the same kind."""
     pf, mask = 32 // bits, (1 << bits) - 1
-    shifts = torch.arange(pf, dtype=torch.int32) * bits
-    vals = (packed.unsqueeze(2) >> shifts[None, None, :]) & mask  # [R, C, pf]: field k
+    if isinstance(packed, np.ndarray):
+        shifts = np.arange(pf, dtype=np.int32) * bits
+    else:
+        import torch
+
+        shifts = torch.arange(pf, dtype=torch.int32) * bits
+    vals = (packed[:, :, None] >> shifts[None, None, :]) & mask  # [R, C, pf]: field k
     if order is not None:
         inverse = sorted(range(pf), key=lambda k: order[k])  # inverse[j] = field holding offset j
         vals = vals[:, :, inverse]
