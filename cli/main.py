@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="Merge quantized checkpoints of one model (FP8, GPTQ, AWQ, W8A8-Int8) into one "
                        "mixed-precision checkpoint with a manifest.\n\n"
                        "Examples:\n\n"
+                       "  mpconvert plan sources.yaml --budget 5.5bpw --calib text.txt -o recipe.yaml\n\n"
                        "  mpconvert build recipe.yaml -o out/\n\n"
                        "  mpconvert inspect out/\n\n"
                        "  mpconvert verify out/ --engine sglang --tp 2\n\n"
@@ -160,6 +161,90 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
         t = manifest.totals
         out.print(f"built {output}: {len(plan.tensors)} tensors, {plan.total_bytes / 1e6:.1f} MB, "
                   f"{t.bits_per_weight} bits/weight in linears, {secs:.1f} s", highlight=False)
+
+
+PLAN_HELP = """Choose which source serves each layer under a size budget, from measurements on real text, and
+write a recipe that `mpconvert build` takes unchanged.
+
+For every unit SGLang fuses (qkv, o, gate_up, down, a MoE layer's experts) and every source that can serve it at
+--tp/--ep (the build rules: one scheme per unit, splits, kernel shapes), plan measures the KL of the next-token
+distribution against the base when only that unit comes from that source (calibration text, the base's own
+hidden states, reference dequantizers; GPU when present). It then minimises the summed KL under the budget (convex
+hull + greedy by KL saved per byte; folded-scale sources such as AWQ serve their coupled units together) and writes
+the recipe (each rule commented with its bytes and predicted ΔKL) and a JSON report beside it.
+
+SOURCES is a recipe without rules:
+
+\b
+  base: ./smollm2-bf16
+  sources: {fp8: ./smollm2-fp8-dynamic, int8: ./smollm2-w8a8, gptq: ./smollm2-gptq-g64}
+
+--budget: bytes of the whole model (120MB, 3.5GB), bits per weight over the linears (5.5bpw) or a fraction of the
+bf16 model (0.4x); repeat it for several recipes from one measurement (recipe-1.yaml, …).
+
+Examples:
+
+\b
+  mpconvert plan sources.yaml --budget 5.5bpw --calib notes.txt -o recipe.yaml
+  mpconvert plan sources.yaml --budget 0.35x --budget 0.5x --calib a.txt --frontier frontier.png -o r.yaml
+"""
+
+
+@app.command(help=PLAN_HELP)
+@guarded
+def plan(sources: Path = typer.Argument(..., help="sources file (a recipe without rules)"),
+         budget: list[str] = typer.Option(..., "--budget", help="size budget: 120MB, 5.5bpw or 0.4x (repeatable)"),
+         output: Path = typer.Option(..., "-o", "--output", help="recipe to write (its report: same name, .json)"),
+         calib: list[Path] = typer.Option(..., "--calib", help="calibration text file(s), UTF-8 (repeatable)"),
+         tokens: int = typer.Option(512, "--calib-tokens", help="calibration tokens to measure on"),
+         tp: int = typer.Option(1, "--tp", help="tensor-parallel size the recipe must build for"),
+         ep: int = typer.Option(1, "--ep", help="expert-parallel size the recipe must build for"),
+         device: Optional[str] = typer.Option(None, "--device", help="torch device for the measurements (default: "
+                                                                     "cuda when present, else cpu)"),
+         frontier: Optional[Path] = typer.Option(None, "--frontier", help="also save the predicted KL-vs-size curve "
+                                                                         "as a PNG plot (and print it)"),
+         whole_experts: bool = typer.Option(False, "--whole-experts", help="choose one source per MoE layer's "
+                                                                           "experts (default: per expert)"),
+         force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file"),
+         json_out: bool = typer.Option(False, "--json", help="print the report(s) as JSON on stdout")):
+    from mpconvert.autoplan import plot_frontier, prepare, run_plan, write_outputs
+
+    if tokens < 1 or tokens > 1_000_000:
+        raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
+    targets = [output] if len(budget) == 1 else [output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
+                                                 for i in range(len(budget))]
+    for t in targets:
+        if t.exists() and not force:
+            raise UserError(f"{t} already exists; choose another -o or pass --force to overwrite it")
+    prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts)  # all checks first
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=err, disable=json_out) as prog:
+        task = prog.add_task("measuring", total=None)
+        results = run_plan(prepared, output, device, on_total=lambda n: prog.update(task, total=n),
+                           on_step=lambda: prog.advance(task))
+    written = write_outputs(results, output, budget)
+    if frontier is not None:
+        plot_frontier(results[0].frontier, results[0].uniform, [(r.report["bytes"], r.report["predicted_kl"])
+                                                                for r in results], frontier)
+    if json_out:
+        print(json.dumps({"recipes": [str(p) for p in written], "reports": [r.report for r in results],
+                          "frontier": results[0].frontier, "uniform": results[0].uniform}, indent=1, sort_keys=True))
+        return
+    for p, r in zip(written, results):
+        rep = r.report
+        out.print(f"{p}: {rep['bytes'] / 1e6:.2f} MB, {rep['bits_per_weight']} bits/weight in linears, predicted "
+                  f"KL {rep['predicted_kl']:.5f} (--budget {rep['budget']})", highlight=False)
+    if frontier is not None:
+        t = Table(title="predicted KL vs size")
+        for col in ("", "MB", "predicted KL"):
+            t.add_column(col)
+        for label, (b, k) in sorted(results[0].uniform.items()):
+            t.add_row(f"all {label}", f"{b / 1e6:.2f}", f"{k:.5f}")
+        curve = results[0].frontier
+        for b, k in [curve[round(i * (len(curve) - 1) / 8)] for i in range(9)]:
+            t.add_row("plan", f"{b / 1e6:.2f}", f"{k:.5f}")
+        out.print(t)
+        out.print(f"plot: {frontier}", highlight=False)
 
 
 @app.command(help="Show what a converted directory holds: module → format, source, bytes; totals per format; "

@@ -259,7 +259,9 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     return out
 
 
-def load_recipe(path: Path) -> Recipe:
+def load_recipe(path: Path, sources_only: bool = False) -> Recipe:
+    """The recipe at `path`, validated. sources_only: a sources file for `mpconvert plan` (a recipe without rules:
+    base and sources; default, when given, is ignored — plan writes the rules)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -280,6 +282,10 @@ def load_recipe(path: Path) -> Recipe:
         raise UserError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping with keys base, sources, default, rules")
+    if sources_only:
+        if data.get("rules"):
+            raise UserError(f"{path}: a sources file has no rules (plan writes them); remove `rules`")
+        data = {**data, "default": BASE, "rules": []}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:

@@ -1,0 +1,272 @@
+"""`mpconvert plan`, the measuring half: what swapping one unit from the base to one source costs, as the KL of the
+next-token distribution against the base on calibration text.
+
+The base runs once in transformers (float32), recording every decoder layer's input. A swap of a unit in layer l
+replaces only that unit's weights by its source's, dequantized with the format's reference dequantizer (the bytes
+build copies), and runs layers l..L-1, the final norm and the head from the recorded input: the exact KL of that
+swap, at the cost of the model's tail. A folded-scale source's swap takes its group's units and the norms it changed
+together. GPU when torch sees one, else the CPU; memory: the float32 model, the recorded inputs, two logit sets.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+from .layout import role_of
+from .numeric import dequantize
+from .plan import Inputs
+from .safetensors_io import load_tensor
+
+SEQ_LEN = 256
+MIN_TOKENS = 64
+
+
+def calibration_ids(base: Path, files: list[Path], tokens: int):
+    """The first `tokens` tokens of the calibration files (concatenated), as [n, SEQ_LEN] windows."""
+    from transformers import AutoTokenizer
+
+    words = []
+    for f in files:
+        try:
+            words.append(Path(f).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--calib {f}: cannot read it as UTF-8 text ({e})") from None
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok("\n\n".join(words), return_tensors="pt", add_special_tokens=False).input_ids[0][:tokens]
+    if ids.numel() < MIN_TOKENS:
+        raise UserError(f"--calib: {ids.numel()} tokens of text; plan needs at least {MIN_TOKENS} (a few paragraphs; "
+                        f"{tokens} by default) — give more text")
+    seq = min(SEQ_LEN, ids.numel())
+    n = ids.numel() // seq
+    return ids[: n * seq].reshape(n, seq)
+
+
+class Tail:
+    """The base model and each decoder layer's recorded input, able to rerun the model from any layer."""
+
+    def __init__(self, base: Path, ids, device: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # plan draws its own
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().to(device)
+        self.ids = ids.to(device)
+        self.layers = self.model.model.layers
+        self.inputs: dict[int, tuple] = {}
+        self.routed: dict[int, list[int]] = {}  # MoE layer → tokens its router sent to each expert (top-k slots)
+        hooks = [layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
+                 for i, layer in enumerate(self.layers)]
+        top_k = getattr(self.model.config, "num_experts_per_tok", None)
+        for name, mod in self.model.named_modules():
+            role = role_of(name)
+            if role is not None and role.kind == "router" and role.layer is not None and top_k:
+                hooks.append(mod.register_forward_hook(self._router_counter(role.layer, top_k)))
+        try:
+            with torch.inference_mode():
+                logits = self.model(input_ids=self.ids, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        # float32 is enough: a token's KL sums p·Δlog p over the vocabulary with p summing to 1, so rounding
+        # (~1e-7 relative) stays orders below the smallest swap cost that matters (~1e-5 nats)
+        self.base_logp = torch.log_softmax(logits.float(), -1)
+        self.base_p = self.base_logp.exp()
+
+    def _recorder(self, i: int):
+        def pre(mod, args, kwargs):
+            kw = dict(kwargs)
+            h = kw.pop("hidden_states") if "hidden_states" in kw else args[0]
+            rest = args[1:] if "hidden_states" not in kwargs else args
+            self.inputs[i] = (h.detach(), rest, kw)
+        return pre
+
+    def _router_counter(self, layer: int, top_k: int):
+        def count(mod, args, out):
+            import torch
+
+            if isinstance(out, tuple) and len(out) >= 3 and not out[-1].is_floating_point():
+                ids = out[-1]  # (logits, scores, indices): transformers' top-k routers
+            else:
+                logits = out[0] if isinstance(out, tuple) else out
+                ids = logits.topk(top_k, dim=-1).indices
+            n = getattr(mod, "num_experts", None) or int(ids.max()) + 1
+            counts = torch.bincount(ids.flatten().long(), minlength=n).tolist()
+            prev = self.routed.get(layer)
+            self.routed[layer] = counts if prev is None else [a + b for a, b in zip(prev, counts)]
+        return count
+
+    def kl_from(self, layer: int | None) -> float:
+        """Mean KL(base ‖ current weights) per token, running from `layer`'s recorded input (None: the whole
+        model)."""
+        import torch
+
+        with torch.inference_mode():
+            if layer is None:
+                logits = self.model(input_ids=self.ids, use_cache=False).logits
+            else:
+                h = self.inputs[layer][0]
+                for j in range(layer, len(self.layers)):
+                    _, rest, kw = self.inputs[j]
+                    out = self.layers[j](h, *rest, **kw)
+                    h = out[0] if isinstance(out, tuple) else out
+                logits = self.model.lm_head(self.model.model.norm(h))
+            logp = torch.log_softmax(logits, -1)
+            kl = (self.base_p * (self.base_logp - logp)).sum(-1)
+            return max(float(kl.double().mean()), 0.0)
+
+
+class Swaps:
+    """Weights replaced in the loaded base, undone by restore(). A linear of its own is replaced whole; an expert of a
+    MoE layer that transformers fuses (`experts.gate_up_proj` [E, 2I, H] with gate rows first, `experts.down_proj`
+    [E, H, I]) is written into its slice."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device, self.saved = model, device, []
+
+    def put(self, module: str, what: str, value) -> None:
+        import torch
+
+        value = value.to(device=self.device, dtype=torch.float32)
+        p = self._plain(module, what)
+        if p is not None:
+            self.saved.append((p, None, p.data))
+            p.data = value.reshape(p.data.shape)
+            return
+        p, idx = self._expert_slice(module, what)
+        self.saved.append((p, idx, p.data[idx].clone()))
+        p.data[idx] = value.reshape(p.data[idx].shape)
+
+    def restore(self) -> None:
+        for p, idx, old in reversed(self.saved):
+            if idx is None:
+                p.data = old
+            else:
+                p.data[idx] = old
+        self.saved.clear()
+
+    def _plain(self, module: str, what: str):
+        try:
+            return getattr(self.model.get_submodule(module), what, None)
+        except AttributeError:
+            return None
+
+    def _expert_slice(self, module: str, what: str):
+        role = role_of(module)
+        if role is None or role.expert is None or what != "weight":
+            raise UserError(f"plan: the base model as transformers builds it has no {module}.{what}; plan measures "
+                            f"linears that are modules of their own or experts of a fused MoE layer")
+        owner = module.rsplit(f".experts.{role.expert}.", 1)[0]
+        for prefix in (owner, owner.replace("block_sparse_moe", "mlp")):
+            try:
+                experts = self.model.get_submodule(prefix + ".experts")
+                break
+            except AttributeError:
+                continue
+        else:
+            raise UserError(f"plan: cannot find the fused experts of {owner} in the base model as transformers "
+                            f"builds it")
+        e = role.expert
+        if role.slot == "w2":
+            return experts.down_proj, (e,)
+        half = experts.gate_up_proj.shape[1] // 2
+        rows = slice(0, half) if role.slot == "w1" else slice(half, 2 * half)
+        return experts.gate_up_proj, (e, rows)
+
+
+def measure(inputs: Inputs, wanted: list[tuple[str, ...]], units: dict, base: Path, ids, device: str,
+            on_step: Callable[[], None] = lambda: None) -> tuple[dict[tuple[str, ...], float], dict[int, list[int]]]:
+    """KL of each swap, `(source, unit, unit…)` → KL (choose.measurements_needed lists them), and the base's routing
+    on the calibration text (MoE layer → tokens per expert)."""
+    import torch
+
+    tail = Tail(base, ids, device)
+    swaps = Swaps(tail.model, device)
+    out = {}
+    for key in sorted(wanted, key=lambda k: (_layer(units, k[1]) or -1, k)):
+        label, group = key[0], key[1:]
+        src = inputs.sources[label]
+        try:
+            for unit in group:
+                server = next(s for s in units[unit] if s.source == label)
+                for name in server.modules:
+                    view = src.modules[name]
+                    out_f, in_f = inputs.base.modules[name].tensors["weight"].shape
+                    swaps.put(name, "weight", dequantize(view.scheme, view.tensors, out_f, in_f))
+                    if "bias" in view.tensors:
+                        swaps.put(name, "bias", load_tensor(view.tensors["bias"]))
+                if server.folds:
+                    for norm in _consumed_norms(inputs, server.modules):
+                        swaps.put(norm, "weight", load_tensor(src.modules[norm].tensors["weight"]))
+            out[key] = tail.kl_from(_layer(units, group[0]))
+        finally:
+            swaps.restore()
+        on_step()
+    routed = tail.routed
+    del tail, swaps
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out, routed
+
+
+def _layer(units: dict, unit: str) -> int | None:
+    return role_of(units[unit][0].modules[0]).layer
+
+
+def _consumed_norms(inputs: Inputs, modules: tuple[str, ...]) -> list[str]:
+    """The norms a folded-scale source changed for these modules: those whose stage (attn_in / mlp_in) they read."""
+    wanted = {(role_of(m).layer, role_of(m).stage) for m in modules if role_of(m).stage}
+    return sorted(n for n in inputs.base.modules if (r := role_of(n)) and r.kind == "norm"
+                  and (r.layer, r.stage) in wanted)
+
+
+def evaluate(recipe, texts: list[Path], tokens: int, device: str, model=None) -> dict:
+    """Perplexity and KL to the base on held-out text of what `recipe` builds — planned by build's own planner, each
+    linear dequantized from the bytes build would copy (and each norm from the source build takes it from): what
+    `verify --numeric --text` measures on the built directory, without writing it. `model`: a loaded base to reuse
+    (restored after)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .plan import make_plan
+
+    plan = make_plan(recipe)
+    base = recipe.path_of("base")
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().to(device)
+    ids = calibration_ids(base, texts, tokens).to(device)
+    swaps = Swaps(model, device)
+    try:
+        with torch.inference_mode():
+            base_logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+        for m in plan.modules:
+            if m.source == "base":
+                continue
+            view = plan.sources[m.source].modules[m.name]
+            if m.role.kind == "linear":
+                swaps.put(m.name, "weight", dequantize(view.scheme, view.tensors, m.out_features, m.in_features))
+                if "bias" in view.tensors:
+                    swaps.put(m.name, "bias", load_tensor(view.tensors["bias"]))
+            elif "weight" in view.tensors:
+                swaps.put(m.name, "weight", load_tensor(view.tensors["weight"]))
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    finally:
+        swaps.restore()
+    target = ids[:, 1:, None]
+    nll_b = -float(base_logp[:, :-1].gather(-1, target).double().mean())
+    nll = -float(logp[:, :-1].gather(-1, target).double().mean())
+    kl = float((base_logp.exp() * (base_logp - logp)).sum(-1).double().mean())
+    return {"kl": kl, "perplexity": math.exp(nll), "perplexity_base": math.exp(nll_b), "bytes": plan.total_bytes,
+            "tokens": int(ids.numel())}
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

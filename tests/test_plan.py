@@ -1,0 +1,207 @@
+"""mpconvert plan: the solver on synthetic costs (feasible, optimal at its breakpoints, monotone, deterministic), the
+command end to end on real quantizer outputs (its recipe builds unchanged, at the bytes it reported, folded-scale
+pairs kept together), bad inputs, and the real SmolLM2 model. Plan quality (KL vs fixed and random recipes on
+held-out text) is bench/plan_bench.py's job; its recorded results are in docs/plan.md."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from mpconvert import choose
+from mpconvert.manifest import MANIFEST
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+# ---- the solver ---------------------------------------------------------------------------------------------------
+def _groups(rng: random.Random, n: int) -> list[choose.Group]:
+    out = []
+    for i in range(n):
+        g = choose.Group(f"g{i}", (f"u{i}",))
+        for j in range(rng.randint(1, 4)):
+            g.options.append(choose.Option(((f"u{i}", f"s{j}"),), rng.randint(1, 50) * 10, rng.random()))
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_solver_is_feasible_monotone_and_optimal_at_its_breakpoints(seed):
+    rng = random.Random(seed)
+    groups = _groups(rng, rng.randint(1, 5))
+    hulls = [choose._hull(g.options) for g in groups]
+    best_at = {}
+    for combo in itertools.product(*hulls):  # every combination of hull options, brute force
+        b, k = 7 + sum(o.nbytes for o in combo), sum(o.kl for o in combo)
+        best_at[b] = min(best_at.get(b, k), k)
+    path = choose.frontier(groups, 7)
+    for b, k in path:  # the greedy's breakpoints are optimal for their own byte count
+        assert k <= min(v for bb, v in best_at.items() if bb <= b) + 1e-9
+    prev = None
+    for budget in sorted({b for b, _ in path} | {b + 5 for b, _ in path}):
+        sol = choose.solve(groups, 7, budget)
+        assert sol.nbytes <= budget
+        assert sol.nbytes == 7 + sum(o.nbytes for o in sol.choice.values())
+        assert abs(sol.kl - sum(o.kl for o in sol.choice.values())) < 1e-9
+        if prev is not None:
+            assert sol.kl <= prev + 1e-12  # more room never plans worse
+        prev = sol.kl
+        assert choose.solve(groups, 7, budget) == sol  # deterministic
+
+
+def test_hull_drops_dominated_and_concave_options():
+    o = lambda b, k: choose.Option((("u", f"{b}"),), b, k)  # noqa: E731
+    opts = [o(10, 1.0), o(20, 1.2), o(30, 0.4), o(40, 0.3), o(50, 0.0), o(35, 0.9), o(45, 0.25)]
+    # 20, 35: dominated; 40 and 45: above the 30→50 segment (0.2 and 0.1 there)
+    assert [x.nbytes for x in choose._hull(opts)] == [10, 30, 50]
+    collinear = [o(10, 1.0), o(30, 0.5), o(50, 0.0)]
+    assert [x.nbytes for x in choose._hull(collinear)] == [10, 50]  # a middle point on the line adds nothing
+
+
+# ---- the command on real quantizer outputs ------------------------------------------------------------------------
+def _sources(tmp_path: Path, llama: dict, kinds: dict[str, str]) -> Path:
+    lines = [f"base: {llama['base']}", "sources:"] + [f"  {k}: {llama[v]}" for k, v in kinds.items()]
+    p = tmp_path / "sources.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+ALL = {"fp8": "ct-fp8-dynamic", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq"}
+
+
+def test_plan_writes_recipes_that_build_at_the_reported_size(cli, llama, tmp_path):
+    src = _sources(tmp_path, llama, ALL)
+    r = cli("plan", src, "--budget", "0.55x", "--budget", "0.7x", "--calib", LICENSES / "GPL-3", "-o",
+            tmp_path / "r.yaml", "--frontier", tmp_path / "f.png", "--calib-tokens", 256)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kls = []
+    for i in (1, 2):
+        recipe, report = tmp_path / f"r-{i}.yaml", json.loads((tmp_path / f"r-{i}.json").read_text())
+        assert report["bytes"] <= report["budget_bytes"]
+        out = tmp_path / f"out{i}"
+        b = cli("build", recipe, "-o", out)
+        assert b.exit_code == 0, b.output
+        m = json.loads((out / MANIFEST).read_text())
+        assert m["totals"]["bytes"] == report["bytes"]  # plan's accounting is build's
+        sources = {u["source"] for u in report["units"].values()}
+        assert len(sources) >= 2, sources  # a mix, not one format
+        for layer in range(2):  # AWQ folds v→o and up→down: a pair is served by AWQ together or not at all
+            for a, b_ in (("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj")):
+                pa = report["units"][f"model.layers.{layer}.{a}"]["source"]
+                pb = report["units"][f"model.layers.{layer}.{b_}"]["source"]
+                assert (pa == "awq") == (pb == "awq"), (layer, a, pa, pb)
+        kls.append(report["predicted_kl"])
+    assert kls[1] <= kls[0]  # the larger budget predicts no worse
+    again = tmp_path / "again.yaml"
+    assert cli("plan", src, "--budget", "0.55x", "--calib", LICENSES / "GPL-3", "-o", again, "--calib-tokens",
+               256).exit_code == 0
+    assert again.read_text() == (tmp_path / "r-1.yaml").read_text()  # deterministic
+
+
+def test_plan_json_output(cli, llama, tmp_path):
+    src = _sources(tmp_path, llama, {"int8": "ct-w8a8", "gptq": "gptq"})
+    r = cli("plan", src, "--budget", "0.6x", "--calib", LICENSES / "GPL-3", "-o", tmp_path / "r.yaml", "--json",
+            "--calib-tokens", 128)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    rep = data["reports"][0]
+    assert rep["bytes"] <= rep["budget_bytes"] and data["recipes"] == [str(tmp_path / "r.yaml")]
+    assert set(data["uniform"]) == {"int8", "gptq"}
+    assert all(b1 <= b2 and k2 <= k1 + 1e-12 for (b1, k1), (b2, k2) in zip(data["frontier"], data["frontier"][1:]))
+
+
+def _refused(r, match: str):
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "Traceback" not in r.output and text.startswith("error: ") and match in text, text
+    assert len(r.output.strip().splitlines()) <= 4
+
+
+@pytest.mark.parametrize("budget,match", [
+    ("0.1x", "below the smallest model these sources make"),
+    ("2x", "above the bf16 model"),
+    ("10", "below the smallest model"),
+    ("abc", "use bytes (3.5GB, 120MB), bits per weight"),
+    ("-1bpw", "is not positive"),
+])
+def test_plan_refuses_budgets_it_cannot_meet(cli, llama, tmp_path, budget, match):
+    src = _sources(tmp_path, llama, {"int8": "ct-w8a8", "gptq": "gptq"})
+    _refused(cli("plan", src, "--budget", budget, "--calib", LICENSES / "GPL-3", "-o", tmp_path / "r.yaml"), match)
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_plan_refuses_bad_inputs(cli, llama, tmp_path):
+    src = _sources(tmp_path, llama, {"int8": "ct-w8a8"})
+    calib = LICENSES / "GPL-3"
+    empty, tiny, binary = tmp_path / "empty.txt", tmp_path / "tiny.txt", tmp_path / "bin.txt"
+    empty.write_text("")
+    tiny.write_text("Just a few words of text.")
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    out = tmp_path / "r.yaml"
+    _refused(cli("plan", src, "--budget", "0.7x", "--calib", empty, "-o", out), "plan needs at least 64")
+    _refused(cli("plan", src, "--budget", "0.7x", "--calib", tiny, "-o", out), "plan needs at least 64")
+    _refused(cli("plan", src, "--budget", "0.7x", "--calib", binary, "-o", out), "cannot read it as UTF-8")
+    _refused(cli("plan", src, "--budget", "0.7x", "--calib", tmp_path / "nope.txt", "-o", out), "cannot read")
+    only_base = _sources(tmp_path, llama, {"copy": "base"})  # a "source" that quantizes nothing
+    _refused(cli("plan", only_base, "--budget", "0.9x", "--calib", calib, "-o", out), "no source can serve")
+    with_rules = tmp_path / "rules.yaml"
+    with_rules.write_text(src.read_text() + "default: int8\nrules:\n  - {match: lm_head, source: base}\n")
+    _refused(cli("plan", with_rules, "--budget", "0.7x", "--calib", calib, "-o", out), "has no rules")
+    out.write_text("mine")
+    _refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out), "already exists")
+    assert out.read_text() == "mine"
+    _refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "x.yaml", "--tp", "3"),
+             "--tp 3: num_attention_heads")
+
+
+def test_plan_on_the_real_model(cli, real, tmp_path):
+    """SmolLM2-135M with its real Int8 and GPTQ g64 quantizations: between the all-Int4 and all-Int8 sizes plan mixes
+    the two, predicts less KL than all-Int4, and its recipe builds."""
+    src = tmp_path / "sources.yaml"
+    src.write_text(f"base: {real['base']}\nsources:\n  int8: {real['w8a8']}\n  gptq: {real['gptq-g64']}\n")
+    r = cli("plan", src, "--budget", "5.5bpw", "--calib", LICENSES / "GPL-3", "-o", tmp_path / "r.yaml", "--json",
+            "--calib-tokens", 64)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    rep = data["reports"][0]
+    assert 5.0 < rep["bits_per_weight"] <= 5.5
+    assert {u["source"] for u in rep["units"].values()} == {"int8", "gptq"}
+    assert rep["predicted_kl"] < data["uniform"]["gptq"][1]
+    b = cli("build", tmp_path / "r.yaml", "-o", tmp_path / "out")
+    assert b.exit_code == 0, b.output
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["totals"]["bytes"] == rep["bytes"]
+
+
+def test_plan_per_expert_on_a_taught_moe(cli, tmp_path):
+    """A trained Qwen3-MoE (its router has favourites) with real Int8 and GPTQ sources: the per-expert plan mixes
+    formats inside a MoE layer, gives the precise format to the experts its router uses most, and builds."""
+    from fixtures.factory import fixture, taught_text
+
+    f = {k: fixture("qwen3moe-taught", k) for k in ("base", "ct-w8a8", "gptq")}
+    src = tmp_path / "sources.yaml"
+    src.write_text(f"base: {f['base']}\nsources:\n  int8: {f['ct-w8a8']}\n  gptq: {f['gptq']}\n")
+    calib = taught_text(tmp_path / "calib.txt", 1)
+    r = cli("plan", src, "--budget", "6bpw", "--calib", calib, "-o", tmp_path / "r.yaml", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)["reports"][0]
+    experts = {u: x for u, x in rep["units"].items() if ".experts." in u}
+    assert len(experts) == 16 and all("routed_share" in x for x in experts.values())
+    by_layer = {}
+    for u, x in experts.items():
+        by_layer.setdefault(u.split(".")[2], set()).add(x["source"])
+    assert any(s == {"int8", "gptq"} for s in by_layer.values()), by_layer  # a layer whose experts mix formats
+    share = {s: [x["routed_share"] for x in experts.values() if x["source"] == s] for s in ("int8", "gptq")}
+    assert sum(share["int8"]) / len(share["int8"]) > sum(share["gptq"]) / len(share["gptq"]), share  # hot → precise
+    b = cli("build", tmp_path / "r.yaml", "-o", tmp_path / "out")
+    assert b.exit_code == 0, b.output
+    assert any(u["format"] == "mixed_experts" for u in json.loads((tmp_path / "out" / MANIFEST).read_text())[
+        "units"].values())
+    w = cli("plan", src, "--budget", "6bpw", "--calib", calib, "-o", tmp_path / "w.yaml", "--json", "--whole-experts")
+    assert w.exit_code == 0, w.output
+    whole = json.loads(w.stdout)["reports"][0]
+    assert all(".experts." not in u or u.endswith(".experts") for u in whole["units"])  # one unit per MoE layer
+    assert cli("build", tmp_path / "w.yaml", "-o", tmp_path / "out-w").exit_code == 0
