@@ -50,7 +50,8 @@ fixtures: setup  ## make (or find cached) every test fixture
 	$(VENV)/bin/python -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; from fixtures.factory import fixture, smollm2; \
 	  [fixture('llama', k) for k in c.LLAMA_KINDS]; [fixture('qwen3moe', k) for k in c.MOE_KINDS]; \
 	  [fixture('mixtral', k) for k in c.MIXTRAL_KINDS]; [fixture('qwen2moe', k) for k in c.QWEN2MOE_KINDS]; \
-	  [fixture('deepseek', k) for k in c.DEEPSEEK_KINDS]; [smollm2(k) for k in c.SMOLLM2_KINDS]"
+	  [fixture('deepseek', k) for k in c.DEEPSEEK_KINDS]; [smollm2(k) for k in c.SMOLLM2_KINDS]; \
+	  [fixture('qwen3moe-taught', k) for k in c.TAUGHT_MOE_KINDS]"
 
 # The whole suite on SGLang 0.5.17, then every test that runs SGLang's classes again on 0.5.23.
 test: setup fixtures

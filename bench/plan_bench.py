@@ -218,17 +218,23 @@ def plot(path: Path, first, rows, fixed_m):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([b / 1e6 for b, _ in first.frontier], [k for _, k in first.frontier], "-", color="C0",
+    top = max(x["bytes"] for x in fixed_m.values()) * 1.03
+    curve = [(b, k) for b, k in first.frontier if b <= top]
+    ax.plot([b / 1e6 for b, _ in curve], [k for _, k in curve], "-", color="C0",
             label="plan frontier (predicted, calibration text)")
-    ax.plot([r["bytes"] / 1e6 for r in rows], [r["measured"] for r in rows], "*", color="C0", markersize=12,
+    ax.plot([r["bytes"] / 1e6 for r in rows], [r["measured"] for r in rows], "*", color="C0", markersize=13,
             label="plan recipes (measured, held-out text)")
     ax.plot([r["random_bytes"] / 1e6 for r in rows], [r["random_median"] for r in rows], "x", color="C3",
-            label="random recipes, median (measured)")
+            markersize=9, label="random recipes of the plan's size, median (measured)")
+    markers = "osD^v<>ph8"
     for i, (name, x) in enumerate(fixed_m.items()):
-        ax.plot([x["bytes"] / 1e6], [x["kl"]], "o", color=f"C{(i % 8) + 1}", label=name)
+        ax.plot([x["bytes"] / 1e6], [x["kl"]], markers[i % len(markers)], color=f"C{(i % 9) + 1}",
+                label=f"{name} (measured)")
     ax.set_xlabel("model size (MB)")
     ax.set_ylabel("KL to bf16 (nats/token)")
     ax.set_yscale("log")
+    low = min([r["measured"] for r in rows] + [x["kl"] for x in fixed_m.values()])
+    ax.set_ylim(low / 3, 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("SmolLM2-135M-Instruct: plan vs fixed and random recipes")

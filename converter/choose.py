@@ -280,7 +280,9 @@ def uniform_points(c: Candidates, cost: dict[tuple[str, ...], float]) -> dict[st
                 kl += cost.get((label, *group), 0.0)
                 continue
             for u in group:
-                s = servers[u].get(label) or servers[u][BASE]
+                s = servers[u].get(label)
+                if s is None or s.folds:  # a folded-scale source serves its whole group or nothing
+                    s = servers[u][BASE]
                 nbytes += s.nbytes
                 kl += 0.0 if s.source == BASE else cost[(s.source, u)]
         out[label] = (nbytes, kl)

@@ -17,6 +17,7 @@ MIXTRAL_KINDS = ("base", "ct-fp8-block", "gptq")
 QWEN2MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # shared expert + shared_expert_gate, qkv bias
 DEEPSEEK_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # DeepSeek-V2: MLA, shared experts
 SMOLLM2_KINDS = ("base", "fp8-block", "fp8-dynamic", "w8a8", "gptq-g64")  # the real 135M model (fixtures/smollm2.py)
+TAUGHT_MOE_KINDS = ("base", "ct-w8a8", "gptq")  # the trained Qwen3-MoE (its router has favourites): plan per expert
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,11 @@ def deepseek() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def real() -> dict[str, Path]:
     return {k: smollm2(k) for k in SMOLLM2_KINDS}
+
+
+@pytest.fixture(scope="session")
+def taught_moe() -> dict[str, Path]:
+    return {k: fixture("qwen3moe-taught", k) for k in TAUGHT_MOE_KINDS}
 
 
 @pytest.fixture

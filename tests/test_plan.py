@@ -61,6 +61,28 @@ def test_hull_drops_dominated_and_concave_options():
     assert [x.nbytes for x in choose._hull(collinear)] == [10, 50]  # a middle point on the line adds nothing
 
 
+def test_a_folded_scale_source_serves_its_group_whole_or_not_at_all():
+    U = choose.UnitSource
+    a = [U("a", "base", ("a",), 100, "bf16", False), U("a", "awq", ("a",), 30, "awq", True),
+         U("a", "int8", ("a",), 50, "int8", False)]
+    b = [U("b", "base", ("b",), 100, "bf16", False), U("b", "int8", ("b",), 50, "int8", False)]
+    c = choose.Candidates(None, {"a": a, "b": b}, [("a+b", ("a", "b"))], 10, 100)  # AWQ cannot serve b
+    need = choose.measurements_needed(c)
+    assert sorted(need) == [("int8", "a"), ("int8", "b")]
+    cost = {k: 0.1 for k in need}
+    [g] = choose.options(c, cost)
+    assert len(g.options) == 4 and all("awq" not in dict(o.picks).values() for o in g.options)
+    assert choose.uniform_points(c, cost)["awq"] == (210, 0.0)  # the base serves the group
+    b.append(U("b", "awq", ("b",), 30, "awq", True))  # now it can: one joint option, measured jointly
+    need = choose.measurements_needed(c)
+    assert ("awq", "a", "b") in need and ("awq", "a") not in need
+    cost = {k: 0.05 if k[0] == "awq" else 0.1 for k in need}
+    [g] = choose.options(c, cost)
+    joint = [o for o in g.options if "awq" in dict(o.picks).values()]
+    assert [(o.picks, o.nbytes, o.kl) for o in joint] == [((("a", "awq"), ("b", "awq")), 60, 0.05)]
+    assert choose.uniform_points(c, cost)["awq"] == (70, 0.05)
+
+
 # ---- the command on real quantizer outputs ------------------------------------------------------------------------
 def _sources(tmp_path: Path, llama: dict, kinds: dict[str, str]) -> Path:
     lines = [f"base: {llama['base']}", "sources:"] + [f"  {k}: {llama[v]}" for k, v in kinds.items()]
@@ -176,12 +198,12 @@ def test_plan_on_the_real_model(cli, real, tmp_path):
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["totals"]["bytes"] == rep["bytes"]
 
 
-def test_plan_per_expert_on_a_taught_moe(cli, tmp_path):
+def test_plan_per_expert_on_a_taught_moe(cli, taught_moe, tmp_path):
     """A trained Qwen3-MoE (its router has favourites) with real Int8 and GPTQ sources: the per-expert plan mixes
     formats inside a MoE layer, gives the precise format to the experts its router uses most, and builds."""
-    from fixtures.factory import fixture, taught_text
+    from fixtures.factory import taught_text
 
-    f = {k: fixture("qwen3moe-taught", k) for k in ("base", "ct-w8a8", "gptq")}
+    f = taught_moe
     src = tmp_path / "sources.yaml"
     src.write_text(f"base: {f['base']}\nsources:\n  int8: {f['ct-w8a8']}\n  gptq: {f['gptq']}\n")
     calib = taught_text(tmp_path / "calib.txt", 1)
