@@ -209,7 +209,7 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
          json_out: bool = typer.Option(False, "--json", help="print the report(s) as JSON on stdout")):
     from mpconvert.autoplan import plot_frontier, prepare, run_plan, write_outputs
 
-    if tokens < 1 or tokens > 1_000_000:
+    if tokens < 64 or tokens > 1_000_000:
         raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
     targets = [output] if len(budget) == 1 else [output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
                                                  for i in range(len(budget))]

@@ -25,7 +25,7 @@ from .errors import UserError
 from .formats import FORMATS
 from .layout import ModelInfo, Role, natural_key
 from .plan import Inputs
-from .recipe import BASE, Recipe
+from .recipe import BASE, Recipe, format_ids
 
 BF16_BYTES = 2
 
@@ -320,17 +320,6 @@ def parse_budget(spec: str, c: Candidates) -> int:
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------------
-def _ranges(ids: list[int]) -> str:
-    out, start = [], None
-    for i, e in enumerate(ids):
-        if start is None:
-            start = e
-        if i + 1 == len(ids) or ids[i + 1] != e + 1:
-            out.append(f"{start}" if start == e else f"{start}-{e}")
-            start = None
-    return ",".join(out)
-
-
 def _unit_key(unit: str, modules: tuple[str, ...], roles: dict[str, Role]) -> tuple[tuple[str, ...], int | None,
                                                                                    int | None]:
     """(module patterns without the layer prefix, layer, expert) of one unit: what a recipe rule matches."""
@@ -388,9 +377,9 @@ def recipe_yaml(recipe: Recipe, sources_file: Path, out: Path, c: Candidates, so
         match = _q(pats[0]) if len(pats) == 1 else "[" + ", ".join(_q(p) for p in pats) + "]"
         lines.append(f"  - match: {match}   # {row['bytes'] / 1e6:.2f} MB, predicted ΔKL {row['kl']:.5f}")
         if row["layers"]:
-            lines.append(f"    layers: {_q(_ranges(sorted(row['layers'])))}")
+            lines.append(f"    layers: {_q(format_ids(sorted(row['layers'])))}")
         if is_expert:
-            lines.append(f"    experts: {_q(_ranges(sorted(row['experts'])))}")
+            lines.append(f"    experts: {_q(format_ids(sorted(row['experts'])))}")
         lines.append(f"    source: {_q(label)}")
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 from .formats import FORMATS
 from .formats.base import first_error
+from .recipe import format_ids
 from .safetensors_io import DTYPE_SIZE
 
 MANIFEST = "mpconvert_manifest.json"
@@ -142,7 +143,7 @@ class UnitEntry(_Entry):
         """fp8 / 'mixed_experts: fp8 [0-3], gptq [4-7]'"""
         if not self.groups:
             return self.format
-        return MIXED_EXPERTS + ": " + ", ".join(f"{g.format} {_ranges(g.experts)}" for g in self.groups)
+        return MIXED_EXPERTS + ": " + ", ".join(f"{g.format} [{format_ids(g.experts)}]" for g in self.groups)
 
 
 class ModelEntry(_Entry):
@@ -222,17 +223,6 @@ class Manifest(_Entry):
 
 class ManifestError(UserError):
     """The manifest is unreadable or breaks its schema: for verify a finding, for every other reader an error."""
-
-
-def _ranges(ids: list[int]) -> str:
-    out, start = [], None
-    for i, e in enumerate(ids):
-        if start is None:
-            start = e
-        if i + 1 == len(ids) or ids[i + 1] != e + 1:
-            out.append(f"{start}" if start == e else f"{start}-{e}")
-            start = None
-    return "[" + ",".join(out) + "]"
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:

@@ -55,6 +55,18 @@ def parse_layers(spec: Union[str, int, list]) -> frozenset[int]:
     return frozenset(out)
 
 
+def format_ids(ids: list[int]) -> str:
+    """The inverse of parse_layers on sorted ids: [0, 1, 2, 3, 7] → "0-3,7"."""
+    out, start = [], None
+    for i, e in enumerate(ids):
+        if start is None:
+            start = e
+        if i + 1 == len(ids) or ids[i + 1] != e + 1:
+            out.append(f"{start}" if start == e else f"{start}-{e}")
+            start = None
+    return ",".join(out)
+
+
 class ExpertsFromFile(BaseModel):
     """The most routed experts of each layer, from a routing-frequency file: JSON {"LAYER": [count per expert]} or
     SGLang's expert-distribution dump (a torch file whose `logical_count` is [..., layers, experts]). `top: N` takes

@@ -3,7 +3,8 @@ next-token distribution against the base on calibration text.
 
 The base runs once in transformers (float32), recording every decoder layer's input. A swap of a unit in layer l
 replaces only that unit's weights by its source's, dequantized with the format's reference dequantizer (the bytes
-build copies), and runs layers l..L-1, the final norm and the head from the recorded input: the exact KL of that
+build copies), with its inputs quantized as the format's SGLang kernel does (W8A8: per-token Int8 or FP8 —
+Format.quantize_activations), and runs layers l..L-1, the final norm and the head from the recorded input: the exact KL of that
 swap, at the cost of the model's tail. A folded-scale source's swap takes its group's units and the norms it changed
 together. GPU when torch sees one, else the CPU; memory: the float32 model, the recorded inputs, two logit sets.
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .formats import FORMATS
+from .formats.base import Format
 from .layout import role_of
 from .numeric import dequantize
 from .plan import Inputs
@@ -125,7 +128,29 @@ class Swaps:
     [E, H, I]) is written into its slice."""
 
     def __init__(self, model, device: str):
-        self.model, self.device, self.saved = model, device, []
+        self.model, self.device, self.saved, self.hooks = model, device, [], []
+
+    def linear(self, name: str, view, out_f: int, in_f: int) -> None:
+        """Serve linear `name` from a source's module view: its weight dequantized from the bytes build copies, its
+        bias, and its input quantized as that format's SGLang kernel quantizes it (W8A8: per-token Int8 or FP8; a
+        fused expert's input is not a module's own, so there it is not emulated)."""
+        self.put(name, "weight", dequantize(view.scheme, view.tensors, out_f, in_f))
+        if "bias" in view.tensors:
+            self.put(name, "bias", load_tensor(view.tensors["bias"]))
+        fmt = FORMATS[view.scheme.format]
+        if type(fmt).quantize_activations is Format.quantize_activations:
+            return  # weight-only
+        try:
+            mod = self.model.get_submodule(name)
+        except AttributeError:
+            return  # a fused expert
+        params = view.scheme.params
+        loaded = {s: load_tensor(t).to(self.device) for s, t in view.tensors.items() if s == "input_scale"}
+
+        def quantize_input(module, args):
+            return (fmt.quantize_activations(args[0], params, loaded),) + tuple(args[1:])
+
+        self.hooks.append(mod.register_forward_pre_hook(quantize_input))
 
     def put(self, module: str, what: str, value) -> None:
         import torch
@@ -141,6 +166,9 @@ class Swaps:
         p.data[idx] = value.reshape(p.data[idx].shape)
 
     def restore(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
         for p, idx, old in reversed(self.saved):
             if idx is None:
                 p.data = old
@@ -193,11 +221,7 @@ def measure(inputs: Inputs, wanted: list[tuple[str, ...]], units: dict, base: Pa
             for unit in group:
                 server = next(s for s in units[unit] if s.source == label)
                 for name in server.modules:
-                    view = src.modules[name]
-                    out_f, in_f = inputs.base.modules[name].tensors["weight"].shape
-                    swaps.put(name, "weight", dequantize(view.scheme, view.tensors, out_f, in_f))
-                    if "bias" in view.tensors:
-                        swaps.put(name, "bias", load_tensor(view.tensors["bias"]))
+                    swaps.linear(name, src.modules[name], *inputs.base.modules[name].tensors["weight"].shape)
                 if server.folds:
                     for norm in _consumed_norms(inputs, server.modules):
                         swaps.put(norm, "weight", load_tensor(src.modules[norm].tensors["weight"]))
@@ -249,9 +273,7 @@ def evaluate(recipe, texts: list[Path], tokens: int, device: str, model=None) ->
                 continue
             view = plan.sources[m.source].modules[m.name]
             if m.role.kind == "linear":
-                swaps.put(m.name, "weight", dequantize(view.scheme, view.tensors, m.out_features, m.in_features))
-                if "bias" in view.tensors:
-                    swaps.put(m.name, "bias", load_tensor(view.tensors["bias"]))
+                swaps.linear(m.name, view, m.out_features, m.in_features)
             elif "weight" in view.tensors:
                 swaps.put(m.name, "weight", load_tensor(view.tensors["weight"]))
         with torch.inference_mode():

@@ -158,3 +158,27 @@ def test_marlin_shapes_dense_and_moe():
     assert "multiple of 128" in FORMATS["awq"].kernel_problem(AWQ, [128], 576, 576, False, False, False)
     g128 = {**GPTQ, "group_size": 128}
     assert "splits a quantization group of 128" in gptq.kernel_problem(g128, [128], 192, 384, False, True, False)
+
+
+def test_activation_quantization_as_sglang_kernels_do():
+    """What plan emulates of a W8A8 layer's input: Int8 per token (scale absmax/127), FP8 per token, per token and
+    group of block_k inputs for block FP8, one static scale; weight-only formats leave the input alone."""
+    x = torch.randn(4, 256, generator=g) * 3
+    s = x.abs().amax(-1, keepdim=True) / 127
+    q = FORMATS["int8"].quantize_activations(x, {"layout": "ct", "activation": "dynamic"}, {})
+    assert torch.allclose(q / s, (q / s).round(), atol=1e-4)  # on each token's grid
+    assert torch.allclose(q.abs().amax(-1), x.abs().amax(-1)) and 0 < float((q - x).abs().max()) <= float(s.max()) / 2
+    f = FORMATS["fp8"]
+    dyn = {**FP8, "strategy": "channel", "block": None, "activation": "dynamic"}
+    q = f.quantize_activations(x, dyn, {})
+    assert 0 < float((q - x).norm() / x.norm()) < 0.05
+    blk = {**FP8, "activation": "dynamic"}
+    y = x.clone()
+    y[:, :128] *= 1e5  # an outlier group: the block scheme's other group keeps its own scale
+    qb, qc = f.quantize_activations(y, blk, {}), f.quantize_activations(y, dyn, {})
+    tail = lambda q: float((q[:, 128:] - y[:, 128:]).norm() / y[:, 128:].norm())  # noqa: E731
+    assert tail(qb) < 0.05 < tail(qc)
+    static = {**dyn, "activation": "static"}
+    qs = f.quantize_activations(x, static, {"input_scale": torch.tensor([0.5])})
+    assert torch.equal(qs, (x / 0.5).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 0.5)
+    assert FORMATS["gptq"].quantize_activations(x, GPTQ, {}) is x

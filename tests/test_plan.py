@@ -168,6 +168,7 @@ def test_plan_refuses_bad_inputs(cli, llama, tmp_path):
     _refused(cli("plan", src, "--budget", "0.7x", "--calib", tiny, "-o", out), "plan needs at least 64")
     _refused(cli("plan", src, "--budget", "0.7x", "--calib", binary, "-o", out), "cannot read it as UTF-8")
     _refused(cli("plan", src, "--budget", "0.7x", "--calib", tmp_path / "nope.txt", "-o", out), "cannot read")
+    _refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out, "--calib-tokens", 10), "give 64 to")
     only_base = _sources(tmp_path, llama, {"copy": "base"})  # a "source" that quantizes nothing
     _refused(cli("plan", only_base, "--budget", "0.9x", "--calib", calib, "-o", out), "no source can serve")
     with_rules = tmp_path / "rules.yaml"

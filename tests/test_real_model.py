@@ -34,6 +34,21 @@ def test_fp8_block_attention_of_576_is_refused_at_tp1(real, cli, tmp_path):
     assert cli("build", r, "-o", tmp_path / "ok").exit_code == 0
 
 
+@pytest.mark.parametrize("module,shape", [("self_attn.[qkv]_proj", "output size 960 and input size 576"),
+                                          ("self_attn.o_proj", "output size 576 and input size 576")])
+def test_gptq_attention_of_576_is_refused_for_marlin(real, cli, tmp_path, module, shape):
+    """Found on the GPU (docs/gpu-results.md §10): SmolLM2's GPTQ qkv (N 960, K 576) loads in SGLang and its first
+    forward fails — GPTQ-Marlin has no thread tile when neither N nor K is a multiple of 128. Build refuses it at TP=1;
+    the MLP (gate_up 3072 × 576, down 576 × 1536) builds."""
+    r = write_recipe(tmp_path, real, {"gptq": "gptq-g64", "int8": "w8a8"}, "int8",
+                     f'- {{match: "{module}", layers: 3, source: gptq}}')
+    text = fails(cli, tmp_path, r, match=shape)
+    assert "Marlin has a thread tile for neither" in text and "layers.3.self_attn" in text
+    r = write_recipe(tmp_path, real, {"gptq": "gptq-g64", "int8": "w8a8"}, "gptq",
+                     '- {match: "self_attn.*", source: int8}')
+    assert cli("build", r, "-o", tmp_path / "ok").exit_code == 0
+
+
 def test_numeric_bands_hold_on_the_real_model(mixed, real, cli):
     """A correct GPTQ g64 checkpoint of the real model passes --numeric: its worst module (0.26 from the base, over a
     fixed 0.25 band) is measured against what round-to-nearest in its scheme does on the same weight. On held-out

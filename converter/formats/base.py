@@ -194,6 +194,12 @@ class Format(ConfigReader):
         of what the scheme can do on this weight (fidelity.module_band)."""
         return w
 
+    def quantize_activations(self, x, p: dict, t: dict):
+        """What SGLang's kernel for this scheme does to a layer's input before the GEMM, emulated in float32 (x
+        [..., in]; t: the module's tensors, loaded, for a static input scale): identity for weight-only formats.
+        Plan measures and evaluates a recipe with it, so that a W8A8 layer costs what it costs when served."""
+        return x
+
     def rtn_error(self, w, p: dict) -> float:
         q = self.round_to_nearest(w.float(), p)
         return float((q.double() - w.double()).norm() / w.double().norm().clamp(min=1e-30))

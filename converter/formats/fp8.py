@@ -179,6 +179,27 @@ class FP8(Format):
         return (("CompressedTensorsFusedMoEMethod", "CompressedTensorsW8A8Fp8MoE") if moe
                 else ("CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"))
 
+    def quantize_activations(self, x, p, t):
+        """SGLang's FP8 activation quantization: static — one scale (`input_scale`) for the tensor; dynamic — per token
+        for per-tensor/channel weights, per token and group of block_k inputs for block weights; none — weight-only."""
+        import torch
+
+        if p["activation"] == "none":
+            return x
+        fmax = torch.finfo(torch.float8_e4m3fn).max
+        if p["activation"] == "static":
+            s = t["input_scale"].float().reshape(())
+            return (x / s).clamp(-fmax, fmax).to(torch.float8_e4m3fn).float() * s
+        if p["strategy"] == "block":
+            bk = p["block"][1]
+            pad = -x.shape[-1] % bk
+            g = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, bk)
+            s = (g.abs().amax(-1, keepdim=True) / fmax).clamp(min=1e-12)
+            q = (g / s).clamp(-fmax, fmax).to(torch.float8_e4m3fn).float() * s
+            return q.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
+        s = (x.abs().amax(-1, keepdim=True) / fmax).clamp(min=1e-12)
+        return (x / s).clamp(-fmax, fmax).to(torch.float8_e4m3fn).float() * s
+
     def round_to_nearest(self, w, p):
         import torch
 

@@ -19,10 +19,12 @@ from .base import Expect, Format, Params, ProducerConfig, Scheme, ceil_div, pars
 from .intpack import pack_cols, round_to_nearest_int, unpack_cols, unpack_rows
 
 # SGLang 0.5.17's Marlin kernels (kernels/jit/csrc/gemm/marlin/gptq_marlin.cuh and marlin_moe/moe_wna16_marlin.cuh):
-# a problem runs on a thread config whose thread_k divides K and thread_n divides N. The dense kernel has configs
-# down to thread_k 64 and thread_n 64; the MoE kernel's smallest thread_n is 128. GPTQ-Marlin runs whatever the
+# a problem runs on a thread config whose thread_k divides K and thread_n divides N. The dense kernel's configs
+# (thread_k, thread_n) are (128, 128), (64, 128), (128, 64), (64, 256): K and N multiples of 64, and one of them of
+# 128; the MoE kernel's smallest thread_n is 128. GPTQ-Marlin runs whatever the
 # kernel takes: SGLang computes its Python-side shape check (check_marlin_supports_shape, K % 128) and ignores it.
 MARLIN_MIN_N, MARLIN_MOE_MIN_N, MARLIN_KERNEL_MIN_K = 64, 128, 64
+MARLIN_WIDE_TILE = 128  # a dense Marlin GEMM needs N or K a multiple of this (its thread tiles; see marlin_problem)
 
 
 def marlin_problem(bits: int, group_size: int, out_parts: list[int], in_part: int, in_full: int,
@@ -35,6 +37,12 @@ def marlin_problem(bits: int, group_size: int, out_parts: list[int], in_part: in
         return f"output size {n} is not a multiple of {min_n} ({kernel} minimum tile)"
     if in_part % min_k:
         return f"input size {in_part} is not a multiple of {min_k} (Marlin's minimum tile)"
+    if not moe and n % MARLIN_WIDE_TILE and in_part % MARLIN_WIDE_TILE:
+        # gptq_marlin.cuh's thread configs (thread_k, thread_n) are (128, 128), (64, 128), (128, 64) and (64, 256):
+        # no tile fits when neither N nor K is a multiple of 128. Found on the GPU: SmolLM2's GPTQ qkv (N 960, K 576)
+        # loads, then its first forward fails "Invalid thread config" (docs/gpu-results.md §10)
+        return (f"output size {n} and input size {in_part}: Marlin has a thread tile for neither (one of them must "
+                f"be a multiple of {MARLIN_WIDE_TILE})")
     if 0 < group_size < in_full and in_part % group_size:
         return f"input size {in_part} splits a quantization group of {group_size}"
     pf = 32 // bits

@@ -39,6 +39,11 @@ class Int8(Format):
     def dequantize(self, t, p, out_f, in_f):
         return t["weight"].float() * t["weight_scale"].float().reshape(out_f, 1)
 
+    def quantize_activations(self, x, p, t):
+        # SGLang's per_token_quant_int8: symmetric, scale = absmax / 127 per token, round to nearest
+        s = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-10)
+        return (x / s).round().clamp(-128, 127) * s
+
     def sglang_config(self, p):
         # both layouts hold the same tensors; SGLang's own W8A8-Int8 also runs FusedMoE (compressed-tensors' int8
         # MoE path is NPU-only in 0.5.17)
