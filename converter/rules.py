@@ -219,7 +219,7 @@ def _kernel(unit: str, m: Linear, flag: str, tp: int, *args) -> list[Problem]:
         return []
     prefix = f"{flag}: " if tp > 1 else ""
     fix = "use a smaller --tp or another format for this module" if tp > 1 else \
-        "SGLang cannot load it in this format at any TP; take it from another format"
+        "SGLang cannot serve it in this format at any TP; take it from another format"
     return [Problem("kernel", unit, f"{prefix}{unit} ({m.scheme.describe()} from {m.source!r} via {m.why}): "
                                     f"{problem}; {fix}")]
 

@@ -26,11 +26,17 @@ def mixed(real, tmp_path_factory) -> Path:
 def test_fp8_block_attention_of_576_is_refused_at_tp1(real, cli, tmp_path):
     """llm-compressor's FP8_BLOCK (128×128) output of the real model: its fused qkv (576, 192, 192) is not whole
     blocks, which SGLang refuses at load ('output_partition_size = 576 is not divisible by weight quantization
-    block_n = 128') — build refuses it first, at TP=1; MLP-only FP8 blocks build."""
-    r = write_recipe(tmp_path, real, {"blk": "fp8-block"}, "blk")
+    block_n = 128') — build refuses it first, at TP=1. Its gate_up (K 576) SGLang loads, but the first forward fails
+    quantizing activations in groups of 128 inputs (found on the GPU, docs/gpu-results.md §10): refused too. Its
+    down_proj (K 1536) builds."""
+    r = write_recipe(tmp_path, real, {"blk": "fp8-block", "int8": "w8a8"}, "blk", '- {match: "mlp.*", source: int8}')
     fails(cli, tmp_path, r, match="model.layers.0.self_attn.qkv_proj (fp8 block 128x128")
     r = write_recipe(tmp_path, real, {"blk": "fp8-block", "int8": "w8a8"}, "blk",
                      '- {match: "self_attn.*", source: int8}')
+    fails(cli, tmp_path, r, match="model.layers.0.mlp.gate_up_proj (fp8 block 128x128 act=dynamic (ct) from 'blk' "
+                                  "via default (blk)): input size 576 is not a multiple of the FP8 block 128")
+    r = write_recipe(tmp_path, real, {"blk": "fp8-block", "int8": "w8a8"}, "int8",
+                     '- {match: "mlp.down_proj", source: blk}')
     assert cli("build", r, "-o", tmp_path / "ok").exit_code == 0
 
 

@@ -133,7 +133,8 @@ class FP8(Format):
         """SGLang 0.5.17's block-FP8 shape rules (fp8.py / fp8_utils.validate_fp8_block_shape /
         compressed_tensors_w8a8_fp8_moe.py): a row-split input, every column-split or fused output part (a fused
         layer at TP=1 too: compressed-tensors exempts its last part there), and an expert's intermediate size are
-        whole blocks."""
+        whole blocks; and, beyond what SGLang checks at load, the input as a rank holds it, which the activation
+        quantization splits into groups of block_k (fp8_kernel.per_token_group_quant_fp8)."""
         if p["strategy"] != "block":
             return None
         bn, bk = p["block"]
@@ -150,6 +151,12 @@ class FP8(Format):
             if o % bn:
                 what = "expert intermediate size" if moe else "output part" + (" per rank" if split_out else "")
                 return f"{what} {o} (of {out_parts}) is not a multiple of the FP8 block {bn}"
+        if p["activation"] != "none" and in_part % bk:
+            # loads, then every forward fails: the block GEMM quantizes activations per token and group of bk inputs
+            # (per_token_group_quant_fp8 asserts K % bk) — found on the GPU with SmolLM2's gate_up (K 576),
+            # docs/gpu-results.md §10
+            return (f"input size {in_part} is not a multiple of the FP8 block {bk}: SGLang quantizes the activations "
+                    f"in groups of {bk} inputs")
         return None
 
     def sglang_config(self, p):
