@@ -96,7 +96,7 @@ def random_picks(c: choose.Candidates, budget: int, rng: random.Random) -> dict[
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budgets", default="5,5.75,6.5,7.25", help="bits per weight in linears")
+    ap.add_argument("--budgets", default="5.5,6,6.75,7.5", help="bits per weight in linears")
     ap.add_argument("--random", type=int, default=20)
     ap.add_argument("--calib-tokens", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=1024)
@@ -176,7 +176,8 @@ def moe_main(a) -> None:
     against the router's use of them."""
     device = a.device or sensitivity.default_device()
     f = {k: fixture("qwen3moe-taught", k) for k in ("base", "ct-w8a8", "gptq")}
-    budgets = [f"{b}bpw" for b in (a.budgets if a.budgets != "5,5.75,6.5,7.25" else "5.25,5.75,6.25,6.75,7.25").split(",")]
+    moe_default = "5.25,5.75,6.25,6.75,7.25"  # the taught MoE's all-Int4 model is 5.06 bpw
+    budgets = [f"{b}bpw" for b in (a.budgets if a.budgets != "5.5,6,6.75,7.5" else moe_default).split(",")]
     with tempfile.TemporaryDirectory(prefix="mpc-plan-moe-") as tmp:
         d = Path(tmp)
         src = d / "sources.yaml"

@@ -2,7 +2,11 @@
 windows whose CPU perplexity (sensitivity.evaluate: float32, reference dequantizers) was recorded here beforehand.
 
 Here (CPU):   .venv/bin/python gpu/plan_serve.py stage [--budget 6.5bpw]   # → .gpu-plan/ (chunks ≤ 50 MiB each)
-There (GPU):  bash gpu/plan_serve.sh setup | part N | run                  # run: prints and writes RESULT json
+              .venv/bin/python gpu/plan_serve.py stage-sources             # → .gpu-src/: base + sources + texts
+There (GPU):  bash gpu/plan_serve.sh setup | part DIR | run | sources      # run / sources: RESULT json
+
+`sources` (after the sources' parts): plan SmolLM2 on the GPU (timed), then serve each single-source build and its
+source with SGLang and compare their outputs (the issue's "every pure single-source build serves identically").
 
 The checkpoint exceeds one call's carry (64 MiB with the tracked tree), so stage ships it as a tar in chunks that
 successive calls append on the GPU machine (files there survive between calls while it is held).
@@ -53,6 +57,87 @@ def stage(budget: str) -> None:
     print(f"staged {len(parts)} parts: {[round(p.stat().st_size / 2**20, 1) for p in parts]} MiB; cpu {cpu}")
 
 
+SOURCES = {"fp8": "fp8-dynamic", "fp8b": "fp8-block", "int8": "w8a8", "gptq": "gptq-g64"}
+
+
+def stage_sources() -> None:
+    """base + the four real quantizations + the calibration and evaluation texts, as one tar in ≤ 50 MiB parts."""
+    sys.path.insert(0, str(ROOT))
+    from fixtures.factory import smollm2
+
+    out = ROOT / ".gpu-src"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir()
+    with tempfile.TemporaryDirectory(prefix="mpc-plan-src-") as tmp:
+        d = Path(tmp) / "src"
+        d.mkdir()
+        for name, kind in {"base": "base", **SOURCES}.items():
+            subprocess.run(["cp", "-rL", str(smollm2(kind)), str(d / name)], check=True)
+        for f in ("GPL-3", "Apache-2.0", "GFDL-1.3", "Artistic"):
+            subprocess.run(["cp", f"/usr/share/common-licenses/{f}", str(d / f)], check=True)
+        (d / "sources.yaml").write_text("base: base\nsources:\n" + "".join(f"  {k}: {k}\n" for k in SOURCES))
+        subprocess.run(f"tar -C {tmp} -cf - src | split -b {CHUNK} -d -a 3 - {out}/part.", shell=True, check=True)
+    parts = sorted(out.iterdir())
+    print(f"staged {len(parts)} parts, {sum(p.stat().st_size for p in parts) / 2**20:.0f} MiB")
+
+
+def gpu_plan_and_identity(d: Path) -> dict:
+    """On the GPU machine: plan at four budgets on cuda (timed), then each servable single-source build against its
+    source (greedy tokens and input logprobs of the held-out windows)."""
+    import time
+
+    import torch
+
+    from mpconvert.autoplan import prepare, run_plan
+    from mpconvert.plan import make_plan
+    from mpconvert.recipe import load_recipe
+    from mpconvert.writer import write
+
+    res = {}
+    calib, held = [d / "GPL-3", d / "Apache-2.0"], [d / "GFDL-1.3", d / "Artistic"]
+    t = time.perf_counter()
+    prep = prepare(d / "sources.yaml", ["5.5bpw", "6bpw", "6.75bpw", "7.5bpw"], calib, 512)
+    results = run_plan(prep, d / "plan.yaml", "cuda")
+    res["plan_seconds"] = round(time.perf_counter() - t, 1)
+    res["plan_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    res["plans"] = [{k: r.report[k] for k in ("budget", "bytes", "bits_per_weight", "predicted_kl")} for r in results]
+    from mpconvert import sensitivity
+
+    ids = sensitivity.calibration_ids(d / "base", held, 1024).tolist()
+    base = _outputs(d / "base", ids)  # the bf16 base served: what bf16 compute alone moves the perplexity
+    res["base_gpu_perplexity"] = round(math.exp(-sum(base["lps"]) / len(base["lps"])), 4)
+    res["identity"] = {}
+    for label in SOURCES:
+        recipe = d / f"only-{label}.yaml"
+        recipe.write_text(f"base: base\nsources:\n  {label}: {label}\ndefault: {label}\n")
+        try:
+            plan = make_plan(load_recipe(recipe))
+        except Exception as e:  # noqa: BLE001 — a refusal is the answer for a source SGLang cannot run
+            res["identity"][label] = {"build": "refused", "why": str(e)[:300]}
+            continue
+        write(plan, d / f"built-{label}", 5 * 10**9)
+        a, b = _outputs(d / label, ids), _outputs(d / f"built-{label}", ids)
+        res["identity"][label] = {"build": "ok", "identical_tokens": a["tokens"] == b["tokens"],
+                                  "identical_input_logprobs": a["lps"] == b["lps"],
+                                  "max_logprob_diff": max(abs(x - y) for x, y in zip(a["lps"], b["lps"]))}
+    return res
+
+
+def _outputs(path: Path, windows: list) -> dict:
+    import sglang as sgl
+
+    e = sgl.Engine(model_path=str(path), attention_backend="triton", sampling_backend="pytorch",
+                   grammar_backend="none", skip_tokenizer_init=True, log_level="error", dtype="auto",
+                   mem_fraction_static=0.2, max_total_tokens=8192, disable_cuda_graph=True)
+    try:
+        out = e.generate(input_ids=windows, sampling_params={"max_new_tokens": 16,
+                         "temperature": 0}, return_logprob=True, logprob_start_len=0)
+    finally:
+        e.shutdown()
+    return {"tokens": [r["output_ids"] for r in out],
+            "lps": [lp for r in out for lp, *_ in r["meta_info"]["input_token_logprobs"][1:]]}
+
+
 def serve(path: Path) -> dict:
     import sglang as sgl
 
@@ -81,6 +166,12 @@ def serve(path: Path) -> dict:
 if __name__ == "__main__":
     if sys.argv[1] == "stage":
         stage(sys.argv[sys.argv.index("--budget") + 1] if "--budget" in sys.argv else "6.5bpw")
+    elif sys.argv[1] == "stage-sources":
+        stage_sources()
+    elif sys.argv[1] == "sources":
+        res = gpu_plan_and_identity(Path(sys.argv[2]))
+        print("RESULT " + json.dumps(res))
+        Path(sys.argv[3]).write_text(json.dumps(res, indent=1) + "\n")
     else:
         res = serve(Path(sys.argv[2]))
         print("RESULT " + json.dumps(res))

@@ -3,6 +3,7 @@
 #   bash gpu/plan_serve.sh setup    (carry .gpu: the SGLang bundle and kernel cache, as gpu/pack.py stages them)
 #   bash gpu/plan_serve.sh part DIR (carry DIR, one part.NN of .gpu-plan moved into it: appended to /tmp/plan.tar)
 #   bash gpu/plan_serve.sh run      (unpack, serve through the shim, perplexity on the held-out windows → $OUT)
+#   bash gpu/plan_serve.sh sources  (after stage-sources' parts: plan on the GPU, single-source builds vs sources)
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 case "$1" in
@@ -11,15 +12,22 @@ case "$1" in
     mkdir -p /tmp/site/sgl_kernel/sm100 && ln -sf ../sm90/common_ops.abi3.so /tmp/site/sgl_kernel/sm100/common_ops.abi3.so
     tar -C /tmp -xJf .gpu/sglang-0.5.17-jit-sm90.tar.xz
     rm -f /tmp/plan.tar; ls /tmp/site | head -3; nvidia-smi --query-gpu=name --format=csv,noheader ;;
+  reset)
+    rm -f /tmp/plan.tar ;;
   part)
     for p in "$2"/part.*; do cat "$p" >> /tmp/plan.tar; echo "appended $p"; done; ls -la /tmp/plan.tar ;;
-  run)
-    rm -rf /tmp/planned && tar -C /tmp -xf /tmp/plan.tar
+  run|sources)
+    [ "$1" = run ] && rm -rf /tmp/planned && tar -C /tmp -xf /tmp/plan.tar
+    [ "$1" = sources ] && rm -rf /tmp/src && tar -C /tmp -xf /tmp/plan.tar
     rm -rf /tmp/mp && mkdir -p /tmp/mp/mpconvert-0.1.0.dist-info
     cp -r converter /tmp/mp/mpconvert && cp -r cli /tmp/mp/mpconvert/cli && cp -r runtime_shim /tmp/mp/mpconvert/runtime_shim
     printf 'Metadata-Version: 2.1\nName: mpconvert\nVersion: 0.1.0\n' > /tmp/mp/mpconvert-0.1.0.dist-info/METADATA
     printf '[sglang.srt.plugins]\nmpconvert = mpconvert.runtime_shim:register\n' \
       > /tmp/mp/mpconvert-0.1.0.dist-info/entry_points.txt
     export PYTHONPATH=/tmp/site:/tmp/mp:${PYTHONPATH:-} PATH=/usr/local/cuda/bin:$PATH TVM_FFI_CACHE_DIR=/tmp/tvmcache
-    python3 gpu/plan_serve.py serve /tmp/planned "${OUT:-/tmp}/plan_serve.json" 2>&1 | grep -v "Warning" | tail -40 ;;
+    if [ "$1" = run ]; then
+      python3 gpu/plan_serve.py serve /tmp/planned "${OUT:-/tmp}/plan_serve.json" 2>&1 | grep -v "Warning" | tail -40
+    else
+      python3 gpu/plan_serve.py sources /tmp/src "${OUT:-/tmp}/plan_sources.json" 2>&1 | grep -v "Warning" | tail -40
+    fi ;;
 esac

@@ -147,10 +147,13 @@ def test_every_quant_method_has_one_reader():
 
 
 def test_marlin_shapes_dense_and_moe():
-    """Marlin's thread configs (SGLang's kernel sources): dense N % 64 and K % 64 for GPTQ, K % 128 for AWQ (SGLang's
-    own gate there); the MoE kernel N % 128."""
+    """Marlin's thread configs (SGLang's kernel sources): dense N % 64 and K % 64 and one of them % 128 for GPTQ, K %
+    128 for AWQ (SGLang's own gate there); the MoE kernel N % 128. SmolLM2's qkv (960 × 576) has no dense tile: the
+    GPU run found it (docs/gpu-results.md §10); its gate_up (3072 × 576) and down (576 × 1536) have."""
     gptq = FORMATS["gptq"]
-    assert gptq.kernel_problem(GPTQ, [576, 192, 192], 576, 576, False, False, False) is None  # SmolLM2's qkv
+    assert "thread tile for neither" in gptq.kernel_problem(GPTQ, [576, 192, 192], 576, 576, False, False, False)
+    assert gptq.kernel_problem(GPTQ, [1536, 1536], 576, 576, False, False, False) is None
+    assert gptq.kernel_problem(GPTQ, [576], 1536, 1536, False, False, False) is None
     assert "multiple of 64" in gptq.kernel_problem(GPTQ, [32], 576, 576, False, False, False)
     assert "multiple of 64 (Marlin's minimum tile)" in gptq.kernel_problem(GPTQ, [128], 96, 96, False, False, False)
     assert gptq.kernel_problem(GPTQ, [64, 64], 256, 256, True, False, True) is None
