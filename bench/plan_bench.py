@@ -158,8 +158,8 @@ def main(argv=None):
         ok = "yes" if r["best_fixed_kl"] is None or r["measured"] <= r["best_fixed_kl"] else "**no**"
         print(f"| {r['budget']} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | {r['predicted']:.5f} | "
               f"{r['measured']:.5f} | {r['predicted'] / r['measured']:.2f} | {r['ppl']:.3f} ({r['ppl_base']:.3f}) | "
-              f"{r['best_fixed'] or '—'} | {r['best_fixed_kl'] if r['best_fixed_kl'] is None else round(r['best_fixed_kl'], 5)} "
-              f"| {ok} | {r['random_median']:.5f} | {r['measured'] / r['random_median']:.2f} |")
+              f"{r['best_fixed'] or '—'} | "
+              f"{'—' if r['best_fixed_kl'] is None else round(r['best_fixed_kl'], 5)} | {ok} | {r['random_median']:.5f} | {r['measured'] / r['random_median']:.2f} |")
     print("\n| fixed recipe | MB | bpw | measured KL | perplexity |")
     print("|---|---:|---:|---:|---:|")
     for name, x in fixed_m.items():

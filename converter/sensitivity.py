@@ -4,8 +4,8 @@ next-token distribution against the base on calibration text.
 The base runs once in transformers (float32), recording every decoder layer's input. A swap of a unit in layer l
 replaces only that unit's weights by its source's, dequantized with the format's reference dequantizer (the bytes
 build copies), with its inputs quantized as the format's SGLang kernel does (W8A8: per-token Int8 or FP8 —
-Format.quantize_activations), and runs layers l..L-1, the final norm and the head from the recorded input: the exact KL of that
-swap, at the cost of the model's tail. A folded-scale source's swap takes its group's units and the norms it changed
+Format.quantize_activations), and runs layers l..L-1, the final norm and the head from the recorded input: the
+exact KL of that swap, at the cost of the model's tail. A folded-scale source's swap takes its group's units and the norms it changed
 together. GPU when torch sees one, else the CPU; memory: the float32 model, the recorded inputs, two logit sets.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Serve a planned SmolLM2 checkpoint with SGLang (through the mpconvert shim) and measure its perplexity on the held-out
-windows whose CPU perplexity (sensitivity.evaluate: float32, reference dequantizers) was recorded here beforehand.
+"""Serve a planned SmolLM2 checkpoint with SGLang (through the mpconvert shim) and measure its perplexity on the
+held-out windows whose CPU perplexity (sensitivity.evaluate: float32, reference dequantizers, W8A8 inputs quantized
+as the kernels do) was recorded here beforehand.
 
 Here (CPU):   .venv/bin/python gpu/plan_serve.py stage [--budget 6.5bpw]   # → .gpu-plan/ (chunks ≤ 50 MiB each)
               .venv/bin/python gpu/plan_serve.py stage-sources             # → .gpu-src/: base + sources + texts
