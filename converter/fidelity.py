@@ -169,7 +169,19 @@ def numeric_check(directory: Path, manifest, found: dict[str, TensorInfo], base:
     result.update(logits_cosine=round(cos, 5), top1_agreement=round(top1, 4), cosine_limit=cos_limit,
                   tokens=list(ids.shape))
     if text is not None:
-        result["text"] = text_check(base, base_model, model, Path(text), thresholds, rep)
+        # on real text the dequantized model also quantizes each W8A8 layer's input as SGLang's kernel does, so
+        # that its perplexity is the served one's (docs/gpu-results.md §10); the block and logits checks above
+        # compare weights only
+        from .sensitivity import quantize_inputs
+
+        hooks = [quantize_inputs(model, name, m.format, m.params, {s: found[t.name] for s, t in m.tensors.items()})
+                 for name, m in manifest.modules.items() if m.kind == "linear"]
+        try:
+            result["text"] = text_check(base, base_model, model, Path(text), thresholds, rep)
+        finally:
+            for h in hooks:
+                if h is not None:
+                    h.remove()
     return result
 
 
@@ -222,8 +234,9 @@ TEXT_WINDOW, TEXT_MAX_TOKENS = 256, 4096
 
 
 def text_check(base: Path, base_model, model, text: Path, thresholds: dict, rep) -> dict:
-    """Perplexity of the base and of the dequantized model on real text, and the mean KL(base ‖ model) of the
-    next-token distributions (teacher-forced, windows of 256 tokens, the first 4096 tokens of the file)."""
+    """Perplexity of the base and of the dequantized model (its W8A8 layers' inputs quantized as served) on real
+    text, and the mean KL(base ‖ model) of the next-token distributions (teacher-forced, windows of 256 tokens, the
+    first 4096 tokens of the file)."""
     import torch
     from transformers import AutoTokenizer
 

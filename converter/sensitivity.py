@@ -122,6 +122,25 @@ class Tail:
             return max(float(kl.double().mean()), 0.0)
 
 
+def quantize_inputs(model, name: str, fmt_name: str, params: dict, tensors: dict, device: str = "cpu"):
+    """Make module `name` of a transformers model quantize its input as its format's SGLang kernel does
+    (Format.quantize_activations; tensors: suffix → TensorInfo, for a static input scale). Returns the hook handle,
+    or None for a weight-only format or a fused expert (whose input is not a module's own: not emulated)."""
+    fmt = FORMATS[fmt_name]
+    if type(fmt).quantize_activations is Format.quantize_activations:
+        return None
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        return None
+    loaded = {s: load_tensor(t).to(device) for s, t in tensors.items() if s == "input_scale"}
+
+    def quantize_input(module, args):
+        return (fmt.quantize_activations(args[0], params, loaded),) + tuple(args[1:])
+
+    return mod.register_forward_pre_hook(quantize_input)
+
+
 class Swaps:
     """Weights replaced in the loaded base, undone by restore(). A linear of its own is replaced whole; an expert of a
     MoE layer that transformers fuses (`experts.gate_up_proj` [E, 2I, H] with gate rows first, `experts.down_proj`
@@ -137,20 +156,9 @@ class Swaps:
         self.put(name, "weight", dequantize(view.scheme, view.tensors, out_f, in_f))
         if "bias" in view.tensors:
             self.put(name, "bias", load_tensor(view.tensors["bias"]))
-        fmt = FORMATS[view.scheme.format]
-        if type(fmt).quantize_activations is Format.quantize_activations:
-            return  # weight-only
-        try:
-            mod = self.model.get_submodule(name)
-        except AttributeError:
-            return  # a fused expert
-        params = view.scheme.params
-        loaded = {s: load_tensor(t).to(self.device) for s, t in view.tensors.items() if s == "input_scale"}
-
-        def quantize_input(module, args):
-            return (fmt.quantize_activations(args[0], params, loaded),) + tuple(args[1:])
-
-        self.hooks.append(mod.register_forward_pre_hook(quantize_input))
+        hook = quantize_inputs(self.model, name, view.scheme.format, view.scheme.params, view.tensors, self.device)
+        if hook is not None:
+            self.hooks.append(hook)
 
     def put(self, module: str, what: str, value) -> None:
         import torch
