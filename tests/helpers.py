@@ -33,14 +33,21 @@ def write_recipe(dir: Path, fixtures: dict[str, Path], sources: dict[str, str], 
     return p
 
 
-def fails(cli, tmp_path, *args, match: str, out: Path | None = None):
-    out = out or tmp_path / "out"
-    r = cli("build", *args, "-o", out) if args and "-o" not in args else cli("build", *args)
+def refused(r, match: str) -> str:
+    """A command's result is a usage refusal: exit 2, one (wrapped) `error:` line containing `match`, no traceback.
+    Returns the line, whitespace folded."""
     assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
     assert "Traceback" not in r.output
     assert match in text, text
     assert text.startswith("error: ") and len(r.output.strip().splitlines()) <= 4  # one (wrapped) line
+    return text
+
+
+def fails(cli, tmp_path, *args, match: str, out: Path | None = None):
+    out = out or tmp_path / "out"
+    r = cli("build", *args, "-o", out) if args and "-o" not in args else cli("build", *args)
+    text = refused(r, match)
     leftovers = [p.name for p in tmp_path.iterdir() if "mpconvert-tmp" in p.name]
     assert not leftovers, leftovers
     return text

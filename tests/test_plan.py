@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import refused
 from mpconvert import choose
 from mpconvert.manifest import MANIFEST
 
@@ -136,13 +137,6 @@ def test_plan_json_output(cli, llama, tmp_path):
     assert all(b1 <= b2 and k2 <= k1 + 1e-12 for (b1, k1), (b2, k2) in zip(data["frontier"], data["frontier"][1:]))
 
 
-def _refused(r, match: str):
-    assert r.exit_code == 2, r.output
-    text = " ".join(r.output.split())
-    assert "Traceback" not in r.output and text.startswith("error: ") and match in text, text
-    assert len(r.output.strip().splitlines()) <= 4
-
-
 @pytest.mark.parametrize("budget,match", [
     ("0.1x", "below the smallest model these sources make"),
     ("2x", "above the bf16 model"),
@@ -152,7 +146,7 @@ def _refused(r, match: str):
 ])
 def test_plan_refuses_budgets_it_cannot_meet(cli, llama, tmp_path, budget, match):
     src = _sources(tmp_path, llama, {"int8": "ct-w8a8", "gptq": "gptq"})
-    _refused(cli("plan", src, "--budget", budget, "--calib", LICENSES / "GPL-3", "-o", tmp_path / "r.yaml"), match)
+    refused(cli("plan", src, "--budget", budget, "--calib", LICENSES / "GPL-3", "-o", tmp_path / "r.yaml"), match)
     assert not (tmp_path / "r.yaml").exists()
 
 
@@ -164,20 +158,20 @@ def test_plan_refuses_bad_inputs(cli, llama, tmp_path):
     tiny.write_text("Just a few words of text.")
     binary.write_bytes(b"\xff\xfe\x00bad")
     out = tmp_path / "r.yaml"
-    _refused(cli("plan", src, "--budget", "0.7x", "--calib", empty, "-o", out), "plan needs at least 64")
-    _refused(cli("plan", src, "--budget", "0.7x", "--calib", tiny, "-o", out), "plan needs at least 64")
-    _refused(cli("plan", src, "--budget", "0.7x", "--calib", binary, "-o", out), "cannot read it as UTF-8")
-    _refused(cli("plan", src, "--budget", "0.7x", "--calib", tmp_path / "nope.txt", "-o", out), "cannot read")
-    _refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out, "--calib-tokens", 10), "give 64 to")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", empty, "-o", out), "plan needs at least 64")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", tiny, "-o", out), "plan needs at least 64")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", binary, "-o", out), "cannot read it as UTF-8")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", tmp_path / "nope.txt", "-o", out), "cannot read")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out, "--calib-tokens", 10), "give 64 to")
     only_base = _sources(tmp_path, llama, {"copy": "base"})  # a "source" that quantizes nothing
-    _refused(cli("plan", only_base, "--budget", "0.9x", "--calib", calib, "-o", out), "no source can serve")
+    refused(cli("plan", only_base, "--budget", "0.9x", "--calib", calib, "-o", out), "no source can serve")
     with_rules = tmp_path / "rules.yaml"
     with_rules.write_text(src.read_text() + "default: int8\nrules:\n  - {match: lm_head, source: base}\n")
-    _refused(cli("plan", with_rules, "--budget", "0.7x", "--calib", calib, "-o", out), "has no rules")
+    refused(cli("plan", with_rules, "--budget", "0.7x", "--calib", calib, "-o", out), "has no rules")
     out.write_text("mine")
-    _refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out), "already exists")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out), "already exists")
     assert out.read_text() == "mine"
-    _refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "x.yaml", "--tp", "3"),
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "x.yaml", "--tp", "3"),
              "--tp 3: num_attention_heads")
 
 
