@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,12 @@ def _groups(units: dict[str, list[UnitSource]], roles: dict[str, Role]) -> list[
                    for g in groups.values()), key=lambda x: natural_key(x[1][0]))
 
 
+def _folded_sources(c: Candidates, group: tuple[str, ...]) -> list[str]:
+    """The folded-scale sources that serve every unit of a group (the only way such a source may serve it)."""
+    folding = {s.source for u in group for s in c.units[u] if s.folds}
+    return sorted(label for label in folding if all(any(s.source == label for s in c.units[u]) for u in group))
+
+
 def measurements_needed(c: Candidates) -> list[tuple[str, ...]]:
     """What sensitivity.py must measure, as (source, unit, unit, …): each non-folding (unit, source) alone, and a
     folded-scale source over its whole group (the norm it changed goes with it). Units only the base serves, and the
@@ -160,9 +167,7 @@ def measurements_needed(c: Candidates) -> list[tuple[str, ...]]:
             for s in c.units[unit][1:]:
                 if not s.folds:
                     out.append((s.source, unit))
-        for label in sorted({s.source for u in group for s in c.units[u] if s.folds}):
-            if all(any(s.source == label for s in c.units[u]) for u in group):
-                out.append((label, *group))
+        out += [(label, *group) for label in _folded_sources(c, group)]
     return out
 
 
@@ -176,10 +181,9 @@ def options(c: Candidates, cost: dict[tuple[str, ...], float]) -> list[Group]:
         for combo in itertools.product(*per_unit):
             kl = sum(0.0 if s.source == BASE else cost[(s.source, s.unit)] for s in combo)
             g.options.append(Option(tuple((s.unit, s.source) for s in combo), sum(s.nbytes for s in combo), kl))
-        for label in sorted({s.source for u in group for s in c.units[u] if s.folds}):
-            if (label, *group) in cost:
-                nbytes = sum(next(s.nbytes for s in c.units[u] if s.source == label) for u in group)
-                g.options.append(Option(tuple((u, label) for u in group), nbytes, cost[(label, *group)]))
+        for label in _folded_sources(c, group):
+            nbytes = sum(next(s.nbytes for s in c.units[u] if s.source == label) for u in group)
+            g.options.append(Option(tuple((u, label) for u in group), nbytes, cost[(label, *group)]))
         out.append(g)
     return out
 
@@ -275,9 +279,9 @@ def uniform_points(c: Candidates, cost: dict[tuple[str, ...], float]) -> dict[st
         nbytes, kl = c.fixed_bytes, 0.0
         for _, group in c.groups:
             servers = {u: {s.source: s for s in c.units[u]} for u in group}
-            if all(label in servers[u] for u in group) and any(servers[u][label].folds for u in group):
+            if label in _folded_sources(c, group):
                 nbytes += sum(servers[u][label].nbytes for u in group)
-                kl += cost.get((label, *group), 0.0)
+                kl += cost[(label, *group)]
                 continue
             for u in group:
                 s = servers[u].get(label)
@@ -385,6 +389,4 @@ def recipe_yaml(recipe: Recipe, sources_file: Path, out: Path, c: Candidates, so
 
 
 def _q(s: str) -> str:
-    import json
-
-    return json.dumps(s)
+    return json.dumps(s)  # a JSON string is a valid YAML scalar, quoted and escaped
