@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS
 from .layout import role_of
-from .numeric import dequantize, rel_error
+from .numeric import dequantize, rel_error, token_kl
 from .safetensors_io import TensorInfo, load_tensor
 
 # AWQ fold consistency: the per-input-channel scale s AWQ moved into a consumer (least squares of Ŵ against W,
@@ -260,7 +260,7 @@ def text_check(base: Path, base_model, model, text: Path, thresholds: dict, rep)
             target = window[:, 1:, None]
             nll_b -= float(lb.gather(-1, target).sum())
             nll_q -= float(lq.gather(-1, target).sum())
-            kl += float((lb.exp() * (lb - lq)).sum())
+            kl += float(token_kl(lb, lq).sum())
             n += target.numel()
     import math
 

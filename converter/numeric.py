@@ -24,3 +24,10 @@ def dequantize_from_manifest(ck: Checkpoint, module):
 
 def rel_error(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def token_kl(base_logp, logp, base_p=None):
+    """KL(base ‖ model) of each position's next-token distribution, from log-probabilities [..., vocab] — the one
+    definition plan's measurements, its evaluation and verify --text share. base_p: base_logp.exp(), when the caller
+    keeps it across many calls."""
+    return ((base_logp.exp() if base_p is None else base_p) * (base_logp - logp)).sum(-1)

@@ -17,7 +17,7 @@ from .errors import UserError
 from .formats import FORMATS
 from .formats.base import Format
 from .layout import role_of
-from .numeric import dequantize
+from .numeric import dequantize, token_kl
 from .plan import Inputs
 from .safetensors_io import load_tensor
 
@@ -118,7 +118,7 @@ class Tail:
                     h = out[0] if isinstance(out, tuple) else out
                 logits = self.model.lm_head(self.model.model.norm(h))
             logp = torch.log_softmax(logits, -1)
-            kl = (self.base_p * (self.base_logp - logp)).sum(-1)
+            kl = token_kl(self.base_logp, logp, self.base_p)
             return max(float(kl.double().mean()), 0.0)
 
 
@@ -291,7 +291,7 @@ def evaluate(recipe, texts: list[Path], tokens: int, device: str, model=None) ->
     target = ids[:, 1:, None]
     nll_b = -float(base_logp[:, :-1].gather(-1, target).double().mean())
     nll = -float(logp[:, :-1].gather(-1, target).double().mean())
-    kl = float((base_logp.exp() * (base_logp - logp)).sum(-1).double().mean())
+    kl = float(token_kl(base_logp, logp).double().mean())
     return {"kl": kl, "perplexity": math.exp(nll), "perplexity_base": math.exp(nll_b), "bytes": plan.total_bytes,
             "tokens": int(ids.numel())}
 
