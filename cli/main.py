@@ -207,13 +207,11 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
                                                                            "experts (default: per expert)"),
          force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file"),
          json_out: bool = typer.Option(False, "--json", help="print the report(s) as JSON on stdout")):
-    from mpconvert.autoplan import plot_frontier, prepare, run_plan, write_outputs
+    from mpconvert.autoplan import plot_frontier, prepare, recipe_paths, run_plan, write_outputs
 
     if tokens < 64 or tokens > 1_000_000:
         raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
-    targets = [output] if len(budget) == 1 else [output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
-                                                 for i in range(len(budget))]
-    for t in targets:
+    for t in recipe_paths(output, len(budget)):
         if t.exists() and not force:
             raise UserError(f"{t} already exists; choose another -o or pass --force to overwrite it")
     prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts)  # all checks first
@@ -222,7 +220,7 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
         task = prog.add_task("measuring", total=None)
         results = run_plan(prepared, output, device, on_total=lambda n: prog.update(task, total=n),
                            on_step=lambda: prog.advance(task))
-    written = write_outputs(results, output, budget)
+    written = write_outputs(results, output)
     if frontier is not None:
         plot_frontier(results[0].frontier, results[0].uniform, [(r.report["bytes"], r.report["predicted_kl"])
                                                                 for r in results], frontier)

@@ -113,14 +113,17 @@ def _report(spec: str, budget: int, sol: choose.Solution, bpw: float, c: choose.
             "predicted_kl": round(sol.kl, 6), "calibration_tokens": tokens, "units": units}
 
 
-def write_outputs(results: list[PlanResult], out: Path, budgets: list[str]) -> list[Path]:
-    """recipe.yaml (and recipe.json, the report); with several budgets recipe-1.yaml … one per budget."""
-    written = []
-    for i, r in enumerate(results):
-        p = out if len(results) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+def recipe_paths(out: Path, n: int) -> list[Path]:
+    """Where the recipes of n budgets go: -o itself for one, recipe-1.yaml … for several."""
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
+
+
+def write_outputs(results: list[PlanResult], out: Path) -> list[Path]:
+    """Each recipe (recipe_paths) and its report beside it (same name, .json)."""
+    written = recipe_paths(out, len(results))
+    for p, r in zip(written, results):
         p.write_text(r.recipe_text)
         p.with_suffix(".json").write_text(json.dumps(r.report, indent=1, sort_keys=True) + "\n")
-        written.append(p)
     return written
 
 
