@@ -207,9 +207,7 @@ def moe_main(a) -> None:
 
 
 def recipe_layers(recipe) -> int:
-    import json as _json
-
-    return _json.loads((recipe.path_of("base") / "config.json").read_text())["num_hidden_layers"]
+    return json.loads((recipe.path_of("base") / "config.json").read_text())["num_hidden_layers"]
 
 
 def plot(path: Path, first, rows, fixed_m):

@@ -110,7 +110,7 @@ def gpu_plan_and_identity(d: Path) -> dict:
 
     ids = sensitivity.calibration_ids(d / "base", held, 1024).tolist()
     base = _outputs(d / "base", ids)  # the bf16 base served: what bf16 compute alone moves the perplexity
-    res["base_gpu_perplexity"] = round(math.exp(-sum(base["lps"]) / len(base["lps"])), 4)
+    res["base_gpu_perplexity"] = _perplexity(base["lps"])
     res["identity"] = {}
     for label in SOURCES:
         recipe = d / f"only-{label}.yaml"
@@ -125,11 +125,13 @@ def gpu_plan_and_identity(d: Path) -> dict:
         res["identity"][label] = {"build": "ok", "identical_tokens": a["tokens"] == b["tokens"],
                                   "identical_input_logprobs": a["lps"] == b["lps"],
                                   "max_logprob_diff": max(abs(x - y) for x, y in zip(a["lps"], b["lps"])),
-                                  "gpu_perplexity": round(math.exp(-sum(b["lps"]) / len(b["lps"])), 4)}
+                                  "gpu_perplexity": _perplexity(b["lps"])}
     return res
 
 
 def _outputs(path: Path, windows: list) -> dict:
+    """Serve `path` with SGLang (through the shim when it is an mpconvert directory): 16 greedy tokens after each
+    window, and the input logprobs of every window token after the first (which has no prediction)."""
     import sglang as sgl
 
     e = sgl.Engine(model_path=str(path), attention_backend="triton", sampling_backend="pytorch",
@@ -144,27 +146,15 @@ def _outputs(path: Path, windows: list) -> dict:
             "lps": [lp for r in out for lp, *_ in r["meta_info"]["input_token_logprobs"][1:]]}
 
 
-def serve(path: Path) -> dict:
-    import sglang as sgl
+def _perplexity(lps: list[float]) -> float:
+    return round(math.exp(-sum(lps) / len(lps)), 4)
 
+
+def serve(path: Path) -> dict:
     meta = json.loads((path / "plan_eval.json").read_text())
-    windows = meta["windows"]
-    e = sgl.Engine(model_path=str(path), attention_backend="triton", sampling_backend="pytorch",
-                   grammar_backend="none", skip_tokenizer_init=True, log_level="error", dtype="auto",
-                   mem_fraction_static=0.2, max_total_tokens=8192, disable_cuda_graph=True)
-    try:
-        out = e.generate(input_ids=windows, sampling_params={"max_new_tokens": 1, "temperature": 0},
-                         return_logprob=True, logprob_start_len=0)
-    finally:
-        e.shutdown()
-    nll, n = 0.0, 0
-    for r in out:
-        lps = [lp for lp, *_ in r["meta_info"]["input_token_logprobs"]][1:]  # the first token has no prediction
-        nll -= sum(lps)
-        n += len(lps)
-    ppl = math.exp(nll / n)
-    cpu = meta["cpu"]["perplexity"]
-    return {"budget": meta["budget"], "tokens": n, "gpu_perplexity": round(ppl, 4), "cpu_perplexity": round(cpu, 4),
+    lps = _outputs(path, meta["windows"])["lps"]
+    ppl, cpu = _perplexity(lps), meta["cpu"]["perplexity"]
+    return {"budget": meta["budget"], "tokens": len(lps), "gpu_perplexity": ppl, "cpu_perplexity": round(cpu, 4),
             "relative_difference": round(ppl / cpu - 1, 5), "cpu_kl": meta["cpu"]["kl"],
             "cpu_perplexity_base": meta["cpu"]["perplexity_base"], "bits_per_weight": meta["report"]["bits_per_weight"]}
 
