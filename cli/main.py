@@ -286,9 +286,10 @@ sha256); scheme invariants per format (packing shapes, group sizes, positive fin
 convention), fused units, folded scales and the MLA loader rule; TP/EP splits and kernel shapes for SGLang (at TP=1
 too); a memory report. With --numeric --base BASE: every module against what round-to-nearest in its own scheme
 does on the base weight, each block and the logits against the bf16 base on CPU, and with --text FILE perplexity and
-KL to the base on real text (W8A8 layers' inputs quantized as SGLang's kernels do: the served model's numbers). With --engine sglang, SGLang's own classes build and load the model on CPU through the
-runtime shim (TP=1 and each rank of --tp, with --ep's expert split): every layer must resolve to its format's native
-quant method and every parameter must be loaded.
+KL to the base on real text (W8A8 layers' inputs quantized as SGLang's kernels do: the served model's numbers).
+With --engine sglang, SGLang's own classes build and load the model on CPU through the runtime shim (TP=1 and each
+rank of --tp, with --ep's expert split): every layer must resolve to its format's native quant method and every
+parameter must be loaded.
 
 Exit codes: 0 all checks passed; 1 problems found (one line each; past 50, counts per check); 2 usage error;
 70 internal error (one line, the traceback in a log file).
