@@ -49,8 +49,9 @@ def scaffold():
 
 MARK = 0xA5  # byte pattern written into every parameter before loading
 # parameters no checkpoint tensor fills: SGLang derives them in process_weights_after_loading (GPTQ-Marlin MoE's sort
-# order of g_idx)
-DERIVED = ("g_idx_sort_indices",)
+# order of g_idx; compressed-tensors WNA16 MoE's weight_g_idx, replaced by an empty one unless actorder is "group",
+# which mpconvert refuses)
+DERIVED = ("g_idx_sort_indices", "weight_g_idx")
 
 
 def sha(t) -> str:

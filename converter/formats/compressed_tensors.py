@@ -2,8 +2,10 @@
 
 A group has `targets` (class names such as "Linear", exact names, or `re:` regexes), `weights` and
 `input_activations` args, and a `format` (or the top-level one). `ignore` lists modules left unquantized.
-Supported: float 8-bit weights (tensor/channel/block; activations none/dynamic/static) and int 8-bit symmetric
-per-channel weights with dynamic per-token activations. W4A16 `pack-quantized`, sparsity and transforms are refused.
+Supported: float 8-bit weights (tensor/channel/block; activations none/dynamic/static), int 8-bit symmetric
+per-channel weights with dynamic per-token activations, and `pack-quantized` int 4/8-bit weight-only (W4A16 / W8A16:
+group or channel, symmetric or with zero points; formats/wna16.py). Each refusal names the group and the reason:
+sparsity, transforms, dynamic weights, 2/3/5…-bit, `naive-quantized` int weights, actorder "group".
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import UserError
 from ..patterns import check_re_patterns
 from .base import ConfigReader, ProducerConfig, Scheme, parse_config, register_reader
+from .wna16 import PACK_FORMAT
 
 _CLASS_TARGETS = ("Linear", "nn.Linear", "torch.nn.Linear")
 
@@ -29,6 +32,7 @@ class QuantArgs(BaseModel):
     dynamic: bool = False
     block_structure: Optional[list[int]] = Field(None, min_length=2, max_length=2)
     group_size: Optional[int] = None
+    actorder: Optional[str | bool] = None
 
     @field_validator("block_structure")
     @classmethod
@@ -82,6 +86,8 @@ def scheme_of_group(group: ConfigGroup, top_format: str | None, where: str) -> S
             raise UserError(f"{where}: FP8 block strategy without block_structure; re-export the checkpoint")
         block = list(w.block_structure) if w.strategy == "block" else None
         return Scheme.of("fp8", layout="ct", strategy=w.strategy, block=block, activation=act)
+    if w.type == "int" and a is None:
+        return _weight_only_int(w, fmt, where)
     if w.type == "int" and w.num_bits == 8:
         if w.strategy != "channel" or not w.symmetric:
             raise UserError(f"{where}: int8 weights must be symmetric per-channel for SGLang's W8A8-Int8 kernel "
@@ -91,7 +97,31 @@ def scheme_of_group(group: ConfigGroup, top_format: str | None, where: str) -> S
                             f"(found {act}); re-quantize with scheme W8A8")
         return Scheme.of("int8", layout="ct", activation="dynamic")
     raise UserError(f"{where}: compressed-tensors scheme {w.type}{w.num_bits} (format {fmt!r}) is not "
-                    f"supported yet; supported: FP8 (tensor/channel/block) and W8A8 int8")
+                    f"supported; supported: FP8 (tensor/channel/block), W8A8 int8, W4A16/W8A16 pack-quantized")
+
+
+def _weight_only_int(w: QuantArgs, fmt: str | None, where: str) -> Scheme:
+    """W4A16 / W8A16: what SGLang 0.5.17's CompressedTensorsWNA16 (Marlin) takes, and nothing it would refuse."""
+    if fmt != PACK_FORMAT:
+        raise UserError(f"{where}: int{w.num_bits} weight-only in format {fmt!r}: SGLang runs it only as "
+                        f"{PACK_FORMAT!r}; re-save with llm-compressor's default (save_compressed=True)")
+    if w.num_bits not in (4, 8):
+        raise UserError(f"{where}: {w.num_bits}-bit integer weights have no SGLang Marlin kernel (4 or 8 bits only); "
+                        f"take these modules from another source")
+    if w.dynamic:
+        raise UserError(f"{where}: dynamic weight quantization is not a stored format; re-export with static weights")
+    if w.strategy not in ("group", "channel"):
+        raise UserError(f"{where}: int{w.num_bits} weight strategy {w.strategy!r}: SGLang's Marlin kernel takes "
+                        f"group or channel only")
+    if w.strategy == "group" and not (w.group_size and w.group_size > 0):
+        raise UserError(f"{where}: group strategy without a positive group_size; the config is broken")
+    actorder = {None: None, False: None, "weight": "weight", "static": "weight"}.get(w.actorder, w.actorder)
+    if actorder is not None and actorder != "weight":
+        raise UserError(f"{where}: actorder {w.actorder!r} (a weight_g_idx permutation): compressed-tensors >= 0.19, "
+                        f"which SGLang 0.5.17 runs, can no longer load it; re-quantize with actorder='weight'")
+    order = {"actorder": actorder} if actorder else {}
+    return Scheme.of("wna16", bits=w.num_bits, strategy=w.strategy,
+                     group_size=w.group_size if w.strategy == "group" else -1, symmetric=w.symmetric, **order)
 
 
 class CompressedTensorsConfig:
@@ -132,11 +162,15 @@ class CompressedTensorsReader(ConfigReader):
 
     def scheme_of(self, module, tensors, config, where):
         w = tensors.get("weight")
-        if w is None or w.dtype not in ("F8_E4M3", "I8"):
+        if "weight_packed" in tensors:
+            what = "packed"
+        elif w is not None and w.dtype in ("F8_E4M3", "I8"):
+            what = w.dtype
+        else:
             return None
         s = config.scheme_for(module)
         if s is None:
-            raise UserError(f"{where}: {module} is quantized ({w.dtype}) but no config group targets it")
+            raise UserError(f"{where}: {module} is quantized ({what}) but no config group targets it")
         return s
 
 
