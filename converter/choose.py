@@ -25,7 +25,7 @@ from . import rules
 from .errors import UserError
 from .formats import FORMATS
 from .layout import ModelInfo, Role, natural_key
-from .plan import Inputs
+from .plan import Inputs, written_nbytes, written_scheme
 from .recipe import BASE, Recipe, format_ids
 
 BF16_BYTES = 2
@@ -76,7 +76,8 @@ def _linears(inputs: Inputs, roles: dict[str, Role], label: str, names: list[str
         if view is None:
             return None
         out_f, in_f = inputs.base.modules[n].tensors["weight"].shape
-        out.append(rules.Linear(n, roles[n], view.scheme, label, "plan", out_f, in_f))
+        out.append(rules.Linear(n, roles[n], written_scheme(view.scheme, inputs.info.model_type), label, "plan",
+                                out_f, in_f))
     return out
 
 
@@ -115,7 +116,8 @@ def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True
             folds = FORMATS[members[0].scheme.format].folds_scales
             if folds and members[0].role.expert is not None and per_expert:
                 continue  # its norm feeds every expert of the layer: it may serve a whole layer only (rules.py)
-            nbytes = sum(t.nbytes for n in names for t in inputs.sources[label].modules[n].tensors.values())
+            nbytes = sum(written_nbytes(inputs.sources[label].modules[m.name], m.out_features, m.in_features)
+                         for m in members)
             servers.append(UnitSource(unit, label, tuple(names), nbytes, members[0].scheme.describe(), folds))
         units[unit] = servers  # only the base: a group with one option
     return Candidates(inputs.info, units, _groups(units, roles), fixed, weights)

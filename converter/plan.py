@@ -17,30 +17,72 @@ from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe
 from . import rules
-from .safetensors_io import TensorInfo, forget_open_files, load_array, load_tensor, same_bytes, sha256_of
+from .safetensors_io import (DTYPE_SIZE, TensorInfo, forget_open_files, load_array, load_tensor, same_bytes,
+                             sha256_of)
 from .sources import Source, open_source, source_of
 
 
 @dataclass
 class TensorPlan:
     name: str  # output name
-    src: TensorInfo
+    src: TensorInfo | None  # the stored tensor it is copied (or rewritten) from; None for one a repack makes
     source: str
     rewrite: Callable | None = None
     rewrite_name: str | None = None
     renamed_from: str | None = None  # the source's suffix, where the written layout names it differently
+    made: "Callable[[], object] | None" = None  # a repacked tensor: its maker (RepackJob.maker)
+    made_as: tuple[str, tuple[int, ...]] | None = None  # a repacked tensor's (dtype, shape)
 
     @property
     def dtype(self) -> str:
-        return self.src.dtype
+        return self.made_as[0] if self.made_as else self.src.dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.src.shape
+        return self.made_as[1] if self.made_as else self.src.shape
 
     @property
     def nbytes(self) -> int:
-        return self.src.nbytes
+        if not self.made_as:
+            return self.src.nbytes
+        n = DTYPE_SIZE[self.made_as[0]]
+        for d in self.made_as[1]:
+            n *= d
+        return n
+
+
+class RepackJob:
+    """One module's lossless repack (Format.repack): on the first request, its stored tensors are loaded, every
+    written tensor made, and the module proven exact — the written scheme's dequantized weight torch.equal to the
+    source's — then each tensor handed out once. Memory: one module."""
+
+    def __init__(self, module: str, fmt, params: dict, stored: dict[str, TensorInfo], out_f: int, in_f: int,
+                 where: str):
+        self.module, self.fmt, self.params, self.stored = module, fmt, params, stored
+        self.out_f, self.in_f, self.where = out_f, in_f, where
+        self.pending: dict | None = None
+
+    def maker(self, suffix: str) -> Callable[[], object]:
+        return lambda: self._take(suffix)
+
+    def _take(self, suffix: str):
+        if self.pending is None:
+            self.pending = self._made()
+        return self.pending.pop(suffix)
+
+    def _made(self) -> dict:
+        import torch
+
+        t = {s: load_tensor(i) for s, i in self.stored.items() if s != "bias"}
+        out = self.fmt.repack_tensors(t, self.params, self.out_f, self.in_f)
+        target = self.fmt.repack(self.params)
+        before = self.fmt.dequantize(t, self.params, self.out_f, self.in_f)
+        after = FORMATS[target.format].dequantize(out, target.params, self.out_f, self.in_f)
+        if not torch.equal(before, after):
+            raise UserError(f"{self.where}: repacking {self.module} into {target.describe()} changed its weight "
+                            f"(max difference {float((before - after).abs().max()):.3g}); nothing was written — "
+                            f"please report this with the checkpoint")
+        return out
 
 
 @dataclass
@@ -228,13 +270,31 @@ class _Planner:
         if problem:
             raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {problem}; the checkpoint is "
                             f"corrupt or was written wrongly — re-export it or take {name} from another source")
-        written = fmt.output_params(params, self.info.model_type)
-        mp = ModulePlan(name, role, Scheme.of(view.scheme.format, **written), source, why, out_f, in_f)
+        problem = fmt.serve_problem(name, values, params)
+        if problem:
+            raise UserError(f"source {source!r}: {problem}; or take {name} from another source")
+        target = fmt.repack(params)
+        if target is not None:
+            return self._repacked(name, role, source, why, view, target, out_f, in_f)
+        mp = ModulePlan(name, role, written_scheme(view.scheme, self.info.model_type), source, why, out_f, in_f)
         for suffix in sorted(view.tensors):
             rw_name, rw = fmt.rewrite(suffix, params) or (None, None)
             out = fmt.output_suffix(suffix, params, self.info.model_type)
             mp.tensors[out] = TensorPlan(f"{name}.{out}", view.tensors[suffix], source, rw, rw_name,
                                          suffix if out != suffix else None)
+        return mp
+
+    def _repacked(self, name: str, role: Role, source: str, why: str, view, target: Scheme, out_f: int,
+                  in_f: int) -> ModulePlan:
+        where = f"source {source!r} ({self.sources[source].ckpt.path})"
+        job = RepackJob(name, FORMATS[view.scheme.format], view.scheme.params, view.tensors, out_f, in_f, where)
+        how = f"repack_{view.scheme.format}_to_{target.format}"
+        mp = ModulePlan(name, role, target, source, why, out_f, in_f)
+        for suffix, (origin, stored, dtype, shape) in _repack_layout(view, target, out_f, in_f).items():
+            mp.tensors[suffix] = TensorPlan(f"{name}.{suffix}", stored, source, None, how, origin,
+                                            job.maker(suffix), (dtype, shape))
+        if "bias" in view.tensors:
+            mp.tensors["bias"] = TensorPlan(f"{name}.bias", view.tensors["bias"], source)
         return mp
 
     def check_units(self, linears: list[rules.Linear]) -> dict[str, dict]:
@@ -327,6 +387,38 @@ class _Planner:
         modules = sorted(linear + support, key=lambda m: natural_key(m.name))
         tensors = sorted((t for m in modules for t in m.tensors.values()), key=lambda t: natural_key(t.name))
         return Plan(self.recipe, self.base, self.sources, self.info, self.tp, self.ep, modules, tensors, units)
+
+
+def written_scheme(stored: Scheme, model_type: str) -> Scheme:
+    """The scheme a module stored in `stored` is written in: its lossless repack's, or its own after any exact
+    rewrite (Format.output_params). Build and plan both ask this."""
+    fmt = FORMATS[stored.format]
+    target = fmt.repack(stored.params)
+    return target if target is not None else Scheme.of(stored.format, **fmt.output_params(stored.params, model_type))
+
+
+def written_nbytes(view, out_f: int, in_f: int) -> int:
+    """Bytes a module stored as `view` takes once written (a repack's layout differs from the stored one)."""
+    fmt = FORMATS[view.scheme.format]
+    target = fmt.repack(view.scheme.params)
+    if target is None:
+        return sum(t.nbytes for t in view.tensors.values())
+    n = sum(DTYPE_SIZE[dtype] * int(np.prod(shape)) for _, _, dtype, shape in
+            _repack_layout(view, target, out_f, in_f).values())
+    return n + (view.tensors["bias"].nbytes if "bias" in view.tensors else 0)
+
+
+def _repack_layout(view, target: Scheme, out_f: int, in_f: int) -> dict[str, tuple]:
+    """A repacked module's written tensors: suffix → (the stored suffix it comes from or None, that stored tensor,
+    dtype, shape) — the target format's layout, keeping the stored float dtype of scales."""
+    fmt = FORMATS[view.scheme.format]
+    out = {}
+    for suffix, e in sorted(FORMATS[target.format].expected(target.params, out_f, in_f).items()):
+        origin = fmt.repack_from.get(suffix)
+        stored = view.tensors.get(origin) if origin else None
+        dtype = stored.dtype if stored is not None and stored.dtype in e.dtypes else e.dtypes[0]
+        out[suffix] = (origin, stored, dtype, e.shape)
+    return out
 
 
 def _raise_first(problems: list[rules.Problem]) -> None:

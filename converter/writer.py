@@ -19,7 +19,8 @@ from .errors import UserError
 from .manifest import MANIFEST, Manifest, build_manifest, quantization_config
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_dir
-from .safetensors_io import PendingTensor, forget_open_files, iter_bytes, load_tensor, tensor_to_bytes, write_file
+from .safetensors_io import (PendingTensor, forget_open_files, iter_bytes, load_tensor, tensor_to_bytes, torch_dtype,
+                             write_file)
 
 # Copied from the base when present: everything a server needs besides weights and config.
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -40,6 +41,15 @@ def split_shards(tensors: list[TensorPlan], cap: int) -> list[list[TensorPlan]]:
 
 
 def _pending(t: TensorPlan) -> PendingTensor:
+    if t.made is not None:
+        def made():
+            new = t.made()
+            if tuple(new.shape) != t.shape or new.dtype != torch_dtype(t.dtype):
+                raise AssertionError(f"repack made {t.name} {new.dtype}{list(new.shape)}, planned "
+                                     f"{t.dtype}{list(t.shape)}")
+            yield tensor_to_bytes(new)
+
+        return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, made)
     if t.rewrite is None:
         return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, lambda: iter_bytes(t.src))
 

@@ -170,6 +170,23 @@ class Format(ConfigReader):
         None for a verbatim copy."""
         return None
 
+    def serve_problem(self, module: str, t: dict, p: dict) -> str | None:
+        """Why this module, valid as stored, has no native SGLang kernel in any layout mpconvert can write (t: its
+        value tensors, as check_values gets them), or None."""
+        return None
+
+    # a scheme with no native SGLang kernel but a lossless rewrite into another format's layout that has one (e.g.
+    # asymmetric GPTQ → compressed-tensors WNA16 with zero points): repack() names the scheme written, repack_from
+    # maps each written tensor to the stored one it comes from, repack_tensors() makes them (exact integer and layout
+    # operations only; build proves every repacked module dequantizes to exactly its source's weight)
+    repack_from: dict[str, str] = {}
+
+    def repack(self, p: dict) -> "Scheme | None":
+        return None
+
+    def repack_tensors(self, t: dict, p: dict, out_f: int, in_f: int) -> dict:
+        raise NotImplementedError
+
     def output_params(self, p: dict, model_type: str) -> dict:
         """Params as written (what the manifest records): after `rewrite`, and after any change of layout that the
         target runtime needs for this model type."""

@@ -2,10 +2,14 @@
 
 On disk: `qweight` i32 [in/pf, out] (pf = 32/bits values per word, first value in the lowest bits, packed along in);
 `qzeros` i32 [groups, out/pf]; `scales` f16/bf16 [groups, out]; `g_idx` i32 [in] (permuted when desc_act).
-checkpoint_format "gptq" (v1) stores zero−1 (sym 4-bit ⇒ 0x77777777); "gptq_v2" stores the zero itself.
-SGLang's GPTQ-Marlin reads only bits/group_size/desc_act/sym and decodes v1; Marlin takes only symmetric 4/8-bit,
-so asymmetric GPTQ has no native path and is refused. v2 is rewritten to v1 exactly (zero−1) or refused.
-Dequant: W[o, i] = (q[i, o] − z[g_idx[i], o]) · s[g_idx[i], o], with z = stored+1 for v1.
+checkpoint_format "gptq" (v1) stores zero−1 (sym 4-bit ⇒ 0x77777777); "gptq_v2" stores the zero itself. gptqmodel
+writes v1 as the v2 *word* minus 0x11111111 and reads it back by adding it (a zero of 0 borrows from its neighbour),
+so v1 zeros are decoded word-wise here too — the producer's own reading, exact for every zero.
+SGLang's GPTQ-Marlin reads only bits/group_size/desc_act/sym and decodes v1; it is symmetric only. Symmetric v2 is
+rewritten to v1 exactly (zero−1) or refused. Asymmetric GPTQ is repacked losslessly into compressed-tensors WNA16
+with zero points (formats/wna16.py; Marlin with zero points): word transposes only, where g_idx is the identity
+grouping; with a desc_act permutation it has no SGLang kernel (compressed-tensors dropped actorder "group").
+Dequant: W[o, i] = (q[i, o] − z[g_idx[i], o]) · s[g_idx[i], o].
 """
 from __future__ import annotations
 
@@ -51,6 +55,22 @@ def marlin_problem(bits: int, group_size: int, out_parts: list[int], in_part: in
     return None
 
 
+def v1_to_v2_words(qzeros, bits: int):
+    """gptqmodel's reading of v1 zero points: add 1 to every packed field as one integer addition per word (int32
+    wrap-around), exactly undoing the subtraction its v1 writer did. torch or numpy in, the same kind out."""
+    one_each = sum(1 << (bits * k) for k in range(32 // bits))
+    if isinstance(qzeros, np.ndarray):
+        return ((qzeros.astype(np.int64) + one_each) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+    import torch
+
+    wide = qzeros.to(torch.int64) + one_each
+    return torch.where(wide >= 2**31, wide - 2**32, wide).to(torch.int32)
+
+
+def _identity_groups(g_idx, group_size: int) -> bool:
+    return np.array_equal(g_idx, np.arange(g_idx.size) // group_size) if group_size > 0 else not g_idx.any()
+
+
 def group_size_ok(v: int) -> int:
     if v != -1 and v <= 0:
         raise ValueError(f"group_size {v} must be -1 (one group) or positive")
@@ -61,7 +81,7 @@ class GPTQParams(Params):
     bits: Literal[4, 8]
     group_size: int
     desc_act: bool
-    sym: Literal[True]  # Marlin is symmetric only: asymmetric GPTQ is refused at build, so never recorded
+    sym: Literal[True]  # Marlin is symmetric only: asymmetric GPTQ is written as wna16 (repack), so never recorded
     checkpoint_format: Literal["gptq", "gptq_v2"]
     converted_from: Optional[Literal["gptq_v2"]] = None
 
@@ -103,9 +123,6 @@ class GPTQ(Format):
                             f"re-export it with format='gptq'")
         if bits not in (4, 8):
             raise UserError(f"{where}: GPTQ with {bits} bits has no native SGLang Marlin kernel (4 or 8 only)")
-        if not sym:
-            raise UserError(f"{where}: asymmetric GPTQ (sym=false) has no native SGLang kernel (Marlin is symmetric "
-                            f"only); re-quantize with sym=True or take these modules from another source")
         if c.dynamic:
             raise UserError(f"{where}: GPTQ `dynamic` per-module overrides are not supported yet; use a uniform "
                             f"GPTQ checkpoint")
@@ -113,6 +130,7 @@ class GPTQ(Format):
 
     def describe(self, p):
         return (f"gptq int{p['bits']} g{p['group_size']}{' desc_act' if p['desc_act'] else ''}"
+                f"{'' if p['sym'] else ' asym'}"
                 f"{' (v2→v1)' if p.get('converted_from') else ''}")
 
     def expected(self, p, out_f, in_f):
@@ -122,8 +140,10 @@ class GPTQ(Format):
                 "scales": Expect(("F16", "BF16"), (groups, out_f)), "g_idx": Expect(("I32",), (in_f,))}
 
     def zeros(self, qzeros, p):
-        z = unpack_cols(qzeros, p["bits"])
-        return z + 1 if p["checkpoint_format"] == "gptq" else z
+        """The zero points [groups, out] (torch or numpy, as given)."""
+        if p["checkpoint_format"] == "gptq":
+            qzeros = v1_to_v2_words(qzeros, p["bits"])
+        return unpack_cols(qzeros, p["bits"])
 
     def dequantize(self, t, p, out_f, in_f):
         q = unpack_rows(t["qweight"], p["bits"])  # [in, out]
@@ -135,6 +155,33 @@ class GPTQ(Format):
     def round_to_nearest(self, w, p):
         return round_to_nearest_int(w, p["bits"], p["group_size"], symmetric=True)
 
+    def serve_problem(self, module, t, p):
+        if not p["sym"] and not _identity_groups(np.asarray(t["g_idx"]), p["group_size"]):
+            return (f"{module} is asymmetric GPTQ with a desc_act permutation (g_idx): SGLang 0.5.17 has no kernel "
+                    f"for zero points with a g_idx (compressed-tensors >= 0.19 dropped actorder 'group'); "
+                    f"re-quantize with desc_act=False or sym=True")
+        return None
+
+    def repack(self, p):
+        if p["sym"]:
+            return None
+        gs = p["group_size"]
+        return Scheme.of("wna16", bits=p["bits"], strategy="group" if gs > 0 else "channel", group_size=gs,
+                         symmetric=False, repacked_from=p["checkpoint_format"])
+
+    repack_from = {"weight_packed": "qweight", "weight_scale": "scales", "weight_zero_point": "qzeros"}
+
+    def repack_tensors(self, t, p, out_f, in_f):
+        """Asymmetric GPTQ → compressed-tensors WNA16: both pack along the input lowest-first as unsigned values, so
+        weight_packed is qweight's word matrix transposed; the zero points (v1 first made v2, as gptqmodel reads
+        them) likewise; the scales transposed."""
+        import torch
+
+        zeros = v1_to_v2_words(t["qzeros"], p["bits"]) if p["checkpoint_format"] == "gptq" else t["qzeros"]
+        return {"weight_packed": t["qweight"].T.contiguous(), "weight_scale": t["scales"].T.contiguous(),
+                "weight_zero_point": zeros.T.contiguous(),
+                "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+
     def check_values(self, module, t, p):
         problem = positive_scales(module, "scales", t["scales"])
         if problem:
@@ -143,9 +190,8 @@ class GPTQ(Format):
         g = np.asarray(t["g_idx"])
         if g.size and (int(g.min()) < 0 or int(g.max()) >= groups):
             return f"{module}.g_idx has values outside [0, {groups})"
-        if not p["desc_act"] and p["group_size"] > 0:
-            if not np.array_equal(g, np.arange(g.size) // p["group_size"]):
-                return f"{module}.g_idx is permuted but desc_act is false"
+        if not p["desc_act"] and not _identity_groups(g, p["group_size"]):
+            return f"{module}.g_idx is permuted but desc_act is false"
         if p["sym"] and p["checkpoint_format"] == "gptq":
             mid = 1 << (p["bits"] - 1)
             if not (self.zeros(np.asarray(t["qzeros"]), p) == mid).all():
