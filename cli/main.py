@@ -55,11 +55,17 @@ moe: true/false restricts to layers with/without a MoE block; experts: routed ex
 formats (FP8, Int8, GPTQ, bf16; not from a folded-scale source such as AWQ): SGLang then runs one native fused-MoE
 call per format over its own experts.
 
+--to compressed-tensors writes the mix as an ordinary compressed-tensors checkpoint instead: stock SGLang and vLLM
+serve it with no mpconvert installed (one config group per scheme, explicit module targets, `ignore` for bf16
+modules; GPTQ and AWQ repacked losslessly into pack-quantized, each repacked module proven equal to its source).
+Refused there: experts of several formats in one MoE layer, int8 experts, a quantized lm_head.
+
 Examples:
 
 \b
   mpconvert build recipe.yaml -o out/ --tp 2
   mpconvert build recipe.yaml -o out/ --tp 8 --ep 8 --force --json
+  mpconvert build recipe.yaml -o out-ct/ --to compressed-tensors
 """
 
 
@@ -128,6 +134,8 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
                                                    "recipe output.shard_size or 5GB)"),
           force: bool = typer.Option(False, "--force", help="replace an existing output directory (only the one "
                                                             "there when the build starts)"),
+          to: str = typer.Option("mpconvert", "--to", help="layout: mpconvert (served through the runtime shim) "
+                                                            "or compressed-tensors (stock SGLang/vLLM, no plugin)"),
           json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout")):
     import os
 
@@ -143,7 +151,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with OutputLock(Path(os.path.abspath(output))) as lock:
         for line in lock.recovered:
             err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
-        plan = make_plan(r, tp, ep)
+        plan = make_plan(r, tp, ep, to)
         check_output(output, force, plan)
         if not json_out:
             for label, src in sorted(plan.sources.items()):
@@ -152,7 +160,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
             task = prog.add_task("writing", total=plan.total_bytes)
             manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n), lock)
     secs = time.perf_counter() - t0
-    summary = {"output": str(output), "seconds": round(secs, 3), "tensors": len(plan.tensors),
+    summary = {"output": str(output), "layout": plan.layout, "seconds": round(secs, 3), "tensors": len(plan.tensors),
                "bytes": plan.total_bytes, "totals": manifest.totals.model_dump(mode="json"),
                "units": {u: v.describe() for u, v in manifest.units.items()}}
     if json_out:

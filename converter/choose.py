@@ -113,7 +113,7 @@ def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True
                 continue
             if rules.unit_problems(unit, members) or rules.partition_problems(members, inputs.info, tp, ep):
                 continue
-            folds = FORMATS[members[0].scheme.format].folds_scales
+            folds = FORMATS[members[0].scheme.format].folds(members[0].scheme.params)
             if folds and members[0].role.expert is not None and per_expert:
                 continue  # its norm feeds every expert of the layer: it may serve a whole layer only (rules.py)
             nbytes = sum(written_nbytes(inputs.sources[label].modules[m.name], m.out_features, m.in_features)

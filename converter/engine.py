@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import ct_export
 from .formats import FORMATS
+from .formats.base import CT_LAYOUT
 from .manifest import EXPERT_GROUPS
 
 CHECK = "mpconvert.runtime_shim.engine_check"
@@ -28,11 +30,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(directory: Path, tp: int, dtype: str, ep: int = 1) -> list[dict]:
+def run_ranks(directory: Path, tp: int, dtype: str, ep: int = 1, shim: bool = True) -> list[dict]:
     """One engine_check process per rank (EP, as SGLang's --ep, splits the experts over the TP ranks); their parsed
-    results (or {"error": ...})."""
+    results (or {"error": ...}). shim=False: SGLang loads no plugin (a compressed-tensors export must load without
+    mpconvert)."""
     port = str(_free_port())
     env = {**os.environ, "SGLANG_DTYPE": dtype}
+    if not shim:
+        env["SGLANG_PLUGINS"] = "no-plugins"  # SGLang's plugin allow-list: a name no plugin has
     procs = [subprocess.Popen([sys.executable, "-m", CHECK, str(directory), port, str(tp), str(rank), str(ep)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(tp)]
     results = []
@@ -56,21 +61,23 @@ def expected_layers(manifest, ep: int = 1, ep_rank: int = 0) -> dict[str, tuple[
     mixed-experts MoE layer gets MixedExpertsMethod, and each of its format groups (`expert_groups.N` under it) with
     experts on this expert-parallel rank its format's native MoE method."""
     out = {}
+    methods = ct_export.expected_methods if manifest.layout == CT_LAYOUT else \
+        (lambda fmt, params, moe: FORMATS[fmt].sglang_methods(params, moe))
     for unit, spec in manifest.units.items():
         fmt = spec.format
         if unit.endswith("lm_head"):
             # ParallelLMHead: an unquantized head gets SGLang's embedding method, not a linear one
             out[unit] = (fmt, "UnquantizedEmbeddingMethod", None) if fmt == "unquantized" else \
-                (fmt, *FORMATS[fmt].sglang_methods(spec.params, False))
+                (fmt, *methods(fmt, spec.params, False))
         elif spec.groups:
             out[unit] = (spec.describe(), "MixedExpertsMethod", None)
             per_rank = manifest.model.num_experts // ep  # SGLang's contiguous expert range of this rank
             on_rank = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
             for i, g in enumerate(spec.groups):
                 if any(e in on_rank for e in g.experts):
-                    out[f"{unit}.{EXPERT_GROUPS}.{i}"] = (g.format, *FORMATS[g.format].sglang_methods(g.params, True))
+                    out[f"{unit}.{EXPERT_GROUPS}.{i}"] = (g.format, *methods(g.format, g.params, True))
         else:
-            out[unit] = (fmt, *FORMATS[fmt].sglang_methods(spec.params, unit.endswith(".experts")))
+            out[unit] = (fmt, *methods(fmt, spec.params, unit.endswith(".experts")))
     return out
 
 
@@ -78,6 +85,10 @@ def compare(manifest, result: dict, label: str, rep) -> None:
     if "error" in result:
         rep.add("engine", label, result["error"])
         return
+    config = "CompressedTensorsConfig" if manifest.layout == CT_LAYOUT else "MpconvertConfig"
+    if result.get("quant_config") != config:
+        rep.add("engine", label, f"SGLang read the model with {result.get('quant_config')}, not {config} (the "
+                                 f"{manifest.layout} layout's); config.json does not say what build wrote")
     got = result["methods"]
     expected = expected_layers(manifest, result.get("ep", 1), result.get("ep_rank", 0))
     for prefix, (fmt, method, scheme) in sorted(expected.items()):
@@ -117,7 +128,7 @@ def check_engine(directory: Path, manifest, tp: int, dtype: str, rep, ep: int = 
     summary = {"engine": "sglang", "dtype": dtype, "runs": []}
     for size in sorted({1, tp}):
         ep_size = ep if size == tp else 1
-        results = run_ranks(directory, size, dtype, ep_size)
+        results = run_ranks(directory, size, dtype, ep_size, shim=manifest.layout != CT_LAYOUT)
         for rank, r in enumerate(results):
             label = f"tp={size}{f' ep={ep_size}' if ep_size > 1 else ''} rank {rank}"
             compare(manifest, r, label, rep)

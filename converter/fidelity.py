@@ -82,7 +82,7 @@ def _consumed_norm(name: str, role, manifest, found: dict):
 def fold_error(name: str, mod, w, base_state: dict, manifest, found: dict) -> float | None:
     role = role_of(name)
     # only consumers whose rows carry no second fold (v_proj and up_proj also carry o_proj's / down_proj's scales)
-    if not FORMATS[mod.format].folds_scales or role.stage is None or role.slot not in ("q", "k", "gate", "w1"):
+    if not FORMATS[mod.format].folds(mod.params) or role.stage is None or role.slot not in ("q", "k", "gate", "w1"):
         return None
     nname, n_out = _consumed_norm(name, role, manifest, found)
     ref = base_state[f"{name}.weight"]
@@ -97,7 +97,7 @@ def module_error(name: str, mod, w, base_state: dict, manifest, found: dict) -> 
     module whose scales live in another linear: o_proj, down_proj)."""
     ref = base_state[f"{name}.weight"]
     role = role_of(name)
-    if FORMATS[mod.format].folds_scales:
+    if FORMATS[mod.format].folds(mod.params):
         if role.stage is None:
             return None
         nname, n_out = _consumed_norm(name, role, manifest, found)

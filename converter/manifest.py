@@ -5,6 +5,8 @@ raw dict.
 Schema (manifest_version 2; compact JSON, absent optional fields omitted):
   model        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts
   built_for_tp / built_for_ep   the parallel sizes build checked every split for
+  layout       "mpconvert" (config.json names the runtime shim) or "compressed-tensors" (build --to
+               compressed-tensors: config.json is an ordinary compressed-tensors config, ct_export.py)
   recipe       the recipe as validated (paths as written); routing_files: file → sha256 (they decide formats)
   sources      label → path as written, kind, producer, description, fingerprint, files (shard → header digest)
   config       the base config.json as build wrote it, less quantization_config (verify diffs config.json with it)
@@ -27,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import UserError
 from .formats import FORMATS
-from .formats.base import first_error
+from . import ct_export
+from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, first_error
 from .recipe import format_ids
 from .safetensors_io import DTYPE_SIZE
 
@@ -189,6 +192,7 @@ class Manifest(_Entry):
     model: ModelEntry
     built_for_tp: Positive
     built_for_ep: Positive
+    layout: Literal[LAYOUTS] = MP_LAYOUT  # type: ignore[valid-type]
     recipe: dict[str, Any]
     routing_files: Optional[dict[str, Sha256]] = None
     sources: dict[str, SourceEntry]
@@ -260,6 +264,28 @@ def quantization_config(manifest_bytes: bytes, formats: list[str]) -> dict:
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "formats": sorted(formats)}
 
 
+def config_json(manifest: Manifest, raw: bytes) -> dict:
+    """config.json exactly as build writes it: the base's config, the layout's quantization_config (the shim's,
+    naming the manifest by its sha256; or an export's compressed-tensors config, the sha256 then under
+    `mpconvert`). verify compares config.json with it."""
+    digest = hashlib.sha256(raw).hexdigest()
+    config = dict(manifest.config)
+    if manifest.layout == CT_LAYOUT:
+        config["quantization_config"] = ct_export.quantization_config(manifest)
+        config[ct_export.MANIFEST_KEY] = {"manifest": MANIFEST, "manifest_sha256": digest}
+    else:
+        config["quantization_config"] = quantization_config(raw, manifest.formats())
+    return config
+
+
+def recorded_digest(config: dict) -> str | None:
+    """The manifest sha256 a config.json records (in either layout)."""
+    for holder in (config.get("quantization_config"), config.get(ct_export.MANIFEST_KEY)):
+        if isinstance(holder, dict) and isinstance(holder.get("manifest_sha256"), str):
+            return holder["manifest_sha256"]
+    return None
+
+
 def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], config: dict,
                    files: dict[str, str]) -> Manifest:
     from . import __version__
@@ -284,7 +310,7 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], conf
         "model": {"model_type": plan.info.model_type, "num_hidden_layers": plan.info.num_layers,
                   "num_attention_heads": plan.info.num_heads, "num_key_value_heads": plan.info.num_kv_heads,
                   "num_experts": plan.info.num_experts},
-        "built_for_tp": plan.tp, "built_for_ep": plan.ep,
+        "built_for_tp": plan.tp, "built_for_ep": plan.ep, "layout": plan.layout,
         "recipe": json.loads(plan.recipe.model_dump_json()),
         "routing_files": plan.recipe.routing_files() or None,
         "sources": sources, "config": config, "files": files, "units": plan.units, "modules": modules,

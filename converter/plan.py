@@ -12,7 +12,9 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import UserError
+from . import ct_export
 from .formats import FORMATS, Scheme, check_expected
+from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT
 from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe
@@ -56,9 +58,9 @@ class RepackJob:
     written tensor made, and the module proven exact — the written scheme's dequantized weight torch.equal to the
     source's — then each tensor handed out once. Memory: one module."""
 
-    def __init__(self, module: str, fmt, params: dict, stored: dict[str, TensorInfo], out_f: int, in_f: int,
-                 where: str):
-        self.module, self.fmt, self.params, self.stored = module, fmt, params, stored
+    def __init__(self, module: str, fmt, params: dict, target: Scheme, stored: dict[str, TensorInfo], out_f: int,
+                 in_f: int, where: str):
+        self.module, self.fmt, self.params, self.target, self.stored = module, fmt, params, target, stored
         self.out_f, self.in_f, self.where = out_f, in_f, where
         self.pending: dict | None = None
 
@@ -75,7 +77,7 @@ class RepackJob:
 
         t = {s: load_tensor(i) for s, i in self.stored.items() if s != "bias"}
         out = self.fmt.repack_tensors(t, self.params, self.out_f, self.in_f)
-        target = self.fmt.repack(self.params)
+        target = self.target
         before = self.fmt.dequantize(t, self.params, self.out_f, self.in_f)
         after = FORMATS[target.format].dequantize(out, target.params, self.out_f, self.in_f)
         if not torch.equal(before, after):
@@ -124,6 +126,7 @@ class Plan:
     info: ModelInfo
     tp: int
     ep: int
+    layout: str  # MP_LAYOUT or CT_LAYOUT (build --to compressed-tensors)
     modules: list[ModulePlan]
     tensors: list[TensorPlan]
     units: dict[str, dict]
@@ -246,8 +249,8 @@ class _Planner:
     """Module by module: every linear from its chosen source (checked against its format), every norm, router and
     embedding from the source its consumers were quantized against; then the shared rules over the whole."""
 
-    def __init__(self, recipe: Recipe, tp: int, ep: int):
-        self.recipe, self.tp, self.ep = recipe, tp, ep
+    def __init__(self, recipe: Recipe, tp: int, ep: int, layout: str):
+        self.recipe, self.tp, self.ep, self.layout = recipe, tp, ep, layout
         inputs = Inputs.open(recipe)
         self.base, self.sources, self.info = inputs.base, inputs.sources, inputs.info
         self.roles = inputs.roles()
@@ -270,16 +273,17 @@ class _Planner:
         if problem:
             raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {problem}; the checkpoint is "
                             f"corrupt or was written wrongly — re-export it or take {name} from another source")
-        problem = fmt.serve_problem(name, values, params)
+        problem = fmt.serve_problem(name, values, params, self.layout)
         if problem:
             raise UserError(f"source {source!r}: {problem}; or take {name} from another source")
-        target = fmt.repack(params)
+        target = fmt.repack(params, self.layout)
         if target is not None:
             return self._repacked(name, role, source, why, view, target, out_f, in_f)
-        mp = ModulePlan(name, role, written_scheme(view.scheme, self.info.model_type), source, why, out_f, in_f)
+        mp = ModulePlan(name, role, written_scheme(view.scheme, self.info.model_type, self.layout), source, why,
+                        out_f, in_f)
         for suffix in sorted(view.tensors):
             rw_name, rw = fmt.rewrite(suffix, params) or (None, None)
-            out = fmt.output_suffix(suffix, params, self.info.model_type)
+            out = fmt.output_suffix(suffix, params, self.info.model_type, self.layout)
             mp.tensors[out] = TensorPlan(f"{name}.{out}", view.tensors[suffix], source, rw, rw_name,
                                          suffix if out != suffix else None)
         return mp
@@ -287,10 +291,11 @@ class _Planner:
     def _repacked(self, name: str, role: Role, source: str, why: str, view, target: Scheme, out_f: int,
                   in_f: int) -> ModulePlan:
         where = f"source {source!r} ({self.sources[source].ckpt.path})"
-        job = RepackJob(name, FORMATS[view.scheme.format], view.scheme.params, view.tensors, out_f, in_f, where)
+        job = RepackJob(name, FORMATS[view.scheme.format], view.scheme.params, target, view.tensors, out_f, in_f,
+                        where)
         how = f"repack_{view.scheme.format}_to_{target.format}"
         mp = ModulePlan(name, role, target, source, why, out_f, in_f)
-        for suffix, (origin, stored, dtype, shape) in _repack_layout(view, target, out_f, in_f).items():
+        for suffix, (origin, stored, dtype, shape) in repack_layout(view, target, out_f, in_f).items():
             mp.tensors[suffix] = TensorPlan(f"{name}.{suffix}", stored, source, None, how, origin,
                                             job.maker(suffix), (dtype, shape))
         if "bias" in view.tensors:
@@ -384,31 +389,35 @@ class _Planner:
         support = self.support_plans(roles, linears)
         _raise_first(rules.mla_problems(linears, self.info.model_type))
         _raise_first(rules.partition_problems(linears, self.info, self.tp, self.ep))
+        if self.layout == CT_LAYOUT:
+            _raise_first(ct_export.problems(linears, units, self.info))
         modules = sorted(linear + support, key=lambda m: natural_key(m.name))
         tensors = sorted((t for m in modules for t in m.tensors.values()), key=lambda t: natural_key(t.name))
-        return Plan(self.recipe, self.base, self.sources, self.info, self.tp, self.ep, modules, tensors, units)
+        return Plan(self.recipe, self.base, self.sources, self.info, self.tp, self.ep, self.layout, modules, tensors,
+                    units)
 
 
-def written_scheme(stored: Scheme, model_type: str) -> Scheme:
+def written_scheme(stored: Scheme, model_type: str, layout: str = MP_LAYOUT) -> Scheme:
     """The scheme a module stored in `stored` is written in: its lossless repack's, or its own after any exact
     rewrite (Format.output_params). Build and plan both ask this."""
     fmt = FORMATS[stored.format]
-    target = fmt.repack(stored.params)
-    return target if target is not None else Scheme.of(stored.format, **fmt.output_params(stored.params, model_type))
+    target = fmt.repack(stored.params, layout)
+    if target is not None:
+        return target
+    return Scheme.of(stored.format, **fmt.output_params(stored.params, model_type, layout))
 
 
-def written_nbytes(view, out_f: int, in_f: int) -> int:
+def written_nbytes(view, out_f: int, in_f: int, layout: str = MP_LAYOUT) -> int:
     """Bytes a module stored as `view` takes once written (a repack's layout differs from the stored one)."""
-    fmt = FORMATS[view.scheme.format]
-    target = fmt.repack(view.scheme.params)
+    target = FORMATS[view.scheme.format].repack(view.scheme.params, layout)
     if target is None:
         return sum(t.nbytes for t in view.tensors.values())
     n = sum(DTYPE_SIZE[dtype] * int(np.prod(shape)) for _, _, dtype, shape in
-            _repack_layout(view, target, out_f, in_f).values())
+            repack_layout(view, target, out_f, in_f).values())
     return n + (view.tensors["bias"].nbytes if "bias" in view.tensors else 0)
 
 
-def _repack_layout(view, target: Scheme, out_f: int, in_f: int) -> dict[str, tuple]:
+def repack_layout(view, target: Scheme, out_f: int, in_f: int) -> dict[str, tuple]:
     """A repacked module's written tensors: suffix → (the stored suffix it comes from or None, that stored tensor,
     dtype, shape) — the target format's layout, keeping the stored float dtype of scales."""
     fmt = FORMATS[view.scheme.format]
@@ -434,9 +443,11 @@ def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
                         f"it ignored (llm-compressor: ignore=['re:.*{name.rsplit('.', 1)[-1]}$'])")
 
 
-def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1) -> Plan:
+def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1, layout: str = MP_LAYOUT) -> Plan:
     if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
         raise UserError(f"--tp and --ep must be between 1 and 4096 (got --tp {tp} --ep {ep})")
+    if layout not in LAYOUTS:
+        raise UserError(f"--to {layout!r}: choose one of {', '.join(LAYOUTS)}")
     forget_open_files()  # sources may have changed since an earlier operation in this process
-    return _Planner(recipe, tp, ep).plan()
+    return _Planner(recipe, tp, ep, layout).plan()
 

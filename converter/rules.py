@@ -78,7 +78,7 @@ def unit_problems(unit: str, members: list[Linear]) -> list[Problem]:
                                                     f"call — give the whole expert one format (match "
                                                     f"\"mlp.experts.*\" with experts: [...])"))
     for m in members:
-        if FORMATS[m.scheme.format].folds_scales:
+        if FORMATS[m.scheme.format].folds(m.scheme.params):
             problems.append(Problem(
                 "expert", unit,
                 f"{unit} mixes formats across its experts ({describe_schemes(members)}) and takes {m.name} from "
@@ -118,7 +118,7 @@ def pair_problems(linears: list[Linear]) -> list[Problem]:
         prod, cons = p.get("producer"), p.get("consumer")
         if not prod or not cons or prod.source == cons.source or prod.out_features != cons.in_features:
             continue
-        folder = next((m for m in (prod, cons) if FORMATS[m.scheme.format].folds_scales), None)
+        folder = next((m for m in (prod, cons) if FORMATS[m.scheme.format].folds(m.scheme.params)), None)
         if folder:
             problems.append(Problem(
                 "folded-scales", cons.name,

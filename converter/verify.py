@@ -32,7 +32,9 @@ from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, check_expected
 from .layout import ModelInfo, role_of
-from .manifest import MANIFEST, Manifest, ManifestError, load_manifest, quantization_config, totals
+from .ct_export import MANIFEST_KEY
+from .manifest import (MANIFEST, Manifest, ManifestError, config_json, load_manifest, recorded_digest,
+                       totals)
 from .safetensors_io import TensorInfo, digest_and_scan, forget_open_files, load_array, read_header
 
 SUMMARY_ROWS = 50  # the CLI prints this many findings, then counts per check and place
@@ -95,21 +97,25 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
     except UserError as e:
         rep.add("config", "config.json", str(e))
         return
-    qc = config.get("quantization_config")
     digest = hashlib.sha256(raw).hexdigest()
-    if not isinstance(qc, dict) or qc.get("manifest_sha256") != digest:
-        rep.add("config", MANIFEST, "manifest was edited after build (its sha256 differs from config.json "
-                                    "quantization_config.manifest_sha256); rebuild instead of editing")
+    if recorded_digest(config) != digest:
+        rep.add("config", MANIFEST, "manifest was edited after build (its sha256 differs from the one config.json "
+                                    "records); rebuild instead of editing")
     if manifest is None:
         return
-    want = quantization_config(raw, manifest.formats())
-    qc = qc if isinstance(qc, dict) else {}
-    for k in sorted(set(want) | set(qc)):
-        if k != "manifest_sha256" and qc.get(k) != want.get(k):
-            rep.add("config", f"config.json quantization_config.{k}",
-                    f"is {qc.get(k)!r}, build wrote {want.get(k)!r}: SGLang reads it to pick the shim and its "
-                    f"formats; rebuild or restore it")
-    rest = {k: v for k, v in config.items() if k != "quantization_config"}
+    written = config_json(manifest, raw)
+    for key in ("quantization_config", MANIFEST_KEY):
+        want, qc = written.get(key), config.get(key)
+        if want is None or not isinstance(qc, dict):
+            if qc != want:
+                rep.add("config", f"config.json {key}", f"is {qc!r}, build wrote {want!r}; rebuild or restore it")
+            continue
+        for k in sorted(set(want) | set(qc)):
+            if k != "manifest_sha256" and qc.get(k) != want.get(k):
+                rep.add("config", f"config.json {key}.{k}",
+                        f"is {qc.get(k)!r}, build wrote {want.get(k)!r}: SGLang reads it to pick how each layer is "
+                        f"served; rebuild or restore it")
+    rest = {k: v for k, v in config.items() if k not in ("quantization_config", MANIFEST_KEY)}
     for k in sorted(set(rest) | set(manifest.config)):
         if rest.get(k, "<absent>") != manifest.config.get(k, "<absent>"):
             rep.add("config", f"config.json {k}",

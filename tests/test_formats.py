@@ -70,7 +70,7 @@ def test_gptq_dequantizes_by_its_formula_and_v2_rewrites_exactly():
     (lambda t: t["scales"].__setitem__((1, 2), -1.0), "zero or negative scales"),
     (lambda t: t["g_idx"].__setitem__(3, 9), "g_idx has values outside"),
     (lambda t: t["g_idx"].__setitem__(slice(0, 2), torch.tensor([1, 0], dtype=torch.int32)), "permuted"),
-    (lambda t: t["qzeros"].__setitem__((0, 0), 0x66666666), "v2 zeros labelled v1"),
+    (lambda t: t["qzeros"].__setitem__((0, 0), 0x66666666), "v1/v2 mislabelled"),
 ])
 def test_gptq_value_invariants(change, problem):
     t, *_ = gptq_tensors()

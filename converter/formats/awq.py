@@ -12,9 +12,10 @@ from typing import Literal, Optional
 from pydantic import field_validator
 
 from ..errors import UserError
-from .base import Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config, positive_scales, register
+from .base import (CT_LAYOUT, MP_LAYOUT, Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config,
+                   positive_scales, register)
 from .gptq import group_size_ok, marlin_problem
-from .intpack import round_to_nearest_int, unpack_cols
+from .intpack import pack_cols, round_to_nearest_int, unpack_cols
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 # SGLang 0.5.17's AWQ-Marlin asks verify_marlin_supports_shape (marlin_utils.py: GPTQ_MARLIN_MIN_THREAD_K = 128)
@@ -89,6 +90,27 @@ class AWQ(Format):
         z = z.repeat_interleave(gs, 0)[: q.shape[0]] if rows else z
         s = t["scales"].float().repeat_interleave(gs, 0)[: q.shape[0]]
         return ((q - z).float() * s).T.contiguous()
+
+    def repack(self, p, layout=MP_LAYOUT):
+        """For a compressed-tensors export: → WNA16 with zero points (the same (q − z)·s per group)."""
+        if layout != CT_LAYOUT:
+            return None
+        gs = p["group_size"]
+        return Scheme.of("wna16", bits=4, strategy="group" if gs > 0 else "channel", group_size=gs, symmetric=False,
+                         repacked_from="awq")
+
+    repack_from = {"weight_packed": "qweight", "weight_scale": "scales", "weight_zero_point": "qzeros"}
+
+    def repack_tensors(self, t, p, out_f, in_f):
+        """AWQ packs along the output with its interleave; compressed-tensors packs the weight along the input and
+        the zero points along the output, in plain order: unpack, transpose, repack."""
+        import torch
+
+        q = unpack_cols(t["qweight"], 4, AWQ_ORDER)  # [in, out]
+        z = unpack_cols(t["qzeros"], 4, AWQ_ORDER)  # [groups, out]
+        return {"weight_packed": pack_cols(q.T.contiguous(), 4), "weight_scale": t["scales"].T.contiguous(),
+                "weight_zero_point": pack_cols(z, 4).T.contiguous(),
+                "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
 
     def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
         return marlin_problem(4, p["group_size"], out_parts, in_part, in_full, AWQ_MARLIN_MIN_K, moe)

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..errors import UserError
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+# how a converted directory is laid out: mpconvert's own (config.json names the runtime shim; every format in its
+# native SGLang layout) or an ordinary compressed-tensors checkpoint (build --to compressed-tensors; ct_export.py)
+MP_LAYOUT, CT_LAYOUT = "mpconvert", "compressed-tensors"
+LAYOUTS = (MP_LAYOUT, CT_LAYOUT)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,10 @@ class Format(ConfigReader):
     def describe(self, p: dict) -> str:
         return self.name
 
+    def folds(self, p: dict) -> bool:
+        """Whether modules of this scheme carry folded activation scales (folds_scales; a repack keeps its source's)."""
+        return self.folds_scales
+
     def expected(self, p: dict, out_f: int, in_f: int) -> dict[str, Expect]:
         raise NotImplementedError
 
@@ -170,31 +178,38 @@ class Format(ConfigReader):
         None for a verbatim copy."""
         return None
 
-    def serve_problem(self, module: str, t: dict, p: dict) -> str | None:
-        """Why this module, valid as stored, has no native SGLang kernel in any layout mpconvert can write (t: its
-        value tensors, as check_values gets them), or None."""
+    def serve_problem(self, module: str, t: dict, p: dict, layout: str = MP_LAYOUT) -> str | None:
+        """Why this module, valid as stored, cannot be written in `layout` for a native SGLang kernel (t: its value
+        tensors, as check_values gets them), or None."""
         return None
 
-    # a scheme with no native SGLang kernel but a lossless rewrite into another format's layout that has one (e.g.
-    # asymmetric GPTQ → compressed-tensors WNA16 with zero points): repack() names the scheme written, repack_from
-    # maps each written tensor to the stored one it comes from, repack_tensors() makes them (exact integer and layout
-    # operations only; build proves every repacked module dequantizes to exactly its source's weight)
+    # a scheme with no native SGLang kernel in the layout written, but a lossless rewrite into another format that
+    # has one (asymmetric GPTQ → compressed-tensors WNA16 with zero points; for a compressed-tensors export, GPTQ
+    # and AWQ → WNA16): repack() names the scheme written, repack_from maps each written tensor to the stored one it
+    # comes from, repack_tensors() makes them (exact integer and layout operations only; build proves every
+    # repacked module dequantizes to exactly its source's weight)
     repack_from: dict[str, str] = {}
 
-    def repack(self, p: dict) -> "Scheme | None":
+    def repack(self, p: dict, layout: str = MP_LAYOUT) -> "Scheme | None":
         return None
 
     def repack_tensors(self, t: dict, p: dict, out_f: int, in_f: int) -> dict:
         raise NotImplementedError
 
-    def output_params(self, p: dict, model_type: str) -> dict:
+    def output_params(self, p: dict, model_type: str, layout: str = MP_LAYOUT) -> dict:
         """Params as written (what the manifest records): after `rewrite`, and after any change of layout that the
-        target runtime needs for this model type."""
+        target runtime needs for this model type, or that the directory's layout needs."""
         return p
 
-    def output_suffix(self, suffix: str, p: dict, model_type: str) -> str:
+    def output_suffix(self, suffix: str, p: dict, model_type: str, layout: str = MP_LAYOUT) -> str:
         """The tensor's suffix as written, for the layout `output_params` gives (bytes unchanged)."""
         return suffix
+
+    def ct_group(self, p: dict) -> dict | None:
+        """This scheme as a compressed-tensors config group (weights, input_activations, format; no targets), or
+        None where compressed-tensors has no such scheme. The export writes it; SGLang's compressed-tensors config
+        built from it is what the shim hands such layers to."""
+        return None
 
     def sglang_config(self, p: dict) -> tuple[str, dict] | None:
         """SGLang's native quantization method for this scheme: (registry name, the config dict its `from_config`
@@ -205,6 +220,11 @@ class Format(ConfigReader):
         """The quant-method class SGLang 0.5.17 binds for this scheme (FusedMoE when `moe`), and its scheme class
         where the method carries one (None: not checked). `verify --engine sglang` expects each layer to get these."""
         raise NotImplementedError
+
+    def ct_methods(self, p: dict, moe: bool) -> tuple[str, str | None]:
+        """sglang_methods for a compressed-tensors export (SGLang's own compressed-tensors config, no shim): the
+        same wherever the shim hands this scheme to that config too."""
+        return self.sglang_methods(p, moe)
 
     def round_to_nearest(self, w, p: dict):
         """w (float32 [out, in]) quantized by plain round-to-nearest in this scheme and dequantized: the yardstick
@@ -278,6 +298,13 @@ def check_expected(fmt: Format, scheme_params: dict, module: str, tensors: dict,
     if "bias" in tensors and (tensors["bias"].shape != (out_f,) or tensors["bias"].dtype not in FLOAT_DTYPES):
         raise UserError(f"{where}: {module}.bias is {tensors['bias'].dtype}{list(tensors['bias'].shape)}, expected "
                         f"a float [{out_f}]")
+
+
+def ct_config(group: dict) -> dict:
+    """A compressed-tensors quantization_config of one group (Format.ct_group) over every Linear: what the shim hands
+    a layer of that scheme to (SGLang's own compressed-tensors config, built with its from_config)."""
+    return {"quant_method": "compressed-tensors", "format": group["format"], "quantization_status": "compressed",
+            "ignore": [], "config_groups": {"group_0": {"targets": ["Linear"], **group}}}
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -18,8 +18,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..errors import UserError
-from .base import (FLOAT_DTYPES, Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config,
-                   positive_scales, register)
+from .base import (CT_LAYOUT, FLOAT_DTYPES, MP_LAYOUT, Expect, Format, Params, ProducerConfig, Scheme, ceil_div,
+                   ct_config, parse_config, positive_scales, register)
 
 
 # model_type → SGLang 0.5.17's loader renames `weight_scale_inv` (models/llama.py; Mistral inherits it; qwen3_5.py)
@@ -92,14 +92,15 @@ class FP8(Format):
     def scale_name(p) -> str:
         return "weight_scale_inv" if p["layout"] == "native" and p["strategy"] == "block" else "weight_scale"
 
-    def output_params(self, p, model_type):
-        if p["layout"] == "native" and p["strategy"] == "block" and model_type in RENAMES_SCALE_INV:
+    def output_params(self, p, model_type, layout=MP_LAYOUT):
+        if p["layout"] == "native" and (layout == CT_LAYOUT or p["strategy"] == "block" and
+                                        model_type in RENAMES_SCALE_INV):
             return {**p, "layout": "ct", "converted_from": "native"}
         return p
 
-    def output_suffix(self, suffix, p, model_type):
+    def output_suffix(self, suffix, p, model_type, layout=MP_LAYOUT):
         if suffix == self.scale_name(p):
-            return self.scale_name(self.output_params(p, model_type))
+            return self.scale_name(self.output_params(p, model_type, layout))
         return suffix
 
     def expected(self, p, out_f, in_f):
@@ -166,6 +167,9 @@ class FP8(Format):
             if p["strategy"] == "block":
                 cfg["weight_block_size"] = list(p["block"])
             return "fp8", cfg
+        return "compressed-tensors", ct_config(self.ct_group(p))
+
+    def ct_group(self, p):
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": p["strategy"],
                    "block_structure": list(p["block"]) if p["strategy"] == "block" else None}
         acts = None
@@ -174,11 +178,7 @@ class FP8(Format):
             acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": dynamic,
                     "strategy": ("group" if p["strategy"] == "block" else "token") if dynamic else "tensor",
                     "group_size": p["block"][1] if dynamic and p["strategy"] == "block" else None}
-        return "compressed-tensors", {"quant_method": "compressed-tensors", "format": "float-quantized",
-                                      "quantization_status": "compressed", "ignore": [],
-                                      "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                                                    "input_activations": acts,
-                                                                    "format": "float-quantized"}}}
+        return {"weights": weights, "input_activations": acts, "format": "float-quantized"}
 
     def sglang_methods(self, p, moe):
         if p["layout"] == "native":

@@ -19,7 +19,8 @@ import numpy as np
 from pydantic import field_validator
 
 from ..errors import UserError
-from .base import Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config, positive_scales, register
+from .base import (CT_LAYOUT, MP_LAYOUT, Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config,
+                   positive_scales, register)
 from .intpack import pack_cols, round_to_nearest_int, unpack_cols, unpack_rows
 
 # SGLang 0.5.17's Marlin kernels (kernels/jit/csrc/gemm/marlin/gptq_marlin.cuh and marlin_moe/moe_wna16_marlin.cuh):
@@ -155,32 +156,39 @@ class GPTQ(Format):
     def round_to_nearest(self, w, p):
         return round_to_nearest_int(w, p["bits"], p["group_size"], symmetric=True)
 
-    def serve_problem(self, module, t, p):
-        if not p["sym"] and not _identity_groups(np.asarray(t["g_idx"]), p["group_size"]):
+    def serve_problem(self, module, t, p, layout=MP_LAYOUT):
+        if self.repack(p, layout) and not _identity_groups(np.asarray(t["g_idx"]), p["group_size"]):
+            if layout == CT_LAYOUT:
+                return (f"{module} has a desc_act permutation (g_idx), which compressed-tensors can no longer "
+                        f"express (>= 0.19 dropped actorder 'group'); build it without --to compressed-tensors "
+                        f"(GPTQ-Marlin serves it through the shim) or re-quantize with desc_act=False")
             return (f"{module} is asymmetric GPTQ with a desc_act permutation (g_idx): SGLang 0.5.17 has no kernel "
                     f"for zero points with a g_idx (compressed-tensors >= 0.19 dropped actorder 'group'); "
                     f"re-quantize with desc_act=False or sym=True")
         return None
 
-    def repack(self, p):
-        if p["sym"]:
+    def repack(self, p, layout=MP_LAYOUT):
+        """Asymmetric GPTQ (no Marlin kernel) always, symmetric for a compressed-tensors export: → WNA16."""
+        if p["sym"] and layout != CT_LAYOUT:
             return None
         gs = p["group_size"]
         return Scheme.of("wna16", bits=p["bits"], strategy="group" if gs > 0 else "channel", group_size=gs,
-                         symmetric=False, repacked_from=p["checkpoint_format"])
+                         symmetric=p["sym"], repacked_from=p["checkpoint_format"])
 
     repack_from = {"weight_packed": "qweight", "weight_scale": "scales", "weight_zero_point": "qzeros"}
 
     def repack_tensors(self, t, p, out_f, in_f):
-        """Asymmetric GPTQ → compressed-tensors WNA16: both pack along the input lowest-first as unsigned values, so
-        weight_packed is qweight's word matrix transposed; the zero points (v1 first made v2, as gptqmodel reads
-        them) likewise; the scales transposed."""
+        """GPTQ → compressed-tensors WNA16: both pack along the input lowest-first as unsigned values, so
+        weight_packed is qweight's word matrix transposed; the scales transposed; asymmetric: the zero points (v1
+        first made v2, as gptqmodel reads them) transposed likewise (symmetric: implied, check_values proved them)."""
         import torch
 
-        zeros = v1_to_v2_words(t["qzeros"], p["bits"]) if p["checkpoint_format"] == "gptq" else t["qzeros"]
-        return {"weight_packed": t["qweight"].T.contiguous(), "weight_scale": t["scales"].T.contiguous(),
-                "weight_zero_point": zeros.T.contiguous(),
-                "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+        out = {"weight_packed": t["qweight"].T.contiguous(), "weight_scale": t["scales"].T.contiguous(),
+               "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+        if not p["sym"]:
+            zeros = v1_to_v2_words(t["qzeros"], p["bits"]) if p["checkpoint_format"] == "gptq" else t["qzeros"]
+            out["weight_zero_point"] = zeros.T.contiguous()
+        return out
 
     def check_values(self, module, t, p):
         problem = positive_scales(module, "scales", t["scales"])
@@ -192,11 +200,12 @@ class GPTQ(Format):
             return f"{module}.g_idx has values outside [0, {groups})"
         if not p["desc_act"] and not _identity_groups(g, p["group_size"]):
             return f"{module}.g_idx is permuted but desc_act is false"
-        if p["sym"] and p["checkpoint_format"] == "gptq":
+        if p["sym"]:  # Marlin (and a WNA16 repack) imply the midpoint: the stored zeros must say the same
             mid = 1 << (p["bits"] - 1)
             if not (self.zeros(np.asarray(t["qzeros"]), p) == mid).all():
-                return (f"{module}.qzeros: a symmetric v1 checkpoint stores zero−1 = {mid - 1} everywhere, found "
-                        f"other values (v2 zeros labelled v1?)")
+                stored = f"zero−1 = {mid - 1}" if p["checkpoint_format"] == "gptq" else f"the zero {mid}"
+                return (f"{module}.qzeros: a symmetric {p['checkpoint_format']} checkpoint stores {stored} "
+                        f"everywhere, found other values (v1/v2 mislabelled?)")
         return None
 
     def rewrite(self, suffix, p):
@@ -212,7 +221,7 @@ class GPTQ(Format):
 
         return "gptq_v2_to_v1_qzeros", v2_to_v1
 
-    def output_params(self, p, model_type):
+    def output_params(self, p, model_type, layout=MP_LAYOUT):
         if p["checkpoint_format"] == "gptq_v2":
             return {**p, "checkpoint_format": "gptq", "converted_from": "gptq_v2"}
         return p

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .base import FLOAT_DTYPES, Expect, Format, Params, Scheme, positive_scales, register
+from .base import CT_LAYOUT, FLOAT_DTYPES, MP_LAYOUT, Expect, Format, Params, Scheme, positive_scales, register
 
 
 class Int8Params(Params):
@@ -49,8 +49,21 @@ class Int8(Format):
         # MoE path is NPU-only in 0.5.17)
         return "w8a8_int8", {"quant_method": "w8a8_int8"}
 
+    def output_params(self, p, model_type, layout=MP_LAYOUT):
+        return {**p, "layout": "ct"} if layout == CT_LAYOUT else p  # the same tensors in both layouts
+
+    def ct_group(self, p):
+        return {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel"},
+                "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
+                                      "strategy": "token"},
+                "format": "int-quantized"}
+
     def sglang_methods(self, p, moe):
         return ("W8A8Int8MoEMethod", None) if moe else ("W8A8Int8LinearMethod", None)
+
+    def ct_methods(self, p, moe):
+        return ("CompressedTensorsFusedMoEMethod", None) if moe else ("CompressedTensorsLinearMethod",
+                                                                       "CompressedTensorsW8A8Int8")
 
     def check_values(self, module, t, p):
         return positive_scales(module, "weight_scale", t["weight_scale"])

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from .base import Expect, Format, Params, ceil_div, positive_scales, register
+from .base import Expect, Format, Params, ceil_div, ct_config, positive_scales, register
 from .gptq import MARLIN_KERNEL_MIN_K, group_size_ok, marlin_problem
 from .intpack import round_to_nearest_int, unpack_cols
 
@@ -59,6 +59,9 @@ class WNA16(Format):
         return (f"wna16 int{p['bits']} {group}{'' if p['symmetric'] else ' asym'}"
                 f"{' (repacked from ' + p['repacked_from'] + ')' if p.get('repacked_from') else ''}")
 
+    def folds(self, p):
+        return p.get("repacked_from") == "awq"  # AWQ's folded scales travel with its weights
+
     def groups(self, p: dict, in_f: int) -> int:
         return ceil_div(in_f, p["group_size"]) if p["strategy"] == "group" else 1
 
@@ -97,7 +100,8 @@ class WNA16(Format):
         shape = [int(x) for x in np.asarray(t["weight_shape"]).reshape(-1)]
         out_f, groups = t["weight_scale"].shape
         if shape[0] != out_f or groups != (ceil_div(shape[1], p["group_size"]) if p["strategy"] == "group" else 1):
-            return f"{module}.weight_shape says {shape}, which its weight_scale {list(t['weight_scale'].shape)} contradicts"
+            return (f"{module}.weight_shape says {shape}, which its weight_scale {list(t['weight_scale'].shape)} "
+                    f"contradicts")
         return None
 
     def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
@@ -118,13 +122,11 @@ class WNA16(Format):
                 "strategy": p["strategy"], "group_size": p["group_size"] if p["strategy"] == "group" else None,
                 "actorder": p.get("actorder")}
 
+    def ct_group(self, p):
+        return {"weights": self.weights_args(p), "input_activations": None, "format": PACK_FORMAT}
+
     def sglang_config(self, p):
-        return "compressed-tensors", {"quant_method": "compressed-tensors", "format": PACK_FORMAT,
-                                      "quantization_status": "compressed", "ignore": [],
-                                      "config_groups": {"group_0": {"targets": ["Linear"],
-                                                                    "weights": self.weights_args(p),
-                                                                    "input_activations": None,
-                                                                    "format": PACK_FORMAT}}}
+        return "compressed-tensors", ct_config(self.ct_group(p))
 
     def sglang_methods(self, p, moe):
         return (("CompressedTensorsFusedMoEMethod", "CompressedTensorsWNA16MoE") if moe
