@@ -3,13 +3,14 @@ PY      ?= python3
 VENV    := .venv
 FVENV   := .venv-fixtures
 V23     := .venv-sglang23
+AVENV   := .venv-autoawq
 PIP     := $(VENV)/bin/pip
 export MPCONVERT_CACHE ?= $(HOME)/.cache/mpconvert
 export TMPDIR ?= /tmp
 
 .PHONY: setup demo test fixtures bench clean
 
-setup: $(VENV)/.done $(FVENV)/.done $(V23)/.done  ## the tool (+ SGLang 0.5.17's classes), the producers, SGLang 0.5.23
+setup: $(VENV)/.done $(FVENV)/.done $(V23)/.done $(AVENV)/.done  ## the tool (+ SGLang 0.5.17), producers, SGLang 0.5.23
 
 # The tool's venv. torch is pinned and installed first (from local disk here), so nothing resolves another torch;
 # SGLang comes --no-deps plus the light packages its imports need (DESIGN.md §6).
@@ -31,6 +32,17 @@ $(FVENV)/.done: $(VENV)/.done requirements/fixtures.txt requirements/fixtures-no
 	$(FVENV)/bin/pip install -q --upgrade pip
 	$(FVENV)/bin/pip install -q -c requirements/lock-fixtures.txt -r requirements/fixtures.txt
 	$(FVENV)/bin/pip install -q --no-deps -r requirements/fixtures-nodeps.txt
+	touch $@
+
+# AutoAWQ (archived, transformers 4.51): the legacy AWQ producer, for the fixture that proves its GEMM output reads
+# like gptqmodel's. Layered over the tool venv's torch like the producers.
+$(AVENV)/.done: $(VENV)/.done requirements/autoawq.txt requirements/autoawq-nodeps.txt requirements/lock-autoawq.txt
+	$(PY) -m venv $(AVENV)
+	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(AVENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mpconvert_main_venv.pth"
+	$(AVENV)/bin/pip install -q --upgrade pip
+	$(AVENV)/bin/pip install -q -c requirements/lock-autoawq.txt -r requirements/autoawq.txt
+	$(AVENV)/bin/pip install -q --no-deps -r requirements/autoawq-nodeps.txt
 	touch $@
 
 # SGLang 0.5.23 for the CPU engine tests on the second supported version: layered on the tool's venv (site.addsitedir,
@@ -71,4 +83,4 @@ bench: setup .venv-bench/.done  ## build vs cp -r vs mergekit passthrough, peak 
 	$(VENV)/bin/python bench/build_bench.py
 
 clean:
-	rm -rf $(VENV) $(FVENV) $(V23) .venv-bench demo-out
+	rm -rf $(VENV) $(FVENV) $(V23) $(AVENV) .venv-bench demo-out

@@ -90,6 +90,19 @@ class Progress:
         pass
 
 
+def _first_difference(got, wrote, path: str) -> tuple[str, object, object]:
+    """Where two JSON values first differ (a group's one changed field, not the whole config printed twice)."""
+    if isinstance(got, dict) and isinstance(wrote, dict):
+        for k in sorted(set(got) | set(wrote), key=str):
+            if got.get(k, "<absent>") != wrote.get(k, "<absent>"):
+                return _first_difference(got.get(k, "<absent>"), wrote.get(k, "<absent>"), f"{path}.{k}")
+    if isinstance(got, list) and isinstance(wrote, list) and len(got) == len(wrote):
+        for i, (a, b) in enumerate(zip(got, wrote)):
+            if a != b:
+                return _first_difference(a, b, f"{path}[{i}]")
+    return path, got, wrote
+
+
 # ---- config.json ---------------------------------------------------------------------------------------------
 def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) -> None:
     try:
@@ -112,9 +125,10 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
             continue
         for k in sorted(set(want) | set(qc)):
             if k != "manifest_sha256" and qc.get(k) != want.get(k):
-                rep.add("config", f"config.json {key}.{k}",
-                        f"is {qc.get(k)!r}, build wrote {want.get(k)!r}: SGLang reads it to pick how each layer is "
-                        f"served; rebuild or restore it")
+                where, got, wrote = _first_difference(qc.get(k), want.get(k), f"{key}.{k}")
+                rep.add("config", f"config.json {where}",
+                        f"is {got!r}, build wrote {wrote!r}: SGLang reads it to pick how each layer is served; "
+                        f"rebuild or restore it")
     rest = {k: v for k, v in config.items() if k not in ("quantization_config", MANIFEST_KEY)}
     for k in sorted(set(rest) | set(manifest.config)):
         if rest.get(k, "<absent>") != manifest.config.get(k, "<absent>"):

@@ -15,7 +15,7 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationScheme
 from safetensors.torch import load_file
 
-from fixtures.factory import HERE, fixture_python
+from fixtures.factory import HERE, autoawq_python, fixture_python
 from helpers import build, check_faithful, copy, fails, loaded, write_recipe
 from mpconvert.formats import FORMATS
 from mpconvert.formats.gptq import v1_to_v2_words
@@ -63,8 +63,8 @@ def test_pack_quantized_experts_and_the_real_model(moe, real):
 
 
 def test_schemes_read_from_the_producers_configs(llama, real):
-    seen = {k: {v.scheme.describe() for v in open_source("x", llama[k], "llama").modules.values()} - {"unquantized"}
-            for k in CT_KINDS}
+    seen = {k: {v.scheme.describe() for v in open_source("x", llama[k], "llama").modules.values()
+                if v.scheme.format != "unquantized"} for k in CT_KINDS}
     assert seen == {"ct-w4a16": {"wna16 int4 g128"}, "ct-w4a16-asym": {"wna16 int4 g128 asym"},
                     "ct-w8a16-channel": {"wna16 int8 channel"}, "ct-gptq-asym-weight": {"wna16 int4 g128 asym"}}
     view = open_source("x", real["ct-gptq-w4a16-g64"], "llama").modules["model.layers.3.mlp.down_proj"]
@@ -74,15 +74,42 @@ def test_schemes_read_from_the_producers_configs(llama, real):
 
 def test_asymmetric_gptq_dequantizes_as_gptqmodel_does(llama, tmp_path):
     """gptqmodel's own torch kernel, in its own venv, against mpconvert's reading of the same v1 asym file."""
-    out = tmp_path / "ref.safetensors"
-    subprocess.run([str(fixture_python()), "-P", str(HERE / "reference.py"), "gptqmodel", str(llama["gptq-asym"]),
-                    str(out)], check=True, capture_output=True, cwd=tmp_path)
-    ref = load_file(out)
+    ref = _reference(fixture_python(), "gptqmodel", llama["gptq-asym"], tmp_path)
     src = open_source("x", llama["gptq-asym"], "llama")
     assert len(ref) == 14
     for name, w in ref.items():
         ours = dequantize(src.modules[name].scheme, src.modules[name].tensors, *w.shape)
         assert torch.equal(ours.to(w.dtype), w), name
+
+
+def _reference(python, producer: str, path, tmp_path) -> dict:
+    out = tmp_path / f"{producer}.safetensors"
+    subprocess.run([str(python), "-P", str(HERE / "reference.py"), producer, str(path), str(out)], check=True,
+                   capture_output=True, cwd=tmp_path)
+    return load_file(out)
+
+
+def test_autoawq_gemm_output_is_read_as_gptqmodels_awq_is(llama, cli, tmp_path):
+    """The legacy producer (AutoAWQ 0.2.9, its own venv): the same GEMM layout as gptqmodel's AWQ (names, packing,
+    shapes; AutoAWQ keeps fp16 scales), dequantized bit for bit as AutoAWQ's own dequantize_gemm does; a build from it
+    verifies (numeric: its clipped weights still imply its own folded norm) and binds AWQ-Marlin."""
+    auto, gm = (open_source("x", llama[k], "llama") for k in ("autoawq", "awq"))
+    assert {n: {s: (t.dtype.replace("BF16", "F16"), t.shape) for s, t in v.tensors.items()}
+            for n, v in auto.modules.items()} == {n: {s: (t.dtype.replace("BF16", "F16"), t.shape)
+                                                       for s, t in v.tensors.items()} for n, v in gm.modules.items()}
+    assert {v.scheme for v in auto.modules.values() if v.scheme.format == "awq"} == \
+        {v.scheme for v in gm.modules.values() if v.scheme.format == "awq"}
+    ref = _reference(autoawq_python(), "autoawq", llama["autoawq"], tmp_path)
+    assert len(ref) == 14
+    for name, w in ref.items():
+        view = auto.modules[name]
+        assert torch.equal(dequantize(view.scheme, view.tensors, *w.shape).to(w.dtype), w), name
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, {**llama, "aa": llama["autoawq"]}, {"aa": "aa"}, "aa"), out)
+    r = cli("verify", out, "--numeric", "--base", llama["base"], "--engine", "sglang")
+    assert r.exit_code == 0, r.output
+    [rank] = loaded(out)
+    assert rank["methods"]["model.layers.0.self_attn.qkv_proj"] == ["AWQLinearMethod", "AWQMarlinLinearScheme"]
 
 
 def test_v1_zero_points_are_read_word_wise_as_gptqmodel_writes_them():
@@ -192,5 +219,7 @@ def test_a_repack_that_would_change_a_weight_is_refused_before_anything_lands(ll
         return made
 
     monkeypatch.setattr(gptq, "repack_tensors", off_by_one)
-    fails(cli, tmp_path, write_recipe(tmp_path, llama, {"ga": "gptq-asym"}, "ga"), match="changed its weight")
-    assert not (tmp_path / "out").exists()
+    r = cli("build", write_recipe(tmp_path, llama, {"ga": "gptq-asym"}, "ga"), "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "error: source 'ga'" in r.output and "changed its weight" in " ".join(r.output.split())
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "mpconvert-tmp" in p.name]

@@ -139,7 +139,7 @@ def test_corruptions_are_all_caught(dense_out, llama, cli, tmp_path):
         "scale from wrong source": (lambda d: mutate(dense_out, d, wrong_scale, rehash=True), ["numeric"],
                                     f"{L0}.mlp.gate_proj: weight error"),
         "gptq_v2 zero convention": (lambda d: mutate(dense_out, d, v2_zeros, rehash=True), [],
-                                    f"{L1}.mlp.up_proj: {L1}.mlp.up_proj.qzeros: a symmetric v1 checkpoint"),
+                                    f"{L1}.mlp.up_proj: {L1}.mlp.up_proj.qzeros: a symmetric gptq checkpoint"),
         "AWQ linear with base norm": (lambda d: mutate(dense_out, d, awq_with_base_norm, rehash=True), ["numeric"],
                                       f"{L1}.self_attn.q_proj: its norm does not match the scales AWQ folded"),
         "truncated shard": (lambda d: truncate(mutate(dense_out, d, lambda sd: None)), [], "truncated"),
