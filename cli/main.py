@@ -283,6 +283,8 @@ def inspect(directory: Path = typer.Argument(..., help="converted directory"),
             out.print(f"{unit}: {desc}", highlight=False)
     out.print(f"linear weights: {s['bits_per_weight']} bits/weight on average; checkpoint {s['bytes']:,} bytes = "
               f"{s['vs_bf16']:.3f} × its bf16 size ({s['bf16_bytes']:,} bytes)", highlight=False)
+    out.print("layout: " + ("compressed-tensors (stock SGLang/vLLM load it; no plugin)" if s["layout"] ==
+                            "compressed-tensors" else "mpconvert (SGLang serves it through the runtime shim)"))
 
 
 VERIFY_HELP = """Prove that a converted directory is complete, consistent, shardable and faithful.
@@ -297,7 +299,8 @@ does on the base weight, each block and the logits against the bf16 base on CPU,
 KL to the base on real text (W8A8 layers' inputs quantized as SGLang's kernels do: the served model's numbers).
 With --engine sglang, SGLang's own classes build and load the model on CPU through the runtime shim (TP=1 and each
 rank of --tp, with --ep's expert split): every layer must resolve to its format's native quant method and every
-parameter must be loaded.
+parameter must be loaded. A directory built --to compressed-tensors is checked the same way with SGLang's plugins
+switched off (stock SGLang must load it), and its config.json against the compressed-tensors config build wrote.
 
 Exit codes: 0 all checks passed; 1 problems found (one line each; past 50, counts per check); 2 usage error;
 70 internal error (one line, the traceback in a log file).

@@ -15,4 +15,5 @@ def summarize(directory: Path) -> dict:
     bf16 = 2 * t.linear_weights + other
     return {"modules": rows, "by_format": {k: v.model_dump() for k, v in t.by_format.items()},
             "bits_per_weight": t.bits_per_weight, "bytes": t.bytes, "bf16_bytes": bf16,
-            "vs_bf16": t.bytes / bf16 if bf16 else 0.0, "units": {u: v.describe() for u, v in m.units.items()}}
+            "vs_bf16": t.bytes / bf16 if bf16 else 0.0, "units": {u: v.describe() for u, v in m.units.items()},
+            "layout": m.layout}

@@ -89,3 +89,32 @@ def test_a_decoding_bug_still_fails_on_the_real_model(mixed, real, cli, tmp_path
     assert r.exit_code == 1
     flagged = {f["where"] for f in rep["findings"] if f["check"] == "numeric" and "weight error" in f["message"]}
     assert flagged >= {"model.layers.11.mlp.down_proj", "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj"}
+
+
+FIVE_SOURCES = {"fp8": "fp8-dynamic", "int8": "w8a8", "gptq": "gptq-g64", "w4": "ct-gptq-w4a16-g64",
+                "w4a": "ct-w4a16-asym-g64"}
+FIVE_RULES = """
+- {match: "self_attn.*", source: fp8}
+- {match: "mlp.*", layers: "0-7", source: int8}
+- {match: "mlp.*", layers: "8-15", source: gptq}
+- {match: "mlp.*", layers: "16-23", source: w4}
+- {match: "mlp.*", layers: "24-29", source: w4a}
+"""
+
+
+@pytest.mark.parametrize("layout", ["mpconvert", "compressed-tensors"])
+def test_new_formats_on_the_real_model(real, cli, tmp_path, layout):
+    """Issue 17 on the real model: llm-compressor's W4A16 g64 (GPTQ) and W4A16 g64 with zero points beside FP8, Int8
+    and gptqmodel's GPTQ — in the mpconvert layout and exported to compressed-tensors (the GPTQ layers repacked):
+    verify's numeric bands hold, and SGLang (the export: without the plugin) binds every MLP to Marlin's WNA16 kernel.
+    What this recipe serves on the GPU: docs/gpu-results.md §11 (tokens identical between the two layouts)."""
+    out = tmp_path / "out"
+    r = cli("build", write_recipe(tmp_path, real, FIVE_SOURCES, "w4", FIVE_RULES), "-o", out, "--to", layout)
+    assert r.exit_code == 0, r.output
+    r = cli("verify", out, "--numeric", "--base", real["base"], "--engine", "sglang", "--json")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "mpconvert_manifest.json").read_text())
+    formats = {n: m["format"] for n, m in manifest["modules"].items() if n.endswith("mlp.up_proj")}
+    int4 = "gptq" if layout == "mpconvert" else "wna16"
+    assert [formats[f"model.layers.{i}.mlp.up_proj"] for i in (0, 8, 16, 24)] == ["int8", int4, "wna16", "wna16"]
+    assert manifest["modules"]["model.layers.24.mlp.up_proj"]["params"]["symmetric"] is False

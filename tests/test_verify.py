@@ -210,7 +210,8 @@ def test_engine_check_flags_a_float_copy_in_a_quantized_unit():
     gptq = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
     manifest = SimpleNamespace(layout="mpconvert", units={"model.layers.0.mlp.down_proj": UnitEntry(
         format="gptq", params=gptq, members=["model.layers.0.mlp.down_proj"])})
-    ok = {"quant_config": "MpconvertConfig", "methods": {"model.layers.0.mlp.down_proj": ["GPTQMarlinLinearMethod", "GPTQMarlinLinearScheme"]},
+    ok = {"quant_config": "MpconvertConfig",
+          "methods": {"model.layers.0.mlp.down_proj": ["GPTQMarlinLinearMethod", "GPTQMarlinLinearScheme"]},
           "untouched": [], "params": {"model.layers.0.mlp.down_proj.qweight": ["torch.int32", [64, 256], ""],
                                       "model.layers.0.mlp.down_proj.scales": ["torch.bfloat16", [4, 256], ""]}}
     rep = Report("x")
