@@ -179,7 +179,9 @@ For every unit SGLang fuses (qkv, o, gate_up, down, a MoE layer's experts) and e
 distribution against the base when only that unit comes from that source (calibration text, the base's own
 hidden states, reference dequantizers; GPU when present). It then minimises the summed KL under the budget (convex
 hull + greedy by KL saved per byte; folded-scale sources such as AWQ serve their coupled units together) and writes
-the recipe (each rule commented with its bytes and predicted ΔKL) and a JSON report beside it.
+the recipe (each rule commented with its bytes and predicted ΔKL) and a JSON report beside it. On a MoE model the
+per-expert recipe is measured whole on the calibration text beside the per-layer recipe of the same budget (one-expert
+costs need not add up) and the lower KL wins (report: joint_check).
 
 SOURCES is a recipe without rules:
 

@@ -6,6 +6,7 @@ planned once more by build's own planner before it is written, so a plan that wo
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,9 @@ class Prepared:
     ids: object  # calibration token windows [n, seq]
     tp: int
     ep: int
+    # per-expert plans of a MoE model are checked against the per-layer plan of the same budget (run_plan): these
+    # are the per-layer candidates (None for a dense model or --whole-experts)
+    whole: choose.Candidates | None = None
 
 
 def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: int, tp: int = 1, ep: int = 1,
@@ -49,49 +53,84 @@ def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: i
                         f"(see `mpconvert build` for each source's reasons); nothing to choose")
     wanted = [(b, choose.parse_budget(b, c)) for b in budgets]
     ids = sensitivity.calibration_ids(recipe.path_of("base"), calib, tokens)
-    return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep)
+    whole = choose.candidates(inputs, tp, ep, False) if per_expert and inputs.info.num_experts else None
+    return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep, whole)
 
 
 def run_plan(p: Prepared, out: Path, device: str | None = None, on_total: Callable[[int], None] = lambda n: None,
              on_step: Callable[[], None] = lambda: None) -> list[PlanResult]:
     """Measure once, then one recipe per budget."""
-    c = p.candidates
+    c, device = p.candidates, device or sensitivity.default_device()
     swaps = choose.measurements_needed(c)
+    if p.whole is not None:
+        swaps += [k for k in choose.measurements_needed(p.whole) if k not in set(swaps)]
     on_total(len(swaps))
-    costs, routed = sensitivity.measure(p.inputs, swaps, c.units, p.recipe.path_of("base"), p.ids, device or
-                                        sensitivity.default_device(), on_step)
+    costs, routed = sensitivity.measure(p.inputs, swaps, c.units, p.recipe.path_of("base"), p.ids, device, on_step)
     groups = choose.options(c, costs)
     curve = choose.frontier(groups, c.fixed_bytes)
     uniform = choose.uniform_points(c, costs)
     roles = p.inputs.roles()
     results = []
     for spec, budget in p.budgets:
-        sol = choose.solve(groups, c.fixed_bytes, budget)
-        bpw = _bits_per_weight(c, sol)
-        header = [f"planned by `mpconvert plan` for --budget {spec} ({budget:,} bytes) at --tp {p.tp} --ep {p.ep}",
-                  f"model {sol.nbytes:,} bytes, {bpw:.3f} bits/weight in linears, predicted KL to the base "
-                  f"{sol.kl:.5f} (sum of per-unit swaps measured on {p.ids.numel()} calibration tokens)"]
-        text = choose.recipe_yaml(p.recipe, p.sources_file, out, c, sol, costs, roles, header)
-        _check_builds(text, out, p.tp, p.ep)
-        results.append(PlanResult(text, _report(spec, budget, sol, bpw, c, costs, p.ids.numel(), routed, roles),
-                                  curve, uniform))
+        r = _planned(p, c, groups, costs, routed, roles, spec, budget, out)
+        if p.whole is not None:
+            r = _joint_check(p, r, _planned(p, p.whole, choose.options(p.whole, costs), costs, routed, roles, spec,
+                                            budget, out), out, device)
+        results.append(PlanResult(r.recipe_text, r.report, curve, uniform))
     return results
+
+
+def _planned(p: Prepared, c: choose.Candidates, groups, costs: dict, routed: dict, roles: dict, spec: str,
+             budget: int, out: Path) -> PlanResult:
+    sol = choose.solve(groups, c.fixed_bytes, budget)
+    bpw = _bits_per_weight(c, sol)
+    header = [f"planned by `mpconvert plan` for --budget {spec} ({budget:,} bytes) at --tp {p.tp} --ep {p.ep}",
+              f"model {sol.nbytes:,} bytes, {bpw:.3f} bits/weight in linears, predicted KL to the base "
+              f"{sol.kl:.5f} (sum of per-unit swaps measured on {p.ids.numel()} calibration tokens)"]
+    text = choose.recipe_yaml(p.recipe, p.sources_file, out, c, sol, costs, roles, header)
+    _check_builds(text, out, p.tp, p.ep)
+    return PlanResult(text, _report(spec, budget, sol, bpw, c, costs, p.ids.numel(), routed, roles), [], {})
+
+
+def _joint_check(p: Prepared, per_expert: PlanResult, per_layer: PlanResult, out: Path, device: str) -> PlanResult:
+    """One-expert swap costs need not add up (on the taught MoE a whole layer of Int8 experts measured far below
+    the sum of its experts' swaps), so a MoE model's per-expert recipe is measured whole on the calibration text
+    beside the per-layer recipe of the same budget, and the lower wins; the report keeps both numbers."""
+    kl = {}
+    for name, r in (("per_expert", per_expert), ("per_layer", per_layer)):
+        with _recipe_file(r.recipe_text, out) as f:
+            kl[name] = round(sensitivity.evaluate(load_recipe(f), None, 0, device, ids=p.ids)["kl"], 6)
+    chosen = per_layer if kl["per_layer"] < kl["per_expert"] else per_expert
+    note = (f"# joint check on the calibration text: per-expert recipe KL {kl['per_expert']:.6f}, per-layer "
+            f"recipe KL {kl['per_layer']:.6f} — this is the {'per-layer' if chosen is per_layer else 'per-expert'} "
+            f"one\n")
+    report = chosen.report | {"joint_check": kl | {"chose": "per_layer" if chosen is per_layer else "per_expert"}}
+    if chosen is per_layer:  # what the per-expert plan would have done (its experts' routed shares included)
+        report["per_expert_units"] = per_expert.report["units"]
+    return PlanResult(note + chosen.recipe_text, report, [], {})
 
 
 def _bits_per_weight(c: choose.Candidates, sol: choose.Solution) -> float:
     return 8 * sum(o.nbytes for o in sol.choice.values()) / c.linear_weights
 
 
-def _check_builds(text: str, out: Path, tp: int, ep: int) -> None:
-    """Plan the written recipe with build's planner (every rule build checks), from out's directory."""
+@contextmanager
+def _recipe_file(text: str, out: Path):
+    """The recipe text as a file in out's directory (its relative paths resolve as the written recipe's will)."""
     import tempfile
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=out.resolve().parent, delete=True) as f:
         f.write(text)
         f.flush()
+        yield Path(f.name)
+
+
+def _check_builds(text: str, out: Path, tp: int, ep: int) -> None:
+    """Plan the written recipe with build's planner (every rule build checks), from out's directory."""
+    with _recipe_file(text, out) as f:
         try:
-            make_plan(load_recipe(Path(f.name)), tp, ep)
+            make_plan(load_recipe(f), tp, ep)
         except UserError as e:
             raise AssertionError(f"plan wrote a recipe build refuses: {e}") from None
 

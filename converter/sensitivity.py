@@ -255,11 +255,11 @@ def _consumed_norms(inputs: Inputs, modules: tuple[str, ...]) -> list[str]:
                   and (r.layer, r.stage) in wanted)
 
 
-def evaluate(recipe, texts: list[Path], tokens: int, device: str, model=None) -> dict:
+def evaluate(recipe, texts: list[Path] | None, tokens: int, device: str, model=None, ids=None) -> dict:
     """Perplexity and KL to the base on held-out text of what `recipe` builds — planned by build's own planner, each
     linear dequantized from the bytes build would copy (and each norm from the source build takes it from): what
     `verify --numeric --text` measures on the built directory, without writing it. `model`: a loaded base to reuse
-    (restored after)."""
+    (restored after); `ids`: token windows to use instead of `texts`."""
     import math
 
     import torch
@@ -271,7 +271,7 @@ def evaluate(recipe, texts: list[Path], tokens: int, device: str, model=None) ->
     base = recipe.path_of("base")
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().to(device)
-    ids = calibration_ids(base, texts, tokens).to(device)
+    ids = (calibration_ids(base, texts, tokens) if ids is None else ids).to(device)
     swaps = Swaps(model, device)
     try:
         with torch.inference_mode():

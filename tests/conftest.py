@@ -12,7 +12,8 @@ from fixtures.factory import fixture, smollm2  # noqa: E402
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
-               "ct-w8a16-channel", "ct-gptq-asym-weight", "gptq-asym", "gptq-asym-v2-desc", "gptq-desc", "autoawq")
+               "ct-w8a16-channel", "ct-gptq-asym-weight", "gptq-asym", "gptq-asym-v2", "gptq-asym-v2-desc", "gptq-desc",
+               "autoawq")
 MOE_KINDS = ("base", "ct-fp8-block", "native-fp8-block", "ct-w8a8", "gptq", "awq", "ct-w4a16", "ct-w4a16-asym",
              "gptq-asym")
 MIXTRAL_KINDS = ("base", "ct-fp8-block", "gptq")

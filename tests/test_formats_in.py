@@ -72,10 +72,12 @@ def test_schemes_read_from_the_producers_configs(llama, real):
                                   "actorder": "weight"}
 
 
-def test_asymmetric_gptq_dequantizes_as_gptqmodel_does(llama, tmp_path):
-    """gptqmodel's own torch kernel, in its own venv, against mpconvert's reading of the same v1 asym file."""
-    ref = _reference(fixture_python(), "gptqmodel", llama["gptq-asym"], tmp_path)
-    src = open_source("x", llama["gptq-asym"], "llama")
+@pytest.mark.parametrize("kind", ["gptq-asym", "gptq-asym-v2"])
+def test_asymmetric_gptq_dequantizes_as_gptqmodel_does(llama, tmp_path, kind):
+    """gptqmodel's own torch kernel, in its own venv, against mpconvert's reading of the same asymmetric file (v1:
+    zeros stored as zero−1; v2: the zeros themselves)."""
+    ref = _reference(fixture_python(), "gptqmodel", llama[kind], tmp_path)
+    src = open_source("x", llama[kind], "llama")
     assert len(ref) == 14
     for name, w in ref.items():
         ours = dequantize(src.modules[name].scheme, src.modules[name].tensors, *w.shape)
@@ -126,10 +128,11 @@ def test_v1_zero_points_are_read_word_wise_as_gptqmodel_writes_them():
 
 def test_dense_mix_of_the_new_formats_builds_verifies_and_loads_natively(llama, cli, tmp_path):
     sources = {"w4": "ct-w4a16", "w4a": "ct-w4a16-asym", "w8": "ct-w8a16-channel", "gw": "ct-gptq-asym-weight",
-               "ga": "gptq-asym", "int8": "ct-w8a8"}
+               "ga": "gptq-asym", "gav2": "gptq-asym-v2", "int8": "ct-w8a8"}
     rules = """
     - {match: "mlp.*", layers: 0, source: w4a}
     - {match: "self_attn.*", layers: 0, source: ga}
+    - {match: "self_attn.o_proj", layers: 1, source: gav2}
     - {match: "self_attn.*", layers: 1, source: w8}
     - {match: "mlp.down_proj", layers: 1, source: int8}
     - {match: "mlp.*", layers: 1, source: gw}
@@ -139,6 +142,7 @@ def test_dense_mix_of_the_new_formats_builds_verifies_and_loads_natively(llama, 
     check_faithful(out, manifest, llama, sources, "llama")
     qkv = manifest["modules"]["model.layers.0.self_attn.q_proj"]
     assert qkv["format"] == "wna16" and qkv["params"]["repacked_from"] == "gptq"
+    assert manifest["modules"]["model.layers.1.self_attn.o_proj"]["params"]["repacked_from"] == "gptq_v2"
     assert {t["rewrite"] for t in qkv["tensors"].values()} == {"repack_gptq_to_wna16"}
     assert "g_idx" not in qkv["tensors"] and qkv["tensors"]["weight_packed"]["renamed_from"] == "qweight"
     r = cli("verify", out, "--numeric", "--base", llama["base"], "--engine", "sglang", "--tp", "2")
@@ -146,7 +150,8 @@ def test_dense_mix_of_the_new_formats_builds_verifies_and_loads_natively(llama, 
     for rank in loaded(out, tp=2):
         m = rank["methods"]
         for unit in ("model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj",
-                     "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.gate_up_proj"):
+                     "model.layers.1.self_attn.qkv_proj", "model.layers.1.self_attn.o_proj",
+                     "model.layers.1.mlp.gate_up_proj"):
             assert m[unit] == ["CompressedTensorsLinearMethod", "CompressedTensorsWNA16"], unit
         assert m["model.layers.1.mlp.down_proj"][0] == "W8A8Int8LinearMethod"
     # byte-identical rebuild (the repack is deterministic)
@@ -200,9 +205,10 @@ def test_unsupported_compressed_tensors_variants_are_refused(llama, cli, tmp_pat
 
 
 def test_asymmetric_experts_and_desc_act_asymmetric_gptq_are_refused_with_the_reason(llama, moe, cli, tmp_path):
-    text = fails(cli, tmp_path, write_recipe(tmp_path, moe, {"w4a": "ct-w4a16-asym"}, "w4a"),
-                 match="asymmetric (zero-point) experts")
-    assert "model.layers.0.mlp.experts" in text
+    for kind in ("ct-w4a16-asym", "gptq-asym"):  # asymmetric GPTQ experts are repacked first, then refused alike
+        text = fails(cli, tmp_path, write_recipe(tmp_path, moe, {"a": kind}, "a"),
+                     match="asymmetric (zero-point) experts")
+        assert "model.layers.0.mlp.experts" in text
     text = fails(cli, tmp_path, write_recipe(tmp_path, llama, {"ga": "gptq-asym-v2-desc"}, "ga"),
                  match="desc_act permutation")
     assert "model.layers.0." in text and "re-quantize with desc_act=False or sym=True" in text

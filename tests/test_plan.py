@@ -205,7 +205,9 @@ def test_plan_per_expert_on_a_taught_moe(cli, taught_moe, tmp_path):
     r = cli("plan", src, "--budget", "6bpw", "--calib", calib, "-o", tmp_path / "r.yaml", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)["reports"][0]
-    experts = {u: x for u, x in rep["units"].items() if ".experts." in u}
+    joint = rep["joint_check"]  # the per-expert recipe measured whole against the per-layer one; the lower wins
+    assert joint["chose"] == min(("per_expert", "per_layer"), key=lambda k: (joint[k], k != "per_expert"))
+    experts = {u: x for u, x in rep.get("per_expert_units", rep["units"]).items() if ".experts." in u}
     assert len(experts) == 16 and all("routed_share" in x for x in experts.values())
     by_layer = {}
     for u, x in experts.items():
@@ -215,8 +217,9 @@ def test_plan_per_expert_on_a_taught_moe(cli, taught_moe, tmp_path):
     assert sum(share["int8"]) / len(share["int8"]) > sum(share["gptq"]) / len(share["gptq"]), share  # hot → precise
     b = cli("build", tmp_path / "r.yaml", "-o", tmp_path / "out")
     assert b.exit_code == 0, b.output
-    assert any(u["format"] == "mixed_experts" for u in json.loads((tmp_path / "out" / MANIFEST).read_text())[
+    mixed = any(u["format"] == "mixed_experts" for u in json.loads((tmp_path / "out" / MANIFEST).read_text())[
         "units"].values())
+    assert mixed == (joint["chose"] == "per_expert")
     w = cli("plan", src, "--budget", "6bpw", "--calib", calib, "-o", tmp_path / "w.yaml", "--json", "--whole-experts")
     assert w.exit_code == 0, w.output
     whole = json.loads(w.stdout)["reports"][0]
