@@ -25,25 +25,25 @@ $(VENV)/.done: pyproject.toml requirements/runtime.txt requirements/sglang-impor
 
 # The producers' venv (llm-compressor, gptqmodel need transformers ≥5.15; SGLang 0.5.17 needs <5.13). It reuses
 # the tool venv's torch through a .pth file instead of installing a second 5 GB torch.
-$(FVENV)/.done: $(VENV)/.done requirements/fixtures.txt requirements/fixtures-nodeps.txt requirements/lock-fixtures.txt
-	$(PY) -m venv $(FVENV)
+# A venv layered over the tool venv's site-packages (.pth: its torch), with requirements/$(2).txt pinned by
+# requirements/lock-$(2).txt and requirements/$(2)-nodeps.txt installed --no-deps.
+define layered_venv
+	$(PY) -m venv $(1)
 	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > \
-	  "$$($(FVENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mpconvert_main_venv.pth"
-	$(FVENV)/bin/pip install -q --upgrade pip
-	$(FVENV)/bin/pip install -q -c requirements/lock-fixtures.txt -r requirements/fixtures.txt
-	$(FVENV)/bin/pip install -q --no-deps -r requirements/fixtures-nodeps.txt
-	touch $@
+	  "$$($(1)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mpconvert_main_venv.pth"
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q -c requirements/lock-$(2).txt -r requirements/$(2).txt
+	$(1)/bin/pip install -q --no-deps -r requirements/$(2)-nodeps.txt
+	touch $(1)/.done
+endef
+
+$(FVENV)/.done: $(VENV)/.done requirements/fixtures.txt requirements/fixtures-nodeps.txt requirements/lock-fixtures.txt
+	$(call layered_venv,$(FVENV),fixtures)
 
 # AutoAWQ (archived, transformers 4.51): the legacy AWQ producer, for the fixture that proves its GEMM output reads
 # like gptqmodel's. Layered over the tool venv's torch like the producers.
 $(AVENV)/.done: $(VENV)/.done requirements/autoawq.txt requirements/autoawq-nodeps.txt requirements/lock-autoawq.txt
-	$(PY) -m venv $(AVENV)
-	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > \
-	  "$$($(AVENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mpconvert_main_venv.pth"
-	$(AVENV)/bin/pip install -q --upgrade pip
-	$(AVENV)/bin/pip install -q -c requirements/lock-autoawq.txt -r requirements/autoawq.txt
-	$(AVENV)/bin/pip install -q --no-deps -r requirements/autoawq-nodeps.txt
-	touch $@
+	$(call layered_venv,$(AVENV),autoawq)
 
 # SGLang 0.5.23 for the CPU engine tests on the second supported version: layered on the tool's venv (site.addsitedir,
 # so that its torch and the editable mpconvert are seen), with only what 0.5.23 needs differently on top.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "gpu"))
-from plan_serve import CHUNK, _perplexity  # noqa: E402
+from plan_serve import _perplexity, staging  # noqa: E402
 
 SMOL = {"fp8": "fp8-dynamic", "int8": "w8a8", "gptq": "gptq-g64", "w4": "ct-gptq-w4a16-g64",
         "w4a": "ct-w4a16-asym-g64"}
@@ -65,11 +65,8 @@ def stage() -> None:
     from mpconvert.recipe import load_recipe
     from plan_bench import EVAL
 
-    out = ROOT / ".gpu-plan"
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    out.mkdir()
-    with tempfile.TemporaryDirectory(prefix="mpc-formats-gpu-") as tmp:
-        d = Path(tmp) / "formats"
+    with staging("formats") as tmp:
+        d = tmp / "formats"
         d.mkdir()
         recipe = _recipe(d, smollm2("base"), {k: smollm2(v) for k, v in SMOL.items()}, "w4", SMOL_RULES)
         _build(recipe, d / "mix")
@@ -82,12 +79,10 @@ def stage() -> None:
                       "gptq", MOE_RULES)
         _build(moe, d / "moe")
         _build(moe, d / "moe-ct", "--to", "compressed-tensors")
-        held = taught_text(Path(tmp) / "held.txt", seed=7)
+        held = taught_text(tmp / "held.txt", seed=7)
         moe_ids = [[int(w[1:]) + 3 for w in line.split()] for line in held.read_text().splitlines()[:8]]
         (d / "eval.json").write_text(json.dumps({"windows": ids.tolist(), "cpu": cpu, "moe_windows": moe_ids}))
-        subprocess.run(f"tar -C {tmp} -cf - formats | split -b {CHUNK} -d - {out}/part.", shell=True, check=True)
-    parts = sorted(out.iterdir())
-    print(f"staged {len(parts)} parts: {[round(p.stat().st_size / 2**20, 1) for p in parts]} MiB; cpu {cpu}")
+    print(f"cpu {cpu}")
 
 
 def _served(path: Path, windows: list, dtype: str, shim: bool) -> dict:

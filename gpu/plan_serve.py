@@ -19,10 +19,26 @@ import math
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 50 * 2**20
+
+
+@contextmanager
+def staging(what: str, into: str = ".gpu-plan", digits: int = 2):
+    """A temporary directory to fill; on leaving, its entry `what` is tarred into `into`/part.NN (≤ CHUNK each), the
+    parts successive GPU calls append (files there survive between calls while the machine is held)."""
+    out = ROOT / into
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir()
+    with tempfile.TemporaryDirectory(prefix="mpc-gpu-stage-") as tmp:
+        yield Path(tmp)
+        subprocess.run(f"tar -C {tmp} -cf - {what} | split -b {CHUNK} -d -a {digits} - {out}/part.", shell=True,
+                       check=True)
+    parts = sorted(out.iterdir())
+    print(f"staged {len(parts)} parts: {[round(p.stat().st_size / 2**20, 1) for p in parts]} MiB")
 
 
 def stage(budget: str) -> None:
@@ -36,11 +52,7 @@ def stage(budget: str) -> None:
     from mpconvert.recipe import load_recipe
     from plan_bench import CALIB, EVAL, sources_file
 
-    out = ROOT / ".gpu-plan"
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    out.mkdir()
-    with tempfile.TemporaryDirectory(prefix="mpc-plan-gpu-") as tmp:
-        d = Path(tmp)
+    with staging("planned") as d:
         src = sources_file(d)
         [r] = run_plan(prepare(src, [budget], CALIB, 512), d / "plan.yaml")
         recipe = d / "plan.yaml"
@@ -53,9 +65,7 @@ def stage(budget: str) -> None:
         (d / "planned" / "plan_eval.json").write_text(json.dumps(
             {"budget": budget, "windows": ids.tolist(), "cpu": cpu, "report": r.report | {"units": None},
              "recipe": r.recipe_text}))
-        subprocess.run(f"tar -C {d} -cf - planned | split -b {CHUNK} -d - {out}/part.", shell=True, check=True)
-    parts = sorted(out.iterdir())
-    print(f"staged {len(parts)} parts: {[round(p.stat().st_size / 2**20, 1) for p in parts]} MiB; cpu {cpu}")
+    print(f"cpu {cpu}")
 
 
 SOURCES = {"fp8": "fp8-dynamic", "fp8b": "fp8-block", "int8": "w8a8", "gptq": "gptq-g64"}
@@ -66,20 +76,14 @@ def stage_sources() -> None:
     sys.path.insert(0, str(ROOT))
     from fixtures.factory import smollm2
 
-    out = ROOT / ".gpu-src"
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    out.mkdir()
-    with tempfile.TemporaryDirectory(prefix="mpc-plan-src-") as tmp:
-        d = Path(tmp) / "src"
+    with staging("src", ".gpu-src", 3) as tmp:
+        d = tmp / "src"
         d.mkdir()
         for name, kind in {"base": "base", **SOURCES}.items():
             subprocess.run(["cp", "-rL", str(smollm2(kind)), str(d / name)], check=True)
         for f in ("GPL-3", "Apache-2.0", "GFDL-1.3", "Artistic"):
             subprocess.run(["cp", f"/usr/share/common-licenses/{f}", str(d / f)], check=True)
         (d / "sources.yaml").write_text("base: base\nsources:\n" + "".join(f"  {k}: {k}\n" for k in SOURCES))
-        subprocess.run(f"tar -C {tmp} -cf - src | split -b {CHUNK} -d -a 3 - {out}/part.", shell=True, check=True)
-    parts = sorted(out.iterdir())
-    print(f"staged {len(parts)} parts, {sum(p.stat().st_size for p in parts) / 2**20:.0f} MiB")
 
 
 def gpu_plan_and_identity(d: Path) -> dict:
