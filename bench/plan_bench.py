@@ -192,18 +192,21 @@ def moe_main(a) -> None:
                 p.write_text(r.recipe_text)
                 m = sensitivity.evaluate(load_recipe(p), [held], 1536, device)
                 rows.setdefault(spec, {})[per_expert] = (r, m)
-    print("| budget | per-expert MB | per-expert KL (measured) | per-layer MB | per-layer KL (measured) | "
-          "per-expert / per-layer | routed share of the Int8 experts / of the GPTQ experts |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| budget | plan MB | plan KL (measured) | per-layer MB | per-layer KL (measured) | plan / per-layer | "
+          "joint check on calibration text: per-expert / per-layer KL → chosen | routed share of the Int8 experts / "
+          "of the GPTQ experts |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for spec, x in rows.items():
         (re_, me), (_, ml) = x[True], x[False]
-        ex = [u for u in re_.report["units"].values() if "routed_share" in u]
+        j = re_.report.get("joint_check", {})
+        joint = f"{j['per_expert']:.5f} / {j['per_layer']:.5f} → {j['chose'].replace('_', '-')}" if j else "—"
+        ex = [u for u in re_.report.get("per_expert_units", re_.report["units"]).values() if "routed_share" in u]
         hot = [u["routed_share"] for u in ex if u["source"] == "int8"]
         cold = [u["routed_share"] for u in ex if u["source"] == "gptq"]
         share = (f"{statistics.mean(hot):.3f} ({len(hot)}) / {statistics.mean(cold):.3f} ({len(cold)})"
                  if hot and cold else "—")
         print(f"| {spec} | {me['bytes'] / 1e6:.3f} | {me['kl']:.5f} | {ml['bytes'] / 1e6:.3f} | {ml['kl']:.5f} | "
-              f"{me['kl'] / ml['kl']:.2f} | {share} |")
+              f"{me['kl'] / ml['kl']:.2f} | {joint} | {share} |")
 
 
 def recipe_layers(recipe) -> int:

