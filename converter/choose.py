@@ -113,9 +113,12 @@ def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True
                 continue
             if rules.unit_problems(unit, members) or rules.partition_problems(members, inputs.info, tp, ep):
                 continue
-            folds = FORMATS[members[0].scheme.format].folds(members[0].scheme.params)
-            if folds and members[0].role.expert is not None and per_expert:
-                continue  # its norm feeds every expert of the layer: it may serve a whole layer only (rules.py)
+            fmt = FORMATS[members[0].scheme.format]
+            folds = fmt.folds(members[0].scheme.params)
+            if (folds or fmt.expert_group_problem) and members[0].role.expert is not None and per_expert:
+                # its norm feeds every expert of the layer, or its experts cannot be one format group among others:
+                # it may serve a whole layer only (rules.py) — the per-layer recipe plan also weighs (joint check)
+                continue
             nbytes = sum(written_nbytes(inputs.sources[label].modules[m.name], m.out_features, m.in_features)
                          for m in members)
             servers.append(UnitSource(unit, label, tuple(names), nbytes, members[0].scheme.describe(), folds))

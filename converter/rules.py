@@ -78,6 +78,14 @@ def unit_problems(unit: str, members: list[Linear]) -> list[Problem]:
                                                     f"call — give the whole expert one format (match "
                                                     f"\"mlp.experts.*\" with experts: [...])"))
     for m in members:
+        why = FORMATS[m.scheme.format].expert_group_problem
+        if why:
+            problems.append(Problem("expert", unit, f"{unit} mixes formats across its experts and takes {m.name} "
+                                                    f"from {m.source!r} ({m.scheme.describe()}): {why} — give this "
+                                                    f"layer's experts one format, or mix only FP8, Int8, GPTQ and "
+                                                    f"bf16 experts"))
+            break
+    for m in members:
         if FORMATS[m.scheme.format].folds(m.scheme.params):
             problems.append(Problem(
                 "expert", unit,

@@ -134,6 +134,9 @@ class Format(ConfigReader):
     # layer has more experts than it holds — how expert parallelism and mixed-format expert groups skip others'
     # experts) or "marlin" (GPTQ/AWQ: SGLang passes its kernel no expert map, so -1 is not known to be skipped)
     sglang_moe_runner: str = "triton"
+    # why this format's experts cannot be one of several format groups of a MoE layer (runtime_shim/mixed_experts.py),
+    # or "" where they can
+    expert_group_problem: str = ""
     # numeric bands of verify --numeric (fidelity.py): a module's weight error against the base may be rtn_factor ×
     # what round-to-nearest in its own scheme gets on the same weight (never below module_floor); a decoder block's
     # output error up to block_error_band (its least precise format's); the end-to-end logits cosine at least

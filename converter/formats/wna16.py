@@ -52,6 +52,10 @@ class WNA16(Format):
     suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
     value_tensors = ("weight_scale", "weight_shape")
     sglang_moe_runner = "marlin"
+    # compressed_tensors_wNa16_moe.py maps the top-k ids through the layer dispatcher's expert map where one is set;
+    # the shim's per-format expert groups hand it group-local ids: not proven on the GPU, so not offered
+    expert_group_problem = ("its SGLang kernel (compressed-tensors WNA16 MoE) remaps expert ids through the layer's "
+                            "expert map, which the shim's per-format expert groups are not proven against")
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 3.0, 0.02, 0.40, 0.85
 
     def describe(self, p):
