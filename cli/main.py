@@ -466,8 +466,9 @@ def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="conver
 def demo(directory: Path = typer.Argument(Path("demo-out"), help="where the demo writes its recipe and output"),
          force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo output")):
     recipe = _fixture_factory().run_demo(directory, err)
-    build(recipe, directory / "mixed", 1, 1, None, force, False)
-    inspect(directory / "mixed", False, True)
+    build(recipe=recipe, output=directory / "mixed", tp=1, ep=1, shard_size=None, force=force, to="mpconvert",
+          json_out=False)
+    inspect(directory=directory / "mixed", json_out=False, modules=True)
 
 
 def _fixture_factory():

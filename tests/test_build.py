@@ -164,3 +164,10 @@ def test_mixtral_expert_names_are_mapped(cli, tmp_path):
     assert m["units"]["model.layers.1.block_sparse_moe.experts"]["format"] == "gptq"
     assert m["modules"]["model.layers.1.block_sparse_moe.gate"]["kind"] == "router"
     check_faithful(tmp_path / "out", m, fx, {"fp8": "ct-fp8-block", "gptq": "gptq"}, "mixtral")
+
+
+def test_the_demo_runs(cli, llama, tmp_path):
+    """`make demo`'s command: the built-in recipe over the cached fixtures, built and inspected."""
+    r = cli("demo", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    assert "layout: mpconvert" in r.output and (tmp_path / "demo" / "mixed" / "mpconvert_manifest.json").is_file()
