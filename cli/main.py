@@ -55,10 +55,11 @@ moe: true/false restricts to layers with/without a MoE block; experts: routed ex
 formats (FP8, Int8, GPTQ, bf16; not from a folded-scale source such as AWQ): SGLang then runs one native fused-MoE
 call per format over its own experts.
 
---to compressed-tensors writes the mix as an ordinary compressed-tensors checkpoint instead: stock SGLang and vLLM
-serve it with no mpconvert installed (one config group per scheme, explicit module targets, `ignore` for bf16
-modules; GPTQ and AWQ repacked losslessly into pack-quantized, each repacked module proven equal to its source).
-Refused there: experts of several formats in one MoE layer, int8 experts, a quantized lm_head.
+--to compressed-tensors writes the mix as an ordinary compressed-tensors checkpoint instead, which stock SGLang
+serves with no mpconvert installed (vLLM reads the same format; not tested here): one config group per scheme,
+explicit module targets, `ignore` for bf16 modules; GPTQ and AWQ repacked losslessly into pack-quantized, each
+repacked module proven equal to its source. Refused there: experts of several formats in one MoE layer, int8
+experts, a quantized lm_head; Llama and Qwen3-MoE only (what is tested).
 
 Examples:
 
@@ -135,7 +136,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           force: bool = typer.Option(False, "--force", help="replace an existing output directory (only the one "
                                                             "there when the build starts)"),
           to: str = typer.Option("mpconvert", "--to", help="layout: mpconvert (served through the runtime shim) "
-                                                            "or compressed-tensors (stock SGLang/vLLM, no plugin)"),
+                                                            "or compressed-tensors (stock SGLang, no plugin)"),
           json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout")):
     import os
 
@@ -285,7 +286,7 @@ def inspect(directory: Path = typer.Argument(..., help="converted directory"),
             out.print(f"{unit}: {desc}", highlight=False)
     out.print(f"linear weights: {s['bits_per_weight']} bits/weight on average; checkpoint {s['bytes']:,} bytes = "
               f"{s['vs_bf16']:.3f} × its bf16 size ({s['bf16_bytes']:,} bytes)", highlight=False)
-    out.print("layout: " + ("compressed-tensors (stock SGLang/vLLM load it; no plugin)" if s["layout"] ==
+    out.print("layout: " + ("compressed-tensors (stock SGLang loads it; no plugin)" if s["layout"] ==
                             "compressed-tensors" else "mpconvert (SGLang serves it through the runtime shim)"))
 
 

@@ -1,5 +1,6 @@
 """build --to compressed-tensors: the mix as an ordinary compressed-tensors checkpoint, which stock SGLang (no
-plugin), vLLM and compressed-tensors' own loader read with no mpconvert installed.
+plugin) and compressed-tensors' own loader read with no mpconvert installed (tested; vLLM, whose compressed-tensors
+matching SGLang's is adapted from, is not installed here).
 
 What changes against the mpconvert layout is only how modules are written and what config.json says:
 - every module in a scheme compressed-tensors has (Format.ct_group): FP8 and Int8 as compressed-tensors writes them
