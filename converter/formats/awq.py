@@ -15,7 +15,7 @@ from ..errors import UserError
 from .base import (CT_LAYOUT, MP_LAYOUT, Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config,
                    positive_scales, register)
 from .gptq import group_size_ok, marlin_problem
-from .intpack import pack_cols, round_to_nearest_int, unpack_cols
+from .intpack import REPACK_FROM, pack_cols, repacked_scheme, round_to_nearest_int, unpack_cols
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 # SGLang 0.5.17's AWQ-Marlin asks verify_marlin_supports_shape (marlin_utils.py: GPTQ_MARLIN_MIN_THREAD_K = 128)
@@ -95,11 +95,9 @@ class AWQ(Format):
         """For a compressed-tensors export: → WNA16 with zero points (the same (q − z)·s per group)."""
         if layout != CT_LAYOUT:
             return None
-        gs = p["group_size"]
-        return Scheme.of("wna16", bits=4, strategy="group" if gs > 0 else "channel", group_size=gs, symmetric=False,
-                         repacked_from="awq")
+        return repacked_scheme(4, p["group_size"], False, "awq")
 
-    repack_from = {"weight_packed": "qweight", "weight_scale": "scales", "weight_zero_point": "qzeros"}
+    repack_from = REPACK_FROM
 
     def repack_tensors(self, t, p, out_f, in_f):
         """AWQ packs along the output with its interleave; compressed-tensors packs the weight along the input and

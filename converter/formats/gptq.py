@@ -21,7 +21,7 @@ from pydantic import field_validator
 from ..errors import UserError
 from .base import (CT_LAYOUT, MP_LAYOUT, Expect, Format, Params, ProducerConfig, Scheme, ceil_div, parse_config,
                    positive_scales, register)
-from .intpack import pack_cols, round_to_nearest_int, unpack_cols, unpack_rows
+from .intpack import REPACK_FROM, pack_cols, repacked_scheme, round_to_nearest_int, unpack_cols, unpack_rows
 
 # SGLang 0.5.17's Marlin kernels (kernels/jit/csrc/gemm/marlin/gptq_marlin.cuh and marlin_moe/moe_wna16_marlin.cuh):
 # a problem runs on a thread config whose thread_k divides K and thread_n divides N. The dense kernel's configs
@@ -171,11 +171,9 @@ class GPTQ(Format):
         """Asymmetric GPTQ (no Marlin kernel) always, symmetric for a compressed-tensors export: → WNA16."""
         if p["sym"] and layout != CT_LAYOUT:
             return None
-        gs = p["group_size"]
-        return Scheme.of("wna16", bits=p["bits"], strategy="group" if gs > 0 else "channel", group_size=gs,
-                         symmetric=p["sym"], repacked_from=p["checkpoint_format"])
+        return repacked_scheme(p["bits"], p["group_size"], p["sym"], p["checkpoint_format"])
 
-    repack_from = {"weight_packed": "qweight", "weight_scale": "scales", "weight_zero_point": "qzeros"}
+    repack_from = REPACK_FROM
 
     def repack_tensors(self, t, p, out_f, in_f):
         """GPTQ → compressed-tensors WNA16: both pack along the input lowest-first as unsigned values, so

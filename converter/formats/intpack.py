@@ -1,7 +1,20 @@
-"""Bit packing shared by the int4/int8 formats: k-bit values packed into int32 words, first value lowest."""
+"""Bit packing shared by the int4/int8 formats: k-bit values packed into int32 words, first value lowest; and the
+wna16 scheme that GPTQ and AWQ are repacked into (Format.repack), which both name."""
 from __future__ import annotations
 
 import numpy as np
+
+from .base import Scheme
+
+# the stored tensor each written one comes from, for both GPTQ's and AWQ's repack (their qweight, scales, qzeros)
+REPACK_FROM = {"weight_packed": "qweight", "weight_scale": "scales", "weight_zero_point": "qzeros"}
+
+
+def repacked_scheme(bits: int, group_size: int, symmetric: bool, source: str) -> Scheme:
+    """The wna16 (compressed-tensors pack-quantized) scheme an integer format is repacked into (group_size -1: the
+    channel strategy)."""
+    return Scheme.of("wna16", bits=bits, strategy="group" if group_size > 0 else "channel", group_size=group_size,
+                     symmetric=symmetric, repacked_from=source)
 
 
 def unpack_rows(packed, bits: int):

@@ -8,7 +8,7 @@ Dequant: W[o, i] = (q[o, i] − z[o, g(i)]) · s[o, g(i)], z = 2^(bits−1) when
 SGLang 0.5.17 serves both symmetric and asymmetric on Marlin (CompressedTensorsWNA16, uint4b8 / uint4 with zero
 points; FusedMoE: CompressedTensorsWNA16MoE). actorder "weight" changes only how GPTQ calibrated (no g_idx stored);
 actorder "group" cannot be loaded at all: compressed-tensors ≥ 0.19, which SGLang 0.5.17 runs, rejects the config.
-A checkpoint repacked from GPTQ or AWQ (repack.py) records `repacked_from`.
+A module repacked from GPTQ or AWQ (Format.repack; plan.RepackJob proves it) records `repacked_from`.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class WNA16(Format):
             return problem
         shape = [int(x) for x in np.asarray(t["weight_shape"]).reshape(-1)]
         out_f, groups = t["weight_scale"].shape
-        if shape[0] != out_f or groups != (ceil_div(shape[1], p["group_size"]) if p["strategy"] == "group" else 1):
+        if shape[0] != out_f or groups != self.groups(p, shape[1]):
             return (f"{module}.weight_shape says {shape}, which its weight_scale {list(t['weight_scale'].shape)} "
                     f"contradicts")
         return None
