@@ -45,12 +45,14 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        if not self.made_as:
-            return self.src.nbytes
-        n = DTYPE_SIZE[self.made_as[0]]
-        for d in self.made_as[1]:
-            n *= d
-        return n
+        return _nbytes(*self.made_as) if self.made_as else self.src.nbytes
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = DTYPE_SIZE[dtype]
+    for d in shape:
+        n *= d
+    return n
 
 
 class RepackJob:
@@ -412,8 +414,7 @@ def written_nbytes(view, out_f: int, in_f: int, layout: str = MP_LAYOUT) -> int:
     target = FORMATS[view.scheme.format].repack(view.scheme.params, layout)
     if target is None:
         return sum(t.nbytes for t in view.tensors.values())
-    n = sum(DTYPE_SIZE[dtype] * int(np.prod(shape)) for _, _, dtype, shape in
-            repack_layout(view, target, out_f, in_f).values())
+    n = sum(_nbytes(dtype, shape) for _, _, dtype, shape in repack_layout(view, target, out_f, in_f).values())
     return n + (view.tensors["bias"].nbytes if "bias" in view.tensors else 0)
 
 

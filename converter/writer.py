@@ -42,22 +42,14 @@ def split_shards(tensors: list[TensorPlan], cap: int) -> list[list[TensorPlan]]:
 
 
 def _pending(t: TensorPlan) -> PendingTensor:
-    if t.made is not None:
-        def made():
-            new = t.made()
-            if tuple(new.shape) != t.shape or new.dtype != torch_dtype(t.dtype):
-                raise AssertionError(f"repack made {t.name} {new.dtype}{list(new.shape)}, planned "
-                                     f"{t.dtype}{list(t.shape)}")
-            yield tensor_to_bytes(new)
-
-        return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, made)
-    if t.rewrite is None:
+    if t.made is None and t.rewrite is None:
         return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, lambda: iter_bytes(t.src))
+    make = t.made or (lambda: t.rewrite(load_tensor(t.src)))  # a repacked tensor, or an exact rewrite of one
 
     def rewritten():
-        new = t.rewrite(load_tensor(t.src))
-        if tuple(new.shape) != t.shape:
-            raise AssertionError(f"rewrite changed the shape of {t.name}")
+        new = make()
+        if tuple(new.shape) != t.shape or new.dtype != torch_dtype(t.dtype):
+            raise AssertionError(f"{t.name} was made {new.dtype}{list(new.shape)}, planned {t.dtype}{list(t.shape)}")
         yield tensor_to_bytes(new)
 
     return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, rewritten)
