@@ -107,7 +107,3 @@ def quantization_config(manifest) -> dict:
             "ignore": sorted(ignore, key=natural_key), "kv_cache_scheme": None, "sparsity_config": {},
             "transform_config": {}}
 
-
-def expected_methods(fmt: str, params: dict, moe: bool) -> tuple[str, str | None]:
-    """The quant method (and scheme) SGLang's own compressed-tensors config binds for a layer of this scheme."""
-    return FORMATS[fmt].ct_methods(params, moe)

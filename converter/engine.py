@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import ct_export
 from .formats import FORMATS
 from .formats.base import CT_LAYOUT
 from .manifest import EXPERT_GROUPS
@@ -61,8 +60,12 @@ def expected_layers(manifest, ep: int = 1, ep_rank: int = 0) -> dict[str, tuple[
     mixed-experts MoE layer gets MixedExpertsMethod, and each of its format groups (`expert_groups.N` under it) with
     experts on this expert-parallel rank its format's native MoE method."""
     out = {}
-    methods = ct_export.expected_methods if manifest.layout == CT_LAYOUT else \
-        (lambda fmt, params, moe: FORMATS[fmt].sglang_methods(params, moe))
+    exported = manifest.layout == CT_LAYOUT  # SGLang's own compressed-tensors config binds them, not the shim
+
+    def methods(fmt: str, params: dict, moe: bool) -> tuple[str, str | None]:
+        f = FORMATS[fmt]
+        return f.ct_methods(params, moe) if exported else f.sglang_methods(params, moe)
+
     for unit, spec in manifest.units.items():
         fmt = spec.format
         if unit.endswith("lm_head"):

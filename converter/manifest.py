@@ -282,9 +282,13 @@ def config_json(manifest: Manifest, raw: bytes) -> dict:
     return config
 
 
+# the keys of config.json that build writes for the layout (config_json); the rest is the base's config
+WRITTEN_KEYS = ("quantization_config", ct_export.MANIFEST_KEY)
+
+
 def recorded_digest(config: dict) -> str | None:
     """The manifest sha256 a config.json records (in either layout)."""
-    for holder in (config.get("quantization_config"), config.get(ct_export.MANIFEST_KEY)):
+    for holder in (config.get(k) for k in WRITTEN_KEYS):
         if isinstance(holder, dict) and isinstance(holder.get("manifest_sha256"), str):
             return holder["manifest_sha256"]
     return None

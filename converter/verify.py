@@ -32,9 +32,8 @@ from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, check_expected
 from .layout import ModelInfo, role_of
-from .ct_export import MANIFEST_KEY
-from .manifest import (MANIFEST, Manifest, ManifestError, config_json, load_manifest, recorded_digest,
-                       totals)
+from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, load_manifest,
+                       recorded_digest, totals)
 from .safetensors_io import TensorInfo, digest_and_scan, forget_open_files, load_array, read_header
 
 SUMMARY_ROWS = 50  # the CLI prints this many findings, then counts per check and place
@@ -117,7 +116,7 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
     if manifest is None:
         return
     written = config_json(manifest, raw)
-    for key in ("quantization_config", MANIFEST_KEY):
+    for key in WRITTEN_KEYS:
         want, qc = written.get(key), config.get(key)
         if want is None or not isinstance(qc, dict):
             if qc != want:
@@ -129,7 +128,7 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
                 rep.add("config", f"config.json {where}",
                         f"is {got!r}, build wrote {wrote!r}: SGLang reads it to pick how each layer is served; "
                         f"rebuild or restore it")
-    rest = {k: v for k, v in config.items() if k not in ("quantization_config", MANIFEST_KEY)}
+    rest = {k: v for k, v in config.items() if k not in WRITTEN_KEYS}
     for k in sorted(set(rest) | set(manifest.config)):
         if rest.get(k, "<absent>") != manifest.config.get(k, "<absent>"):
             rep.add("config", f"config.json {k}",

@@ -16,8 +16,7 @@ from typing import Callable
 
 from .checkpoint import INDEX
 from .errors import UserError
-from .ct_export import MANIFEST_KEY
-from .manifest import MANIFEST, Manifest, build_manifest, config_json
+from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_dir
 from .safetensors_io import (PendingTensor, forget_open_files, iter_bytes, load_tensor, tensor_to_bytes, torch_dtype,
@@ -126,7 +125,7 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
         if (plan.base.ckpt.path / f).is_file():
             shutil.copyfile(plan.base.ckpt.path / f, tmp / f)
             files[f] = hashlib.sha256((tmp / f).read_bytes()).hexdigest()
-    config = {k: v for k, v in plan.base.ckpt.config.items() if k not in ("quantization_config", MANIFEST_KEY)}
+    config = {k: v for k, v in plan.base.ckpt.config.items() if k not in WRITTEN_KEYS}
     manifest = build_manifest(plan, shard_of, digests, config, files)
     raw = manifest.dumps()
     (tmp / MANIFEST).write_bytes(raw)
