@@ -71,12 +71,14 @@ def run_plan(p: Prepared, out: Path, device: str | None = None, on_total: Callab
     curve = choose.frontier(groups, c.fixed_bytes)
     uniform = choose.uniform_points(c, costs)
     roles = p.inputs.roles()
+    whole_groups = choose.options(p.whole, costs) if p.whole is not None else None
+    model = sensitivity.base_model(p.recipe.path_of("base"), device) if p.whole is not None else None
     results = []
     for spec, budget in p.budgets:
         r = _planned(p, c, groups, costs, routed, roles, spec, budget, out)
         if p.whole is not None:
-            r = _joint_check(p, r, _planned(p, p.whole, choose.options(p.whole, costs), costs, routed, roles, spec,
-                                            budget, out), out, device)
+            r = _joint_check(p, r, _planned(p, p.whole, whole_groups, costs, routed, roles, spec, budget, out), out,
+                             device, model)
         results.append(PlanResult(r.recipe_text, r.report, curve, uniform))
     return results
 
@@ -93,14 +95,15 @@ def _planned(p: Prepared, c: choose.Candidates, groups, costs: dict, routed: dic
     return PlanResult(text, _report(spec, budget, sol, bpw, c, costs, p.ids.numel(), routed, roles), [], {})
 
 
-def _joint_check(p: Prepared, per_expert: PlanResult, per_layer: PlanResult, out: Path, device: str) -> PlanResult:
+def _joint_check(p: Prepared, per_expert: PlanResult, per_layer: PlanResult, out: Path, device: str,
+                 model) -> PlanResult:
     """One-expert swap costs need not add up (on the taught MoE a whole layer of Int8 experts measured far below
     the sum of its experts' swaps), so a MoE model's per-expert recipe is measured whole on the calibration text
     beside the per-layer recipe of the same budget, and the lower wins; the report keeps both numbers."""
     kl = {}
     for name, r in (("per_expert", per_expert), ("per_layer", per_layer)):
         with _recipe_file(r.recipe_text, out) as f:
-            kl[name] = round(sensitivity.evaluate(load_recipe(f), None, 0, device, ids=p.ids)["kl"], 6)
+            kl[name] = round(sensitivity.evaluate(load_recipe(f), None, 0, device, model, p.ids)["kl"], 6)
     chosen = per_layer if kl["per_layer"] < kl["per_expert"] else per_expert
     note = (f"# joint check on the calibration text: per-expert recipe KL {kl['per_expert']:.6f}, per-layer "
             f"recipe KL {kl['per_layer']:.6f} — this is the {'per-layer' if chosen is per_layer else 'per-expert'} "

@@ -50,13 +50,11 @@ class Tail:
 
     def __init__(self, base: Path, ids, device: str):
         import torch
-        from transformers import AutoModelForCausalLM
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # plan draws its own
         self.device = device
-        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().to(device)
+        self.model = base_model(base, device)
         self.ids = ids.to(device)
         self.layers = self.model.model.layers
         self.inputs: dict[int, tuple] = {}
@@ -263,14 +261,12 @@ def evaluate(recipe, texts: list[Path] | None, tokens: int, device: str, model=N
     import math
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     from .plan import make_plan
 
     plan = make_plan(recipe)
     base = recipe.path_of("base")
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().to(device)
+    model = base_model(base, device) if model is None else model
     ids = (calibration_ids(base, texts, tokens) if ids is None else ids).to(device)
     swaps = Swaps(model, device)
     try:
@@ -294,6 +290,14 @@ def evaluate(recipe, texts: list[Path] | None, tokens: int, device: str, model=N
     kl = float(token_kl(base_logp, logp).double().mean())
     return {"kl": kl, "perplexity": math.exp(nll), "perplexity_base": math.exp(nll_b), "bytes": plan.total_bytes,
             "tokens": int(ids.numel())}
+
+
+def base_model(base: Path, device: str):
+    """The bf16 base as plan and evaluate run it: transformers, float32, eval mode, on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().to(device)
 
 
 def default_device() -> str:
