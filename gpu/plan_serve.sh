@@ -5,6 +5,7 @@
 #   bash gpu/plan_serve.sh run      (unpack, serve through the shim, perplexity on the held-out windows → $OUT)
 #   bash gpu/plan_serve.sh sources  (after stage-sources' parts: plan on the GPU, single-source builds vs sources)
 #   bash gpu/plan_serve.sh formats  (after gpu/formats_serve.py stage's parts: issue 17's shim-vs-export serving)
+#   bash gpu/plan_serve.sh fp8probe (after gpu/fp8_model_probe.py stage's parts: the FP8 checkpoint five ways)
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 case "$1" in
@@ -17,10 +18,11 @@ case "$1" in
     rm -f /tmp/plan.tar ;;
   part)
     for p in "$2"/part.*; do cat "$p" >> /tmp/plan.tar; echo "appended $p"; done; ls -la /tmp/plan.tar ;;
-  run|sources|formats)
+  run|sources|formats|fp8probe)
     [ "$1" = run ] && rm -rf /tmp/planned && tar -C /tmp -xf /tmp/plan.tar
     [ "$1" = sources ] && rm -rf /tmp/src && tar -C /tmp -xf /tmp/plan.tar
     [ "$1" = formats ] && [ ! -d /tmp/formats ] && tar -C /tmp -xf /tmp/plan.tar
+    [ "$1" = fp8probe ] && rm -rf /tmp/fp8m && tar -C /tmp -xf /tmp/plan.tar
     rm -rf /tmp/mp && mkdir -p /tmp/mp/mpconvert-0.1.0.dist-info
     cp -r converter /tmp/mp/mpconvert && cp -r cli /tmp/mp/mpconvert/cli && cp -r runtime_shim /tmp/mp/mpconvert/runtime_shim
     printf 'Metadata-Version: 2.1\nName: mpconvert\nVersion: 0.1.0\n' > /tmp/mp/mpconvert-0.1.0.dist-info/METADATA
@@ -29,6 +31,8 @@ case "$1" in
     export PYTHONPATH=/tmp/site:/tmp/mp:${PYTHONPATH:-} PATH=/usr/local/cuda/bin:$PATH TVM_FFI_CACHE_DIR=/tmp/tvmcache
     if [ "$1" = run ]; then
       python3 gpu/plan_serve.py serve /tmp/planned "${OUT:-/tmp}/plan_serve.json" 2>&1 | grep -v "Warning" | tail -40
+    elif [ "$1" = fp8probe ]; then
+      python3 gpu/fp8_model_probe.py run /tmp/fp8m "${OUT:-/tmp}/fp8_model_probe.json" 2>&1 | grep -v "Warning" | tail -20
     elif [ "$1" = formats ]; then
       mkdir -p /tmp/formats-runs && shift
       python3 gpu/formats_serve.py serve /tmp/formats /tmp/formats-runs "$@" > /tmp/formats-runs/log 2>&1 || true
