@@ -6,7 +6,7 @@ the plan's size — all in one run, side by side. Prints markdown tables; --plot
 Measured KL: sensitivity.evaluate (build's planner, the bytes build copies, reference dequantizers, float32 in
 transformers) — what `verify --numeric --text` reports on the built directory.
 
-    python bench/plan_bench.py [--budgets 5,5.75,6.5,7.25] [--random 20] [--calib-tokens 512] [--eval-tokens 1024]
+    python bench/plan_bench.py [--budgets 5,5.75,6.5,7.25] [--random 20] [--calib-tokens N] [--eval-tokens 1024]
                                [--plot docs/plan-frontier.png] [--device cpu]
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from fixtures.factory import fixture, smollm2, taught_text  # noqa: E402
 from mpconvert import choose, sensitivity  # noqa: E402
-from mpconvert.autoplan import prepare, run_plan  # noqa: E402
+from mpconvert.autoplan import default_tokens, prepare, run_plan  # noqa: E402
 from mpconvert.plan import Inputs  # noqa: E402
 from mpconvert.recipe import load_recipe  # noqa: E402
 
@@ -98,7 +98,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="5.5,6,6.75,7.5", help="bits per weight in linears")
     ap.add_argument("--random", type=int, default=20)
-    ap.add_argument("--calib-tokens", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=None, help="default: plan's own (autoplan.default_tokens)")
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--device", default=None)
@@ -119,6 +119,7 @@ def main(argv=None):
         results = run_plan(prepare(src, budgets, CALIB, a.calib_tokens), d / "plan.yaml", device)
         plan_s = time.perf_counter() - t0
         plan_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        a.calib_tokens = results[0].report["calibration_tokens"]
         recipe = load_recipe(src, sources_only=True)
         c = choose.candidates(Inputs.open(recipe))
         model = AutoModelForCausalLM.from_pretrained(recipe.path_of("base"), dtype=torch.float32).eval().to(device)
@@ -184,8 +185,11 @@ def moe_main(a) -> None:
         src.write_text(f"base: {f['base']}\nsources:\n  int8: {f['ct-w8a8']}\n  gptq: {f['gptq']}\n")
         calib, held = taught_text(d / "calib.txt", 1), taught_text(d / "eval.txt", 2)
         rows = {}
+        # both at the per-expert plan's calibration tokens (its default unless given), so only the choice differs
+        tokens = a.calib_tokens or default_tokens(Inputs.open(load_recipe(src, sources_only=True)), True)
+        print(f"calibration tokens: {tokens}\n")
         for per_expert in (True, False):
-            res = run_plan(prepare(src, budgets, [calib], a.calib_tokens, per_expert=per_expert),
+            res = run_plan(prepare(src, budgets, [calib], tokens, per_expert=per_expert),
                            d / f"p{per_expert}.yaml", device)
             for spec, r in zip(budgets, res):
                 p = d / f"{spec}-{per_expert}.yaml"

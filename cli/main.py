@@ -207,7 +207,9 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
          budget: list[str] = typer.Option(..., "--budget", help="size budget: 120MB, 5.5bpw or 0.4x (repeatable)"),
          output: Path = typer.Option(..., "-o", "--output", help="recipe to write (its report: same name, .json)"),
          calib: list[Path] = typer.Option(..., "--calib", help="calibration text file(s), UTF-8 (repeatable)"),
-         tokens: int = typer.Option(512, "--calib-tokens", help="calibration tokens to measure on"),
+         tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="calibration tokens to measure on "
+                                              "(default 512; per-expert plans of a MoE model: 384 per expert on "
+                                              "average, experts / top-k × 384)"),
          tp: int = typer.Option(1, "--tp", help="tensor-parallel size the recipe must build for"),
          ep: int = typer.Option(1, "--ep", help="expert-parallel size the recipe must build for"),
          device: Optional[str] = typer.Option(None, "--device", help="torch device for the measurements (default: "
@@ -220,7 +222,7 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
          json_out: bool = typer.Option(False, "--json", help="print the report(s) as JSON on stdout")):
     from mpconvert.autoplan import plot_frontier, prepare, recipe_paths, run_plan, write_outputs
 
-    if tokens < 64 or tokens > 1_000_000:
+    if tokens is not None and not 64 <= tokens <= 1_000_000:
         raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
     for t in recipe_paths(output, len(budget)):
         if t.exists() and not force:

@@ -41,8 +41,28 @@ class Prepared:
     whole: choose.Candidates | None = None
 
 
-def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: int, tp: int = 1, ep: int = 1,
-            per_expert: bool = True) -> Prepared:
+DENSE_TOKENS = 512
+# Per-expert choices need each expert seen on enough tokens: on the taught MoE (8 experts, top-2) per-expert plans
+# beat per-layer ones on held-out text at every budget with 1536 calibration tokens (~384 routed to each expert) and
+# lost at two of five with 512 (~128 each) — docs/plan.md
+TOKENS_PER_EXPERT = 384
+
+
+def default_tokens(inputs: Inputs, per_expert: bool) -> int:
+    """Calibration tokens when --calib-tokens is not given: 512, or for per-expert plans of a MoE model enough that
+    each expert is routed ~TOKENS_PER_EXPERT of them on average (experts / top-k × that)."""
+    experts = inputs.info.num_experts
+    if not per_expert or not experts:
+        return DENSE_TOKENS
+    cfg = inputs.base.ckpt.config
+    cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+    top_k = next((v for k in ("num_experts_per_tok", "moe_topk", "num_experts_per_token")
+                  if isinstance(v := cfg.get(k), int) and v > 0), 1)
+    return max(DENSE_TOKENS, TOKENS_PER_EXPERT * experts // top_k)
+
+
+def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: int | None = None, tp: int = 1,
+            ep: int = 1, per_expert: bool = True) -> Prepared:
     recipe = load_recipe(sources_file, sources_only=True)
     if not recipe.sources:
         raise UserError(f"{sources_file}: no sources; list the quantized checkpoints plan may choose from")
@@ -52,6 +72,7 @@ def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: i
         raise UserError(f"{sources_file}: no source can serve any linear unit of the base at --tp {tp} --ep {ep} "
                         f"(see `mpconvert build` for each source's reasons); nothing to choose")
     wanted = [(b, choose.parse_budget(b, c)) for b in budgets]
+    tokens = default_tokens(inputs, per_expert) if tokens is None else tokens
     ids = sensitivity.calibration_ids(recipe.path_of("base"), calib, tokens)
     whole = choose.candidates(inputs, tp, ep, False) if per_expert and inputs.info.num_experts else None
     return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep, whole)
