@@ -2,7 +2,7 @@
 serve and the runtime shim — always through the typed model here (`load_manifest` / `Manifest.dumps`), never as a
 raw dict.
 
-Schema (manifest_version 2; compact JSON, absent optional fields omitted):
+Schema (manifest_version 3; compact JSON, absent optional fields omitted):
   model        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts
   built_for_tp / built_for_ep   the parallel sizes build checked every split for
   layout       "mpconvert" (config.json names the runtime shim) or "compressed-tensors" (build --to
@@ -11,11 +11,14 @@ Schema (manifest_version 2; compact JSON, absent optional fields omitted):
   sources      label → path as written, kind, producer, description, fingerprint, files (shard → header digest)
   config       the base config.json as build wrote it, less quantization_config (verify diffs config.json with it)
   files        side file (tokenizer, generation config, …) → sha256
+  schemes      [{format, params}]: every distinct scheme once, in order of first use (modules point into it: a
+               DeepSeek-V3-sized manifest repeats a handful of schemes over ~45k modules)
   units        SGLang layer prefix → format, params, members; a mixed_experts unit: groups [{format, params, experts}]
-  modules      HF module name → kind, unit, layer?, expert?, format, params, source, chosen_by, shape? [out, in],
-               tensors: suffix → name, dtype, shape, sha256, shard, rewrite?, renamed_from?
+  modules      HF module name → kind, unit, layer?, expert?, scheme_id (index into schemes), source, chosen_by,
+               shape? [out, in], tensors: suffix → name, dtype, shape, sha256, shard, rewrite?, renamed_from?
   totals       bytes, linear_bytes, linear_weights, bits_per_weight, by_format: format → modules, bytes, weights
-A module's and a unit's params are validated against their format's own schema (Format.params_model).
+A scheme's and a unit's params are validated against their format's own schema (Format.params_model), each
+distinct scheme once. Version 2 (session 9 and before) stored format and params in every module.
 Deterministic: no timestamps, no absolute paths.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import UserError
 from .formats import FORMATS
@@ -35,7 +38,7 @@ from .recipe import format_ids
 from .safetensors_io import DTYPE_SIZE
 
 MANIFEST = "mpconvert_manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 QUANT_METHOD = "mpconvert"
 # a MoE unit whose experts come in several formats: its "groups" list each format's params and expert ids
 MIXED_EXPERTS = "mixed_experts"
@@ -78,21 +81,40 @@ class TensorEntry(_Entry):
         return n
 
 
+class SchemeEntry(_Entry):
+    format: str
+    params: dict[str, Any]
+    _scheme: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _valid(self):
+        _scheme_ok(self.format, self.params)
+        return self
+
+    @property
+    def scheme(self):
+        """As the formats take it (hashable, canonical params); made once per scheme, not per module."""
+        if self._scheme is None:
+            from .formats import Scheme
+
+            self._scheme = Scheme.of(self.format, **self.params)
+        return self._scheme
+
+
 class ModuleEntry(_Entry):
     kind: Literal["linear", "norm", "router", "embedding"]
     unit: str
     layer: Optional[Count] = None
     expert: Optional[Count] = None
-    format: str
-    params: dict[str, Any]
+    scheme_id: Count
     source: str
     chosen_by: str
     shape: Optional[Annotated[list[Positive], Field(min_length=2, max_length=2)]] = None
     tensors: dict[str, TensorEntry]
+    _scheme: SchemeEntry | None = PrivateAttr(default=None)  # schemes[scheme_id], set by Manifest's validation
 
     @model_validator(mode="after")
     def _valid(self):
-        _scheme_ok(self.format, self.params)
         if self.kind == "linear" and self.shape is None:
             raise ValueError("a linear module records its shape [out, in]")
         if not self.tensors:
@@ -100,10 +122,16 @@ class ModuleEntry(_Entry):
         return self
 
     @property
-    def scheme(self):
-        from .formats import Scheme
+    def format(self) -> str:
+        return self._scheme.format
 
-        return Scheme.of(self.format, **self.params)
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self._scheme.params)  # a copy: the scheme is shared by every module that uses it
+
+    @property
+    def scheme(self):
+        return self._scheme.scheme
 
     def weight_bytes(self) -> int:
         """Bytes of everything but the bias (what a format costs)."""
@@ -187,7 +215,7 @@ class Totals(_Entry):
 
 
 class Manifest(_Entry):
-    manifest_version: Literal[2]
+    manifest_version: Literal[3]
     mpconvert_version: str
     model: ModelEntry
     built_for_tp: Positive
@@ -198,9 +226,19 @@ class Manifest(_Entry):
     sources: dict[str, SourceEntry]
     config: dict[str, Any]
     files: dict[str, Sha256]
+    schemes: list[SchemeEntry]
     units: dict[str, UnitEntry]
     modules: dict[str, ModuleEntry]
     totals: Totals
+
+    @model_validator(mode="after")
+    def _link_schemes(self):
+        n = len(self.schemes)
+        for name, m in self.modules.items():
+            if m.scheme_id >= n:
+                raise ValueError(f"modules.{name}.scheme_id {m.scheme_id}: the manifest has {n} schemes")
+            m._scheme = self.schemes[m.scheme_id]
+        return self
 
     def dumps(self) -> bytes:
         """Compact JSON, fields in schema order, maps in build order (deterministic). At 171k tensors (a
@@ -298,11 +336,11 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], conf
                    files: dict[str, str]) -> Manifest:
     from . import __version__
 
-    modules = {}
+    modules, schemes = {}, {}  # schemes: Scheme → index, in order of first use
     for m in plan.modules:
         modules[m.name] = {
             "kind": m.role.kind, "unit": m.role.unit, "layer": m.role.layer, "expert": m.role.expert,
-            "format": m.scheme.format, "params": m.scheme.params, "source": m.source, "chosen_by": m.why,
+            "scheme_id": schemes.setdefault(m.scheme, len(schemes)), "source": m.source, "chosen_by": m.why,
             "shape": [m.out_features, m.in_features] if m.role.kind == "linear" else None,
             "tensors": {s: {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "sha256": digests[t.name],
                             "shard": shard_of[t.name], "rewrite": t.rewrite_name, "renamed_from": t.renamed_from}
@@ -321,7 +359,8 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], conf
         "built_for_tp": plan.tp, "built_for_ep": plan.ep, "layout": plan.layout,
         "recipe": json.loads(plan.recipe.model_dump_json()),
         "routing_files": plan.recipe.routing_files() or None,
-        "sources": sources, "config": config, "files": files, "units": plan.units, "modules": modules,
+        "sources": sources, "config": config, "files": files,
+        "schemes": [{"format": s.format, "params": s.params} for s in schemes], "units": plan.units, "modules": modules,
         "totals": totals(plan.modules, plan.total_bytes),
     })
 

@@ -13,11 +13,11 @@ def dequantize(scheme: Scheme, tensors: dict, out_f: int, in_f: int):
 
 
 def dequantize_from_manifest(ck: Checkpoint, module):
-    """A module of a converted directory, as its manifest entry (a ModuleEntry, or its JSON) describes it."""
-    from .manifest import ModuleEntry
-
+    """A module of a converted directory, as its manifest entry describes it: a ModuleEntry, or its JSON with the
+    scheme written in ("format", "params": tests/helpers.manifest_json)."""
     if isinstance(module, dict):
-        module = ModuleEntry.model_validate(module)
+        tensors = {s: ck.tensors[t["name"]] for s, t in module["tensors"].items()}
+        return dequantize(Scheme.of(module["format"], **module["params"]), tensors, *module["shape"])
     tensors = {s: ck.tensors[t.name] for s, t in module.tensors.items()}
     return dequantize(module.scheme, tensors, *module.shape)
 

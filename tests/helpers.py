@@ -69,7 +69,26 @@ DENSE_RULES = """
 def build(cli, recipe: Path, out: Path, *extra):
     r = cli("build", recipe, "-o", out, *extra)
     assert r.exit_code == 0, r.output
-    return json.loads((out / MANIFEST).read_text())
+    return manifest_json(out)
+
+
+def manifest_json(d: Path) -> dict:
+    """A converted directory's manifest as raw JSON, each module's scheme also written into it as "format" and
+    "params" (the manifest stores each distinct scheme once, modules point to it by scheme_id) — for assertions."""
+    m = json.loads((Path(d) / MANIFEST).read_text())
+    for mod in m["modules"].values():
+        s = m["schemes"][mod["scheme_id"]]
+        mod["format"], mod["params"] = s["format"], dict(s["params"])
+    return m
+
+
+def set_scheme(m: dict, module: str, fmt: str | None = None, **params) -> None:
+    """Edit raw manifest JSON m (as read from the file): point `module` at a new scheme — its own with `fmt` and
+    `params` changed — leaving the other modules of its old scheme as they were."""
+    mod = m["modules"][module]
+    old = m["schemes"][mod["scheme_id"]]
+    m["schemes"].append({"format": fmt or old["format"], "params": {**old["params"], **params}})
+    mod["scheme_id"] = len(m["schemes"]) - 1
 
 
 # check_faithful: ‖Ŵ−W‖/‖W‖ of a correctly decoded module vs the bf16 base within the same band verify --numeric uses
@@ -144,7 +163,7 @@ THREE_SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
 
 
 def manifest_tensor_names(d: Path) -> set[str]:
-    manifest = json.loads((d / "mpconvert_manifest.json").read_text())
+    manifest = manifest_json(d)
     return {t["name"] for mod in manifest["modules"].values() for t in mod["tensors"].values()}
 
 

@@ -11,7 +11,7 @@ from compressed_tensors.compressors.base import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.utils.match import match_name
 
-from helpers import build, check_faithful, fails, load, write_recipe
+from helpers import build, check_faithful, fails, load, manifest_json, write_recipe
 from mpconvert.engine import run_ranks
 from mpconvert.numeric import dequantize
 from mpconvert.sources import open_source
@@ -44,7 +44,7 @@ def dense_ct(llama, tmp_path_factory):
     r = CliRunner().invoke(app, ["build", str(recipe), "-o", str(d / "out"), *CT, "--tp", "2"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    return d / "out", json.loads((d / "out" / "mpconvert_manifest.json").read_text())
+    return d / "out", manifest_json(d / "out")
 
 
 def _sources(fixtures, names: dict, model_type: str) -> dict:

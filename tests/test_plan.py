@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import refused
+from helpers import manifest_json, refused
 from mpconvert import choose
 from mpconvert.manifest import MANIFEST
 
@@ -108,7 +108,7 @@ def test_plan_writes_recipes_that_build_at_the_reported_size(cli, llama, tmp_pat
         out = tmp_path / f"out{i}"
         b = cli("build", recipe, "-o", out)
         assert b.exit_code == 0, b.output
-        m = json.loads((out / MANIFEST).read_text())
+        m = manifest_json(out)
         assert m["totals"]["bytes"] == report["bytes"]  # plan's accounting is build's
         sources = {u["source"] for u in report["units"].values()}
         assert len(sources) >= 2, sources  # a mix, not one format
@@ -205,6 +205,7 @@ def test_plan_per_expert_on_a_taught_moe(cli, taught_moe, tmp_path):
     r = cli("plan", src, "--budget", "6bpw", "--calib", calib, "-o", tmp_path / "r.yaml", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)["reports"][0]
+    assert rep["calibration_tokens"] == 1536  # default for 8 experts, top-2: 384 routed to each on average
     joint = rep["joint_check"]  # the per-expert recipe measured whole against the per-layer one; the lower wins
     assert joint["chose"] == min(("per_expert", "per_layer"), key=lambda k: (joint[k], k != "per_expert"))
     experts = {u: x for u, x in rep.get("per_expert_units", rep["units"]).items() if ".experts." in u}
@@ -223,5 +224,6 @@ def test_plan_per_expert_on_a_taught_moe(cli, taught_moe, tmp_path):
     w = cli("plan", src, "--budget", "6bpw", "--calib", calib, "-o", tmp_path / "w.yaml", "--json", "--whole-experts")
     assert w.exit_code == 0, w.output
     whole = json.loads(w.stdout)["reports"][0]
+    assert whole["calibration_tokens"] == 512  # one choice per layer: the dense default
     assert all(".experts." not in u or u.endswith(".experts") for u in whole["units"])  # one unit per MoE layer
     assert cli("build", tmp_path / "w.yaml", "-o", tmp_path / "out-w").exit_code == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_once, fails, resign, write_recipe
+from helpers import build_once, fails, manifest_json, resign, set_scheme, write_recipe
 
 EVAL_TEXT = ("GFDL-1.3", "Artistic")  # the GPTQ source was calibrated on GPL-3 and Apache-2.0 (fixtures/smollm2.py)
 
@@ -80,7 +80,7 @@ def test_a_decoding_bug_still_fails_on_the_real_model(mixed, real, cli, tmp_path
     shutil.copytree(mixed, d)
     m = json.loads((d / "mpconvert_manifest.json").read_text())
     for name in ("model.layers.11.mlp.down_proj", "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj"):
-        m["modules"][name]["params"]["checkpoint_format"] = "gptq_v2"
+        set_scheme(m, name, checkpoint_format="gptq_v2")
     for unit in ("model.layers.11.mlp.down_proj", "model.layers.3.mlp.gate_up_proj"):
         m["units"][unit]["params"]["checkpoint_format"] = "gptq_v2"
     resign(d, m)
@@ -113,7 +113,7 @@ def test_new_formats_on_the_real_model(real, cli, tmp_path, layout):
     assert r.exit_code == 0, r.output
     r = cli("verify", out, "--numeric", "--base", real["base"], "--engine", "sglang", "--json")
     assert r.exit_code == 0, r.output
-    manifest = json.loads((out / "mpconvert_manifest.json").read_text())
+    manifest = manifest_json(out)
     formats = {n: m["format"] for n, m in manifest["modules"].items() if n.endswith("mlp.up_proj")}
     int4 = "gptq" if layout == "mpconvert" else "wna16"
     assert [formats[f"model.layers.{i}.mlp.up_proj"] for i in (0, 8, 16, 24)] == ["int8", int4, "wna16", "wna16"]

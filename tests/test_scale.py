@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import manifest_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,7 +27,7 @@ def v3(tmp_path_factory) -> Path:
 def test_tp8_ep8_builds_and_verifies_with_no_false_findings(v3, cli):
     r = cli("build", v3 / "recipe.yaml", "-o", v3 / "ep8", "--tp", "8", "--ep", "8")
     assert r.exit_code == 0, r.output
-    m = json.loads((v3 / "ep8" / "mpconvert_manifest.json").read_text())
+    m = manifest_json(v3 / "ep8")
     assert (m["built_for_tp"], m["built_for_ep"]) == (8, 8)
     assert m["units"]["model.layers.4.mlp.experts"]["groups"][0]["experts"] == list(range(16))
     assert "e_score_correction_bias" in m["modules"]["model.layers.4.mlp.gate"]["tensors"]

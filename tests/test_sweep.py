@@ -18,13 +18,14 @@ from mpconvert.safetensors_io import read_header
 from mpconvert.verify import verify
 
 from helpers import DENSE_RULES, DENSE_SOURCES, MIXED_EXPERTS_RULES as MOE_RULES, THREE_SOURCES as MOE_SOURCES, \
-    build_once, resign
+    build_once, manifest_json, resign, set_scheme
 
 PER_KIND = 12  # instances of each kind in each directory
 
 
 # ---- helpers over a converted directory ---------------------------------------------------------------------------
 def manifest_of(d: Path) -> dict:
+    """The raw manifest JSON, to edit and resign."""
     return json.loads((d / "mpconvert_manifest.json").read_text())
 
 
@@ -213,7 +214,7 @@ def bad_g_idx(d, rng):
 
 def bad_zero(d, rng):
     info = tensors(d)[pick(rng, tensors(d), "qzeros")]
-    if manifest_of(d)["modules"][info.name.rsplit(".", 1)[0]]["format"] != "gptq":
+    if manifest_json(d)["modules"][info.name.rsplit(".", 1)[0]]["format"] != "gptq":
         return bad_scale(d, rng)  # AWQ zeros are any 4-bit values: nothing to break there
     set_element(info, rng.choice([0, 0x66666666, -1]), rng)
     resync_tensor(d, info.name)
@@ -250,9 +251,9 @@ def manifest_kind(d, rng):
 def manifest_params(d, rng):
     m = manifest_of(d)
     name = rng.choice(sorted(n for n, x in m["modules"].items() if x["kind"] == "linear"))
-    p = m["modules"][name]["params"]
+    p = m["schemes"][m["modules"][name]["scheme_id"]]["params"]
     k = rng.choice(sorted(p))
-    p[k] = _changed(p[k], rng)
+    set_scheme(m, name, **{k: _changed(p[k], rng)})
     resign(d, m)
 
 
@@ -289,13 +290,13 @@ def manifest_schema(d, rng):
     action = rng.randrange(4)
     name = rng.choice(sorted(m["modules"]))
     if action == 0:
-        m["modules"][name].pop(rng.choice(["kind", "unit", "format", "params", "tensors", "source"]))
+        m["modules"][name].pop(rng.choice(["kind", "unit", "scheme_id", "tensors", "source"]))
     elif action == 1:
         m["modules"][name]["layer"] = "one"
     elif action == 2:
         m.pop(rng.choice(["model", "totals", "units", "sources", "config", "files"]))
     else:
-        m["modules"][name]["format"] = "int3"
+        set_scheme(m, name, "int3")
     resign(d, m)
 
 

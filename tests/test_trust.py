@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import build_once, copy, fails, resign, write_recipe
+from helpers import build_once, copy, fails, resign, set_scheme, write_recipe
 
 L0 = "model.layers.0"
 
@@ -332,12 +332,14 @@ MANIFEST_EDITS = {
     "no totals": (lambda m: m.pop("totals"), "totals: required field is missing"),
     "a module without tensors": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].pop("tensors"),
                                  f"modules.{L0}.mlp.down_proj.tensors: required field is missing"),
-    "an unknown format": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(format="int3"),
-                          "unknown format 'int3'"),
-    "GPTQ made asymmetric": (lambda m: m["modules"][f"{L0}.mlp.down_proj"]["params"].update(sym=False),
-                             "params of gptq: sym"),
+    "an unknown format": (lambda m: set_scheme(m, f"{L0}.mlp.down_proj", "int3"), "unknown format 'int3'"),
+    "GPTQ made asymmetric": (lambda m: set_scheme(m, f"{L0}.mlp.down_proj", sym=False), "params of gptq: sym"),
+    "a scheme id past the table": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(scheme_id=99),
+                                   f"modules.{L0}.mlp.down_proj.scheme_id 99: the manifest has"),
+    "a module with format and params inline (version 2)": (
+        lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(format="gptq"), "down_proj.format: unknown field"),
     "not JSON": (None, "not valid JSON"),
-    "an old version": (lambda m: m.update(manifest_version=1), "manifest_version 1 is not 2"),
+    "an old version": (lambda m: m.update(manifest_version=1), "manifest_version 1 is not 3"),
 }
 
 
