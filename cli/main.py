@@ -1,6 +1,7 @@
 """The `mpconvert` command line: build, inspect, demo. Errors in input: one line on stderr, exit 2."""
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -85,6 +86,10 @@ def guarded(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        # A DeepSeek-V3-sized job holds millions of long-lived objects (headers, manifest); the cyclic collector's
+        # default thresholds re-traverse them over and over (verify --fast 7.5 s → 5.1 s at 171k tensors with these;
+        # docs/benchmarks.md). Cycles are still collected, only less often.
+        gc.set_threshold(50_000, 50, 100)
         try:
             return command(*args, **kwargs)
         except UserError as e:
@@ -258,19 +263,26 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
         out.print(f"plot: {frontier}", highlight=False)
 
 
+INSPECT_ROWS = 500  # a table of a DeepSeek-V3-sized job's 45k modules helps no one by default
+
+
 @app.command(help="Show what a converted directory holds: module → format, source, bytes; totals per format; "
                   "average bits per weight and the size vs bf16.\n\nExample:  mpconvert inspect out/ --json")
 @guarded
 def inspect(directory: Path = typer.Argument(..., help="converted directory"),
             json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
-            modules: bool = typer.Option(True, "--modules/--no-modules", help="list every linear module")):
+            modules: Optional[bool] = typer.Option(None, "--modules/--no-modules",
+                                                   help="list every linear module (default: when there are "
+                                                        f"at most {INSPECT_ROWS}, and with --json)")):
     from mpconvert.summary import summarize
 
-    s = summarize(directory)
+    s = summarize(directory, modules is not False)
     if json_out:
         print(json.dumps(s, indent=1, sort_keys=True))
         return
-    if modules:
+    if modules is None and len(s["modules"]) > INSPECT_ROWS:
+        out.print(f"{len(s['modules']):,} linear modules (pass --modules to list them)", highlight=False)
+    elif modules is not False:
         t = Table(title=f"{directory} — linear modules")
         for c in ("module", "format", "source", "bytes"):
             t.add_column(c, justify="right" if c == "bytes" else "left")
@@ -365,13 +377,24 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
         task = prog.add_task("verifying", total=None)
 
         class Bar(VerifyProgress):
+            """Advances rich in batches: one rich call per tensor cost 0.3 s at 171k tensors."""
+            pending = 0
+
             def start(self, total):
                 prog.update(task, total=total)
 
             def step(self):
-                prog.advance(task)
+                self.pending += 1
+                if self.pending >= 1024:
+                    self.flush()
 
-        rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, Bar(), engine, dtype, text)
+            def flush(self):
+                prog.advance(task, self.pending)
+                self.pending = 0
+
+        bar = Bar()
+        rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, bar, engine, dtype, text)
+        bar.flush()
     if json_out:
         print(json.dumps(rep.to_json(), indent=1, sort_keys=True))
     else:

@@ -6,10 +6,11 @@ from pathlib import Path
 from .manifest import load_manifest
 
 
-def summarize(directory: Path) -> dict:
+def summarize(directory: Path, modules: bool = True) -> dict:
+    """modules: also list every linear module (the rest is read from the manifest's totals and units)."""
     m, _ = load_manifest(directory)
     rows = [{"name": name, "format": mod.format, "source": mod.source, "bytes": mod.weight_bytes()}
-            for name, mod in m.modules.items() if mod.kind == "linear"]
+            for name, mod in m.modules.items() if mod.kind == "linear"] if modules else []
     t = m.totals
     other = t.bytes - t.linear_bytes
     bf16 = 2 * t.linear_weights + other

@@ -57,3 +57,20 @@ def test_ep_must_divide_tp_and_the_experts(v3, cli):
                         (["--tp", "6", "--ep", "6"], "num_attention_heads=16 is not divisible by 6")]:
         r = cli("build", v3 / "recipe.yaml", "-o", v3 / "bad", *args)
         assert r.exit_code == 2 and match in " ".join(r.output.split()), r.output
+
+
+def test_inspect_summarises_a_large_job_and_lists_on_request(v3, cli):
+    """Thousands of module rows help no one by default: inspect prints their count and the totals; --modules lists
+    them and --json always carries them."""
+    if not (v3 / "ep8").exists():
+        assert cli("build", v3 / "recipe.yaml", "-o", v3 / "ep8", "--tp", "8", "--ep", "8").exit_code == 0
+    linears = [n for n, m in manifest_json(v3 / "ep8")["modules"].items() if m["kind"] == "linear"]
+    assert len(linears) > 500
+    r = cli("inspect", v3 / "ep8")
+    assert r.exit_code == 0 and f"{len(linears):,} linear modules (pass --modules to list them)" in r.output
+    assert "totals by format" in r.output and linears[-1] not in r.output
+    r = cli("inspect", v3 / "ep8", "--modules")
+    assert r.exit_code == 0 and "pass --modules" not in r.output and "linear modules" in r.output
+    r = cli("inspect", v3 / "ep8", "--json")
+    assert [m["name"] for m in json.loads(r.stdout)["modules"]] == linears
+    assert json.loads(cli("inspect", v3 / "ep8", "--json", "--no-modules").stdout)["modules"] == []
