@@ -6,6 +6,7 @@ A failure here is one UserError naming the module, the rules involved and the fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import numpy as np
@@ -133,8 +134,9 @@ class Plan:
     tensors: list[TensorPlan]
     units: dict[str, dict]
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
+        """Asked six times by one build (writer, manifest, index); a plan's tensors are fixed once planned."""
         return sum(t.nbytes for t in self.tensors)
 
 
@@ -399,6 +401,7 @@ class _Planner:
                     units)
 
 
+@lru_cache(maxsize=4096)  # asked per module (45k in a DeepSeek-V3-sized job) for a handful of distinct schemes
 def written_scheme(stored: Scheme, model_type: str, layout: str = MP_LAYOUT) -> Scheme:
     """The scheme a module stored in `stored` is written in: its lossless repack's, or its own after any exact
     rewrite (Format.output_params). Build and plan both ask this."""
