@@ -112,7 +112,7 @@ class ModuleEntry(_Entry):
     chosen_by: str
     shape: Optional[Annotated[list[Positive], Field(min_length=2, max_length=2)]] = None
     tensors: dict[str, TensorEntry]
-    _scheme: SchemeEntry | None = PrivateAttr(default=None)  # schemes[scheme_id], set by Manifest's validation
+    _linked: SchemeEntry | None = PrivateAttr(default=None)  # schemes[scheme_id], set by Manifest's validation
 
     @model_validator(mode="after")
     def _valid(self):
@@ -125,7 +125,7 @@ class ModuleEntry(_Entry):
     @property
     def linked(self) -> SchemeEntry:
         """schemes[scheme_id] (pydantic's own private-attribute lookup costs ~15 µs a call: 0.7 s over 45k modules)"""
-        return self.__pydantic_private__["_scheme"]
+        return self.__pydantic_private__["_linked"]
 
     @property
     def format(self) -> str:
@@ -243,7 +243,7 @@ class Manifest(_Entry):
         for name, m in self.modules.items():
             if m.scheme_id >= n:
                 raise ValueError(f"modules.{name}.scheme_id {m.scheme_id}: the manifest has {n} schemes")
-            m.__pydantic_private__["_scheme"] = self.schemes[m.scheme_id]
+            m.__pydantic_private__["_linked"] = self.schemes[m.scheme_id]
         return self
 
     def dumps(self) -> bytes:

@@ -231,7 +231,7 @@ def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
     gptq = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
     scheme = SchemeEntry(format="gptq", params=gptq)
     mod = m.modules[unit].model_copy(update={"scheme_id": len(m.schemes)})
-    mod._scheme = scheme  # what Manifest's validation links; model_copy does not validate
+    mod._linked = scheme  # what Manifest's validation links; model_copy does not validate
     edited = m.model_copy(update={"schemes": [*m.schemes, scheme], "modules": {**m.modules, unit: mod}})
     try:
         _check_mla(edited)
