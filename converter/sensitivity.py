@@ -120,23 +120,63 @@ class Tail:
             return max(float(kl.double().mean()), 0.0)
 
 
-def quantize_inputs(model, name: str, fmt_name: str, params: dict, tensors: dict, device: str = "cpu"):
-    """Make module `name` of a transformers model quantize its input as its format's SGLang kernel does
-    (Format.quantize_activations; tensors: suffix → TensorInfo, for a static input scale). Returns the hook handle,
-    or None for a weight-only format or a fused expert (whose input is not a module's own: not emulated)."""
+def input_quantizer(fmt_name: str, params: dict, tensors: dict, device: str = "cpu"):
+    """x → x as its format's SGLang kernel quantizes a layer's input (Format.quantize_activations; tensors: suffix →
+    TensorInfo, for a static input scale), or None for a weight-only format."""
     fmt = FORMATS[fmt_name]
     if type(fmt).quantize_activations is Format.quantize_activations:
+        return None
+    loaded = {s: load_tensor(t).to(device) for s, t in tensors.items() if s == "input_scale"}
+    return lambda x: fmt.quantize_activations(x, params, loaded)
+
+
+def quantize_inputs(model, name: str, fmt_name: str, params: dict, tensors: dict, device: str = "cpu"):
+    """Make module `name` of a transformers model quantize its input as its format's SGLang kernel does. Returns the
+    hook handle, or None for a weight-only format or a fused expert (not a module of its own: FusedExperts)."""
+    quantize = input_quantizer(fmt_name, params, tensors, device)
+    if quantize is None:
         return None
     try:
         mod = model.get_submodule(name)
     except AttributeError:
         return None
-    loaded = {s: load_tensor(t).to(device) for s, t in tensors.items() if s == "input_scale"}
+    return mod.register_forward_pre_hook(lambda module, args: (quantize(args[0]),) + tuple(args[1:]))
 
-    def quantize_input(module, args):
-        return (fmt.quantize_activations(args[0], params, loaded),) + tuple(args[1:])
 
-    return mod.register_forward_pre_hook(quantize_input)
+class FusedExperts:
+    """A transformers fused-experts module (gate_up_proj [E, 2I, H] gate rows first, down_proj [E, H, I]) whose
+    expert loop quantizes each expert's inputs as that expert's SGLang MoE kernel does — its w13 input (the routed
+    hidden states) and its w2 input (act(gate)·up), per expert — for the experts given a quantizer; the others and
+    everything else as transformers' own eager loop. Installed on the instance, removed by unpatch()."""
+
+    def __init__(self, experts):
+        layout = (getattr(experts, "has_gate", True), getattr(experts, "is_concatenated", True),
+                  getattr(experts, "is_transposed", False), getattr(experts, "has_bias", False))
+        if layout != (True, True, False, False):
+            raise UserError(f"plan: {type(experts).__name__} stores its experts in a layout plan does not emulate "
+                            f"(gate {layout[0]}, concatenated {layout[1]}, transposed {layout[2]}, bias {layout[3]})")
+        self.experts, self.quantizers = experts, {}
+        experts.forward = self.forward  # an instance attribute: nn.Module calls it instead of the class's
+
+    def unpatch(self) -> None:
+        del self.experts.forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        """transformers' eager expert loop (the same order of experts, tokens and sums), plus the quantizers."""
+        import torch
+
+        ex, out, same = self.experts, torch.zeros_like(hidden_states), (lambda v: v)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=ex.num_experts).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit[:, 0].tolist():
+            pos, token = torch.where(mask[e])
+            x = self.quantizers.get((e, "w13"), same)(hidden_states[token])
+            gate, up = torch.nn.functional.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+            h = self.quantizers.get((e, "w2"), same)(ex.act_fn(gate) * up)
+            y = torch.nn.functional.linear(h, ex.down_proj[e]) * top_k_weights[token, pos, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
 
 
 class Swaps:
@@ -146,17 +186,25 @@ class Swaps:
 
     def __init__(self, model, device: str):
         self.model, self.device, self.saved, self.hooks = model, device, [], []
+        self._fused: dict[int, FusedExperts] = {}  # id(experts module) → its patched expert loop
 
     def linear(self, name: str, view, out_f: int, in_f: int) -> None:
         """Serve linear `name` from a source's module view: its weight dequantized from the bytes build copies, its
-        bias, and its input quantized as that format's SGLang kernel quantizes it (W8A8: per-token Int8 or FP8; a
-        fused expert's input is not a module's own, so there it is not emulated)."""
+        bias, and its input quantized as that format's SGLang kernel quantizes it (W8A8: per-token Int8 or FP8) —
+        for an expert of a fused MoE layer, inside the layer's expert loop (FusedExperts)."""
         self.put(name, "weight", dequantize(view.scheme, view.tensors, out_f, in_f))
         if "bias" in view.tensors:
             self.put(name, "bias", load_tensor(view.tensors["bias"]))
         hook = quantize_inputs(self.model, name, view.scheme.format, view.scheme.params, view.tensors, self.device)
         if hook is not None:
             self.hooks.append(hook)
+        elif (role := role_of(name)) is not None and role.expert is not None:
+            quantize = input_quantizer(view.scheme.format, view.scheme.params, view.tensors, self.device)
+            if quantize is not None:
+                experts = self._experts_of(name)
+                if id(experts) not in self._fused:
+                    self._fused[id(experts)] = FusedExperts(experts)
+                self._fused[id(experts)].quantizers[(role.expert, "w2" if role.slot == "w2" else "w13")] = quantize
 
     def put(self, module: str, what: str, value) -> None:
         import torch
@@ -175,6 +223,9 @@ class Swaps:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+        for f in self._fused.values():
+            f.unpatch()
+        self._fused.clear()
         for p, idx, old in reversed(self.saved):
             if idx is None:
                 p.data = old
@@ -188,21 +239,23 @@ class Swaps:
         except AttributeError:
             return None
 
+    def _experts_of(self, module: str):
+        """The fused experts module (transformers) holding expert linear `module`."""
+        role = role_of(module)
+        owner = module.rsplit(f".experts.{role.expert}.", 1)[0]
+        for prefix in (owner, owner.replace("block_sparse_moe", "mlp")):
+            try:
+                return self.model.get_submodule(prefix + ".experts")
+            except AttributeError:
+                continue
+        raise UserError(f"plan: cannot find the fused experts of {owner} in the base model as transformers builds it")
+
     def _expert_slice(self, module: str, what: str):
         role = role_of(module)
         if role is None or role.expert is None or what != "weight":
             raise UserError(f"plan: the base model as transformers builds it has no {module}.{what}; plan measures "
                             f"linears that are modules of their own or experts of a fused MoE layer")
-        owner = module.rsplit(f".experts.{role.expert}.", 1)[0]
-        for prefix in (owner, owner.replace("block_sparse_moe", "mlp")):
-            try:
-                experts = self.model.get_submodule(prefix + ".experts")
-                break
-            except AttributeError:
-                continue
-        else:
-            raise UserError(f"plan: cannot find the fused experts of {owner} in the base model as transformers "
-                            f"builds it")
+        experts = self._experts_of(module)
         e = role.expert
         if role.slot == "w2":
             return experts.down_proj, (e,)

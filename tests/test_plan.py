@@ -227,3 +227,55 @@ def test_plan_per_expert_on_a_taught_moe(cli, taught_moe, tmp_path):
     assert whole["calibration_tokens"] == 512  # one choice per layer: the dense default
     assert all(".experts." not in u or u.endswith(".experts") for u in whole["units"])  # one unit per MoE layer
     assert cli("build", tmp_path / "w.yaml", "-o", tmp_path / "out-w").exit_code == 0
+
+
+def test_fused_experts_quantize_each_experts_inputs_as_sglang_does(taught_moe, tmp_path):
+    """An Int8 (W8A8) expert of a fused transformers MoE layer gets its inputs quantized per token, as SGLang's Int8
+    MoE kernel quantizes them (its w13 input and its w2 input), inside the layer's expert loop: a lone token routed to
+    it alone gives down(q(act·up(q(x)))); the loop is transformers' own to the bit with no quantizer; restore() puts
+    the class's loop and the base weights back."""
+    import torch
+
+    from mpconvert.formats import FORMATS
+    from mpconvert.plan import Inputs
+    from mpconvert.recipe import load_recipe
+    from mpconvert.sensitivity import Swaps, base_model
+
+    src = tmp_path / "sources.yaml"
+    src.write_text(f"base: {taught_moe['base']}\nsources:\n  int8: {taught_moe['ct-w8a8']}\n")
+    recipe = load_recipe(src, sources_only=True)
+    inputs = Inputs.open(recipe)
+    model = base_model(recipe.path_of("base"), "cpu")
+    experts = model.model.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, experts.gate_up_proj.shape[2], generator=gen)
+    route = torch.tensor([[3, 1], [0, 2], [3, 5], [4, 6], [7, 1], [3, 2]])
+    weights = torch.rand(6, 2, generator=gen)
+    with torch.no_grad():
+        before = experts(x, route, weights)
+    swaps = Swaps(model, "cpu")
+    names = [f"model.layers.0.mlp.experts.3.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    for n in names:
+        swaps.linear(n, inputs.sources["int8"].modules[n], *inputs.base.modules[n].tensors["weight"].shape)
+    assert "forward" in vars(experts)  # the instance's loop, with expert 3's quantizers
+    lone = torch.tensor([[3, 3]]), torch.tensor([[1.0, 0.0]])
+    with torch.no_grad():
+        got = experts(x[:1], *lone)
+        view = inputs.sources["int8"].modules[names[0]]
+        q = lambda v: FORMATS["int8"].quantize_activations(v, view.scheme.params, {})  # noqa: E731
+
+        def expert3(quantize):
+            gate, up = torch.nn.functional.linear(quantize(x[:1]), experts.gate_up_proj[3]).chunk(2, dim=-1)
+            return torch.nn.functional.linear(quantize(experts.act_fn(gate) * up), experts.down_proj[3])
+
+        assert torch.allclose(got, expert3(q), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, expert3(lambda v: v), rtol=1e-3, atol=1e-5)  # weight-only is not what runs
+        quantizers = dict(swaps._fused[id(experts)].quantizers)
+        swaps._fused[id(experts)].quantizers.clear()
+        assert torch.equal(experts(x, route, weights), type(experts).forward(experts, x, route, weights))
+        swaps._fused[id(experts)].quantizers.update(quantizers)
+        assert not torch.equal(experts(x, route, weights), type(experts).forward(experts, x, route, weights))
+    swaps.restore()
+    assert "forward" not in vars(experts)
+    with torch.no_grad():
+        assert torch.equal(experts(x, route, weights), before)
