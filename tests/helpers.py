@@ -73,13 +73,28 @@ def build(cli, recipe: Path, out: Path, *extra):
 
 
 def manifest_json(d: Path) -> dict:
-    """A converted directory's manifest as raw JSON, each module's scheme also written into it as "format" and
-    "params" (the manifest stores each distinct scheme once, modules point to it by scheme_id) — for assertions."""
+    """A converted directory's manifest as raw JSON with each module's scheme written into it ("format", "params")
+    and its tensor rows as objects ("tensors": suffix → name, dtype, shape, sha256, shard, rewrite?, renamed_from?) —
+    the manifest stores each scheme once and the tensors as one table; this view is for assertions."""
     m = json.loads((Path(d) / MANIFEST).read_text())
+    t = m["tensors"]
+
+    def row(r: int) -> dict:
+        out = {"name": t["name"][r], "dtype": t["dtype"][r], "shape": t["shape"][r], "sha256": t["sha256"][r],
+               "shard": m["shards"][t["shard"][r]]}
+        out.update({k: t[k][str(r)] for k in ("rewrite", "renamed_from") if str(r) in t[k]})
+        return out
+
     for mod in m["modules"].values():
         s = m["schemes"][mod["scheme_id"]]
         mod["format"], mod["params"] = s["format"], dict(s["params"])
+        mod["tensors"] = {suffix: row(r) for suffix, r in mod["tensors"].items()}
     return m
+
+
+def tensor_row(m: dict, name: str) -> int:
+    """The row of tensor `name` in raw manifest JSON m's tensor table (to edit a column)."""
+    return m["tensors"]["name"].index(name)
 
 
 def set_scheme(m: dict, module: str, fmt: str | None = None, **params) -> None:

@@ -18,7 +18,7 @@ from mpconvert.safetensors_io import read_header
 from mpconvert.verify import verify
 
 from helpers import DENSE_RULES, DENSE_SOURCES, MIXED_EXPERTS_RULES as MOE_RULES, THREE_SOURCES as MOE_SOURCES, \
-    build_once, manifest_json, resign, set_scheme
+    build_once, manifest_json, resign, set_scheme, tensor_row
 
 PER_KIND = 12  # instances of each kind in each directory
 
@@ -52,10 +52,7 @@ def resync_tensor(d: Path, name: str) -> None:
         f.seek(info.start)
         sha = hashlib.sha256(f.read(info.nbytes)).hexdigest()
     m = manifest_of(d)
-    for mod in m["modules"].values():
-        for t in mod["tensors"].values():
-            if t["name"] == name:
-                t["sha256"] = sha
+    m["tensors"]["sha256"][tensor_row(m, name)] = sha
     resign(d, m)
 
 
@@ -280,8 +277,8 @@ def manifest_unit(d, rng):
 def manifest_tensor_shape(d, rng):
     m = manifest_of(d)
     name = rng.choice(sorted(m["modules"]))
-    t = rng.choice(list(m["modules"][name]["tensors"].values()))
-    t["shape"] = [x + 1 for x in t["shape"]] or [1]
+    r = rng.choice(list(m["modules"][name]["tensors"].values()))  # a row of the tensor table
+    m["tensors"]["shape"][r] = [x + 1 for x in m["tensors"]["shape"][r]] or [1]
     resign(d, m)
 
 
@@ -303,8 +300,8 @@ def manifest_schema(d, rng):
 def recorded_digest(d, rng):
     m = manifest_of(d)
     name = rng.choice(sorted(m["modules"]))
-    t = rng.choice(list(m["modules"][name]["tensors"].values()))
-    t["sha256"] = hashlib.sha256(t["sha256"].encode()).hexdigest()
+    r = rng.choice(list(m["modules"][name]["tensors"].values()))  # a row of the tensor table
+    m["tensors"]["sha256"][r] = hashlib.sha256(m["tensors"]["sha256"][r].encode()).hexdigest()
     resign(d, m)
 
 

@@ -336,6 +336,16 @@ MANIFEST_EDITS = {
     "GPTQ made asymmetric": (lambda m: set_scheme(m, f"{L0}.mlp.down_proj", sym=False), "params of gptq: sym"),
     "a scheme id past the table": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(scheme_id=99),
                                    f"modules.{L0}.mlp.down_proj.scheme_id 99: the manifest has"),
+    "a tensor row shared by two modules": (
+        lambda m: m["modules"][f"{L0}.mlp.up_proj"]["tensors"].update(m["modules"][f"{L0}.mlp.down_proj"]["tensors"]),
+        "is model.layers.0.mlp."),
+    "a tensor row no module owns": (lambda m: [m["tensors"][c].append(m["tensors"][c][0]) for c in (
+        "dtype", "shape", "sha256", "shard")] and m["tensors"]["name"].append("model.extra.weight"),
+        "(model.extra.weight) belongs to no module"),
+    "tensor columns of different lengths": (lambda m: m["tensors"]["sha256"].pop(), "column sha256 has"),
+    "a shard index past the list": (lambda m: m["tensors"]["shard"].__setitem__(0, 7), "an index past the"),
+    "a row past the table": (lambda m: m["modules"][f"{L0}.mlp.down_proj"]["tensors"].update(qweight=10**6),
+                             "row 1000000 is past the table"),
     "a module with format and params inline (version 2)": (
         lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(format="gptq"), "down_proj.format: unknown field"),
     "not JSON": (None, "not valid JSON"),

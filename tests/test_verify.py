@@ -46,10 +46,10 @@ def mutate(src: Path, dst: Path, change, rehash: bool = False) -> Path:
         from mpconvert.safetensors_io import sha256_of
 
         ck = Checkpoint.open(dst, "x")
-        for mod in manifest["modules"].values():
-            for t in mod["tensors"].values():
-                if t["name"] in ck.tensors:
-                    t["sha256"] = sha256_of(ck.tensors[t["name"]])
+        table = manifest["tensors"]
+        for r, name in enumerate(table["name"]):
+            if name in ck.tensors:
+                table["sha256"][r] = sha256_of(ck.tensors[name])
         resign(dst, manifest)
     return dst
 
