@@ -275,9 +275,15 @@ def _check_units(manifest: Manifest, linears: list[rules.Linear], rep: Report) -
 
 
 # ---- scheme invariants --------------------------------------------------------------------------------------------
+VALUE_BATCH = 256  # modules whose small value tensors are loaded and checked together (bounds the memory)
+
+
 def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) -> None:
     """Every module's tensors as its format expects, and the values the format's invariants cover (small tensors:
-    cheap enough for --fast too)."""
+    cheap enough for --fast too) — modules of one scheme and shapes checked in batches (Format.check_values_many),
+    reported in the manifest's order."""
+    problems: dict[str, list[str]] = {}
+    batches: dict[tuple, list[tuple[str, dict]]] = {}  # (scheme, value tensor shapes) → [(module, suffix → info)]
     for name, m in manifest.modules.items():
         tensors = {s: found[t.name] for s, t in m.tensors.items() if t.name in found}
         if len(tensors) != len(m.tensors):
@@ -285,17 +291,25 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
         if m.kind != "linear":
             w = tensors.get("weight")
             if m.kind in ("norm", "router") and w is not None and not np.isfinite(load_array(w)).all():
-                rep.add("scheme", name, f"{name}.weight has NaN or infinite values")
+                problems[name] = [f"{name}.weight has NaN or infinite values"]
             continue
-        fmt = FORMATS[m.format]
+        fmt, params = FORMATS[m.format], m.params
         try:
-            check_expected(fmt, m.params, name, tensors, *m.shape, "scheme")
+            check_expected(fmt, params, name, tensors, *m.shape, "scheme")
         except UserError as e:
-            rep.add("scheme", name, str(e).removeprefix("scheme: "))
+            problems[name] = [str(e).removeprefix("scheme: ")]
             continue
-        problem = fmt.check_values(name, {s: load_array(tensors[s]) for s in fmt.value_suffixes(m.params)},
-                                   m.params)
-        if problem:
+        values = {s: tensors[s] for s in fmt.value_suffixes(params)}
+        batches.setdefault((m.scheme, tuple((s, t.dtype, t.shape) for s, t in values.items())), []).append(
+            (name, values))
+    for (scheme, _), members in batches.items():
+        fmt, params = FORMATS[scheme.format], scheme.params
+        for i in range(0, len(members), VALUE_BATCH):
+            loaded = [(n, {s: load_array(t) for s, t in v.items()}) for n, v in members[i:i + VALUE_BATCH]]
+            for n, problem in fmt.check_values_many(loaded, params):
+                problems.setdefault(n, []).append(problem)
+    for name in manifest.modules:
+        for problem in problems.get(name, ()):
             rep.add("scheme", name, problem)
 
 

@@ -79,6 +79,27 @@ def test_gptq_value_invariants(change, problem):
     assert problem in FORMATS["gptq"].check_values("m", t, GPTQ)
 
 
+@pytest.mark.parametrize("bad", [None, 0, 5, 11])
+@pytest.mark.parametrize("case", range(5))
+def test_gptq_checks_many_modules_stacked_as_it_checks_one(case, bad):
+    """check_values_many (experts in batches) finds exactly the modules check_values finds, with its message: none
+    in a clean batch, the one broken module wherever it sits."""
+    import numpy as np
+
+    changes = [lambda t: t["scales"].__setitem__((0, 0), np.nan), lambda t: t["scales"].__setitem__((1, 2), -1.0),
+               lambda t: t["g_idx"].__setitem__(3, 9), lambda t: t["g_idx"].__setitem__(slice(0, 2), [1, 0]),
+               lambda t: t["qzeros"].__setitem__((0, 0), 0x66666666)]
+    f, mods = FORMATS["gptq"], []
+    for i in range(12):
+        t, *_ = gptq_tensors()
+        t = {k: t[k].numpy().copy() for k in f.value_suffixes(GPTQ)}
+        if i == bad:
+            changes[case](t)
+        mods.append((f"m{i}", t))
+    want = [(n, p) for n, t in mods if (p := f.check_values(n, t, GPTQ))]
+    assert f.check_values_many(mods, GPTQ) == want and len(want) == (bad is not None)
+
+
 def test_fp8_block_dequantizes_per_block_and_checks_scales():
     f = FORMATS["fp8"]
     w8 = (torch.randn(64, 96, generator=g) * 100).to(torch.float8_e4m3fn)

@@ -206,6 +206,24 @@ class GPTQ(Format):
                         f"everywhere, found other values (v1/v2 mislabelled?)")
         return None
 
+    def all_values_ok(self, stacked, p):
+        """check_values' conditions, each over the whole stack (scales [k, groups, out], g_idx [k, in], qzeros
+        [k, groups, out/pf])."""
+        s, g = stacked["scales"], stacked["g_idx"]
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            return False
+        if g.size and (int(g.min()) < 0 or int(g.max()) >= s.shape[1]):
+            return False
+        if not p["desc_act"]:
+            gs = p["group_size"]
+            if not (g == (np.arange(g.shape[1]) // gs if gs > 0 else 0)).all():
+                return False
+        if p["sym"]:
+            q = stacked["qzeros"]
+            if not (self.zeros(q.reshape(-1, q.shape[-1]), p) == 1 << (p["bits"] - 1)).all():
+                return False
+        return True
+
     def rewrite(self, suffix, p):
         if suffix != "qzeros" or p["checkpoint_format"] != "gptq_v2":
             return None
