@@ -233,6 +233,8 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
         if t.exists() and not force:
             raise UserError(f"{t} already exists; choose another -o or pass --force to overwrite it")
     prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts)  # all checks first
+    if prepared.short_text:
+        err.print(f"warning: {prepared.short_text}", markup=False, highlight=False, soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=err, disable=json_out) as prog:
         task = prog.add_task("measuring", total=None)

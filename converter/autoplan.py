@@ -39,6 +39,8 @@ class Prepared:
     # per-expert plans of a MoE model are checked against the per-layer plan of the same budget (run_plan): these
     # are the per-layer candidates (None for a dense model or --whole-experts)
     whole: choose.Candidates | None = None
+    # why the calibration text measures less than plan's default for this model wants, or None
+    short_text: str | None = None
 
 
 DENSE_TOKENS = 512
@@ -72,10 +74,16 @@ def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: i
         raise UserError(f"{sources_file}: no source can serve any linear unit of the base at --tp {tp} --ep {ep} "
                         f"(see `mpconvert build` for each source's reasons); nothing to choose")
     wanted = [(b, choose.parse_budget(b, c)) for b in budgets]
-    tokens = default_tokens(inputs, per_expert) if tokens is None else tokens
-    ids = sensitivity.calibration_ids(recipe.path_of("base"), calib, tokens)
+    default = default_tokens(inputs, per_expert)
+    ids = sensitivity.calibration_ids(recipe.path_of("base"), calib, default if tokens is None else tokens)
     whole = choose.candidates(inputs, tp, ep, False) if per_expert and inputs.info.num_experts else None
-    return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep, whole)
+    short = None
+    if tokens is None and ids.numel() < default and default > DENSE_TOKENS:
+        short = (f"the calibration text has {ids.numel()} tokens; per-expert choices among "
+                 f"{inputs.info.num_experts} experts want {default} ({TOKENS_PER_EXPERT} routed to each on average) "
+                 f"— with less, a per-expert recipe can lose to a per-layer one on other text; give more text or "
+                 f"pass --whole-experts")
+    return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep, whole, short)
 
 
 def run_plan(p: Prepared, out: Path, device: str | None = None, on_total: Callable[[int], None] = lambda n: None,

@@ -221,6 +221,11 @@ def test_plan_per_expert_on_a_taught_moe(cli, taught_moe, tmp_path):
     mixed = any(u["format"] == "mixed_experts" for u in json.loads((tmp_path / "out" / MANIFEST).read_text())[
         "units"].values())
     assert mixed == (joint["chose"] == "per_expert")
+    assert "warning" not in r.stderr  # the taught text has the 1536 tokens the default wants
+    short = tmp_path / "short.txt"
+    short.write_text(calib.read_text()[:1500])
+    s = cli("plan", src, "--budget", "6bpw", "--calib", short, "-o", tmp_path / "s.yaml", "--json")
+    assert s.exit_code == 0 and "want 1536 (384 routed to each on average)" in " ".join(s.stderr.split())
     w = cli("plan", src, "--budget", "6bpw", "--calib", calib, "-o", tmp_path / "w.yaml", "--json", "--whole-experts")
     assert w.exit_code == 0, w.output
     whole = json.loads(w.stdout)["reports"][0]
