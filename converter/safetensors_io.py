@@ -179,20 +179,27 @@ def _canonical_entries(path: Path, found: list, data_start: int, data_len: int):
     if len(found) > 1 and not _unique_names(found):
         return None  # a name twice (json.loads would keep only the last)
     out: dict[str, TensorInfo] = {}
-    starts, ends = np.empty(len(found), np.int64), np.empty(len(found), np.int64)
-    for i, (name, dtype, shape, b, e) in enumerate(found):
-        size = DTYPE_SIZE.get(dtype.decode())
-        dims = tuple(map(int, shape.split(b","))) if shape else ()
-        numel = 1
-        for d in dims:
-            numel *= d
+    kinds: dict[tuple[bytes, bytes], tuple] = {}  # (dtype, shape) as written → (dtype, dims, bytes): experts repeat
+    begins, stops = [], []
+    for name, dtype, shape, b, e in found:
+        kind = kinds.get((dtype, shape))
+        if kind is None:
+            size = DTYPE_SIZE.get(dtype.decode())
+            if size is None:
+                return None
+            dims = tuple(map(int, shape.split(b","))) if shape else ()
+            for d in dims:
+                size *= d
+            kind = kinds[(dtype, shape)] = (dtype.decode(), dims, size)
         b, e = int(b), int(e)
-        if size is None or e < b or numel * size != e - b:
+        if e - b != kind[2]:  # also refuses e < b: sizes are never negative
             return None
         name = name.decode()
-        out[name] = TensorInfo(name, dtype.decode(), dims, path, data_start + b, e - b)
-        starts[i], ends[i] = b, e
+        out[name] = TensorInfo(name, kind[0], kind[1], path, data_start + b, e - b)
+        begins.append(b)
+        stops.append(e)
     if found:
+        starts, ends = np.array(begins, np.int64), np.array(stops, np.int64)
         order = np.lexsort((ends - starts, starts))
         s, e = starts[order], ends[order]
         if s[0] != 0 or e[-1] != data_len or not np.array_equal(s[1:], e[:-1]):
