@@ -69,7 +69,8 @@ def v1_to_v2_words(qzeros, bits: int):
 
 
 def _identity_groups(g_idx, group_size: int) -> bool:
-    return np.array_equal(g_idx, np.arange(g_idx.size) // group_size) if group_size > 0 else not g_idx.any()
+    """g_idx [..., in] (any leading axes: modules stacked) is the plain group order: input i in group i // size."""
+    return bool((g_idx == (np.arange(g_idx.shape[-1]) // group_size if group_size > 0 else 0)).all())
 
 
 def group_size_ok(v: int) -> int:
@@ -189,10 +190,11 @@ class GPTQ(Format):
         return out
 
     def check_values(self, module, t, p):
+        """Also on modules stacked on a leading axis (all_values_ok): every condition holds for all of them."""
         problem = positive_scales(module, "scales", t["scales"])
         if problem:
             return problem
-        groups = t["scales"].shape[0]
+        groups = t["scales"].shape[-2]
         g = np.asarray(t["g_idx"])
         if g.size and (int(g.min()) < 0 or int(g.max()) >= groups):
             return f"{module}.g_idx has values outside [0, {groups})"
@@ -200,29 +202,15 @@ class GPTQ(Format):
             return f"{module}.g_idx is permuted but desc_act is false"
         if p["sym"]:  # Marlin (and a WNA16 repack) imply the midpoint: the stored zeros must say the same
             mid = 1 << (p["bits"] - 1)
-            if not (self.zeros(np.asarray(t["qzeros"]), p) == mid).all():
+            q = np.asarray(t["qzeros"])
+            if not (self.zeros(q.reshape(-1, q.shape[-1]), p) == mid).all():
                 stored = f"zero−1 = {mid - 1}" if p["checkpoint_format"] == "gptq" else f"the zero {mid}"
                 return (f"{module}.qzeros: a symmetric {p['checkpoint_format']} checkpoint stores {stored} "
                         f"everywhere, found other values (v1/v2 mislabelled?)")
         return None
 
     def all_values_ok(self, stacked, p):
-        """check_values' conditions, each over the whole stack (scales [k, groups, out], g_idx [k, in], qzeros
-        [k, groups, out/pf])."""
-        s, g = stacked["scales"], stacked["g_idx"]
-        if not (np.isfinite(s).all() and (s > 0).all()):
-            return False
-        if g.size and (int(g.min()) < 0 or int(g.max()) >= s.shape[1]):
-            return False
-        if not p["desc_act"]:
-            gs = p["group_size"]
-            if not (g == (np.arange(g.shape[1]) // gs if gs > 0 else 0)).all():
-                return False
-        if p["sym"]:
-            q = stacked["qzeros"]
-            if not (self.zeros(q.reshape(-1, q.shape[-1]), p) == 1 << (p["bits"] - 1)).all():
-                return False
-        return True
+        return self.check_values("", stacked, p) is None
 
     def rewrite(self, suffix, p):
         if suffix != "qzeros" or p["checkpoint_format"] != "gptq_v2":
