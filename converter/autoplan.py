@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import choose, sensitivity
 from .errors import UserError
+from .layout import decoder_config
 from .plan import Inputs, make_plan
 from .recipe import load_recipe
 
@@ -56,8 +57,7 @@ def default_tokens(inputs: Inputs, per_expert: bool) -> int:
     experts = inputs.info.num_experts
     if not per_expert or not experts:
         return DENSE_TOKENS
-    cfg = inputs.base.ckpt.config
-    cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+    cfg = decoder_config(inputs.base.ckpt.config)
     top_k = next((v for k in ("num_experts_per_tok", "moe_topk", "num_experts_per_token")
                   if isinstance(v := cfg.get(k), int) and v > 0), 1)
     return max(DENSE_TOKENS, TOKENS_PER_EXPERT * experts // top_k)

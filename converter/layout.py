@@ -97,6 +97,11 @@ SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_h
               "tie_word_embeddings", "first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers")
 
 
+def decoder_config(cfg: dict):
+    """The decoder's part of a config.json: itself, or a multimodal model's text_config."""
+    return cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     model_type: str
@@ -107,7 +112,7 @@ class ModelInfo:
 
     @classmethod
     def from_config(cls, cfg: dict, where: str) -> "ModelInfo":
-        cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+        cfg = decoder_config(cfg)
         if not isinstance(cfg, dict):
             raise UserError(f"{where}: config.json text_config must be an object")
 
