@@ -385,8 +385,8 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
             def start(self, total):
                 prog.update(task, total=total)
 
-            def step(self):
-                self.pending += 1
+            def step(self, n=1):
+                self.pending += n
                 if self.pending >= 1024:
                     self.flush()
 

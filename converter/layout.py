@@ -36,8 +36,15 @@ def _rx(p: str) -> re.Pattern:
     return re.compile(p)  # used with fullmatch: `$` would match before a trailing newline
 
 
-# (regex, builder) — first match wins. Builders take the match and return a Role.
+# (regex, builder) — first match wins. Builders take the match and return a Role. Routed experts come first: they
+# are most of a MoE model's modules (41k of 45k in DeepSeek-V3), and no other rule matches their names.
 _RULES: list[tuple[re.Pattern, object]] = [
+    (_rx(_L + _MOE + r"\.experts\.(?P<e>\d+)\.(?P<p>gate_proj|up_proj|down_proj|w1|w2|w3)"), lambda m: Role(
+        "linear", m["pfx"] + m["moe"] + ".experts", "row" if m["p"] in ("down_proj", "w2") else "column",
+        int(m["layer"]), None if m["p"] in ("down_proj", "w2") else "mlp_in",
+        (m["pfx"] + f"experts.{m['e']}.updown", "consumer" if m["p"] in ("down_proj", "w2") else "producer")
+        if m["p"] in ("down_proj", "w2", "up_proj", "w3") else None,
+        expert=int(m["e"]), slot={"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}.get(m["p"], m["p"]))),
     (_rx(_L + r"self_attn\.(?P<p>q|k|v)_proj"), lambda m: Role(
         "linear", m["pfx"] + "self_attn.qkv_proj", "column", int(m["layer"]), "attn_in",
         (m["pfx"] + "vo", "producer") if m["p"] == "v" else None, slot=m["p"])),
@@ -53,12 +60,6 @@ _RULES: list[tuple[re.Pattern, object]] = [
         (m["pfx"] + m["mlp"] + ".updown", "producer") if m["p"] == "up" else None, slot=m["p"])),
     (_rx(_L + r"(?P<mlp>mlp(?:\.shared_experts?)?)\.down_proj"), lambda m: Role(
         "linear", m[0], "row", int(m["layer"]), None, (m["pfx"] + m["mlp"] + ".updown", "consumer"), slot="down")),
-    (_rx(_L + _MOE + r"\.experts\.(?P<e>\d+)\.(?P<p>gate_proj|up_proj|down_proj|w1|w2|w3)"), lambda m: Role(
-        "linear", m["pfx"] + m["moe"] + ".experts", "row" if m["p"] in ("down_proj", "w2") else "column",
-        int(m["layer"]), None if m["p"] in ("down_proj", "w2") else "mlp_in",
-        (m["pfx"] + f"experts.{m['e']}.updown", "consumer" if m["p"] in ("down_proj", "w2") else "producer")
-        if m["p"] in ("down_proj", "w2", "up_proj", "w3") else None,
-        expert=int(m["e"]), slot={"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}.get(m["p"], m["p"]))),
     (_rx(_L + r"(?:" + _MOE + r"\.gate|mlp\.shared_expert_gate)"), lambda m: Role(
         "router", m[0], "replicated", int(m["layer"]), "mlp_in")),
     (_rx(_L + r"input_layernorm"), lambda m: Role("norm", m[0], layer=int(m["layer"]), stage="attn_in")),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -29,6 +30,19 @@ from .errors import UserError
 from .patterns import check_re_patterns
 
 BASE = "base"
+
+
+@lru_cache(maxsize=1024)  # planning asks every rule about every module: 214k questions in a DeepSeek-V3-sized job
+def _name_tests(patterns: tuple[str, ...]) -> tuple:
+    """A rule's `match` as compiled tests: a glob matches the whole name or a dotted tail of it ("self_attn.*" matches
+    model.layers.0.self_attn.q_proj); "re:" is a regex searched anywhere in the name."""
+    tests = []
+    for p in patterns:
+        if p.startswith("re:"):
+            tests.append(re.compile(p[3:]).search)
+        else:
+            tests.append(re.compile(f"(?:{fnmatch.translate(p)})|(?:{fnmatch.translate('*.' + p)})").match)
+    return tuple(tests)
 
 
 MAX_ID = 65535  # beyond any model's layer or expert count; also bounds what a range may allocate
@@ -145,14 +159,12 @@ class Rule(BaseModel):
     def patterns(self) -> list[str]:
         return [self.match] if isinstance(self.match, str) else list(self.match)
 
+    def name_tests(self) -> tuple:
+        """The `match` patterns compiled: any of them passing selects the module (see _name_tests)."""
+        return _name_tests(tuple(self.patterns))
+
     def matches_name(self, module: str) -> bool:
-        for p in self.patterns:
-            if p.startswith("re:"):
-                if re.search(p[3:], module):
-                    return True
-            elif fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, "*." + p):
-                return True
-        return False
+        return any(test(module) for test in self.name_tests())
 
     def describe(self, index: int) -> str:
         experts = self.experts.model_dump(exclude_none=True) if isinstance(self.experts, ExpertsFromFile) else \
@@ -204,11 +216,11 @@ class Recipe(BaseModel):
         """The experts rules[index] selects in this layer (None: no expert filter). Planning asks once per module;
         the answer is computed once per (rule, layer)."""
         rule = self.rules[index]
-        if not isinstance(rule.experts, ExpertsFromFile):
-            return rule.expert_ids
-        if (index, layer) not in self._selected:
-            self._selected[index, layer] = self._from_file(index, layer)
-        return self._selected[index, layer]
+        fixed = not isinstance(rule.experts, ExpertsFromFile)  # the same in every layer
+        key = (index, None if fixed else layer)
+        if key not in self._selected:
+            self._selected[key] = rule.expert_ids if fixed else self._from_file(index, layer)
+        return self._selected[key]
 
     def _from_file(self, index: int, layer: int) -> frozenset[int]:
         rule = self.rules[index]

@@ -20,11 +20,7 @@ from .safetensors_io import TensorInfo
 KNOWN_SUFFIXES = tuple(sorted({s for f in FORMATS.values() for s in f.suffixes} | set(EXTRA_TENSORS)))
 
 
-def split_tensor_name(name: str) -> tuple[str, str]:
-    module, _, suffix = name.rpartition(".")
-    if not module or suffix not in KNOWN_SUFFIXES:
-        return "", name
-    return module, suffix
+_KNOWN = {s: s for s in KNOWN_SUFFIXES}  # membership, and one string object per suffix for 400k tensors
 
 
 @dataclass
@@ -43,10 +39,13 @@ class Source:
     kind: str  # unquantized | gptq | awq | fp8 | w8a8_int8 | compressed-tensors
     producer: str
     modules: dict[str, ModuleView] = field(default_factory=dict)
+    description: str = ""  # describe(), once every module is read (kept when Plan.forget_unplanned drops modules)
 
     def describe(self) -> str:
-        schemes = sorted({m.scheme.describe() for m in self.modules.values() if m.scheme.format != "unquantized"})
-        return f"{self.kind} [{'; '.join(schemes) or 'unquantized'}] by {self.producer}"
+        if not self.description:
+            schemes = sorted({m.scheme.describe() for m in self.modules.values() if m.scheme.format != "unquantized"})
+            self.description = f"{self.kind} [{'; '.join(schemes) or 'unquantized'}] by {self.producer}"
+        return self.description
 
 
 def _producer(qc: dict | None) -> str:
@@ -100,12 +99,13 @@ def source_of(label: str, ck: Checkpoint, model_type: str) -> Source:
     reader, config = _reader(qc, where)
     grouped: dict[str, dict[str, TensorInfo]] = {}
     for name, info in ck.tensors.items():
-        module, suffix = split_tensor_name(name)
-        if not module:
+        module, _, suffix = name.rpartition(".")
+        if not module or suffix not in _KNOWN:
             raise UserError(f"{where}: tensor {name!r} is of a kind mpconvert does not know (suffix not in "
                             f"{', '.join(KNOWN_SUFFIXES)}); it will not guess what it means")
-        grouped.setdefault(canonical_module(module, model_type), {})[suffix] = info
+        grouped.setdefault(canonical_module(module, model_type), {})[_KNOWN[suffix]] = info  # one str per suffix
     src = Source(label, ck, reader.kind if reader else "unquantized", _producer(qc))
     for module, tensors in grouped.items():
         src.modules[module] = ModuleView(module, _scheme(reader, config, module, tensors, where), tensors)
+    src.describe()
     return src

@@ -31,10 +31,11 @@ from . import rules
 from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, check_expected
+from .formats.base import FLOAT_DTYPES, check_values_batched
 from .layout import ModelInfo, role_of
-from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, load_manifest,
+from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
                        recorded_digest, totals)
-from .safetensors_io import TensorInfo, digest_and_scan, forget_open_files, load_array, read_header
+from .safetensors_io import TensorInfo, digest_and_scan_many, forget_open_files, load_array, read_header
 
 SUMMARY_ROWS = 50  # the CLI prints this many findings, then counts per check and place
 
@@ -80,12 +81,12 @@ class Report:
 
 
 class Progress:
-    """What verify tells the CLI: the number of tensors to read, then one step per tensor."""
+    """What verify tells the CLI: the number of tensors to read, then steps of n tensors read."""
 
     def start(self, total: int) -> None:
         pass
 
-    def step(self) -> None:
+    def step(self, n: int = 1) -> None:
         pass
 
 
@@ -153,8 +154,8 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
 
 
 # ---- structure -------------------------------------------------------------------------------------------------
-def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-    """The index's weight map and every tensor the shards hold (each header read strictly)."""
+def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo], dict[str, str]]:
+    """The index's weight map, every tensor the shards hold (each header read strictly) and the shard of each."""
     try:
         weight_map = read_json(d / INDEX, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -163,6 +164,7 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
         rep.add("structure", INDEX, str(e))
         weight_map = {}
     found: dict[str, TensorInfo] = {}
+    shard_of: dict[str, str] = {}
     on_disk = {p.name for p in d.glob("*.safetensors")}
     for shard in sorted(set(weight_map.values()) | on_disk):
         p = d / shard
@@ -177,41 +179,66 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
         except UserError as e:
             rep.add("structure", shard, str(e).removeprefix(f"{p}: "))
             continue
-        for name, info in infos.items():
-            if name in found:
-                rep.add("structure", name, f"in both {found[name].file.name} and {shard}")
-            found[name] = info
-    return weight_map, found
+        for name in infos.keys() & found.keys():
+            rep.add("structure", name, f"in both {shard_of[name]} and {shard}")
+        found.update(infos)
+        shard_of.update(dict.fromkeys(infos, shard))
+    return weight_map, found, shard_of
 
 
 def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progress: Progress) -> dict[str, TensorInfo]:
-    """Returns the tensors actually found (name → location) for the later checks."""
-    weight_map, found = _shards(d, rep)
-    expected = {t.name: (mod_name, t) for mod_name, mod in manifest.modules.items() for t in mod.tensors.values()}
-    progress.start(len(expected))
-    for name, (module, t) in expected.items():
-        progress.step()
-        info = found.get(name)
-        if weight_map.get(name) != t.shard:
-            rep.add("structure", name, f"index places it in {weight_map.get(name)!r}, the manifest in {t.shard!r}")
-        if info is None:
-            rep.add("structure", name, f"missing from the shards (manifest: {module}, {t.shard})")
-            continue
-        if info.file.name != t.shard:
-            rep.add("structure", name, f"found in {info.file.name}, the manifest says {t.shard}")
-        if info.dtype != t.dtype or list(info.shape) != t.shape:
-            rep.add("structure", name, f"is {info.dtype}{list(info.shape)}, the manifest records {t.dtype}{t.shape}")
-        elif deep:
-            sha, nonfinite = digest_and_scan(info)
-            if sha != t.sha256:
-                rep.add("structure", name, "sha256 differs from the manifest: the bytes changed after build")
-            if nonfinite:
-                rep.add("scheme", name, f"holds NaN or infinite {info.dtype} values; no served model may")
-    for name in sorted(set(found) - set(expected)):
-        rep.add("structure", name, f"unexpected tensor in {found[name].file.name} (not in the manifest)")
-    for name in sorted(set(weight_map) - set(expected) - set(found)):
+    """Every tensor of the manifest's table where the table and the index put it, as recorded (dtype, shape; with
+    deep, sha256 and no NaN/inf); nothing else in the shards. Returns the tensors actually found (name → location)
+    for the later checks."""
+    weight_map, found, shard_of = _shards(d, rep)
+    table, shards = manifest.tensors, manifest.shards
+    names = table.name
+    progress.start(len(names))
+    # the whole table compared at once (column against column); tensor by tensor only to say what differs
+    recorded, expected = [shards[i] for i in table.shard], set(names)
+    if not (found.keys() >= expected and [weight_map.get(n) for n in names] == recorded
+            and [shard_of[n] for n in names] == recorded
+            and [(found[n].dtype, found[n].shape) for n in names] == list(zip(table.dtype, map(tuple, table.shape)))):
+        _structure_findings(manifest, weight_map, found, shard_of, rep)
+    if deep:
+        hashed = [found[n] for n, dtype, shape in zip(names, table.dtype, table.shape)
+                  if n in found and found[n].dtype == dtype and list(found[n].shape) == shape]
+        digests = {}
+        for t, sha, nonfinite in digest_and_scan_many(hashed):
+            digests[t.name] = sha, nonfinite
+            progress.step()
+        for n, sha in zip(names, table.sha256):
+            if n in digests:
+                got, nonfinite = digests[n]
+                if got != sha:
+                    rep.add("structure", n, "sha256 differs from the manifest: the bytes changed after build")
+                if nonfinite:
+                    rep.add("scheme", n, f"holds NaN or infinite {found[n].dtype} values; no served model may")
+    else:
+        progress.step(len(names))
+    for name in sorted(found.keys() - expected):
+        rep.add("structure", name, f"unexpected tensor in {shard_of[name]} (not in the manifest)")
+    for name in sorted(weight_map.keys() - expected - found.keys()):
         rep.add("structure", name, "listed in the index but neither in the manifest nor in any shard")
     return found
+
+
+def _structure_findings(manifest: Manifest, weight_map: dict[str, str], found: dict[str, TensorInfo],
+                        shard_of: dict[str, str], rep: Report) -> None:
+    """Tensor by tensor, in module order: what differs between the manifest, the index and the shards."""
+    for module, m in manifest.modules.items():
+        for t in m.tensors.values():
+            name, info = t.name, found.get(t.name)
+            if weight_map.get(name) != t.shard:
+                rep.add("structure", name, f"index places it in {weight_map.get(name)!r}, the manifest in {t.shard!r}")
+            if info is None:
+                rep.add("structure", name, f"missing from the shards (manifest: {module}, {t.shard})")
+                continue
+            if shard_of[name] != t.shard:
+                rep.add("structure", name, f"found in {shard_of[name]}, the manifest says {t.shard}")
+            if info.dtype != t.dtype or list(info.shape) != t.shape:
+                rep.add("structure", name, f"is {info.dtype}{list(info.shape)}, the manifest records "
+                                           f"{t.dtype}{t.shape}")
 
 
 # ---- the manifest against itself and the shared rules ------------------------------------------------------------
@@ -275,39 +302,31 @@ def _check_units(manifest: Manifest, linears: list[rules.Linear], rep: Report) -
 
 
 # ---- scheme invariants --------------------------------------------------------------------------------------------
-VALUE_BATCH = 256  # modules whose small value tensors are loaded and checked together (bounds the memory)
-
-
 def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) -> None:
     """Every module's tensors as its format expects, and the values the format's invariants cover (small tensors:
-    cheap enough for --fast too) — modules of one scheme and shapes checked in batches (Format.check_values_many),
-    reported in the manifest's order."""
+    cheap enough for --fast too; in batches, check_values_batched), reported in the manifest's order."""
     problems: dict[str, list[str]] = {}
-    batches: dict[tuple, list[tuple[str, dict]]] = {}  # (scheme, value tensor shapes) → [(module, suffix → info)]
+    batched = []
     for name, m in manifest.modules.items():
         tensors = {s: found[t.name] for s, t in m.tensors.items() if t.name in found}
         if len(tensors) != len(m.tensors):
             continue  # already reported as missing
         if m.kind != "linear":
             w = tensors.get("weight")
-            if m.kind in ("norm", "router") and w is not None and not np.isfinite(load_array(w)).all():
+            if w is not None and w.dtype not in FLOAT_DTYPES:
+                problems[name] = [f"{name}.weight is {w.dtype}; a {m.kind} is served unquantized (BF16/F16/F32)"]
+            elif m.kind in ("norm", "router") and w is not None and not np.isfinite(load_array(w)).all():
                 problems[name] = [f"{name}.weight has NaN or infinite values"]
             continue
         fmt, params = FORMATS[m.format], m.params
         try:
-            check_expected(fmt, params, name, tensors, *m.shape, "scheme")
+            check_expected(m.scheme, name, tensors, *m.shape, "scheme")
         except UserError as e:
             problems[name] = [str(e).removeprefix("scheme: ")]
             continue
-        values = {s: tensors[s] for s in fmt.value_suffixes(params)}
-        batches.setdefault((m.scheme, tuple((s, t.dtype, t.shape) for s, t in values.items())), []).append(
-            (name, values))
-    for (scheme, _), members in batches.items():
-        fmt, params = FORMATS[scheme.format], scheme.params
-        for i in range(0, len(members), VALUE_BATCH):
-            loaded = [(n, {s: load_array(t) for s, t in v.items()}) for n, v in members[i:i + VALUE_BATCH]]
-            for n, problem in fmt.check_values_many(loaded, params):
-                problems.setdefault(n, []).append(problem)
+        batched.append((name, m.scheme, {s: tensors[s] for s in fmt.value_suffixes(params)}))
+    for name, found_problems in check_values_batched(batched).items():
+        problems.setdefault(name, []).extend(p for _, p in found_problems)
     for name in manifest.modules:
         for problem in problems.get(name, ()):
             rep.add("scheme", name, problem)
@@ -374,9 +393,9 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
     rep = Report(str(directory), hashed=hash_tensors)
     rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 and NaN scan skipped)"), "manifest",
                   "config", "scheme", f"tp={tp} ep={ep}"]
-    raw = (directory / MANIFEST).read_bytes()
+    raw = (directory / MANIFEST).read_bytes()  # read once: 37 MB at DeepSeek-V3 size
     try:
-        manifest, _ = load_manifest(directory)
+        manifest = parse_manifest(raw, str(directory / MANIFEST))
     except ManifestError as e:
         rep.add("manifest", MANIFEST, str(e).removeprefix(f"{directory / MANIFEST}: "))
         check_config(directory, None, raw, rep)

@@ -19,7 +19,7 @@ from .errors import UserError
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_dir
-from .safetensors_io import (PendingTensor, forget_open_files, iter_bytes, load_tensor, tensor_to_bytes, torch_dtype,
+from .safetensors_io import (PendingTensor, forget_open_files, load_tensor, tensor_to_bytes, torch_dtype,
                              write_file)
 
 # Copied from the base when present: everything a server needs besides weights and config.
@@ -40,9 +40,18 @@ def split_shards(tensors: list[TensorPlan], cap: int) -> list[list[TensorPlan]]:
     return shards
 
 
+def _copy_order(shard: list[TensorPlan]) -> list[TensorPlan]:
+    """A shard's tensors in the order they are written: verbatim copies as they lie in their sources (by the
+    recipe's source label, shard file name and offset — where the sources live does not change the output), so that
+    neighbours are read and written together; then made or rewritten ones, in plan order."""
+    copies = sorted((t for t in shard if t.made is None and t.rewrite is None),
+                    key=lambda t: (t.source, t.src.file.name, t.src.start))
+    return copies + [t for t in shard if t.made is not None or t.rewrite is not None]
+
+
 def _pending(t: TensorPlan) -> PendingTensor:
     if t.made is None and t.rewrite is None:
-        return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, lambda: iter_bytes(t.src))
+        return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t.src)
     make = t.made or (lambda: t.rewrite(load_tensor(t.src)))  # a repacked tensor, or an exact rewrite of one
 
     def rewritten():
@@ -70,19 +79,21 @@ def check_output(out: Path, force: bool, plan: Plan | None = None) -> None:
 
 def _source_state(plan: Plan) -> dict:
     return {str(f): (f.stat().st_size, f.stat().st_mtime_ns)
-            for src in plan.sources.values() for f in {t.file for t in src.ckpt.tensors.values()}}
+            for src in plan.sources.values() for f in (src.ckpt.path / n for n in src.ckpt.file_fingerprints)}
 
 
 def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
           on_bytes: Callable[[int], None] = lambda n: None, lock: OutputLock | None = None) -> Manifest:
     """Write the converted directory; returns the manifest. `lock`: the output's lock when the caller took it before
-    planning (the CLI does); else it is taken here. Nothing is lost: see safety.py."""
+    planning (the CLI does); else it is taken here. Nothing is lost: see safety.py. The plan's sources forget what
+    writing does not need (Plan.forget_unplanned); the plan can be written again."""
     if lock is None:
         with OutputLock(Path(os.path.abspath(out))) as lock:
             return write(plan, out, shard_size, force, on_bytes, lock)
     out = lock.out
     forget_open_files()  # read the sources as they are now (_source_state below watches them)
     check_output(out, force, plan)
+    plan.forget_unplanned()  # bounds the peak: the plan, then the manifest
     free = shutil.disk_usage(out.parent).free
     need = plan.total_bytes + (1 << 20)
     if free < need:
@@ -116,7 +127,7 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
     digests: dict[str, str] = {}
     shard_of: dict[str, str] = {}
     for name, shard in zip(names, shards):
-        digests.update(write_file(tmp / name, [_pending(t) for t in shard], {"format": "pt"}, on_bytes))
+        digests.update(write_file(tmp / name, [_pending(t) for t in _copy_order(shard)], {"format": "pt"}, on_bytes))
         shard_of.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

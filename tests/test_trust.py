@@ -371,6 +371,25 @@ def test_verify_reports_a_broken_manifest_as_a_finding(case, built, cli, tmp_pat
     assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("kind", ["norm", "router", "embedding"])
+@pytest.mark.parametrize("module", [f"{L0}.self_attn.q_proj", f"{L0}.mlp.down_proj"])  # FP8, GPTQ
+def test_a_quantized_linear_recorded_as_another_kind_is_a_finding(module, kind, built, cli, tmp_path):
+    """A re-signed manifest calling a quantized linear a norm, router or embedding: findings naming it (the kind
+    its name says; a non-float weight where only floats are served), never a crash reading an FP8 weight as floats
+    — full and --fast alike."""
+    d = copy(built, tmp_path / "d")
+    m = json.loads((d / "mpconvert_manifest.json").read_text())
+    m["modules"][module]["kind"] = kind
+    resign(d, m)
+    for fast in ([], ["--fast"]):
+        r = cli("verify", d, "--json", *fast)
+        assert r.exit_code == 1, r.output
+        found = {(f["check"], f["where"]) for f in json.loads(r.stdout)["findings"]}
+        assert ("manifest", module) in found, found
+        if module.endswith("q_proj"):  # FP8: a `weight` of F8_E4M3, which no norm, router or embedding may have
+            assert ("scheme", module) in found, found
+
+
 def test_verify_usage_errors(built, cli, tmp_path):
     for args, match in [(["--numeric", "--base", tmp_path / "nothing"], "not a model directory"),
                         (["--text", tmp_path / "t.txt"], "--text needs --numeric"),

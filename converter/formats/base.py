@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import UserError
+from ..safetensors_io import load_arrays
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 # how a converted directory is laid out: mpconvert's own (config.json names the runtime shim; every format in its
@@ -281,6 +282,35 @@ class Format(ConfigReader):
         return False
 
 
+VALUE_BATCH = 256  # modules whose small value tensors are loaded and checked together (bounds the memory)
+
+
+def check_values_batched(modules: Iterable[tuple[str, "Scheme", dict]], serve_layout: str | None = None
+                         ) -> dict[str, list[tuple[str, str]]]:
+    """Format.check_values of many modules — (name, scheme, value suffix → TensorInfo) — in batches of one scheme and
+    shapes (Format.check_values_many), their tensors read together (load_arrays); with serve_layout, serve_problem
+    too. Returns module → its problems, each ("values" or "serve", message). Build's planning and verify both check
+    values this way."""
+    batches: dict[tuple, list[tuple[str, dict]]] = {}
+    for name, scheme, values in modules:
+        batches.setdefault((scheme, tuple((s, t.dtype, t.shape) for s, t in values.items())), []).append(
+            (name, values))
+    problems: dict[str, list[tuple[str, str]]] = {}
+    for (scheme, _), members in batches.items():
+        fmt, params = FORMATS[scheme.format], scheme.params
+        for i in range(0, len(members), VALUE_BATCH):
+            chunk = members[i:i + VALUE_BATCH]
+            arrays = iter(load_arrays([t for _, v in chunk for t in v.values()]))
+            loaded = [(n, {s: next(arrays) for s in v}) for n, v in chunk]
+            for n, problem in fmt.check_values_many(loaded, params):
+                problems.setdefault(n, []).append(("values", problem))
+            if serve_layout is not None:
+                for n, values in loaded:
+                    if (problem := fmt.serve_problem(n, values, params, serve_layout)):
+                        problems.setdefault(n, []).append(("serve", problem))
+    return problems
+
+
 FORMATS: dict[str, Format] = {}
 READERS: dict[str, ConfigReader] = {}  # quantization_config.quant_method → its reader
 
@@ -296,26 +326,34 @@ def register_reader(reader):
     return reader
 
 
-def check_expected(fmt: Format, scheme_params: dict, module: str, tensors: dict, out_f: int, in_f: int,
-                   where: str) -> None:
-    """Every expected tensor present with the right dtype and shape; nothing unexpected (bias allowed)."""
-    exp = fmt.expected(scheme_params, out_f, in_f)
+def check_expected(scheme: Scheme, module: str, tensors: dict, out_f: int, in_f: int, where: str) -> None:
+    """Every expected tensor present with the right dtype and shape; nothing unexpected (bias allowed). Decided once
+    per distinct (scheme, weight shape, tensors' dtypes and shapes): a MoE model repeats a few thousand-fold."""
+    problem = _expected_problem(scheme, out_f, in_f, tuple((s, t.dtype, t.shape) for s, t in tensors.items()))
+    if problem:
+        raise UserError(f"{where}: {problem.replace('{module}', module)}")
+
+
+@lru_cache(maxsize=4096)
+def _expected_problem(scheme: Scheme, out_f: int, in_f: int, found: tuple) -> str | None:
+    """check_expected's finding with "{module}" where the module's name goes, or None."""
+    fmt, tensors = FORMATS[scheme.format], {s: (dtype, shape) for s, dtype, shape in found}
+    exp = fmt.expected(scheme.params, out_f, in_f)
     for suffix, e in exp.items():
-        t = tensors.get(suffix)
-        if t is None:
-            raise UserError(f"{where}: {module}.{suffix} is missing ({fmt.name} needs {sorted(exp)}); the checkpoint "
-                            f"is incomplete")
-        if not e.accepts(t.dtype, t.shape):
-            raise UserError(f"{where}: {module}.{suffix} is {t.dtype}{list(t.shape)}, {fmt.name} for a "
-                            f"[{out_f}, {in_f}] weight needs {'/'.join(e.dtypes)}{list(e.shape)}; the checkpoint "
-                            f"does not match its config")
+        if suffix not in tensors:
+            return f"{{module}}.{suffix} is missing ({fmt.name} needs {sorted(exp)}); the checkpoint is incomplete"
+        dtype, shape = tensors[suffix]
+        if not e.accepts(dtype, shape):
+            return (f"{{module}}.{suffix} is {dtype}{list(shape)}, {fmt.name} for a [{out_f}, {in_f}] weight needs "
+                    f"{'/'.join(e.dtypes)}{list(e.shape)}; the checkpoint does not match its config")
     extra = set(tensors) - set(exp) - {"bias"}
     if extra:
-        raise UserError(f"{where}: {module} has unexpected tensors {sorted(extra)} for {fmt.name}; mpconvert does "
-                        f"not know what they mean, so it will not guess")
-    if "bias" in tensors and (tensors["bias"].shape != (out_f,) or tensors["bias"].dtype not in FLOAT_DTYPES):
-        raise UserError(f"{where}: {module}.bias is {tensors['bias'].dtype}{list(tensors['bias'].shape)}, expected "
-                        f"a float [{out_f}]")
+        return (f"{{module}} has unexpected tensors {sorted(extra)} for {fmt.name}; mpconvert does not know what they "
+                f"mean, so it will not guess")
+    if "bias" in tensors and (tensors["bias"][1] != (out_f,) or tensors["bias"][0] not in FLOAT_DTYPES):
+        dtype, shape = tensors["bias"]
+        return f"{{module}}.bias is {dtype}{list(shape)}, expected a float [{out_f}]"
+    return None
 
 
 def ct_config(group: dict) -> dict:

@@ -22,9 +22,9 @@ class Unquantized(Format):
     def scheme_of(self, module, tensors, config, where):
         """Any source's plain float module (ignored layers, lm_head, routers, norms) — asked before its reader."""
         w = tensors.get("weight")
-        if set(tensors) - set(EXTRA_TENSORS) == {"weight"} and w.dtype in FLOAT_DTYPES:
-            return Scheme.of("unquantized", dtype=w.dtype)
-        return None
+        if w is None or w.dtype not in FLOAT_DTYPES or any(s != "weight" and s not in EXTRA_TENSORS for s in tensors):
+            return None
+        return _FLOAT_SCHEMES[w.dtype]
 
     def expected(self, p, out_f, in_f):
         return {"weight": Expect((p["dtype"],) if p.get("dtype") else FLOAT_DTYPES, (out_f, in_f))}
@@ -40,3 +40,4 @@ class Unquantized(Format):
 
 
 UNQUANTIZED = register(Unquantized())
+_FLOAT_SCHEMES = {d: Scheme.of("unquantized", dtype=d) for d in FLOAT_DTYPES}  # asked for 178k modules at V3 size

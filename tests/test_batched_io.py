@@ -1,0 +1,142 @@
+"""The batched tensor I/O behind the scale work (issue: a DeepSeek-V3-sized job in seconds): many small tensors read,
+hashed and written a run of neighbours at a time. Each batched path must give exactly what the one-tensor path
+gives — the same arrays, the same bytes and digests, the same NaN findings, the same refusals — whatever the
+order, gaps, files and sizes of the tensors asked for."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mpconvert import safetensors_io as sio
+from mpconvert.errors import UserError
+
+from helpers import DENSE_RULES, build, write_recipe
+
+
+def _sources(tmp_path):
+    """Two real safetensors files (written by the safetensors library) of mixed dtypes and sizes, some with NaN or
+    infinite values; name → TensorInfo over both."""
+    g = torch.Generator().manual_seed(0)
+    files = {}
+    for f in ("a", "b"):
+        t = {f"{f}.{i}.w": torch.randn(3 + i % 5, 7, generator=g).to((torch.float32, torch.bfloat16, torch.float16)[i % 3])
+             for i in range(40)}
+        t.update({f"{f}.{i}.q": torch.randint(-2**31, 2**31 - 1, (5, 3 + i % 4), dtype=torch.int32, generator=g)
+                  for i in range(40)})
+        t.update({f"{f}.{i}.s": torch.randn(11, generator=g).to(torch.float8_e4m3fn) for i in range(10)})
+        t[f"{f}.3.w"][0, 0] = float("nan")
+        t[f"{f}.7.w"][1, 2] = float("inf")
+        t[f"{f}.2.s"] = torch.full((11,), float("nan")).to(torch.float8_e4m3fn)
+        t[f"{f}.odd"] = torch.arange(13, dtype=torch.uint8)  # an odd size: later tensors lie at odd offsets
+        t[f"{f}.big"] = torch.randn(300, 100, generator=g)
+        save_file(t, tmp_path / f"{f}.safetensors")
+        files.update(sio.read_header(tmp_path / f"{f}.safetensors")[0])
+    return files
+
+
+def _subsets(infos):
+    rnd = random.Random(1)
+    names = sorted(infos)
+    yield [infos[n] for n in names]  # everything, in name order (not file order)
+    for k in (1, 2, 7, 50):
+        for _ in range(4):
+            yield [infos[n] for n in rnd.sample(names, k)]  # gaps, both files, any order
+
+
+def test_load_arrays_is_load_array_for_any_subset(tmp_path):
+    infos = {n: t for n, t in _sources(tmp_path).items() if t.dtype in ("F32", "BF16", "F16", "I32", "U8")}
+    for subset in _subsets(infos):
+        for t, a in zip(subset, sio.load_arrays(subset)):
+            b = sio.load_array(t)
+            assert a.dtype == b.dtype and a.shape == b.shape and (a.tobytes() == b.tobytes()), t.name
+
+
+def test_digest_and_scan_many_is_digest_and_scan_for_any_subset(tmp_path, monkeypatch):
+    infos = _sources(tmp_path)
+    for chunk in (sio.CHUNK, 4096):  # small: runs split, and the big tensor streams on its own
+        monkeypatch.setattr(sio, "CHUNK", chunk)
+        for subset in _subsets(infos):
+            got = {t.name: (sha, bad) for t, sha, bad in sio.digest_and_scan_many(subset)}
+            assert got == {t.name: sio.digest_and_scan(t) for t in subset}
+    found = {t.name for t, _, bad in sio.digest_and_scan_many(list(infos.values())) if bad}
+    assert found == {"a.3.w", "a.7.w", "a.2.s", "b.3.w", "b.7.w", "b.2.s"}
+
+
+def test_batched_reads_refuse_a_file_truncated_under_them(tmp_path):
+    infos = _sources(tmp_path)
+    ints = [t for t in infos.values() if t.name.startswith("a.") and t.dtype == "I32"]
+    sio.forget_open_files()
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    last = max(ints, key=lambda t: t.start)
+    (tmp_path / "a.safetensors").write_bytes(raw[:last.start + 4])  # cut inside the last one asked for
+    with pytest.raises(UserError, match="truncated while reading tensor"):
+        sio.load_arrays(ints)
+    with pytest.raises(UserError, match="truncated while reading tensor"):
+        list(sio.digest_and_scan_many(ints))
+
+
+def test_header_bytes_are_what_json_dumps_writes():
+    names = ["model.layers.0.mlp.experts.10.down_proj.qweight", "a", 'odd "quoted" \\ näme', "x.y:z+1/2-3"]
+    tensors = [sio.PendingTensor(n, d, s, sio.DTYPE_SIZE[d] * int(torch.tensor(s).prod()))
+               for n, d, s in zip(names, ("I32", "BF16", "F8_E4M3", "U8"), ((4, 8), (), (3, 0, 2), (5,)))]
+    for meta in ({"format": "pt"}, {}, {"z": "1", "a": 'q"'}):
+        h = {"__metadata__": dict(sorted(meta.items()))}
+        off = 0
+        for t in tensors:
+            h[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+        want = json.dumps(h, separators=(",", ":")).encode()
+        want += b" " * (-len(want) % 8)
+        assert sio.header_bytes(tensors, meta) == struct.pack("<Q", len(want)) + want
+
+
+def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch):
+    infos = _sources(tmp_path)
+    monkeypatch.setattr(sio, "CHUNK", 4096)  # runs split at 4 KB; the big tensor is copied chunk by chunk
+    rnd = random.Random(2)
+    order = sorted(infos.values(), key=lambda t: (t.file.name, t.start))  # mostly runs of neighbours ...
+    order = order[:30] + rnd.sample(order[30:], len(order) - 30)  # ... then gaps, both files, any order
+    pending = [sio.PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t) for t in order]
+    made = torch.arange(6, dtype=torch.int32)  # and a tensor that is made, not copied, among them
+    pending.insert(17, sio.PendingTensor("made", "I32", (6,), 24, lambda: iter([made.numpy().tobytes()])))
+    digests = sio.write_file(tmp_path / "out.safetensors", pending, {"format": "pt"})
+    out = load_file(tmp_path / "out.safetensors")
+    src = {**load_file(tmp_path / "a.safetensors"), **load_file(tmp_path / "b.safetensors")}
+    assert list(sio.read_header(tmp_path / "out.safetensors")[0]) == [p.name for p in pending]
+    for name, t in src.items():
+        assert out[name].dtype == t.dtype and out[name].view(torch.uint8).equal(t.view(torch.uint8)), name
+        assert digests[name] == sio.sha256_of(infos[name])
+    assert out["made"].equal(made) and digests["made"] == hashlib.sha256(made.numpy().tobytes()).hexdigest()
+
+
+def test_a_source_shorter_than_its_header_says_is_refused_by_the_writer(tmp_path):
+    infos = _sources(tmp_path)
+    run = sorted((t for t in infos.values() if t.name.startswith("b.")), key=lambda t: t.start)[:5]
+    sio.forget_open_files()
+    raw = (tmp_path / "b.safetensors").read_bytes()
+    (tmp_path / "b.safetensors").write_bytes(raw[:run[-1].start + 1])
+    with pytest.raises(UserError, match="truncated"):
+        sio.write_file(tmp_path / "out.safetensors", [sio.PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t)
+                                                      for t in run], {})
+
+
+def test_where_the_sources_live_does_not_change_the_shards(llama, cli, tmp_path):
+    """The writer orders a shard's copies by where they lie in their sources — by the recipe's source label, file
+    name and offset, never by the sources' paths: the same sources elsewhere give the same shards and index."""
+    sources = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq", "fp8blk": "native-fp8-block"}
+    moved = {k: shutil.copytree(p, tmp_path / "elsewhere" / f"zz-{k}") for k, p in llama.items()}
+    build(cli, write_recipe(tmp_path, llama, sources, "gptq", DENSE_RULES), tmp_path / "a", "--shard-size", "600KB")
+    (tmp_path / "r2").mkdir()
+    build(cli, write_recipe(tmp_path / "r2", moved, sources, "gptq", DENSE_RULES), tmp_path / "b", "--shard-size",
+          "600KB")
+    shards = sorted(p.name for p in (tmp_path / "a").glob("model*"))
+    assert len(shards) >= 3 and shards == sorted(p.name for p in (tmp_path / "b").glob("model*"))
+    for f in shards:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
