@@ -48,7 +48,7 @@ def module_tensors(kind, o, i, g):
     groups = i // 128
     return {"qweight": torch.randint(-2**31, 2**31 - 1, (i // 8, o), generator=g, dtype=torch.int32),
             "qzeros": torch.full((groups, o // 8), 0x77777777, dtype=torch.int32),
-            "scales": torch.rand(groups, o, generator=g, dtype=torch.float32).to(torch.float16) * 0.01,
+            "scales": ((torch.rand(groups, o, generator=g) + 0.5) * 0.01).to(torch.float16),  # > 0, as GPTQ writes
             "g_idx": (torch.arange(i, dtype=torch.int32) // 128)}
 
 

@@ -201,19 +201,7 @@ def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progre
             and [(found[n].dtype, found[n].shape) for n in names] == list(zip(table.dtype, map(tuple, table.shape)))):
         _structure_findings(manifest, weight_map, found, shard_of, rep)
     if deep:
-        hashed = [found[n] for n, dtype, shape in zip(names, table.dtype, table.shape)
-                  if n in found and found[n].dtype == dtype and list(found[n].shape) == shape]
-        digests = {}
-        for t, sha, nonfinite in digest_and_scan_many(hashed):
-            digests[t.name] = sha, nonfinite
-            progress.step()
-        for n, sha in zip(names, table.sha256):
-            if n in digests:
-                got, nonfinite = digests[n]
-                if got != sha:
-                    rep.add("structure", n, "sha256 differs from the manifest: the bytes changed after build")
-                if nonfinite:
-                    rep.add("scheme", n, f"holds NaN or infinite {found[n].dtype} values; no served model may")
+        _check_digests(table, found, rep, progress)
     else:
         progress.step(len(names))
     for name in sorted(found.keys() - expected):
@@ -221,6 +209,26 @@ def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progre
     for name in sorted(weight_map.keys() - expected - found.keys()):
         rep.add("structure", name, "listed in the index but neither in the manifest nor in any shard")
     return found
+
+
+def _check_digests(table, found: dict[str, TensorInfo], rep: Report, progress: Progress) -> None:
+    """sha256 of every tensor found, against the table (compared as whole columns; a tensor whose dtype or shape
+    already differs is reported for that, not again for its bytes), and no NaN or infinity in any float tensor."""
+    digests, nonfinite = {}, set()
+    for t, sha, bad in digest_and_scan_many(list(found.values())):
+        digests[t.name] = sha
+        if bad:
+            nonfinite.add(t.name)
+        if len(digests) % 1024 == 0:
+            progress.step(1024)
+    progress.step(len(digests) % 1024)
+    if [digests.get(n) for n in table.name] != table.sha256:
+        for n, dtype, shape, sha in zip(table.name, table.dtype, table.shape, table.sha256):
+            t = found.get(n)
+            if t is not None and t.dtype == dtype and list(t.shape) == shape and digests[n] != sha:
+                rep.add("structure", n, "sha256 differs from the manifest: the bytes changed after build")
+    for n in (n for n in table.name if n in nonfinite):
+        rep.add("scheme", n, f"holds NaN or infinite {found[n].dtype} values; no served model may")
 
 
 def _structure_findings(manifest: Manifest, weight_map: dict[str, str], found: dict[str, TensorInfo],
