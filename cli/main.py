@@ -158,13 +158,17 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
         for line in lock.recovered:
             err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
         plan = make_plan(r, tp, ep, to)
-        check_output(output, force, plan)
-        if not json_out:
-            for label, src in sorted(plan.sources.items()):
-                err.print(f"{label}: {src.describe()}", markup=False, highlight=False)
-        with _progress(json_out) as prog:
-            task = prog.add_task("writing", total=plan.total_bytes)
-            manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n), lock)
+        gc.freeze()  # the plan lives to the end: out of every later collection (writing 171k tensors: 2.3 → 2.0 s)
+        try:
+            check_output(output, force, plan)
+            if not json_out:
+                for label, src in sorted(plan.sources.items()):
+                    err.print(f"{label}: {src.describe()}", markup=False, highlight=False)
+            with _progress(json_out) as prog:
+                task = prog.add_task("writing", total=plan.total_bytes)
+                manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n), lock)
+        finally:
+            gc.unfreeze()  # back to the collector (the CLI runs in-process in the tests)
     secs = time.perf_counter() - t0
     summary = {"output": str(output), "layout": plan.layout, "seconds": round(secs, 3), "tensors": len(plan.tensors),
                "bytes": plan.total_bytes, "totals": manifest.totals.model_dump(mode="json"),
