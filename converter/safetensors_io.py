@@ -531,47 +531,102 @@ def _write_all(f, b) -> None:
         view = view[f.write(view):]
 
 
+class _Hasher:
+    """sha256 beside the I/O: hashing a large buffer runs on a second core (hashlib releases the GIL) while the main
+    thread writes it and reads the next one, so a build of large tensors costs about max(copy, hash), not their sum.
+    One job in flight at a time: memory stays bounded by two buffers, and one sha256 object is never fed twice at
+    once. Buffers under OVERLAP are hashed inline (a thread hop costs more than hashing a few KB)."""
+
+    OVERLAP = 1 << 20
+
+    def __init__(self):
+        self._pool = None
+        self._job = None
+
+    def submit(self, fn: Callable[[], None], size: int) -> None:
+        self.wait()
+        if size < self.OVERLAP:
+            fn()
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mpconvert-sha256")
+        self._job = self._pool.submit(fn)
+
+    def wait(self) -> None:
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.result()
+
+    def close(self) -> None:
+        """Let the thread go; a job's error was already raised by wait(), or gives way to the one being raised."""
+        self._job = None
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _digest_slices(buf: memoryview, spans: list[tuple[str, int, int]], into: dict[str, str]) -> Callable[[], None]:
+    def run():
+        for name, at, n in spans:
+            into[name] = hashlib.sha256(buf[at:at + n]).hexdigest()
+    return run
+
+
 def write_file(path: Path, tensors: list[PendingTensor], metadata: dict[str, str],
                on_bytes: Callable[[int], None] = lambda n: None) -> dict[str, str]:
-    """Write one safetensors file; returns sha256 per tensor. Memory stays bounded by CHUNK: the header is known up
-    front (sizes are planned); verbatim tensors lying back to back in a source are read, hashed and written together
-    (a DeepSeek-V3-sized job has 171k tensors of 3.4 KB on average: per-tensor reads and writes were most of its
-    build); the rest stream chunk by chunk. Progress is reported every few MB, not per tensor."""
+    """Write one safetensors file; returns sha256 per tensor. Memory stays bounded by two CHUNKs: the header is known
+    up front (sizes are planned); verbatim tensors lying back to back in a source are read, hashed and written
+    together (a DeepSeek-V3-sized job has 171k tensors of 3.4 KB on average: per-tensor reads and writes were most of
+    its build); the rest stream chunk by chunk. Hashing overlaps the I/O (_Hasher). Progress is reported every few
+    MB, not per tensor. Not flushed to disk here: the caller does, once for all files (safety.fsync_tree)."""
     digests: dict[str, str] = {}
     pending_progress = 0
-    with open(path, "wb", buffering=0) as f:
-        _write_all(f, header_bytes(tensors, metadata))
-        i = 0
-        while i < len(tensors):
-            j = _copy_run(tensors, i)
-            if j > i:
-                first, last = tensors[i].src, tensors[j - 1].src
-                want = last.start + last.nbytes - first.start
-                buf = memoryview(os.pread(_OPEN.fd(first.file), want, first.start))
-                if len(buf) != want:
-                    raise UserError(f"{first.file}: truncated while reading tensor {first.name!r}; the source changed "
-                                    f"or is truncated")
-                for t in tensors[i:j]:
-                    at = t.src.start - first.start
-                    digests[t.name] = hashlib.sha256(buf[at:at + t.nbytes]).hexdigest()
-                _write_all(f, buf)
-                written, i = want, j
-            else:
-                t = tensors[i]
-                h, written = hashlib.sha256(), 0
-                for b in (iter_bytes(t.src) if t.src is not None else t.chunks()):
-                    h.update(b)
-                    _write_all(f, b)
-                    written += len(b)
-                if written != t.nbytes:
-                    raise UserError(f"tensor {t.name!r}: expected {t.nbytes} bytes, the source gave {written}; "
-                                    f"the source changed or is truncated")
-                digests[t.name] = h.hexdigest()
-                i += 1
-            pending_progress += written
-            if pending_progress >= 1 << 22:
-                on_bytes(pending_progress)
-                pending_progress = 0
-        os.fsync(f.fileno())
+    hasher = _Hasher()
+    try:
+        with open(path, "wb", buffering=0) as f:
+            _write_all(f, header_bytes(tensors, metadata))
+            i = 0
+            while i < len(tensors):
+                j = _copy_run(tensors, i)
+                if j > i:
+                    written = _copy_neighbours(f, tensors[i:j], hasher, digests)
+                    i = j
+                else:
+                    written = _copy_streamed(f, tensors[i], hasher, digests)
+                    i += 1
+                pending_progress += written
+                if pending_progress >= 1 << 22:
+                    on_bytes(pending_progress)
+                    pending_progress = 0
+            hasher.wait()
+    finally:
+        hasher.close()
     on_bytes(pending_progress)
     return digests
+
+
+def _copy_neighbours(f, run: list[PendingTensor], hasher: _Hasher, digests: dict[str, str]) -> int:
+    """Verbatim tensors back to back in one source file: one read, one write, a digest per tensor."""
+    first, last = run[0].src, run[-1].src
+    want = last.start + last.nbytes - first.start
+    buf = memoryview(os.pread(_OPEN.fd(first.file), want, first.start))
+    if len(buf) != want:
+        raise UserError(f"{first.file}: truncated while reading tensor {first.name!r}; the source changed or is "
+                        f"truncated")
+    hasher.submit(_digest_slices(buf, [(t.name, t.src.start - first.start, t.nbytes) for t in run], digests), want)
+    _write_all(f, buf)
+    return want
+
+
+def _copy_streamed(f, t: PendingTensor, hasher: _Hasher, digests: dict[str, str]) -> int:
+    """One tensor chunk by chunk (a large verbatim one, or one made or rewritten here)."""
+    h, written = hashlib.sha256(), 0
+    for b in (iter_bytes(t.src) if t.src is not None else t.chunks()):
+        hasher.submit(lambda b=b: h.update(b), len(b))
+        _write_all(f, b)
+        written += len(b)
+    hasher.submit(lambda: digests.__setitem__(t.name, h.hexdigest()), 0)
+    if written != t.nbytes:
+        raise UserError(f"tensor {t.name!r}: expected {t.nbytes} bytes, the source gave {written}; the source "
+                        f"changed or is truncated")
+    return written

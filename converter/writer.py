@@ -1,7 +1,8 @@
 """Execution: stream the planned tensors into size-capped shards in a temp dir, then index, config, manifest; rename.
 
-Memory stays bounded by one copy chunk (16 MiB) — or one tensor for the rare exact rewrite (GPTQ v2→v1 qzeros).
-Nothing appears at the output path until everything is written and fsynced; the output is claimed, put in place and
+Memory stays bounded by two copy chunks (16 MiB each: one written while the other is hashed) — or one tensor for the
+rare exact rewrite (GPTQ v2→v1 qzeros).
+Nothing appears at the output path until every file is written and fsynced; the output is claimed, put in place and
 cleaned up after as safety.py describes.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .checkpoint import INDEX
 from .errors import UserError
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
-from .safety import OutputLock, fsync_dir
+from .safety import OutputLock, fsync_tree
 from .safetensors_io import (PendingTensor, forget_open_files, load_tensor, tensor_to_bytes, torch_dtype,
                              write_file)
 
@@ -107,7 +108,7 @@ def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
         if _source_state(plan) != before:
             raise UserError("a source file changed while building; nothing was written — rebuild when sources are "
                             "stable")
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         lock.put_in_place(tmp)
         return manifest
     except OSError as e:

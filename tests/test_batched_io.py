@@ -97,9 +97,12 @@ def test_header_bytes_are_what_json_dumps_writes():
         assert sio.header_bytes(tensors, meta) == struct.pack("<Q", len(want)) + want
 
 
-def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [None, 0], ids=["hash-inline-below-1MiB", "hash-every-buffer-in-the-thread"])
+def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch, overlap):
     infos = _sources(tmp_path)
     monkeypatch.setattr(sio, "CHUNK", 4096)  # runs split at 4 KB; the big tensor is copied chunk by chunk
+    if overlap is not None:  # every run and chunk hashed on the second thread while the next is read and written
+        monkeypatch.setattr(sio._Hasher, "OVERLAP", overlap)
     rnd = random.Random(2)
     order = sorted(infos.values(), key=lambda t: (t.file.name, t.start))  # mostly runs of neighbours ...
     order = order[:30] + rnd.sample(order[30:], len(order) - 30)  # ... then gaps, both files, any order
@@ -114,6 +117,29 @@ def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch):
         assert out[name].dtype == t.dtype and out[name].view(torch.uint8).equal(t.view(torch.uint8)), name
         assert digests[name] == sio.sha256_of(infos[name])
     assert out["made"].equal(made) and digests["made"] == hashlib.sha256(made.numpy().tobytes()).hexdigest()
+
+
+def test_a_made_tensor_that_fails_midway_stops_the_write_with_its_error(tmp_path, monkeypatch):
+    """An error while a hash runs beside the I/O is the error the writer raises (not lost in the thread)."""
+    monkeypatch.setattr(sio._Hasher, "OVERLAP", 0)
+
+    def chunks():
+        yield b"x" * 64
+        raise UserError("tensor 'made': the rewrite failed")
+    with pytest.raises(UserError, match="the rewrite failed"):
+        sio.write_file(tmp_path / "out.safetensors", [sio.PendingTensor("made", "U8", (128,), 128, chunks)], {})
+
+
+def test_an_error_in_the_hashing_thread_is_raised_by_the_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(sio._Hasher, "OVERLAP", 0)
+
+    class Broken:
+        def update(self, b):
+            raise MemoryError("hash failed")
+    monkeypatch.setattr(sio.hashlib, "sha256", Broken)
+    with pytest.raises(MemoryError, match="hash failed"):
+        sio.write_file(tmp_path / "out.safetensors",
+                       [sio.PendingTensor("made", "U8", (128,), 128, lambda: iter([b"x" * 64, b"y" * 64]))], {})
 
 
 def test_a_source_shorter_than_its_header_says_is_refused_by_the_writer(tmp_path):

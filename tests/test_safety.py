@@ -66,6 +66,24 @@ def test_a_directory_appearing_at_the_output_mid_build_is_left_alone(llama, tmp_
     assert sorted(os.listdir(out)) == ["theirs.txt"] and leftovers(tmp_path) == []
 
 
+def test_every_file_is_flushed_before_the_output_appears(llama, tmp_path, monkeypatch):
+    """Durability: each file the output holds (shards, index, manifest, config, tokenizer) and the directory itself
+    are fsynced before the rename makes them visible; nothing is flushed after it but the parent's entry."""
+    plan = make_plan(load_recipe(recipe(llama, tmp_path)))
+    out, flushed, real_fsync = tmp_path / "out", [], os.fsync
+
+    def fsync(fd):
+        flushed.append((os.readlink(f"/proc/self/fd/{fd}"), out.exists()))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    write(plan, out, 200_000)
+    early = [Path(p) for p, visible in flushed if not visible]
+    tmp_dir = early[-1]  # the directory itself, last, under its temporary name
+    assert ".mpconvert-" in tmp_dir.name and all(p.parent == tmp_dir for p in early[:-1])
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert {p.name for p in early[:-1]} == {p.name for p in out.iterdir()}, "a file was not flushed before the rename"
+
+
 def test_force_replaces_only_the_directory_that_was_there(llama, tmp_path):
     plan = make_plan(load_recipe(recipe(llama, tmp_path)))
     out = tmp_path / "out"
