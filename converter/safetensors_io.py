@@ -486,7 +486,8 @@ def tensor_to_bytes(x) -> bytes:
 
 @dataclass(slots=True)
 class PendingTensor:
-    """One tensor to write: the bytes of `src` verbatim, or else what `chunks()` yields (must total `nbytes`)."""
+    """One tensor to write: the bytes of `src` verbatim, or else what `chunks()` yields (must total `nbytes`; each
+    chunk an immutable `bytes`, as it may still be hashed while the next one is made)."""
 
     name: str
     dtype: str
