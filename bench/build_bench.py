@@ -43,7 +43,8 @@ def module_tensors(kind, o, i, g):
     if kind == "base":
         return {"weight": torch.randn(o, i, generator=g, dtype=torch.float32).to(torch.bfloat16)}
     if kind == "fp8":
-        return {"weight": torch.randint(-100, 100, (o, i), generator=g, dtype=torch.int8).view(torch.float8_e4m3fn),
+        # finite FP8 values (random int8 bits would include 0xFF and 0x7F, e4m3's NaNs, which verify rightly refuses)
+        return {"weight": torch.randn(o, i, generator=g).to(torch.float8_e4m3fn),
                 "weight_scale": torch.ones(o, 1, dtype=torch.bfloat16)}
     groups = i // 128
     return {"qweight": torch.randint(-2**31, 2**31 - 1, (i // 8, o), generator=g, dtype=torch.int32),
