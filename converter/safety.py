@@ -99,8 +99,10 @@ class OutputLock:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"{self.out.parent}: cannot create the output's parent directory ({e.strerror}); "
-                            f"choose another -o") from None
+            file = next((p for p in (self.out.parent, *self.out.parent.parents) if p.exists() and not p.is_dir()), None)
+            why = f"{file} is a file, not a directory" if file is not None else e.strerror
+            raise UserError(f"{self.out.parent}: cannot create the output's parent directory ({why}); choose another "
+                            f"-o") from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -270,7 +270,9 @@ def test_a_failed_build_leaves_no_parent_directories(llama, cli, tmp_path):
 def test_output_under_a_file_or_a_read_only_filesystem(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
     (tmp_path / "file").write_text("x")
-    fails(cli, tmp_path, r, "-o", tmp_path / "file" / "out", match="cannot create the output's parent directory")
+    for out in (tmp_path / "file" / "out", tmp_path / "file" / "deeper" / "out"):
+        fails(cli, tmp_path, r, "-o", out, match=f"cannot create the output's parent directory ({tmp_path / 'file'} is "
+              f"a file, not a directory)")
     fails(cli, tmp_path, r, "-o", "/proc/mpconvert-out", match="cannot write there")
 
 
