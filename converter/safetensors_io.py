@@ -319,25 +319,31 @@ def load_arrays(ts: list[TensorInfo]) -> list[np.ndarray]:
     """load_array of many small tensors, each run of nearby ones in one file read at once: a DeepSeek-V3-sized job
     value-checks 130k tensors of a few KB, and one pread each cost more than the checks."""
     out: list = [None] * len(ts)
-    order = sorted(range(len(ts)), key=lambda i: (str(ts[i].file), ts[i].start))
+    ordered = sorted(enumerate(ts), key=lambda p: (str(p[1].file), p[1].start))
+    for (k, _), (t, raw) in zip(ordered, _nearby_reads([t for _, t in ordered], SPAN)):
+        out[k] = _as_array(t, raw)
+    return out
+
+
+def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorInfo, memoryview]]:
+    """Each tensor of `order` (sorted by file, then offset) with its bytes; a run of neighbours in one file (gaps of
+    at most NEAR, at most `span` bytes in all) read at once."""
     i = 0
     while i < len(order):
-        first = ts[order[i]]
+        first = order[i]
         lo, hi, j = first.start, first.start + first.nbytes, i + 1
         while j < len(order):
-            t = ts[order[j]]
-            if t.file != first.file or t.start - hi > NEAR or t.start + t.nbytes - lo > SPAN:
+            t = order[j]
+            if t.file != first.file or t.start - hi > NEAR or t.start + t.nbytes - lo > span:
                 break
             hi, j = max(hi, t.start + t.nbytes), j + 1
         buf = memoryview(os.pread(_OPEN.fd(first.file), hi - lo, lo))
-        for k in order[i:j]:
-            t = ts[k]
+        for t in order[i:j]:
             raw = buf[t.start - lo:t.start - lo + t.nbytes]
             if len(raw) != t.nbytes:
                 raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
-            out[k] = _as_array(t, raw)
+            yield t, raw
         i = j
-    return out
 
 
 def _as_array(t: TensorInfo, raw: bytes) -> np.ndarray:
@@ -425,27 +431,16 @@ def digest_and_scan_many(ts: list[TensorInfo]) -> Iterator[tuple[TensorInfo, str
         by_file.setdefault(t.file, []).append(t)
     for order in by_file.values():
         order.sort(key=_START)  # in header order already, for every writer we know: a linear pass
-        i = 0
-        while i < len(order):
-            first = order[i]
-            if first.nbytes > CHUNK:
-                yield (first, *digest_and_scan(first))
-                i += 1
+        small: list[TensorInfo] = []
+        for t in order + [None]:  # tensors over CHUNK streamed alone, in their place
+            if t is not None and t.nbytes <= CHUNK:
+                small.append(t)
                 continue
-            end, j = first.start + first.nbytes, i + 1
-            while j < len(order):
-                t = order[j]
-                if t.start - end > NEAR or t.start + t.nbytes - first.start > CHUNK:
-                    break
-                end, j = max(end, t.start + t.nbytes), j + 1
-            buf = memoryview(os.pread(_OPEN.fd(first.file), end - first.start, first.start))
-            for t in order[i:j]:
-                raw = buf[t.start - first.start:t.start - first.start + t.nbytes]
-                if len(raw) != t.nbytes:
-                    raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; re-download the "
-                                    f"checkpoint")
-                yield t, hashlib.sha256(raw).hexdigest(), t.dtype in _FLOAT_WORDS and has_nonfinite(t.dtype, raw)
-            i = j
+            for u, raw in _nearby_reads(small, CHUNK):
+                yield u, hashlib.sha256(raw).hexdigest(), u.dtype in _FLOAT_WORDS and has_nonfinite(u.dtype, raw)
+            small = []
+            if t is not None:
+                yield (t, *digest_and_scan(t))
 
 
 _START = operator.attrgetter("start")
