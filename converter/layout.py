@@ -95,7 +95,9 @@ def natural_key(name: str) -> tuple:
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_local_experts",
               "n_routed_experts", "n_shared_experts", "vocab_size", "q_lora_rank", "kv_lora_rank",
-              "tie_word_embeddings", "first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers")
+              "tie_word_embeddings", "first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers", "architectures")
+# Keys a source may omit (older producers leave them out); when both have one, they must agree.
+OPTIONAL_KEYS = ("head_dim", "architectures")
 
 
 def decoder_config(cfg: dict):
@@ -113,6 +115,10 @@ class ModelInfo:
 
     @classmethod
     def from_config(cls, cfg: dict, where: str) -> "ModelInfo":
+        archs = cfg.get("architectures")  # SGLang picks the model class from it: the output's config carries it
+        if not (isinstance(archs, list) and archs and all(isinstance(a, str) and a for a in archs)):
+            raise UserError(f"{where}: config.json architectures={archs!r} must be a list of model class names such "
+                            f"as ['LlamaForCausalLM'] (SGLang picks the model class from it); fix the config")
         cfg = decoder_config(cfg)
         if not isinstance(cfg, dict):
             raise UserError(f"{where}: config.json text_config must be an object")
@@ -142,7 +148,7 @@ def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str) -> None
     """A source must be the same model as the base: every architecture key equal (missing on both is fine)."""
     for k in SHAPE_KEYS:
         a, b = base_cfg.get(k), other_cfg.get(k)
-        if a != b and not (k == "head_dim" and (a is None or b is None)):
+        if a != b and not (k in OPTIONAL_KEYS and (a is None or b is None)):
             raise UserError(f"{where}: config.json {k}={b!r} but the base has {k}={a!r}; every source must be a "
                             f"quantization of the same base model")
 

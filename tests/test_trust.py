@@ -226,11 +226,24 @@ def test_wrong_typed_producer_config(case, llama, cli, tmp_path):
     ("num_attention_heads", 0, "num_attention_heads=0 must be an integer ≥ 1"),
     ("num_key_value_heads", True, "num_key_value_heads=True must be an integer"),
     ("model_type", None, "model_type=None must be a non-empty string"),
+    ("architectures", "LlamaForCausalLM", "architectures='LlamaForCausalLM' must be a list of model class names"),
+    ("architectures", None, "architectures=None must be a list of model class names"),
+    ("architectures", [""], "architectures=[''] must be a list of model class names"),
 ])
 def test_wrong_typed_model_config(field, value, match, llama, cli, tmp_path):
     base = edit_config(copy(llama["base"], tmp_path / "b"), lambda c: c.update({field: value}))
     r = write_recipe(tmp_path, {**llama, "base": base}, {"g": "gptq"}, "g")
     fails(cli, tmp_path, r, "--tp", "2", match=match)
+
+
+def test_a_source_of_another_architecture_is_refused(llama, cli, tmp_path):
+    # SGLang picks the model class from the base's `architectures`; a source that names another class was made from
+    # another model. A source that omits the key (older producers) is fine.
+    src = edit_config(copy(llama["gptq"], tmp_path / "src"), lambda c: c.update(architectures=["MixtralForCausalLM"]))
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, match="architectures=['MixtralForCausalLM'] but the base has architectures=['LlamaForCausalLM']")
+    edit_config(src, lambda c: c.pop("architectures"))
+    assert cli("build", str(r), "-o", str(tmp_path / "out")).exit_code == 0
 
 
 def test_index_of_the_wrong_type(llama, cli, tmp_path):
