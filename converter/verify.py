@@ -6,9 +6,9 @@ a crash) and never re-derives it. Each problem is one Finding; the CLI exits 1 w
                module's role, unit, layer and expert as its name says, sources it names, tensor names, the unit table
                and totals recomputed from the modules
   config     — config.json: quantization_config exactly as build wrote it (the manifest's sha256 included), every
-               other field as recorded at build time (a changed field is named), tokenizer and other side files by
-               sha256
-  structure  — index ↔ shards ↔ manifest; every shard's header read as strictly as safetensors does (appended bytes,
+               other field as recorded at build time (a changed field is named; compared as JSON, so true ≠ 1 ≠ 1.0),
+               tokenizer and other side files by sha256
+  structure  — index ↔ shards ↔ manifest (the index's total_size too); every shard's header read as strictly as safetensors does (appended bytes,
                gaps, overlaps); dtype/shape; sha256 of every tensor and no NaN/inf in any float tensor (--fast skips
                both: the report says so)
   scheme     — per-format invariants (shapes, dtypes, positive finite scales, g_idx range, zero convention), finite
@@ -90,15 +90,21 @@ class Progress:
         pass
 
 
+def _differs(a, b) -> bool:
+    """JSON values compared as JSON: Python's == holds True == 1 == 1.0 (a `pretraining_tp: true` edit went unseen)
+    and NaN != NaN (a config holding NaN would differ from itself)."""
+    return json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True)
+
+
 def _first_difference(got, wrote, path: str) -> tuple[str, object, object]:
     """Where two JSON values first differ (a group's one changed field, not the whole config printed twice)."""
     if isinstance(got, dict) and isinstance(wrote, dict):
         for k in sorted(set(got) | set(wrote), key=str):
-            if got.get(k, "<absent>") != wrote.get(k, "<absent>"):
+            if _differs(got.get(k, "<absent>"), wrote.get(k, "<absent>")):
                 return _first_difference(got.get(k, "<absent>"), wrote.get(k, "<absent>"), f"{path}.{k}")
     if isinstance(got, list) and isinstance(wrote, list) and len(got) == len(wrote):
         for i, (a, b) in enumerate(zip(got, wrote)):
-            if a != b:
+            if _differs(a, b):
                 return _first_difference(a, b, f"{path}[{i}]")
     return path, got, wrote
 
@@ -120,18 +126,18 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
     for key in WRITTEN_KEYS:
         want, qc = written.get(key), config.get(key)
         if want is None or not isinstance(qc, dict):
-            if qc != want:
+            if _differs(qc, want):
                 rep.add("config", f"config.json {key}", f"is {qc!r}, build wrote {want!r}; rebuild or restore it")
             continue
         for k in sorted(set(want) | set(qc)):
-            if k != "manifest_sha256" and qc.get(k) != want.get(k):
+            if k != "manifest_sha256" and _differs(qc.get(k), want.get(k)):
                 where, got, wrote = _first_difference(qc.get(k), want.get(k), f"{key}.{k}")
                 rep.add("config", f"config.json {where}",
                         f"is {got!r}, build wrote {wrote!r}: SGLang reads it to pick how each layer is served; "
                         f"rebuild or restore it")
     rest = {k: v for k, v in config.items() if k not in WRITTEN_KEYS}
     for k in sorted(set(rest) | set(manifest.config)):
-        if rest.get(k, "<absent>") != manifest.config.get(k, "<absent>"):
+        if _differs(rest.get(k, "<absent>"), manifest.config.get(k, "<absent>")):
             rep.add("config", f"config.json {k}",
                     f"is {rest.get(k, '<absent>')!r}, built with {manifest.config.get(k, '<absent>')!r}: config.json "
                     f"was edited after build, and it decides how SGLang builds and runs the model — restore it or "
@@ -156,8 +162,10 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
 # ---- structure -------------------------------------------------------------------------------------------------
 def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo], dict[str, str]]:
     """The index's weight map, every tensor the shards hold (each header read strictly) and the shard of each."""
+    metadata = None
     try:
-        weight_map = read_json(d / INDEX, "safetensors index").get("weight_map")
+        index = read_json(d / INDEX, "safetensors index")
+        weight_map, metadata = index.get("weight_map"), index.get("metadata")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names")
     except UserError as e:
@@ -165,25 +173,40 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
         weight_map = {}
     found: dict[str, TensorInfo] = {}
     shard_of: dict[str, str] = {}
+    all_read = True
     on_disk = {p.name for p in d.glob("*.safetensors")}
     for shard in sorted(set(weight_map.values()) | on_disk):
         p = d / shard
         if "/" in shard or shard.startswith(".."):
             rep.add("structure", INDEX, f"shard path {shard!r} escapes the directory")
+            all_read = False
             continue
         if shard not in on_disk:
             rep.add("structure", shard, "shard listed in the index is missing")
+            all_read = False
             continue
         try:
             infos = read_header(p)[0]
         except UserError as e:
             rep.add("structure", shard, str(e).removeprefix(f"{p}: "))
+            all_read = False
             continue
         for name in infos.keys() & found.keys():
             rep.add("structure", name, f"in both {shard_of[name]} and {shard}")
         found.update(infos)
         shard_of.update(dict.fromkeys(infos, shard))
+    if weight_map and all_read:  # (else the shard's own finding says why the bytes differ)
+        _check_total_size(metadata, found, rep)
     return weight_map, found, shard_of
+
+
+def _check_total_size(metadata, found: dict[str, TensorInfo], rep: Report) -> None:
+    """The index's metadata.total_size, as build writes it: the bytes of every tensor."""
+    size = metadata.get("total_size") if isinstance(metadata, dict) else metadata
+    have = sum(t.nbytes for t in found.values())
+    if type(size) is not int or size != have:
+        rep.add("structure", f"{INDEX} metadata.total_size", f"is {size!r}, the shards hold {have:,} bytes of "
+                                                             f"tensors; restore the index or rebuild")
 
 
 def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progress: Progress) -> dict[str, TensorInfo]:

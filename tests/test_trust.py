@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import build_once, copy, fails, resign, set_scheme, write_recipe
+from mpconvert.checkpoint import INDEX
 
 L0 = "model.layers.0"
 
@@ -384,6 +385,39 @@ def test_verify_reports_a_broken_manifest_as_a_finding(case, built, cli, tmp_pat
     assert any(f["check"] == "manifest" and match in f["message"] for f in rep["findings"]), rep["findings"]
     r = cli("inspect", d)  # every other reader: one error line, exit 2
     assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
+
+
+def _json_edit(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+OUTPUT_JSON_EDITS = {  # (file, edit, where the finding points)
+    "a bool for an int in config.json": ("config.json", lambda c: c.update(pretraining_tp=True),
+                                         "config.json pretraining_tp"),  # pretraining_tp: 1
+    "a float for an int in config.json": ("config.json", lambda c: c.update(bos_token_id=1.0),
+                                          "config.json bos_token_id"),  # bos_token_id: 1
+    "0 for false in config.json": ("config.json", lambda c: c.update(tie_word_embeddings=0),
+                                   "config.json tie_word_embeddings"),
+    "index total_size off by one": (INDEX, lambda i: i["metadata"].update(total_size=i["metadata"]["total_size"] + 1),
+                                    f"{INDEX} metadata.total_size"),
+    "index total_size a list": (INDEX, lambda i: i["metadata"].update(total_size=[]), f"{INDEX} metadata.total_size"),
+    "index without metadata": (INDEX, lambda i: i.pop("metadata"), f"{INDEX} metadata.total_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_JSON_EDITS))
+def test_an_edit_python_would_call_equal_is_a_finding(case, built, cli, tmp_path):
+    """JSON compared as JSON (True, 1 and 1.0 are three values to a loader), and the index's total_size checked
+    against the shards: each was an edit verify passed. Full and --fast alike."""
+    name, edit, where = OUTPUT_JSON_EDITS[case]
+    d = copy(built, tmp_path / "d")
+    _json_edit(d / name, edit)
+    for fast in ([], ["--fast"]):
+        r = cli("verify", d, "--json", *fast)
+        assert r.exit_code == 1, r.output
+        assert [f["where"] for f in json.loads(r.stdout)["findings"]] == [where]
 
 
 @pytest.mark.parametrize("kind", ["norm", "router", "embedding"])
