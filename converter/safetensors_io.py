@@ -25,6 +25,7 @@ DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2,
               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own cap
 CHUNK = 16 * 1024 * 1024  # copy granularity: bounds memory per tensor, large enough for full disk speed
+PT_METADATA = {"format": "pt"}  # every shard build writes: loaders such as transformers check it
 
 
 class TensorInfo(NamedTuple):

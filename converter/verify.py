@@ -6,11 +6,11 @@ a crash) and never re-derives it. Each problem is one Finding; the CLI exits 1 w
                module's role, unit, layer and expert as its name says, sources it names, tensor names, the unit table
                and totals recomputed from the modules
   config     — config.json: quantization_config exactly as build wrote it (the manifest's sha256 included), every
-               other field as recorded at build time (a changed field is named; compared as JSON, so true ≠ 1 ≠ 1.0),
+               other field as recorded at build time (a changed field is named; compared as JSON: true ≠ 1 ≠ 1.0),
                tokenizer and other side files by sha256
-  structure  — index ↔ shards ↔ manifest (the index's total_size too); every shard's header read as strictly as safetensors does (appended bytes,
-               gaps, overlaps); dtype/shape; sha256 of every tensor and no NaN/inf in any float tensor (--fast skips
-               both: the report says so)
+  structure  — index ↔ shards ↔ manifest (the index's total_size too); every shard's header read as strictly as
+               safetensors does (appended bytes, gaps, overlaps) and its __metadata__ as written; dtype/shape; sha256
+               of every tensor and no NaN/inf in any float tensor (--fast skips both: the report says so)
   scheme     — per-format invariants (shapes, dtypes, positive finite scales, g_idx range, zero convention), finite
                norms and routers, and the shared rules (rules.py): fused units, folded scales
   tp         — every split SGLang makes at --tp/--ep and at the sizes the build was checked for, and every layer's
@@ -35,7 +35,8 @@ from .formats.base import FLOAT_DTYPES, check_values_batched
 from .layout import ModelInfo, role_of
 from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
                        recorded_digest, totals)
-from .safetensors_io import TensorInfo, digest_and_scan_many, forget_open_files, load_array, read_header
+from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_many, forget_open_files, load_array,
+                             read_header)
 
 SUMMARY_ROWS = 50  # the CLI prints this many findings, then counts per check and place
 
@@ -186,11 +187,15 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
             all_read = False
             continue
         try:
-            infos = read_header(p)[0]
+            infos, raw = read_header(p)
         except UserError as e:
             rep.add("structure", shard, str(e).removeprefix(f"{p}: "))
             all_read = False
             continue
+        meta = PT_METADATA if raw.startswith(_PT_HEADER_START) else json.loads(raw).get("__metadata__")
+        if meta != PT_METADATA:  # (read_header has proved the header valid JSON)
+            rep.add("structure", shard, f"header __metadata__ is {meta!r}, build wrote {PT_METADATA!r} (loaders "
+                                        f"such as transformers check it); restore the shard or rebuild")
         for name in infos.keys() & found.keys():
             rep.add("structure", name, f"in both {shard_of[name]} and {shard}")
         found.update(infos)
@@ -198,6 +203,9 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
     if weight_map and all_read:  # (else the shard's own finding says why the bytes differ)
         _check_total_size(metadata, found, rep)
     return weight_map, found, shard_of
+
+
+_PT_HEADER_START = b'{"__metadata__":' + json.dumps(PT_METADATA, separators=(",", ":")).encode() + b","
 
 
 def _check_total_size(metadata, found: dict[str, TensorInfo], rep: Report) -> None:

@@ -20,7 +20,7 @@ from .errors import UserError
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_tree
-from .safetensors_io import (PendingTensor, forget_open_files, load_tensor, tensor_to_bytes, torch_dtype,
+from .safetensors_io import (PT_METADATA, PendingTensor, forget_open_files, load_tensor, tensor_to_bytes, torch_dtype,
                              write_file)
 
 # Copied from the base when present: everything a server needs besides weights and config.
@@ -128,7 +128,7 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
     digests: dict[str, str] = {}
     shard_of: dict[str, str] = {}
     for name, shard in zip(names, shards):
-        digests.update(write_file(tmp / name, [_pending(t) for t in _copy_order(shard)], {"format": "pt"}, on_bytes))
+        digests.update(write_file(tmp / name, [_pending(t) for t in _copy_order(shard)], PT_METADATA, on_bytes))
         shard_of.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -420,6 +420,31 @@ def test_an_edit_python_would_call_equal_is_a_finding(case, built, cli, tmp_path
         assert [f["where"] for f in json.loads(r.stdout)["findings"]] == [where]
 
 
+def _with_metadata(meta):
+    def edit(h, data):
+        h.pop("__metadata__")
+        return dumps(h if meta is None else {"__metadata__": meta, **h}), data
+    return edit
+
+
+@pytest.mark.parametrize("meta", [None, {"format": ""}, {"format": "pt", "note": "x"}, {"format": "np"}])
+def test_a_shard_whose_metadata_changed_is_a_finding(meta, built, cli, tmp_path):
+    d = edit_header(copy(built, tmp_path / "d"), _with_metadata(meta))
+    r = cli("verify", d, "--json", "--fast")
+    assert r.exit_code == 1, r.output
+    [f] = json.loads(r.stdout)["findings"]
+    assert f["where"].endswith(".safetensors") and f"__metadata__ is {meta!r}" in f["message"], f
+
+
+def test_a_shard_header_laid_out_differently_is_not_a_finding(built, cli, tmp_path):
+    """The same header with the metadata last and spaces after separators (another valid writer): verify passes."""
+    d = copy(built, tmp_path / "d")
+    edit_header(d, lambda h, data: (json.dumps({**{k: v for k, v in h.items() if k != "__metadata__"},
+                                                "__metadata__": h["__metadata__"]}), data))
+    r = cli("verify", d)
+    assert r.exit_code == 0, r.output
+
+
 @pytest.mark.parametrize("kind", ["norm", "router", "embedding"])
 @pytest.mark.parametrize("module", [f"{L0}.self_attn.q_proj", f"{L0}.mlp.down_proj"])  # FP8, GPTQ
 def test_a_quantized_linear_recorded_as_another_kind_is_a_finding(module, kind, built, cli, tmp_path):
