@@ -34,8 +34,9 @@ Tensors are copied byte-exact (never re-quantized or dequantized), streamed with
 directory beside OUTPUT that is renamed into place only when complete. Every input is checked before a byte is
 written (strict safetensors headers, typed configs, scale and g_idx values, fused units, folded scales, SGLang's
 TP/EP splits and kernel shapes); each problem is one `error:` line and exit code 2. One build per OUTPUT at a time
-(a lock); an existing OUTPUT is replaced only with --force, and only the directory that was there when the build
-started; leftovers of a build that died are cleaned up by the next build of the same OUTPUT.
+(a lock); an existing OUTPUT is replaced only with --force, only if it is an earlier output of build (or empty),
+and only the directory that was there when the build started; leftovers of a build that died are cleaned up by the
+next build of the same OUTPUT.
 
 Recipe (YAML; relative paths are relative to the recipe file):
 
@@ -138,8 +139,8 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
                                                  "size over tp/ep), as SGLang's --ep"),
           shard_size: Optional[str] = typer.Option(None, "--shard-size", help="max shard size, e.g. 5GB (default: "
                                                    "recipe output.shard_size or 5GB)"),
-          force: bool = typer.Option(False, "--force", help="replace an existing output directory (only the one "
-                                                            "there when the build starts)"),
+          force: bool = typer.Option(False, "--force", help="replace an earlier output of build at OUTPUT (or an "
+                                                            "empty directory; anything else is refused)"),
           to: str = typer.Option("mpconvert", "--to", help="layout: mpconvert (served through the runtime shim) "
                                                             "or compressed-tensors (stock SGLang, no plugin)"),
           json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout")):

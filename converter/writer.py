@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -64,12 +65,48 @@ def _pending(t: TensorPlan) -> PendingTensor:
     return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, rewritten)
 
 
+def shard_names(count: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+_SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")
+
+
+def _written_by_build(name: str) -> bool:
+    return name in (MANIFEST, INDEX, "config.json", *SIDE_FILES) or _SHARD_NAME.fullmatch(name) is not None
+
+
+def _not_replaceable(out: Path) -> str | None:
+    """Why --force may not replace the directory `out`, or None: it may replace only an empty directory or an
+    earlier output of build (its manifest and nothing build does not write), so that a mistyped -o (~, ., a
+    project directory) never costs anyone their files."""
+    with os.scandir(out) as it:
+        entries = list(it)
+    if entries and not any(e.name == MANIFEST for e in entries):
+        return f"it holds no {MANIFEST}"
+    foreign = sorted(e.name for e in entries if not (e.is_file(follow_symlinks=False) and _written_by_build(e.name)))
+    if foreign:
+        return f"it holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which build does not write"
+    return None
+
+
 def check_output(out: Path, force: bool, plan: Plan | None = None) -> None:
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"{out} already exists; choose another -o or pass --force to replace it")
+    if out.is_symlink():
+        raise UserError(f"{out} is a symbolic link; --force replaces only a directory — pass the directory itself or "
+                        f"choose another -o")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a converted directory; --force replaces only a directory — remove it "
                         f"yourself or choose another -o")
+    if out.exists():
+        try:
+            why = _not_replaceable(out)
+        except OSError as e:
+            raise UserError(f"{out}: cannot list it ({e.strerror}); --force replaces only an earlier output") from None
+        if why:
+            raise UserError(f"{out} is not an earlier output of mpconvert build ({why}); --force replaces only "
+                            f"those — remove it yourself or choose another -o")
     if plan is not None:
         for label, src in plan.sources.items():
             p = src.ckpt.path
@@ -124,7 +161,7 @@ def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
 
 def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
     shards = split_shards(plan.tensors, shard_size)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = shard_names(len(shards))
     digests: dict[str, str] = {}
     shard_of: dict[str, str] = {}
     for name, shard in zip(names, shards):

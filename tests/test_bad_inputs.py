@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from helpers import copy, fails, write_recipe
 
@@ -147,12 +148,64 @@ def test_tp_that_cannot_shard(llama, cli, tmp_path):
 def test_existing_output_needs_force(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep").write_text("precious")
+    assert cli("build", r, "-o", out).exit_code == 0
+    first = (out / "mpconvert_manifest.json").stat().st_ino
     fails(cli, tmp_path, r, match="already exists; choose another -o or pass --force", out=out)
-    assert (out / "keep").read_text() == "precious"
-    assert cli("build", r, "-o", out, "--force").exit_code == 0
-    assert not (out / "keep").exists() and (out / "mpconvert_manifest.json").exists()
+    assert (out / "mpconvert_manifest.json").stat().st_ino == first
+    assert cli("build", r, "-o", out, "--force").exit_code == 0  # an earlier output: replaced
+    assert (out / "mpconvert_manifest.json").stat().st_ino != first
+
+
+def _home_like(d: Path) -> Path:
+    d.mkdir()
+    (d / ".bashrc").write_text("precious")
+    (d / "project").mkdir()
+    (d / "project" / "notes.txt").write_text("precious")
+    return d
+
+
+@pytest.mark.parametrize("case", ["a home directory", "an output with a file added", "an output with a directory "
+                                  "added", "a symbolic link to an output", "a directory with a stray manifest"])
+def test_force_replaces_only_an_earlier_output(case, llama, cli, tmp_path):
+    """`-o ~ --force` (a typo away from `-o ~/out`) replaced the home directory. --force now replaces only an empty
+    directory or what build wrote: its manifest and nothing build does not write; everything else is refused and
+    left as it was."""
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    out = tmp_path / "out"
+    if case == "a home directory":
+        _home_like(out)
+        match = "is not an earlier output of mpconvert build (it holds no mpconvert_manifest.json)"
+    elif case == "a directory with a stray manifest":
+        _home_like(out)
+        (out / "mpconvert_manifest.json").write_text("{}")
+        match = "it holds .bashrc, project, which build does not write"
+    else:
+        built = tmp_path / "built"
+        assert cli("build", r, "-o", built).exit_code == 0
+        if case == "a symbolic link to an output":
+            out.symlink_to(built)
+            match = "is a symbolic link; --force replaces only a directory"
+        else:
+            built.rename(out)
+            if "file" in case:
+                (out / "notes.txt").write_text("mine")
+            else:
+                (out / "results").mkdir()
+            match = f"it holds {'notes.txt' if 'file' in case else 'results'}, which build does not write"
+    before = tree(tmp_path)
+    fails(cli, tmp_path, r, "--force", match=match, out=out)
+    assert tree(tmp_path) == before
+
+
+def tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() and not p.is_symlink() else str(p.readlink())
+                                    if p.is_symlink() else None) for p in sorted(d.rglob("*"))}
+
+
+def test_force_replaces_an_empty_directory(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    (tmp_path / "out").mkdir()
+    assert cli("build", r, "-o", tmp_path / "out", "--force").exit_code == 0
 
 
 def test_output_inside_a_source(llama, cli, tmp_path):
