@@ -153,7 +153,10 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
     check_output(output, force)
     r = load_recipe(recipe)
-    cap = parse_size(shard_size or r.output.shard_size or "5GB")
+    try:
+        cap = parse_size(shard_size or r.output.shard_size or "5GB")
+    except UserError as e:
+        raise UserError(f"{'--shard-size' if shard_size else f'{recipe}: output.shard_size'}: {e}") from None
     t0 = time.perf_counter()
     with OutputLock(Path(os.path.abspath(output))) as lock:
         for line in lock.recovered:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -86,7 +87,7 @@ class ExpertsFromFile(BaseModel):
     SGLang's expert-distribution dump (a torch file whose `logical_count` is [..., layers, experts]). `top: N` takes
     each layer's N most routed experts; `coverage: F` the fewest that receive a fraction F of its routed tokens.
     Ties go to the lower expert id, so the choice is deterministic."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     file: str
     top: Union[int, None] = Field(None, ge=1)
     coverage: Union[float, None] = Field(None, gt=0, le=1)
@@ -98,8 +99,9 @@ class ExpertsFromFile(BaseModel):
         return self
 
 
+# strict: YAML's types are taken as written — `experts: true` is not expert 1, `moe: "no"` is not false.
 class Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     match: Union[str, list[str]] = Field(description="glob on module names, or 're:REGEX'; a list matches any")
     source: str
     layers: Union[str, int, list[Union[str, int]], None] = None
@@ -176,12 +178,12 @@ class Rule(BaseModel):
 
 
 class Output(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     shard_size: Union[str, int, None] = None
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     base: str
     sources: dict[str, str]
     default: str
@@ -190,6 +192,10 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _names_ok(self):
+        for name in self.sources:
+            if not name or name.strip() != name or not name.isprintable():
+                raise ValueError(f"sources: name {name!r} must be non-empty printable text without surrounding "
+                                 f"spaces; rename it")
         if BASE in self.sources:
             raise ValueError(f"source name {BASE!r} is reserved for the base model; rename it")
         known = sorted(self.sources) + [BASE]
@@ -313,16 +319,43 @@ def load_recipe(path: Path, sources_only: bool = False) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key; allowed keys are documented in `mpconvert build --help`"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        raise UserError(f"{path}: {loc}: {msg}") from None
+        raise UserError(f"{path}: {_first_problem(e)}") from None
     recipe._dir = path.resolve().parent
     return recipe
+
+
+def _is_union_tag(x) -> bool:
+    """pydantic names the member of a Union that failed in the error's location (…layers.str, …layers.int)."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x)
+
+
+_EXPECTED = {"str": "text", "int": "an integer", "float": "a number", "bool": "true or false", "list": "a list",
+             "dict": "a mapping", "model": "a mapping"}
+
+
+def _first_problem(e: ValidationError) -> str:
+    """The recipe's first problem as `where: what`. A value no member of a Union accepts (`layers: true`) is one
+    message naming what the key takes, not pydantic's first member's complaint (`layers.str: …valid string`)."""
+    errors = e.errors()
+    err = errors[0]
+    where = tuple(x for x in err["loc"] if not _is_union_tag(x))
+    loc = ".".join(str(x) for x in where) or "recipe"
+    tags = [x["loc"][len(where)] for x in errors if len(x["loc"]) > len(where)
+            and tuple(x["loc"][:len(where)]) == where and _is_union_tag(x["loc"][len(where)])]
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key; allowed keys are documented in `mpconvert build --help`"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    if len(tags) > 1 or (tags and err["type"].endswith("_type")):
+        kinds = list(dict.fromkeys(_EXPECTED.get(t.split("[")[0], "a mapping") for t in tags))
+        kinds = [k + " of those" if k == "a list" and kinds[0] != k else k for k in kinds]
+        return f"{loc}: {json.dumps(err['input'], default=str)} is not allowed here; give " \
+               f"{', '.join(kinds[:-1]) + ' or ' if len(kinds) > 1 else ''}{kinds[-1]}"
+    if err["type"].endswith("_type"):
+        kind = _EXPECTED.get(err["type"].removesuffix("_type").replace("string", "str"))
+        if kind:
+            return f"{loc}: {json.dumps(err['input'], default=str)} is not allowed here; give {kind}"
+    return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
 
 
 MAX_SHARD = 2**50  # 1 PiB: a bound, not a limit anyone meets

@@ -264,6 +264,34 @@ def test_recipe_that_is_a_directory_or_not_utf8(llama, cli, tmp_path):
     fails(cli, tmp_path, p, match="not UTF-8 text")
 
 
+@pytest.mark.parametrize("rule,match", [
+    # YAML's types as written: pydantic's lax mode took `experts: true` for expert 1 and `moe: "no"` for false
+    ('layers: true', 'rules.0.layers: true is not allowed here; give text, an integer or a list of those'),
+    ('experts: true', 'rules.0.experts: true is not allowed here; give text, an integer, a list of those or a mapping'),
+    ('moe: "no"', 'rules.0.moe: "no" is not allowed here; give true or false'),
+    ('moe: 1', 'rules.0.moe: 1 is not allowed here; give true or false'),
+    ('layers: 1.0', 'rules.0.layers: 1.0 is not allowed here'),
+    ('experts: {file: r.json, top: true}', 'rules.0.experts: top: Input should be a valid integer'),
+])
+def test_recipe_values_of_the_wrong_type(rule, match, llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g", f'- {{match: "mlp.*", source: g, {rule}}}')
+    fails(cli, tmp_path, r, match=match)
+
+
+@pytest.mark.parametrize("name", ["''", "' g'", '"a\\tb"'])
+def test_a_source_name_must_be_plain_text(name, llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
+    r.write_text(r.read_text().replace("\n  g:", f"\n  {name}:", 1))
+    fails(cli, tmp_path, r, match="must be non-empty printable text without surrounding spaces")
+
+
+def test_a_bad_shard_size_names_where_it_came_from(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
+    r.write_text(r.read_text() + "output: {shard_size: 5 GiBs}\n")
+    fails(cli, tmp_path, r, match=f"{r}: output.shard_size: bad size '5 GiBs'")
+    fails(cli, tmp_path, r, "--shard-size", "0", match="--shard-size: bad size '0': must be positive")
+
+
 def test_huge_layer_range_is_refused_without_allocating(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g", '- {match: "*", layers: "0-2000000000", source: g}')
     fails(cli, tmp_path, r, match="ids go up to 65535")
