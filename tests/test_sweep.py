@@ -180,6 +180,50 @@ def edit_config_field(d, rng):
     p.write_text(json.dumps(cfg, indent=2))
 
 
+def _retyped(v):
+    """The same value to Python's == in another JSON type (1 → true or 1.0, false → 0), or None."""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, int) or isinstance(v, float) and v.is_integer():
+        return float(v) if isinstance(v, int) else int(v)
+    return None
+
+
+def retype_config_value(d, rng):
+    """A config.json value given another JSON type with the same value to Python (1 → true, 2 → 2.0, false → 0):
+    loaders see another value (a bool flag, a float where an int is expected)."""
+    p = d / "config.json"
+    cfg = json.loads(p.read_text())
+    k = rng.choice(sorted(k for k, v in cfg.items() if _retyped(v) is not None))
+    cfg[k] = _retyped(cfg[k])
+    p.write_text(json.dumps(cfg, indent=2))
+
+
+def edit_index_metadata(d, rng):
+    p = d / "model.safetensors.index.json"
+    idx = json.loads(p.read_text())
+    choice = rng.randrange(3)
+    if choice == 0:
+        idx.pop("metadata")
+    else:
+        idx["metadata"]["total_size"] = idx["metadata"]["total_size"] + 1 if choice == 1 else \
+            float(idx["metadata"]["total_size"])
+    p.write_text(json.dumps(idx))
+
+
+def edit_shard_metadata(d, rng):
+    f = rng.choice(sorted(d.glob("model-*.safetensors")))
+    b = f.read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    h = json.loads(b[8:8 + n])
+    h["__metadata__"] = rng.choice([{}, {"format": "np"}, {"format": "pt", "by": "someone"}])
+    raw = json.dumps(h).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + b[8 + n:])
+
+
 def edit_quantization_config(d, rng):
     p = d / "config.json"
     cfg = json.loads(p.read_text())
@@ -318,6 +362,9 @@ KINDS = {
     "tensor removed from a shard": (remove_tensor, True),
     "config.json field edited": (edit_config_field, True),
     "quantization_config field edited": (edit_quantization_config, True),
+    "config.json value retyped (1 → true, 2 → 2.0)": (retype_config_value, True),
+    "index metadata.total_size edited or dropped": (edit_index_metadata, True),
+    "shard __metadata__ edited": (edit_shard_metadata, True),
     "tokenizer/generation file edited or removed": (edit_side_file, True),
     "bad scale (re-synced)": (bad_scale, True),
     "g_idx out of range (re-synced)": (bad_g_idx, True),

@@ -1,0 +1,202 @@
+"""Inputs nobody tuned to, seeded: random edits of real sources (safetensors headers, bytes, lengths, producer and
+model configs) and of the recipe, each built through the CLI. Every build either succeeds — and its output then
+verifies — or is refused with one `error:` line and exit 2; never a traceback, never a half-written output, never a
+changed source. (verify's side of the same class is test_sweep.py.)"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import copy, write_recipe
+
+SOURCES = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq"}
+RULES = '''- {match: "self_attn.*", layers: 0, source: fp8}
+- {match: mlp.down_proj, source: int8}
+- {match: lm_head, source: base}'''
+CASES = 200  # builds of this size take ~50 ms in-process: a wide sweep costs seconds
+WEIRD = [None, True, False, 0, -1, 1, 2**63, 2**70, 1.5, "", "x", "4", [], [1], [[1]], {}, {"a": 1}, "F8_E4M3",
+         "I4", "BF16", " BF16", "bf16", [0, -1], [2**40, 2**40], "../../etc/passwd", "\u0000", "ä"]
+
+
+def tree_digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        h.update(str(p.relative_to(d)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ---- edits of one source ------------------------------------------------------------------------------------------
+def _header(f: Path) -> tuple[dict, bytes]:
+    b = f.read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    return json.loads(b[8:8 + n]), b[8 + n:]
+
+
+def _put_header(f: Path, h: dict, data: bytes) -> None:
+    raw = json.dumps(h).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def edit_header(src: Path, rng: random.Random) -> str:
+    f = src / "model.safetensors"
+    h, data = _header(f)
+    name = rng.choice(sorted(k for k in h if k != "__metadata__"))
+    e, kind = h[name], rng.choice(["dtype", "shape", "shape_dim", "offsets", "drop_field", "extra_field", "rename",
+                                   "metadata", "drop_tensor", "shared_offsets", "same_size_dtype"])
+    if kind == "dtype":
+        e["dtype"] = rng.choice(WEIRD)
+    elif kind == "shape":
+        e["shape"] = rng.choice(WEIRD)
+    elif kind == "shape_dim" and e["shape"]:
+        i = rng.randrange(len(e["shape"]))
+        e["shape"][i] = rng.choice([0, -1, e["shape"][i] * 2, e["shape"][i] // 2, 1.0, "3", None, True])
+    elif kind == "offsets":
+        a, b = e["data_offsets"]
+        e["data_offsets"] = rng.choice(WEIRD + [[a, b + 2], [a + 1, b], [b, a], [a, b, b], [True, b]])
+    elif kind == "drop_field":
+        e.pop(rng.choice(["dtype", "shape", "data_offsets"]))
+    elif kind == "extra_field":
+        e[rng.choice(["foo", "dtype2", ""])] = rng.choice(WEIRD)
+    elif kind == "rename":
+        h[rng.choice(["", "a" * 600, name + ".", name.upper(), "x/../y", name + " ", "model.layers.99.mlp.up_proj.weight",
+                      name.rsplit(".", 1)[0] + ".weight_scale"])] = h.pop(name)
+    elif kind == "metadata":
+        h["__metadata__"] = rng.choice(WEIRD + [{"format": 1}, {"a": {"b": 1}}])
+    elif kind == "drop_tensor":
+        h.pop(name)
+    elif kind == "shared_offsets":
+        e["data_offsets"] = list(h[rng.choice(sorted(k for k in h if k != "__metadata__"))]["data_offsets"])
+    else:
+        e["dtype"] = {"BF16": "F16", "F16": "BF16", "I32": "F32", "F32": "I32", "I8": "U8", "U8": "I8",
+                      "F8_E4M3": "I8", "I64": "F64"}.get(e["dtype"], "F32")
+    _put_header(f, h, data)
+    return f"header {kind} of {name}"
+
+
+def flip_header_bytes(src: Path, rng: random.Random) -> str:
+    f = src / "model.safetensors"
+    b = bytearray(f.read_bytes())
+    (n,) = struct.unpack("<Q", b[:8])
+    for _ in range(rng.randint(1, 3)):
+        b[rng.randrange(0, 8 + n)] = rng.randrange(256)
+    f.write_bytes(bytes(b))
+    return "header bytes flipped"
+
+
+def truncate(src: Path, rng: random.Random) -> str:
+    f = src / "model.safetensors"
+    size = f.stat().st_size
+    cut = rng.choice([0, 7, 8, 9, rng.randrange(size), size - 1])
+    os.truncate(f, cut)
+    return f"truncated to {cut} of {size} bytes"
+
+
+def edit_json(src: Path, rng: random.Random) -> str:
+    """One leaf of config.json (or GPTQ's quantize_config.json) set to a random value or dropped."""
+    f = src / rng.choice([n for n in ("config.json", "quantize_config.json") if (src / n).exists()])
+    doc = json.loads(f.read_text())
+    cur, trail = doc, []
+    while isinstance(cur, dict) and cur:
+        k = rng.choice(sorted(cur))
+        trail.append(k)
+        if isinstance(cur[k], dict) and cur[k] and rng.random() < 0.6:
+            cur = cur[k]
+            continue
+        if rng.random() < 0.3:
+            cur.pop(k)
+        else:
+            cur[k] = rng.choice(WEIRD)
+        break
+    f.write_text(json.dumps(doc))
+    return f"{f.name} {'.'.join(trail)} edited"
+
+
+EDITS = [edit_header] * 4 + [flip_header_bytes, truncate, edit_json, edit_json]
+
+
+def _refused_cleanly(r, out: Path) -> None:
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and "Traceback" not in r.output, r.output
+    assert not out.exists() and not [p for p in out.parent.iterdir() if "mpconvert-" in p.name]
+
+
+def test_random_edits_of_a_source(llama, cli, tmp_path):
+    rng = random.Random(15)
+    labels = ["base", *SOURCES]
+    outcomes = {"built": 0, "refused": 0}
+    for i in range(CASES):
+        label = rng.choice(labels)
+        kind = "base" if label == "base" else SOURCES[label]
+        edited = copy(llama[kind], tmp_path / f"src{i}")
+        what = rng.choice(EDITS)(edited, rng)
+        before = tree_digest(edited)
+        r = write_recipe(tmp_path, {**llama, "edited": edited},
+                         {s: "edited" if s == label else k for s, k in SOURCES.items()}, "gptq", RULES)
+        if label == "base":
+            r.write_text(r.read_text().replace(f"base: {llama['base']}", f"base: {edited}"))
+        out = tmp_path / f"out{i}"
+        res = cli("build", r, "-o", out)
+        assert tree_digest(edited) == before, f"case {i} ({label}: {what}) changed the source"
+        if res.exit_code == 0:  # an edit the build did not need (an unused tensor's dtype, a config field)
+            v = cli("verify", out)
+            assert v.exit_code == 0, f"case {i} ({label}: {what}) built an output verify refuses:\n{v.output}"
+            outcomes["built"] += 1
+        else:
+            _refused_cleanly(res, out)
+            outcomes["refused"] += 1
+    print(outcomes)
+    assert outcomes["refused"] > CASES // 2
+
+
+# ---- edits of the recipe ------------------------------------------------------------------------------------------
+def edit_recipe(recipe: dict, rng: random.Random) -> str:
+    where = rng.choice(["top", "source", "rule", "rule", "rule", "output", "new rule"])
+    if where == "top":
+        key = rng.choice(["base", "sources", "default", "rules", "output", "extra"])
+        recipe[key] = rng.choice(WEIRD)
+        return f"{key} = {recipe[key]!r}"
+    if where == "source":
+        name = rng.choice([*recipe["sources"], "new", "base", "", " x"])
+        recipe["sources"][name] = rng.choice(WEIRD + [recipe["base"], "~", "/", "/dev/null", "/proc/self"])
+        return f"sources[{name!r}] = {recipe['sources'][name]!r}"
+    if where == "output":
+        recipe["output"] = {rng.choice(["shard_size", "layout"]): rng.choice(WEIRD + ["1MB", "0", "5GB", "1KiB"])}
+        return f"output = {recipe['output']!r}"
+    if where == "new rule":
+        fields = rng.sample(["match", "layers", "source", "experts", "moe", "x"], rng.randint(1, 4))
+        recipe["rules"].insert(0, {f: rng.choice(WEIRD + ["*", "re:((", "0-99999999", "3-1", "fp8"]) for f in fields})
+        return f"rules[0] = {recipe['rules'][0]!r}"
+    i = rng.randrange(len(recipe["rules"]))
+    field = rng.choice(["match", "layers", "source", "experts", "moe"])
+    recipe["rules"][i][field] = rng.choice(WEIRD + ["*", "re:.*", "0-1,", "fp8", "base"])
+    return f"rules[{i}].{field} = {recipe['rules'][i][field]!r}"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_edits_of_the_recipe(seed, llama, cli, tmp_path):
+    rng = random.Random(seed)
+    pristine = yaml.safe_load(write_recipe(tmp_path, llama, SOURCES, "gptq", RULES).read_text())
+    refused = 0
+    for i in range(CASES // 2):
+        recipe = json.loads(json.dumps(pristine))
+        what = edit_recipe(recipe, rng)
+        p = tmp_path / f"r{i}.yaml"
+        p.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+        out = tmp_path / f"out{i}"
+        res = cli("build", p, "-o", out)
+        if res.exit_code == 0:
+            assert cli("verify", out, "--fast").exit_code == 0, what
+        else:
+            _refused_cleanly(res, out)
+            refused += 1
+    assert refused > CASES // 4
