@@ -233,13 +233,11 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
                                                                            "experts (default: per expert)"),
          force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file"),
          json_out: bool = typer.Option(False, "--json", help="print the report(s) as JSON on stdout")):
-    from mpconvert.autoplan import plot_frontier, prepare, recipe_paths, run_plan, write_outputs
+    from mpconvert.autoplan import check_outputs, plot_frontier, prepare, run_plan, write_outputs
 
     if tokens is not None and not 64 <= tokens <= 1_000_000:
         raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
-    for t in recipe_paths(output, len(budget)):
-        if t.exists() and not force:
-            raise UserError(f"{t} already exists; choose another -o or pass --force to overwrite it")
+    check_outputs(output, len(budget), frontier, force)
     prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts)  # all checks first
     if prepared.short_text:
         err.print(f"warning: {prepared.short_text}", markup=False, highlight=False, soft_wrap=True)
@@ -248,10 +246,10 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
         task = prog.add_task("measuring", total=None)
         results = run_plan(prepared, output, device, on_total=lambda n: prog.update(task, total=n),
                            on_step=lambda: prog.advance(task))
-    written = write_outputs(results, output)
+    written = write_outputs(results, output, force)
     if frontier is not None:
         plot_frontier(results[0].frontier, results[0].uniform, [(r.report["bytes"], r.report["predicted_kl"])
-                                                                for r in results], frontier)
+                                                                for r in results], frontier, force)
     if json_out:
         print(json.dumps({"recipes": [str(p) for p in written], "reports": [r.report for r in results],
                           "frontier": results[0].frontier, "uniform": results[0].uniform}, indent=1, sort_keys=True))

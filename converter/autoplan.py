@@ -6,6 +6,7 @@ planned once more by build's own planner before it is written, so a plan that wo
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from .errors import UserError
 from .layout import decoder_config
 from .plan import Inputs, make_plan
 from .recipe import load_recipe
+from .safety import write_file_atomic
 
 
 @dataclass
@@ -186,21 +188,42 @@ def _report(spec: str, budget: int, sol: choose.Solution, bpw: float, c: choose.
 
 
 def recipe_paths(out: Path, n: int) -> list[Path]:
-    """Where the recipes of n budgets go: -o itself for one, recipe-1.yaml … for several."""
+    """Where the recipes of n budgets go: -o itself for one, recipe-1.yaml … for several; each recipe's report goes
+    beside it (same name, .json)."""
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
 
 
-def write_outputs(results: list[PlanResult], out: Path) -> list[Path]:
-    """Each recipe (recipe_paths) and its report beside it (same name, .json)."""
+def check_outputs(out: Path, n: int, frontier: Path | None, force: bool) -> None:
+    """Every file plan will write, checked before any measuring: none may exist without --force, none may be a
+    directory, and no two may be the same file."""
+    if out.suffix.lower() == ".json":
+        raise UserError(f"-o {out}: each recipe's report is written beside it as .json; give the recipe a .yaml name")
+    recipes = recipe_paths(out, n)
+    paths = recipes + [p.with_suffix(".json") for p in recipes] + ([frontier] if frontier is not None else [])
+    if len({os.path.abspath(p) for p in paths}) < len(paths):
+        raise UserError(f"--frontier {frontier} is also a recipe or report path; give the plot its own name")
+    for p in paths:
+        if not p.parent.is_dir():
+            raise UserError(f"{p.parent}: no such directory; create it or give another -o / --frontier")
+        if p.is_dir() or p.is_symlink():
+            raise UserError(f"{p} is a {'symbolic link' if p.is_symlink() else 'directory'}; plan writes files there "
+                            f"— give another -o / --frontier")
+        if p.exists() and not force:
+            raise UserError(f"{p} already exists; choose another -o or pass --force to overwrite it")
+
+
+def write_outputs(results: list[PlanResult], out: Path, force: bool) -> list[Path]:
+    """Each recipe (recipe_paths) and its report beside it (same name, .json), each written whole or not at all."""
     written = recipe_paths(out, len(results))
     for p, r in zip(written, results):
-        p.write_text(r.recipe_text)
-        p.with_suffix(".json").write_text(json.dumps(r.report, indent=1, sort_keys=True) + "\n")
+        write_file_atomic(p, lambda tmp: tmp.write_text(r.recipe_text), force)
+        report = json.dumps(r.report, indent=1, sort_keys=True) + "\n"
+        write_file_atomic(p.with_suffix(".json"), lambda tmp: tmp.write_text(report), force)
     return written
 
 
 def plot_frontier(curve: list[tuple[int, float]], uniform: dict[str, tuple[int, float]], chosen: list[tuple[int,
-                  float]], path: Path) -> None:
+                  float]], path: Path, force: bool = False) -> None:
     try:
         import matplotlib
 
@@ -220,5 +243,5 @@ def plot_frontier(curve: list[tuple[int, float]], uniform: dict[str, tuple[int, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None}), force)
     plt.close(fig)

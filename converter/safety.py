@@ -57,6 +57,31 @@ def fsync_tree(d: Path) -> None:
     fsync_path(d)
 
 
+def write_file_atomic(path: Path, write, force: bool) -> None:
+    """A small output file (plan's recipe, report, plot): `write(tmp)` fills a temporary file beside `path`, which is
+    flushed and renamed into place — over an existing file only with `force`, never half-written. An existing
+    directory or symlink at `path` is refused."""
+    if path.is_symlink() or path.is_dir():
+        raise UserError(f"{path} is a {'symbolic link' if path.is_symlink() else 'directory'}; give a file name")
+    tmp = path.with_name(f".{_short(path.name)}.mpconvert-tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        if force:
+            os.replace(tmp, path)
+        else:
+            rename_noreplace(tmp, path)
+    except FileExistsError:
+        raise UserError(f"{path} appeared while mpconvert ran (not by it); left untouched — pass --force to replace "
+                        f"it") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror}); check the path and free space") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    fsync_path(path.parent)
+
+
 def _short(name: str) -> str:
     """The output's name as its side files carry it: long names are cut and made unique by a hash, so that the
     side files stay within the 255-byte name limit for any name the output itself may have."""

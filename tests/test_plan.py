@@ -175,6 +175,30 @@ def test_plan_refuses_bad_inputs(cli, llama, tmp_path):
              "--tp 3: num_attention_heads")
 
 
+def test_plan_never_overwrites_what_it_was_not_told_to(cli, llama, tmp_path):
+    """Every file plan writes — each recipe, its .json report, the --frontier plot — is checked before measuring:
+    an existing report was overwritten without --force, `-o r.json` made the report overwrite its own recipe, and a
+    directory at -o was an internal error."""
+    src = _sources(tmp_path, llama, {"int8": "ct-w8a8"})
+    calib, out = LICENSES / "GPL-3", tmp_path / "r.yaml"
+    (tmp_path / "r.json").write_text("mine")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out), f"{tmp_path / 'r.json'} already exists")
+    (tmp_path / "r-2.json").write_text("mine")
+    refused(cli("plan", src, "--budget", "0.7x", "--budget", "0.8x", "--calib", calib, "-o", tmp_path / "r.yaml"),
+            f"{tmp_path / 'r-2.json'} already exists")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "p.json"),
+            "give the recipe a .yaml name")
+    (tmp_path / "d.yaml").mkdir()
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "d.yaml", "--force"),
+            "is a directory; plan writes files there")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "q.yaml", "--frontier",
+                tmp_path / "q.json"), "is also a recipe or report path")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "no" / "q.yaml"),
+            "no such directory")
+    assert (tmp_path / "r.json").read_text() == "mine" and (tmp_path / "r-2.json").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if "mpconvert" in p.name) == []
+
+
 def test_plan_on_the_real_model(cli, real, tmp_path):
     """SmolLM2-135M with its real Int8 and GPTQ g64 quantizations: between the all-Int4 and all-Int8 sizes plan mixes
     the two, predicts less KL than all-Int4, and its recipe builds."""
