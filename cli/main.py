@@ -377,7 +377,9 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
            text: Optional[Path] = typer.Option(None, "--text", help="with --numeric: perplexity of the base and of "
                                                "the converted model, and their KL, on this text file"),
            json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout")):
-    from mpconvert.verify import SUMMARY_ROWS, Progress as VerifyProgress, verify as run_verify
+    from mpconvert.verify import SUMMARY_ROWS, Progress as VerifyProgress, check_usage, verify as run_verify
+
+    check_usage(directory, tp, ep, base, numeric, text, engine)  # before the bar: a usage error is one line
 
     thresholds = _parse_thresholds(threshold)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err,
@@ -461,10 +463,8 @@ Examples:  mpconvert serve out/ -- --tp 2 --port 30000      mpconvert serve out/
 def serve_command(directory: Path, args: list[str]) -> list[str]:
     import os
 
-    from mpconvert.manifest import MANIFEST, load_manifest
+    from mpconvert.manifest import load_manifest
 
-    if not (directory / MANIFEST).exists():
-        raise UserError(f"{directory}: no {MANIFEST}; serve runs directories written by `mpconvert build`")
     manifest, _ = load_manifest(directory)
     plugins = os.environ.get("SGLANG_PLUGINS")
     if plugins is not None and "mpconvert" not in plugins.split(","):

@@ -376,13 +376,21 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
                             f"editing") from None
 
 
+def require_converted(directory: Path) -> Path:
+    """`directory` as verify, inspect and serve take it: a directory holding a manifest (one message for each)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not a directory; pass a directory written by `mpconvert build`")
+    if not (directory / MANIFEST).is_file():
+        raise UserError(f"{directory}: no {MANIFEST}; pass a directory written by `mpconvert build`")
+    return directory / MANIFEST
+
+
 def load_manifest(directory: Path) -> tuple[Manifest, bytes]:
     """The typed manifest of a converted directory and its raw bytes (whose sha256 config.json records)."""
-    path = Path(directory) / MANIFEST
+    path = require_converted(directory)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{directory}: no {MANIFEST}; pass a directory written by `mpconvert build`") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     return parse_manifest(raw, str(path)), raw

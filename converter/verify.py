@@ -34,7 +34,7 @@ from .formats import FORMATS, check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched
 from .layout import ModelInfo, role_of
 from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
-                       recorded_digest, totals)
+                       recorded_digest, require_converted, totals)
 from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_many, forget_open_files, load_array,
                              read_header)
 
@@ -401,7 +401,7 @@ def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int) -> 
             "quantized_bytes": linear}
 
 
-def _usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: bool, text: Path | None,
+def check_usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: bool, text: Path | None,
            engine: str | None) -> None:
     if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
         raise UserError("--tp and --ep must be between 1 and 4096")
@@ -416,10 +416,7 @@ def _usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: bool, 
         raise UserError(f"--text {text}: no such file; pass a UTF-8 text file")
     if engine is not None and engine != "sglang":
         raise UserError(f"--engine {engine}: the only engine is sglang")
-    if not directory.is_dir():
-        raise UserError(f"{directory}: not a directory; pass a directory written by `mpconvert build`")
-    if not (directory / MANIFEST).exists():
-        raise UserError(f"{directory}: no {MANIFEST}; verify checks directories written by `mpconvert build`")
+    require_converted(directory)
 
 
 def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
@@ -427,7 +424,7 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
            engine: str | None = None, dtype: str = "auto", text: Path | None = None) -> Report:
     directory = Path(directory)
     forget_open_files()  # files may have changed since an earlier operation in this process
-    _usage(directory, tp, ep, base, numeric, text, engine)
+    check_usage(directory, tp, ep, base, numeric, text, engine)
     progress = progress or Progress()
     rep = Report(str(directory), hashed=hash_tensors)
     rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 and NaN scan skipped)"), "manifest",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import build_once, copy, fails, resign, set_scheme, write_recipe
+from helpers import build_once, copy, fails, refused, resign, set_scheme, write_recipe
 from mpconvert.checkpoint import INDEX
 
 L0 = "model.layers.0"
@@ -490,6 +490,19 @@ def test_a_quantized_linear_recorded_as_another_kind_is_a_finding(module, kind, 
         assert ("manifest", module) in found, found
         if module.endswith("q_proj"):  # FP8: a `weight` of F8_E4M3, which no norm, router or embedding may have
             assert ("scheme", module) in found, found
+
+
+@pytest.mark.parametrize("command", [["verify"], ["verify", "--fast"], ["inspect"], ["serve", "--print-command"]])
+def test_every_reader_refuses_a_directory_build_did_not_write_alike(command, llama, cli, tmp_path):
+    """verify, inspect and serve said it three ways (inspect of a file: 'f/mpconvert_manifest.json: cannot read (Not
+    a directory)'); now one rule, one message each."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for d, match in [(tmp_path / "empty", "no mpconvert_manifest.json; pass a directory written by `mpconvert build`"),
+                     (llama["gptq"], "no mpconvert_manifest.json; pass a directory written by `mpconvert build`"),
+                     (tmp_path / "file", "not a directory; pass a directory written by `mpconvert build`"),
+                     (tmp_path / "missing", "not a directory; pass a directory written by `mpconvert build`")]:
+        refused(cli(*command, d), f"{d}: {match}")
 
 
 def test_verify_usage_errors(built, cli, tmp_path):
