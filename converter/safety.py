@@ -5,9 +5,12 @@ that died.
   dies, even by kill -9) for the whole build; a second build of the same output is refused while one runs.
 - The output is written into `.OUT.mpconvert-tmp-PID` beside it and renamed into place with RENAME_NOREPLACE: a path
   that appeared meanwhile (another program's directory, even an empty one) is never replaced. With --force, only
-  the exact directory that existed when the build started (same device, inode and change time) is swapped out: it
-  is renamed to `.OUT.mpconvert-old-PID` first, the new one renamed in, then the old one renamed to `.OUT.mpconvert-trash-PID` and
-  deleted (so that a half-deleted directory never carries the name of one that may be restored).
+  an earlier output of build (or an empty directory: writer.check_output), and only the exact directory that
+  existed when the build started (same device, inode and change time), is swapped out: it is renamed to
+  `.OUT.mpconvert-old-PID` first, the new one renamed in, then the old one renamed to `.OUT.mpconvert-trash-PID`
+  and deleted (so that a half-deleted directory never carries the name of one that may be restored).
+- Small single files (plan's recipes, reports, plot) are written to a temporary file beside them and renamed in
+  (write_file_atomic); an existing file is replaced only with --force.
 - Whoever next takes the lock of an output finds the leftovers of dead builds of it (the lock proves their builders
   are gone): temporary and trash directories are deleted; an old output whose swap was cut short is put back where
   it was if nothing took its place. `recover()` says what it did.

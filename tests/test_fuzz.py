@@ -68,8 +68,8 @@ def edit_header(src: Path, rng: random.Random) -> str:
     elif kind == "extra_field":
         e[rng.choice(["foo", "dtype2", ""])] = rng.choice(WEIRD)
     elif kind == "rename":
-        h[rng.choice(["", "a" * 600, name + ".", name.upper(), "x/../y", name + " ", "model.layers.99.mlp.up_proj.weight",
-                      name.rsplit(".", 1)[0] + ".weight_scale"])] = h.pop(name)
+        h[rng.choice(["", "a" * 600, name + ".", name.upper(), "x/../y", name + " ",
+                      "model.layers.99.mlp.up_proj.weight", name.rsplit(".", 1)[0] + ".weight_scale"])] = h.pop(name)
     elif kind == "metadata":
         h["__metadata__"] = rng.choice(WEIRD + [{"format": 1}, {"a": {"b": 1}}])
     elif kind == "drop_tensor":

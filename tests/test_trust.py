@@ -242,7 +242,8 @@ def test_a_source_of_another_architecture_is_refused(llama, cli, tmp_path):
     # another model. A source that omits the key (older producers) is fine.
     src = edit_config(copy(llama["gptq"], tmp_path / "src"), lambda c: c.update(architectures=["MixtralForCausalLM"]))
     r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
-    fails(cli, tmp_path, r, match="architectures=['MixtralForCausalLM'] but the base has architectures=['LlamaForCausalLM']")
+    fails(cli, tmp_path, r,
+          match="architectures=['MixtralForCausalLM'] but the base has architectures=['LlamaForCausalLM']")
     edit_config(src, lambda c: c.pop("architectures"))
     assert cli("build", str(r), "-o", str(tmp_path / "out")).exit_code == 0
 
