@@ -243,6 +243,15 @@ class RuleMatcher:
             if ids is not None and max(ids) >= n:
                 raise UserError(f"recipe: {rule.describe(i)} names expert {max(ids)}, but the model has {n} routed "
                                 f"experts per layer (ids 0-{n - 1})")
+            if ids is None:  # from a routing file: it must have been recorded on this model
+                layers = self.info.num_layers
+                for layer, counts in sorted(self.recipe.routing_counts(i).items()):
+                    if not 0 <= layer < layers:
+                        raise UserError(f"recipe: {rule.describe(i)}: the routing file has counts for layer {layer}, "
+                                        f"but the model has layers 0-{layers - 1}; record it on this model")
+                    if len(counts) != n:
+                        raise UserError(f"recipe: {rule.describe(i)}: the routing file counts {len(counts)} experts "
+                                        f"in layer {layer}, but the model has {n}; record it on this model")
 
     def _rule_selects(self, index: int, name: str, role: Role, moe: set[int]) -> bool:
         if not any(test(name) for test in self.name_tests[index]):
@@ -256,12 +265,7 @@ class RuleMatcher:
         if rule.experts is not None:
             if role.expert is None:
                 return False
-            ids = self.recipe.routed_experts(index, role.layer)
-            if len(ids) and max(ids) >= self.info.num_experts:
-                raise UserError(f"recipe: {rule.describe(index)}: the routing file counts {max(ids) + 1} experts "
-                                f"in layer {role.layer}, but the model has {self.info.num_experts}; record it on "
-                                f"this model")
-            return role.expert in ids
+            return role.expert in self.recipe.routed_experts(index, role.layer)
         return True
 
 

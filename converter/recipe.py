@@ -228,12 +228,16 @@ class Recipe(BaseModel):
             self._selected[key] = rule.expert_ids if fixed else self._from_file(index, layer)
         return self._selected[key]
 
-    def _from_file(self, index: int, layer: int) -> frozenset[int]:
-        rule = self.rules[index]
-        path = self._resolve(rule.experts.file)
+    def routing_counts(self, index: int) -> dict[int, tuple[float, ...]]:
+        """rules[index]'s routing-frequency file: layer → routed tokens per expert (read once per file)."""
+        path = self._resolve(self.rules[index].experts.file)
         if path not in self._routing:
             self._routing[path] = _routing_counts(path, f"rules[{index}].experts.file")
-        counts = self._routing[path]
+        return self._routing[path]
+
+    def _from_file(self, index: int, layer: int) -> frozenset[int]:
+        rule = self.rules[index]
+        counts = self.routing_counts(index)
         if layer not in counts:
             raise UserError(f"rules[{index}].experts.file: {rule.experts.file} has no counts for layer {layer}; "
                             f"record routing over every MoE layer the rule's layers filter keeps")
@@ -271,6 +275,8 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
             import json
 
             raw = json.loads(path.read_text())
+            if not all(isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in raw.values()):
+                raise ValueError("every layer's counts must be a list of numbers")
             out = {int(k): tuple(float(x) for x in v) for k, v in raw.items()}
         else:
             import torch

@@ -181,11 +181,24 @@ def test_bad_values_are_refused_before_writing(case, llama, cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_nan_routing_counts(moe, cli, tmp_path):
-    (tmp_path / "routing.json").write_text('{"0": [NaN, 1, 1, 1, 1, 1, 1, 1], "1": [1, 1, 1, 1, 1, 1, 1, 1]}')
+ROW = [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("counts,match", [
+    ('{"0": [NaN, 1, 1, 1, 1, 1, 1, 1], "1": [1, 1, 1, 1, 1, 1, 1, 1]}', "negative, NaN or infinite counts"),
+    # a file recorded on another model: fewer or more experts, layers it does not have (each was accepted, or
+    # caught only when a top pick happened to fall past the model's experts)
+    (json.dumps({"0": ROW[:4], "1": ROW[4:]}), "counts 4 experts in layer 0, but the model has 8"),
+    (json.dumps({"0": [100] + [0] * 11, "1": [0] * 12}), "counts 12 experts in layer 0, but the model has 8"),
+    (json.dumps({"0": ROW, "1": ROW, "7": ROW}), "has counts for layer 7, but the model has layers 0-1"),
+    (json.dumps({"-1": ROW, "0": ROW, "1": ROW}), "has counts for layer -1"),
+    (json.dumps({"0": [True] + ROW[1:], "1": ROW}), "every layer's counts must be a list of numbers"),
+])
+def test_routing_counts_that_do_not_fit_the_model(counts, match, moe, cli, tmp_path):
+    (tmp_path / "routing.json").write_text(counts)
     r = write_recipe(tmp_path, moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8"}, "int8",
                      '- {match: "mlp.experts.*", experts: {file: routing.json, top: 2}, source: fp8}')
-    fails(cli, tmp_path, r, match="negative, NaN or infinite counts")
+    fails(cli, tmp_path, r, match=match)
 
 
 # ---- configs of the wrong type -----------------------------------------------------------------------------------
