@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from .errors import UserError
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import TensorInfo, read_header, regular_file_size
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a server needs besides weights and config: copied from the base into the output when present.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+              "chat_template.json", "preprocessor_config.json")
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object file of a model directory (config, index): one error line for each way it can be wrong."""
     try:
+        regular_file_size(path)
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: missing {what}; point the recipe at a Hugging Face checkpoint directory") from None
@@ -61,12 +68,18 @@ class Checkpoint:
             ck._check_index(weight_map, shard_of)
         return ck
 
+    def _json(self, name: str, what: str) -> dict:
+        """One of the directory's JSON files, read only where check_inside allows (its content may reach the
+        output: config.json does)."""
+        self.check_inside(self.path / name)
+        return read_json(self.path / name, what)
+
     def _weight_map(self) -> dict[str, str] | None:
         """The index's tensor → shard map (None without an index), checked for its types."""
         index = self.path / INDEX
-        if not index.exists():
+        if not index.exists() and not index.is_symlink():
             return None
-        weight_map = read_json(index, "safetensors index").get("weight_map")
+        weight_map = self._json(INDEX, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index}: weight_map must map tensor names to shard file names; re-save the checkpoint")
         return weight_map
@@ -119,15 +132,32 @@ class Checkpoint:
 
     @cached_property
     def config(self) -> dict:
-        return read_json(self.path / "config.json", "config.json")
+        return self._json("config.json", "config.json")
 
     @cached_property
     def quantize_config(self) -> dict | None:
         """The quantization config: config.json's `quantization_config`, else quantize_config.json (auto-gptq)."""
         qc = self.config.get("quantization_config")
-        if qc is None and (self.path / "quantize_config.json").exists():
-            qc = read_json(self.path / "quantize_config.json", "quantize_config.json")
+        if qc is None and os.path.lexists(self.path / "quantize_config.json"):
+            qc = self._json("quantize_config.json", "quantize_config.json")
         return qc
+
+    @cached_property
+    def side_files(self) -> tuple[str, ...]:
+        """The SIDE_FILES this checkpoint has, each a regular file inside it. A FIFO, a device, a directory or a
+        link out of the directory under one of those names is refused, not skipped: the output would lack it."""
+        present = []
+        for name in SIDE_FILES:
+            p = self.path / name
+            if os.path.lexists(p):
+                self.check_inside(p)
+                try:
+                    regular_file_size(p)
+                except FileNotFoundError:
+                    raise UserError(f"{self.label}: {p} is a broken link; restore the file or remove the link") \
+                        from None
+                present.append(name)
+        return tuple(present)
 
     def fingerprint(self) -> str:
         """Identity of the checkpoint's weights: hash of every shard's header and size (cheap, catches edits)."""

@@ -169,6 +169,7 @@ class Inputs:
         if base.kind != "unquantized":
             raise UserError(f"base ({ck.path}) is quantized ({base.kind}); the base must be the bf16/fp16 model (it "
                             f"provides config, tokenizer and reference weights)")
+        ck.side_files  # (a property that checks them: now, before planning, not when the writer copies them)
         sources = {BASE: base}
         for name in sorted(recipe.sources):
             src = open_source(name, recipe.path_of(name), info.model_type)

@@ -11,6 +11,7 @@ import json
 import operator
 import os
 import re
+import stat as statmod
 import struct
 from json.encoder import encode_basestring_ascii as _json_string
 from dataclasses import dataclass
@@ -77,6 +78,17 @@ def _parse_header(raw: bytes):
     return json.loads(raw, object_pairs_hook=_no_duplicates)
 
 
+def regular_file_size(path: Path) -> int:
+    """The size of a regular file (after links). A model directory holds only regular files: a FIFO there would
+    block the first read forever, a device would read without end."""
+    st = os.stat(path)
+    if not statmod.S_ISREG(st.st_mode):
+        kind = "a directory" if statmod.S_ISDIR(st.st_mode) else "a FIFO" if statmod.S_ISFIFO(st.st_mode) else \
+            "a device or socket"
+        raise UserError(f"{path}: is {kind}, not a regular file; a checkpoint holds files — replace it with one")
+    return st.st_size
+
+
 def _is_int(x) -> bool:
     return type(x) is int  # bool is an int subclass in Python; JSON true must not pass as 1
 
@@ -90,7 +102,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
     data area not covered exactly — overlapping tensors (one tensor's bytes aliasing another's), gaps, or bytes after
     the last tensor (safetensors refuses all three). Returns the tensors and the raw header bytes (fingerprints)."""
     try:
-        size = path.stat().st_size
+        size = regular_file_size(path)
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:

@@ -16,18 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import INDEX
+from .checkpoint import INDEX, SIDE_FILES
 from .errors import UserError
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_tree
 from .safetensors_io import (PT_METADATA, PendingTensor, forget_open_files, load_tensor, tensor_to_bytes, torch_dtype,
                              write_file)
-
-# Copied from the base when present: everything a server needs besides weights and config.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-              "chat_template.json", "preprocessor_config.json")
 
 
 def split_shards(tensors: list[TensorPlan], cap: int) -> list[list[TensorPlan]]:
@@ -170,10 +165,9 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     files = {}
-    for f in SIDE_FILES:
-        if (plan.base.ckpt.path / f).is_file():
-            shutil.copyfile(plan.base.ckpt.path / f, tmp / f)
-            files[f] = hashlib.sha256((tmp / f).read_bytes()).hexdigest()
+    for f in plan.base.ckpt.side_files:
+        shutil.copyfile(plan.base.ckpt.path / f, tmp / f)
+        files[f] = hashlib.sha256((tmp / f).read_bytes()).hexdigest()
     config = {k: v for k, v in plan.base.ckpt.config.items() if k not in WRITTEN_KEYS}
     manifest = build_manifest(plan, shard_of, digests, config, files)
     raw = manifest.dumps()

@@ -378,6 +378,28 @@ def test_a_link_leaving_the_cache_repository_is_refused(llama, cli, tmp_path):
     fails(cli, tmp_path, r, match="outside the checkpoint directory (and outside a Hugging Face cache repository's")
 
 
+@pytest.mark.parametrize("case", ["a FIFO", "a directory", "a link out", "a broken link"])
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "model.safetensors"])
+def test_a_model_file_that_is_not_a_regular_file_inside_the_directory(case, name, llama, cli, tmp_path):
+    """A FIFO hung the build forever (config.json, a shard); a tokenizer that was a FIFO, a directory or a link to a
+    device was silently left out of the output (which SGLang then could not serve), a link to /etc/passwd copied in.
+    Each is now one line, before anything is written."""
+    base = copy(llama["base"], tmp_path / "b")
+    p = base / name
+    p.rename(tmp_path / "moved")
+    if case == "a FIFO":
+        os.mkfifo(p)
+    elif case == "a directory":
+        p.mkdir()
+    else:
+        p.symlink_to(tmp_path / "moved" if case == "a link out" else base / "nothere")
+    r = write_recipe(tmp_path, {**llama, "base": base}, {"g": "gptq"}, "g")
+    match = {"a FIFO": "is a FIFO, not a regular file", "a directory": "is a directory",
+             "a link out": "outside the checkpoint directory", "a broken link": ""}[case]
+    text = fails(cli, tmp_path, r, match=match)
+    assert name in text
+
+
 # ---- verify on broken manifests and bad options -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def built(llama, tmp_path_factory) -> Path:
