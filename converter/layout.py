@@ -144,13 +144,13 @@ class ModelInfo:
                    count("num_experts", "num_local_experts", "n_routed_experts", minimum=0, default=0))
 
 
-def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str) -> None:
+def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str,
+                            fix: str = "every source must be a quantization of the same base model") -> None:
     """A source must be the same model as the base: every architecture key equal (missing on both is fine)."""
     for k in SHAPE_KEYS:
         a, b = base_cfg.get(k), other_cfg.get(k)
         if a != b and not (k in OPTIONAL_KEYS and (a is None or b is None)):
-            raise UserError(f"{where}: config.json {k}={b!r} but the base has {k}={a!r}; every source must be a "
-                            f"quantization of the same base model")
+            raise UserError(f"{where}: config.json {k}={b!r} but the base has {k}={a!r}; {fix}")
 
 
 # Quantizers under transformers 5 write Mixtral experts as `…experts.N.{gate,up,down}_proj` (under

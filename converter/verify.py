@@ -32,7 +32,7 @@ from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched
-from .layout import ModelInfo, role_of
+from .layout import ModelInfo, check_same_architecture, role_of
 from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
                        recorded_digest, require_converted, totals)
 from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_many, forget_open_files, load_array,
@@ -416,7 +416,23 @@ def check_usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: b
         raise UserError(f"--text {text}: no such file; pass a UTF-8 text file")
     if engine is not None and engine != "sglang":
         raise UserError(f"--engine {engine}: the only engine is sglang")
+    if engine and ep > 1 and (ep > tp or tp % ep):
+        raise UserError(f"--engine sglang --ep {ep}: SGLang splits experts over the TP ranks; --tp must be a "
+                        f"multiple of --ep (got --tp {tp})")
     require_converted(directory)
+
+
+def check_base(base: Path, manifest: Manifest) -> None:
+    """--base must be the bf16 model the directory was built from, as build checks its own base: unquantized, and
+    the same architecture as the config recorded at build time."""
+    from .sources import open_source
+
+    src = open_source("--base", base, manifest.model.model_type)
+    if src.kind != "unquantized":
+        raise UserError(f"--base {base}: is quantized ({src.kind}); pass the bf16 model the sources were quantized "
+                        f"from")
+    check_same_architecture(manifest.config, src.ckpt.config, f"--base {base}",
+                            "pass the base model this directory was built from")
 
 
 def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
@@ -437,6 +453,8 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
         check_config(directory, None, raw, rep)
         _shards(directory, rep)
         return rep
+    if numeric:
+        check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
     check_config(directory, manifest, raw, rep)
     found = check_structure(directory, manifest, rep, hash_tensors, progress)
     linears = manifest.linears()  # what the shared rules see, built once
@@ -454,9 +472,6 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
 
             rep.numeric = numeric_check(directory, manifest, found, Path(base), rep, thresholds or {}, text)
     if engine:
-        if ep > 1 and (ep > tp or tp % ep):
-            raise UserError(f"--engine sglang --ep {ep}: SGLang splits experts over the TP ranks; --tp must be a "
-                            f"multiple of --ep (got --tp {tp})")
         rep.checks.append(f"engine=sglang (tp=1{f', tp={tp}' if tp > 1 else ''}{f' ep={ep}' if ep > 1 else ''}, "
                           f"dtype={dtype})")
         if broken:

@@ -541,8 +541,13 @@ def test_every_reader_refuses_a_directory_build_did_not_write_alike(command, lla
         refused(cli(*command, d), f"{d}: {match}")
 
 
-def test_verify_usage_errors(built, cli, tmp_path):
+def test_verify_usage_errors(built, llama, moe, cli, tmp_path):
     for args, match in [(["--numeric", "--base", tmp_path / "nothing"], "not a model directory"),
+                        # a quantized --base was an internal error (transformers asked for optimum)
+                        (["--numeric", "--base", llama["gptq"]], "is quantized (gptq); pass the bf16 model"),
+                        (["--numeric", "--base", moe["base"]], "config.json model_type='qwen3_moe' but the base has "
+                                                               "model_type='llama'"),
+                        (["--engine", "sglang", "--tp", "2", "--ep", "4"], "--tp must be a multiple of --ep"),
                         (["--text", tmp_path / "t.txt"], "--text needs --numeric"),
                         (["--tp", "0"], "between 1 and 4096"),
                         (["--threshold", "kl=nan"], "finite number")]:
