@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import UserError
+from .recipe import format_ids
 
 _L = r"(?P<pfx>(?:model\.|language_model\.model\.)?layers\.(?P<layer>\d+)\.)"
 _MOE = r"(?P<moe>mlp|block_sparse_moe)"
@@ -95,7 +96,8 @@ def natural_key(name: str) -> tuple:
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_local_experts",
               "n_routed_experts", "n_shared_experts", "vocab_size", "q_lora_rank", "kv_lora_rank",
-              "tie_word_embeddings", "first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers", "architectures")
+              "tie_word_embeddings", "first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers", "architectures",
+              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "shared_expert_intermediate_size")
 # Keys a source may omit (older producers leave them out); when both have one, they must agree.
 OPTIONAL_KEYS = ("head_dim", "architectures")
 
@@ -141,7 +143,7 @@ class ModelInfo:
             raise UserError(f"{where}: config.json model_type={model_type!r} must be a non-empty string")
         heads = count("num_attention_heads")
         return cls(model_type, count("num_hidden_layers"), heads, count("num_key_value_heads", default=heads),
-                   count("num_experts", "num_local_experts", "n_routed_experts", minimum=0, default=0))
+                   count(*EXPERT_COUNT_KEYS, minimum=0, default=0))
 
 
 def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str,
@@ -151,6 +153,103 @@ def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str,
         a, b = base_cfg.get(k), other_cfg.get(k)
         if a != b and not (k in OPTIONAL_KEYS and (a is None or b is None)):
             raise UserError(f"{where}: config.json {k}={b!r} but the base has {k}={a!r}; {fix}")
+
+
+def _expected_shape(role: Role, module: str, c: dict) -> tuple[int, ...] | None:
+    """The weight shape config.json `c` implies for a module of this role ([out, in] for a linear), or None where
+    the config does not say (a key missing) or the module is not one the table knows."""
+    def get(*keys):
+        for k in keys:
+            if type(c.get(k)) is int:
+                return c[k]
+        return None
+
+    hidden, heads, kv = get("hidden_size"), get("num_attention_heads"), get("num_key_value_heads")
+    kv = kv or heads
+    head = get("head_dim") or (hidden // heads if hidden and heads else None)
+    nope, rope, v, q_rank, kv_rank = (get("qk_nope_head_dim"), get("qk_rope_head_dim"), get("v_head_dim"),
+                                      get("q_lora_rank"), get("kv_lora_rank"))
+    mla = None not in (nope, rope, v, kv_rank)
+    if role.kind == "embedding" or role.slot == "lm_head":
+        out, inp = get("vocab_size"), hidden
+    elif role.kind == "norm":  # a layer's two norms and the final one; not MLA's or Qwen3's inner q/k norms
+        whole = role.stage is not None or (role.layer is None and module.rsplit(".", 1)[-1] == "norm")
+        return (hidden,) if hidden and whole else None
+    elif role.kind == "router":
+        return (1, hidden) if module.endswith("shared_expert_gate") else (get(*EXPERT_COUNT_KEYS), hidden)
+    elif role.slot in ("q", "k", "v", "o") and mla:
+        width = {"q": heads * (nope + rope) if heads else None, "o": heads * v if heads else None}.get(role.slot)
+        out, inp = (hidden, width) if role.slot == "o" else (width, hidden)
+    elif role.slot in ("q", "k", "v", "o"):
+        width = (heads if role.slot in ("q", "o") else kv) * head if head and heads else None
+        out, inp = (hidden, width) if role.slot == "o" else (width, hidden)
+    elif role.slot == "q_a_proj":
+        out, inp = q_rank, hidden
+    elif role.slot == "kv_a_proj_with_mqa":
+        out, inp = (kv_rank + rope if mla else None), hidden
+    elif role.slot == "q_b_proj":
+        out, inp = (heads * (nope + rope) if mla and heads else None), q_rank
+    elif role.slot == "kv_b_proj":
+        out, inp = (heads * (nope + v) if mla and heads else None), kv_rank
+    elif role.slot in ("gate", "up", "down", "w1", "w3", "w2"):
+        if role.expert is not None:
+            width = get("moe_intermediate_size", "intermediate_size")
+        elif ".shared_experts." in module:  # DeepSeek: n_shared_experts experts fused into one MLP
+            n, w = get("n_shared_experts"), get("moe_intermediate_size")
+            width = n * w if n and w else None
+        elif ".shared_expert." in module:  # Qwen2-MoE
+            width = get("shared_expert_intermediate_size")
+        else:
+            width = get("intermediate_size")
+        out, inp = (hidden, width) if role.slot in ("down", "w2") else (width, hidden)
+    else:
+        return None
+    return None if out is None or inp is None else (out, inp)
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_config_matches_weights(cfg: dict, weights: dict[str, tuple[int, ...]], where: str) -> None:
+    problems = config_problems(cfg, weights)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{where}: {problems[0]}{more}; config.json and the weights disagree (SGLang builds the "
+                        f"model from config.json) — fix config.json or re-save the model")
+
+
+def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]]) -> list[str]:
+    """Where a config.json disagrees with its own model's weights (module → weight shape). SGLang builds the model
+    from the config: a width or head count the weights lack fails at load, and fewer layers than the weights have,
+    or a MoE layer missing an expert, is served silently wrong."""
+    c = decoder_config(cfg)
+    problems = []
+    layers: dict[int, set[int]] = {}
+    expected: dict[tuple, tuple | None] = {}  # by what the shape depends on: 45k modules, a few dozen kinds
+    for module, shape in weights.items():
+        role = role_of(module)
+        if role is None:
+            continue
+        key = (role.kind, role.slot, role.stage, role.expert is None, role.layer is None, ".shared_experts." in module,
+               ".shared_expert." in module, module.endswith("_gate"), module.endswith(".norm"))
+        want = expected[key] if key in expected else expected.setdefault(key, _expected_shape(role, module, c))
+        if want is not None and tuple(shape) != want:
+            problems.append(f"{module}.weight has shape {list(shape)}, but config.json implies {list(want)}")
+        if role.layer is not None:
+            layers.setdefault(role.layer, set())
+            if role.expert is not None:
+                layers[role.layer].add(role.expert)
+    n_layers, n_experts = c.get("num_hidden_layers"), next((c[k] for k in EXPERT_COUNT_KEYS if c.get(k)), None)
+    extra = c.get("num_nextn_predict_layers") or 0  # DeepSeek-V3's multi-token-prediction layers follow the rest
+    if layers and type(n_layers) is int and not (
+            set(range(n_layers)) <= layers.keys() <= set(range(n_layers + (extra if type(extra) is int else 0)))):
+        problems.append(f"config.json num_hidden_layers={n_layers}, but the weights hold layers "
+                        f"{format_ids(sorted(layers))}")
+    for layer, experts in sorted(layers.items()):
+        if experts and experts != set(range(n_experts or 0)):
+            problems.append(f"layer {layer} holds experts {format_ids(sorted(experts))}, but config.json says "
+                            f"{n_experts} routed experts (ids 0-{(n_experts or 0) - 1})")
+    return problems
 
 
 # Quantizers under transformers 5 write Mixtral experts as `…experts.N.{gate,up,down}_proj` (under

@@ -16,7 +16,8 @@ from .errors import UserError
 from . import ct_export
 from .formats import FORMATS, Scheme, check_expected
 from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched
-from .layout import ModelInfo, Role, check_same_architecture, natural_key, role_of
+from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_architecture, natural_key,
+                     role_of)
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe
 from . import rules
@@ -170,6 +171,8 @@ class Inputs:
             raise UserError(f"base ({ck.path}) is quantized ({base.kind}); the base must be the bf16/fp16 model (it "
                             f"provides config, tokenizer and reference weights)")
         ck.side_files  # (a property that checks them: now, before planning, not when the writer copies them)
+        check_config_matches_weights(cfg, {n: m.tensors["weight"].shape for n, m in base.modules.items()
+                                           if "weight" in m.tensors}, f"base ({ck.path})")
         sources = {BASE: base}
         for name in sorted(recipe.sources):
             src = open_source(name, recipe.path_of(name), info.model_type)

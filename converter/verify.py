@@ -32,7 +32,7 @@ from .checkpoint import INDEX, read_json
 from .errors import UserError
 from .formats import FORMATS, check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched
-from .layout import ModelInfo, check_same_architecture, role_of
+from .layout import ModelInfo, check_same_architecture, config_problems, role_of
 from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
                        recorded_digest, require_converted, totals)
 from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_many, forget_open_files, load_array,
@@ -151,6 +151,9 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
         if info != manifest.model.info():
             rep.add("manifest", "model", f"records {manifest.model.model_dump()} but the recorded config says "
                                          f"{info}: the manifest was edited")
+        for problem in config_problems(manifest.config, _weight_shapes(manifest)):
+            rep.add("config", "config.json", f"{problem}: the config and the weights disagree (SGLang builds the "
+                                             f"model from config.json); rebuild from a base whose config fits it")
     for name, sha in sorted(manifest.files.items()):
         p = d / name
         if not p.is_file():
@@ -158,6 +161,14 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
         elif hashlib.sha256(p.read_bytes()).hexdigest() != sha:
             rep.add("config", name, "sha256 differs from the one recorded at build time: the file was edited; "
                                     "restore it or rebuild")
+
+
+def _weight_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
+    """Every module's weight shape as recorded: a linear's [out, in] (whatever its format stores), else its weight
+    tensor's."""
+    table_shapes = manifest.tensors.shape
+    return {name: tuple(m.shape) if m.shape is not None else tuple(table_shapes[m.rows["weight"]])
+            for name, m in manifest.modules.items() if m.shape is not None or "weight" in m.rows}
 
 
 # ---- structure -------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import textwrap
 from pathlib import Path
 
@@ -51,6 +52,20 @@ def fails(cli, tmp_path, *args, match: str, out: Path | None = None):
     leftovers = [p.name for p in tmp_path.iterdir() if "mpconvert-tmp" in p.name]
     assert not leftovers, leftovers
     return text
+
+
+def header_of(f: Path) -> tuple[dict, bytes]:
+    """A safetensors file as (its header parsed, the data after it), for tests that edit headers."""
+    b = f.read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    return json.loads(b[8:8 + n]), b[8 + n:]
+
+
+def put_header(f: Path, header: dict, data: bytes) -> None:
+    """Rewrite `f` with this header (padded to 8 bytes, as writers do) and data."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
 def copy(src: Path, dst: Path) -> Path:

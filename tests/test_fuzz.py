@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import copy, write_recipe
+from helpers import copy, header_of, put_header, write_recipe
 
 SOURCES = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq"}
 RULES = '''- {match: "self_attn.*", layers: 0, source: fp8}
@@ -35,21 +35,9 @@ def tree_digest(d: Path) -> str:
 
 
 # ---- edits of one source ------------------------------------------------------------------------------------------
-def _header(f: Path) -> tuple[dict, bytes]:
-    b = f.read_bytes()
-    (n,) = struct.unpack("<Q", b[:8])
-    return json.loads(b[8:8 + n]), b[8 + n:]
-
-
-def _put_header(f: Path, h: dict, data: bytes) -> None:
-    raw = json.dumps(h).encode()
-    raw += b" " * (-len(raw) % 8)
-    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-
-
 def edit_header(src: Path, rng: random.Random) -> str:
     f = src / "model.safetensors"
-    h, data = _header(f)
+    h, data = header_of(f)
     name = rng.choice(sorted(k for k in h if k != "__metadata__"))
     e, kind = h[name], rng.choice(["dtype", "shape", "shape_dim", "offsets", "drop_field", "extra_field", "rename",
                                    "metadata", "drop_tensor", "shared_offsets", "same_size_dtype"])
@@ -79,7 +67,7 @@ def edit_header(src: Path, rng: random.Random) -> str:
     else:
         e["dtype"] = {"BF16": "F16", "F16": "BF16", "I32": "F32", "F32": "I32", "I8": "U8", "U8": "I8",
                       "F8_E4M3": "I8", "I64": "F64"}.get(e["dtype"], "F32")
-    _put_header(f, h, data)
+    put_header(f, h, data)
     return f"header {kind} of {name}"
 
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import random
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from mpconvert.safetensors_io import read_header
 from mpconvert.verify import verify
 
 from helpers import DENSE_RULES, DENSE_SOURCES, MIXED_EXPERTS_RULES as MOE_RULES, THREE_SOURCES as MOE_SOURCES, \
-    build_once, manifest_json, resign, set_scheme, tensor_row
+    build_once, header_of, manifest_json, put_header, resign, set_scheme, tensor_row
 
 PER_KIND = 12  # instances of each kind in each directory
 
@@ -134,17 +133,21 @@ def edit_index(d, rng):
     p.write_text(json.dumps(idx))
 
 
-def edit_header_dtype(d, rng):
+def edit_a_shard_header(d, rng, edit) -> None:
+    """edit(header dict) on a random shard's header; the data stays as it was."""
     f = rng.choice(sorted(d.glob("model-*.safetensors")))
-    b = f.read_bytes()
-    (n,) = struct.unpack("<Q", b[:8])
-    h = json.loads(b[8:8 + n])
+    h, data = header_of(f)
+    edit(h)
+    put_header(f, h, data)
+
+
+def edit_header_dtype(d, rng):
     same = {"BF16": "F16", "F16": "BF16", "I32": "F32", "F32": "I32", "F8_E4M3": "I8", "I8": "F8_E4M3"}
-    name = rng.choice(sorted(k for k, v in h.items() if k != "__metadata__" and v["dtype"] in same))
-    h[name]["dtype"] = same[h[name]["dtype"]]
-    raw = json.dumps(h, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    f.write_bytes(struct.pack("<Q", len(raw)) + raw + b[8 + n:])
+
+    def edit(h):
+        name = rng.choice(sorted(k for k, v in h.items() if k != "__metadata__" and v["dtype"] in same))
+        h[name]["dtype"] = same[h[name]["dtype"]]
+    edit_a_shard_header(d, rng, edit)
 
 
 def remove_tensor(d, rng):
@@ -214,14 +217,8 @@ def edit_index_metadata(d, rng):
 
 
 def edit_shard_metadata(d, rng):
-    f = rng.choice(sorted(d.glob("model-*.safetensors")))
-    b = f.read_bytes()
-    (n,) = struct.unpack("<Q", b[:8])
-    h = json.loads(b[8:8 + n])
-    h["__metadata__"] = rng.choice([{}, {"format": "np"}, {"format": "pt", "by": "someone"}])
-    raw = json.dumps(h).encode()
-    raw += b" " * (-len(raw) % 8)
-    f.write_bytes(struct.pack("<Q", len(raw)) + raw + b[8 + n:])
+    edit_a_shard_header(d, rng, lambda h: h.update(__metadata__=rng.choice([{}, {"format": "np"},
+                                                                            {"format": "pt", "by": "someone"}])))
 
 
 def edit_quantization_config(d, rng):

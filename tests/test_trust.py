@@ -261,6 +261,43 @@ def test_a_source_of_another_architecture_is_refused(llama, cli, tmp_path):
     assert cli("build", str(r), "-o", str(tmp_path / "out")).exit_code == 0
 
 
+@pytest.mark.parametrize("model,edit,match", [
+    # SGLang builds the model from config.json: fewer layers than the weights hold are served silently wrong, a
+    # width or head count the weights lack fails at load; each was built and verified as it was
+    ("llama", {"num_hidden_layers": 1}, "num_hidden_layers=1, but the weights hold layers 0-1"),
+    ("llama", {"num_hidden_layers": 3}, "num_hidden_layers=3, but the weights hold layers 0-1"),
+    ("llama", {"num_attention_heads": 8}, "o_proj.weight has shape [256, 256], but config.json implies [256, 512]"),
+    ("llama", {"num_key_value_heads": 1}, "k_proj.weight has shape [256, 256], but config.json implies [64, 256]"),
+    ("llama", {"vocab_size": 2048}, "has shape [1024, 256], but config.json implies [2048, 256]"),
+    ("llama", {"intermediate_size": 1024}, "proj.weight has shape"),
+    ("moe", {"moe_intermediate_size": 128}, "experts.0.down_proj.weight has shape [256, 256], but config.json implies "
+                                            "[256, 128]"),
+    ("moe", {"num_local_experts": 16}, "mlp.gate.weight has shape [8, 256], but config.json implies [16, 256]"),
+    ("deepseek", {"kv_lora_rank": 64}, "kv_a_proj_with_mqa.weight has shape [192, 256], but config.json implies "
+                                       "[128, 256]"),
+    ("deepseek", {"qk_nope_head_dim": 32}, "but config.json implies"),
+])
+def test_a_config_that_disagrees_with_its_weights(model, edit, match, llama, moe, deepseek, cli, tmp_path):
+    """The same edit in the base and every source (so that they agree with each other): refused, naming a tensor."""
+    fixtures = {"llama": llama, "moe": moe, "deepseek": deepseek}[model]
+    sources = {"llama": {"g": "gptq"}, "moe": {"g": "gptq"}, "deepseek": {"g": "gptq"}}[model]
+    edited = {k: edit_config(copy(fixtures[k], tmp_path / k), lambda c: c.update(edit)) for k in ("base", "gptq")}
+    r = write_recipe(tmp_path, {**fixtures, **edited}, sources, "g")
+    fails(cli, tmp_path, r, match=match)
+
+
+def test_a_moe_layer_missing_an_expert(moe, cli, tmp_path):
+    """A base whose layer 1 lacks expert 7 (its tensors gone, the file otherwise valid): SGLang would serve that
+    expert's uninitialised weights."""
+    from safetensors.torch import load_file, save_file
+
+    base = copy(moe["base"], tmp_path / "base")
+    [f] = base.glob("*.safetensors")
+    save_file({k: v for k, v in load_file(f).items() if ".layers.1.mlp.experts.7." not in k}, f, {"format": "pt"})
+    r = write_recipe(tmp_path, {**moe, "base": base}, {"g": "gptq"}, "g")
+    fails(cli, tmp_path, r, match="layer 1 holds experts 0-6, but config.json says 8 routed experts (ids 0-7)")
+
+
 def test_index_of_the_wrong_type(llama, cli, tmp_path):
     src = copy(llama["gptq"], tmp_path / "src")
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
@@ -482,6 +519,20 @@ def test_an_edit_python_would_call_equal_is_a_finding(case, built, cli, tmp_path
         r = cli("verify", d, "--json", *fast)
         assert r.exit_code == 1, r.output
         assert [f["where"] for f in json.loads(r.stdout)["findings"]] == [where]
+
+
+def test_a_recorded_config_that_disagrees_with_the_weights_is_a_finding(built, cli, tmp_path):
+    """A directory whose config (config.json and the manifest's record alike, re-signed) no longer fits its
+    weights: verify names the tensor."""
+    d = copy(built, tmp_path / "d")
+    m = json.loads((d / "mpconvert_manifest.json").read_text())
+    m["config"]["vocab_size"] = 2048
+    _json_edit(d / "config.json", lambda c: c.update(vocab_size=2048))
+    resign(d, m)
+    r = cli("verify", d, "--json", "--fast")
+    assert r.exit_code == 1, r.output
+    found = [f["message"] for f in json.loads(r.stdout)["findings"]]
+    assert found and all("has shape [1024, 256], but config.json implies [2048, 256]" in f for f in found), found
 
 
 def _with_metadata(meta):
