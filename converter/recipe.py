@@ -272,8 +272,6 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
                         f"distribution dump)")
     try:
         if path.suffix == ".json":
-            import json
-
             raw = json.loads(path.read_text())
             if not all(isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in raw.values()):
                 raise ValueError("every layer's counts must be a list of numbers")
