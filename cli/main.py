@@ -234,10 +234,12 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
          force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file"),
          json_out: bool = typer.Option(False, "--json", help="print the report(s) as JSON on stdout")):
     from mpconvert.autoplan import check_outputs, plot_frontier, prepare, run_plan, write_outputs
+    from mpconvert.sensitivity import resolve_device
 
     if tokens is not None and not 64 <= tokens <= 1_000_000:
         raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
     check_outputs(output, len(budget), frontier, force)
+    device = resolve_device(device)
     prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts)  # all checks first
     if prepared.short_text:
         err.print(f"warning: {prepared.short_text}", markup=False, highlight=False, soft_wrap=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import choose, sensitivity
+from . import choose, rules, sensitivity
 from .errors import UserError
 from .layout import decoder_config
 from .plan import Inputs, make_plan
@@ -67,6 +67,7 @@ def default_tokens(inputs: Inputs, per_expert: bool) -> int:
 
 def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: int | None = None, tp: int = 1,
             ep: int = 1, per_expert: bool = True) -> Prepared:
+    rules.check_tp_ep(tp, ep)
     recipe = load_recipe(sources_file, sources_only=True)
     if not recipe.sources:
         raise UserError(f"{sources_file}: no sources; list the quantized checkpoints plan may choose from")

@@ -507,8 +507,7 @@ def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
 
 
 def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1, layout: str = MP_LAYOUT) -> Plan:
-    if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
-        raise UserError(f"--tp and --ep must be between 1 and 4096 (got --tp {tp} --ep {ep})")
+    rules.check_tp_ep(tp, ep)
     if layout not in LAYOUTS:
         raise UserError(f"--to {layout!r}: choose one of {', '.join(LAYOUTS)}")
     forget_open_files()  # sources may have changed since an earlier operation in this process

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UserError
 from .formats import FORMATS, Scheme
 from .layout import ModelInfo, Role
 
@@ -194,6 +195,12 @@ def mla_fp8_blocks(linears: list[Linear], model_type: str) -> set:
 
 
 # ---- partitions and kernel shapes -------------------------------------------------------------------------------
+def check_tp_ep(tp: int, ep: int) -> None:
+    """--tp / --ep as build, verify and plan take them (before any split is computed with them)."""
+    if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
+        raise UserError(f"--tp and --ep must be between 1 and 4096 (got --tp {tp} --ep {ep})")
+
+
 def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1) -> list[Problem]:
     """Every split SGLang makes at TP=tp, EP=ep (experts over ep ranks, their intermediate size over tp/ep), and
     every fused layer as one rank holds it, checked against its format's native kernel."""

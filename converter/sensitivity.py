@@ -357,3 +357,21 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None) -> str:
+    """--device as plan measures on it: cpu, or a CUDA device this machine has (default: cuda when present)."""
+    import torch
+
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: plan measures on cpu or cuda")
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use cpu "
+                        f"or one it has")
+    return device

@@ -414,8 +414,7 @@ def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int) -> 
 
 def check_usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: bool, text: Path | None,
            engine: str | None) -> None:
-    if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
-        raise UserError("--tp and --ep must be between 1 and 4096")
+    rules.check_tp_ep(tp, ep)
     if numeric and base is None:
         raise UserError("--numeric needs --base BASE (the bf16 model the sources were quantized from)")
     if text is not None and not numeric:

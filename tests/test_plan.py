@@ -173,6 +173,12 @@ def test_plan_refuses_bad_inputs(cli, llama, tmp_path):
     assert out.read_text() == "mine"
     refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "x.yaml", "--tp", "3"),
              "--tp 3: num_attention_heads")
+    # each was an internal error (a ZeroDivisionError, torch's own device errors)
+    plan = ["plan", src, "--budget", "0.7x", "--calib", calib, "-o", tmp_path / "y.yaml"]
+    refused(cli(*plan, "--tp", "0"), "between 1 and 4096")
+    refused(cli(*plan, "--device", "xyz"), "not a torch device")
+    refused(cli(*plan, "--device", "cuda:99"), "CUDA device(s); use cpu or one it has")
+    refused(cli(*plan, "--device", "meta"), "plan measures on cpu or cuda")
 
 
 def test_plan_never_overwrites_what_it_was_not_told_to(cli, llama, tmp_path):
