@@ -14,11 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_bench import timed  # noqa: E402  (one timer for every benchmark)
 
 VOCAB = 32000
 
@@ -84,15 +86,6 @@ def make_source(root: Path, kind: str, h, inter, layers):
         weight_map.update({k: fname for k in sd})
     (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (root / "config.json").write_text(json.dumps(llama_config(h, inter, layers, QC.get(kind))))
-
-
-def timed(cmd) -> tuple[float, int]:
-    """Wall seconds and this command's own peak RSS in bytes (GNU time's %M, per process)."""
-    rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"mpc-bench-rss-{os.getpid()}"
-    t = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd, check=True, stdout=subprocess.DEVNULL)
-    secs = time.perf_counter() - t
-    return secs, int(rss_file.read_text().split()[-1]) * 1024
 
 
 def run_size(work: Path, h, inter, layers) -> dict:

@@ -20,11 +20,13 @@ HERE = Path(__file__).resolve().parent
 MPCONVERT = str(Path(sys.executable).parent / "mpconvert")
 
 
-def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command (GNU time's %M)."""
+def timed(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command (GNU time's %M). Python may cache bytecode, as it does for an
+    installed package (some machines set PYTHONDONTWRITEBYTECODE, which makes every run recompile mpconvert: ~0.1 s)."""
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONDONTWRITEBYTECODE"}
     rss = Path(os.environ.get("TMPDIR", "/tmp")) / f"mpc-scale-rss-{os.getpid()}"
     t = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss), *cmd], check=True, cwd=cwd,
+    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss), *cmd], check=True, cwd=cwd, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t, int(rss.read_text().split()[-1]) * 1024
 

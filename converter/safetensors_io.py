@@ -6,6 +6,7 @@ precise message before any byte is written.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import operator
@@ -26,6 +27,8 @@ DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2,
               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own cap
 CHUNK = 16 * 1024 * 1024  # copy granularity: bounds memory per tensor, large enough for full disk speed
+READ_BUF = 1024 * 1024  # a reused read buffer for hashing and comparing: stays in the CPU's cache
+KERNEL_COPY_MIN = 1 << 20  # verbatim tensors from this size on are copied file to file in the kernel
 PT_METADATA = {"format": "pt"}  # every shard build writes: loaders such as transformers check it
 
 
@@ -388,11 +391,49 @@ def iter_bytes(t: TensorInfo, chunk: int = CHUNK) -> Iterator[bytes]:
             yield b
 
 
+def iter_views(fd: int, start: int, nbytes: int, truncated: Callable[[], str]) -> Iterator[memoryview]:
+    """Bytes [start, start + nbytes) of `fd`, READ_BUF at a time into one reused buffer, for consumers that use a
+    chunk and let it go (hashing, scanning): each view is valid only until the next one is yielded. Reading into a
+    fresh 16 MiB object per chunk cost more in page faults than the copy itself (sha256 of a 56 MB tensor 0.06 →
+    0.04 s). A short file raises UserError(truncated())."""
+    size = max(8, READ_BUF - READ_BUF % 8)  # whole values of every dtype in each buffer
+    view = memoryview(bytearray(min(size, max(nbytes, 1))))
+    at, end = start, start + nbytes
+    while at < end:
+        want, got = min(len(view), end - at), 0
+        while got < want:  # whole buffers (a scan needs whole values); a short read only where the file ends
+            n = os.preadv(fd, [view[got:want]], at + got)
+            if n == 0:
+                raise UserError(truncated())
+            got += n
+        yield view[:want]
+        at += want
+
+
+def tensor_views(t: TensorInfo) -> Iterator[memoryview]:
+    """iter_views of a source tensor, through the shared descriptors."""
+    return iter_views(_OPEN.fd(t.file), t.start, t.nbytes,
+                      lambda: f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
+
+
 def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
-    """Byte equality, streamed, stopping at the first difference (cheaper than hashing both)."""
+    """Byte equality, read into two reused buffers and compared as bytearrays (memcmp; comparing memoryviews goes
+    element by element, 100× slower), stopping at the first difference (cheaper than hashing both)."""
     if a.nbytes != b.nbytes:
         return False
-    return all(x == y for x, y in zip(iter_bytes(a), iter_bytes(b)))
+    fds = (_OPEN.fd(a.file), _OPEN.fd(b.file))
+    size = min(READ_BUF, max(a.nbytes, 1))
+    bufs = (bytearray(size), bytearray(size))
+    for at in range(0, a.nbytes, size):
+        n = min(size, a.nbytes - at)
+        if n < size:
+            bufs = (bytearray(n), bytearray(n))
+        for t, fd, buf in zip((a, b), fds, bufs):
+            if os.preadv(fd, [buf], t.start + at) != n:
+                raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
+        if bufs[0] != bufs[1]:
+            return False
+    return True
 
 
 def read_bytes(t: TensorInfo) -> bytes:
@@ -401,7 +442,7 @@ def read_bytes(t: TensorInfo) -> bytes:
 
 def sha256_of(t: TensorInfo) -> str:
     h = hashlib.sha256()
-    for b in iter_bytes(t):
+    for b in tensor_views(t):
         h.update(b)
     return h.hexdigest()
 
@@ -429,7 +470,7 @@ def has_nonfinite(dtype: str, chunk: bytes) -> bool:
 def digest_and_scan(t: TensorInfo) -> tuple[str, bool]:
     """sha256 of a tensor's bytes, and whether any of its values is NaN or infinite — in one read."""
     h, bad = hashlib.sha256(), False
-    for b in iter_bytes(t):
+    for b in tensor_views(t):
         h.update(b)
         bad = bad or has_nonfinite(t.dtype, b)
     return h.hexdigest(), bad
@@ -520,58 +561,103 @@ def header_bytes(tensors: list[PendingTensor], metadata: dict[str, str]) -> byte
 
 
 def _copy_run(tensors: list[PendingTensor], i: int) -> int:
-    """The end of the run of verbatim tensors from i that lie back to back in one source file (one read for all),
-    at most CHUNK bytes; i when tensors[i] is not such a tensor."""
+    """The end of the run of small verbatim tensors from i that lie back to back in one source file (one read for
+    all), at most CHUNK bytes; i when tensors[i] is not such a tensor (made here, or large: _copy_one copies it)."""
     first = tensors[i].src
-    if first is None or first.nbytes > CHUNK:
+    if first is None or _copied_alone(first):
         return i
     end, j = first.start + first.nbytes, i + 1
     while j < len(tensors):
         t = tensors[j].src
-        if t is None or t.start != end or t.file != first.file or end + t.nbytes - first.start > CHUNK:
+        if (t is None or t.start != end or t.file != first.file or _copied_alone(t)
+                or end + t.nbytes - first.start > CHUNK):
             break
         end, j = end + t.nbytes, j + 1
     return j
 
 
-def _write_all(f, b) -> None:
+def _copied_alone(t: TensorInfo) -> bool:
+    return t.nbytes > CHUNK or (_KERNEL.on and t.nbytes >= KERNEL_COPY_MIN)
+
+
+def _pwrite_all(fd: int, b, at: int) -> int:
+    """Write all of `b` at offset `at`; returns the offset after it."""
     view = memoryview(b)
     while view:
-        view = view[f.write(view):]
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+    return at
 
 
-class _Hasher:
-    """sha256 beside the I/O: hashing a large buffer runs on a second core (hashlib releases the GIL) while the main
-    thread writes it and reads the next one, so a build of large tensors costs about max(copy, hash), not their sum.
-    One job in flight at a time: memory stays bounded by two buffers, and one sha256 object is never fed twice at
-    once. Buffers under OVERLAP are hashed inline (a thread hop costs more than hashing a few KB)."""
+class Hasher:
+    """sha256 beside the I/O: hashing runs on the other core (hashlib releases the GIL) while the main thread copies,
+    so a build of large tensors costs about max(copy, hash), not their sum. Two kinds of job share its two threads:
+    a streamed tensor's buffers, one job in flight (memory bounded by two buffers, one sha256 object never fed twice
+    at once), and whole tensors read back from the output after a kernel copy (each job holds one READ_BUF). The
+    read-backs may trail the copy by up to READ_BACK_BYTES — enough for the copy to finish and the flush to start
+    while the last tensors are hashed, little enough that what they read is still in the page cache. One Hasher may
+    serve several files (the writer's shards): digests are complete after wait(). Jobs under OVERLAP bytes run
+    inline (a thread hop costs more than hashing a few KB). A context manager: leaving it lets the threads go."""
 
     OVERLAP = 1 << 20
+    READ_BACK_BYTES = 1 << 30
 
     def __init__(self):
         self._pool = None
         self._job = None
+        self._read_backs: list = []  # (future, bytes), oldest first
+        self._trailing = 0
+
+    def __enter__(self) -> "Hasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _submit(self, fn: Callable[[], None]):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="mpconvert-sha256")
+        return self._pool.submit(fn)
 
     def submit(self, fn: Callable[[], None], size: int) -> None:
-        self.wait()
+        self._wait_streamed()
+        if size < self.OVERLAP:
+            fn()
+        else:
+            self._job = self._submit(fn)
+
+    def submit_read_back(self, fn: Callable[[], None], size: int) -> None:
         if size < self.OVERLAP:
             fn()
             return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mpconvert-sha256")
-        self._job = self._pool.submit(fn)
+        while self._read_backs and self._trailing + size > self.READ_BACK_BYTES:
+            self._wait_oldest()
+        self._read_backs.append((self._submit(fn), size))
+        self._trailing += size
 
-    def wait(self) -> None:
+    def _wait_oldest(self) -> None:
+        job, size = self._read_backs.pop(0)
+        self._trailing -= size
+        job.result()
+
+    def _wait_streamed(self) -> None:
         if self._job is not None:
             job, self._job = self._job, None
             job.result()
 
+    def wait(self) -> None:
+        self._wait_streamed()
+        while self._read_backs:
+            self._wait_oldest()
+
     def close(self) -> None:
-        """Let the thread go; a job's error was already raised by wait(), or gives way to the one being raised."""
-        self._job = None
+        """Let the threads go once their jobs end; a job's error was already raised by wait(), or gives way to the
+        one being raised."""
+        self._job, self._read_backs, self._trailing = None, [], 0
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _digest_slices(buf: memoryview, spans: list[tuple[str, int, int]], into: dict[str, str]) -> Callable[[], None]:
@@ -581,40 +667,95 @@ def _digest_slices(buf: memoryview, spans: list[tuple[str, int, int]], into: dic
     return run
 
 
+def _digest_read_back(path: Path, name: str, at: int, n: int, into: dict[str, str]) -> Callable[[], None]:
+    """sha256 of bytes already in the output file, read back (from the page cache: just written) through a
+    descriptor of its own (the writer's may be closed by the time a trailing job runs)."""
+    def run():
+        h, fd = hashlib.sha256(), os.open(path, os.O_RDONLY)
+        try:
+            for b in iter_views(fd, at, n, lambda: f"tensor {name!r}: its copy in {path} is shorter than planned; "
+                                                   f"rebuild"):
+                h.update(b)
+        finally:
+            os.close(fd)
+        into[name] = h.hexdigest()
+    return run
+
+
+class _KernelCopy:
+    """Verbatim bytes copied file to file inside the kernel (copy_file_range: no trip through user space, and on
+    filesystems that share extents — XFS, Btrfs — no data copy at all), as `cp` does. Where the kernel or the
+    filesystems cannot (another filesystem, an old kernel), the first refusal switches it off for the process and
+    the bytes go through read and write instead."""
+
+    REFUSALS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY}
+
+    def __init__(self):
+        self.on = hasattr(os, "copy_file_range")
+
+    def copy(self, t: TensorInfo, out: int, at: int) -> bool:
+        """t's bytes to `out` at offset `at`; False (nothing copied) where the kernel refuses."""
+        src, done = _OPEN.fd(t.file), 0
+        while done < t.nbytes:
+            try:
+                n = os.copy_file_range(src, out, t.nbytes - done, t.start + done, at + done)
+            except OSError as e:
+                if done == 0 and e.errno in self.REFUSALS:
+                    self.on = False
+                    return False
+                raise
+            if n == 0:
+                raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; the source changed or is "
+                                f"truncated")
+            done += n
+        return True
+
+
+_KERNEL = _KernelCopy()
+
+
 def write_file(path: Path, tensors: list[PendingTensor], metadata: dict[str, str],
-               on_bytes: Callable[[int], None] = lambda n: None) -> dict[str, str]:
-    """Write one safetensors file; returns sha256 per tensor. Memory stays bounded by two CHUNKs: the header is known
-    up front (sizes are planned); verbatim tensors lying back to back in a source are read, hashed and written
-    together (a DeepSeek-V3-sized job has 171k tensors of 3.4 KB on average: per-tensor reads and writes were most of
-    its build); the rest stream chunk by chunk. Hashing overlaps the I/O (_Hasher). Progress is reported every few
-    MB, not per tensor. Not flushed to disk here: the caller does, once for all files (safety.fsync_tree)."""
-    digests: dict[str, str] = {}
+               on_bytes: Callable[[int], None] = lambda n: None, hasher: Hasher | None = None,
+               digests: dict[str, str] | None = None) -> dict[str, str]:
+    """Write one safetensors file; returns the sha256 of every tensor as it lies in the file (into `digests` when
+    given). Memory stays bounded by a few CHUNKs: the header is known up front (sizes are planned); verbatim tensors
+    lying back to back in a source are read, hashed and written together (a DeepSeek-V3-sized job has 171k tensors of
+    3.4 KB on average: per-tensor reads and writes were most of its build); a large verbatim tensor is copied in the
+    kernel and hashed as read back; the rest stream chunk by chunk. Hashing overlaps the copying (Hasher): with the
+    caller's `hasher`, the digests are complete only after its wait() — the caller may flush this file meanwhile;
+    without, before this returns. Progress is reported every few MB, not per tensor. Not flushed to disk here: the
+    caller does (safety.fsync_tree)."""
+    digests = {} if digests is None else digests
+    if hasher is None:
+        with Hasher() as own:
+            write_file(path, tensors, metadata, on_bytes, own, digests)
+            own.wait()
+        return digests
     pending_progress = 0
-    hasher = _Hasher()
+    out = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with open(path, "wb", buffering=0) as f:
-            _write_all(f, header_bytes(tensors, metadata))
-            i = 0
-            while i < len(tensors):
-                j = _copy_run(tensors, i)
-                if j > i:
-                    written = _copy_neighbours(f, tensors[i:j], hasher, digests)
-                    i = j
-                else:
-                    written = _copy_streamed(f, tensors[i], hasher, digests)
-                    i += 1
-                pending_progress += written
-                if pending_progress >= 1 << 22:
-                    on_bytes(pending_progress)
-                    pending_progress = 0
-            hasher.wait()
+        at = _pwrite_all(out, header_bytes(tensors, metadata), 0)
+        i = 0
+        while i < len(tensors):
+            j = _copy_run(tensors, i)
+            if j > i:
+                written = _copy_neighbours(out, at, tensors[i:j], hasher, digests)
+                i = j
+            else:
+                written = _copy_one(path, out, at, tensors[i], hasher, digests)
+                i += 1
+            at += written
+            pending_progress += written
+            if pending_progress >= 1 << 22:
+                on_bytes(pending_progress)
+                pending_progress = 0
     finally:
-        hasher.close()
+        os.close(out)
     on_bytes(pending_progress)
     return digests
 
 
-def _copy_neighbours(f, run: list[PendingTensor], hasher: _Hasher, digests: dict[str, str]) -> int:
+def _copy_neighbours(out: int, at: int, run: list[PendingTensor], hasher: Hasher, digests: dict[str, str]) -> int:
     """Verbatim tensors back to back in one source file: one read, one write, a digest per tensor."""
     first, last = run[0].src, run[-1].src
     want = last.start + last.nbytes - first.start
@@ -623,16 +764,20 @@ def _copy_neighbours(f, run: list[PendingTensor], hasher: _Hasher, digests: dict
         raise UserError(f"{first.file}: truncated while reading tensor {first.name!r}; the source changed or is "
                         f"truncated")
     hasher.submit(_digest_slices(buf, [(t.name, t.src.start - first.start, t.nbytes) for t in run], digests), want)
-    _write_all(f, buf)
+    _pwrite_all(out, buf, at)
     return want
 
 
-def _copy_streamed(f, t: PendingTensor, hasher: _Hasher, digests: dict[str, str]) -> int:
-    """One tensor chunk by chunk (a large verbatim one, or one made or rewritten here)."""
+def _copy_one(path: Path, out: int, at: int, t: PendingTensor, hasher: Hasher, digests: dict[str, str]) -> int:
+    """One tensor: a large verbatim one copied in the kernel, else (made or rewritten here, or where the kernel
+    cannot copy) streamed chunk by chunk."""
+    if t.src is not None and _KERNEL.on and _KERNEL.copy(t.src, out, at):
+        hasher.submit_read_back(_digest_read_back(path, t.name, at, t.nbytes, digests), t.nbytes)
+        return t.nbytes
     h, written = hashlib.sha256(), 0
     for b in (iter_bytes(t.src) if t.src is not None else t.chunks()):
         hasher.submit(lambda b=b: h.update(b), len(b))
-        _write_all(f, b)
+        _pwrite_all(out, b, at + written)
         written += len(b)
     hasher.submit(lambda: digests.__setitem__(t.name, h.hexdigest()), 0)
     if written != t.nbytes:

@@ -51,9 +51,9 @@ def fsync_path(d: Path) -> None:
 
 def fsync_tree(d: Path) -> None:
     """Every file in `d`, then `d` itself: what a rename then makes visible is on disk — the shards and the small
-    files (manifest, index, config, tokenizer) alike. Flushed once all are written, not shard by shard as each is
-    closed: the kernel writes the first shards back while the rest are still being written (`cp -r && sync` works
-    the same way), where a flush per shard left the disk idle during writing and the writer idle during flushing."""
+    files (manifest, index, config, tokenizer) alike. The writer has already flushed each shard on a thread as it
+    was written (a flush in the writer's own path left the disk idle during writing and the writer idle during
+    flushing); here they are clean, and the small files and the directory are flushed."""
     for p in sorted(d.iterdir()):
         if p.is_file():
             fsync_path(p)

@@ -1,7 +1,8 @@
 """Execution: stream the planned tensors into size-capped shards in a temp dir, then index, config, manifest; rename.
 
-Memory stays bounded by two copy chunks (16 MiB each: one written while the other is hashed) — or one tensor for the
-rare exact rewrite (GPTQ v2→v1 qzeros).
+Memory stays bounded by a few buffers — two copy chunks (16 MiB: one written while the other is hashed), a 1 MiB
+read buffer per hashing thread (large verbatim tensors are copied file to file in the kernel and hashed as read
+back) — or one tensor for the rare exact rewrite (GPTQ v2→v1 qzeros).
 Nothing appears at the output path until every file is written and fsynced; the output is claimed, put in place and
 cleaned up after as safety.py describes.
 """
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +22,9 @@ from .checkpoint import INDEX, SIDE_FILES
 from .errors import UserError
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
-from .safety import OutputLock, fsync_tree
-from .safetensors_io import (PT_METADATA, PendingTensor, forget_open_files, load_tensor, tensor_to_bytes, torch_dtype,
-                             write_file)
+from .safety import OutputLock, fsync_path, fsync_tree
+from .safetensors_io import (PT_METADATA, Hasher, PendingTensor, forget_open_files, load_tensor, tensor_to_bytes,
+                             torch_dtype, write_file)
 
 
 def split_shards(tensors: list[TensorPlan], cap: int) -> list[list[TensorPlan]]:
@@ -159,9 +161,17 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
     names = shard_names(len(shards))
     digests: dict[str, str] = {}
     shard_of: dict[str, str] = {}
-    for name, shard in zip(names, shards):
-        digests.update(write_file(tmp / name, [_pending(t) for t in _copy_order(shard)], PT_METADATA, on_bytes))
-        shard_of.update({t.name: name for t in shard})
+    with Hasher() as hasher, ThreadPoolExecutor(1, thread_name_prefix="mpconvert-flush") as flusher:
+        flushed = []
+        for name, shard in zip(names, shards):
+            write_file(tmp / name, [_pending(t) for t in _copy_order(shard)], PT_METADATA, on_bytes, hasher, digests)
+            shard_of.update({t.name: name for t in shard})
+            # each shard flushed as soon as written, on a thread: the disk works while the last tensors are hashed
+            # and the next shards copied (fsync_tree later finds them clean)
+            flushed.append(flusher.submit(fsync_path, tmp / name))
+        hasher.wait()
+        for f in flushed:
+            f.result()
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     files = {}

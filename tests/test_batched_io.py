@@ -4,7 +4,9 @@ gives — the same arrays, the same bytes and digests, the same NaN findings, th
 order, gaps, files and sizes of the tensors asked for."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import json
 import random
 import shutil
@@ -97,12 +99,17 @@ def test_header_bytes_are_what_json_dumps_writes():
         assert sio.header_bytes(tensors, meta) == struct.pack("<Q", len(want)) + want
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-copy", "read-and-write"])
 @pytest.mark.parametrize("overlap", [None, 0], ids=["hash-inline-below-1MiB", "hash-every-buffer-in-the-thread"])
-def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch, overlap):
+def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch, overlap, kernel):
+    """Whichever way each tensor goes — a run of neighbours, a kernel copy hashed as read back, a stream of chunks,
+    a tensor made here — the file holds exactly the sources' bytes in the order asked, and each digest is its bytes'."""
     infos = _sources(tmp_path)
     monkeypatch.setattr(sio, "CHUNK", 4096)  # runs split at 4 KB; the big tensor is copied chunk by chunk
+    monkeypatch.setattr(sio._KERNEL, "on", kernel)
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 120)  # with the kernel copy on: many tensors copied alone, between runs
     if overlap is not None:  # every run and chunk hashed on the second thread while the next is read and written
-        monkeypatch.setattr(sio._Hasher, "OVERLAP", overlap)
+        monkeypatch.setattr(sio.Hasher, "OVERLAP", overlap)
     rnd = random.Random(2)
     order = sorted(infos.values(), key=lambda t: (t.file.name, t.start))  # mostly runs of neighbours ...
     order = order[:30] + rnd.sample(order[30:], len(order) - 30)  # ... then gaps, both files, any order
@@ -121,7 +128,7 @@ def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch, over
 
 def test_a_made_tensor_that_fails_midway_stops_the_write_with_its_error(tmp_path, monkeypatch):
     """An error while a hash runs beside the I/O is the error the writer raises (not lost in the thread)."""
-    monkeypatch.setattr(sio._Hasher, "OVERLAP", 0)
+    monkeypatch.setattr(sio.Hasher, "OVERLAP", 0)
 
     def chunks():
         yield b"x" * 64
@@ -131,7 +138,7 @@ def test_a_made_tensor_that_fails_midway_stops_the_write_with_its_error(tmp_path
 
 
 def test_an_error_in_the_hashing_thread_is_raised_by_the_writer(tmp_path, monkeypatch):
-    monkeypatch.setattr(sio._Hasher, "OVERLAP", 0)
+    monkeypatch.setattr(sio.Hasher, "OVERLAP", 0)
 
     class Broken:
         def update(self, b):
@@ -151,6 +158,69 @@ def test_a_source_shorter_than_its_header_says_is_refused_by_the_writer(tmp_path
     with pytest.raises(UserError, match="truncated"):
         sio.write_file(tmp_path / "out.safetensors", [sio.PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t)
                                                       for t in run], {})
+
+
+@pytest.mark.parametrize("read_buf", [7, 1000, 1 << 20], ids=["tiny-buffer", "many-buffers", "one-buffer"])
+def test_reads_into_a_reused_buffer_give_the_bytes_of_a_plain_read(tmp_path, monkeypatch, read_buf):
+    """sha256_of, digest_and_scan and same_bytes read through one reused buffer: whatever its size against the
+    tensors' (odd, many per tensor, larger than all), they agree with plain reads — the digest of the bytes, NaN where
+    there is one (also in a last partial buffer), and equality that sees a single changed byte anywhere."""
+    monkeypatch.setattr(sio, "READ_BUF", read_buf)
+    infos = _sources(tmp_path)
+    raw = {p: p.read_bytes() for p in {t.file for t in infos.values()}}
+
+    def plain(t):
+        return raw[t.file][t.start:t.start + t.nbytes]
+    for t in infos.values():
+        assert sio.sha256_of(t) == hashlib.sha256(plain(t)).hexdigest(), t.name
+        assert sio.digest_and_scan(t) == (hashlib.sha256(plain(t)).hexdigest(),
+                                          sio.has_nonfinite(t.dtype, plain(t))), t.name
+    same_size = [(a, b) for a in infos.values() for b in infos.values() if a.nbytes == b.nbytes][:400]
+    for a, b in same_size:
+        assert sio.same_bytes(a, b) == (plain(a) == plain(b)), (a.name, b.name)
+    big = infos["b.big"]
+    for at in (0, 1, big.nbytes // 2, big.nbytes - 1):  # one byte changed in a copy of the file: not the same
+        changed = bytearray(raw[big.file])
+        changed[big.start + at] ^= 1
+        (tmp_path / f"changed{at}.safetensors").write_bytes(changed)
+        other = sio.read_header(tmp_path / f"changed{at}.safetensors")[0]["b.big"]
+        assert not sio.same_bytes(big, other) and sio.same_bytes(big, infos["b.big"])
+    nan_last = sio.read_header(tmp_path / "a.safetensors")[0]["a.3.w"]  # NaN in its first value
+    assert sio.digest_and_scan(nan_last)[1]
+
+
+@pytest.mark.parametrize("refusal", [errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_where_the_kernel_cannot_copy_the_bytes_go_through_read_and_write(tmp_path, monkeypatch, refusal):
+    """copy_file_range refuses across some filesystems and on old kernels: the first refusal switches the kernel copy
+    off and the same bytes and digests come through read and write. (The refusal is the kernel's errno, raised here:
+    this machine's filesystems all accept the copy.)"""
+    infos = _sources(tmp_path)
+    pending = [sio.PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t) for t in infos.values()]
+    monkeypatch.setattr(sio._KERNEL, "on", True)
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 64)
+    want = sio.write_file(tmp_path / "want.safetensors", pending, {})
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(refusal, os.strerror(refusal))
+    monkeypatch.setattr(sio.os, "copy_file_range", refuse)
+    assert sio.write_file(tmp_path / "out.safetensors", pending, {}) == want
+    assert len(calls) == 1 and not sio._KERNEL.on  # switched off at the first refusal
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+
+
+def test_a_source_truncated_under_a_kernel_copy_is_refused(tmp_path, monkeypatch):
+    infos = _sources(tmp_path)
+    monkeypatch.setattr(sio._KERNEL, "on", True)
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 64)
+    big = infos["b.big"]
+    sio.forget_open_files()
+    raw = (tmp_path / "b.safetensors").read_bytes()
+    (tmp_path / "b.safetensors").write_bytes(raw[:big.start + big.nbytes // 2])
+    with pytest.raises(UserError, match="truncated while reading tensor 'b.big'"):
+        sio.write_file(tmp_path / "out.safetensors", [sio.PendingTensor("b.big", big.dtype, big.shape, big.nbytes,
+                                                                        src=big)], {})
 
 
 def test_where_the_sources_live_does_not_change_the_shards(llama, cli, tmp_path):

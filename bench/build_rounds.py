@@ -1,0 +1,131 @@
+"""`mpconvert build` of two or more code versions against `cp -r && sync` and `cp -r` of the same output, in rounds:
+each round runs every contender once, in turn, with the previous output removed and `sync` run before each (so no
+contender pays for another's dirty pages). A shared VM's noise only ever adds time: the fastest run of each counts,
+and every run is printed. Jobs: `7b` (bench/build_bench.py's Llama-7B-shaped sources, few large tensors), `v3`
+(bench/v3_shaped.py's DeepSeek-V3-shaped job, many small tensors) or `real` (the real SmolLM2-135M from the
+fixtures: FP8 attention, W8A8 down_proj, GPTQ elsewhere).
+
+    python bench/build_rounds.py --job 7b --layers 4 --rounds 5 --code HEAD~1 --code .
+    python bench/build_rounds.py --job real --rounds 5 --code .
+
+`--code .` is this checkout as it is; any other value is a git revision, exported to the work directory and run
+through PYTHONPATH (each contender imports only its own code).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from scale_bench import timed  # noqa: E402
+
+REAL_RECIPE = """base: {base}
+sources: {{fp8: {fp8}, int8: {int8}, gptq: {gptq}}}
+default: gptq
+rules:
+  - {{match: "self_attn.*", source: fp8}}
+  - {{match: "mlp.down_proj", source: int8}}
+"""
+
+
+def code_root(rev: str, work: Path) -> Path:
+    """A directory to put on PYTHONPATH whose `mpconvert` package is `rev`'s code (the layout pyproject maps)."""
+    if rev == ".":
+        src = REPO
+    else:
+        src = work / f"src-{rev.replace('/', '_')}"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    root = work / f"pkg-{rev.replace('/', '_')}"
+    shutil.rmtree(root, ignore_errors=True)
+    pkg = root / "mpconvert"
+    pkg.mkdir(parents=True)
+    for p in (src / "converter").iterdir():
+        (pkg / p.name).symlink_to(p)
+    for sub in ("cli", "runtime_shim"):
+        (pkg / sub).symlink_to(src / sub)
+    return root
+
+
+def sources(job: str, layers: int, work: Path) -> Path:
+    """The job's sources and recipe; returns the recipe."""
+    d = work / "job"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    if job == "7b":
+        from build_bench import make_source
+        for kind in ("base", "fp8", "gptq"):
+            make_source(d / kind, kind, 4096, 11008, layers)
+        recipe = ("base: ./base\nsources: {fp8: ./fp8, gptq: ./gptq}\ndefault: gptq\nrules:\n"
+                  "  - {match: 'self_attn.*', source: fp8}\n  - {match: lm_head, source: base}\n")
+        files = list(d.rglob("*.safetensors"))
+    elif job == "v3":
+        subprocess.run([sys.executable, str(HERE / "v3_shaped.py"), str(d), "--layers", str(layers)], check=True,
+                       stdout=subprocess.DEVNULL)
+        recipe = (d / "recipe.yaml").read_text()
+        files = list(d.rglob("*.safetensors"))
+    else:
+        from fixtures.factory import smollm2
+        paths = {"base": smollm2("base"), "fp8": smollm2("fp8-dynamic"), "int8": smollm2("w8a8"),
+                 "gptq": smollm2("gptq-g64")}
+        recipe = REAL_RECIPE.format(**paths)
+        files = [f for p in paths.values() for f in p.glob("*.safetensors")]
+    (d / "recipe.yaml").write_text(recipe)
+    subprocess.run(["cat", *map(str, files)], check=True, stdout=subprocess.DEVNULL)  # page cache warm for all
+    return d / "recipe.yaml"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", choices=["7b", "v3", "real"], default="7b")
+    ap.add_argument("--layers", type=int, default=4, help="7b and v3 jobs: decoder layers")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--code", action="append", default=None, help="'.' or a git revision; repeatable")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mpc-rounds")
+    a = ap.parse_args(argv)
+    work = a.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = sources(a.job, a.layers, work)
+    d = recipe.parent
+    contenders = {}
+    for rev in a.code or ["."]:
+        env = {**os.environ, "PYTHONPATH": str(code_root(rev, work))}
+        contenders[f"build, code {rev}"] = (
+            [sys.executable, "-c", "from mpconvert.cli.main import main; main()", "build", str(recipe), "-o",
+             str(d / "out"), "--json"], env)
+    first_out = d / "out"
+    contenders["cp -r && sync"] = (["sh", "-c", f"cp -r '{first_out}' '{d / 'copy'}' && sync"], None)
+    contenders["cp -r"] = (["cp", "-r", str(first_out), str(d / "copy")], None)
+    runs = {k: [] for k in contenders}
+    rss = {k: 0 for k in contenders}
+    for _ in range(a.rounds):
+        for name, (cmd, env) in contenders.items():
+            shutil.rmtree(d / "copy", ignore_errors=True)
+            if name.startswith("build"):
+                shutil.rmtree(d / "out", ignore_errors=True)
+            os.sync()
+            secs, peak = timed(cmd, env=env)
+            runs[name].append(secs)
+            rss[name] = max(rss[name], peak)
+    out_mb = sum(p.stat().st_size for p in first_out.iterdir()) / 1e6
+    base = min(runs["cp -r && sync"])
+    print(f"job {a.job}{f', {a.layers} layers' if a.job != 'real' else ''}: output {out_mb:.0f} MB, {a.rounds} rounds\n")
+    print("| contender | runs s | best s | best / (`cp -r && sync`) | peak RSS GiB |")
+    print("|---|---|---:|---:|---:|")
+    for name, ts in runs.items():
+        print(f"| {name} | {' '.join(f'{t:.2f}' for t in ts)} | {min(ts):.2f} | {min(ts) / base:.2f} | "
+              f"{rss[name] / 2**30:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
