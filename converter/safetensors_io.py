@@ -305,7 +305,13 @@ class _OpenFiles:
 
 
 _OPEN = _OpenFiles()
-forget_open_files = _OPEN.forget
+
+
+def forget_open_files() -> None:
+    """Start an operation afresh: close the shared descriptors, and let the kernel copy try again (an earlier output
+    on another filesystem switched it off)."""
+    _OPEN.forget()
+    _KERNEL.on = hasattr(os, "copy_file_range")
 
 
 def small_bytes(t: TensorInfo) -> bytes:
@@ -685,13 +691,13 @@ def _digest_read_back(path: Path, name: str, at: int, n: int, into: dict[str, st
 class _KernelCopy:
     """Verbatim bytes copied file to file inside the kernel (copy_file_range: no trip through user space, and on
     filesystems that share extents — XFS, Btrfs — no data copy at all), as `cp` does. Where the kernel or the
-    filesystems cannot (another filesystem, an old kernel), the first refusal switches it off for the process and
-    the bytes go through read and write instead."""
+    filesystems cannot (another filesystem: Linux 6.x refuses a copy from ext4 to tmpfs; an old kernel), the first
+    refusal switches it off for the operation and the bytes go through read and write instead."""
 
     REFUSALS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY}
 
     def __init__(self):
-        self.on = hasattr(os, "copy_file_range")
+        self.on = hasattr(os, "copy_file_range")  # forget_open_files sets it again for each operation
 
     def copy(self, t: TensorInfo, out: int, at: int) -> bool:
         """t's bytes to `out` at offset `at`; False (nothing copied) where the kernel refuses."""

@@ -11,6 +11,8 @@ import json
 import random
 import shutil
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +210,30 @@ def test_where_the_kernel_cannot_copy_the_bytes_go_through_read_and_write(tmp_pa
     assert sio.write_file(tmp_path / "out.safetensors", pending, {}) == want
     assert len(calls) == 1 and not sio._KERNEL.on  # switched off at the first refusal
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+
+
+def test_an_output_on_another_filesystem_gets_the_same_bytes(llama, cli, tmp_path, monkeypatch):
+    """For real: Linux refuses copy_file_range from this disk to a tmpfs (/dev/shm) with EXDEV; that build falls back
+    to read and write and gives shards and a manifest byte-identical to a build on the sources' own filesystem."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm as a second, writable filesystem")
+    monkeypatch.setattr(sio._KERNEL, "on", True)
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 4096)  # the tiny model's larger tensors go through the kernel copy
+    sources = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "gptq": "gptq", "awq": "awq", "fp8blk": "native-fp8-block"}
+    recipe = write_recipe(tmp_path, llama, sources, "gptq", DENSE_RULES)
+    build(cli, recipe, tmp_path / "here")
+    assert sio._KERNEL.on  # same filesystem: the kernel copied
+    elsewhere = Path(tempfile.mkdtemp(dir=shm, prefix="mpconvert-test-"))
+    try:
+        build(cli, recipe, elsewhere / "out")
+        assert not sio._KERNEL.on  # refused (EXDEV), switched off for that build
+        files = sorted(p.name for p in (tmp_path / "here").iterdir())
+        assert files == sorted(p.name for p in (elsewhere / "out").iterdir())
+        for f in files:
+            assert (tmp_path / "here" / f).read_bytes() == (elsewhere / "out" / f).read_bytes(), f
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_a_source_truncated_under_a_kernel_copy_is_refused(tmp_path, monkeypatch):
