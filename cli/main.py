@@ -95,7 +95,10 @@ def guarded(command):
             return command(*args, **kwargs)
         except UserError as e:
             _fail(e)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:  # said here: typer would turn it into a silent exit 130
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 — the point of the guard
             log = _write_crash_log()

@@ -658,11 +658,12 @@ class Hasher:
             self._wait_oldest()
 
     def close(self) -> None:
-        """Let the threads go once their jobs end; a job's error was already raised by wait(), or gives way to the
+        """Let the threads go: jobs not started are dropped (after wait() there are none; on an error or Ctrl-C the
+        build is abandoned), running ones end first. A job's error was already raised by wait(), or gives way to the
         one being raised."""
         self._job, self._read_backs, self._trailing = None, [], 0
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
 

@@ -13,6 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from mpconvert import safetensors_io as sio
 from mpconvert.errors import UserError
 from mpconvert.plan import make_plan
 from mpconvert.recipe import load_recipe
@@ -102,6 +105,28 @@ def test_force_replaces_only_the_directory_that_was_there(llama, tmp_path):
     before = (out / "mpconvert_manifest.json").stat().st_ino
     write(plan, out, 1 << 30, True)  # unchanged during the build: --force replaces it
     assert (out / "mpconvert_manifest.json").stat().st_ino != before
+
+
+@pytest.mark.parametrize("at", [1, 3, 6])
+def test_ctrl_c_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, monkeypatch, at):
+    """Ctrl-C (KeyboardInterrupt, raised where Python delivers it: in the copy loop) while hashing threads hold read-back
+    jobs and a shard is being flushed: exit 130 with one line, no output, no temporary directory, and a rebuild works."""
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 256)  # the tiny model's tensors through the kernel copy and threads
+    monkeypatch.setattr(sio.Hasher, "OVERLAP", 0)
+    calls, real = [], sio._copy_one
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(sio, "_copy_one", interrupted)
+    r, out = recipe(llama, tmp_path), tmp_path / "out"
+    res = cli("build", r, "-o", out, "--shard-size", "300KB")
+    assert res.exit_code == 130 and "interrupted; nothing was written" in res.output, res.output
+    assert "Traceback" not in res.output and not out.exists() and leftovers(tmp_path) == []
+    monkeypatch.setattr(sio, "_copy_one", real)
+    assert cli("build", r, "-o", out).exit_code == 0
 
 
 def test_a_second_build_of_the_same_output_is_refused_while_one_runs(llama, cli, tmp_path):
