@@ -119,7 +119,8 @@ def main(argv=None):
             rss[name] = max(rss[name], peak)
     out_mb = sum(p.stat().st_size for p in first_out.iterdir()) / 1e6
     base = min(runs["cp -r && sync"])
-    print(f"job {a.job}{f', {a.layers} layers' if a.job != 'real' else ''}: output {out_mb:.0f} MB, {a.rounds} rounds\n")
+    size = f", {a.layers} layers" if a.job != "real" else ""
+    print(f"job {a.job}{size}: output {out_mb:.0f} MB, {a.rounds} rounds\n")
     print("| contender | runs s | best s | best / (`cp -r && sync`) | peak RSS GiB |")
     print("|---|---|---:|---:|---:|")
     for name, ts in runs.items():

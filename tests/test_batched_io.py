@@ -105,7 +105,8 @@ def test_header_bytes_are_what_json_dumps_writes():
 @pytest.mark.parametrize("overlap", [None, 0], ids=["hash-inline-below-1MiB", "hash-every-buffer-in-the-thread"])
 def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch, overlap, kernel):
     """Whichever way each tensor goes — a run of neighbours, a kernel copy hashed as read back, a stream of chunks,
-    a tensor made here — the file holds exactly the sources' bytes in the order asked, and each digest is its bytes'."""
+    a tensor made here — the file holds exactly the sources' bytes in the order asked, and each digest is its
+    bytes'."""
     infos = _sources(tmp_path)
     monkeypatch.setattr(sio, "CHUNK", 4096)  # runs split at 4 KB; the big tensor is copied chunk by chunk
     monkeypatch.setattr(sio._KERNEL, "on", kernel)

@@ -109,8 +109,9 @@ def test_force_replaces_only_the_directory_that_was_there(llama, tmp_path):
 
 @pytest.mark.parametrize("at", [1, 3, 6])
 def test_ctrl_c_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, monkeypatch, at):
-    """Ctrl-C (KeyboardInterrupt, raised where Python delivers it: in the copy loop) while hashing threads hold read-back
-    jobs and a shard is being flushed: exit 130 with one line, no output, no temporary directory, and a rebuild works."""
+    """Ctrl-C (KeyboardInterrupt, raised where Python delivers it: in the copy loop) while hashing threads hold
+    read-back jobs and a shard is being flushed: exit 130 with one line, no output, no temporary directory, and a
+    rebuild works."""
     monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 256)  # the tiny model's tensors through the kernel copy and threads
     monkeypatch.setattr(sio.Hasher, "OVERLAP", 0)
     calls, real = [], sio._copy_one
