@@ -3,6 +3,7 @@ and builds killed with SIGKILL at random points (outputs absent or complete, sou
 builds cleaned by the next build of the same output)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -128,6 +129,26 @@ def test_ctrl_c_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, m
     assert "Traceback" not in res.output and not out.exists() and leftovers(tmp_path) == []
     monkeypatch.setattr(sio, "_copy_one", real)
     assert cli("build", r, "-o", out).exit_code == 0
+
+
+@pytest.mark.parametrize("call", ["copy_file_range", "pwrite"])
+def test_a_disk_filling_up_mid_build_says_so_and_leaves_nothing(llama, cli, tmp_path, monkeypatch, call):
+    """ENOSPC from the kernel copy or from a write, after the free-space check passed (another program filled the
+    disk meanwhile; the errno is the kernel's, raised here — seen for real on a full loop-mounted ext4): one line,
+    exit 2, no output, no temporary directory. A full disk is not a refusal to copy: no fallback that retries."""
+    if call == "copy_file_range":
+        monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 256)  # the tiny model's tensors through the kernel copy
+    calls, real = [], getattr(sio.os, call)
+
+    def full(*args):
+        calls.append(1)
+        if len(calls) >= 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+    monkeypatch.setattr(sio.os, call, full)
+    res = cli("build", recipe(llama, tmp_path), "-o", tmp_path / "out", "--shard-size", "300KB")
+    assert res.exit_code == 2 and "disk full while writing; nothing was written" in res.output, res.output
+    assert len(calls) >= 3 and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_a_second_build_of_the_same_output_is_refused_while_one_runs(llama, cli, tmp_path):
