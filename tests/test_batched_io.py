@@ -213,6 +213,19 @@ def test_where_the_kernel_cannot_copy_the_bytes_go_through_read_and_write(tmp_pa
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
 
 
+def test_a_filesystem_that_copies_nothing_gets_read_and_write(tmp_path, monkeypatch):
+    """Some filesystems answer copy_file_range with 0 bytes from a file that holds them (coreutils' cp falls back
+    there too): not mistaken for a truncated source — the same bytes through read and write."""
+    infos = _sources(tmp_path)
+    pending = [sio.PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t) for t in infos.values()]
+    monkeypatch.setattr(sio._KERNEL, "on", True)
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 64)
+    want = sio.write_file(tmp_path / "want.safetensors", pending, {})
+    monkeypatch.setattr(sio.os, "copy_file_range", lambda *args: 0)
+    assert sio.write_file(tmp_path / "out.safetensors", pending, {}) == want and not sio._KERNEL.on
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+
+
 def test_an_output_on_another_filesystem_gets_the_same_bytes(llama, cli, tmp_path, monkeypatch):
     """For real: Linux refuses copy_file_range from this disk to a tmpfs (/dev/shm) with EXDEV; that build falls back
     to read and write and gives shards and a manifest byte-identical to a build on the sources' own filesystem."""
