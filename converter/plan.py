@@ -204,32 +204,33 @@ class RuleMatcher:
     def __init__(self, recipe: Recipe, info: ModelInfo, roles: dict[str, Role]):
         self.recipe, self.info, self.roles = recipe, info, roles
         self.moe = {r.layer for r in roles.values() if r.expert is not None}
-        # what each rule asks of a module, prepared once: planning asks every rule about every linear (214k
-        # questions in a DeepSeek-V3-sized job)
-        self.name_tests = [rule.name_tests() for rule in recipe.rules]
-        self.layer_sets = [rule.layer_set for rule in recipe.rules]
 
     def assign(self) -> dict[str, tuple[str, str]]:
         """module → (source, why) for every linear module."""
-        roles, moe = self.roles, self.moe
+        roles = self.roles
         self._check_expert_rules()
-        hits = [0] * len(self.recipe.rules)
+        # each rule prepared once, its answer (source, why) made once: planning asks every rule about every linear
+        # (214k questions in a DeepSeek-V3-sized job)
+        recipe_rules = self.recipe.rules
+        selects = [self._selector(i) for i in range(len(recipe_rules))]
+        picks = [(rule.source, rule.describe(i)) for i, rule in enumerate(recipe_rules)]
+        default = (self.recipe.default, f"default ({self.recipe.default})")
+        hits = [0] * len(recipe_rules)
         chosen: dict[str, tuple[str, str]] = {}
         for name, role in roles.items():
             if role.kind != "linear":
                 continue
-            for i, rule in enumerate(self.recipe.rules):
-                if self._rule_selects(i, name, role, moe):
+            for i, selected in enumerate(selects):
+                if selected(name, role):
                     hits[i] += 1
-                    chosen[name] = (rule.source, rule.describe(i))
+                    chosen[name] = picks[i]
                     break
             else:
-                chosen[name] = (self.recipe.default, f"default ({self.recipe.default})")
+                chosen[name] = default
         for i, n in enumerate(hits):
             if n == 0:
-                rule = self.recipe.rules[i]
-                shadow = any(self._rule_selects(i, name, role, moe) for name, role in roles.items()
-                             if role.kind == "linear")
+                rule = recipe_rules[i]
+                shadow = any(selects[i](name, role) for name, role in roles.items() if role.kind == "linear")
                 why = "every module it matches is taken by an earlier rule" if shadow else "it matches no module"
                 raise UserError(f"recipe: {rule.describe(i)} selects nothing: {why}; fix or remove the rule "
                                 f"(module names look like {next(iter(roles))!r})")
@@ -257,20 +258,23 @@ class RuleMatcher:
                         raise UserError(f"recipe: {rule.describe(i)}: the routing file counts {len(counts)} experts "
                                         f"in layer {layer}, but the model has {n}; record it on this model")
 
-    def _rule_selects(self, index: int, name: str, role: Role, moe: set[int]) -> bool:
-        if not any(test(name) for test in self.name_tests[index]):
-            return False
-        rule = self.recipe.rules[index]
-        layers = self.layer_sets[index]
-        if layers is not None and role.layer not in layers:
-            return False
-        if rule.moe is not None and (role.layer in moe) != rule.moe:
-            return False
-        if rule.experts is not None:
-            if role.expert is None:
+    def _selector(self, index: int) -> Callable[[str, Role], bool]:
+        """Whether rules[index] selects a module: its name patterns, layers, moe and experts filters, each prepared
+        once."""
+        rule, routed, moe_layers = self.recipe.rules[index], self.recipe.routed_experts, self.moe
+        tests, layers, moe, experts = rule.name_tests(), rule.layer_set, rule.moe, rule.experts is not None
+
+        def selects(name: str, role: Role) -> bool:
+            if not any(test(name) for test in tests):
                 return False
-            return role.expert in self.recipe.routed_experts(index, role.layer)
-        return True
+            if layers is not None and role.layer not in layers:
+                return False
+            if moe is not None and (role.layer in moe_layers) != moe:
+                return False
+            if experts:
+                return role.expert is not None and role.expert in routed(index, role.layer)
+            return True
+        return selects
 
 
 class _Planner:
