@@ -380,9 +380,10 @@ def _as_array(t: TensorInfo, raw: bytes) -> np.ndarray:
     return a.reshape(t.shape)
 
 
-def iter_bytes(t: TensorInfo, chunk: int = CHUNK) -> Iterator[bytes]:
-    """Stream a tensor's bytes from disk, `chunk` at a time (memory stays bounded by `chunk`); a tensor of one chunk
-    or less in one read through the shared descriptors."""
+def iter_bytes(t: TensorInfo, chunk: int | None = None) -> Iterator[bytes]:
+    """Stream a tensor's bytes from disk, `chunk` (CHUNK) at a time (memory stays bounded by it); a tensor of one
+    chunk or less in one read through the shared descriptors."""
+    chunk = chunk or CHUNK
     if t.nbytes <= chunk:
         yield small_bytes(t)
         return
@@ -700,12 +701,14 @@ class _KernelCopy:
     def __init__(self):
         self.on = hasattr(os, "copy_file_range")  # forget_open_files sets it again for each operation
 
-    def copy(self, t: TensorInfo, out: int, at: int) -> bool:
+    PIECE = 64 << 20  # per call: progress moves during a tensor of gigabytes (DeepSeek-V3's embedding is 1.85 GB)
+
+    def copy(self, t: TensorInfo, out: int, at: int, progress: Callable[[int], None]) -> bool:
         """t's bytes to `out` at offset `at`; False (nothing copied) where the kernel refuses."""
         src, done = _OPEN.fd(t.file), 0
         while done < t.nbytes:
             try:
-                n = os.copy_file_range(src, out, t.nbytes - done, t.start + done, at + done)
+                n = os.copy_file_range(src, out, min(self.PIECE, t.nbytes - done), t.start + done, at + done)
             except OSError as e:
                 if done == 0 and e.errno in self.REFUSALS:
                     self.on = False
@@ -718,6 +721,7 @@ class _KernelCopy:
                 raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; the source changed or is "
                                 f"truncated")
             done += n
+            progress(n)
         return True
 
 
@@ -741,7 +745,7 @@ def write_file(path: Path, tensors: list[PendingTensor], metadata: dict[str, str
             write_file(path, tensors, metadata, on_bytes, own, digests)
             own.wait()
         return digests
-    pending_progress = 0
+    progress = _Progress(on_bytes)
     out = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         at = _pwrite_all(out, header_bytes(tensors, metadata), 0)
@@ -750,19 +754,34 @@ def write_file(path: Path, tensors: list[PendingTensor], metadata: dict[str, str
             j = _copy_run(tensors, i)
             if j > i:
                 written = _copy_neighbours(out, at, tensors[i:j], hasher, digests)
+                progress.add(written)
                 i = j
             else:
-                written = _copy_one(path, out, at, tensors[i], hasher, digests)
+                written = _copy_one(path, out, at, tensors[i], hasher, digests, progress.add)
                 i += 1
             at += written
-            pending_progress += written
-            if pending_progress >= 1 << 22:
-                on_bytes(pending_progress)
-                pending_progress = 0
     finally:
         os.close(out)
-    on_bytes(pending_progress)
+    progress.flush()
     return digests
+
+
+class _Progress:
+    """Bytes written, passed on every 4 MiB or so, not per tensor (171k rich updates cost seconds)."""
+
+    EVERY = 1 << 22
+
+    def __init__(self, on_bytes: Callable[[int], None]):
+        self.on_bytes, self.pending = on_bytes, 0
+
+    def add(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= self.EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        self.on_bytes(self.pending)
+        self.pending = 0
 
 
 def _copy_neighbours(out: int, at: int, run: list[PendingTensor], hasher: Hasher, digests: dict[str, str]) -> int:
@@ -778,10 +797,11 @@ def _copy_neighbours(out: int, at: int, run: list[PendingTensor], hasher: Hasher
     return want
 
 
-def _copy_one(path: Path, out: int, at: int, t: PendingTensor, hasher: Hasher, digests: dict[str, str]) -> int:
+def _copy_one(path: Path, out: int, at: int, t: PendingTensor, hasher: Hasher, digests: dict[str, str],
+              progress: Callable[[int], None]) -> int:
     """One tensor: a large verbatim one copied in the kernel, else (made or rewritten here, or where the kernel
     cannot copy) streamed chunk by chunk."""
-    if t.src is not None and _KERNEL.on and _KERNEL.copy(t.src, out, at):
+    if t.src is not None and _KERNEL.on and _KERNEL.copy(t.src, out, at, progress):
         hasher.submit_read_back(_digest_read_back(path, t.name, at, t.nbytes, digests), t.nbytes)
         return t.nbytes
     h, written = hashlib.sha256(), 0
@@ -789,6 +809,7 @@ def _copy_one(path: Path, out: int, at: int, t: PendingTensor, hasher: Hasher, d
         hasher.submit(lambda b=b: h.update(b), len(b))
         _pwrite_all(out, b, at + written)
         written += len(b)
+        progress(len(b))
     hasher.submit(lambda: digests.__setitem__(t.name, h.hexdigest()), 0)
     if written != t.nbytes:
         raise UserError(f"tensor {t.name!r}: expected {t.nbytes} bytes, the source gave {written}; the source "

@@ -213,6 +213,24 @@ def test_where_the_kernel_cannot_copy_the_bytes_go_through_read_and_write(tmp_pa
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-copy", "read-and-write"])
+def test_progress_counts_every_byte_and_moves_inside_a_large_tensor(tmp_path, monkeypatch, kernel):
+    """The progress bar gets every data byte once, and a large tensor moves it as it is copied, not only at its end
+    (a kernel copy goes in pieces; a stream in chunks)."""
+    infos = _sources(tmp_path)
+    monkeypatch.setattr(sio._KERNEL, "on", kernel)
+    monkeypatch.setattr(sio._KernelCopy, "PIECE", 1000)
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 64 << 10)  # only the 120 KB tensors are copied alone
+    monkeypatch.setattr(sio, "CHUNK", 4096)
+    monkeypatch.setattr(sio._Progress, "EVERY", 1)
+    pending = [sio.PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t) for t in infos.values()]
+    calls = []
+    sio.write_file(tmp_path / "out.safetensors", pending, {}, calls.append)
+    assert sum(calls) == sum(t.nbytes for t in infos.values())
+    piece, big = (1000 if kernel else 4096), infos["a.big"].nbytes  # a.big and b.big: 120 KB each
+    assert len([n for n in calls if n <= piece]) >= 2 * (big // piece)
+
+
 def test_a_filesystem_that_copies_nothing_gets_read_and_write(tmp_path, monkeypatch):
     """Some filesystems answer copy_file_range with 0 bytes from a file that holds them (coreutils' cp falls back
     there too): not mistaken for a truncated source — the same bytes through read and write."""
