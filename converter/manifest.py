@@ -40,7 +40,7 @@ from .formats import FORMATS
 from . import ct_export
 from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, first_error
 from .recipe import format_ids
-from .safetensors_io import DTYPE_SIZE
+from .safetensors_io import DTYPE_SIZE, nbytes_of
 
 MANIFEST = "mpconvert_manifest.json"
 MANIFEST_VERSION = 3
@@ -80,10 +80,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZE[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes_of(self.dtype, self.shape)
 
 
 Row = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]*)$")]
@@ -103,10 +100,7 @@ class _Rows:
 
     def nbytes(self, r: int) -> int:
         """TensorEntry.nbytes of row r, without making the row."""
-        n = DTYPE_SIZE[self.t.dtype[r]]
-        for d in self.t.shape[r]:
-            n *= d
-        return n
+        return nbytes_of(self.t.dtype[r], self.t.shape[r])
 
 
 class TensorTable(_Entry):

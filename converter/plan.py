@@ -21,7 +21,7 @@ from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_a
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe
 from . import rules
-from .safetensors_io import (DTYPE_SIZE, TensorInfo, forget_open_files, load_array, load_tensor, same_bytes,
+from .safetensors_io import (TensorInfo, forget_open_files, load_array, load_tensor, nbytes_of, same_bytes,
                              sha256_of)
 from .sources import Source, open_source, source_of
 
@@ -47,14 +47,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(*self.made_as) if self.made_as else self.src.nbytes
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    n = DTYPE_SIZE[dtype]
-    for d in shape:
-        n *= d
-    return n
+        return nbytes_of(*self.made_as) if self.made_as else self.src.nbytes
 
 
 class RepackJob:
@@ -480,7 +473,7 @@ def written_nbytes(view, out_f: int, in_f: int, layout: str = MP_LAYOUT) -> int:
     target = FORMATS[view.scheme.format].repack(view.scheme.params, layout)
     if target is None:
         return sum(t.nbytes for t in view.tensors.values())
-    n = sum(_nbytes(dtype, shape) for _, _, dtype, shape in repack_layout(view, target, out_f, in_f).values())
+    n = sum(nbytes_of(dtype, shape) for _, _, dtype, shape in repack_layout(view, target, out_f, in_f).values())
     return n + (view.tensors["bias"].nbytes if "bias" in view.tensors else 0)
 
 

@@ -32,6 +32,14 @@ KERNEL_COPY_MIN = 1 << 20  # verbatim tensors from this size on are copied file 
 PT_METADATA = {"format": "pt"}  # every shard build writes: loaders such as transformers check it
 
 
+def nbytes_of(dtype: str, shape) -> int:
+    """Bytes of a tensor of this dtype and shape (the one count build, plan and the manifest use)."""
+    n = DTYPE_SIZE[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
 class TensorInfo(NamedTuple):
     """Where one tensor's bytes live. `start` is absolute in `file`. (A NamedTuple: a DeepSeek-V3-sized job makes
     400k of them, and a frozen dataclass's constructor costs four times as much.)"""
