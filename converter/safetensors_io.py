@@ -322,11 +322,15 @@ def forget_open_files() -> None:
     _KERNEL.on = hasattr(os, "copy_file_range")
 
 
+def _truncated(t: TensorInfo) -> str:
+    return f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint"
+
+
 def small_bytes(t: TensorInfo) -> bytes:
     """A (small) tensor's bytes in one read through the shared descriptors."""
     b = os.pread(_OPEN.fd(t.file), t.nbytes, t.start)
     if len(b) != t.nbytes:
-        raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
+        raise UserError(_truncated(t))
     return b
 
 
@@ -371,7 +375,7 @@ def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorIn
         for t in order[i:j]:
             raw = buf[t.start - lo:t.start - lo + t.nbytes]
             if len(raw) != t.nbytes:
-                raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
+                raise UserError(_truncated(t))
             yield t, raw
         i = j
 
@@ -401,7 +405,7 @@ def iter_bytes(t: TensorInfo, chunk: int | None = None) -> Iterator[bytes]:
         while left:
             b = f.read(min(chunk, left))
             if not b:
-                raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
+                raise UserError(_truncated(t))
             left -= len(b)
             yield b
 
@@ -415,20 +419,26 @@ def iter_views(fd: int, start: int, nbytes: int, truncated: Callable[[], str]) -
     view = memoryview(bytearray(min(size, max(nbytes, 1))))
     at, end = start, start + nbytes
     while at < end:
-        want, got = min(len(view), end - at), 0
-        while got < want:  # whole buffers (a scan needs whole values); a short read only where the file ends
-            n = os.preadv(fd, [view[got:want]], at + got)
-            if n == 0:
-                raise UserError(truncated())
-            got += n
-        yield view[:want]
-        at += want
+        chunk = view[:min(len(view), end - at)]
+        _fill(fd, chunk, at, truncated)  # whole buffers: a scan needs whole values
+        yield chunk
+        at += len(chunk)
+
+
+def _fill(fd: int, view: memoryview, at: int, truncated: Callable[[], str]) -> None:
+    """Exactly len(view) bytes of `fd` from `at` into `view`; a read comes back short only where the file ends:
+    UserError(truncated())."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], at + got)
+        if n == 0:
+            raise UserError(truncated())
+        got += n
 
 
 def tensor_views(t: TensorInfo) -> Iterator[memoryview]:
     """iter_views of a source tensor, through the shared descriptors."""
-    return iter_views(_OPEN.fd(t.file), t.start, t.nbytes,
-                      lambda: f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
+    return iter_views(_OPEN.fd(t.file), t.start, t.nbytes, lambda: _truncated(t))
 
 
 def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
@@ -444,8 +454,7 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
         if n < size:
             bufs = (bytearray(n), bytearray(n))
         for t, fd, buf in zip((a, b), fds, bufs):
-            if os.preadv(fd, [buf], t.start + at) != n:
-                raise UserError(f"{t.file}: truncated while reading tensor {t.name!r}; re-download the checkpoint")
+            _fill(fd, memoryview(buf), t.start + at, lambda t=t: _truncated(t))
         if bufs[0] != bufs[1]:
             return False
     return True
