@@ -319,7 +319,7 @@ def forget_open_files() -> None:
     """Start an operation afresh: close the shared descriptors, and let the kernel copy try again (an earlier output
     on another filesystem switched it off)."""
     _OPEN.forget()
-    _KERNEL.on = hasattr(os, "copy_file_range")
+    _KERNEL.reset()
 
 
 def _truncated(t: TensorInfo) -> str:
@@ -716,7 +716,11 @@ class _KernelCopy:
     REFUSALS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY}
 
     def __init__(self):
-        self.on = hasattr(os, "copy_file_range")  # forget_open_files sets it again for each operation
+        self.reset()
+
+    def reset(self) -> None:
+        """On where the platform has it (forget_open_files calls this as each operation starts)."""
+        self.on = hasattr(os, "copy_file_range")
 
     PIECE = 64 << 20  # per call: progress moves during a tensor of gigabytes (DeepSeek-V3's embedding is 1.85 GB)
 
