@@ -63,6 +63,11 @@ QC = {"fp8": {"quant_method": "compressed-tensors", "format": "float-quantized",
                "checkpoint_format": "gptq"}}
 
 
+# attention in FP8, lm_head bf16, the rest GPTQ; paths relative to the recipe, beside the three sources
+RECIPE = ("base: ./base\nsources: {fp8: ./fp8, gptq: ./gptq}\ndefault: gptq\nrules:\n"
+          "  - {match: 'self_attn.*', source: fp8}\n  - {match: lm_head, source: base}\n")
+
+
 def make_source(root: Path, kind: str, h, inter, layers):
     """One shard per layer, so the generator's memory stays at one layer."""
     root.mkdir(parents=True, exist_ok=True)
@@ -93,9 +98,7 @@ def run_size(work: Path, h, inter, layers) -> dict:
     shutil.rmtree(d, ignore_errors=True)
     for kind in ("base", "fp8", "gptq"):
         make_source(d / kind, kind, h, inter, layers)
-    (d / "recipe.yaml").write_text(
-        "base: ./base\nsources: {fp8: ./fp8, gptq: ./gptq}\ndefault: gptq\nrules:\n"
-        "  - {match: 'self_attn.*', source: fp8}\n  - {match: lm_head, source: base}\n")
+    (d / "recipe.yaml").write_text(RECIPE)
     exe = str(Path(sys.executable).parent / "mpconvert")
     # warm the page cache for both contenders alike: read the sources once
     subprocess.run(["cat"] + [str(p) for p in d.rglob("*.safetensors")], stdout=subprocess.DEVNULL, check=True)

@@ -27,14 +27,6 @@ sys.path.insert(0, str(HERE))
 
 from scale_bench import timed  # noqa: E402
 
-REAL_RECIPE = """base: {base}
-sources: {{fp8: {fp8}, int8: {int8}, gptq: {gptq}}}
-default: gptq
-rules:
-  - {{match: "self_attn.*", source: fp8}}
-  - {{match: "mlp.down_proj", source: int8}}
-"""
-
 
 def code_root(rev: str, work: Path) -> Path:
     """A directory to put on PYTHONPATH whose `mpconvert` package is `rev`'s code (the layout pyproject maps)."""
@@ -63,11 +55,10 @@ def sources(job: str, layers: int, work: Path) -> Path:
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     if job == "7b":
-        from build_bench import make_source
+        from build_bench import RECIPE, make_source
         for kind in ("base", "fp8", "gptq"):
             make_source(d / kind, kind, 4096, 11008, layers)
-        recipe = ("base: ./base\nsources: {fp8: ./fp8, gptq: ./gptq}\ndefault: gptq\nrules:\n"
-                  "  - {match: 'self_attn.*', source: fp8}\n  - {match: lm_head, source: base}\n")
+        recipe = RECIPE
         files = list(d.rglob("*.safetensors"))
     elif job == "v3":
         subprocess.run([sys.executable, str(HERE / "v3_shaped.py"), str(d), "--layers", str(layers)], check=True,
@@ -75,11 +66,8 @@ def sources(job: str, layers: int, work: Path) -> Path:
         recipe = (d / "recipe.yaml").read_text()
         files = list(d.rglob("*.safetensors"))
     else:
-        from fixtures.factory import smollm2
-        paths = {"base": smollm2("base"), "fp8": smollm2("fp8-dynamic"), "int8": smollm2("w8a8"),
-                 "gptq": smollm2("gptq-g64")}
-        recipe = REAL_RECIPE.format(**paths)
-        files = [f for p in paths.values() for f in p.glob("*.safetensors")]
+        from real_build_bench import real_job
+        recipe, files = real_job()
     (d / "recipe.yaml").write_text(recipe)
     subprocess.run(["cat", *map(str, files)], check=True, stdout=subprocess.DEVNULL)  # page cache warm for all
     return d / "recipe.yaml"

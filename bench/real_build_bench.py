@@ -29,21 +29,26 @@ rules:
 """
 
 
+def real_job() -> tuple[str, list[Path]]:
+    """The recipe over the real quantizers' SmolLM2 outputs (made and cached by fixtures/), and its source files."""
+    from fixtures.factory import smollm2
+
+    paths = {"base": smollm2("base"), **{k: smollm2(v) for k, v in SOURCES.items()}}
+    recipe = RECIPE.format(base=paths["base"], sources=", ".join(f"{k}: {paths[k]}" for k in SOURCES))
+    return recipe, [f for p in paths.values() for f in p.glob("*.safetensors")]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mpc-real-bench"))
     a = ap.parse_args(argv)
-    from fixtures.factory import smollm2
-
     d = a.workdir
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    paths = {"base": smollm2("base"), **{k: smollm2(v) for k, v in SOURCES.items()}}
-    (d / "recipe.yaml").write_text(RECIPE.format(base=paths["base"], sources=", ".join(
-        f"{k}: {paths[k]}" for k in SOURCES)))
-    subprocess.run(["cat", *map(str, (p for s in paths.values() for p in s.glob("*.safetensors")))], check=True,
-                   stdout=subprocess.DEVNULL)  # page cache warm for every contender
+    recipe, files = real_job()
+    (d / "recipe.yaml").write_text(recipe)
+    subprocess.run(["cat", *map(str, files)], check=True, stdout=subprocess.DEVNULL)  # page cache warm for all
     build_s, rss = best([MPCONVERT, "build", "recipe.yaml", "-o", "out", "--json"], d, a.runs, before="rm -rf out")
     cp_s, _ = best(["sh", "-c", "cp -r out copy && sync"], d, a.runs, before="rm -rf copy")
     out_mb = sum(p.stat().st_size for p in (d / "out").iterdir()) / 1e6
