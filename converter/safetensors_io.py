@@ -349,14 +349,23 @@ NEAR = 4096  # tensors this close in one file are read together: a page between 
 SPAN = 8 * 1024 * 1024  # the most one batched read holds
 
 
-def load_arrays(ts: list[TensorInfo]) -> list[np.ndarray]:
-    """load_array of many small tensors, each run of nearby ones in one file read at once: a DeepSeek-V3-sized job
-    value-checks 130k tensors of a few KB, and one pread each cost more than the checks."""
-    out: list = [None] * len(ts)
-    ordered = sorted(enumerate(ts), key=lambda p: (str(p[1].file), p[1].start))
-    for (k, _), (t, raw) in zip(ordered, _nearby_reads([t for _, t in ordered], SPAN)):
-        out[k] = _as_array(t, raw)
-    return out
+def load_stacked(groups: list[list[TensorInfo]]) -> list[np.ndarray]:
+    """Each group — small tensors of one dtype and shape — as one array stacked on a new first axis (what
+    np.stack of each one's load_array gives), every group's tensors read together, runs of neighbours in one file
+    at once. A DeepSeek-V3-sized job value-checks 130k tensors of a few KB: one pread, or one numpy array, each
+    cost more than the checks."""
+    bufs, items = [], []
+    for k, group in enumerate(groups):
+        first = group[0]
+        if any(t.dtype != first.dtype or t.shape != first.shape for t in group):
+            raise ValueError(f"load_stacked: group {k} mixes dtypes or shapes")
+        bufs.append(bytearray(first.nbytes * len(group)))
+        items.extend((t, k, i * first.nbytes) for i, t in enumerate(group))
+    items.sort(key=lambda x: (str(x[0].file), x[0].start))
+    views = [memoryview(b) for b in bufs]
+    for (t, k, at), (_, raw) in zip(items, _nearby_reads([x[0] for x in items], SPAN)):
+        views[k][at:at + t.nbytes] = raw
+    return [_as_array(g[0], b, len(g)) for g, b in zip(groups, bufs)]
 
 
 def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorInfo, memoryview]]:
@@ -365,13 +374,13 @@ def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorIn
     i = 0
     while i < len(order):
         first = order[i]
-        lo, hi, j = first.start, first.start + first.nbytes, i + 1
+        file, lo, hi, j = first.file, first.start, first.start + first.nbytes, i + 1
         while j < len(order):
             t = order[j]
-            if t.file != first.file or t.start - hi > NEAR or t.start + t.nbytes - lo > span:
-                break
+            if (t.file is not file and t.file != file) or t.start - hi > NEAR or t.start + t.nbytes - lo > span:
+                break  # (identity first: one header's tensors share one Path, and Path.__eq__ is slow)
             hi, j = max(hi, t.start + t.nbytes), j + 1
-        buf = memoryview(os.pread(_OPEN.fd(first.file), hi - lo, lo))
+        buf = memoryview(os.pread(_OPEN.fd(file), hi - lo, lo))
         for t in order[i:j]:
             raw = buf[t.start - lo:t.start - lo + t.nbytes]
             if len(raw) != t.nbytes:
@@ -380,7 +389,9 @@ def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorIn
         i = j
 
 
-def _as_array(t: TensorInfo, raw: bytes) -> np.ndarray:
+def _as_array(t: TensorInfo, raw, stacked: int | None = None) -> np.ndarray:
+    """`raw` as `t`'s values (floats widened to float32); `stacked`: it holds that many such tensors, one after
+    another, and the array gets a leading axis for them."""
     if t.dtype == "BF16":
         a = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
     elif t.dtype in _NUMPY:
@@ -389,7 +400,7 @@ def _as_array(t: TensorInfo, raw: bytes) -> np.ndarray:
             a = a.astype(np.float32)
     else:
         raise ValueError(f"load_array: {t.dtype} has no numpy dtype")
-    return a.reshape(t.shape)
+    return a.reshape(t.shape if stacked is None else (stacked, *t.shape))
 
 
 def iter_bytes(t: TensorInfo, chunk: int | None = None) -> Iterator[bytes]:

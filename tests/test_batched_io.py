@@ -14,6 +14,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -54,12 +55,19 @@ def _subsets(infos):
             yield [infos[n] for n in rnd.sample(names, k)]  # gaps, both files, any order
 
 
-def test_load_arrays_is_load_array_for_any_subset(tmp_path):
+def test_load_stacked_is_load_array_stacked_for_any_subset(tmp_path):
+    """Groups of one dtype and shape, read together however their tensors lie in the files (gaps, both files, any
+    order), give exactly np.stack of each tensor's load_array."""
     infos = {n: t for n, t in _sources(tmp_path).items() if t.dtype in ("F32", "BF16", "F16", "I32", "U8")}
     for subset in _subsets(infos):
-        for t, a in zip(subset, sio.load_arrays(subset)):
-            b = sio.load_array(t)
-            assert a.dtype == b.dtype and a.shape == b.shape and (a.tobytes() == b.tobytes()), t.name
+        groups: dict = {}
+        for t in subset:
+            groups.setdefault((t.dtype, t.shape), []).append(t)
+        for group, a in zip(groups.values(), sio.load_stacked(list(groups.values()))):
+            b = np.stack([sio.load_array(t) for t in group])
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), group[0].name
+    with pytest.raises(ValueError, match="mixes dtypes or shapes"):
+        sio.load_stacked([list(infos.values())])
 
 
 def test_digest_and_scan_many_is_digest_and_scan_for_any_subset(tmp_path, monkeypatch):
@@ -80,8 +88,11 @@ def test_batched_reads_refuse_a_file_truncated_under_them(tmp_path):
     raw = (tmp_path / "a.safetensors").read_bytes()
     last = max(ints, key=lambda t: t.start)
     (tmp_path / "a.safetensors").write_bytes(raw[:last.start + 4])  # cut inside the last one asked for
+    by_shape: dict = {}
+    for t in ints:
+        by_shape.setdefault(t.shape, []).append(t)
     with pytest.raises(UserError, match="truncated while reading tensor"):
-        sio.load_arrays(ints)
+        sio.load_stacked(list(by_shape.values()))
     with pytest.raises(UserError, match="truncated while reading tensor"):
         list(sio.digest_and_scan_many(ints))
 

@@ -97,7 +97,8 @@ def test_gptq_checks_many_modules_stacked_as_it_checks_one(case, bad):
             changes[case](t)
         mods.append((f"m{i}", t))
     want = [(n, p) for n, t in mods if (p := f.check_values(n, t, GPTQ))]
-    assert f.check_values_many(mods, GPTQ) == want and len(want) == (bad is not None)
+    stacked = {s: np.stack([t[s] for _, t in mods]) for s in mods[0][1]}
+    assert f.check_values_many([n for n, _ in mods], stacked, GPTQ) == want and len(want) == (bad is not None)
 
 
 def test_fp8_block_dequantizes_per_block_and_checks_scales():

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import UserError
-from ..safetensors_io import load_arrays
+from ..safetensors_io import load_stacked
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 # how a converted directory is laid out: mpconvert's own (config.json names the runtime shim; every format in its
@@ -266,15 +266,21 @@ class Format(ConfigReader):
         no torch); a problem description or None."""
         return None
 
-    def check_values_many(self, modules: list[tuple[str, dict]], p: dict) -> list[tuple[str, str]]:
+    def check_values_many(self, names: list[str], stacked: dict, p: dict) -> list[tuple[str, str]]:
         """check_values for many modules of one scheme whose value tensors have the same shapes (a MoE model's
-        experts: 41k in a DeepSeek-V3-sized job): (module, problem) for each that has one. A format whose invariants
-        are all universal ("every scale > 0") checks them once on the stacked tensors (all_values_ok) and goes
-        module by module only when that fails, to name the culprits."""
-        if len(modules) > 1 and self.all_values_ok({s: np.stack([t[s] for _, t in modules]) for s in modules[0][1]},
-                                                   p):
+        experts: 41k in a DeepSeek-V3-sized job), given each value tensor of all of them stacked on a new first axis
+        (module i's is stacked[suffix][i]): (module, problem) for each that has one. A format whose invariants are
+        all universal ("every scale > 0") checks them once on the stack (all_values_ok) and goes module by module
+        only when that fails, to name the culprits."""
+        if len(names) > 1 and self.all_values_ok(stacked, p):
             return []
-        return [(name, problem) for name, t in modules if (problem := self.check_values(name, t, p))]
+        return [(name, problem) for i, name in enumerate(names)
+                if (problem := self.check_values(name, {s: a[i] for s, a in stacked.items()}, p))]
+
+    def serve_problems(self, names: list[str], stacked: dict, p: dict, layout: str) -> list[tuple[str, str]]:
+        """serve_problem of many modules, their value tensors stacked as check_values_many gets them."""
+        return [(name, problem) for i, name in enumerate(names)
+                if (problem := self.serve_problem(name, {s: a[i] for s, a in stacked.items()}, p, layout))]
 
     def all_values_ok(self, stacked: dict, p: dict) -> bool:
         """Whether every module passes check_values, given its value tensors stacked on a new first axis — only
@@ -288,7 +294,7 @@ VALUE_BATCH = 256  # modules whose small value tensors are loaded and checked to
 def check_values_batched(modules: Iterable[tuple[str, "Scheme", dict]], serve_layout: str | None = None
                          ) -> dict[str, list[tuple[str, str]]]:
     """Format.check_values of many modules — (name, scheme, value suffix → TensorInfo) — in batches of one scheme and
-    shapes (Format.check_values_many), their tensors read together (load_arrays); with serve_layout, serve_problem
+    shapes (Format.check_values_many), their tensors read together (load_stacked); with serve_layout, serve_problems
     too. Returns module → its problems, each ("values" or "serve", message). Build's planning and verify both check
     values this way."""
     batches: dict[tuple, list[tuple[str, dict]]] = {}
@@ -297,17 +303,16 @@ def check_values_batched(modules: Iterable[tuple[str, "Scheme", dict]], serve_la
             (name, values))
     problems: dict[str, list[tuple[str, str]]] = {}
     for (scheme, _), members in batches.items():
-        fmt, params = FORMATS[scheme.format], scheme.params
+        fmt, params, suffixes = FORMATS[scheme.format], scheme.params, list(members[0][1])
         for i in range(0, len(members), VALUE_BATCH):
             chunk = members[i:i + VALUE_BATCH]
-            arrays = iter(load_arrays([t for _, v in chunk for t in v.values()]))
-            loaded = [(n, {s: next(arrays) for s in v}) for n, v in chunk]
-            for n, problem in fmt.check_values_many(loaded, params):
+            names = [n for n, _ in chunk]
+            stacked = dict(zip(suffixes, load_stacked([[v[s] for _, v in chunk] for s in suffixes])))
+            for n, problem in fmt.check_values_many(names, stacked, params):
                 problems.setdefault(n, []).append(("values", problem))
             if serve_layout is not None:
-                for n, values in loaded:
-                    if (problem := fmt.serve_problem(n, values, params, serve_layout)):
-                        problems.setdefault(n, []).append(("serve", problem))
+                for n, problem in fmt.serve_problems(names, stacked, params, serve_layout):
+                    problems.setdefault(n, []).append(("serve", problem))
     return problems
 
 

@@ -168,6 +168,10 @@ class GPTQ(Format):
                     f"re-quantize with desc_act=False or sym=True")
         return None
 
+    def serve_problems(self, names, stacked, p, layout):
+        # only a module written repacked can fail to serve (serve_problem): GPTQ-Marlin takes any g_idx
+        return super().serve_problems(names, stacked, p, layout) if self.repack(p, layout) else []
+
     def repack(self, p, layout=MP_LAYOUT):
         """Asymmetric GPTQ (no Marlin kernel) always, symmetric for a compressed-tensors export: → WNA16."""
         if p["sym"] and layout != CT_LAYOUT:
