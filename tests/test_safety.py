@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -294,3 +295,37 @@ def test_a_source_changed_mid_build_writes_nothing(llama, tmp_path):
     e = refused(plan, tmp_path / "out", False, touched)
     assert "a source file changed while building; nothing was written" in e
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+ENTRY_POINT = """
+import atexit, sys
+atexit.register(lambda: print("atexit handler ran", flush=True))
+from mpconvert.cli.main import main
+sys.argv = ["mpconvert"] + sys.argv[1:]
+main()
+"""
+
+
+def test_entry_point_exit_delivers_all_output_and_codes(moe, cli, tmp_path):
+    """The CLI's own entry point ends without tearing the interpreter down object by object (cli.main._exit_now):
+    its output arrives whole, atexit handlers still run, and the exit code is the command's
+    — 0 built, 1 a verify finding, 2 bad input — each without a traceback."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", ENTRY_POINT, *map(str, args)], capture_output=True, text=True)
+
+    r = write_recipe(tmp_path, moe, {"gptq": "gptq"}, "gptq")
+    out = tmp_path / "out"
+    p = run("build", r, "-o", out)
+    assert p.returncode == 0 and "built" in p.stdout and "atexit handler ran" in p.stdout, p.stderr
+    p = run("inspect", out, "--json")  # less than Python's pipe buffer: all of it waits for the exit's flush
+    assert p.returncode == 0 and len(p.stdout) < 8192, len(p.stdout)
+    in_process = cli("inspect", out, "--json")
+    assert in_process.exit_code == 0 and p.stdout == in_process.stdout + "atexit handler ran\n"
+    shard = next(out.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    p = run("verify", out)
+    assert p.returncode == 1 and "sha256 differs" in p.stdout and "atexit handler ran" in p.stdout
+    p = run("build", r, "-o", out)
+    assert p.returncode == 2 and "already exists" in p.stderr and "Traceback" not in p.stderr
