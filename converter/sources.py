@@ -43,7 +43,8 @@ class Source:
 
     def describe(self) -> str:
         if not self.description:
-            schemes = sorted({m.scheme.describe() for m in self.modules.values() if m.scheme.format != "unquantized"})
+            distinct = {m.scheme for m in self.modules.values()}  # a few, over 89k modules in a DeepSeek-V3 source
+            schemes = sorted({s.describe() for s in distinct if s.format != "unquantized"})
             self.description = f"{self.kind} [{'; '.join(schemes) or 'unquantized'}] by {self.producer}"
         return self.description
 
