@@ -1,6 +1,7 @@
 """The runtime shim with real SGLang 0.5.17 classes on CPU: plugin discovery, per-layer native methods, loading."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -216,7 +217,7 @@ def test_deepseek_mla_and_moe_in_three_formats(deepseek, cli, tmp_path):
 def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
     """SGLang's MLA loader decodes a packed kv_b_proj as AWQ and fuses q_a/kv_a for AWQ only when the whole model is
     AWQ: GPTQ there would load wrong. One rule (rules.mla_problems) refuses it at build, and the shim with it."""
-    from mpconvert.manifest import SchemeEntry, load_manifest
+    from mpconvert.manifest import load_manifest, parse_manifest
     from mpconvert.runtime_shim.sglang_config import _check_mla
 
     recipe = write_recipe(tmp_path, deepseek, {"int8": "ct-w8a8", "gptq": "gptq"}, "int8",
@@ -229,10 +230,11 @@ def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
     m, _ = load_manifest(tmp_path / "ok")
     unit = "model.layers.1.self_attn.kv_b_proj"
     gptq = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
-    scheme = SchemeEntry(format="gptq", params=gptq)
-    mod = m.modules[unit].model_copy(update={"scheme_id": len(m.schemes)})
-    mod._linked = scheme  # what Manifest's validation links; model_copy does not validate
-    edited = m.model_copy(update={"schemes": [*m.schemes, scheme], "modules": {**m.modules, unit: mod}})
+    data = json.loads(m.dumps())  # the manifest edited as JSON and read back (a valid manifest; the MLA rule is not
+    data["schemes"].append({"format": "gptq", "params": gptq})  # the schema's to check)
+    data["modules"][unit]["scheme_id"] = len(data["schemes"]) - 1
+    edited = parse_manifest(json.dumps(data).encode(), "edited")
+    assert edited.modules[unit].format == "gptq"
     try:
         _check_mla(edited)
         raise AssertionError("the shim must refuse it")
