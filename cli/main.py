@@ -71,6 +71,7 @@ Examples:
 \b
   mpconvert build recipe.yaml -o out/ --tp 2
   mpconvert build recipe.yaml -o out/ --tp 8 --ep 8 --force --json
+  mpconvert build recipe.yaml -o out/ --tp 8 --ep 8 --dp 8      # DP attention: attention over tp/dp ranks
   mpconvert build recipe.yaml -o out-ct/ --to compressed-tensors
 """
 
@@ -143,6 +144,9 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           tp: int = typer.Option(1, "--tp", help="check every split SGLang makes at this tensor-parallel size"),
           ep: int = typer.Option(1, "--ep", help="expert-parallel size (experts over EP ranks, their intermediate "
                                                  "size over tp/ep), as SGLang's --ep"),
+          dp: int = typer.Option(1, "--dp", help="DP attention, as SGLang's --enable-dp-attention --dp N: attention "
+                                                 "split over tp/N ranks, the rest as without it (DeepSeek-V2/V3, "
+                                                 "Qwen3, Qwen2-MoE, Qwen3-MoE)"),
           shard_size: Optional[str] = typer.Option(None, "--shard-size", help="max shard size, e.g. 5GB (default: "
                                                    "recipe output.shard_size or 5GB)"),
           force: bool = typer.Option(False, "--force", help="replace an earlier output of build at OUTPUT (or an "
@@ -167,7 +171,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with OutputLock(Path(os.path.abspath(output))) as lock:
         for line in lock.recovered:
             err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
-        plan = make_plan(r, tp, ep, to)
+        plan = make_plan(r, tp, ep, to, dp)
         gc.freeze()  # the plan lives to the end: out of every later collection (writing 171k tensors: 2.3 → 2.0 s)
         try:
             check_output(output, force, plan)
@@ -231,6 +235,7 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
                                               "average, experts / top-k × 384)"),
          tp: int = typer.Option(1, "--tp", help="tensor-parallel size the recipe must build for"),
          ep: int = typer.Option(1, "--ep", help="expert-parallel size the recipe must build for"),
+         dp: int = typer.Option(1, "--dp", help="DP attention size the recipe must build for (as build --dp)"),
          device: Optional[str] = typer.Option(None, "--device", help="torch device for the measurements (default: "
                                                                      "cuda when present, else cpu)"),
          frontier: Optional[Path] = typer.Option(None, "--frontier", help="also save the predicted KL-vs-size curve "
@@ -246,7 +251,7 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
         raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
     check_outputs(output, len(budget), frontier, force)
     device = resolve_device(device)
-    prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts)  # all checks first
+    prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts, dp=dp)  # checks first
     if prepared.short_text:
         err.print(f"warning: {prepared.short_text}", markup=False, highlight=False, soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -326,14 +331,15 @@ Checks: structure (index ↔ shards ↔ manifest, every shard header read strict
 and a NaN/inf scan of every float tensor unless --fast); the manifest (its schema, and agreeing with itself);
 config.json (quantization_config as build wrote it, every other field as recorded at build time, tokenizer files by
 sha256); scheme invariants per format (packing shapes, group sizes, positive finite scales, g_idx range, zero
-convention), fused units, folded scales and the MLA loader rule; TP/EP splits and kernel shapes for SGLang (at TP=1
-too); a memory report. With --numeric --base BASE: every module against what round-to-nearest in its own scheme
-does on the base weight, each block and the logits against the bf16 base on CPU, and with --text FILE perplexity and
-KL to the base on real text (W8A8 layers' inputs quantized as SGLang's kernels do: the served model's numbers).
-With --engine sglang, SGLang's own classes build and load the model on CPU through the runtime shim (TP=1 and each
-rank of --tp, with --ep's expert split): every layer must resolve to its format's native quant method and every
-parameter must be loaded. A directory built --to compressed-tensors is checked the same way with SGLang's plugins
-switched off (stock SGLang must load it), and its config.json against the compressed-tensors config build wrote.
+convention), fused units, folded scales and the MLA loader rule; TP/EP splits (and DP attention's, with --dp) and
+kernel shapes for SGLang (at TP=1 too); a memory report. With --numeric --base BASE: every module against what
+round-to-nearest in its own scheme does on the base weight, each block and the logits against the bf16 base on CPU,
+and with --text FILE perplexity and KL to the base on real text (W8A8 layers' inputs quantized as SGLang's kernels
+do: the served model's numbers). With --engine sglang, SGLang's own classes build and load the model on CPU through
+the runtime shim (TP=1 and each rank of --tp, with --ep's expert split; not with --dp): every layer must resolve
+to its format's native quant method and every parameter must be loaded. A directory built --to compressed-tensors is
+checked the same way with SGLang's plugins switched off (stock SGLang must load it), and its config.json against the
+compressed-tensors config build wrote.
 
 Exit codes: 0 all checks passed; 1 problems found (one line each; past 50, counts per check); 2 usage error;
 70 internal error (one line, the traceback in a log file).
@@ -342,6 +348,7 @@ Examples:
 
 \b
   mpconvert verify out/ --tp 8 --ep 8
+  mpconvert verify out/ --tp 8 --ep 8 --dp 8
   mpconvert verify out/ --numeric --base ./llama-bf16 --text t.txt
   mpconvert verify out/ --engine sglang --tp 2 --json
 """
@@ -371,6 +378,8 @@ def _parse_thresholds(items: list[str]) -> dict:
 def verify(directory: Path = typer.Argument(..., help="converted directory"),
            tp: int = typer.Option(1, "--tp", help="tensor-parallel size to check shardability for"),
            ep: int = typer.Option(1, "--ep", help="expert-parallel size to check for MoE models"),
+           dp: int = typer.Option(1, "--dp", help="DP attention size to check for, as SGLang's --enable-dp-attention "
+                                                  "--dp N (attention split over tp/N ranks)"),
            base: Optional[Path] = typer.Option(None, "--base", help="the bf16 base model (for --numeric)"),
            numeric: bool = typer.Option(False, "--numeric", help="run blocks on CPU vs the base (needs --base)"),
            fast: bool = typer.Option(False, "--fast", help="skip the sha256 and NaN scan of tensor data (said in the "
@@ -387,7 +396,7 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
            json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout")):
     from mpconvert.verify import SUMMARY_ROWS, Progress as VerifyProgress, check_usage, verify as run_verify
 
-    check_usage(directory, tp, ep, base, numeric, text, engine)  # before the bar: a usage error is one line
+    check_usage(directory, tp, ep, base, numeric, text, engine, dp)  # before the bar: a usage error is one line
 
     thresholds = _parse_thresholds(threshold)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err,
@@ -411,7 +420,7 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
                 self.pending = 0
 
         bar = Bar()
-        rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, bar, engine, dtype, text)
+        rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, bar, engine, dtype, text, dp)
         bar.flush()
     if json_out:
         print(json.dumps(rep.to_json(), indent=1, sort_keys=True))
@@ -449,8 +458,9 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
                 for r in runs), highlight=False, soft_wrap=True)
         mem = rep.memory
         if mem:
+            dp = f" dp={mem['dp']}" if "dp" in mem else ""
             out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
-                      f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}; by format: "
+                      f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}{dp}; by format: "
                       + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items())), highlight=False)
         out.print(("OK" if rep.ok else "FAILED") + f": {', '.join(rep.checks)}", highlight=False)
     raise typer.Exit(0 if rep.ok else 1)
@@ -508,7 +518,7 @@ def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="conver
 def demo(directory: Path = typer.Argument(Path("demo-out"), help="where the demo writes its recipe and output"),
          force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo output")):
     recipe = _fixture_factory().run_demo(directory, err)
-    build(recipe=recipe, output=directory / "mixed", tp=1, ep=1, shard_size=None, force=force, to="mpconvert",
+    build(recipe=recipe, output=directory / "mixed", tp=1, ep=1, dp=1, shard_size=None, force=force, to="mpconvert",
           json_out=False)
     inspect(directory=directory / "mixed", json_out=False, modules=True)
 

@@ -44,6 +44,10 @@ class Prepared:
     whole: choose.Candidates | None = None
     # why the calibration text measures less than plan's default for this model wants, or None
     short_text: str | None = None
+    dp: int = 1  # DP attention (build --dp)
+
+    def flags(self) -> str:
+        return rules.parallel_flags(self.tp, self.ep, self.dp)
 
 
 DENSE_TOKENS = 512
@@ -66,27 +70,28 @@ def default_tokens(inputs: Inputs, per_expert: bool) -> int:
 
 
 def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: int | None = None, tp: int = 1,
-            ep: int = 1, per_expert: bool = True) -> Prepared:
-    rules.check_tp_ep(tp, ep)
+            ep: int = 1, per_expert: bool = True, dp: int = 1) -> Prepared:
+    rules.check_tp_ep(tp, ep, dp)
     recipe = load_recipe(sources_file, sources_only=True)
     if not recipe.sources:
         raise UserError(f"{sources_file}: no sources; list the quantized checkpoints plan may choose from")
     inputs = Inputs.open(recipe)
-    c = choose.candidates(inputs, tp, ep, per_expert)
+    c = choose.candidates(inputs, tp, ep, per_expert, dp)
     if not any(len(s) > 1 for s in c.units.values()):
-        raise UserError(f"{sources_file}: no source can serve any linear unit of the base at --tp {tp} --ep {ep} "
-                        f"(see `mpconvert build` for each source's reasons); nothing to choose")
+        raise UserError(f"{sources_file}: no source can serve any linear unit of the base at "
+                        f"{rules.parallel_flags(tp, ep, dp)} (see `mpconvert build` for each source's reasons); "
+                        f"nothing to choose")
     wanted = [(b, choose.parse_budget(b, c)) for b in budgets]
     default = default_tokens(inputs, per_expert)
     ids = sensitivity.calibration_ids(recipe.path_of("base"), calib, default if tokens is None else tokens)
-    whole = choose.candidates(inputs, tp, ep, False) if per_expert and inputs.info.num_experts else None
+    whole = choose.candidates(inputs, tp, ep, False, dp) if per_expert and inputs.info.num_experts else None
     short = None
     if tokens is None and ids.numel() < default and default > DENSE_TOKENS:
         short = (f"the calibration text has {ids.numel()} tokens; per-expert choices among "
                  f"{inputs.info.num_experts} experts want {default} ({TOKENS_PER_EXPERT} routed to each on average) "
                  f"— with less, a per-expert recipe can lose to a per-layer one on other text; give more text or "
                  f"pass --whole-experts")
-    return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep, whole, short)
+    return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep, whole, short, dp)
 
 
 def run_plan(p: Prepared, out: Path, device: str | None = None, on_total: Callable[[int], None] = lambda n: None,
@@ -119,11 +124,11 @@ def _planned(p: Prepared, c: choose.Candidates, groups, costs: dict, routed: dic
              budget: int, out: Path) -> PlanResult:
     sol = choose.solve(groups, c.fixed_bytes, budget)
     bpw = _bits_per_weight(c, sol)
-    header = [f"planned by `mpconvert plan` for --budget {spec} ({budget:,} bytes) at --tp {p.tp} --ep {p.ep}",
+    header = [f"planned by `mpconvert plan` for --budget {spec} ({budget:,} bytes) at {p.flags()}",
               f"model {sol.nbytes:,} bytes, {bpw:.3f} bits/weight in linears, predicted KL to the base "
               f"{sol.kl:.5f} (sum of per-unit swaps measured on {p.ids.numel()} calibration tokens)"]
     text = choose.recipe_yaml(p.recipe, p.sources_file, out, c, sol, costs, roles, header)
-    _check_builds(text, out, p.tp, p.ep)
+    _check_builds(text, out, p)
     return PlanResult(text, _report(spec, budget, sol, bpw, c, costs, p.ids.numel(), routed, roles), [], {})
 
 
@@ -162,11 +167,11 @@ def _recipe_file(text: str, out: Path):
         yield Path(f.name)
 
 
-def _check_builds(text: str, out: Path, tp: int, ep: int) -> None:
+def _check_builds(text: str, out: Path, p: Prepared) -> None:
     """Plan the written recipe with build's planner (every rule build checks), from out's directory."""
     with _recipe_file(text, out) as f:
         try:
-            make_plan(load_recipe(f), tp, ep)
+            make_plan(load_recipe(f), p.tp, p.ep, dp=p.dp)
         except UserError as e:
             raise AssertionError(f"plan wrote a recipe build refuses: {e}") from None
 

@@ -4,7 +4,8 @@ raw dict.
 
 Schema (manifest_version 3; compact JSON, absent optional fields omitted; docs/architecture.md):
   model        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts
-  built_for_tp / built_for_ep   the parallel sizes build checked every split for
+  built_for_tp / built_for_ep / built_for_dp?   the parallel sizes build checked every split for (dp: DP
+               attention, written only when build was given --dp > 1)
   layout       "mpconvert" (config.json names the runtime shim) or "compressed-tensors" (build --to
                compressed-tensors: config.json is an ordinary compressed-tensors config, ct_export.py)
   recipe       the recipe as validated (paths as written); routing_files: file → sha256 (they decide formats)
@@ -286,6 +287,7 @@ class Manifest(_Entry):
     model: ModelEntry
     built_for_tp: Positive
     built_for_ep: Positive
+    built_for_dp: Optional[Positive] = None  # DP attention's size when build checked for one (absent: none)
     layout: Literal[LAYOUTS] = MP_LAYOUT  # type: ignore[valid-type]
     recipe: dict[str, Any]
     routing_files: Optional[dict[str, Sha256]] = None
@@ -467,7 +469,8 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], conf
         "model": {"model_type": plan.info.model_type, "num_hidden_layers": plan.info.num_layers,
                   "num_attention_heads": plan.info.num_heads, "num_key_value_heads": plan.info.num_kv_heads,
                   "num_experts": plan.info.num_experts},
-        "built_for_tp": plan.tp, "built_for_ep": plan.ep, "layout": plan.layout,
+        "built_for_tp": plan.tp, "built_for_ep": plan.ep, "built_for_dp": plan.dp if plan.dp > 1 else None,
+        "layout": plan.layout,
         "recipe": json.loads(plan.recipe.model_dump_json()),
         "routing_files": plan.recipe.routing_files() or None,
         "sources": sources, "config": config, "files": files,

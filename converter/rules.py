@@ -195,23 +195,45 @@ def mla_fp8_blocks(linears: list[Linear], model_type: str) -> set:
 
 
 # ---- partitions and kernel shapes -------------------------------------------------------------------------------
-def check_tp_ep(tp: int, ep: int) -> None:
-    """--tp / --ep as build, verify and plan take them (before any split is computed with them)."""
-    if not 1 <= tp <= 4096 or not 1 <= ep <= 4096:
-        raise UserError(f"--tp and --ep must be between 1 and 4096 (got --tp {tp} --ep {ep})")
+def check_tp_ep(tp: int, ep: int, dp: int = 1) -> None:
+    """--tp / --ep / --dp as build, verify and plan take them (before any split is computed with them)."""
+    if not (1 <= tp <= 4096 and 1 <= ep <= 4096 and 1 <= dp <= 4096):
+        raise UserError(f"--tp, --ep and --dp must be between 1 and 4096 (got --tp {tp} --ep {ep} --dp {dp})")
 
 
-def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1) -> list[Problem]:
-    """Every split SGLang makes at TP=tp, EP=ep (experts over ep ranks, their intermediate size over tp/ep), and
-    every fused layer as one rank holds it, checked against its format's native kernel."""
+# Model types whose SGLang 0.5.17 model splits attention over attn_tp = tp / dp under --enable-dp-attention --dp dp
+# (models/deepseek_v2.py, qwen3.py, qwen2_moe.py and qwen3_moe.py build attention with get_parallel().attn_tp_size,
+# as layers/dp_attention.compute_dp_attention_world_info sets it); llama.py, qwen2.py and mixtral.py split attention
+# over the whole TP group whatever --dp says. Everything else (MLPs, shared experts, routed experts) keeps its split.
+DP_ATTENTION_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "qwen2_moe", "qwen3",
+                            "qwen3_moe")
+
+
+def parallel_flags(tp: int, ep: int = 1, dp: int = 1) -> str:
+    return f"--tp {tp}" + (f" --ep {ep}" if ep > 1 else "") + (f" --dp {dp}" if dp > 1 else "")
+
+
+def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1, dp: int = 1) -> list[Problem]:
+    """Every split SGLang makes at TP=tp, EP=ep and DP attention over dp (attention over attn_tp = tp / dp ranks,
+    experts over ep ranks and their intermediate size over tp / ep, everything else over tp), and every fused layer as
+    one rank holds it, checked against its format's native kernel."""
+    flag = parallel_flags(tp, ep, dp)
     problems = []
-    flag = f"--tp {tp}" + (f" --ep {ep}" if ep > 1 else "")
-    if info.num_heads % tp:
+    if dp > 1 and info.model_type not in DP_ATTENTION_MODEL_TYPES:
+        problems.append(Problem("dp", "model", f"{flag}: SGLang 0.5.17's {info.model_type} model has no DP attention "
+                                               f"(it splits attention over all --tp ranks); drop --dp"))
+    if tp % dp:
+        problems.append(Problem("dp", "model", f"{flag}: DP attention splits attention over tp / dp ranks; --tp must "
+                                               f"be a multiple of --dp"))
+    if problems:
+        return problems
+    attn_tp = tp // dp
+    if info.num_heads % attn_tp:
         problems.append(Problem("heads", "model", f"{flag}: num_attention_heads={info.num_heads} is not divisible "
-                                                  f"by {tp}"))
-    if info.num_kv_heads % tp and tp % info.num_kv_heads:
+                                                  f"by {attn_tp}"))
+    if info.num_kv_heads % attn_tp and attn_tp % info.num_kv_heads:
         problems.append(Problem("heads", "model", f"{flag}: num_key_value_heads={info.num_kv_heads} neither divides "
-                                                  f"nor is divisible by {tp}"))
+                                                  f"nor is divisible by {attn_tp}"))
     if ep > 1 and tp % ep:
         problems.append(Problem("experts", "model", f"{flag}: SGLang splits experts over the TP ranks; --tp must be a "
                                                     f"multiple of --ep"))
@@ -223,23 +245,28 @@ def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int 
     for unit, members in by_unit(linears).items():
         if members[0].role.expert is not None:
             problems += _expert_unit(unit, members, tp, ep, flag)
+        elif ".self_attn." in unit:
+            dp_fix = ", DP attention (--dp)" if info.model_type in DP_ATTENTION_MODEL_TYPES else ""
+            problems += _dense_unit(unit, members, info, attn_tp, flag, dp_fix)
         else:
             problems += _dense_unit(unit, members, info, tp, flag)
     return problems
 
 
-def _kernel(unit: str, m: Linear, flag: str, tp: int, *args) -> list[Problem]:
+def _kernel(unit: str, m: Linear, flag: str, tp: int, *args, dp_fix: str = "") -> list[Problem]:
     problem = FORMATS[m.scheme.format].kernel_problem(m.scheme.params, *args)
     if not problem:
         return []
     prefix = f"{flag}: " if tp > 1 else ""
-    fix = "use a smaller --tp or another format for this module" if tp > 1 else \
+    fix = f"use a smaller --tp{dp_fix} or another format for this module" if tp > 1 else \
         "SGLang cannot serve it in this format at any TP; take it from another format"
     return [Problem("kernel", unit, f"{prefix}{unit} ({m.scheme.describe()} from {m.source!r} via {m.why}): "
                                     f"{problem}; {fix}")]
 
 
-def _dense_unit(unit: str, members: list[Linear], info: ModelInfo, tp: int, flag: str) -> list[Problem]:
+def _dense_unit(unit: str, members: list[Linear], info: ModelInfo, tp: int, flag: str,
+                dp_fix: str = "") -> list[Problem]:
+    """A dense unit split over `tp` ranks (attention's: tp / dp under DP attention)."""
     members = sorted(members, key=lambda m: SLOT_ORDER.get(m.role.slot, 0))
     first = members[0]
     parallel = first.role.parallel
@@ -259,7 +286,7 @@ def _dense_unit(unit: str, members: list[Linear], info: ModelInfo, tp: int, flag
     if problems:
         return problems
     return _kernel(unit, first, flag, tp, out_parts, first.in_features // in_ways, first.in_features,
-                   tp > 1 and parallel == "column", tp > 1 and parallel == "row", False)
+                   tp > 1 and parallel == "column", tp > 1 and parallel == "row", False, dp_fix=dp_fix)
 
 
 def _expert_unit(unit: str, members: list[Linear], tp: int, ep: int, flag: str) -> list[Problem]:

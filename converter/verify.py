@@ -382,39 +382,49 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
             rep.add("scheme", name, problem)
 
 
-def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Report, tp: int, ep: int) -> None:
+def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Report, tp: int, ep: int,
+                     dp: int = 1) -> None:
     """SGLang's splits at the asked sizes and at the ones build checked (a manifest claiming a TP it cannot serve is
     wrong), each layer's kernel shape included."""
     info = manifest.model.info()
-    asked = rules.partition_problems(linears, info, tp, ep)
+    asked = rules.partition_problems(linears, info, tp, ep, dp)
     rep.add_problems("tp", asked)
-    built = (manifest.built_for_tp, manifest.built_for_ep)
-    if built != (tp, ep):
+    built = (manifest.built_for_tp, manifest.built_for_ep, manifest.built_for_dp or 1)
+    if built != (tp, ep, dp):
+        claim = f"built_for_tp={built[0]} built_for_ep={built[1]}" + (f" built_for_dp={built[2]}" * (built[2] > 1))
         for p in rules.partition_problems(linears, info, *built):
-            rep.add("manifest", p.where, f"built_for_tp={built[0]} built_for_ep={built[1]}, but {p.message}")
+            rep.add("manifest", p.where, f"{claim}, but {p.message}")
 
 
-def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int) -> dict:
+def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int, dp: int = 1) -> dict:
+    """Bytes by format and per rank: a split module's share of one rank (with DP attention, attention and the
+    embedding over the attention group of tp / dp ranks, as SGLang splits them)."""
     by_format: dict[str, int] = {}
     per_rank = 0
+    attn_tp = max(1, tp // dp)
     for name, mod in manifest.modules.items():
         nbytes = sum(found[t.name].nbytes for t in mod.tensors.values() if t.name in found)
         by_format[mod.format] = by_format.get(mod.format, 0) + nbytes
         role = role_of(name)
         parallel = role.parallel if role else "replicated"
-        per_rank += nbytes / tp if parallel in ("column", "row", "vocab") else nbytes
+        ways = attn_tp if dp > 1 and role and (".self_attn." in role.unit or role.kind == "embedding") else tp
+        per_rank += nbytes / ways if parallel in ("column", "row", "vocab") else nbytes
     total = sum(by_format.values())
     linear = sum(v for k, v in by_format.items() if k != "unquantized")
     t = manifest.totals
     bf16 = 2 * t.linear_weights + (t.bytes - t.linear_bytes)
-    return {"bytes": total, "by_format": by_format, "tp": tp, "bytes_per_rank": int(per_rank),
+    return {"bytes": total, "by_format": by_format, "tp": tp, **({"dp": dp} if dp > 1 else {}),
+            "bytes_per_rank": int(per_rank),
             "bits_per_weight": t.bits_per_weight, "vs_bf16": round(total / bf16, 4) if bf16 else None,
             "quantized_bytes": linear}
 
 
 def check_usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: bool, text: Path | None,
-           engine: str | None) -> None:
-    rules.check_tp_ep(tp, ep)
+                engine: str | None, dp: int = 1) -> None:
+    rules.check_tp_ep(tp, ep, dp)
+    if engine and dp > 1:
+        raise UserError("--engine sglang loads the model without DP attention; check --dp without --engine, or "
+                        "--engine without --dp")
     if numeric and base is None:
         raise UserError("--numeric needs --base BASE (the bf16 model the sources were quantized from)")
     if text is not None and not numeric:
@@ -447,14 +457,14 @@ def check_base(base: Path, manifest: Manifest) -> None:
 
 def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
            numeric: bool = False, thresholds: dict | None = None, progress: Progress | None = None,
-           engine: str | None = None, dtype: str = "auto", text: Path | None = None) -> Report:
+           engine: str | None = None, dtype: str = "auto", text: Path | None = None, dp: int = 1) -> Report:
     directory = Path(directory)
     forget_open_files()  # files may have changed since an earlier operation in this process
-    check_usage(directory, tp, ep, base, numeric, text, engine)
+    check_usage(directory, tp, ep, base, numeric, text, engine, dp)
     progress = progress or Progress()
     rep = Report(str(directory), hashed=hash_tensors)
     rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 and NaN scan skipped)"), "manifest",
-                  "config", "scheme", f"tp={tp} ep={ep}"]
+                  "config", "scheme", f"tp={tp} ep={ep}" + (f" dp={dp}" if dp > 1 else "")]
     raw = (directory / MANIFEST).read_bytes()  # read once: 37 MB at DeepSeek-V3 size
     try:
         manifest = parse_manifest(raw, str(directory / MANIFEST))
@@ -470,8 +480,8 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
     linears = manifest.linears()  # what the shared rules see, built once
     check_manifest(manifest, linears, rep)
     check_values(manifest, found, rep)
-    check_partitions(manifest, linears, rep, tp, ep)
-    rep.memory = memory_report(manifest, found, tp)
+    check_partitions(manifest, linears, rep, tp, ep, dp)
+    rep.memory = memory_report(manifest, found, tp, dp)
     broken = any(f.check in ("structure", "manifest") for f in rep.findings)
     if numeric:
         rep.checks.append("numeric")

@@ -1,6 +1,6 @@
 """Expert parallelism checked as SGLang splits, on a DeepSeek-V3-shaped job (bench/v3_shaped.py: MLA, 256 routed +
 1 shared expert, V3's router bias; 5 layers here, the first 3 dense): experts go over the EP ranks whole and their
-intermediate size over moe_tp = tp / ep, attention over all TP ranks."""
+intermediate size over moe_tp = tp / ep, attention over all TP ranks (over tp / dp under DP attention)."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,7 +28,7 @@ def test_tp8_ep8_builds_and_verifies_with_no_false_findings(v3, cli):
     r = cli("build", v3 / "recipe.yaml", "-o", v3 / "ep8", "--tp", "8", "--ep", "8")
     assert r.exit_code == 0, r.output
     m = manifest_json(v3 / "ep8")
-    assert (m["built_for_tp"], m["built_for_ep"]) == (8, 8)
+    assert (m["built_for_tp"], m["built_for_ep"]) == (8, 8) and "built_for_dp" not in m  # written for --dp > 1 only
     assert m["units"]["model.layers.4.mlp.experts"]["groups"][0]["experts"] == list(range(16))
     assert "e_score_correction_bias" in m["modules"]["model.layers.4.mlp.gate"]["tensors"]
     r = cli("verify", v3 / "ep8", "--tp", "8", "--ep", "8", "--json")
@@ -74,3 +74,75 @@ def test_inspect_summarises_a_large_job_and_lists_on_request(v3, cli):
     r = cli("inspect", v3 / "ep8", "--json")
     assert [m["name"] for m in json.loads(r.stdout)["modules"]] == linears
     assert json.loads(cli("inspect", v3 / "ep8", "--json", "--no-modules").stdout)["modules"] == []
+
+
+def test_dp_attention_splits_only_attention_over_tp_over_dp(v3, cli):
+    """SGLang's DP attention (--enable-dp-attention --dp N) splits attention over tp / N ranks and nothing else. At
+    --tp 16 --ep 16 the FP8-block q_b_proj holds 192 outputs per rank, not whole 128-blocks: refused, suggesting --dp;
+    with --dp 2 (8 attention ranks) it builds, records built_for_dp and verifies clean, while verify without --dp
+    names attention only; --dp must divide --tp; the engine check runs without DP attention."""
+    r = cli("build", v3 / "recipe.yaml", "-o", v3 / "tp16", "--tp", "16", "--ep", "16")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--tp 16 --ep 16: model.layers.0.self_attn.q_b_proj (fp8 block 128x128" in text
+    assert "output part per rank 192" in text and "use a smaller --tp, DP attention (--dp) or another" in text
+    r = cli("build", v3 / "recipe.yaml", "-o", v3 / "dp2", "--tp", "16", "--ep", "16", "--dp", "2")
+    assert r.exit_code == 0, r.output
+    m = manifest_json(v3 / "dp2")
+    assert (m["built_for_tp"], m["built_for_ep"], m["built_for_dp"]) == (16, 16, 2)
+    r = cli("verify", v3 / "dp2", "--tp", "16", "--ep", "16", "--dp", "2", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["findings"] == [] and rep["memory"]["dp"] == 2, rep["counts"]
+    r = cli("verify", v3 / "dp2", "--tp", "16", "--ep", "16", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 1 and set(rep["counts"]) == {"tp"}
+    assert {f["where"].split(".self_attn.")[1] for f in rep["findings"]} == {"q_b_proj"}
+    for args, match in [(["--tp", "16", "--ep", "16", "--dp", "3"], "--tp must be a multiple of --dp"),
+                        (["--tp", "8", "--dp", "0"], "--tp, --ep and --dp must be between 1 and 4096")]:
+        r = cli("build", v3 / "recipe.yaml", "-o", v3 / "bad", *args)
+        assert r.exit_code == 2 and match in " ".join(r.output.split()), r.output
+    r = cli("verify", v3 / "dp2", "--engine", "sglang", "--tp", "2", "--dp", "2")
+    assert r.exit_code == 2 and "--engine sglang loads the model without DP attention" in " ".join(r.output.split())
+
+
+def test_dp_attention_is_refused_where_sglang_has_none(llama, cli, tmp_path):
+    """SGLang 0.5.17's Llama splits attention over every TP rank whatever --dp says: --dp there is refused, not
+    silently checked for a split SGLang would not make."""
+    from helpers import write_recipe
+
+    r = cli("build", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq"), "-o", tmp_path / "out", "--tp", "2",
+            "--dp", "2")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "SGLang 0.5.17's llama model has no DP attention" in text and "drop --dp" in text
+
+
+def test_dp_attention_rule_is_sglangs():
+    """The split and the model list come from SGLang itself: attention's TP size is what SGLang's
+    compute_dp_attention_world_info gives every rank, and a model type is in DP_ATTENTION_MODEL_TYPES exactly when
+    SGLang's model file for it builds attention with attn_tp_size."""
+    from sglang.srt.layers.dp_attention import compute_dp_attention_world_info
+
+    from mpconvert.rules import DP_ATTENTION_MODEL_TYPES
+
+    for tp, dp in [(8, 1), (8, 2), (8, 8), (16, 2), (16, 4), (32, 32)]:
+        assert {compute_dp_attention_world_info(dp > 1, rank, tp, dp)[1] for rank in range(tp)} == {tp // dp}
+    source = {"deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v2", "qwen2_moe": "qwen2_moe", "qwen3": "qwen3",
+              "qwen3_moe": "qwen3_moe", "llama": "llama", "qwen2": "qwen2", "mixtral": "mixtral"}
+    for model_type, module in source.items():
+        reads = "attn_tp_size" in Path(importlib.util.find_spec(f"sglang.srt.models.{module}").origin).read_text()
+        assert reads == (model_type in DP_ATTENTION_MODEL_TYPES), model_type
+
+
+def test_plan_chooses_among_the_sources_dp_attention_allows(v3):
+    """`plan --dp` offers what `build --dp` accepts: FP8-block attention can serve q_b_proj at --tp 16 --ep 16 only
+    under DP attention (8 attention ranks), and the experts' candidates do not change with --dp."""
+    from mpconvert.choose import candidates
+    from mpconvert.plan import Inputs
+    from mpconvert.recipe import load_recipe
+
+    inputs = Inputs.open(load_recipe(v3 / "recipe.yaml"))
+    without, with_dp = candidates(inputs, 16, 16), candidates(inputs, 16, 16, dp=2)
+    q_b = "model.layers.0.self_attn.q_b_proj"
+    assert "fp8" not in {s.source for s in without.units[q_b]} and "fp8" in {s.source for s in with_dp.units[q_b]}
+    experts = [u for u in without.units if ".mlp.experts." in u]
+    assert experts and all({s.source for s in without.units[u]} == {s.source for s in with_dp.units[u]}
+                           for u in experts)
