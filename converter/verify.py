@@ -391,7 +391,9 @@ def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Repor
     rep.add_problems("tp", asked)
     built = (manifest.built_for_tp, manifest.built_for_ep, manifest.built_for_dp or 1)
     if built != (tp, ep, dp):
-        claim = f"built_for_tp={built[0]} built_for_ep={built[1]}" + (f" built_for_dp={built[2]}" * (built[2] > 1))
+        claim = f"built_for_tp={built[0]} built_for_ep={built[1]}"
+        if built[2] > 1:
+            claim += f" built_for_dp={built[2]}"
         for p in rules.partition_problems(linears, info, *built):
             rep.add("manifest", p.where, f"{claim}, but {p.message}")
 

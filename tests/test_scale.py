@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import manifest_json
+from helpers import manifest_json, resign
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,6 +96,16 @@ def test_dp_attention_splits_only_attention_over_tp_over_dp(v3, cli):
     rep = json.loads(r.stdout)
     assert r.exit_code == 1 and set(rep["counts"]) == {"tp"}
     assert {f["where"].split(".self_attn.")[1] for f in rep["findings"]} == {"q_b_proj"}
+    # a manifest whose claim the rules refuse: built_for_dp edited away (re-signed), verified at the sizes it was built
+    # for — the claim itself is a finding
+    m = json.loads((v3 / "dp2" / "mpconvert_manifest.json").read_text())
+    del m["built_for_dp"]
+    resign(v3 / "dp2", m)
+    r = cli("verify", v3 / "dp2", "--tp", "16", "--ep", "16", "--dp", "2", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 1 and set(rep["counts"]) == {"manifest"}
+    assert all(f["message"].startswith("built_for_tp=16 built_for_ep=16, but --tp 16 --ep 16:")
+               for f in rep["findings"]) and "q_b_proj" in rep["findings"][0]["where"]
     for args, match in [(["--tp", "16", "--ep", "16", "--dp", "3"], "--tp must be a multiple of --dp"),
                         (["--tp", "8", "--dp", "0"], "--tp, --ep and --dp must be between 1 and 4096")]:
         r = cli("build", v3 / "recipe.yaml", "-o", v3 / "bad", *args)
