@@ -51,13 +51,6 @@ class TensorInfo(NamedTuple):
     start: int
     nbytes: int
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
 
 # Tensor names: what checkpoints actually use (module paths, digits, a few separators). Anything else — a newline,
 # a control character, a space — is refused: names end up in regexes, file listings and error messages.
@@ -210,13 +203,10 @@ def _canonical_entries(path: Path, found: list, data_start: int, data_len: int):
     for name, dtype, shape, b, e in found:
         kind = kinds.get((dtype, shape))
         if kind is None:
-            size = DTYPE_SIZE.get(dtype.decode())
-            if size is None:
+            if dtype.decode() not in DTYPE_SIZE:
                 return None
             dims = tuple(map(int, shape.split(b","))) if shape else ()
-            for d in dims:
-                size *= d
-            kind = kinds[(dtype, shape)] = (dtype.decode(), dims, size)
+            kind = kinds[(dtype, shape)] = (dtype.decode(), dims, nbytes_of(dtype.decode(), dims))
         b, e = int(b), int(e)
         if e - b != kind[2]:  # also refuses e < b: sizes are never negative
             return None
@@ -259,7 +249,7 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
                         f"0 <= begin <= end — the file is corrupt")
     b, e = offsets
     info = TensorInfo(name, dtype, tuple(shape), path, data_start + b, e - b)
-    if info.nbytes != info.numel * DTYPE_SIZE[dtype]:
+    if info.nbytes != nbytes_of(dtype, info.shape):
         raise UserError(f"{path}: tensor {name!r} byte range {b}..{e} does not match dtype {dtype} shape "
                         f"{list(shape)}; the file is corrupt")
     return info
