@@ -275,17 +275,22 @@ class Format(ConfigReader):
         if len(names) > 1 and self.all_values_ok(stacked, p):
             return []
         return [(name, problem) for i, name in enumerate(names)
-                if (problem := self.check_values(name, {s: a[i] for s, a in stacked.items()}, p))]
+                if (problem := self.check_values(name, module_values(stacked, i), p))]
 
     def serve_problems(self, names: list[str], stacked: dict, p: dict, layout: str) -> list[tuple[str, str]]:
         """serve_problem of many modules, their value tensors stacked as check_values_many gets them."""
         return [(name, problem) for i, name in enumerate(names)
-                if (problem := self.serve_problem(name, {s: a[i] for s, a in stacked.items()}, p, layout))]
+                if (problem := self.serve_problem(name, module_values(stacked, i), p, layout))]
 
     def all_values_ok(self, stacked: dict, p: dict) -> bool:
         """Whether every module passes check_values, given its value tensors stacked on a new first axis — only
         ever True when each would; False (the default) when unsure."""
         return False
+
+
+def module_values(stacked: dict, i: int) -> dict:
+    """Module i's value tensors out of a batch stacked on a leading axis (views, no copies)."""
+    return {s: a[i] for s, a in stacked.items()}
 
 
 VALUE_BATCH = 256  # modules whose small value tensors are loaded and checked together (bounds the memory)
