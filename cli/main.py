@@ -458,9 +458,9 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
                 for r in runs), highlight=False, soft_wrap=True)
         mem = rep.memory
         if mem:
-            dp = f" dp={mem['dp']}" if "dp" in mem else ""
+            at_dp = f" dp={mem['dp']}" if "dp" in mem else ""
             out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
-                      f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}{dp}; by format: "
+                      f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}{at_dp}; by format: "
                       + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items())), highlight=False)
         out.print(("OK" if rep.ok else "FAILED") + f": {', '.join(rep.checks)}", highlight=False)
     raise typer.Exit(0 if rep.ok else 1)
