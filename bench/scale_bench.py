@@ -20,6 +20,12 @@ HERE = Path(__file__).resolve().parent
 MPCONVERT = str(Path(sys.executable).parent / "mpconvert")
 
 
+# planning alone (what build does before writing a byte) of the job in the current directory at --tp 8 --ep 8, under
+# the CLI's GC settings, ending as the CLI does (cli.main._exit_now: no teardown of the sources' objects)
+PLANNING = ["-c", "import gc, os; gc.set_threshold(50_000, 50, 100); from mpconvert.recipe import load_recipe; "
+                  "from mpconvert.plan import make_plan; make_plan(load_recipe('recipe.yaml'), 8, 8); os._exit(0)"]
+
+
 def timed(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one command (GNU time's %M). Python may cache bytecode, as it does for an
     installed package (some machines set PYTHONDONTWRITEBYTECODE, which makes every run recompile mpconvert: ~0.1 s)."""
@@ -51,12 +57,7 @@ def run(work: Path, layers: int, runs: int) -> dict:
     shutil.rmtree(d / "out", ignore_errors=True)
     subprocess.run(["cat", *map(str, d.rglob("*.safetensors"))], check=True, stdout=subprocess.DEVNULL)  # warm
     res = {"layers": layers}
-    # planning alone (what build does before writing a byte), under the CLI's GC settings, ending as the CLI does
-    # (cli.main._exit_now: no teardown of the sources' objects)
-    res["plan_s"], res["plan_rss"] = best([sys.executable, "-c", "import gc, os; gc.set_threshold(50_000, 50, 100); "
-                                           "from mpconvert.recipe import load_recipe; from mpconvert.plan import "
-                                           "make_plan; make_plan(load_recipe('recipe.yaml'), 8, 8); os._exit(0)"],
-                                          d, runs)
+    res["plan_s"], res["plan_rss"] = best([sys.executable, *PLANNING], d, runs)
     res["build_s"], res["build_rss"] = best([MPCONVERT, "build", "recipe.yaml", "-o", "out", "--tp", "8", "--ep",
                                              "8"], d, runs, before="rm -rf out")
     m = json.loads((d / "out" / "mpconvert_manifest.json").read_text())

@@ -20,14 +20,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from build_rounds import code_root  # noqa: E402
-from scale_bench import timed  # noqa: E402
+from scale_bench import PLANNING, timed  # noqa: E402
 
 CLI = ["-c", "from mpconvert.cli.main import main; main()"]
 COMMANDS = {  # what each contender runs, in the job's directory
-    # planning alone, as in scale_bench: what build does before writing a byte (no teardown, for every contender)
-    "planning": ["-c", "import gc, os; gc.set_threshold(50_000, 50, 100); from mpconvert.recipe import load_recipe; "
-                       "from mpconvert.plan import make_plan; make_plan(load_recipe('recipe.yaml'), 8, 8); "
-                       "os._exit(0)"],
+    "planning": PLANNING,  # as scale_bench measures it (no teardown, for every contender)
     "verify --fast": [*CLI, "verify", "out", "--tp", "8", "--ep", "8", "--fast"],
     "verify": [*CLI, "verify", "out", "--tp", "8", "--ep", "8"],
     "inspect": [*CLI, "inspect", "out", "--no-modules"],
