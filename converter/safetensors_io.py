@@ -7,6 +7,7 @@ precise message before any byte is written.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import operator
@@ -16,6 +17,7 @@ import stat as statmod
 import struct
 from json.encoder import encode_basestring_ascii as _json_string
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -147,9 +149,21 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
 
 # One header entry as the safetensors library (and every writer we know) lays it out. When every entry of a header
 # matches this, the regex has already checked what _tensor_info checks one by one (name characters, the three keys,
-# shape and offsets as lists of non-negative integers) — in C, which at 400k entries is seconds faster.
-_ENTRY = re.compile(rb'"([A-Za-z0-9_][A-Za-z0-9_.\-/:+]{0,499})":\{"dtype":"([A-Z0-9_]+)","shape":\[([0-9,]*)\],'
-                    rb'"data_offsets":\[([0-9]+),([0-9]+)\]\}')
+# shape and offsets as lists of non-negative integers) — in C, which at 400k entries is seconds faster. Integers as
+# JSON writes them (no leading zero, which json.loads and safetensors refuse) and of at most 18 digits (so they fit
+# an int64: a longer one is not a file offset, and the checks entry by entry then name it).
+_INT = rb"(?:0|[1-9][0-9]{0,17})"
+_ENTRY = re.compile(rb'"([A-Za-z0-9_][A-Za-z0-9_.\-/:+]{0,499})":\{"dtype":"([A-Z0-9_]+)","shape":\[((?:' + _INT
+                    + rb"(?:," + _INT + rb')*)?)\],"data_offsets":\[(' + _INT + rb"),(" + _INT + rb")\]\}")
+_ENTRY_COMMA = re.compile(_ENTRY.pattern + rb",")  # an entry and the comma after it
+
+
+def _literal_length(sample: bytes) -> int:
+    """Bytes of an _ENTRY_COMMA match outside its five groups: the same for every match."""
+    return len(sample) - sum(map(len, _ENTRY_COMMA.fullmatch(sample).groups()))
+
+
+_ENTRY_LITERALS = _literal_length(b'"a":{"dtype":"F32","shape":[],"data_offsets":[0,0]},')
 
 
 def _meta_ok(meta) -> bool:
@@ -178,56 +192,57 @@ def _canonical_header(raw: bytes):
         if body[pos:pos + 1] != b",":
             return None if pos != len(body) - 1 else (meta, [])
         pos += 1
-    found, at = [], pos
-    for m in _ENTRY.finditer(body, pos, len(body) - 1):
-        if m.start() != at or m.group(1) == b"__metadata__":
-            return None  # something between two entries other than one comma; metadata out of its place
-        found.append(m.groups())
-        at = m.end() + 1
-        if body[m.end():at] not in (b",", b"}"):
-            return None
-    if at != len(body) or not found:
+    # The entries, each with a comma after it (the closing brace's place takes one too). findall's matches never
+    # overlap and come in order, so when their lengths add up to the whole span they tile it: nothing between two
+    # entries, nothing before the first or after the last. Summed per column in C, not per match in Python.
+    span = body[pos:-1] + b","
+    found = _ENTRY_COMMA.findall(span)
+    if not found:
+        return None
+    columns = tuple(zip(*found))
+    if len(found) * _ENTRY_LITERALS + sum(sum(map(len, column)) for column in columns) != len(span):
         return None
     return meta, found
+
+
+_DTYPE_OF, _DIMS_OF, _NBYTES_OF = (operator.itemgetter(i) for i in range(3))
+_new_info = functools.partial(tuple.__new__, TensorInfo)  # TensorInfo(*fields) without its Python-level __new__
 
 
 def _canonical_entries(path: Path, found: list, data_start: int, data_len: int):
     """The tensors of a header whose every entry is canonical (`found`: _ENTRY's groups of each) and whose data area
     is tiled exactly; None when an entry or the tiling is not (the caller then checks entry by entry and names what
-    is wrong)."""
-    if len(found) > 1 and not _unique_names(found):
-        return None  # a name twice (json.loads would keep only the last)
-    out: dict[str, TensorInfo] = {}
+    is wrong). Column by column — C loops over 171k entries, Python only per distinct (dtype, shape)."""
+    if not found:
+        return None if data_len else {}
+    names_b, dtypes_b, shapes_b, begins_b, ends_b = zip(*found)
+    keys = list(zip(dtypes_b, shapes_b))
     kinds: dict[tuple[bytes, bytes], tuple] = {}  # (dtype, shape) as written → (dtype, dims, bytes): experts repeat
-    begins, stops = [], []
-    for name, dtype, shape, b, e in found:
-        kind = kinds.get((dtype, shape))
-        if kind is None:
-            if dtype.decode() not in DTYPE_SIZE:
-                return None
-            dims = tuple(map(int, shape.split(b","))) if shape else ()
-            kind = kinds[(dtype, shape)] = (dtype.decode(), dims, nbytes_of(dtype.decode(), dims))
-        b, e = int(b), int(e)
-        if e - b != kind[2]:  # also refuses e < b: sizes are never negative
+    for dtype_b, shape_b in set(keys):
+        dtype = dtype_b.decode()
+        if dtype not in DTYPE_SIZE:
             return None
-        name = name.decode()
-        out[name] = TensorInfo(name, kind[0], kind[1], path, data_start + b, e - b)
-        begins.append(b)
-        stops.append(e)
-    if found:
-        starts, ends = np.array(begins, np.int64), np.array(stops, np.int64)
-        order = np.lexsort((ends - starts, starts))
-        s, e = starts[order], ends[order]
-        if s[0] != 0 or e[-1] != data_len or not np.array_equal(s[1:], e[:-1]):
-            return None
-    elif data_len:
+        dims = tuple(map(int, shape_b.split(b","))) if shape_b else ()
+        nbytes = nbytes_of(dtype, dims)
+        if nbytes > data_len or _too_many_elements(dims):
+            return None  # (and never past an int64)
+        kinds[(dtype_b, shape_b)] = (dtype, dims, nbytes)
+    kind = list(map(kinds.__getitem__, keys))
+    n = len(found)
+    starts, ends = np.fromiter(map(int, begins_b), np.int64, n), np.fromiter(map(int, ends_b), np.int64, n)
+    sizes = ends - starts
+    if not np.array_equal(sizes, np.fromiter(map(_NBYTES_OF, kind), np.int64, n)):
+        return None  # a byte range that disagrees with dtype x shape (also end < begin: sizes are never negative)
+    order = np.lexsort((sizes, starts))
+    s, e = starts[order], ends[order]
+    if s[0] != 0 or e[-1] != data_len or not np.array_equal(s[1:], e[:-1]):
         return None
+    names = list(map(bytes.decode, names_b))
+    out = dict(zip(names, map(_new_info, zip(names, map(_DTYPE_OF, kind), map(_DIMS_OF, kind), repeat(path),
+                                             (starts + data_start).tolist(), sizes.tolist()))))
+    if len(out) != n or "__metadata__" in out:
+        return None  # a name twice (json.loads would keep only the last); metadata out of its place
     return out
-
-
-def _unique_names(found: list) -> bool:
-    names = [f[0] for f in found]
-    return len(set(names)) == len(names)
 
 
 def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
@@ -243,6 +258,9 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise UserError(f"{path}: tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers "
                         f"— the file is corrupt")
+    if _too_many_elements(shape):
+        raise UserError(f"{path}: tensor {name!r} has shape {shape!r}, more than 2^63 - 1 elements; the file is "
+                        f"corrupt (safetensors refuses an element count that overflows)")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise UserError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; they must be two integers "
@@ -253,6 +271,20 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
         raise UserError(f"{path}: tensor {name!r} byte range {b}..{e} does not match dtype {dtype} shape "
                         f"{list(shape)}; the file is corrupt")
     return info
+
+
+def _too_many_elements(shape) -> bool:
+    """The element count, multiplied out dimension by dimension as safetensors does, passes 2^63 - 1 at some step
+    (safetensors refuses a file whose count overflows its 64-bit integers even when a later dimension is 0)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n > _MAX_COUNT:
+            return True
+    return False
+
+
+_MAX_COUNT = 2 ** 63 - 1
 
 
 def _check_coverage(path: Path, infos, data_start: int, data_len: int) -> None:
