@@ -239,17 +239,23 @@ def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]]) -> list[str]
             layers.setdefault(role.layer, set())
             if role.expert is not None:
                 layers[role.layer].add(role.expert)
-    n_layers, n_experts = c.get("num_hidden_layers"), next((c[k] for k in EXPERT_COUNT_KEYS if c.get(k)), None)
+    n_layers, n_experts = c.get("num_hidden_layers"), next((c[k] for k in EXPERT_COUNT_KEYS if c.get(k)), 0)
+    n_experts = n_experts if type(n_experts) is int else 0
     extra = c.get("num_nextn_predict_layers") or 0  # DeepSeek-V3's multi-token-prediction layers follow the rest
-    if layers and type(n_layers) is int and not (
-            set(range(n_layers)) <= layers.keys() <= set(range(n_layers + (extra if type(extra) is int else 0)))):
+    if layers and type(n_layers) is int and not _ids_are(layers.keys(), n_layers, extra if type(extra) is int else 0):
         problems.append(f"config.json num_hidden_layers={n_layers}, but the weights hold layers "
                         f"{format_ids(sorted(layers))}")
     for layer, experts in sorted(layers.items()):
-        if experts and experts != set(range(n_experts or 0)):
+        if experts and not _ids_are(experts, n_experts):
             problems.append(f"layer {layer} holds experts {format_ids(sorted(experts))}, but config.json says "
-                            f"{n_experts} routed experts (ids 0-{(n_experts or 0) - 1})")
+                            f"{n_experts} routed experts (ids 0-{n_experts - 1})")
     return problems
+
+
+def _ids_are(ids, n: int, optional: int = 0) -> bool:
+    """Whether the non-negative ids are exactly 0 … n-1, plus any of the `optional` ids after them — counted, never
+    spelled out as a set: a config.json may say 10^9 layers (which once took all of memory)."""
+    return sum(1 for i in ids if i < n) == n and all(i < n + optional for i in ids)
 
 
 # Quantizers under transformers 5 write Mixtral experts as `…experts.N.{gate,up,down}_proj` (under

@@ -21,7 +21,8 @@ Schema (manifest_version 3; compact JSON, absent optional fields omitted; docs/a
   tensors      the tensor table, one column each: name, dtype, shape, sha256, shard (index into shards); rewrite and
                renamed_from as {row: value} for the rows that have one. Every row belongs to exactly one module.
   totals       bytes, linear_bytes, linear_weights, bits_per_weight, by_format: format → modules, bytes, weights
-A scheme's and a unit's params are validated against their format's own schema (Format.params_model), each
+Every integer (count, index, dimension) is at most 2^63 - 1. A scheme's and a unit's params are validated against
+their format's own schema (Format.params_model), each
 distinct scheme once. Version 2 (session 9 and before) stored format and params in every module and one object per
 tensor in its module.
 Deterministic: no timestamps, no absolute paths.
@@ -53,8 +54,11 @@ MIXED_EXPERTS = "mixed_experts"
 EXPERT_GROUPS = "expert_groups"
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Count = Annotated[int, Field(ge=0)]
-Positive = Annotated[int, Field(ge=1)]
+# Every count, index and dimension fits an int64 (what numpy and every reader of the table compute in): a larger
+# one is a manifest finding, not an OverflowError deep in a check.
+INT64_MAX = 2 ** 63 - 1
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Positive = Annotated[int, Field(ge=1, le=INT64_MAX)]
 
 
 class _Entry(BaseModel):

@@ -266,6 +266,10 @@ def test_a_source_of_another_architecture_is_refused(llama, cli, tmp_path):
     # width or head count the weights lack fails at load; each was built and verified as it was
     ("llama", {"num_hidden_layers": 1}, "num_hidden_layers=1, but the weights hold layers 0-1"),
     ("llama", {"num_hidden_layers": 3}, "num_hidden_layers=3, but the weights hold layers 0-1"),
+    # counted, not spelled out: a set of 10^9 layer ids once took all of memory (killed, no message)
+    ("llama", {"num_hidden_layers": 10**9}, "num_hidden_layers=1000000000, but the weights hold layers 0-1"),
+    ("moe", {"num_experts": 10**12}, "mlp.gate.weight has shape [8, 256], but config.json implies [1000000000000, "
+                                     "256]"),
     ("llama", {"num_attention_heads": 8}, "o_proj.weight has shape [256, 256], but config.json implies [256, 512]"),
     ("llama", {"num_key_value_heads": 1}, "k_proj.weight has shape [256, 256], but config.json implies [64, 256]"),
     ("llama", {"vocab_size": 2048}, "has shape [1024, 256], but config.json implies [2048, 256]"),
@@ -463,6 +467,11 @@ MANIFEST_EDITS = {
     "a shard index past the list": (lambda m: m["tensors"]["shard"].__setitem__(0, 7), "an index past the"),
     "a row past the table": (lambda m: m["modules"][f"{L0}.mlp.down_proj"]["tensors"].update(qweight=10**6),
                              "row 1000000 is past the table"),
+    # past an int64: an OverflowError inside the row check once made it an internal error (exit 70)
+    "a row past 2^63": (lambda m: m["modules"][f"{L0}.mlp.down_proj"]["tensors"].update(qweight=2**63),
+                        "less than or equal to 9223372036854775807"),
+    "a layer id past 2^63": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(layer=2**64),
+                             "less than or equal to 9223372036854775807"),
     "a module with format and params inline (version 2)": (
         lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(format="gptq"), "down_proj.format: unknown field"),
     "not JSON": (None, "not valid JSON"),
