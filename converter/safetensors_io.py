@@ -15,6 +15,7 @@ import os
 import re
 import stat as statmod
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring_ascii as _json_string
 from dataclasses import dataclass
 from itertools import repeat
@@ -390,9 +391,9 @@ def load_stacked(groups: list[list[TensorInfo]]) -> list[np.ndarray]:
     return [_as_array(g[0], b, len(g)) for g, b in zip(groups, bufs)]
 
 
-def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorInfo, memoryview]]:
-    """Each tensor of `order` (sorted by file, then offset) with its bytes; a run of neighbours in one file (gaps of
-    at most NEAR, at most `span` bytes in all) read at once."""
+def _runs(order: list[TensorInfo], span: int) -> Iterator[tuple[list[TensorInfo], int, int]]:
+    """The runs of neighbours of `order` (sorted by file, then offset): tensors of one file with gaps of at most
+    NEAR between them and at most `span` bytes from the first one's start to the end — (tensors, lo, hi)."""
     i = 0
     while i < len(order):
         first = order[i]
@@ -402,13 +403,24 @@ def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorIn
             if (t.file is not file and t.file != file) or t.start - hi > NEAR or t.start + t.nbytes - lo > span:
                 break  # (identity first: one header's tensors share one Path, and Path.__eq__ is slow)
             hi, j = max(hi, t.start + t.nbytes), j + 1
-        buf = memoryview(os.pread(_OPEN.fd(file), hi - lo, lo))
-        for t in order[i:j]:
-            raw = buf[t.start - lo:t.start - lo + t.nbytes]
-            if len(raw) != t.nbytes:
-                raise UserError(_truncated(t))
-            yield t, raw
+        yield order[i:j], lo, hi
         i = j
+
+
+def _run_views(fd: int, run: list[TensorInfo], lo: int, hi: int) -> Iterator[tuple[TensorInfo, memoryview]]:
+    """Each tensor of a run with its bytes, the run read at once."""
+    buf = memoryview(os.pread(fd, hi - lo, lo))
+    for t in run:
+        raw = buf[t.start - lo:t.start - lo + t.nbytes]
+        if len(raw) != t.nbytes:
+            raise UserError(_truncated(t))
+        yield t, raw
+
+
+def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorInfo, memoryview]]:
+    """Each tensor of `order` (sorted by file, then offset) with its bytes, each run of neighbours read at once."""
+    for run, lo, hi in _runs(order, span):
+        yield from _run_views(_OPEN.fd(run[0].file), run, lo, hi)
 
 
 def _as_array(t: TensorInfo, raw, stacked: int | None = None) -> np.ndarray:
@@ -533,10 +545,14 @@ def digest_and_scan(t: TensorInfo) -> tuple[str, bool]:
     return h.hexdigest(), bad
 
 
-def digest_and_scan_many(ts: list[TensorInfo]) -> Iterator[tuple[TensorInfo, str, bool]]:
-    """digest_and_scan of many tensors, in file and offset order: each run of neighbours (at most CHUNK bytes) read
-    at once and hashed slice by slice — verify of a DeepSeek-V3-sized job hashes 171k tensors of 3.4 KB on average,
-    where one read each cost more than the hashing."""
+def digest_and_scan_many(ts: list[TensorInfo], workers: int | None = None) -> Iterator[tuple[TensorInfo, str, bool]]:
+    """digest_and_scan of many tensors, in file and offset order, on `workers` threads (default: one per CPU, at most
+    HASH_WORKERS; sha256, reads and numpy's scans release the GIL, so a model of large tensors hashes on every core
+    where `sha256sum` uses one). Each job is a run of neighbours (at most CHUNK bytes) read at once and hashed slice
+    by slice — verify of a DeepSeek-V3-sized job hashes 171k tensors of 3.4 KB on average, where one read each cost
+    more than the hashing — or one larger tensor streamed. A job opens its own descriptor: the shared ones are one
+    thread's."""
+    jobs: list[tuple[list[TensorInfo], int, int | None]] = []
     by_file: dict[Path, list[TensorInfo]] = {}
     for t in ts:
         by_file.setdefault(t.file, []).append(t)
@@ -547,11 +563,40 @@ def digest_and_scan_many(ts: list[TensorInfo]) -> Iterator[tuple[TensorInfo, str
             if t is not None and t.nbytes <= CHUNK:
                 small.append(t)
                 continue
-            for u, raw in _nearby_reads(small, CHUNK):
-                yield u, hashlib.sha256(raw).hexdigest(), u.dtype in _FLOAT_WORDS and has_nonfinite(u.dtype, raw)
+            jobs.extend(_runs(small, CHUNK))
             small = []
             if t is not None:
-                yield (t, *digest_and_scan(t))
+                jobs.append(([t], t.start, None))
+    pool = ThreadPoolExecutor(workers or hash_workers(), thread_name_prefix="mpconvert-hash")
+    try:
+        for done in pool.map(_digest_job, jobs):  # in job order (each job's buffer is freed once it is hashed)
+            yield from done
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error (a truncated file) stops the jobs not yet started
+
+
+HASH_WORKERS = 8  # past this, reading is the limit on the disks we know
+
+
+def hash_workers() -> int:
+    return max(1, min(HASH_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
+def _digest_job(job: tuple[list[TensorInfo], int, int | None]) -> list[tuple[TensorInfo, str, bool]]:
+    run, lo, hi = job
+    fd = os.open(run[0].file, os.O_RDONLY)
+    try:
+        if hi is None:  # one large tensor, streamed
+            t, h, bad = run[0], hashlib.sha256(), False
+            for b in iter_views(fd, t.start, t.nbytes, lambda: _truncated(t)):
+                h.update(b)
+                bad = bad or has_nonfinite(t.dtype, b)
+            return [(t, h.hexdigest(), bad)]
+        return [(t, hashlib.sha256(raw).hexdigest(), t.dtype in _FLOAT_WORDS and has_nonfinite(t.dtype, raw))
+                for t, raw in _run_views(fd, run, lo, hi)]
+    finally:
+        os.close(fd)
 
 
 _START = operator.attrgetter("start")

@@ -12,6 +12,7 @@ import random
 import shutil
 import struct
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,13 @@ def test_digest_and_scan_many_is_digest_and_scan_for_any_subset(tmp_path, monkey
     for chunk in (sio.CHUNK, 4096):  # small: runs split, and the big tensor streams on its own
         monkeypatch.setattr(sio, "CHUNK", chunk)
         for subset in _subsets(infos):
-            got = {t.name: (sha, bad) for t, sha, bad in sio.digest_and_scan_many(subset)}
-            assert got == {t.name: sio.digest_and_scan(t) for t in subset}
+            want = {t.name: sio.digest_and_scan(t) for t in subset}
+            for workers in (1, 3):  # one thread and several: the same digests, each file's in offset order
+                got = [(t, sha, bad) for t, sha, bad in sio.digest_and_scan_many(subset, workers)]
+                assert {t.name: (sha, bad) for t, sha, bad in got} == want and len(got) == len(subset)
+                for f in {t.file for t in subset}:
+                    starts = [t.start for t, _, _ in got if t.file == f]
+                    assert starts == sorted(starts)
     found = {t.name for t, _, bad in sio.digest_and_scan_many(list(infos.values())) if bad}
     assert found == {"a.3.w", "a.7.w", "a.2.s", "b.3.w", "b.7.w", "b.2.s"}
 
@@ -93,8 +99,10 @@ def test_batched_reads_refuse_a_file_truncated_under_them(tmp_path):
         by_shape.setdefault(t.shape, []).append(t)
     with pytest.raises(UserError, match="truncated while reading tensor"):
         sio.load_stacked(list(by_shape.values()))
-    with pytest.raises(UserError, match="truncated while reading tensor"):
-        list(sio.digest_and_scan_many(ints))
+    for workers in (1, 3):  # raised in a hashing thread, it reaches the caller; no thread is left behind
+        with pytest.raises(UserError, match="truncated while reading tensor"):
+            list(sio.digest_and_scan_many(ints, workers))
+        assert not [t for t in threading.enumerate() if t.name.startswith("mpconvert-hash")]
 
 
 def test_header_bytes_are_what_json_dumps_writes():
