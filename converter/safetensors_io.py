@@ -124,8 +124,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
     data_start, data_len = 8 + n, size - 8 - n
     canonical = _canonical_header(raw)
     if canonical is not None:  # proven valid JSON in the canonical layout without parsing it as JSON
-        meta, found = canonical
-        out = _canonical_entries(path, found, data_start, data_len) if _meta_ok(meta) else None
+        meta, columns = canonical
+        out = _canonical_entries(path, columns, data_start, data_len) if _meta_ok(meta) else None
         if out is not None:
             return out, raw
     try:
@@ -141,7 +141,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
     if not _meta_ok(meta):
         raise UserError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
     found = _ENTRY.findall(raw)
-    out = _canonical_entries(path, found, data_start, data_len) if len(found) == len(header) else None
+    columns = [list(column) for column in zip(*found)] if found else [[] for _ in range(_GROUPS)]
+    out = _canonical_entries(path, columns, data_start, data_len) if len(found) == len(header) else None
     if out is None:  # not in the canonical layout, or something is wrong: check entry by entry, naming the culprit
         out = {name: _tensor_info(path, name, entry, data_start) for name, entry in header.items()}
         _check_coverage(path, out.values(), data_start, data_len)
@@ -157,14 +158,7 @@ _INT = rb"(?:0|[1-9][0-9]{0,17})"
 _ENTRY = re.compile(rb'"([A-Za-z0-9_][A-Za-z0-9_.\-/:+]{0,499})":\{"dtype":"([A-Z0-9_]+)","shape":\[((?:' + _INT
                     + rb"(?:," + _INT + rb')*)?)\],"data_offsets":\[(' + _INT + rb"),(" + _INT + rb")\]\}")
 _ENTRY_COMMA = re.compile(_ENTRY.pattern + rb",")  # an entry and the comma after it
-
-
-def _literal_length(sample: bytes) -> int:
-    """Bytes of an _ENTRY_COMMA match outside its five groups: the same for every match."""
-    return len(sample) - sum(map(len, _ENTRY_COMMA.fullmatch(sample).groups()))
-
-
-_ENTRY_LITERALS = _literal_length(b'"a":{"dtype":"F32","shape":[],"data_offsets":[0,0]},')
+_GROUPS = _ENTRY.groups  # name, dtype, shape, begin, end
 
 
 def _meta_ok(meta) -> bool:
@@ -191,32 +185,30 @@ def _canonical_header(raw: bytes):
             return None
         pos = 1 + len(_META) + len(text[:end].encode())
         if body[pos:pos + 1] != b",":
-            return None if pos != len(body) - 1 else (meta, [])
+            return None if pos != len(body) - 1 else (meta, [[] for _ in range(_GROUPS)])
         pos += 1
-    # The entries, each with a comma after it (the closing brace's place takes one too). findall's matches never
-    # overlap and come in order, so when their lengths add up to the whole span they tile it: nothing between two
-    # entries, nothing before the first or after the last. Summed per column in C, not per match in Python.
-    span = body[pos:-1] + b","
-    found = _ENTRY_COMMA.findall(span)
-    if not found:
+    # The entries, each with a comma after it (the closing brace's place takes one too). re.split gives what lies
+    # between the matches (which never overlap and come in order) and each match's groups: when everything between
+    # them is empty, the entries tile the span — nothing between two, nothing before the first or after the last.
+    # Every column comes out as a slice, in C.
+    parts = _ENTRY_COMMA.split(body[pos:-1] + b",")
+    between = parts[::_GROUPS + 1]
+    if len(between) < 2 or any(between):
         return None
-    columns = tuple(zip(*found))
-    if len(found) * _ENTRY_LITERALS + sum(sum(map(len, column)) for column in columns) != len(span):
-        return None
-    return meta, found
+    return meta, [parts[k::_GROUPS + 1] for k in range(1, _GROUPS + 1)]
 
 
 _DTYPE_OF, _DIMS_OF, _NBYTES_OF = (operator.itemgetter(i) for i in range(3))
 _new_info = functools.partial(tuple.__new__, TensorInfo)  # TensorInfo(*fields) without its Python-level __new__
 
 
-def _canonical_entries(path: Path, found: list, data_start: int, data_len: int):
-    """The tensors of a header whose every entry is canonical (`found`: _ENTRY's groups of each) and whose data area
-    is tiled exactly; None when an entry or the tiling is not (the caller then checks entry by entry and names what
-    is wrong). Column by column — C loops over 171k entries, Python only per distinct (dtype, shape)."""
-    if not found:
+def _canonical_entries(path: Path, columns: list, data_start: int, data_len: int):
+    """The tensors of a header whose every entry is canonical (`columns`: _ENTRY's groups, one list each) and whose
+    data area is tiled exactly; None when an entry or the tiling is not (the caller then checks entry by entry and
+    names what is wrong). Column by column — C loops over 171k entries, Python only per distinct (dtype, shape)."""
+    names_b, dtypes_b, shapes_b, begins_b, ends_b = columns
+    if not names_b:
         return None if data_len else {}
-    names_b, dtypes_b, shapes_b, begins_b, ends_b = zip(*found)
     keys = list(zip(dtypes_b, shapes_b))
     kinds: dict[tuple[bytes, bytes], tuple] = {}  # (dtype, shape) as written → (dtype, dims, bytes): experts repeat
     for dtype_b, shape_b in set(keys):
@@ -229,7 +221,7 @@ def _canonical_entries(path: Path, found: list, data_start: int, data_len: int):
             return None  # (and never past an int64)
         kinds[(dtype_b, shape_b)] = (dtype, dims, nbytes)
     kind = list(map(kinds.__getitem__, keys))
-    n = len(found)
+    n = len(names_b)
     starts, ends = np.fromiter(map(int, begins_b), np.int64, n), np.fromiter(map(int, ends_b), np.int64, n)
     sizes = ends - starts
     if not np.array_equal(sizes, np.fromiter(map(_NBYTES_OF, kind), np.int64, n)):
