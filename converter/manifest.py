@@ -272,17 +272,34 @@ class SourceEntry(_Entry):
 
 
 class FormatTotal(_Entry):
-    modules: Count
+    modules: Positive
     bytes: Count
-    weights: Count
+    weights: Positive
 
 
 class Totals(_Entry):
+    """What totals() computed at build time; readers such as inspect print it as it is, so it must at least agree
+    with itself (verify also recomputes it from the modules)."""
     bytes: Count
     linear_bytes: Count
     linear_weights: Count
     bits_per_weight: Optional[float] = None
     by_format: dict[str, FormatTotal]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        lin_bytes = sum(d.bytes for d in self.by_format.values())
+        lin_weights = sum(d.weights for d in self.by_format.values())
+        if (self.linear_bytes, self.linear_weights) != (lin_bytes, lin_weights):
+            raise ValueError(f"linear_bytes {self.linear_bytes} and linear_weights {self.linear_weights} are not the "
+                             f"sums over by_format ({lin_bytes}, {lin_weights})")
+        bpw = round(8 * lin_bytes / lin_weights, 4) if lin_weights else None
+        if self.bits_per_weight != bpw:
+            raise ValueError(f"bits_per_weight {self.bits_per_weight} is not 8 × linear_bytes / linear_weights "
+                             f"({bpw})")
+        if self.bytes < lin_bytes:
+            raise ValueError(f"bytes {self.bytes} is less than linear_bytes {lin_bytes}")
+        return self
 
 
 class Manifest(_Entry):

@@ -1,7 +1,9 @@
 """Inputs nobody tuned to, seeded: random edits of real sources (safetensors headers, bytes, lengths, producer and
 model configs) and of the recipe, each built through the CLI. Every build either succeeds — and its output then
 verifies — or is refused with one `error:` line and exit 2; never a traceback, never a half-written output, never a
-changed source. (verify's side of the same class is test_sweep.py.)"""
+changed source. And random edits of an output's JSON files (config, index, manifest — re-signed too): verify
+reports or passes, inspect reads or refuses in one line, never an internal error. (verify's side of the same class,
+corruption by corruption, is test_sweep.py.)"""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +23,7 @@ RULES = '''- {match: "self_attn.*", layers: 0, source: fp8}
 - {match: mlp.down_proj, source: int8}
 - {match: lm_head, source: base}'''
 CASES = 200  # builds of this size take ~50 ms in-process: a wide sweep costs seconds
-WEIRD = [None, True, False, 0, -1, 1, 2**63, 2**70, 1.5, "", "x", "4", [], [1], [[1]], {}, {"a": 1}, "F8_E4M3",
+WEIRD = [None, True, False, 0, -1, 1, 2**63, 2**70, 10**9, 10**12, 1.5, "", "x", "4", [], [1], [[1]], {}, {"a": 1}, "F8_E4M3",
          "I4", "BF16", " BF16", "bf16", [0, -1], [2**40, 2**40], "../../etc/passwd", "\u0000", "ä"]
 
 
@@ -188,3 +190,76 @@ def test_random_edits_of_the_recipe(seed, llama, cli, tmp_path):
             _refused_cleanly(res, out)
             refused += 1
     assert refused > CASES // 4
+
+
+# ---- edits of an output's JSON files -------------------------------------------------------------------------------
+OUTPUT_EDITS = 1500
+EXTREME_INTS = [-1, 0, 2**31, 2**32 + 1, 10**9, 2**63 - 1, 2**63, 2**64, -2**63]
+
+
+def _walk(obj, rng) -> tuple:
+    """A random place in the document: from the top, into a random child at each level, stopping on the way at
+    random — each key of a level as likely as any other, so that a rare block (one module's rows) is reached as
+    often as a long column."""
+    at, node = (), obj
+    while True:
+        kids = list(node) if isinstance(node, dict) else range(len(node)) if isinstance(node, list) else []
+        if not kids or (at and rng.random() < 0.25):
+            return at
+        k = rng.choice(list(kids))
+        at, node = at + (k,), node[k]
+
+
+def mutate(obj, rng) -> str:
+    """Replace or remove one value anywhere in the document (in place); what was done, for the failure message.
+    An integer is replaced by an extreme integer half of the time (sizes and indexes past what the checks expect)."""
+    at = _walk(obj, rng)
+    if not at:
+        return "nothing"
+    parent = obj
+    for k in at[:-1]:
+        parent = parent[k]
+    if rng.random() < 0.2:
+        del parent[at[-1]]
+        return f"removed {at}"
+    old = parent[at[-1]]
+    value = rng.choice(EXTREME_INTS if type(old) is int and rng.random() < 0.5 else WEIRD)
+    parent[at[-1]] = value
+    return f"{at} = {value!r}"[:300]
+
+
+def test_random_edits_of_an_output(llama, cli, tmp_path):
+    """One value of the output's config.json, index or manifest replaced or removed (the manifest also re-signed, so
+    that the checks behind its signature see the edit): verify passes or reports findings (exit 0/1), inspect reads
+    or refuses in one line (exit 0/2). A manifest row of 2^63 was an internal error (an OverflowError in numpy)."""
+    rng = random.Random(20261204)
+    good = tmp_path / "good"
+    assert cli("build", write_recipe(tmp_path, llama, SOURCES, "gptq", RULES), "-o", good).exit_code == 0
+    manifest = good / "mpconvert_manifest.json"
+    targets = [("verify", good / f, False) for f in ("config.json", "model.safetensors.index.json")]
+    targets += [("verify", manifest, False), ("verify", manifest, True), ("inspect", manifest, True)]
+    seen = set()
+    for trial in range(OUTPUT_EDITS):
+        cmd, target, resigned = rng.choice(targets)
+        kept = {p: p.read_bytes() for p in (target, good / "config.json")}
+        try:
+            doc = json.loads(target.read_text())
+            how = mutate(doc, rng)
+            raw = json.dumps(doc).encode()  # NaN and infinities as Python writes them: what a careless tool leaves
+            target.write_bytes(raw)
+            if resigned:
+                cfg = json.loads((good / "config.json").read_text())
+                cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
+                (good / "config.json").write_text(json.dumps(cfg))
+            r = cli(cmd, good)
+            what = f"edit {trial}: {cmd} after {target.name} {how}: exit {r.exit_code}\n{r.output[-2000:]}"
+            assert r.exit_code in ((0, 1) if cmd == "verify" else (0, 2)), what
+            assert "internal error" not in r.output and "Traceback" not in r.output, what
+            if r.exit_code == 2:
+                assert r.output.startswith("error: ") and r.output.count("error: ") == 1, what
+            seen.add((cmd, r.exit_code))
+        finally:
+            for p, b in kept.items():
+                p.write_bytes(b)
+    # both commands both accepted and refused some edits: the mutations reach past the first check
+    assert {("verify", 0), ("verify", 1), ("inspect", 0), ("inspect", 2)} <= seen, seen

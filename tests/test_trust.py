@@ -472,6 +472,11 @@ MANIFEST_EDITS = {
                         "less than or equal to 9223372036854775807"),
     "a layer id past 2^63": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(layer=2**64),
                              "less than or equal to 9223372036854775807"),
+    # inspect prints the totals as recorded: a format with 0 weights was a ZeroDivisionError there (exit 70)
+    "a format's totals with no weights": (lambda m: m["totals"]["by_format"]["gptq"].update(weights=0),
+                                         "weights: Input should be greater than or equal to 1"),
+    "totals that disagree with themselves": (
+        lambda m: m["totals"].update(linear_bytes=m["totals"]["linear_bytes"] + 1), "are not the sums over by_format"),
     "a module with format and params inline (version 2)": (
         lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(format="gptq"), "down_proj.format: unknown field"),
     "not JSON": (None, "not valid JSON"),
