@@ -57,7 +57,9 @@ class Checkpoint:
         for name in ck._shard_names(weight_map):
             infos, raw = read_header(ck.path / name)
             size = (ck.path / name).stat().st_size
-            ck.file_fingerprints[name] = hashlib.sha256(raw + str(size).encode()).hexdigest()
+            digest = hashlib.sha256(raw)  # (the header and then the size: no copy of a 40 MB header to join them)
+            digest.update(str(size).encode())
+            ck.file_fingerprints[name] = digest.hexdigest()
             if not ck.tensors.keys().isdisjoint(infos):
                 t = next(t for t in infos if t in ck.tensors)
                 raise UserError(f"{label}: tensor {t!r} appears in both {shard_of[t]} and {name}; the checkpoint is "
