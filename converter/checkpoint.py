@@ -82,7 +82,7 @@ class Checkpoint:
         if not index.exists() and not index.is_symlink():
             return None
         weight_map = self._json(INDEX, "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        if not isinstance(weight_map, dict) or not set(map(type, weight_map.values())) <= {str}:
             raise UserError(f"{index}: weight_map must map tensor names to shard file names; re-save the checkpoint")
         return weight_map
 

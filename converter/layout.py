@@ -265,6 +265,11 @@ _MIXTRAL_EXPERT = re.compile(r"^(.*layers\.\d+\.)(?:mlp|block_sparse_moe)\.exper
 _MIXTRAL_ROUTER = re.compile(r"^(.*layers\.\d+\.)mlp\.gate$")
 
 
+def module_renamer(model_type: str):
+    """canonical_module for this model type as a function of the module name, or None where it keeps every name."""
+    return (lambda module: canonical_module(module, model_type)) if model_type == "mixtral" else None
+
+
 def canonical_module(module: str, model_type: str) -> str:
     if model_type == "mixtral":
         m = _MIXTRAL_EXPERT.match(module)

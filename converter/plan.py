@@ -433,7 +433,8 @@ class _Planner:
         _raise_first(rules.partition_problems(linears, self.info, self.tp, self.ep, self.dp))
         if self.layout == CT_LAYOUT:
             _raise_first(ct_export.problems(linears, units, self.info))
-        modules = sorted(linear + support, key=lambda m: natural_key(m.name))
+        place = dict(zip(roles, range(len(roles))))  # roles are in natural order already: no natural key again
+        modules = sorted(linear + support, key=lambda m: place[m.name])
         # module by module, each one's tensors by suffix: the natural order of the names (a module's name followed
         # by "." sorts before any longer name it prefixes), without a natural key for each of 171k tensors
         tensors = [m.tensors[s] for m in modules for s in _natural_order(tuple(m.tensors))]

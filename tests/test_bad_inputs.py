@@ -260,3 +260,19 @@ def test_source_with_a_quantized_router(moe, cli, tmp_path):
     r.write_text(r.read_text().replace("sources:\n", f"sources:\n  int8: {src}\n"))
     fails(cli, tmp_path, r, match="source 'int8' quantized the router model.layers.0.mlp.gate (int8); SGLang keeps "
                                   "routers unquantized")
+
+
+@pytest.mark.parametrize("extra", ["model.layers.0.mlp.down_proj.foo", "weight", "model.layers.0.mlp.", "lm_head.qweight2"])
+def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
+    """A tensor whose suffix no format knows, or with no module before it: refused by name, never guessed (the
+    names are split column by column; the message must still name the first such tensor)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = copy(llama["gptq"], tmp_path / "src")
+    [shard] = src.glob("*.safetensors")
+    sd = load_file(shard)
+    sd[extra] = torch.zeros(2)
+    save_file(sd, shard, metadata={"format": "pt"})
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, match=f"tensor {extra!r} is of a kind mpconvert does not know")
