@@ -305,9 +305,9 @@ def check_manifest(manifest: Manifest, linears: list[rules.Linear], rep: Report)
                                       f"expert={role.expert}: the manifest was edited")
         if m.source not in manifest.sources:
             rep.add("manifest", name, f"names source {m.source!r}, which the manifest does not list")
-        for suffix, t in m.tensors.items():
-            if t.name != f"{name}.{suffix}":
-                rep.add("manifest", name, f"tensor {suffix} is recorded as {t.name!r}")
+        for suffix, tensor in m.tensor_names.items():
+            if tensor != f"{name}.{suffix}":
+                rep.add("manifest", name, f"tensor {suffix} is recorded as {tensor!r}")
         if m.kind != "linear" and (m.format != "unquantized" or m.shape is not None):
             rep.add("manifest", name, f"a {m.kind} is unquantized and has no linear shape; recorded {m.format}")
     _check_units(manifest, linears, rep)
@@ -319,8 +319,7 @@ def check_manifest(manifest: Manifest, linears: list[rules.Linear], rep: Report)
         if role is not None and m.kind != "linear" and role.stage:
             rep.add_problems("scheme", rules.norm_problems(name, role, m.source, readers.get((role.layer, role.stage),
                                                                                                [])))
-    want = totals(manifest.modules.values(), sum(t.nbytes for m in manifest.modules.values()
-                                                  for t in m.tensors.values()))
+    want = totals(manifest.modules.values(), manifest.tensor_bytes())
     if manifest.totals.model_dump(mode="json") != json.loads(json.dumps(want)):
         rep.add("manifest", "totals", "differ from the totals of the modules it lists: the manifest was edited")
 
@@ -358,8 +357,8 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
     problems: dict[str, list[str]] = {}
     batched = []
     for name, m in manifest.modules.items():
-        tensors = {s: found[t.name] for s, t in m.tensors.items() if t.name in found}
-        if len(tensors) != len(m.tensors):
+        tensors = {s: found[n] for s, n in m.tensor_names.items() if n in found}
+        if len(tensors) != len(m.rows):
             continue  # already reported as missing
         if m.kind != "linear":
             w = tensors.get("weight")
@@ -405,7 +404,7 @@ def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int, dp:
     per_rank = 0
     attn_tp = max(1, tp // dp)
     for name, mod in manifest.modules.items():
-        nbytes = sum(found[t.name].nbytes for t in mod.tensors.values() if t.name in found)
+        nbytes = sum(found[n].nbytes for n in mod.tensor_names.values() if n in found)
         by_format[mod.format] = by_format.get(mod.format, 0) + nbytes
         role = role_of(name)
         parallel = role.parallel if role else "replicated"
