@@ -166,7 +166,7 @@ class ModuleEntry(_Entry):
     shape: Optional[Annotated[list[Positive], Field(min_length=2, max_length=2)]] = None
     rows: dict[str, Count] = Field(alias="tensors")  # suffix → row of the tensor table
     # Its scheme (schemes[scheme_id]), the tensor table and its rows once made live in __pydantic_private__, which
-    # Manifest's validation sets ("_linked", "_table", "_tensors"): declared as PrivateAttr, pydantic would fill in
+    # Manifest's validation sets ("_linked", "_table", "_tensors", "_names"): declared as PrivateAttr, pydantic would fill in
     # their defaults for each of 45k modules in Python, a sixth of a DeepSeek-V3-sized manifest's validation.
 
     @model_validator(mode="after")
@@ -189,8 +189,11 @@ class ModuleEntry(_Entry):
     def tensor_names(self) -> dict[str, str]:
         """suffix → tensor name, straight from the table's name column: what verify needs of every module, without
         a TensorEntry for each of 171k rows."""
-        names = self.__pydantic_private__["_table"].t.name
-        return {suffix: names[r] for suffix, r in self.rows.items()}
+        private = self.__pydantic_private__
+        if private["_names"] is None:
+            names = private["_table"].t.name
+            private["_names"] = {suffix: names[r] for suffix, r in self.rows.items()}
+        return private["_names"]
 
     @property
     def linked(self) -> SchemeEntry:
@@ -346,7 +349,7 @@ class Manifest(_Entry):
             if m.scheme_id >= n:
                 raise ValueError(f"modules.{name}.scheme_id {m.scheme_id}: the manifest has {n} schemes")
             object.__setattr__(m, "__pydantic_private__", {"_linked": self.schemes[m.scheme_id], "_table": table,
-                                                             "_tensors": None})
+                                                             "_tensors": None, "_names": None})
         return self
 
     def _name_bad_row(self) -> None:
