@@ -206,25 +206,23 @@ class RuleMatcher:
         # each rule prepared once, its answer (source, why) made once: planning asks every rule about every linear
         # (214k questions in a DeepSeek-V3-sized job)
         recipe_rules = self.recipe.rules
-        selects = [self._selector(i) for i in range(len(recipe_rules))]
+        linear_names = [name for name, role in roles.items() if role.kind == "linear"]
+        prepared = [self._selector(i, linear_names) for i in range(len(recipe_rules))]  # (named, selects) each
         picks = [(rule.source, rule.describe(i)) for i, rule in enumerate(recipe_rules)]
         default = (self.recipe.default, f"default ({self.recipe.default})")
         hits = [0] * len(recipe_rules)
-        chosen: dict[str, tuple[str, str]] = {}
-        for name, role in roles.items():
-            if role.kind != "linear":
-                continue
-            for i, selected in enumerate(selects):
-                if selected(name, role):
+        # rule by rule, in order, over the modules its patterns name and no earlier rule took: first match wins
+        taken: dict[str, tuple[str, str]] = {}
+        for i, (named, selected) in enumerate(prepared):
+            for name in named.difference(taken):
+                if selected(name, roles[name]):
                     hits[i] += 1
-                    chosen[name] = picks[i]
-                    break
-            else:
-                chosen[name] = default
+                    taken[name] = picks[i]
+        chosen = {name: taken.get(name, default) for name in linear_names}  # in module order
         for i, n in enumerate(hits):
             if n == 0:
                 rule = recipe_rules[i]
-                shadow = any(selects[i](name, role) for name, role in roles.items() if role.kind == "linear")
+                shadow = any(prepared[i][1](name, roles[name]) for name in linear_names)
                 why = "every module it matches is taken by an earlier rule" if shadow else "it matches no module"
                 raise UserError(f"recipe: {rule.describe(i)} selects nothing: {why}; fix or remove the rule "
                                 f"(module names look like {next(iter(roles))!r})")
@@ -252,14 +250,16 @@ class RuleMatcher:
                         raise UserError(f"recipe: {rule.describe(i)}: the routing file counts {len(counts)} experts "
                                         f"in layer {layer}, but the model has {n}; record it on this model")
 
-    def _selector(self, index: int) -> Callable[[str, Role], bool]:
-        """Whether rules[index] selects a module: its name patterns, layers, moe and experts filters, each prepared
-        once."""
+    def _selector(self, index: int, names: list[str]) -> tuple[set[str], Callable[[str, Role], bool]]:
+        """The modules of `names` that rules[index]'s patterns match (run over all the names at once: a C loop for a
+        rule's single pattern), and whether the rule selects a module: those patterns (looked up), then its layers,
+        moe and experts filters, each prepared once."""
         rule, routed, moe_layers = self.recipe.rules[index], self.recipe.routed_experts, self.moe
         tests, layers, moe, experts = rule.name_tests(), rule.layer_set, rule.moe, rule.experts is not None
+        named = set(filter(tests[0], names)) if len(tests) == 1 else {n for n in names if any(t(n) for t in tests)}
 
         def selects(name: str, role: Role) -> bool:
-            if not any(test(name) for test in tests):
+            if name not in named:
                 return False
             if layers is not None and role.layer not in layers:
                 return False
@@ -268,7 +268,7 @@ class RuleMatcher:
             if experts:
                 return role.expert is not None and role.expert in routed(index, role.layer)
             return True
-        return selects
+        return named, selects
 
 
 class _Planner:
