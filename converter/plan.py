@@ -316,9 +316,7 @@ class _Planner:
     def module_plan(self, name: str, role: Role, source: str, why: str, view) -> ModulePlan:
         """A checked module's plan: its tensors copied (or repacked) into the scheme it is written in."""
         out_f, in_f = self.base.modules[name].tensors["weight"].shape
-        fmt = FORMATS[view.scheme.format]
-        params = view.scheme.params
-        target = fmt.repack(params, self.layout)
+        target = repack_target(view.scheme, self.layout)
         if target is not None:
             return self._repacked(name, role, source, why, view, target, out_f, in_f)
         mp = ModulePlan(name, role, written_scheme(view.scheme, self.info.model_type, self.layout), source, why,
@@ -443,13 +441,19 @@ class _Planner:
 
 
 @lru_cache(maxsize=4096)  # asked per module (45k in a DeepSeek-V3-sized job) for a handful of distinct schemes
+def repack_target(stored: Scheme, layout: str) -> Scheme | None:
+    """The scheme a module stored in `stored` is repacked into for this layout, or None (written as stored)."""
+    return FORMATS[stored.format].repack(stored.params, layout)
+
+
+@lru_cache(maxsize=4096)
 def written_scheme(stored: Scheme, model_type: str, layout: str = MP_LAYOUT) -> Scheme:
     """The scheme a module stored in `stored` is written in: its lossless repack's, or its own after any exact
     rewrite (Format.output_params). Build and plan both ask this."""
-    fmt = FORMATS[stored.format]
-    target = fmt.repack(stored.params, layout)
+    target = repack_target(stored, layout)
     if target is not None:
         return target
+    fmt = FORMATS[stored.format]
     return Scheme.of(stored.format, **fmt.output_params(stored.params, model_type, layout))
 
 
@@ -472,7 +476,7 @@ def _natural_order(suffixes: tuple[str, ...]) -> tuple[str, ...]:
 
 def written_nbytes(view, out_f: int, in_f: int, layout: str = MP_LAYOUT) -> int:
     """Bytes a module stored as `view` takes once written (a repack's layout differs from the stored one)."""
-    target = FORMATS[view.scheme.format].repack(view.scheme.params, layout)
+    target = repack_target(view.scheme, layout)
     if target is None:
         return sum(t.nbytes for t in view.tensors.values())
     n = sum(nbytes_of(dtype, shape) for _, _, dtype, shape in repack_layout(view, target, out_f, in_f).values())
