@@ -88,8 +88,14 @@ def role_of(module: str) -> Role | None:
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key that orders layers and experts numerically (layers.2 before layers.10)."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    """Sort key that orders layers and experts numerically (layers.2 before layers.10): the digit runs (every other
+    part of the split) as integers."""
+    parts = _DIGIT_RUNS.split(name)
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
+
+
+_DIGIT_RUNS = re.compile(r"(\d+)")
 
 
 # Architecture facts that must agree between the base and every source (config.json keys).
