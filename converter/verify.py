@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
     try:
         index = read_json(d / INDEX, "safetensors index")
         weight_map, metadata = index.get("weight_map"), index.get("metadata")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        if not isinstance(weight_map, dict) or not set(map(type, weight_map.values())) <= {str}:
             raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names")
     except UserError as e:
         rep.add("structure", INDEX, str(e))
@@ -216,13 +217,14 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
     return weight_map, found, shard_of
 
 
+_NBYTES, _DTYPE_SHAPE = operator.attrgetter("nbytes"), operator.attrgetter("dtype", "shape")  # of a TensorInfo
 _PT_HEADER_START = b'{"__metadata__":' + json.dumps(PT_METADATA, separators=(",", ":")).encode() + b","
 
 
 def _check_total_size(metadata, found: dict[str, TensorInfo], rep: Report) -> None:
     """The index's metadata.total_size, as build writes it: the bytes of every tensor."""
     size = metadata.get("total_size") if isinstance(metadata, dict) else metadata
-    have = sum(t.nbytes for t in found.values())
+    have = sum(map(_NBYTES, found.values()))
     if type(size) is not int or size != have:
         rep.add("structure", f"{INDEX} metadata.total_size", f"is {size!r}, the shards hold {have:,} bytes of "
                                                              f"tensors; restore the index or rebuild")
@@ -237,19 +239,23 @@ def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progre
     names = table.name
     progress.start(len(names))
     # the whole table compared at once (column against column); tensor by tensor only to say what differs
-    recorded, expected = [shards[i] for i in table.shard], set(names)
-    if not (found.keys() >= expected and [weight_map.get(n) for n in names] == recorded
-            and [shard_of[n] for n in names] == recorded
-            and [(found[n].dtype, found[n].shape) for n in names] == list(zip(table.dtype, map(tuple, table.shape)))):
+    recorded, expected = list(map(shards.__getitem__, table.shard)), set(names)
+    unexpected = found.keys() - expected
+    indexed = list(map(weight_map.get, names)) == recorded  # every tensor in the index, where the table says
+    if not (len(found) - len(unexpected) == len(expected) and indexed  # (found ⊇ expected, counted)
+            and list(map(shard_of.__getitem__, names)) == recorded
+            and list(map(_DTYPE_SHAPE, map(found.__getitem__, names))) == list(zip(table.dtype,
+                                                                                   map(tuple, table.shape)))):
         _structure_findings(manifest, weight_map, found, shard_of, rep)
     if deep:
         _check_digests(table, found, rep, progress)
     else:
         progress.step(len(names))
-    for name in sorted(found.keys() - expected):
+    for name in sorted(unexpected):
         rep.add("structure", name, f"unexpected tensor in {shard_of[name]} (not in the manifest)")
-    for name in sorted(weight_map.keys() - expected - found.keys()):
-        rep.add("structure", name, "listed in the index but neither in the manifest nor in any shard")
+    if not (indexed and len(weight_map) == len(expected)):  # (else the index lists exactly the table's tensors)
+        for name in sorted(weight_map.keys() - expected - found.keys()):
+            rep.add("structure", name, "listed in the index but neither in the manifest nor in any shard")
     return found
 
 
