@@ -214,8 +214,8 @@ class RuleMatcher:
         # rule by rule, in order, over the modules its patterns name and no earlier rule took: first match wins
         taken: dict[str, tuple[str, str]] = {}
         for i, (named, selected) in enumerate(prepared):
-            for name in named.difference(taken):
-                if selected(name, roles[name]):
+            for name in filter(named.__contains__, linear_names):  # in module order: a routing file's error names
+                if name not in taken and selected(name, roles[name]):  # the first module's layer, every run
                     hits[i] += 1
                     taken[name] = picks[i]
         chosen = {name: taken.get(name, default) for name in linear_names}  # in module order
