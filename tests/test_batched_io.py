@@ -73,8 +73,8 @@ def test_load_stacked_is_load_array_stacked_for_any_subset(tmp_path):
 
 def test_digest_and_scan_many_is_digest_and_scan_for_any_subset(tmp_path, monkeypatch):
     infos = _sources(tmp_path)
-    for chunk in (sio.CHUNK, 4096):  # small: runs split, and the big tensor streams on its own
-        monkeypatch.setattr(sio, "CHUNK", chunk)
+    for chunk in (sio.HASH_SPAN, 4096):  # small: runs split, and the big tensor streams on its own
+        monkeypatch.setattr(sio, "HASH_SPAN", chunk)
         for subset in _subsets(infos):
             want = {t.name: sio.digest_and_scan(t) for t in subset}
             for workers in (1, 3):  # one thread and several: the same digests, each file's in offset order
