@@ -165,9 +165,10 @@ class ModuleEntry(_Entry):
     chosen_by: str
     shape: Optional[Annotated[list[Positive], Field(min_length=2, max_length=2)]] = None
     rows: dict[str, Count] = Field(alias="tensors")  # suffix → row of the tensor table
-    # Its scheme (schemes[scheme_id]), the tensor table and its rows once made live in __pydantic_private__, which
-    # Manifest's validation sets ("_linked", "_table", "_tensors", "_names"): declared as PrivateAttr, pydantic would fill in
-    # their defaults for each of 45k modules in Python, a sixth of a DeepSeek-V3-sized manifest's validation.
+    # Its scheme (schemes[scheme_id]), the tensor table, and its rows and tensor names once made, live in
+    # __pydantic_private__, which Manifest's validation sets ("_linked", "_table", "_tensors", "_names"): declared as
+    # PrivateAttr, pydantic would fill in their defaults for each of 45k modules in Python, a sixth of a
+    # DeepSeek-V3-sized manifest's validation.
 
     @model_validator(mode="after")
     def _valid(self):

@@ -262,7 +262,8 @@ def test_source_with_a_quantized_router(moe, cli, tmp_path):
                                   "routers unquantized")
 
 
-@pytest.mark.parametrize("extra", ["model.layers.0.mlp.down_proj.foo", "weight", "model.layers.0.mlp.", "lm_head.qweight2"])
+@pytest.mark.parametrize("extra", ["model.layers.0.mlp.down_proj.foo", "weight", "model.layers.0.mlp.",
+                                   "lm_head.qweight2"])
 def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
     """A tensor whose suffix no format knows, or with no module before it: refused by name, never guessed (the
     names are split column by column; the message must still name the first such tensor)."""

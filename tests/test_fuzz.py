@@ -23,8 +23,8 @@ RULES = '''- {match: "self_attn.*", layers: 0, source: fp8}
 - {match: mlp.down_proj, source: int8}
 - {match: lm_head, source: base}'''
 CASES = 200  # builds of this size take ~50 ms in-process: a wide sweep costs seconds
-WEIRD = [None, True, False, 0, -1, 1, 2**63, 2**70, 10**9, 10**12, 1.5, "", "x", "4", [], [1], [[1]], {}, {"a": 1}, "F8_E4M3",
-         "I4", "BF16", " BF16", "bf16", [0, -1], [2**40, 2**40], "../../etc/passwd", "\u0000", "ä"]
+WEIRD = [None, True, False, 0, -1, 1, 2**63, 2**70, 10**9, 10**12, 1.5, "", "x", "4", [], [1], [[1]], {}, {"a": 1},
+         "F8_E4M3", "I4", "BF16", " BF16", "bf16", [0, -1], [2**40, 2**40], "../../etc/passwd", "\u0000", "ä"]
 
 
 def tree_digest(d: Path) -> str:
