@@ -21,10 +21,9 @@ Schema (manifest_version 3; compact JSON, absent optional fields omitted; docs/a
   tensors      the tensor table, one column each: name, dtype, shape, sha256, shard (index into shards); rewrite and
                renamed_from as {row: value} for the rows that have one. Every row belongs to exactly one module.
   totals       bytes, linear_bytes, linear_weights, bits_per_weight, by_format: format → modules, bytes, weights
-Every integer (count, index, dimension) is at most 2^63 - 1. A scheme's and a unit's params are validated against
-their format's own schema (Format.params_model), each
-distinct scheme once. Version 2 (session 9 and before) stored format and params in every module and one object per
-tensor in its module.
+Every integer (count, index, dimension) is at most 2^63 - 1; the totals agree with themselves. A scheme's and a
+unit's params are validated against their format's own schema (Format.params_model), each distinct scheme once.
+Version 2 (session 9 and before) stored format and params in every module and one object per tensor in its module.
 Deterministic: no timestamps, no absolute paths.
 """
 from __future__ import annotations
