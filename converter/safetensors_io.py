@@ -532,8 +532,12 @@ def has_nonfinite(dtype: str, chunk: bytes) -> bool:
 
 def digest_and_scan(t: TensorInfo) -> tuple[str, bool]:
     """sha256 of a tensor's bytes, and whether any of its values is NaN or infinite — in one read."""
+    return _digest_and_scan_views(t, tensor_views(t))
+
+
+def _digest_and_scan_views(t: TensorInfo, views: Iterable[memoryview]) -> tuple[str, bool]:
     h, bad = hashlib.sha256(), False
-    for b in tensor_views(t):
+    for b in views:
         h.update(b)
         bad = bad or has_nonfinite(t.dtype, b)
     return h.hexdigest(), bad
@@ -583,12 +587,9 @@ def _digest_job(job: tuple[list[TensorInfo], int, int | None]) -> list[tuple[Ten
     run, lo, hi = job
     fd = os.open(run[0].file, os.O_RDONLY)
     try:
-        if hi is None:  # one large tensor, streamed
-            t, h, bad = run[0], hashlib.sha256(), False
-            for b in iter_views(fd, t.start, t.nbytes, lambda: _truncated(t)):
-                h.update(b)
-                bad = bad or has_nonfinite(t.dtype, b)
-            return [(t, h.hexdigest(), bad)]
+        if hi is None:  # one large tensor, streamed through this job's own descriptor
+            t = run[0]
+            return [(t, *_digest_and_scan_views(t, iter_views(fd, t.start, t.nbytes, lambda: _truncated(t))))]
         digests, floats = [], {}
         for t, raw in _run_views(fd, run, lo, hi):
             digests.append((t, hashlib.sha256(raw).hexdigest()))
