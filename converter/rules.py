@@ -209,6 +209,12 @@ DP_ATTENTION_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_
                             "qwen3_moe")
 
 
+def in_attention_group(role) -> bool:
+    """Whether SGLang splits this module over the attention group (attn_tp = tp / dp ranks) under DP attention:
+    attention, and the input embedding (VocabParallelEmbedding with use_attn_tp_group). Everything else keeps tp."""
+    return ".self_attn." in role.unit or role.kind == "embedding"
+
+
 def parallel_flags(tp: int, ep: int = 1, dp: int = 1) -> str:
     return f"--tp {tp}" + (f" --ep {ep}" if ep > 1 else "") + (f" --dp {dp}" if dp > 1 else "")
 
@@ -245,7 +251,7 @@ def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int 
     for unit, members in by_unit(linears).items():
         if members[0].role.expert is not None:
             problems += _expert_unit(unit, members, tp, ep, flag)
-        elif ".self_attn." in unit:
+        elif in_attention_group(members[0].role):
             dp_fix = ", DP attention (--dp)" if info.model_type in DP_ATTENTION_MODEL_TYPES else ""
             problems += _dense_unit(unit, members, info, attn_tp, flag, dp_fix)
         else:

@@ -414,7 +414,7 @@ def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int, dp:
         by_format[mod.format] = by_format.get(mod.format, 0) + nbytes
         role = role_of(name)
         parallel = role.parallel if role else "replicated"
-        ways = attn_tp if dp > 1 and role and (".self_attn." in role.unit or role.kind == "embedding") else tp
+        ways = attn_tp if dp > 1 and role and rules.in_attention_group(role) else tp
         per_rank += nbytes / ways if parallel in ("column", "row", "vocab") else nbytes
     total = sum(by_format.values())
     linear = sum(v for k, v in by_format.items() if k != "unquantized")
