@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import rules
-from .checkpoint import INDEX, read_json
+from .checkpoint import INDEX, is_weight_map, read_json
 from .errors import UserError
 from .formats import FORMATS, check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched
@@ -179,7 +179,7 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
     try:
         index = read_json(d / INDEX, "safetensors index")
         weight_map, metadata = index.get("weight_map"), index.get("metadata")
-        if not isinstance(weight_map, dict) or not set(map(type, weight_map.values())) <= {str}:
+        if not is_weight_map(weight_map):
             raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names")
     except UserError as e:
         rep.add("structure", INDEX, str(e))
