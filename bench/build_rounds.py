@@ -25,7 +25,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from scale_bench import timed  # noqa: E402
+from scale_bench import CLI, timed  # noqa: E402
 
 
 def code_root(rev: str, work: Path) -> Path:
@@ -89,8 +89,7 @@ def main(argv=None):
     for rev in a.code or ["."]:
         env = {**os.environ, "PYTHONPATH": str(code_root(rev, work))}
         contenders[f"build, code {rev}"] = (
-            [sys.executable, "-c", "from mpconvert.cli.main import main; main()", "build", str(recipe), "-o",
-             str(d / "out"), "--json"], env)
+            [sys.executable, *CLI, "build", str(recipe), "-o", str(d / "out"), "--json"], env)
     first_out = d / "out"
     contenders["cp -r && sync"] = (["sh", "-c", f"cp -r '{first_out}' '{d / 'copy'}' && sync"], None)
     contenders["cp -r"] = (["cp", "-r", str(first_out), str(d / "copy")], None)

@@ -20,6 +20,8 @@ HERE = Path(__file__).resolve().parent
 MPCONVERT = str(Path(sys.executable).parent / "mpconvert")
 
 
+# the CLI of whichever mpconvert is on PYTHONPATH (the rounds benchmarks run several code versions this way)
+CLI = ["-c", "from mpconvert.cli.main import main; main()"]
 # planning alone (what build does before writing a byte) of the job in the current directory at --tp 8 --ep 8, under
 # the CLI's GC settings, ending as the CLI does (cli.main._exit_now: no teardown of the sources' objects)
 PLANNING = ["-c", "import gc, os; gc.set_threshold(50_000, 50, 100); from mpconvert.recipe import load_recipe; "

@@ -20,9 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from build_rounds import code_root  # noqa: E402
-from scale_bench import PLANNING, timed  # noqa: E402
+from scale_bench import CLI, PLANNING, timed  # noqa: E402
 
-CLI = ["-c", "from mpconvert.cli.main import main; main()"]
 COMMANDS = {  # what each contender runs, in the job's directory
     "planning": PLANNING,  # as scale_bench measures it (no teardown, for every contender)
     "verify --fast": [*CLI, "verify", "out", "--tp", "8", "--ep", "8", "--fast"],

@@ -19,9 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from build_bench import make_source  # noqa: E402
 from build_rounds import code_root  # noqa: E402
-from scale_bench import timed  # noqa: E402
-
-CLI = "from mpconvert.cli.main import main; main()"
+from scale_bench import CLI, timed  # noqa: E402
 
 
 def main():
@@ -50,7 +48,7 @@ def main():
         env = {**os.environ, "PYTHONPATH": str(code_root(rev, d))}
         for flags in ([], ["--fast"]):
             contenders[" ".join(["verify", *flags]) + f", code {rev}"] = (
-                [sys.executable, "-c", CLI, "verify", str(d / "out"), "--json", *flags], env)
+                [sys.executable, *CLI, "verify", str(d / "out"), "--json", *flags], env)
     runs = {k: [] for k in contenders}
     rss = dict.fromkeys(contenders, 0)
     for _ in range(a.rounds):
