@@ -368,21 +368,52 @@ SPAN = 8 * 1024 * 1024  # the most one batched read holds
 
 def load_stacked(groups: list[list[TensorInfo]]) -> list[np.ndarray]:
     """Each group — small tensors of one dtype and shape — as one array stacked on a new first axis (what
-    np.stack of each one's load_array gives), every group's tensors read together, runs of neighbours in one file
-    at once. A DeepSeek-V3-sized job value-checks 130k tensors of a few KB: one pread, or one numpy array, each
-    cost more than the checks."""
-    bufs, items = [], []
+    np.stack of each one's load_array gives). Every group's tensors are read together: runs of neighbours in one
+    file (gaps of at most NEAR, at most SPAN bytes) at once, each run's tensors gathered out of it by numpy indexing,
+    group by group. A DeepSeek-V3-sized job value-checks 126k tensors of a few hundred bytes: a pread, a Python
+    loop step or a numpy array per tensor each cost more than the checks."""
     for k, group in enumerate(groups):
         first = group[0]
         if any(t.dtype != first.dtype or t.shape != first.shape for t in group):
             raise ValueError(f"load_stacked: group {k} mixes dtypes or shapes")
-        bufs.append(bytearray(first.nbytes * len(group)))
-        items.extend((t, k, i * first.nbytes) for i, t in enumerate(group))
-    items.sort(key=lambda x: (str(x[0].file), x[0].start))
-    views = [memoryview(b) for b in bufs]
-    for (t, k, at), (_, raw) in zip(items, _nearby_reads([x[0] for x in items], SPAN)):
-        views[k][at:at + t.nbytes] = raw
-    return [_as_array(g[0], b, len(g)) for g, b in zip(groups, bufs)]
+    sizes = [group[0].nbytes for group in groups]
+    out = [np.empty((len(group), n), np.uint8) for group, n in zip(groups, sizes)]
+    flat = [t for group in groups for t in group]
+    if flat:
+        counts = [len(group) for group in groups]
+        group_of = np.repeat(np.arange(len(groups)), counts)
+        row_of = np.concatenate([np.arange(n) for n in counts])
+        start = np.fromiter(map(_START, flat), np.int64, len(flat))
+        end = start + np.repeat(np.array(sizes, np.int64), counts)
+        file_of = np.fromiter(map(id, map(_FILE, flat)), np.int64, len(flat))  # one header's tensors share a Path
+        order = np.lexsort((start, file_of))
+        for i, j in _read_runs(start[order], end[order], file_of[order]):
+            run = order[i:j]
+            lo, hi = int(start[run[0]]), int(end[run].max())
+            raw = os.pread(_OPEN.fd(flat[run[0]].file), hi - lo, lo)
+            if len(raw) != hi - lo:
+                short = run[end[run] > lo + len(raw)]
+                raise UserError(_truncated(flat[short[0]]))
+            data = np.frombuffer(raw, np.uint8)
+            for k in np.unique(group_of[run]):
+                mine = run[group_of[run] == k]
+                out[k][row_of[mine]] = data[(start[mine] - lo)[:, None] + np.arange(sizes[k])]
+    return [_as_array(group[0], a, len(group)) for group, a in zip(groups, out)]
+
+
+def _read_runs(start: np.ndarray, end: np.ndarray, file: np.ndarray) -> Iterator[tuple[int, int]]:
+    """[i, j) ranges of tensors sorted by (file, start), each one read: neighbours in one file with gaps of at most
+    NEAR, at most SPAN bytes from the first one's start to the furthest end (a tensor larger than SPAN alone)."""
+    reach = np.empty_like(end)  # the furthest end so far, file by file
+    new_file = np.flatnonzero(file[1:] != file[:-1]) + 1
+    for a, b in zip([0, *new_file], [*new_file, len(start)]):
+        reach[a:b] = np.maximum.accumulate(end[a:b])
+        gaps = np.flatnonzero(start[a + 1:b] - reach[a:b - 1] > NEAR) + a + 1
+        for i, stop in zip([a, *gaps], [*gaps, b]):
+            while i < stop:  # split a long run of neighbours at SPAN
+                j = max(i + 1, i + int(np.searchsorted(reach[i:stop], start[i] + SPAN, side="right")))
+                yield i, j
+                i = j
 
 
 def _runs(order: list[TensorInfo], span: int) -> Iterator[tuple[list[TensorInfo], int, int]]:
@@ -409,12 +440,6 @@ def _run_views(fd: int, run: list[TensorInfo], lo: int, hi: int) -> Iterator[tup
         if len(raw) != t.nbytes:
             raise UserError(_truncated(t))
         yield t, raw
-
-
-def _nearby_reads(order: list[TensorInfo], span: int) -> Iterator[tuple[TensorInfo, memoryview]]:
-    """Each tensor of `order` (sorted by file, then offset) with its bytes, each run of neighbours read at once."""
-    for run, lo, hi in _runs(order, span):
-        yield from _run_views(_OPEN.fd(run[0].file), run, lo, hi)
 
 
 def _as_array(t: TensorInfo, raw, stacked: int | None = None) -> np.ndarray:
@@ -611,7 +636,7 @@ def _nonfinite_names(floats: dict[str, list[tuple[str, memoryview]]]) -> set[str
     return bad
 
 
-_START = operator.attrgetter("start")
+_START, _FILE = operator.attrgetter("start"), operator.attrgetter("file")
 _TORCH_DTYPES = None
 
 

@@ -362,9 +362,11 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
     cheap enough for --fast too; in batches, check_values_batched), reported in the manifest's order."""
     problems: dict[str, list[str]] = {}
     batched = []
+    value_suffixes: dict = {}  # scheme → the suffixes its values checks read (45k modules, a few schemes)
     for name, m in manifest.modules.items():
-        tensors = {s: found[n] for s, n in m.tensor_names.items() if n in found}
-        if len(tensors) != len(m.rows):
+        try:
+            tensors = {s: found[n] for s, n in m.tensor_names.items()}
+        except KeyError:
             continue  # already reported as missing
         if m.kind != "linear":
             w = tensors.get("weight")
@@ -373,13 +375,15 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
             elif m.kind in ("norm", "router") and w is not None and not np.isfinite(load_array(w)).all():
                 problems[name] = [f"{name}.weight has NaN or infinite values"]
             continue
-        fmt, params = FORMATS[m.format], m.params
+        scheme = m.scheme
         try:
-            check_expected(m.scheme, name, tensors, *m.shape, "scheme")
+            check_expected(scheme, name, tensors, *m.shape, "scheme")
         except UserError as e:
             problems[name] = [str(e).removeprefix("scheme: ")]
             continue
-        batched.append((name, m.scheme, {s: tensors[s] for s in fmt.value_suffixes(params)}))
+        if scheme not in value_suffixes:
+            value_suffixes[scheme] = FORMATS[scheme.format].value_suffixes(scheme.params)
+        batched.append((name, scheme, {s: tensors[s] for s in value_suffixes[scheme]}))
     for name, found_problems in check_values_batched(batched).items():
         problems.setdefault(name, []).extend(p for _, p in found_problems)
     for name in manifest.modules:

@@ -56,17 +56,22 @@ def _subsets(infos):
             yield [infos[n] for n in rnd.sample(names, k)]  # gaps, both files, any order
 
 
-def test_load_stacked_is_load_array_stacked_for_any_subset(tmp_path):
+def test_load_stacked_is_load_array_stacked_for_any_subset(tmp_path, monkeypatch):
     """Groups of one dtype and shape, read together however their tensors lie in the files (gaps, both files, any
-    order), give exactly np.stack of each tensor's load_array."""
+    order) and however the reads are cut (one read per file; cut at every gap; reads smaller than some tensors),
+    give exactly np.stack of each tensor's load_array."""
     infos = {n: t for n, t in _sources(tmp_path).items() if t.dtype in ("F32", "BF16", "F16", "I32", "U8")}
-    for subset in _subsets(infos):
-        groups: dict = {}
-        for t in subset:
-            groups.setdefault((t.dtype, t.shape), []).append(t)
-        for group, a in zip(groups.values(), sio.load_stacked(list(groups.values()))):
-            b = np.stack([sio.load_array(t) for t in group])
-            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), group[0].name
+    for near, span in ((sio.NEAR, sio.SPAN), (0, sio.SPAN), (64, 100)):
+        monkeypatch.setattr(sio, "NEAR", near)
+        monkeypatch.setattr(sio, "SPAN", span)
+        for subset in _subsets(infos):
+            groups: dict = {}
+            for t in subset:
+                groups.setdefault((t.dtype, t.shape), []).append(t)
+            for group, a in zip(groups.values(), sio.load_stacked(list(groups.values()))):
+                b = np.stack([sio.load_array(t) for t in group])
+                assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), group[0].name
+    assert sio.load_stacked([]) == []
     with pytest.raises(ValueError, match="mixes dtypes or shapes"):
         sio.load_stacked([list(infos.values())])
 
