@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -24,8 +24,9 @@ MP_LAYOUT, CT_LAYOUT = "mpconvert", "compressed-tensors"
 LAYOUTS = (MP_LAYOUT, CT_LAYOUT)
 
 
-@dataclass(frozen=True)
-class Scheme:
+class Scheme(NamedTuple):
+    """A format and its params (a named tuple: immutable, and hashed in C — a DeepSeek-V3-sized job looks schemes up
+    hundreds of thousands of times)."""
     format: str
     params_json: str  # canonical JSON: hashable and comparable
 
