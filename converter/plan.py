@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from . import ct_export
 from .formats import FORMATS, Scheme, check_expected
-from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched
+from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched, value_suffixes
 from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_architecture, natural_key,
                      role_of)
 from .manifest import MIXED_EXPERTS
@@ -287,9 +287,7 @@ class _Planner:
         one by one, its values in batches (check_values_batched: a DeepSeek-V3-sized job has 45k linears), the
         first problem in module order refused."""
         views = {name: self._stored_view(name, source, why) for name, (source, why) in chosen.items()}
-        problems = check_values_batched(((name, view.scheme, {s: view.tensors[s] for s in
-                                                             FORMATS[view.scheme.format].value_suffixes(
-                                                                 view.scheme.params)})
+        problems = check_values_batched(((name, view.scheme, {s: view.tensors[s] for s in value_suffixes(view.scheme)})
                                          for name, view in views.items()), serve_layout=self.layout)
         for name in chosen:
             for kind, problem in problems.get(name, ()):

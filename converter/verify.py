@@ -31,8 +31,8 @@ import numpy as np
 from . import rules
 from .checkpoint import INDEX, is_weight_map, read_json
 from .errors import UserError
-from .formats import FORMATS, check_expected
-from .formats.base import FLOAT_DTYPES, check_values_batched
+from .formats import check_expected
+from .formats.base import FLOAT_DTYPES, check_values_batched, value_suffixes
 from .layout import ModelInfo, check_same_architecture, config_problems, role_of
 from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
                        recorded_digest, require_converted, totals)
@@ -362,7 +362,6 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
     cheap enough for --fast too; in batches, check_values_batched), reported in the manifest's order."""
     problems: dict[str, list[str]] = {}
     batched = []
-    value_suffixes: dict = {}  # scheme → the suffixes its values checks read (45k modules, a few schemes)
     for name, m in manifest.modules.items():
         try:
             tensors = {s: found[n] for s, n in m.tensor_names.items()}
@@ -381,9 +380,7 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
         except UserError as e:
             problems[name] = [str(e).removeprefix("scheme: ")]
             continue
-        if scheme not in value_suffixes:
-            value_suffixes[scheme] = FORMATS[scheme.format].value_suffixes(scheme.params)
-        batched.append((name, scheme, {s: tensors[s] for s in value_suffixes[scheme]}))
+        batched.append((name, scheme, {s: tensors[s] for s in value_suffixes(scheme)}))
     for name, found_problems in check_values_batched(batched).items():
         problems.setdefault(name, []).extend(p for _, p in found_problems)
     for name in manifest.modules:
