@@ -237,3 +237,28 @@ def test_a_repack_that_would_change_a_weight_is_refused_before_anything_lands(ll
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "error: source 'ga'" in r.output and "changed its weight" in " ".join(r.output.split())
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "mpconvert-tmp" in p.name]
+
+
+def test_ignore_lists_match_as_sglang_matches_them():
+    """A compressed-tensors `ignore` list decides which modules a source may hold quantized: mpconvert's matcher (one
+    per list, prepared for 88k modules) says what SGLang's own check_equal_or_regex_match says — exact names, dotted
+    suffixes (never prefixes), `re:` regexes from the start — over random names and lists."""
+    import random
+
+    from sglang.srt.layers.quantization.compressed_tensors.utils import check_equal_or_regex_match
+
+    from mpconvert.formats.compressed_tensors import _matcher
+
+    rnd = random.Random(7)
+    parts = ["model", "layers", "0", "1", "12", "mlp", "experts", "3", "gate", "gate_proj", "self_attn", "q_proj",
+             "lm_head", "shared_experts", "down_proj"]
+    names = [".".join(rnd.choice(parts) for _ in range(rnd.randint(1, 6))) for _ in range(300)]
+    names += ["lm_head", "model.layers.0.mlp.gate", "model.layers.0.mlp.experts.0.gate_proj"]
+    regexes = ["re:.*mlp\\.gate$", "re:.*lm_head", "re:model\\.layers\\.1\\.", "re:(?:.*self_attn)", "re:q_proj",
+               "re:.*experts\\.[0-3]\\..*", "re:"]
+    for _ in range(400):
+        ignore = [rnd.choice(names).split(".", rnd.randint(0, 3))[-1] if rnd.random() < 0.6 else rnd.choice(regexes)
+                  for _ in range(rnd.randint(0, 4))]
+        matches = _matcher(ignore)
+        for name in rnd.sample(names, 40):
+            assert matches(name) == check_equal_or_regex_match(name, ignore), (name, ignore)
