@@ -387,7 +387,7 @@ def load_stacked(groups: list[list[TensorInfo]]) -> list[np.ndarray]:
         end = start + np.repeat(np.array(sizes, np.int64), counts)
         file_of = np.fromiter(map(id, map(_FILE, flat)), np.int64, len(flat))  # one header's tensors share a Path
         order = np.lexsort((start, file_of))
-        for i, j in _read_runs(start[order], end[order], file_of[order]):
+        for i, j in _read_runs(start[order], end[order], file_of[order], SPAN):
             run = order[i:j]
             lo, hi = int(start[run[0]]), int(end[run].max())
             raw = os.pread(_OPEN.fd(flat[run[0]].file), hi - lo, lo)
@@ -401,9 +401,10 @@ def load_stacked(groups: list[list[TensorInfo]]) -> list[np.ndarray]:
     return [_as_array(group[0], a, len(group)) for group, a in zip(groups, out)]
 
 
-def _read_runs(start: np.ndarray, end: np.ndarray, file: np.ndarray) -> Iterator[tuple[int, int]]:
-    """[i, j) ranges of tensors sorted by (file, start), each one read: neighbours in one file with gaps of at most
-    NEAR, at most SPAN bytes from the first one's start to the furthest end (a tensor larger than SPAN alone)."""
+def _read_runs(start: np.ndarray, end: np.ndarray, file: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
+    """[i, j) ranges of tensors sorted by (file, start), each read at once: neighbours in one file (`file`: an id per
+    tensor) with gaps of at most NEAR, at most `span` bytes from the first one's start to the furthest end (a tensor
+    larger than that alone). The one rule for batched reads: value checks (load_stacked) and hashing (_runs)."""
     reach = np.empty_like(end)  # the furthest end so far, file by file
     new_file = np.flatnonzero(file[1:] != file[:-1]) + 1
     for a, b in zip([0, *new_file], [*new_file, len(start)]):
@@ -411,25 +412,18 @@ def _read_runs(start: np.ndarray, end: np.ndarray, file: np.ndarray) -> Iterator
         gaps = np.flatnonzero(start[a + 1:b] - reach[a:b - 1] > NEAR) + a + 1
         for i, stop in zip([a, *gaps], [*gaps, b]):
             while i < stop:  # split a long run of neighbours at SPAN
-                j = max(i + 1, i + int(np.searchsorted(reach[i:stop], start[i] + SPAN, side="right")))
+                j = max(i + 1, i + int(np.searchsorted(reach[i:stop], start[i] + span, side="right")))
                 yield i, j
                 i = j
 
 
 def _runs(order: list[TensorInfo], span: int) -> Iterator[tuple[list[TensorInfo], int, int]]:
-    """The runs of neighbours of `order` (sorted by file, then offset): tensors of one file with gaps of at most
-    NEAR between them and at most `span` bytes from the first one's start to the end — (tensors, lo, hi)."""
-    i = 0
-    while i < len(order):
-        first = order[i]
-        file, lo, hi, j = first.file, first.start, first.start + first.nbytes, i + 1
-        while j < len(order):
-            t = order[j]
-            if (t.file is not file and t.file != file) or t.start - hi > NEAR or t.start + t.nbytes - lo > span:
-                break  # (identity first: one header's tensors share one Path, and Path.__eq__ is slow)
-            hi, j = max(hi, t.start + t.nbytes), j + 1
-        yield order[i:j], lo, hi
-        i = j
+    """The runs of neighbours of `order` (sorted by file, then offset), as _read_runs cuts them — (tensors, lo, hi)."""
+    n = len(order)
+    start = np.fromiter(map(_START, order), np.int64, n)
+    end = start + np.fromiter(map(_NBYTES, order), np.int64, n)
+    for i, j in _read_runs(start, end, np.fromiter(map(id, map(_FILE, order)), np.int64, n), span):
+        yield order[i:j], int(start[i]), int(end[i:j].max())
 
 
 def _run_views(fd: int, run: list[TensorInfo], lo: int, hi: int) -> Iterator[tuple[TensorInfo, memoryview]]:
@@ -636,7 +630,7 @@ def _nonfinite_names(floats: dict[str, list[tuple[str, memoryview]]]) -> set[str
     return bad
 
 
-_START, _FILE = operator.attrgetter("start"), operator.attrgetter("file")
+_START, _FILE, _NBYTES = operator.attrgetter("start"), operator.attrgetter("file"), operator.attrgetter("nbytes")
 _TORCH_DTYPES = None
 
 
