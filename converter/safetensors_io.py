@@ -18,7 +18,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring_ascii as _json_string
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain, compress, repeat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -426,16 +426,6 @@ def _runs(order: list[TensorInfo], span: int) -> Iterator[tuple[list[TensorInfo]
         yield order[i:j], int(start[i]), int(end[i:j].max())
 
 
-def _run_views(fd: int, run: list[TensorInfo], lo: int, hi: int) -> Iterator[tuple[TensorInfo, memoryview]]:
-    """Each tensor of a run with its bytes, the run read at once."""
-    buf = memoryview(os.pread(fd, hi - lo, lo))
-    for t in run:
-        raw = buf[t.start - lo:t.start - lo + t.nbytes]
-        if len(raw) != t.nbytes:
-            raise UserError(_truncated(t))
-        yield t, raw
-
-
 def _as_array(t: TensorInfo, raw, stacked: int | None = None) -> np.ndarray:
     """`raw` as `t`'s values (floats widened to float32); `stacked`: it holds that many such tensors, one after
     another, and the array gets a leading axis for them."""
@@ -563,12 +553,18 @@ def _digest_and_scan_views(t: TensorInfo, views: Iterable[memoryview]) -> tuple[
 
 
 def digest_and_scan_many(ts: list[TensorInfo], workers: int | None = None) -> Iterator[tuple[TensorInfo, str, bool]]:
-    """digest_and_scan of many tensors, in file and offset order, on `workers` threads (default: one per CPU, at most
-    HASH_WORKERS; sha256, reads and numpy's scans release the GIL, so a model of large tensors hashes on every core
-    where `sha256sum` uses one). Each job is a run of neighbours (at most HASH_SPAN bytes) read at once and hashed
-    slice by slice — verify of a DeepSeek-V3-sized job hashes 171k tensors of 3.4 KB on average, where one read each
-    cost more than the hashing — or one larger tensor streamed. A job opens its own descriptor: the shared ones are
-    one thread's."""
+    """digest_and_scan of many tensors, one at a time (digest_and_scan_batches, unbatched)."""
+    return chain.from_iterable(digest_and_scan_batches(ts, workers))
+
+
+def digest_and_scan_batches(ts: list[TensorInfo], workers: int | None = None
+                            ) -> Iterator[list[tuple[TensorInfo, str, bool]]]:
+    """digest_and_scan of many tensors, in file and offset order, a list per job, on `workers` threads (default: one
+    per CPU, at most HASH_WORKERS; sha256, reads and numpy's scans release the GIL, so a model of large tensors
+    hashes on every core where `sha256sum` uses one). Each job is a run of neighbours (at most HASH_SPAN bytes) read
+    at once and hashed slice by slice — verify of a DeepSeek-V3-sized job hashes 171k tensors of 3.4 KB on average,
+    where one read each cost more than the hashing — or one larger tensor streamed. A job opens its own descriptor:
+    the shared ones are one thread's."""
     jobs: list[tuple[list[TensorInfo], int, int | None]] = []
     by_file: dict[Path, list[TensorInfo]] = {}
     for t in ts:
@@ -586,8 +582,7 @@ def digest_and_scan_many(ts: list[TensorInfo], workers: int | None = None) -> It
                 jobs.append(([t], t.start, None))
     pool = ThreadPoolExecutor(workers or hash_workers(), thread_name_prefix="mpconvert-hash")
     try:
-        for done in pool.map(_digest_job, jobs):  # in job order (each job's buffer is freed once it is hashed)
-            yield from done
+        yield from pool.map(_digest_job, jobs)  # in job order (each job's buffer is freed once it is hashed)
     finally:
         pool.shutdown(cancel_futures=True)  # an error (a truncated file) stops the jobs not yet started
 
@@ -609,28 +604,35 @@ def _digest_job(job: tuple[list[TensorInfo], int, int | None]) -> list[tuple[Ten
         if hi is None:  # one large tensor, streamed through this job's own descriptor
             t = run[0]
             return [(t, *_digest_and_scan_views(t, iter_views(fd, t.start, t.nbytes, lambda: _truncated(t))))]
-        digests, floats = [], {}
-        for t, raw in _run_views(fd, run, lo, hi):
-            digests.append((t, hashlib.sha256(raw).hexdigest()))
-            if t.dtype in _FLOAT_WORDS:
-                floats.setdefault(t.dtype, []).append((t.name, raw))
-        return [(t, digest, t.name in bad) for t, digest in digests] if (bad := _nonfinite_names(floats)) else \
-            [(t, digest, False) for t, digest in digests]
+        return _run_digests(fd, run, lo, hi)
     finally:
         os.close(fd)
 
 
-def _nonfinite_names(floats: dict[str, list[tuple[str, memoryview]]]) -> set[str]:
-    """The tensors of a run (dtype → [(name, bytes)]) holding a NaN or an infinity: each dtype's tensors scanned as
-    one joined buffer (one numpy scan, not one per tensor of a few KB), one by one only where that finds one."""
-    bad = set()
-    for dtype, items in floats.items():
-        if has_nonfinite(dtype, b"".join(raw for _, raw in items)):
-            bad.update(name for name, raw in items if has_nonfinite(dtype, raw))
-    return bad
+def _run_digests(fd: int, run: list[TensorInfo], lo: int, hi: int) -> list[tuple[TensorInfo, str, bool]]:
+    """sha256 of each tensor of a run of neighbours and whether it holds a NaN or an infinity, the run read at once.
+    The slicing and hashing are iterated in C (maps), not a Python step per tensor: a DeepSeek-V3-sized verify hashes
+    171k tensors of 3 KB, where the Python around each hash cost as much as the hash. Each float dtype's tensors are
+    scanned as one joined buffer, one by one only where that finds a NaN or an infinity."""
+    buf = memoryview(os.pread(fd, hi - lo, lo))
+    n = len(run)
+    at = np.fromiter(map(_START, run), np.int64, n) - lo
+    end = at + np.fromiter(map(_NBYTES, run), np.int64, n)
+    if n and int(end.max()) > len(buf):  # the file ends inside the run: name the first tensor it cuts
+        raise UserError(_truncated(run[int(np.argmax(end > len(buf)))]))
+    views = list(map(buf.__getitem__, map(slice, at.tolist(), end.tolist())))
+    digests = list(map(_HEXDIGEST, map(hashlib.sha256, views)))
+    dtypes = list(map(_DTYPE, run))
+    bad: set[int] = set()
+    for dtype in _FLOAT_WORDS.intersection(dtypes):
+        mine = list(compress(range(n), map(dtype.__eq__, dtypes)))
+        if has_nonfinite(dtype, b"".join(map(views.__getitem__, mine))):
+            bad.update(i for i in mine if has_nonfinite(dtype, views[i]))
+    return list(zip(run, digests, map(bad.__contains__, range(n)) if bad else repeat(False)))
 
 
-_START, _FILE, _NBYTES = operator.attrgetter("start"), operator.attrgetter("file"), operator.attrgetter("nbytes")
+_START, _FILE, _NBYTES, _DTYPE = (operator.attrgetter(a) for a in ("start", "file", "nbytes", "dtype"))
+_HEXDIGEST = operator.methodcaller("hexdigest")
 _TORCH_DTYPES = None
 
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import operator
 from dataclasses import asdict, dataclass, field
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from .formats.base import FLOAT_DTYPES, check_values_batched, value_suffixes
 from .layout import ModelInfo, check_same_architecture, config_problems, role_of
 from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
                        recorded_digest, require_converted, totals)
-from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_many, forget_open_files, load_array,
+from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_batches, forget_open_files, load_array,
                              read_header)
 
 SUMMARY_ROWS = 50  # the CLI prints this many findings, then counts per check and place
@@ -218,6 +219,8 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo]
 
 
 _NBYTES, _DTYPE_SHAPE = operator.attrgetter("nbytes"), operator.attrgetter("dtype", "shape")  # of a TensorInfo
+_NAME = operator.attrgetter("name")
+_FIRST, _SECOND, _THIRD = (operator.itemgetter(i) for i in range(3))
 _PT_HEADER_START = b'{"__metadata__":' + json.dumps(PT_METADATA, separators=(",", ":")).encode() + b","
 
 
@@ -263,13 +266,11 @@ def _check_digests(table, found: dict[str, TensorInfo], rep: Report, progress: P
     """sha256 of every tensor found, against the table (compared as whole columns; a tensor whose dtype or shape
     already differs is reported for that, not again for its bytes), and no NaN or infinity in any float tensor."""
     digests, nonfinite = {}, set()
-    for t, sha, bad in digest_and_scan_many(list(found.values())):
-        digests[t.name] = sha
-        if bad:
-            nonfinite.add(t.name)
-        if len(digests) % 1024 == 0:
-            progress.step(1024)
-    progress.step(len(digests) % 1024)
+    for done in digest_and_scan_batches(list(found.values())):  # a job's results at once: 171k tensors at V3 size
+        names = list(map(_NAME, map(_FIRST, done)))
+        digests.update(zip(names, map(_SECOND, done)))
+        nonfinite.update(compress(names, map(_THIRD, done)))
+        progress.step(len(done))
     if [digests.get(n) for n in table.name] != table.sha256:
         for n, dtype, shape, sha in zip(table.name, table.dtype, table.shape, table.sha256):
             t = found.get(n)
