@@ -69,6 +69,16 @@ def shard_names(count: int) -> list[str]:
 _SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")
 
 
+def index_json(total_size: int, shard_of: dict[str, str]) -> str:
+    """The safetensors index, exactly as json.dumps({"metadata": {"total_size": …}, "weight_map": …}, indent=2,
+    sort_keys=True) + "\n" writes it, by json's C encoder: with indent, json falls back to its pure-Python encoder,
+    0.3 s for the 171k entries of a DeepSeek-V3-sized job. The map goes through the C encoder with the indented
+    line break as its item separator, and the braces are put on their own lines around it."""
+    weight_map = json.dumps(dict(sorted(shard_of.items())), separators=(",\n    ", ": "))
+    weight_map = "{\n    " + weight_map[1:-1] + "\n  }" if shard_of else "{}"
+    return f'{{\n  "metadata": {{\n    "total_size": {int(total_size)}\n  }},\n  "weight_map": {weight_map}\n}}\n'
+
+
 def _written_by_build(name: str) -> bool:
     return name in (MANIFEST, INDEX, "config.json", *SIDE_FILES) or _SHARD_NAME.fullmatch(name) is not None
 
@@ -172,8 +182,7 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
         hasher.wait()
         for f in flushed:
             f.result()
-    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
-    (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (tmp / INDEX).write_text(index_json(plan.total_bytes, shard_of))
     files = {}
     for f in plan.base.ckpt.side_files:
         shutil.copyfile(plan.base.ckpt.path / f, tmp / f)

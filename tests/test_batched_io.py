@@ -125,6 +125,22 @@ def test_header_bytes_are_what_json_dumps_writes():
         assert sio.header_bytes(tensors, meta) == struct.pack("<Q", len(want)) + want
 
 
+def test_index_json_is_what_json_dumps_writes():
+    """The index is written by json's C encoder (indent=2 would take the pure-Python one): the same text as
+    json.dumps(indent=2, sort_keys=True) for any names — quotes, backslashes, non-ASCII, control characters — and
+    sizes, empty map included."""
+    from mpconvert.writer import index_json
+
+    rnd = random.Random(3)
+    chars = 'abc.XYZ_09-/:+"\\é\u2603\n\t'
+    for _ in range(2000):
+        m = {"".join(rnd.choice(chars) for _ in range(rnd.randint(1, 12))):
+             "".join(rnd.choice(chars) for _ in range(rnd.randint(0, 8))) for _ in range(rnd.choice([0, 1, 2, 5, 50]))}
+        total = rnd.choice([0, 1, 2**40, 2**63 - 1])
+        want = json.dumps({"metadata": {"total_size": total}, "weight_map": m}, indent=2, sort_keys=True) + "\n"
+        assert index_json(total, m) == want
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel-copy", "read-and-write"])
 @pytest.mark.parametrize("overlap", [None, 0], ids=["hash-inline-below-1MiB", "hash-every-buffer-in-the-thread"])
 def test_write_file_copies_runs_and_streams_the_rest(tmp_path, monkeypatch, overlap, kernel):
