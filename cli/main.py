@@ -28,8 +28,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "  mpconvert verify out/ --engine sglang --tp 2\n\n"
                        "  mpconvert serve out/ -- --tp 2\n\n"
                        "  mpconvert demo demo-out/")
-err = Console(stderr=True)
-out = Console()
+READER_GONE = 141  # 128 + SIGPIPE: what a shell reports for a program ended by writing to a closed pipe
+
+
+def _reader_gone(stream) -> None:
+    """The reader of `stream` left (`mpconvert inspect out/ | head`): stop quietly with exit 141, as a program ended
+    by SIGPIPE does — not 1, which verify uses for problems found, and not a traceback. Later writes go nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(READER_GONE)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich's own would exit 1
+        self.quiet = True
+        _reader_gone(sys.stderr if self.stderr else sys.stdout)
+
+
+err = _Console(stderr=True)
+out = _Console()
 
 BUILD_HELP = """Merge the checkpoints named by RECIPE into one sharded safetensors checkpoint with a manifest.
 
@@ -76,6 +96,14 @@ Examples:
 """
 
 
+def _path(value: str) -> Path:
+    """Every path argument and option: an empty one ("", `-o ""`) would be the current directory — refused here
+    instead of reported as `. already exists` or acted on."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path (it would mean the current directory); give a path")
+    return Path(value)
+
+
 def _fail(e: UserError) -> None:
     err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(e.exit_code)
@@ -104,6 +132,8 @@ def guarded(command):
             raise typer.Exit(130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except BrokenPipeError:  # print() (--json) to a reader that left
+            _reader_gone(sys.stdout)
         except Exception as e:  # noqa: BLE001 — the point of the guard
             log = _write_crash_log()
             err.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — please "
@@ -139,8 +169,9 @@ def _progress(json_mode: bool) -> Progress:
 
 @app.command(help=BUILD_HELP)
 @guarded
-def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
-          output: Path = typer.Option(..., "-o", "--output", help="output directory (must not exist, see --force)"),
+def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
+          output: Path = typer.Option(..., "-o", "--output",
+                                      parser=_path, help="output directory (must not exist, see --force)"),
           tp: int = typer.Option(1, "--tp", help="check every split SGLang makes at this tensor-parallel size"),
           ep: int = typer.Option(1, "--ep", help="expert-parallel size (experts over EP ranks, their intermediate "
                                                  "size over tp/ep), as SGLang's --ep"),
@@ -226,10 +257,12 @@ Examples:
 
 @app.command(help=PLAN_HELP)
 @guarded
-def plan(sources: Path = typer.Argument(..., help="sources file (a recipe without rules)"),
+def plan(sources: Path = typer.Argument(..., parser=_path, help="sources file (a recipe without rules)"),
          budget: list[str] = typer.Option(..., "--budget", help="size budget: 120MB, 5.5bpw or 0.4x (repeatable)"),
-         output: Path = typer.Option(..., "-o", "--output", help="recipe to write (its report: same name, .json)"),
-         calib: list[Path] = typer.Option(..., "--calib", help="calibration text file(s), UTF-8 (repeatable)"),
+         output: Path = typer.Option(..., "-o", "--output",
+                                     parser=_path, help="recipe to write (its report: same name, .json)"),
+         calib: list[Path] = typer.Option(..., "--calib",
+                                          parser=_path, help="calibration text file(s), UTF-8 (repeatable)"),
          tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="calibration tokens to measure on "
                                               "(default 512; per-expert plans of a MoE model: 384 per expert on "
                                               "average, experts / top-k × 384)"),
@@ -238,8 +271,9 @@ def plan(sources: Path = typer.Argument(..., help="sources file (a recipe withou
          dp: int = typer.Option(1, "--dp", help="DP attention size the recipe must build for (as build --dp)"),
          device: Optional[str] = typer.Option(None, "--device", help="torch device for the measurements (default: "
                                                                      "cuda when present, else cpu)"),
-         frontier: Optional[Path] = typer.Option(None, "--frontier", help="also save the predicted KL-vs-size curve "
-                                                                         "as a PNG plot (and print it)"),
+         frontier: Optional[Path] = typer.Option(None, "--frontier",
+                                                 parser=_path, help="also save the predicted KL-vs-size curve "
+                                                                    "as a PNG plot (and print it)"),
          whole_experts: bool = typer.Option(False, "--whole-experts", help="choose one source per MoE layer's "
                                                                            "experts (default: per expert)"),
          force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file"),
@@ -290,7 +324,7 @@ INSPECT_ROWS = 500  # a table of a DeepSeek-V3-sized job's 45k modules helps no 
 @app.command(help="Show what a converted directory holds: module → format, source, bytes; totals per format; "
                   "average bits per weight and the size vs bf16.\n\nExample:  mpconvert inspect out/ --json")
 @guarded
-def inspect(directory: Path = typer.Argument(..., help="converted directory"),
+def inspect(directory: Path = typer.Argument(..., parser=_path, help="converted directory"),
             json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
             modules: Optional[bool] = typer.Option(None, "--modules/--no-modules",
                                                    help="list every linear module (default: when there are "
@@ -342,7 +376,7 @@ checked the same way with SGLang's plugins switched off (stock SGLang must load 
 compressed-tensors config build wrote.
 
 Exit codes: 0 all checks passed; 1 problems found (one line each; past 50, counts per check); 2 usage error;
-70 internal error (one line, the traceback in a log file).
+70 internal error (one line, the traceback in a log file); 141 the reader of the output left (`| head`).
 
 Examples:
 
@@ -375,12 +409,13 @@ def _parse_thresholds(items: list[str]) -> dict:
 
 @app.command(help=VERIFY_HELP)
 @guarded
-def verify(directory: Path = typer.Argument(..., help="converted directory"),
+def verify(directory: Path = typer.Argument(..., parser=_path, help="converted directory"),
            tp: int = typer.Option(1, "--tp", help="tensor-parallel size to check shardability for"),
            ep: int = typer.Option(1, "--ep", help="expert-parallel size to check for MoE models"),
            dp: int = typer.Option(1, "--dp", help="DP attention size to check for, as SGLang's --enable-dp-attention "
                                                   "--dp N (attention split over tp/N ranks)"),
-           base: Optional[Path] = typer.Option(None, "--base", help="the bf16 base model (for --numeric)"),
+           base: Optional[Path] = typer.Option(None, "--base",
+                                               parser=_path, help="the bf16 base model (for --numeric)"),
            numeric: bool = typer.Option(False, "--numeric", help="run blocks on CPU vs the base (needs --base)"),
            fast: bool = typer.Option(False, "--fast", help="skip the sha256 and NaN scan of tensor data (said in the "
                                                            "report)"),
@@ -391,8 +426,9 @@ def verify(directory: Path = typer.Argument(..., help="converted directory"),
                                                 "real classes on CPU through the shim and check every layer's "
                                                 "quant method (sglang), at TP=1 and at --tp"),
            dtype: str = typer.Option("auto", "--dtype", help="model dtype for --engine (as SGLang's --dtype)"),
-           text: Optional[Path] = typer.Option(None, "--text", help="with --numeric: perplexity of the base and of "
-                                               "the converted model, and their KL, on this text file"),
+           text: Optional[Path] = typer.Option(None, "--text", parser=_path,
+                                               help="with --numeric: perplexity of the base and of the converted "
+                                                    "model, and their KL, on this text file"),
            json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout")):
     from mpconvert.verify import SUMMARY_ROWS, Progress as VerifyProgress, check_usage, verify as run_verify
 
@@ -498,7 +534,7 @@ def serve_command(directory: Path, args: list[str]) -> list[str]:
 
 @app.command(help=SERVE_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @guarded
-def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="converted directory"),
+def serve(ctx: typer.Context, directory: Path = typer.Argument(..., parser=_path, help="converted directory"),
           print_command: bool = typer.Option(False, "--print-command", help="print the command instead of running it")):
     import os
     import shlex
@@ -515,7 +551,8 @@ def serve(ctx: typer.Context, directory: Path = typer.Argument(..., help="conver
                   "producers (llm-compressor, gptqmodel; needs `make setup`), build a mixed checkpoint, inspect it."
                   "\n\nExample:  mpconvert demo demo-out/")
 @guarded
-def demo(directory: Path = typer.Argument(Path("demo-out"), help="where the demo writes its recipe and output"),
+def demo(directory: Path = typer.Argument(Path("demo-out"),
+                                          parser=_path, help="where the demo writes its recipe and output"),
          force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo output")):
     recipe = _fixture_factory().run_demo(directory, err)
     build(recipe=recipe, output=directory / "mixed", tp=1, ep=1, dp=1, shard_size=None, force=force, to="mpconvert",
@@ -544,6 +581,8 @@ def main() -> None:
         err.print("interrupted; nothing was written")
         sys.exit(130)
     except SystemExit as e:  # how typer ends every command
+        if e.code == 1 and "PacifyFlushWrapper" in type(sys.stdout).__name__:
+            _exit_now(READER_GONE)  # click's own output (--help) met a closed pipe: it wraps stdout and exits 1
         if e.code is None or type(e.code) is int:
             _exit_now(e.code or 0)
         raise

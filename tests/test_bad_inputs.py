@@ -277,3 +277,44 @@ def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
     save_file(sd, shard, metadata={"format": "pt"})
     r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
     fails(cli, tmp_path, r, match=f"tensor {extra!r} is of a kind mpconvert does not know")
+
+
+@pytest.mark.parametrize("args", [("build", "{r}", "-o", ""), ("build", "{r}", "--output="), ("build", ""),
+                                  ("inspect", ""), ("verify", ""), ("verify", "{out}", "--numeric", "--base", ""),
+                                  ("serve", "", "--print-command")])
+def test_an_empty_path_is_refused(args, llama, cli, tmp_path, monkeypatch):
+    """An empty path would be the current directory: refused by name (not `. already exists`, not acted on)."""
+    monkeypatch.chdir(tmp_path)
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    res = cli(*(a.format(r=r, out=tmp_path) for a in args))
+    assert res.exit_code == 2
+    assert "an empty path (it would mean the current directory); give a path" in res.output
+    assert "Traceback" not in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+@pytest.mark.parametrize("args", [("inspect", "{out}"), ("inspect", "{out}", "--json"), ("verify", "{out}"),
+                                  ("verify", "{out}", "--json"), ("--help",)])
+def test_a_reader_that_left_ends_quietly(args, llama, cli, tmp_path):
+    """`mpconvert inspect out/ | head`: the reader closes the pipe; mpconvert stops with exit 141 (as a program ended
+    by SIGPIPE; not 1, verify's "problems found") and no traceback."""
+    out = tmp_path / "out"
+    assert cli("build", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq"), "-o", out).exit_code == 0
+    exe = Path(sys.executable).parent / "mpconvert"
+    p = subprocess.Popen([str(exe), *(a.format(out=out) for a in args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before mpconvert writes a byte
+    stderr = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "error" not in stderr
+
+
+def test_a_build_whose_reader_left_leaves_no_partial_output(llama, tmp_path):
+    """Both pipes closed at once (`mpconvert build … 2>&1 | head -0`): build stops at its first line of progress with
+    exit 141 and leaves no output and no temporary directory."""
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    p = subprocess.Popen([str(Path(sys.executable).parent / "mpconvert"), "build", str(r), "-o", str(tmp_path / "out")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    p.stderr.close()
+    assert p.wait(timeout=120) == 141
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
