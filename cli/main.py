@@ -29,17 +29,67 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "  mpconvert serve out/ -- --tp 2\n\n"
                        "  mpconvert demo demo-out/")
 READER_GONE = 141  # 128 + SIGPIPE: what a shell reports for a program ended by writing to a closed pipe
+OUTPUT_LOST = 2  # standard output could not be written (a full disk behind `> report.json`)
 
 
-def _reader_gone(stream) -> None:
-    """The reader of `stream` left (`mpconvert inspect out/ | head`): stop quietly with exit 141, as a program ended
-    by SIGPIPE does — not 1, which verify uses for problems found, and not a traceback. Later writes go nowhere."""
+def _silence(stream) -> None:
+    """Later writes to `stream`, and the text still buffered for it, go nowhere."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
     except (OSError, ValueError):
         pass
+
+
+def _reader_gone(stream) -> None:
+    """The reader of `stream` left (`mpconvert inspect out/ | head`): stop quietly with exit 141, as a program ended
+    by SIGPIPE does — not 1, which verify uses for problems found, and not a traceback."""
+    _silence(stream)
     raise SystemExit(READER_GONE)
+
+
+def _output_lost(e: OSError) -> int:
+    """Standard output could not be written: the exit code, after one line on stderr — never exit 0 with a report cut
+    short (`mpconvert verify out/ --json > report.json` on a full disk), never an internal error."""
+    _silence(sys.stdout)
+    if isinstance(e, BrokenPipeError):
+        return READER_GONE
+    err.print(f"error: could not write to standard output ({e.strerror or e}); what it received is incomplete — free "
+              f"space or send it elsewhere", markup=False, highlight=False, soft_wrap=True)
+    return OUTPUT_LOST
+
+
+class _CheckedStream:
+    """sys.stdout or sys.stderr as main() installs them. Standard output that cannot be written ends the command
+    (_output_lost). Standard error is diagnostics: a reader that left stops the command as SIGPIPE would (rich's
+    on_broken_pipe, below), but a full disk or an I/O error there only silences it — the command goes on and its
+    exit code stands."""
+
+    def __init__(self, stream, is_stdout: bool):
+        self._stream, self._is_stdout = stream, is_stdout
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            return self._failed(e, len(text))
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            self._failed(e, 0)
+
+    def _failed(self, e: OSError, n: int) -> int:
+        if self._is_stdout:
+            raise SystemExit(_output_lost(e)) from None
+        if isinstance(e, BrokenPipeError):
+            raise e
+        _silence(self._stream)
+        return n
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, buffer, …: the stream's own
+        return getattr(self._stream, name)
 
 
 class _Console(Console):
@@ -162,9 +212,14 @@ def _write_crash_log() -> str:
     return "(no writable log directory)"
 
 
+def _bar_console(json_mode: bool) -> Console:
+    """Where a progress bar draws: stderr, and nowhere with --json (a disabled bar still ends with a newline)."""
+    return _Console(stderr=True, quiet=True) if json_mode else err
+
+
 def _progress(json_mode: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, disable=json_mode)
+                    TimeRemainingColumn(), console=_bar_console(json_mode), disable=json_mode)
 
 
 @app.command(help=BUILD_HELP)
@@ -289,7 +344,7 @@ def plan(sources: Path = typer.Argument(..., parser=_path, help="sources file (a
     if prepared.short_text:
         err.print(f"warning: {prepared.short_text}", markup=False, highlight=False, soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=err, disable=json_out) as prog:
+                  TimeRemainingColumn(), console=_bar_console(json_out), disable=json_out) as prog:
         task = prog.add_task("measuring", total=None)
         results = run_plan(prepared, output, device, on_total=lambda n: prog.update(task, total=n),
                            on_step=lambda: prog.advance(task))
@@ -435,8 +490,8 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
     check_usage(directory, tp, ep, base, numeric, text, engine, dp)  # before the bar: a usage error is one line
 
     thresholds = _parse_thresholds(threshold)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err,
-                  disable=json_out) as prog:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
+                  console=_bar_console(json_out), disable=json_out) as prog:
         task = prog.add_task("verifying", total=None)
 
         class Bar(VerifyProgress):
@@ -575,6 +630,8 @@ def _fixture_factory():
 
 
 def main() -> None:
+    if sys.stdout is not None and sys.stderr is not None:
+        sys.stdout, sys.stderr = _CheckedStream(sys.stdout, True), _CheckedStream(sys.stderr, False)
     try:
         app()
     except KeyboardInterrupt:
@@ -586,21 +643,32 @@ def main() -> None:
         if e.code is None or type(e.code) is int:
             _exit_now(e.code or 0)
         raise
+    except OSError as e:  # click's own output (--help) to a full disk: the commands' errors never get here (guarded)
+        _exit_now(_output_lost(e))
 
 
 def _exit_now(code: int) -> None:
     """Exit without freeing the interpreter's objects one by one: a DeepSeek-V3-sized job leaves millions (headers,
     manifest), and tearing them down cost 0.15 s of verify's 3.8 s. Only once the command has finished: atexit
-    handlers run and output is flushed first, and every file it wrote is closed and in place by then. A thread still
-    running (none should be) gets the normal exit, which waits for it."""
+    handlers run and output is flushed first (a flush that fails changes the exit code: _output_lost), and every
+    file it wrote is closed and in place by then. A thread still running (none should be) gets the normal exit,
+    which waits for it."""
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+    except SystemExit as e:  # _CheckedStream said why; a command's own failure code stands
+        code = code or e.code
+    except OSError as e:  # (under a stdout main() did not wrap)
+        lost = _output_lost(e)
+        code = code or lost
+    except ValueError:  # closed
+        pass
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):  # nothing left to say there
+        pass
     if threading.active_count() > 1:
         sys.exit(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a reader gone (`| head`) or a closed stream: nothing left to say there
-            pass
     os._exit(code)
 
 

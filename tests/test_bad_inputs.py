@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -318,3 +319,53 @@ def test_a_build_whose_reader_left_leaves_no_partial_output(llama, tmp_path):
     p.stderr.close()
     assert p.wait(timeout=120) == 141
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+@pytest.mark.parametrize("args", [("inspect", "{out}"), ("inspect", "{out}", "--json"), ("verify", "{out}"),
+                                  ("verify", "{out}", "--json"), ("serve", "{out}", "--print-command"), ("--help",),
+                                  ("build", "{recipe}", "-o", "{new}", "--json")])
+def test_output_that_cannot_be_written_is_an_error(args, buffered, llama, cli, tmp_path):
+    """Standard output on a full disk (`mpconvert verify out/ --json > report.json`): one `error:` line and exit 2 —
+    not an internal error, and never exit 0 with the report lost (a buffered stdout's last flush failed unseen)."""
+    out, recipe = tmp_path / "out", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    assert cli("build", recipe, "-o", out).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED" or not buffered}
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([str(Path(sys.executable).parent / "mpconvert"),
+                            *(a.format(out=out, recipe=recipe, new=tmp_path / "new") for a in args)],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines == ["error: could not write to standard output (No space left on device); what it received is "
+                     "incomplete — free space or send it elsewhere"], p.stderr
+    assert "internal error" not in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args", [("build", "{recipe}", "-o", "{new}", "--json"), ("verify", "{out}", "--json"),
+                                  ("inspect", "{out}", "--json")])
+def test_json_mode_writes_nothing_to_stderr(args, llama, cli, tmp_path):
+    """With --json, stdout is the JSON document and stderr stays empty (a disabled progress bar wrote a newline)."""
+    out, recipe = tmp_path / "out", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    assert cli("build", recipe, "-o", out).exit_code == 0
+    p = subprocess.run([str(Path(sys.executable).parent / "mpconvert"),
+                        *(a.format(out=out, recipe=recipe, new=tmp_path / "new") for a in args)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    json.loads(p.stdout)
+
+
+@pytest.mark.parametrize("args, code", [(("verify", "{out}"), 0), (("verify", "{tmp}/nowhere"), 2),
+                                        (("build", "{recipe}", "-o", "{new}"), 0), (("inspect", "{out}"), 0)])
+def test_stderr_that_cannot_be_written_changes_nothing(args, code, llama, cli, tmp_path):
+    """Standard error on a full disk: the progress bar and messages are lost, the command's work and exit code are
+    not (a verify that passed exited 1, a usage error 1, from an exception raised while reporting another)."""
+    out, recipe = tmp_path / "out", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    assert cli("build", recipe, "-o", out).exit_code == 0
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([str(Path(sys.executable).parent / "mpconvert"),
+                            *(a.format(out=out, recipe=recipe, new=tmp_path / "new", tmp=tmp_path) for a in args)],
+                           stdout=subprocess.DEVNULL, stderr=full, timeout=120)
+    assert p.returncode == code
+    if args[0] == "build":
+        assert cli("verify", tmp_path / "new").exit_code == 0
