@@ -41,29 +41,21 @@ def _silence(stream) -> None:
         pass
 
 
-def _reader_gone(stream) -> None:
-    """The reader of `stream` left (`mpconvert inspect out/ | head`): stop quietly with exit 141, as a program ended
-    by SIGPIPE does — not 1, which verify uses for problems found, and not a traceback."""
-    _silence(stream)
-    raise SystemExit(READER_GONE)
-
-
 def _output_lost(e: OSError) -> int:
     """Standard output could not be written: the exit code, after one line on stderr — never exit 0 with a report cut
     short (`mpconvert verify out/ --json > report.json` on a full disk), never an internal error."""
     _silence(sys.stdout)
-    if isinstance(e, BrokenPipeError):
-        return READER_GONE
     err.print(f"error: could not write to standard output ({e.strerror or e}); what it received is incomplete — free "
               f"space or send it elsewhere", markup=False, highlight=False, soft_wrap=True)
     return OUTPUT_LOST
 
 
 class _CheckedStream:
-    """sys.stdout or sys.stderr as main() installs them. Standard output that cannot be written ends the command
-    (_output_lost). Standard error is diagnostics: a reader that left stops the command as SIGPIPE would (rich's
-    on_broken_pipe, below), but a full disk or an I/O error there only silences it — the command goes on and its
-    exit code stands."""
+    """sys.stdout or sys.stderr as main() installs them: the one place where a failed write is decided, whoever
+    wrote (rich, print, click's help). A reader that left either stream (`mpconvert inspect out/ | head`) stops the
+    command quietly with exit 141, as a program ended by SIGPIPE — not rich's and click's 1, which verify uses for
+    problems found. Standard output that cannot be written otherwise ends the command (_output_lost). Standard error
+    is diagnostics: a full disk or an I/O error there only silences it — the command goes on, its exit code stands."""
 
     def __init__(self, stream, is_stdout: bool):
         self._stream, self._is_stdout = stream, is_stdout
@@ -81,10 +73,11 @@ class _CheckedStream:
             self._failed(e, 0)
 
     def _failed(self, e: OSError, n: int) -> int:
+        if isinstance(e, BrokenPipeError):
+            _silence(self._stream)
+            raise SystemExit(READER_GONE) from None
         if self._is_stdout:
             raise SystemExit(_output_lost(e)) from None
-        if isinstance(e, BrokenPipeError):
-            raise e
         _silence(self._stream)
         return n
 
@@ -92,14 +85,8 @@ class _CheckedStream:
         return getattr(self._stream, name)
 
 
-class _Console(Console):
-    def on_broken_pipe(self) -> None:  # rich's own would exit 1
-        self.quiet = True
-        _reader_gone(sys.stderr if self.stderr else sys.stdout)
-
-
-err = _Console(stderr=True)
-out = _Console()
+err = Console(stderr=True)
+out = Console()
 
 BUILD_HELP = """Merge the checkpoints named by RECIPE into one sharded safetensors checkpoint with a manifest.
 
@@ -182,8 +169,6 @@ def guarded(command):
             raise typer.Exit(130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except BrokenPipeError:  # print() (--json) to a reader that left
-            _reader_gone(sys.stdout)
         except Exception as e:  # noqa: BLE001 — the point of the guard
             log = _write_crash_log()
             err.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — please "
@@ -214,7 +199,7 @@ def _write_crash_log() -> str:
 
 def _bar_console(json_mode: bool) -> Console:
     """Where a progress bar draws: stderr, and nowhere with --json (a disabled bar still ends with a newline)."""
-    return _Console(stderr=True, quiet=True) if json_mode else err
+    return Console(stderr=True, quiet=True) if json_mode else err
 
 
 def _progress(json_mode: bool) -> Progress:
@@ -638,35 +623,25 @@ def main() -> None:
         err.print("interrupted; nothing was written")
         sys.exit(130)
     except SystemExit as e:  # how typer ends every command
-        if e.code == 1 and "PacifyFlushWrapper" in type(sys.stdout).__name__:
-            _exit_now(READER_GONE)  # click's own output (--help) met a closed pipe: it wraps stdout and exits 1
         if e.code is None or type(e.code) is int:
             _exit_now(e.code or 0)
         raise
-    except OSError as e:  # click's own output (--help) to a full disk: the commands' errors never get here (guarded)
-        _exit_now(_output_lost(e))
 
 
 def _exit_now(code: int) -> None:
     """Exit without freeing the interpreter's objects one by one: a DeepSeek-V3-sized job leaves millions (headers,
     manifest), and tearing them down cost 0.15 s of verify's 3.8 s. Only once the command has finished: atexit
-    handlers run and output is flushed first (a flush that fails changes the exit code: _output_lost), and every
+    handlers run and output is flushed first (a flush that fails changes a 0 exit code: _CheckedStream), and every
     file it wrote is closed and in place by then. A thread still running (none should be) gets the normal exit,
     which waits for it."""
     atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-    except SystemExit as e:  # _CheckedStream said why; a command's own failure code stands
-        code = code or e.code
-    except OSError as e:  # (under a stdout main() did not wrap)
-        lost = _output_lost(e)
-        code = code or lost
-    except ValueError:  # closed
-        pass
-    try:
-        sys.stderr.flush()
-    except (OSError, ValueError):  # nothing left to say there
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except SystemExit as e:  # _CheckedStream decided (141 or 2); a command's own failure code stands
+            code = code or e.code
+        except (OSError, ValueError):  # a stream main() did not wrap, or a closed one: nothing left to say there
+            pass
     if threading.active_count() > 1:
         sys.exit(code)
     os._exit(code)
