@@ -14,6 +14,8 @@ import pytest
 
 from helpers import copy, fails, write_recipe
 
+MPCONVERT = str(Path(sys.executable).parent / "mpconvert")  # the installed command: its own streams, its own exit
+
 
 def test_recipe_missing(cli, tmp_path):
     fails(cli, tmp_path, tmp_path / "nope.yaml", match="recipe not found")
@@ -230,8 +232,7 @@ def test_write_failure_leaves_nothing(llama, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    exe = Path(sys.executable).parent / "mpconvert"
-    p = subprocess.run([str(exe), "build", str(r), "-o", str(tmp_path / "out")], capture_output=True, text=True,
+    p = subprocess.run([MPCONVERT, "build", str(r), "-o", str(tmp_path / "out")], capture_output=True, text=True,
                        preexec_fn=limit)
     assert p.returncode == 2, p.stderr
     assert "write failed" in p.stderr and "nothing was written" in p.stderr and "Traceback" not in p.stderr
@@ -293,16 +294,23 @@ def test_an_empty_path_is_refused(args, llama, cli, tmp_path, monkeypatch):
     assert "Traceback" not in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+def _built(llama, cli, tmp_path: Path) -> dict[str, Path]:
+    """A recipe and its built output; the placeholders the tests' argument lists name ({new}: not there yet)."""
+    recipe = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
+    assert cli("build", recipe, "-o", tmp_path / "out").exit_code == 0
+    return {"recipe": recipe, "out": tmp_path / "out", "new": tmp_path / "new", "tmp": tmp_path}
+
+
+def _command(args, paths: dict[str, Path]) -> list[str]:
+    return [MPCONVERT, *(a.format(**paths) for a in args)]
+
+
 @pytest.mark.parametrize("args", [("inspect", "{out}"), ("inspect", "{out}", "--json"), ("verify", "{out}"),
                                   ("verify", "{out}", "--json"), ("--help",)])
 def test_a_reader_that_left_ends_quietly(args, llama, cli, tmp_path):
     """`mpconvert inspect out/ | head`: the reader closes the pipe; mpconvert stops with exit 141 (as a program ended
     by SIGPIPE; not 1, verify's "problems found") and no traceback."""
-    out = tmp_path / "out"
-    assert cli("build", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq"), "-o", out).exit_code == 0
-    exe = Path(sys.executable).parent / "mpconvert"
-    p = subprocess.Popen([str(exe), *(a.format(out=out) for a in args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = subprocess.Popen(_command(args, _built(llama, cli, tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()  # before mpconvert writes a byte
     stderr = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141, stderr
@@ -313,8 +321,8 @@ def test_a_build_whose_reader_left_leaves_no_partial_output(llama, tmp_path):
     """Both pipes closed at once (`mpconvert build … 2>&1 | head -0`): build stops at its first line of progress with
     exit 141 and leaves no output and no temporary directory."""
     r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
-    p = subprocess.Popen([str(Path(sys.executable).parent / "mpconvert"), "build", str(r), "-o", str(tmp_path / "out")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([MPCONVERT, "build", str(r), "-o", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     p.stdout.close()
     p.stderr.close()
     assert p.wait(timeout=120) == 141
@@ -328,13 +336,10 @@ def test_a_build_whose_reader_left_leaves_no_partial_output(llama, tmp_path):
 def test_output_that_cannot_be_written_is_an_error(args, buffered, llama, cli, tmp_path):
     """Standard output on a full disk (`mpconvert verify out/ --json > report.json`): one `error:` line and exit 2 —
     not an internal error, and never exit 0 with the report lost (a buffered stdout's last flush failed unseen)."""
-    out, recipe = tmp_path / "out", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
-    assert cli("build", recipe, "-o", out).exit_code == 0
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED" or not buffered}
     with open("/dev/full", "w") as full:
-        p = subprocess.run([str(Path(sys.executable).parent / "mpconvert"),
-                            *(a.format(out=out, recipe=recipe, new=tmp_path / "new") for a in args)],
-                           stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+        p = subprocess.run(_command(args, _built(llama, cli, tmp_path)), stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
     assert lines == ["error: could not write to standard output (No space left on device); what it received is "
@@ -346,11 +351,7 @@ def test_output_that_cannot_be_written_is_an_error(args, buffered, llama, cli, t
                                   ("inspect", "{out}", "--json")])
 def test_json_mode_writes_nothing_to_stderr(args, llama, cli, tmp_path):
     """With --json, stdout is the JSON document and stderr stays empty (a disabled progress bar wrote a newline)."""
-    out, recipe = tmp_path / "out", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
-    assert cli("build", recipe, "-o", out).exit_code == 0
-    p = subprocess.run([str(Path(sys.executable).parent / "mpconvert"),
-                        *(a.format(out=out, recipe=recipe, new=tmp_path / "new") for a in args)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(_command(args, _built(llama, cli, tmp_path)), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     json.loads(p.stdout)
 
@@ -360,12 +361,9 @@ def test_json_mode_writes_nothing_to_stderr(args, llama, cli, tmp_path):
 def test_stderr_that_cannot_be_written_changes_nothing(args, code, llama, cli, tmp_path):
     """Standard error on a full disk: the progress bar and messages are lost, the command's work and exit code are
     not (a verify that passed exited 1, a usage error 1, from an exception raised while reporting another)."""
-    out, recipe = tmp_path / "out", write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
-    assert cli("build", recipe, "-o", out).exit_code == 0
     with open("/dev/full", "w") as full:
-        p = subprocess.run([str(Path(sys.executable).parent / "mpconvert"),
-                            *(a.format(out=out, recipe=recipe, new=tmp_path / "new", tmp=tmp_path) for a in args)],
-                           stdout=subprocess.DEVNULL, stderr=full, timeout=120)
+        p = subprocess.run(_command(args, _built(llama, cli, tmp_path)), stdout=subprocess.DEVNULL, stderr=full,
+                           timeout=120)
     assert p.returncode == code
     if args[0] == "build":
         assert cli("verify", tmp_path / "new").exit_code == 0
