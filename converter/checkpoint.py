@@ -23,6 +23,12 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "chat_template.json", "preprocessor_config.json")
 
 
+def file_state(p: Path) -> tuple[int, int]:
+    """Size and modification time: what tells that a source file changed since it was read."""
+    st = os.stat(p)
+    return st.st_size, st.st_mtime_ns
+
+
 def read_json(path: Path, what: str) -> dict:
     """A JSON object file of a model directory (config, index): one error line for each way it can be wrong."""
     try:
@@ -51,6 +57,9 @@ class Checkpoint:
     label: str  # how messages name it: "base" or the recipe's source name
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     file_fingerprints: dict[str, str] = field(default_factory=dict)  # file name → sha256(header) + size
+    # file name → file_state when its header was read: what every later read of it (value checks, the writer's
+    # copy) assumes; the writer compares against it, so a change during planning is caught as one during writing
+    file_states: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path, label: str) -> "Checkpoint":
@@ -61,6 +70,9 @@ class Checkpoint:
         weight_map = ck._weight_map()  # read once, not kept: 177k entries of a DeepSeek-V3-sized source are 40 MB
         shard_of: dict[str, str] = {}
         for name in ck._shard_names(weight_map):
+            # before the read, so that a change after it is seen later (a missing file or broken link: read_header
+            # says what is wrong, in the words it uses for every source file)
+            ck.file_states[name] = file_state(ck.path / name) if os.path.exists(ck.path / name) else None
             infos, raw = read_header(ck.path / name)
             size = (ck.path / name).stat().st_size
             digest = hashlib.sha256(raw)  # (the header and then the size: no copy of a 40 MB header to join them)

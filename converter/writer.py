@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import INDEX, SIDE_FILES
+from .checkpoint import INDEX, SIDE_FILES, file_state
 from .errors import UserError
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
@@ -122,9 +122,11 @@ def check_output(out: Path, force: bool, plan: Plan | None = None) -> None:
                                 f"never modified")
 
 
-def _source_state(plan: Plan) -> dict:
-    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns)
-            for src in plan.sources.values() for f in (src.ckpt.path / n for n in src.ckpt.file_fingerprints)}
+def _changed_source(plan: Plan) -> Path | None:
+    """The first source shard that differs from when its header was read (Checkpoint.file_states), or None:
+    planning's checks and the copy both assumed that file."""
+    return next((src.ckpt.path / name for src in plan.sources.values()
+                 for name, state in src.ckpt.file_states.items() if file_state(src.ckpt.path / name) != state), None)
 
 
 def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
@@ -136,7 +138,7 @@ def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
         with OutputLock(Path(os.path.abspath(out))) as lock:
             return write(plan, out, shard_size, force, on_bytes, lock)
     out = lock.out
-    forget_open_files()  # read the sources as they are now (_source_state below watches them)
+    forget_open_files()  # read the sources as they are now (_changed_source below watches them)
     check_output(out, force, plan)
     plan.forget_unplanned()  # bounds the peak: the plan, then the manifest
     free = shutil.disk_usage(out.parent).free
@@ -144,14 +146,14 @@ def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
     if free < need:
         raise UserError(f"{out.parent}: {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; free space or "
                         f"write elsewhere")
-    before = _source_state(plan)
     tmp = lock.aside("tmp")
     try:
         tmp.mkdir()
         manifest = _write_into(plan, tmp, shard_size, on_bytes)
-        if _source_state(plan) != before:
-            raise UserError("a source file changed while building; nothing was written — rebuild when sources are "
-                            "stable")
+        changed = _changed_source(plan)
+        if changed is not None:
+            raise UserError(f"a source file changed while building; nothing was written — {changed} is not as build "
+                            f"read it (size or modification time); rebuild when sources are stable")
         fsync_tree(tmp)
         lock.put_in_place(tmp)
         return manifest

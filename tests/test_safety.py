@@ -296,6 +296,26 @@ def test_a_source_changed_mid_build_writes_nothing(llama, tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("change", ["mtime", "appended"])
+def test_a_source_changed_while_planning_writes_nothing(change, llama, tmp_path):
+    """A source shard changed after build read and checked it but before the copy began (planning's checks of a
+    DeepSeek-V3-sized job take seconds): the build fails as for a change mid-copy — the writer compares against the
+    file as its header was read, not as it is when writing starts (a byte appended then was built over unseen)."""
+    src = tmp_path / "gptq"
+    shutil.copytree(llama["gptq"], src)
+    plan = make_plan(load_recipe(write_recipe(tmp_path, {**llama, "g": src}, {"g": "g"}, "g")))
+    [shard] = src.glob("*.safetensors")
+    if change == "mtime":
+        st = shard.stat()
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    else:
+        with open(shard, "ab") as f:
+            f.write(b"x")
+    e = refused(plan, tmp_path / "out", False, lambda n: None)
+    assert "a source file changed while building; nothing was written" in e
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 ENTRY_POINT = """
 import atexit, sys
 atexit.register(lambda: print("atexit handler ran", flush=True))
