@@ -41,7 +41,7 @@ from mpconvert.manifest import load_manifest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # the repository's fixture factory (fixtures/)
-STAGE = ROOT / ".gpu"
+STAGE = ROOT / os.environ.get("GPU_STAGE", ".gpu")
 WORK = Path("/tmp/e2e")
 T0 = time.time()
 BUDGET_S = float(os.environ.get("E2E_BUDGET_S", "540"))  # stop starting new work after this (the call has 600 s)

@@ -8,11 +8,15 @@ set -euo pipefail
 PART=${1:?dense, moe, experts or tp}
 OUT=${OUT:-/tmp/e2e-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+STAGE=${GPU_STAGE:-.gpu}  # gpu/pack.py's folder (GPU_STAGE there too)
 if [ ! -f /tmp/site/sglang/__init__.py ]; then
-  mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu/sglang-0.5.17-site.tar.xz
+  if [ ! -f "$STAGE/sglang-0.5.17-site.tar.xz" ]; then
+    echo "no SGLang here: $STAGE was packed --no-site for a warm machine"; exit 3
+  fi
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf "$STAGE/sglang-0.5.17-site.tar.xz"
   mkdir -p /tmp/site/sgl_kernel/sm100 && ln -sf ../sm90/common_ops.abi3.so /tmp/site/sgl_kernel/sm100/common_ops.abi3.so
 fi
-[ -d /tmp/tvmcache ] || tar -C /tmp -xJf .gpu/sglang-0.5.17-jit-sm90.tar.xz
+tar -C /tmp -xJf "$STAGE/sglang-0.5.17-jit-sm90.tar.xz"  # merged into what an earlier call left there
 # mpconvert as an installed distribution (its entry point is how SGLang's workers find the shim), no build tools needed
 rm -rf /tmp/mp && mkdir -p /tmp/mp/mpconvert-0.1.0.dist-info
 cp -r converter /tmp/mp/mpconvert && cp -r cli /tmp/mp/mpconvert/cli && cp -r runtime_shim /tmp/mp/mpconvert/runtime_shim

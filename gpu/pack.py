@@ -1,6 +1,10 @@
 """Stage what one GPU run needs into the ignored folder .gpu/ (carried by the device tool; 64 MiB in all).
 
-Usage: .venv/bin/python gpu/pack.py dense|moe|experts|tp [SHARED_GPU_DIR]
+Usage: .venv/bin/python gpu/pack.py dense|moe|experts|tp [SHARED_GPU_DIR] [--no-site]
+
+GPU_STAGE=.gpu-p2 stages into another ignored folder (carry it, and pass the same GPU_STAGE to gpu/e2e.sh), so that
+two parts can run back to back on one warm machine; --no-site leaves SGLang out for such a second call (the first
+call unpacked it to /tmp/site there), which keeps a part that would not fit under the carry limit.
 
 - the SGLang 0.5.17 bundle from ../shared/gpu;
 - one sm_90a kernel cache of built kernels only (the .so files, which SGLang loads directly): the shared bundle's,
@@ -16,6 +20,7 @@ attention runs on Triton —, SGLang's diffusion and test packages, its gRPC and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +32,7 @@ from fixtures.factory import fixture  # noqa: E402
 from mpconvert.sources import open_source
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGE = ROOT / ".gpu"
+STAGE = ROOT / os.environ.get("GPU_STAGE", ".gpu")
 # part → [(fixture arch, kinds, folder under fixtures/ ("" for the part's only set))]
 PARTS = {
     "dense": [("llama", ("base", "ct-fp8-static", "ct-fp8-block", "ct-w8a8", "gptq", "awq", "native-fp8-block"), "")],
@@ -105,14 +110,14 @@ def slim_site(src: Path, dst: Path) -> None:
         subprocess.run(f"tar -C {tmp} -cf - . | xz -6 -T8 > {dst}", shell=True, check=True)
 
 
-def main(part: str, shared: Path) -> None:
+def main(part: str, shared: Path, site: bool = True) -> None:
     if STAGE.exists():
         shutil.rmtree(STAGE)
     (STAGE / "fixtures").mkdir(parents=True)
     kernel_cache(part, shared, STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
-    if part != "dense":
+    if site and part != "dense":
         slim_site(shared / "sglang-0.5.17-site.tar.xz", STAGE / "sglang-0.5.17-site.tar.xz")
-    else:
+    elif site:
         shutil.copy(shared / "sglang-0.5.17-site.tar.xz", STAGE)
     for arch, kinds, folder in PARTS[part]:
         for kind in kinds:
@@ -135,4 +140,5 @@ def main(part: str, shared: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT.parent / "shared" / "gpu")
+    args = [a for a in sys.argv[1:] if a != "--no-site"]
+    main(args[0], Path(args[1]) if len(args) > 1 else ROOT.parent / "shared" / "gpu", "--no-site" not in sys.argv)
