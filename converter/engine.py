@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .formats import FORMATS
 from .formats.base import CT_LAYOUT
+from .layout import UNQUANTIZED_ONLY_SLOTS, role_of
 from .manifest import EXPERT_GROUPS
 
 CHECK = "mpconvert.runtime_shim.engine_check"
@@ -68,6 +69,9 @@ def expected_layers(manifest, ep: int = 1, ep_rank: int = 0) -> dict[str, tuple[
 
     for unit, spec in manifest.units.items():
         fmt = spec.format
+        role = role_of(unit)
+        if role is not None and role.slot in UNQUANTIZED_ONLY_SLOTS:
+            continue  # a plain torch Linear in SGLang (no quant method to check); load_weights must still fill it
         if unit.endswith("lm_head"):
             # ParallelLMHead: an unquantized head gets SGLang's embedding method, not a linear one
             out[unit] = (fmt, "UnquantizedEmbeddingMethod", None) if fmt == "unquantized" else \

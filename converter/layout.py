@@ -16,6 +16,7 @@ from typing import NamedTuple
 from .errors import UserError
 from .recipe import format_ids
 
+_LAYER_NUMBER = re.compile(r"(?:model\.|language_model\.model\.)?layers\.(\d+)\.")
 _L = r"(?P<pfx>(?:model\.|language_model\.model\.)?layers\.(?P<layer>\d+)\.)"
 _MOE = r"(?P<moe>mlp|block_sparse_moe)"
 
@@ -72,12 +73,43 @@ _RULES: list[tuple[re.Pattern, object]] = [
         "linear", m[0], "row", int(m["layer"]), None, (m["pfx"] + m["mlp"] + ".updown", "consumer"), slot="down")),
     (_rx(_L + r"(?:" + _MOE + r"\.gate|mlp\.shared_expert_gate)"), lambda m: Role(
         "router", m[0], "replicated", int(m["layer"]), "mlp_in")),
+    # DeepSeek-V3's multi-token-prediction (MTP) layer: model.layers.{num_hidden_layers} holds a whole decoder layer
+    # (the rules above and below) and these; SGLang's NextN draft model loads them as model.eh_proj (a plain torch
+    # Linear), model.enorm/hnorm/shared_head.norm, and takes the main model's embed_tokens and lm_head instead of the
+    # layer's own copies
+    (_rx(_L + r"eh_proj"), lambda m: Role("linear", m[0], "replicated", int(m["layer"]), slot="eh_proj")),
+    (_rx(_L + r"(?:enorm|hnorm|shared_head\.norm)"), lambda m: Role("norm", m[0], layer=int(m["layer"]))),
+    (_rx(_L + r"(?:embed_tokens|shared_head\.head)"), lambda m: Role("embedding", m[0], "vocab", int(m["layer"]))),
     (_rx(_L + r"input_layernorm"), lambda m: Role("norm", m[0], layer=int(m["layer"]), stage="attn_in")),
     (_rx(_L + r"post_attention_layernorm"), lambda m: Role("norm", m[0], layer=int(m["layer"]), stage="mlp_in")),
     (_rx(r".*(?:norm|layernorm)"), lambda m: Role("norm", m[0])),
     (_rx(r"(?:model\.|language_model\.model\.)?embed_tokens"), lambda m: Role("embedding", m[0], "vocab")),
     (_rx(r"(?:language_model\.)?lm_head"), lambda m: Role("linear", m[0], "vocab", slot="lm_head")),
 ]
+
+
+# Modules only an MTP layer has (a layer at or after num_hidden_layers): the model proper never loads them.
+MTP_ONLY = ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.head", "embed_tokens")
+# Linears SGLang builds without a quant method whatever the checkpoint's format (the NextN draft's eh_proj): served
+# only unquantized.
+UNQUANTIZED_ONLY_SLOTS = ("eh_proj",)
+
+
+# SGLang's NextN draft model (DeepseekV3ForCausalLMNextN) names the MTP layer `model.decoder` and its own modules
+# `model.eh_proj`, `model.enorm`, …; its loader reads both from the checkpoint's model.layers.{num_hidden_layers}
+# (layer 0 when num_hidden_layers is 1: deepseek_weight_loader._initialize_nextn_conf).
+_NEXTN_DRAFT = re.compile(r"^model\.(?:decoder\.|(?=(?:eh_proj|enorm|hnorm|shared_head\.norm)$))")
+
+
+def mtp_layer(num_hidden_layers: int) -> int:
+    """The checkpoint layer SGLang's NextN draft model loads as its MTP layer."""
+    return 0 if num_hidden_layers == 1 else num_hidden_layers
+
+
+def from_nextn_draft(prefix: str, num_hidden_layers: int) -> str:
+    """A layer prefix of SGLang's NextN draft model as the checkpoint (and the manifest) names it; any other prefix
+    as it is."""
+    return _NEXTN_DRAFT.sub(f"model.layers.{mtp_layer(num_hidden_layers)}.", prefix, count=1)
 
 
 # Tensors a module may carry besides its format's: a linear's bias, and DeepSeek-V3's router bias (noaux_tc routing
@@ -130,6 +162,12 @@ class ModelInfo:
     num_kv_heads: int
     num_experts: int
 
+    def mtp_layer_of(self, module: str) -> int | None:
+        """The multi-token-prediction layer (one after the model's own layers) a module is in, or None. From the name:
+        a layer's inner norms (MLA's, Qwen3's q/k norms) have no layer in their role."""
+        m = _LAYER_NUMBER.match(module)
+        return int(m[1]) if m and int(m[1]) >= self.num_layers else None
+
     @classmethod
     def from_config(cls, cfg: dict, where: str) -> "ModelInfo":
         archs = cfg.get("architectures")  # SGLang picks the model class from it: the output's config carries it
@@ -161,6 +199,18 @@ class ModelInfo:
                    count(*EXPERT_COUNT_KEYS, minimum=0, default=0))
 
 
+def with_mtp_layers(cfg: dict, count: int) -> dict:
+    """A config.json for an output that holds `count` multi-token-prediction layers: num_nextn_predict_layers says so
+    (SGLang's NextN draft loads the layers it announces; over none it would run on uninitialized weights, where 0
+    makes it refuse). Unchanged where it already agrees."""
+    c = decoder_config(cfg)
+    if not isinstance(c, dict) or c.get("num_nextn_predict_layers", 0) == count:
+        return cfg
+    if c is cfg:
+        return {**cfg, "num_nextn_predict_layers": count}
+    return {**cfg, "text_config": {**c, "num_nextn_predict_layers": count}}
+
+
 def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str,
                             fix: str = "every source must be a quantization of the same base model") -> None:
     """A source must be the same model as the base: every architecture key equal (missing on both is fine)."""
@@ -187,8 +237,9 @@ def _expected_shape(role: Role, module: str, c: dict) -> tuple[int, ...] | None:
     mla = None not in (nope, rope, v, kv_rank)
     if role.kind == "embedding" or role.slot == "lm_head":
         out, inp = get("vocab_size"), hidden
-    elif role.kind == "norm":  # a layer's two norms and the final one; not MLA's or Qwen3's inner q/k norms
-        whole = role.stage is not None or (role.layer is None and module.rsplit(".", 1)[-1] == "norm")
+    elif role.kind == "norm":  # a layer's two norms, the final one, MTP's; not MLA's or Qwen3's inner q/k norms
+        whole = (role.stage is not None or (role.layer is None and module.rsplit(".", 1)[-1] == "norm")
+                 or module.endswith(MTP_ONLY))
         return (hidden,) if hidden and whole else None
     elif role.kind == "router":
         return (1, hidden) if module.endswith("shared_expert_gate") else (get(*EXPERT_COUNT_KEYS), hidden)
@@ -198,6 +249,8 @@ def _expected_shape(role: Role, module: str, c: dict) -> tuple[int, ...] | None:
     elif role.slot in ("q", "k", "v", "o"):
         width = (heads if role.slot in ("q", "o") else kv) * head if head and heads else None
         out, inp = (hidden, width) if role.slot == "o" else (width, hidden)
+    elif role.slot == "eh_proj":  # the MTP layer's projection of [enorm(embedding), hnorm(hidden)]
+        out, inp = hidden, 2 * hidden if hidden else None
     elif role.slot == "q_a_proj":
         out, inp = q_rank, hidden
     elif role.slot == "kv_a_proj_with_mqa":
@@ -233,23 +286,30 @@ def check_config_matches_weights(cfg: dict, weights: dict[str, tuple[int, ...]],
                         f"model from config.json) — fix config.json or re-save the model")
 
 
-def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]]) -> list[str]:
+def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]], served: bool = False) -> list[str]:
     """Where a config.json disagrees with its own model's weights (module → weight shape). SGLang builds the model
     from the config: a width or head count the weights lack fails at load, and fewer layers than the weights have,
-    or a MoE layer missing an expert, is served silently wrong."""
+    or a MoE layer missing an expert, is served silently wrong. `served` (a built directory, not a base): the
+    multi-token-prediction layers config.json announces must be there too (SGLang's NextN draft would run on
+    uninitialized weights; a base may announce one that transformers left out, and build says how many it wrote)."""
     c = decoder_config(cfg)
     problems = []
     layers: dict[int, set[int]] = {}
+    n_main = c.get("num_hidden_layers") if type(c.get("num_hidden_layers")) is int else 0
     expected: dict[tuple, tuple | None] = {}  # by what the shape depends on: 45k modules, a few dozen kinds
     for module, shape in weights.items():
         role = role_of(module)
         if role is None:
             continue
+        mtp = module.endswith(MTP_ONLY)
         key = (role.kind, role.slot, role.stage, role.expert is None, role.layer is None, ".shared_experts." in module,
-               ".shared_expert." in module, module.endswith("_gate"), module.endswith(".norm"))
+               ".shared_expert." in module, module.endswith("_gate"), module.endswith(".norm"), mtp)
         want = expected[key] if key in expected else expected.setdefault(key, _expected_shape(role, module, c))
         if want is not None and tuple(shape) != want:
             problems.append(f"{module}.weight has shape {list(shape)}, but config.json implies {list(want)}")
+        if mtp and role.layer is not None and role.layer < n_main:
+            problems.append(f"{module} is a multi-token-prediction module in layer {role.layer}, but config.json "
+                            f"says the model's own layers are 0-{n_main - 1} (MTP layers follow them)")
         if role.layer is not None:
             layers.setdefault(role.layer, set())
             if role.expert is not None:
@@ -260,6 +320,13 @@ def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]]) -> list[str]
     if layers and type(n_layers) is int and not _ids_are(layers.keys(), n_layers, extra if type(extra) is int else 0):
         problems.append(f"config.json num_hidden_layers={n_layers}, but the weights hold layers "
                         f"{format_ids(sorted(layers))}")
+    held = sum(1 for layer in layers if layer >= n_main) if n_main else 0
+    if held and n_main == 1:
+        problems.append("the weights hold a multi-token-prediction layer after a model of one layer, where SGLang's "
+                        "NextN draft reads layer 0 as its MTP layer (deepseek_weight_loader)")
+    if served and n_main and type(extra) is int and held != extra:
+        problems.append(f"config.json num_nextn_predict_layers={extra}, but the weights hold {held} multi-token-"
+                        f"prediction layer(s) after layer {n_main - 1} (SGLang's NextN draft loads what it announces)")
     for layer, experts in sorted(layers.items()):
         if experts and not _ids_are(experts, n_experts):
             problems.append(f"layer {layer} holds experts {format_ids(sorted(experts))}, but config.json says "

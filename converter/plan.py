@@ -174,17 +174,29 @@ class Inputs:
             sources[name] = src
         return cls(base, sources, info)
 
-    def roles(self) -> dict[str, Role]:
-        """Every module of the base with its role, in natural order; a source module the base lacks is refused."""
-        roles = {}
+    def roles(self, mtp: str = "keep") -> dict[str, Role]:
+        """Every module of the base with its role, in natural order (without the MTP layers when mtp is "drop"); a
+        source module the base lacks is refused."""
+        roles, dropped = {}, set()
         for name in sorted(self.base.modules, key=natural_key):
             role = role_of(name)
             if role is None:
                 raise UserError(f"base: module {name!r} has no known role (mpconvert knows Llama/Qwen2/Qwen3/"
                                 f"Qwen3-MoE/Mixtral/DeepSeek naming); it will not guess how to treat it")
-            roles[name] = role
+            if mtp == "drop" and self.info.mtp_layer_of(name) is not None:
+                dropped.add(name)
+            else:
+                roles[name] = role
         for label, src in self.sources.items():
-            extra = sorted(set(src.modules) - set(roles), key=natural_key)
+            extra = sorted(set(src.modules) - set(roles) - dropped, key=natural_key)
+            mtp_extra = [n for n in extra if self.info.mtp_layer_of(n) is not None]
+            if mtp == "drop":
+                extra = [n for n in extra if n not in mtp_extra]
+            elif mtp_extra:
+                layer = self.info.mtp_layer_of(mtp_extra[0])
+                raise UserError(f"source {label!r} holds the multi-token-prediction (MTP) layer {layer}, which the "
+                                f"base lacks (transformers drops it when saving); add `mtp: drop` to the recipe to "
+                                f"leave it out, or use a base that has it")
             if extra:
                 raise UserError(f"source {label!r}: module {extra[0]!r} is not in the base model; every source must "
                                 f"quantize the same architecture")
@@ -242,7 +254,14 @@ class RuleMatcher:
                                 f"experts per layer (ids 0-{n - 1})")
             if ids is None:  # from a routing file: it must have been recorded on this model
                 layers = self.info.num_layers
-                for layer, counts in sorted(self.recipe.routing_counts(i).items()):
+                counts_of = self.recipe.routing_counts(i)
+                unrecorded = sorted(m for m in self.moe if m >= layers and m not in counts_of
+                                    and (rule.layer_set is None or m in rule.layer_set))
+                if unrecorded:
+                    raise UserError(f"recipe: {rule.describe(i)}: the routing file has no counts for the multi-token-"
+                                    f"prediction (MTP) layer {unrecorded[0]} (SGLang records routing over the model's "
+                                    f"own layers); limit the rule with `layers: 0-{layers - 1}`, or add `mtp: drop`")
+                for layer, counts in sorted(counts_of.items()):
                     if not 0 <= layer < layers:
                         raise UserError(f"recipe: {rule.describe(i)}: the routing file has counts for layer {layer}, "
                                         f"but the model has layers 0-{layers - 1}; record it on this model")
@@ -279,7 +298,7 @@ class _Planner:
         self.recipe, self.tp, self.ep, self.layout, self.dp = recipe, tp, ep, layout, dp
         inputs = Inputs.open(recipe)
         self.base, self.sources, self.info = inputs.base, inputs.sources, inputs.info
-        self.roles = inputs.roles()
+        self.roles = inputs.roles(recipe.mtp)
         self._hash_cache: dict[tuple[str, str], str] = {}
 
     def linear_plans(self, chosen: dict[str, tuple[str, str]]) -> list[ModulePlan]:
@@ -306,6 +325,11 @@ class _Planner:
             raise UserError(f"base: {name}.weight is missing or not 2-D")
         view = self.sources[source].modules.get(name)
         if view is None:
+            layer = self.info.mtp_layer_of(name)
+            if layer is not None:
+                raise UserError(f"source {source!r} has no module {name} (chosen by {why}): it lacks the multi-token-"
+                                f"prediction (MTP) layer {layer}, as most quantizers do; take that layer from a "
+                                f"source that has it (a rule with `layers: {layer}`) or add `mtp: drop` to the recipe")
             raise UserError(f"source {source!r} has no module {name} (chosen by {why}); take it from a source "
                             f"that has it")
         check_expected(view.scheme, name, view.tensors, *base_w.shape, f"source {source!r}")

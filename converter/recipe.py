@@ -22,7 +22,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -188,6 +188,9 @@ class Recipe(BaseModel):
     sources: dict[str, str]
     default: str
     rules: list[Rule] = []
+    # DeepSeek-V3's multi-token-prediction layers (SGLang's NextN speculative decoding): kept, built by the rules like
+    # any layer, or left out of the output (config.json then says num_nextn_predict_layers: 0)
+    mtp: Literal["keep", "drop"] = "keep"
     output: Output = Output()
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .formats import FORMATS, Scheme
-from .layout import ModelInfo, Role
+from .layout import UNQUANTIZED_ONLY_SLOTS, ModelInfo, Role
 
 # the order of a fused unit's parts as SGLang stacks them (its last part is the one compressed-tensors' block-FP8 check
 # exempts at TP=1)
@@ -65,6 +65,12 @@ def by_unit(linears: list[Linear]) -> dict[str, list[Linear]]:
 def unit_problems(unit: str, members: list[Linear]) -> list[Problem]:
     """One scheme per fused unit; in a MoE layer one scheme per expert and no folded-scale format among several."""
     schemes = {m.scheme for m in members}
+    if members[0].role.slot in UNQUANTIZED_ONLY_SLOTS and any(s.format != "unquantized" for s in schemes):
+        m = members[0]
+        return [Problem("unquantized-only", unit, f"{m.name} is {m.scheme.describe()} from {m.source!r} via {m.why}; "
+                                                  f"SGLang's NextN (MTP) draft model builds it as a plain torch Linear "
+                                                  f"with no quant method — take it unquantized (a rule `match: "
+                                                  f"{m.name.rsplit('.', 1)[-1]}` with `source: base`)")]
     if len(schemes) == 1:
         return []
     if members[0].role.expert is None:

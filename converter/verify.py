@@ -153,7 +153,7 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
         if info != manifest.model.info():
             rep.add("manifest", "model", f"records {manifest.model.model_dump()} but the recorded config says "
                                          f"{info}: the manifest was edited")
-        for problem in config_problems(manifest.config, _weight_shapes(manifest)):
+        for problem in config_problems(manifest.config, _weight_shapes(manifest), served=True):
             rep.add("config", "config.json", f"{problem}: the config and the weights disagree (SGLang builds the "
                                              f"model from config.json); rebuild from a base whose config fits it")
     for name, sha in sorted(manifest.files.items()):

@@ -20,6 +20,7 @@ from typing import Callable
 
 from .checkpoint import INDEX, SIDE_FILES, file_state
 from .errors import UserError
+from .layout import with_mtp_layers
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_path, fsync_tree
@@ -190,6 +191,8 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
         shutil.copyfile(plan.base.ckpt.path / f, tmp / f)
         files[f] = hashlib.sha256((tmp / f).read_bytes()).hexdigest()
     config = {k: v for k, v in plan.base.ckpt.config.items() if k not in WRITTEN_KEYS}
+    n = plan.info.num_layers  # (every MTP layer holds linears, which know their layer)
+    config = with_mtp_layers(config, len({m.role.layer for m in plan.modules if (m.role.layer or 0) >= n}))
     manifest = build_manifest(plan, shard_of, digests, config, files)
     raw = manifest.dumps()
     (tmp / MANIFEST).write_bytes(raw)

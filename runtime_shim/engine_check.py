@@ -11,7 +11,9 @@ auto). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
 experts held]}, "loaded": [...],
 "params": {name: [dtype, shape, sha256 of its bytes after load_weights]}, "untouched": [parameters load_weights never
-wrote]}.
+wrote]}. A DeepSeek-V3 directory with an MTP layer also builds SGLang's NextN draft model (what speculative decoding
+loads from it): its layers and parameters join these under the checkpoint's names (model.layers.N.*), and "draft"
+names its class.
 
 {..., "error": "..."} when SGLang or the shim refuses the model (e.g. a GPTQ MoE layer in a bf16 model).
 
@@ -75,8 +77,8 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
 
     load_plugins()  # discovers mpconvert through the sglang.srt.plugins entry point
     from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
-    from sglang.srt.model_loader.utils import set_default_torch_dtype
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.loader import _get_quantization_config
     from sglang.srt.server_args import ServerArgs
 
     from mpconvert.runtime_shim.sglang_versions import init_rank, version
@@ -85,6 +87,44 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
     mc = init_rank(sa, tp, rank, ep, port)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)
+    names = []  # every tensor name the model proper was handed
+
+    def weights(record: bool = True):
+        for f in sorted(Path(path).glob("model-*.safetensors")):
+            with safe_open(f, "pt") as fh:
+                for k in fh.keys():
+                    if record:
+                        names.append(k)
+                    yield k, fh.get_tensor(k)
+
+    out = build_one(mc, lc, qc, weights)
+    if _has_mtp_layer(mc.hf_config, path):
+        # SGLang's speculative decoding (NextN) builds a draft model from the same directory: its MTP layer must bind
+        # the manifest's formats too. Its layers are reported under the checkpoint's names (model.layers.N.*); its
+        # embed_tokens and lm_head are the main model's at serving time (SGLang's EAGLE worker sets them), so left out.
+        draft_mc = ModelConfig.from_server_args(sa, is_draft_model=True)
+        draft = build_one(draft_mc, lc, _get_quantization_config(draft_mc, lc), lambda: weights(record=False))
+        n = mc.hf_config.num_hidden_layers
+        for key in ("methods", "moe", "params"):
+            out[key].update({_checkpoint_name(k, n): v for k, v in draft[key].items() if not k.endswith(SHARED)})
+        out["untouched"] += [_checkpoint_name(k, n) for k in draft["untouched"] if not k.endswith(SHARED)]
+        out["draft"] = draft_mc.hf_config.architectures[0]
+    from sglang.srt.runtime_context import get_parallel
+
+    return {"sglang": version(), "ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank,
+            "quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
+            "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "loaded": names, **out}
+
+
+SHARED = ("embed_tokens.weight", "lm_head.weight")  # a NextN draft's: the main model's at serving time
+
+
+def build_one(mc, lc, qc, weights) -> dict:
+    """Build one SGLang model on CPU and load the directory's weights into it: the quant method of each layer, the
+    FusedMoE expert counts, every parameter's bytes after load_weights, and the parameters it never wrote."""
+    from sglang.srt.model_loader.loader import _initialize_model
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+
     with set_default_torch_dtype(mc.dtype):  # as SGLang's DefaultModelLoader.load_model does
         model = _initialize_model(mc, lc, qc)
     methods = {n: [type(m.quant_method).__name__, type(getattr(m, "scheme", None)).__name__]
@@ -92,15 +132,6 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
     # FusedMoE runner configs: [experts the layer routes over, experts it holds]
     moe = {n: [m.moe_runner_config.num_experts, m.moe_runner_config.num_local_experts]
            for n, m in model.named_modules() if hasattr(m, "moe_runner_config")}
-    names = []
-
-    def weights():
-        for f in sorted(Path(path).glob("model-*.safetensors")):
-            with safe_open(f, "pt") as fh:
-                for k in fh.keys():
-                    names.append(k)
-                    yield k, fh.get_tensor(k)
-
     # mark every parameter's bytes first: a parameter SGLang's loader skips (e.g. a renamed scale) keeps the mark
     for p in model.parameters():
         p.data.view(torch.uint8).fill_(MARK)
@@ -108,13 +139,26 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
     params = {n: [str(p.dtype), list(p.shape), sha(p)] for n, p in model.named_parameters()}
     untouched = sorted(n for n, p in model.named_parameters()
                        if p.numel() and bool((p.data.view(torch.uint8) == MARK).all()) and not n.endswith(DERIVED))
-    from sglang.srt.runtime_context import get_parallel
+    return {"methods": methods, "moe": moe, "params": params, "untouched": untouched}
 
-    return {"sglang": version(), "ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank,
-            "quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
-            "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "methods": methods, "moe": moe,
-            "loaded": names,
-            "params": params, "untouched": untouched}
+
+def _has_mtp_layer(hf_config, path: str) -> bool:
+    """Whether SGLang would build a NextN draft from this directory (DeepSeek-V3 with an MTP layer) and it holds one."""
+    from mpconvert.layout import mtp_layer
+
+    if hf_config.architectures[0] not in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM"):
+        return False
+    if not getattr(hf_config, "num_nextn_predict_layers", 0) or hf_config.num_hidden_layers == 1:
+        return False
+    index = json.loads((Path(path) / "model.safetensors.index.json").read_text())["weight_map"]
+    return any(k.startswith(f"model.layers.{mtp_layer(hf_config.num_hidden_layers)}.") for k in index)
+
+
+def _checkpoint_name(name: str, num_hidden_layers: int) -> str:
+    from mpconvert.layout import from_nextn_draft
+
+    module, dot, leaf = name.rpartition(".")
+    return from_nextn_draft(module, num_hidden_layers) + dot + leaf if name.startswith("model.") else name
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 SGLang 0.5.17: linears, fused qkv / gate_up / MLA q_a+kv_a units, FusedMoE per layer, shared experts and lm_head,
 each handed to the native config of its format (FP8 compressed-tensors and native, GPTQ-Marlin, AWQ-Marlin,
-W8A8-Int8) built with that config's own `from_config`. A layer that gets anything but its format's native method
-(`Format.sglang_methods`: no dequantizing, generic or unquantized fallback) is refused at load time, naming the layer.
+W8A8-Int8) built with that config's own `from_config`; DeepSeek-V3's MTP layer likewise in SGLang's NextN draft model
+(speculative decoding), whose `model.decoder.*` prefixes are the checkpoint's `model.layers.{num_hidden_layers}.*`.
+A layer that gets anything but its format's native method (`Format.sglang_methods`: no dequantizing, generic or
+unquantized fallback) is refused at load time, naming the layer.
 Tested: tests/test_shim.py and verify --engine sglang on CPU; docs/gpu-results.md on H200.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.errors import UserError
+from mpconvert.layout import from_nextn_draft
 from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
 from mpconvert.rules import MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
@@ -175,11 +178,12 @@ class MpconvertConfig(QuantizationConfig):
         from sglang.srt.layers.linear import LinearBase
         from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
+        sglang_prefix, prefix = prefix, from_nextn_draft(prefix, self.manifest.model.num_hidden_layers)
         if prefix in self.groups:
             for spec, sub in self.groups[prefix]:
                 if sub is not None:
                     _check_moe_dtype(layer, f"{prefix} experts {spec.experts}", sub)
-            return MixedExpertsMethod(prefix, self.groups[prefix], _check_native)
+            return MixedExpertsMethod(sglang_prefix, self.groups[prefix], _check_native)
         if prefix not in self.subs:
             # not a module the manifest assigns (embeddings, routers, norms): SGLang's unquantized default
             return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
