@@ -276,7 +276,8 @@ hidden states, reference dequantizers; GPU when present). It then minimises the 
 hull + greedy by KL saved per byte; folded-scale sources such as AWQ serve their coupled units together) and writes
 the recipe (each rule commented with its bytes and predicted ΔKL) and a JSON report beside it. On a MoE model the
 per-expert recipe is measured whole on the calibration text beside the per-layer recipe of the same budget (one-expert
-costs need not add up) and the lower KL wins (report: joint_check).
+costs need not add up) and the lower KL wins (report: joint_check). DeepSeek-V3's multi-token-prediction layer is
+left out (`mtp: drop`): it serves speculative decoding only, which next-token KL cannot measure.
 
 SOURCES is a recipe without rules:
 

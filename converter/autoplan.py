@@ -107,7 +107,7 @@ def run_plan(p: Prepared, out: Path, device: str | None = None, on_total: Callab
     groups = choose.options(c, costs)
     curve = choose.frontier(groups, c.fixed_bytes)
     uniform = choose.uniform_points(c, costs)
-    roles = p.inputs.roles()
+    roles = p.inputs.roles(mtp="drop")  # as choose.candidates measures the model
     whole_groups = choose.options(p.whole, costs) if p.whole is not None else None
     model = sensitivity.base_model(p.recipe.path_of("base"), device) if p.whole is not None else None
     results = []

@@ -66,6 +66,9 @@ class Candidates:
     groups: list[tuple[str, tuple[str, ...]]]  # (group name, its units)
     fixed_bytes: int  # everything but the linears
     linear_weights: int
+    # the base's multi-token-prediction layers, left out: they serve speculative decoding only, and next-token KL
+    # (what plan measures) cannot see them — the recipe says `mtp: drop`
+    mtp_layers: tuple[int, ...] = ()
 
 
 def _linears(inputs: Inputs, roles: dict[str, Role], label: str, names: list[str]) -> list[rules.Linear] | None:
@@ -89,7 +92,7 @@ def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True
     model_level = rules.partition_problems([], inputs.info, tp, ep, dp)  # heads, expert counts: no source helps
     if model_level:
         raise UserError(model_level[0].message)
-    roles = inputs.roles()
+    roles = inputs.roles(mtp="drop")
     by_unit: dict[str, list[str]] = {}
     fixed = weights = 0
     for name, role in roles.items():
@@ -123,7 +126,8 @@ def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True
                          for m in members)
             servers.append(UnitSource(unit, label, tuple(names), nbytes, members[0].scheme.describe(), folds))
         units[unit] = servers  # only the base: a group with one option
-    return Candidates(inputs.info, units, _groups(units, roles), fixed, weights)
+    mtp = tuple(sorted({inputs.info.mtp_layer_of(n) for n in inputs.base.modules} - {None}))
+    return Candidates(inputs.info, units, _groups(units, roles), fixed, weights, mtp)
 
 
 def _groups(units: dict[str, list[UnitSource]], roles: dict[str, Role]) -> list[tuple[str, tuple[str, ...]]]:
@@ -379,7 +383,11 @@ def recipe_yaml(recipe: Recipe, sources_file: Path, out: Path, c: Candidates, so
     lines = [f"# {h}" for h in header]
     lines += [f"base: {_q(rel(recipe.base))}", "sources:"]
     lines += [f"  {_q(k)}: {_q(rel(v))}" for k, v in sorted(recipe.sources.items())]
-    lines += ["default: base   # every unit no rule names stays bf16", "rules:"]
+    lines += ["default: base   # every unit no rule names stays bf16"]
+    if c.mtp_layers:
+        lines += [f"mtp: drop   # MTP layer {format_ids(list(c.mtp_layers))}: speculative decoding only, which "
+                  f"next-token KL cannot measure; keep it with rules of your own"]
+    lines += ["rules:"]
     if not rows:
         lines[-1] = "rules: []"
     for (pats, label, is_expert, _), row in sorted(rows.items(), key=lambda x: (natural_key(x[0][0][0]), x[0][1])):

@@ -188,3 +188,20 @@ def test_refused_recipe_value(v3, cli, tmp_path):
     r = cli("build", write_recipe(tmp_path, v3, SOURCES, "gptq", extra="mtp: maybe"), "-o", tmp_path / "o")
     refused(r, "mtp")
 
+
+def test_plan_measures_the_model_proper_and_drops_the_mtp_layer(v3, cli, tmp_path):
+    # next-token KL cannot see a layer that serves speculative decoding only: plan's recipe says so, and builds at
+    # exactly the bytes plan reported
+    src = tmp_path / "sources.yaml"
+    src.write_text(f"base: {v3['base']}\nsources: {{fp8: {v3['ct-fp8-block']}, int8: {v3['ct-w8a8']}}}\n")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{(i * 7) % 1000 + 3}" for i in range(2000)))
+    r = cli("plan", src, "--budget", "0.6x", "--calib", calib, "-o", tmp_path / "r.yaml", "--calib-tokens", 256,
+            "--json")
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "r.yaml").read_text()
+    assert "\nmtp: drop   # MTP layer 2: speculative decoding only" in text
+    out = tmp_path / "out"
+    m = build(cli, tmp_path / "r.yaml", out)
+    assert not [n for n in m["tensors"]["name"] if n.startswith("model.layers.2.")]
+    assert m["totals"]["bytes"] == json.loads(r.stdout)["reports"][0]["bytes"]
