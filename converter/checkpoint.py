@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,29 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: {what} is not a JSON object; fix or re-save the file")
     return data
+
+
+_NUMBERED = re.compile(r"(.*)-(\d+)-of-(\d+)\.safetensors")
+
+
+def _check_numbering(names: list[str], where: Path) -> None:
+    """Shards named as save_pretrained numbers them (model-00002-of-00005.safetensors) must all be there when no
+    index lists them: a missing one takes whole layers and parts of others with it."""
+    series: dict[tuple[str, str], set[int]] = {}
+    for name in names:
+        m = _NUMBERED.fullmatch(name)
+        if m:
+            series.setdefault((m[1], m[3]), set()).add(int(m[2]))
+    for (stem, total), held in sorted(series.items()):
+        first = 0 if 0 in held else 1  # save_pretrained counts from 1; some tools from 0
+        expected = range(first, first + int(total))
+        if len(held) == len(expected) and min(held) == first and max(held) == expected[-1]:
+            continue
+        stray = sorted(i for i in held if i not in expected)  # (a range's `in` is arithmetic: "of-99999999999")
+        number = stray[0] if stray else next(i for i in expected if i not in held)
+        shard = f"{stem}-{number:0{len(total)}d}-of-{total}.safetensors"
+        raise UserError(f"{where}: shard {shard} is {'numbered past the total' if stray else 'missing'} (no {INDEX} "
+                        f"lists the shards, and they are numbered of {int(total)}); re-download the checkpoint")
 
 
 def is_weight_map(weight_map) -> bool:
@@ -121,6 +145,7 @@ class Checkpoint:
             names = [SINGLE]
         else:
             names = sorted(p.name for p in self.path.glob("*.safetensors"))
+            _check_numbering(names, self.path)
         if names:
             for name in names:
                 self.check_inside(self.path / name)

@@ -90,6 +90,9 @@ _RULES: list[tuple[re.Pattern, object]] = [
 
 # Modules only an MTP layer has (a layer at or after num_hidden_layers): the model proper never loads them.
 MTP_ONLY = ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.head", "embed_tokens")
+# What SGLang's NextN draft loads from an MTP layer besides its decoder layer (embed_tokens and shared_head.head it
+# takes from the main model)
+NEXTN_LOADS = ("eh_proj", "enorm", "hnorm", "shared_head.norm")
 # Linears SGLang builds without a quant method whatever the checkpoint's format (the NextN draft's eh_proj): served
 # only unquantized.
 UNQUANTIZED_ONLY_SLOTS = ("eh_proj",)
@@ -295,6 +298,8 @@ def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]], served: bool
     c = decoder_config(cfg)
     problems = []
     layers: dict[int, set[int]] = {}
+    held: dict[int, set[str]] = {}  # layer → its modules but routed experts, the layer prefix cut
+    expert_slots: dict[tuple[int, str], set[int]] = {}  # (layer, w1|w3|w2) → the experts holding it
     n_main = c.get("num_hidden_layers") if type(c.get("num_hidden_layers")) is int else 0
     expected: dict[tuple, tuple | None] = {}  # by what the shape depends on: 45k modules, a few dozen kinds
     for module, shape in weights.items():
@@ -310,16 +315,25 @@ def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]], served: bool
         if mtp and role.layer is not None and role.layer < n_main:
             problems.append(f"{module} is a multi-token-prediction module in layer {role.layer}, but config.json "
                             f"says the model's own layers are 0-{n_main - 1} (MTP layers follow them)")
-        if role.layer is not None:
-            layers.setdefault(role.layer, set())
-            if role.expert is not None:
-                layers[role.layer].add(role.expert)
+        layer = role.layer
+        if role.expert is not None:  # 41k of DeepSeek-V3's 45k modules: no string work
+            layers.setdefault(layer, set()).add(role.expert)
+            expert_slots.setdefault((layer, role.slot), set()).add(role.expert)
+            continue
+        if layer is None:  # a layer's inner norms (MLA's, Qwen3's q/k) know no layer; the model's own modules have none
+            m = _LAYER_NUMBER.match(module)
+            if m is None:
+                continue
+            layer = int(m[1])
+        layers.setdefault(layer, set())
+        held.setdefault(layer, set()).add(module.partition(f"layers.{layer}.")[2])
     n_layers, n_experts = c.get("num_hidden_layers"), next((c[k] for k in EXPERT_COUNT_KEYS if c.get(k)), 0)
     n_experts = n_experts if type(n_experts) is int else 0
     extra = c.get("num_nextn_predict_layers") or 0  # DeepSeek-V3's multi-token-prediction layers follow the rest
     if layers and type(n_layers) is int and not _ids_are(layers.keys(), n_layers, extra if type(extra) is int else 0):
         problems.append(f"config.json num_hidden_layers={n_layers}, but the weights hold layers "
                         f"{format_ids(sorted(layers))}")
+    problems += _incomplete_layers(held, expert_slots, n_main)
     held = sum(1 for layer in layers if layer >= n_main) if n_main else 0
     if held and n_main == 1:
         problems.append("the weights hold a multi-token-prediction layer after a model of one layer, where SGLang's "
@@ -332,6 +346,48 @@ def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]], served: bool
             problems.append(f"layer {layer} holds experts {format_ids(sorted(experts))}, but config.json says "
                             f"{n_experts} routed experts (ids 0-{n_experts - 1})")
     return problems
+
+
+def _incomplete_layers(held: dict[int, set[str]], expert_slots: dict[tuple[int, str], set[int]],
+                       n_main: int) -> list[str]:
+    """Modules some layer lacks that other layers hold — attention and norms every layer has, the MLP that every
+    dense or every MoE layer has, what every multi-token-prediction layer has — and projections a routed expert lacks
+    that the layer's other experts hold: a checkpoint with a shard or a tensor missing. SGLang's loader fills what it
+    is given and leaves the rest uninitialized."""
+    moe = {layer for layer, _ in expert_slots} | {
+        layer for layer, mods in held.items() if any(m.endswith(("mlp.gate", "block_sparse_moe.gate")) for m in mods)}
+
+    def kinds(layer: int) -> list[tuple[str, bool]]:  # ("" | "mlp" | "mtp", MoE layer?)
+        return [("", False), ("mlp", layer in moe)] + ([("mtp", False)] if layer >= n_main else [])
+
+    def kind(layer: int, module: str) -> tuple[str, bool]:
+        if module.startswith(("mlp.", "block_sparse_moe.")):
+            return "mlp", layer in moe
+        return ("mtp" if module.endswith(MTP_ONLY) else ""), False
+
+    expected: dict[tuple[str, bool], set[str]] = {("mtp", False): set(NEXTN_LOADS)}
+    for layer, mods in held.items():
+        for m in mods:
+            expected.setdefault(kind(layer, m), set()).add(m)
+    problems = []
+    for layer, mods in sorted(held.items()):
+        missing = sorted((m for k in kinds(layer) for m in expected.get(k, ()) if m not in mods), key=natural_key)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            problems.append(f"layer {layer} lacks {missing[0]}{more}, which layers of its kind hold (a shard or "
+                            f"tensor missing?)")
+    experts: dict[int, set[int]] = {}
+    for (layer, _), ids in expert_slots.items():
+        experts.setdefault(layer, set()).update(ids)
+    for (layer, slot), ids in sorted(expert_slots.items()):
+        if ids != experts[layer]:
+            e = min(experts[layer] - ids)
+            problems.append(f"expert {e} of layer {layer} lacks its {_SLOT_NAME.get(slot, slot)}, which the layer's "
+                            f"other experts hold (a shard or tensor missing?)")
+    return problems
+
+
+_SLOT_NAME = {"w1": "gate_proj (w1)", "w3": "up_proj (w3)", "w2": "down_proj (w2)"}
 
 
 def _ids_are(ids, n: int, optional: int = 0) -> bool:

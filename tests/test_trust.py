@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import build_once, copy, fails, refused, resign, set_scheme, write_recipe
+from helpers import build, build_once, copy, fails, refused, resign, set_scheme, write_recipe
 from mpconvert.checkpoint import INDEX
 
 L0 = "model.layers.0"
@@ -300,6 +300,55 @@ def test_a_moe_layer_missing_an_expert(moe, cli, tmp_path):
     save_file({k: v for k, v in load_file(f).items() if ".layers.1.mlp.experts.7." not in k}, f, {"format": "pt"})
     r = write_recipe(tmp_path, {**moe, "base": base}, {"g": "gptq"}, "g")
     fails(cli, tmp_path, r, match="layer 1 holds experts 0-6, but config.json says 8 routed experts (ids 0-7)")
+
+
+@pytest.mark.parametrize("model,gone,match", [
+    # one tensor or a shard's worth gone from a layer: SGLang's loader leaves what it is not given uninitialized
+    ("llama", ("model.layers.1.self_attn.o_proj.",), "layer 1 lacks self_attn.o_proj, which layers of its kind hold"),
+    ("llama", ("model.layers.0.mlp.", "model.layers.0.post_attention_layernorm."),
+     "layer 0 lacks mlp.down_proj (and 3 more), which layers of its kind hold (a shard or tensor missing?)"),
+    ("moe", ("model.layers.0.mlp.experts.3.down_proj.",), "expert 3 of layer 0 lacks its down_proj (w2), which the "
+                                                         "layer's other experts hold"),
+    ("moe", ("model.layers.1.mlp.gate.",), "layer 1 lacks mlp.gate, which layers of its kind hold"),
+    ("deepseek", ("model.layers.1.self_attn.kv_a_layernorm.",), "layer 1 lacks self_attn.kv_a_layernorm"),
+])
+def test_a_layer_missing_what_the_others_hold(model, gone, match, llama, moe, deepseek, cli, tmp_path):
+    """A base with some of a layer's tensors gone, the files otherwise valid, and the recipe taking everything from
+    the base: refused, naming the layer and the module (it built, and verified)."""
+    from safetensors.torch import load_file, save_file
+
+    fixtures = {"llama": llama, "moe": moe, "deepseek": deepseek}[model]
+    base = copy(fixtures["base"], tmp_path / "base")
+    [f] = base.glob("*.safetensors")
+    save_file({k: v for k, v in load_file(f).items() if not k.startswith(gone)}, f, {"format": "pt"})
+    fails(cli, tmp_path, write_recipe(tmp_path, {**fixtures, "base": base}, {"g": "gptq"}, "base"), match=match)
+
+
+def test_a_shard_missing_without_an_index(llama, cli, tmp_path):
+    """save_pretrained's numbered shards with no index to list them: a gap in the numbers is a missing shard (here
+    the one holding layer 1 and the final norm — which would otherwise surface as a model without them)."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in fixtures_side_files(llama["base"]):
+        shutil.copy(f, base / f.name)
+    tensors = load_file(llama["base"] / "model.safetensors")
+    second = ("model.layers.1.", "model.norm.")
+    parts = [{k: v for k, v in tensors.items() if k != "lm_head.weight" and not k.startswith(second)},
+             {k: v for k, v in tensors.items() if k.startswith(second)}, {"lm_head.weight": tensors["lm_head.weight"]}]
+    assert sum(map(len, parts)) == len(tensors)
+    for i, part in enumerate(parts, 1):
+        save_file(part, base / f"model-{i:05d}-of-00003.safetensors", {"format": "pt"})
+    recipe = write_recipe(tmp_path, {**llama, "base": base}, {"g": "gptq"}, "base")
+    build(cli, recipe, tmp_path / "whole")  # (the three shards make the model)
+    (base / "model-00002-of-00003.safetensors").unlink()
+    fails(cli, tmp_path, recipe, match="shard model-00002-of-00003.safetensors is missing (no "
+                                       "model.safetensors.index.json lists the shards, and they are numbered of 3)")
+
+
+def fixtures_side_files(d: Path) -> list[Path]:
+    return [f for f in d.iterdir() if f.is_file() and not f.name.endswith(".safetensors")]
 
 
 def test_index_of_the_wrong_type(llama, cli, tmp_path):
