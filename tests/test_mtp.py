@@ -109,6 +109,21 @@ def test_the_mtp_layer_is_built_by_the_rules_and_bound_in_sglangs_nextn_draft(v3
     assert r.exit_code == 0, r.output
 
 
+def test_experts_mixed_inside_the_mtp_layer(v3, cli, tmp_path):
+    # experts 0-3 FP8 and the rest GPTQ in every MoE layer, the MTP layer's among them: the draft's FusedMoE gets the
+    # shim's per-group method as the model proper's does
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, v3, SOURCES, "gptq", RULES + "- {match: 'mlp.experts.*', experts: '0-3', "
+                                                                   "source: fp8}\n"), out)
+    (res,) = run_ranks(out, 1, "float16")
+    assert res.get("error") is None and res["draft"] == "DeepseekV3ForCausalLMNextN", res.get("error")
+    for layer in (1, 2):
+        assert res["methods"][f"model.layers.{layer}.mlp.experts"][0] == "MixedExpertsMethod"
+    assert res["untouched"] == []
+    r = cli("verify", out, "--engine", "sglang", "--dtype", "float16")
+    assert r.exit_code == 0, r.output
+
+
 def test_eh_proj_stays_unquantized(v3, cli, tmp_path):
     # SGLang's NextN builds eh_proj as a plain torch Linear: an FP8 one would be loaded as bf16 numbers, unscaled
     rules = RULES + "- {match: eh_proj, source: fp8}\n"
