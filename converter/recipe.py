@@ -67,6 +67,8 @@ def parse_layers(spec: Union[str, int, list]) -> frozenset[int]:
             if hi > MAX_ID:
                 raise ValueError(f"bad layer range {part!r}: ids go up to {MAX_ID}")
             out.update(range(lo, hi + 1))
+    if not out:  # `experts: []` reached planning as no experts at all (an internal error there)
+        raise ValueError("names no ids; name some (3, 0-5, \"0-3,7\") or remove the key")
     return frozenset(out)
 
 

@@ -376,6 +376,9 @@ def test_recipe_that_is_a_directory_or_not_utf8(llama, cli, tmp_path):
     ('moe: 1', 'rules.0.moe: 1 is not allowed here; give true or false'),
     ('layers: 1.0', 'rules.0.layers: 1.0 is not allowed here'),
     ('experts: {file: r.json, top: true}', 'rules.0.experts: top: Input should be a valid integer'),
+    # an empty list named no experts: planning took it for a filter and failed on it (an internal error)
+    ('experts: []', 'rules.0.experts: names no ids; name some (3, 0-5, "0-3,7") or remove the key'),
+    ('layers: []', 'rules.0.layers: names no ids'),
 ])
 def test_recipe_values_of_the_wrong_type(rule, match, llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g", f'- {{match: "mlp.*", source: g, {rule}}}')
