@@ -152,7 +152,7 @@ def test_random_edits_of_a_source(llama, cli, tmp_path):
 def edit_recipe(recipe: dict, rng: random.Random) -> str:
     where = rng.choice(["top", "source", "rule", "rule", "rule", "output", "new rule"])
     if where == "top":
-        key = rng.choice(["base", "sources", "default", "rules", "output", "extra"])
+        key = rng.choice(["base", "sources", "default", "rules", "output", "mtp", "extra"])
         recipe[key] = rng.choice(WEIRD)
         return f"{key} = {recipe[key]!r}"
     if where == "source":
@@ -172,10 +172,18 @@ def edit_recipe(recipe: dict, rng: random.Random) -> str:
     return f"rules[{i}].{field} = {recipe['rules'][i][field]!r}"
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_random_edits_of_the_recipe(seed, llama, cli, tmp_path):
+MOE_SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
+MOE_RULES = '''- {match: "self_attn.*", source: fp8}
+- {match: "mlp.experts.*", experts: "0-3", source: int8}
+- {match: "mlp.experts.*", layers: 1, experts: [4, "6-7"], source: fp8}'''
+
+
+@pytest.mark.parametrize("model,seed", [("llama", 1), ("llama", 2), ("moe", 6)])
+def test_random_edits_of_the_recipe(model, seed, llama, moe, cli, tmp_path):
+    """A MoE recipe too: expert rules are where `experts: []` was an internal error."""
     rng = random.Random(seed)
-    pristine = yaml.safe_load(write_recipe(tmp_path, llama, SOURCES, "gptq", RULES).read_text())
+    fixtures, sources, rules = (llama, SOURCES, RULES) if model == "llama" else (moe, MOE_SOURCES, MOE_RULES)
+    pristine = yaml.safe_load(write_recipe(tmp_path, fixtures, sources, "gptq", rules).read_text())
     refused = 0
     for i in range(CASES // 2):
         recipe = json.loads(json.dumps(pristine))
