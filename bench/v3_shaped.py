@@ -5,7 +5,10 @@ compressed-tensors FP8-block (128×128) and a compressed-tensors W8A8-Int8 check
 and lm_head), and a GPTQ int4 g128 checkpoint. Values are random in the right dtypes (copy and check speed does not
 depend on them); scales positive, zero points symmetric, g_idx in order, as verify requires.
 
-    python bench/v3_shaped.py OUT_DIR [--layers 61]    → OUT_DIR/{base,fp8,int8,gptq}, OUT_DIR/recipe.yaml
+--mtp adds the multi-token-prediction layer the real release holds after the others (model.layers.{layers}: a MoE
+decoder layer, and enorm, hnorm, eh_proj, shared_head and an embed_tokens copy in bf16 in every source).
+
+    python bench/v3_shaped.py OUT_DIR [--layers 61] [--mtp]    → OUT_DIR/{base,fp8,int8,gptq}, OUT_DIR/recipe.yaml
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ rules:
 """
 
 
-def config(layers: int, qc: dict | None) -> dict:
+def config(layers: int, qc: dict | None, mtp: bool = False) -> dict:
     cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": H,
            "intermediate_size": I_DENSE, "moe_intermediate_size": I_MOE, "num_hidden_layers": layers,
            "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "n_routed_experts": EXPERTS,
@@ -59,6 +62,8 @@ def config(layers: int, qc: dict | None) -> dict:
            "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
            "rope_scaling": {"type": "yarn", "rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+    if mtp:
+        cfg["num_nextn_predict_layers"] = 1
     if qc:
         cfg["quantization_config"] = qc
     return cfg
@@ -96,17 +101,25 @@ def quantized(kind: str, o: int, i: int, g: torch.Generator) -> dict[str, torch.
             "g_idx": torch.arange(i, dtype=torch.int32) // 128}
 
 
-def make(root: Path, kind: str, layers: int) -> None:
+def make(root: Path, kind: str, layers: int, mtp: bool = False) -> None:
     """One shard per layer (memory: one layer); the other tensors (embeddings, norms, routers, head) are the base's
     bytes in every source, as a real quantizer leaves them."""
     d = root / kind
     d.mkdir(parents=True, exist_ok=True)
     weight_map = {}
-    for layer in range(layers + 1):
+    last = layers + mtp  # the shard of the embeddings, final norm and head
+    for layer in range(last + 1):
         g = torch.Generator().manual_seed(layer)
         same = torch.Generator().manual_seed(10_000 + layer)
         sd = {}
-        if layer == layers:
+        if layer == layers and mtp:
+            p = f"model.layers.{layer}."
+            for n in ("enorm", "hnorm", "shared_head.norm"):
+                sd[p + n + ".weight"] = torch.ones(H, dtype=torch.bfloat16)
+            sd[p + "eh_proj.weight"] = (torch.randn(H, 2 * H, generator=same) * 0.05).to(torch.bfloat16)
+            for n in ("embed_tokens", "shared_head.head"):
+                sd[p + n + ".weight"] = (torch.randn(VOCAB, H, generator=same) * 0.05).to(torch.bfloat16)
+        if layer == last:
             sd["model.embed_tokens.weight"] = (torch.randn(VOCAB, H, generator=same) * 0.05).to(torch.bfloat16)
             sd["lm_head.weight"] = (torch.randn(VOCAB, H, generator=same) * 0.05).to(torch.bfloat16)
             sd["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
@@ -121,21 +134,22 @@ def make(root: Path, kind: str, layers: int) -> None:
             if layer >= 3:
                 sd[p + "mlp.gate.weight"] = (torch.randn(EXPERTS, H, generator=same) * 0.05).to(torch.bfloat16)
                 sd[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(EXPERTS, dtype=torch.float32)
-        fname = f"model-{layer:05d}-of-{layers + 1:05d}.safetensors"
+        fname = f"model-{layer:05d}-of-{last + 1:05d}.safetensors"
         save_file(sd, d / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in sd})
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     qc = {"base": None, "fp8": CT_FP8, "int8": CT_INT8, "gptq": GPTQ}[kind]
-    (d / "config.json").write_text(json.dumps(config(layers, qc), indent=1))
+    (d / "config.json").write_text(json.dumps(config(layers, qc, mtp), indent=1))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=61)
+    ap.add_argument("--mtp", action="store_true", help="add the MTP layer after the others")
     a = ap.parse_args(argv)
     for kind in ("base", "fp8", "int8", "gptq"):
-        make(a.out, kind, a.layers)
+        make(a.out, kind, a.layers, a.mtp)
     (a.out / "recipe.yaml").write_text(RECIPE)
 
 

@@ -14,14 +14,37 @@ from helpers import manifest_json, resign
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def v3(tmp_path_factory) -> Path:
+def _generated(tmp_path_factory, *flags: str) -> Path:
     spec = importlib.util.spec_from_file_location("v3_shaped", ROOT / "bench" / "v3_shaped.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     d = tmp_path_factory.mktemp("v3")
-    mod.main([str(d), "--layers", "5"])
+    mod.main([str(d), "--layers", "5", *flags])
     return d
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory) -> Path:
+    return _generated(tmp_path_factory)
+
+
+def test_the_mtp_layer_at_tp8_ep8(tmp_path_factory, cli):
+    """The real release's MTP layer (layer 5 here) is split as SGLang's NextN draft splits it — as a MoE layer of
+    the model proper: its 256 experts over the EP ranks, attention over TP — and eh_proj stays whole and bf16."""
+    d = _generated(tmp_path_factory, "--mtp")
+    r = cli("build", d / "recipe.yaml", "-o", d / "ep8", "--tp", "8", "--ep", "8")
+    assert r.exit_code == 0, r.output
+    m = manifest_json(d / "ep8")
+    assert m["units"]["model.layers.5.mlp.experts"]["groups"][0]["experts"] == list(range(16))
+    assert m["modules"]["model.layers.5.eh_proj"]["format"] == "unquantized"
+    assert json.loads((d / "ep8" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    r = cli("verify", d / "ep8", "--tp", "8", "--ep", "8", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["findings"] == [], rep["counts"]
+    # without EP its experts' intermediate size (128) splits into 16 per rank, as the model proper's do
+    r = cli("verify", d / "ep8", "--tp", "8", "--json")
+    where = {f["where"].split(" ")[0] for f in json.loads(r.stdout)["findings"]}
+    assert r.exit_code == 1 and {"model.layers.3.mlp.experts", "model.layers.5.mlp.experts"} <= where, where
 
 
 def test_tp8_ep8_builds_and_verifies_with_no_false_findings(v3, cli):
