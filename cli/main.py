@@ -538,7 +538,9 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
             at_dp = f" dp={mem['dp']}" if "dp" in mem else ""
             out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
                       f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}{at_dp}; by format: "
-                      + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items())), highlight=False)
+                      + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items()))
+                      + (f"; {mem['mtp_bytes']:,} of the bytes are the MTP layer's, loaded only for speculative "
+                         f"decoding" if "mtp_bytes" in mem else ""), highlight=False)
         out.print(("OK" if rep.ok else "FAILED") + f": {', '.join(rep.checks)}", highlight=False)
     raise typer.Exit(0 if rep.ok else 1)
 

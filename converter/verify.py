@@ -407,13 +407,17 @@ def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Repor
 
 def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int, dp: int = 1) -> dict:
     """Bytes by format and per rank: a split module's share of one rank (with DP attention, attention and the
-    embedding over the attention group of tp / dp ranks, as SGLang splits them)."""
+    embedding over the attention group of tp / dp ranks, as SGLang splits them); the MTP layers' bytes, which
+    SGLang loads only for speculative decoding (NextN)."""
     by_format: dict[str, int] = {}
-    per_rank = 0
+    per_rank = mtp = 0
     attn_tp = max(1, tp // dp)
+    info = manifest.model.info()
     for name, mod in manifest.modules.items():
         nbytes = sum(found[n].nbytes for n in mod.tensor_names.values() if n in found)
         by_format[mod.format] = by_format.get(mod.format, 0) + nbytes
+        if (mod.layer or 0) >= info.num_layers or (mod.layer is None and info.mtp_layer_of(name) is not None):
+            mtp += nbytes
         role = role_of(name)
         parallel = role.parallel if role else "replicated"
         ways = attn_tp if dp > 1 and role and rules.in_attention_group(role) else tp
@@ -423,7 +427,7 @@ def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int, dp:
     t = manifest.totals
     bf16 = 2 * t.linear_weights + (t.bytes - t.linear_bytes)
     return {"bytes": total, "by_format": by_format, "tp": tp, **({"dp": dp} if dp > 1 else {}),
-            "bytes_per_rank": int(per_rank),
+            "bytes_per_rank": int(per_rank), **({"mtp_bytes": mtp} if mtp else {}),
             "bits_per_weight": t.bits_per_weight, "vs_bf16": round(total / bf16, 4) if bf16 else None,
             "quantized_bytes": linear}
 

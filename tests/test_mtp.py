@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import build, fails, refused, write_recipe
+from mpconvert.checkpoint import Checkpoint
 from mpconvert.engine import run_ranks
 from mpconvert.layout import config_problems
 
@@ -86,8 +87,12 @@ def test_the_mtp_layer_is_built_by_the_rules_and_bound_in_sglangs_nextn_draft(v3
     assert layer["model.layers.2.mlp.experts.7.up_proj"]["format"] == "gptq"
     assert layer["model.layers.2.eh_proj"]["format"] == "unquantized"
     assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
-    r = cli("verify", out)
+    r = cli("verify", out, "--json")
     assert r.exit_code == 0, r.output
+    # the memory SGLang holds without speculative decoding is the rest
+    t = m["tensors"]
+    mtp_bytes = sum(Checkpoint.open(out, "out").tensors[n].nbytes for n in t["name"] if n.startswith("model.layers.2."))
+    assert json.loads(r.stdout)["memory"]["mtp_bytes"] == mtp_bytes > 0
     # SGLang's own classes on CPU: the model proper skips layer 2; the NextN draft (what --speculative-algorithm
     # NEXTN builds from the same directory) loads it, each of its layers bound to its format's native method
     (res,) = run_ranks(out, 1, "float16")
