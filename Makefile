@@ -69,7 +69,7 @@ fixtures: setup  ## make (or find cached) every test fixture
 test: setup fixtures
 	$(VENV)/bin/pytest -q
 	$(V23)/bin/python -m pytest -q tests/test_shim.py tests/test_mixed_experts.py tests/test_verify.py \
-	  -k "test_shim or test_mixed_experts or engine"
+	  tests/test_mtp.py -k "test_shim or test_mixed_experts or engine or nextn_draft or mixed_inside"
 
 # mergekit (the comparison in the build benchmark) in its own venv, layered on .venv's torch like the producers.
 .venv-bench/.done: $(VENV)/.done requirements/bench.txt
