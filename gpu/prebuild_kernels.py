@@ -9,7 +9,8 @@ release, with the same nvcc major version (13.0, as on the GPU machine), is the 
     .venv/bin/python gpu/prebuild_kernels.py gpu/results/kernels    # a TVM_FFI_CACHE_DIR; gpu/pack.py stages it
 
 Needs CUDA 13.0 (nvcc, libcudart) under /usr/local/cuda or $CUDA_HOME. Builds run in parallel, one process per
-kernel (each is a single nvcc invocation): about 25 minutes for the three on a 2-core machine.
+kernel (each is a single nvcc invocation): on a 2-core machine one alone takes about 4 minutes, three at once about
+8; a kernel already in OUT is loaded, not rebuilt.
 """
 from __future__ import annotations
 
@@ -20,13 +21,17 @@ from pathlib import Path
 
 # (what, builder module, function, args) — the kernels the GPTQ MoE runs need in float16 (GPTQ MoE on Marlin runs
 # in fp16 only: see the shim's dtype check), plus the EP variant of the MoE GEMM (SGLang passes is_ep when it holds
-# an expert map).
+# an expert map), and the bf16 MoE GEMM AWQ's MoE runs.
 KERNELS = [
     ("gptq_marlin fp16", "sglang.kernels.ops.quantization.gptq_marlin", "_jit_gptq_marlin_module", ("float16",)),
     ("moe_wna16_marlin fp16", "sglang.kernels.ops.moe.moe_wna16_marlin", "_jit_moe_wna16_marlin_module",
      ("float16", False, False)),
     ("moe_wna16_marlin fp16 ep", "sglang.kernels.ops.moe.moe_wna16_marlin", "_jit_moe_wna16_marlin_module",
      ("float16", True, False)),
+    # AWQ MoE runs bf16 on the same Marlin MoE GEMM: missing from the cache, it held the MoE part's AWQ and mixed
+    # runs past their time limit on 2026-12-06 (docs/gpu-results.md §16)
+    ("moe_wna16_marlin bf16", "sglang.kernels.ops.moe.moe_wna16_marlin", "_jit_moe_wna16_marlin_module",
+     ("bfloat16", False, False)),
 ]
 
 
