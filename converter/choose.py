@@ -126,7 +126,7 @@ def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True
                          for m in members)
             servers.append(UnitSource(unit, label, tuple(names), nbytes, members[0].scheme.describe(), folds))
         units[unit] = servers  # only the base: a group with one option
-    mtp = tuple(sorted({inputs.info.mtp_layer_of(n) for n in inputs.base.modules} - {None}))
+    mtp = tuple(sorted({inputs.info.mtp_layer_of(n) for n in inputs.base.modules if n not in roles}))
     return Candidates(inputs.info, units, _groups(units, roles), fixed, weights, mtp)
 
 
