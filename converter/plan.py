@@ -14,6 +14,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .errors import UserError
 from . import ct_export
+from .forked import Forked
 from .formats import FORMATS, Scheme, check_expected
 from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched, value_suffixes
 from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_architecture, natural_key,
@@ -301,22 +302,24 @@ class _Planner:
         self.roles = inputs.roles(recipe.mtp)
         self._hash_cache: dict[tuple[str, str], str] = {}
 
-    def linear_plans(self, chosen: dict[str, tuple[str, str]]) -> list[ModulePlan]:
-        """Every linear module from its chosen source, checked against its format: its tensors' dtypes and shapes
-        one by one, its values in batches (check_values_batched: a DeepSeek-V3-sized job has 45k linears), the
-        first problem in module order refused."""
-        views = {name: self._stored_view(name, source, why) for name, (source, why) in chosen.items()}
+    def stored_views(self, chosen: dict[str, tuple[str, str]]) -> dict:
+        """Every linear module as its chosen source stores it, its tensors' dtypes and shapes checked against its
+        format (the first problem in module order refused)."""
+        return {name: self._stored_view(name, source, why) for name, (source, why) in chosen.items()}
+
+    def value_problems(self, chosen: dict[str, tuple[str, str]], views: dict) -> str | None:
+        """The first problem in module order of the linears' values (in batches, check_values_batched: a
+        DeepSeek-V3-sized job has 45k linears), as the message that refuses it; None when there is none."""
         problems = check_values_batched(((name, view.scheme, {s: view.tensors[s] for s in value_suffixes(view.scheme)})
                                          for name, view in views.items()), serve_layout=self.layout)
         for name in chosen:
             for kind, problem in problems.get(name, ()):
                 source = chosen[name][0]
                 if kind == "values":
-                    raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}): {problem}; the checkpoint "
-                                    f"is corrupt or was written wrongly — re-export it or take {name} from another "
-                                    f"source")
-                raise UserError(f"source {source!r}: {problem}; or take {name} from another source")
-        return [self.module_plan(name, self.roles[name], *chosen[name], views[name]) for name in chosen]
+                    return (f"source {source!r} ({self.sources[source].ckpt.path}): {problem}; the checkpoint is "
+                            f"corrupt or was written wrongly — re-export it or take {name} from another source")
+                return f"source {source!r}: {problem}; or take {name} from another source"
+        return None
 
     def _stored_view(self, name: str, source: str, why: str):
         """The module as `source` stores it, its tensors' dtypes and shapes checked against its format."""
@@ -442,9 +445,25 @@ class _Planner:
         return plans
 
     def plan(self) -> Plan:
+        chosen = RuleMatcher(self.recipe, self.info, self.roles).assign()
+        views = self.stored_views(chosen)
+        # the values (the one part that reads tensor data) are checked in a child process on the other core while
+        # the rest is planned here; a problem there is refused first, as when it ran in turn
+        values = Forked(lambda step: self.value_problems(chosen, views), lambda n: None)
+        try:
+            plan = self._plan(chosen, views)
+        except UserError:
+            _refuse(values.result())
+            raise
+        except BaseException:
+            values.cancel()
+            raise
+        _refuse(values.result())
+        return plan
+
+    def _plan(self, chosen: dict[str, tuple[str, str]], views: dict) -> Plan:
         roles = self.roles
-        chosen = RuleMatcher(self.recipe, self.info, roles).assign()
-        linear = self.linear_plans(chosen)
+        linear = [self.module_plan(name, roles[name], *chosen[name], views[name]) for name in chosen]
         linears = [m.linear() for m in linear]  # what the shared rules see
         units = self.check_units(linears)
         _raise_first(rules.pair_problems(linears))
@@ -516,6 +535,11 @@ def repack_layout(view, target: Scheme, out_f: int, in_f: int) -> dict[str, tupl
         dtype = stored.dtype if stored is not None and stored.dtype in e.dtypes else e.dtypes[0]
         out[suffix] = (origin, stored, dtype, e.shape)
     return out
+
+
+def _refuse(problem: str | None) -> None:
+    if problem is not None:
+        raise UserError(problem)
 
 
 def _raise_first(problems: list[rules.Problem]) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 from . import rules
 from .checkpoint import INDEX, is_weight_map, read_json
 from .errors import UserError
+from .forked import Forked
 from .formats import check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched, value_suffixes
 from .layout import ModelInfo, check_same_architecture, config_problems, role_of
@@ -233,14 +234,12 @@ def _check_total_size(metadata, found: dict[str, TensorInfo], rep: Report) -> No
                                                              f"tensors; restore the index or rebuild")
 
 
-def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progress: Progress) -> dict[str, TensorInfo]:
-    """Every tensor of the manifest's table where the table and the index put it, as recorded (dtype, shape; with
-    deep, sha256 and no NaN/inf); nothing else in the shards. Returns the tensors actually found (name → location)
-    for the later checks."""
+def check_structure(d: Path, manifest: Manifest, rep: Report) -> dict[str, TensorInfo]:
+    """Every tensor of the manifest's table where the table and the index put it, as recorded (dtype, shape);
+    nothing else in the shards. Returns the tensors actually found (name → location) for the later checks."""
     weight_map, found, shard_of = _shards(d, rep)
     table, shards = manifest.tensors, manifest.shards
     names = table.name
-    progress.start(len(names))
     # the whole table compared at once (column against column); tensor by tensor only to say what differs
     recorded, expected = list(map(shards.__getitem__, table.shard)), set(names)
     unexpected = found.keys() - expected
@@ -250,10 +249,6 @@ def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progre
             and list(map(_DTYPE_SHAPE, map(found.__getitem__, names))) == list(zip(table.dtype,
                                                                                    map(tuple, table.shape)))):
         _structure_findings(manifest, weight_map, found, shard_of, rep)
-    if deep:
-        _check_digests(table, found, rep, progress)
-    else:
-        progress.step(len(names))
     for name in sorted(unexpected):
         rep.add("structure", name, f"unexpected tensor in {shard_of[name]} (not in the manifest)")
     if not (indexed and len(weight_map) == len(expected)):  # (else the index lists exactly the table's tensors)
@@ -262,22 +257,24 @@ def check_structure(d: Path, manifest: Manifest, rep: Report, deep: bool, progre
     return found
 
 
-def _check_digests(table, found: dict[str, TensorInfo], rep: Report, progress: Progress) -> None:
-    """sha256 of every tensor found, against the table (compared as whole columns; a tensor whose dtype or shape
+def _digest_findings(table, found: dict[str, TensorInfo], step) -> list[Finding]:
+    """sha256 of every tensor found against the table (compared as whole columns; a tensor whose dtype or shape
     already differs is reported for that, not again for its bytes), and no NaN or infinity in any float tensor."""
     digests, nonfinite = {}, set()
     for done in digest_and_scan_batches(list(found.values())):  # a job's results at once: 171k tensors at V3 size
         names = list(map(_NAME, map(_FIRST, done)))
         digests.update(zip(names, map(_SECOND, done)))
         nonfinite.update(compress(names, map(_THIRD, done)))
-        progress.step(len(done))
+        step(len(done))
+    out = []
     if [digests.get(n) for n in table.name] != table.sha256:
         for n, dtype, shape, sha in zip(table.name, table.dtype, table.shape, table.sha256):
             t = found.get(n)
             if t is not None and t.dtype == dtype and list(t.shape) == shape and digests[n] != sha:
-                rep.add("structure", n, "sha256 differs from the manifest: the bytes changed after build")
+                out.append(Finding("structure", n, "sha256 differs from the manifest: the bytes changed after build"))
     for n in (n for n in table.name if n in nonfinite):
-        rep.add("scheme", n, f"holds NaN or infinite {found[n].dtype} values; no served model may")
+        out.append(Finding("scheme", n, f"holds NaN or infinite {found[n].dtype} values; no served model may"))
+    return out
 
 
 def _structure_findings(manifest: Manifest, weight_map: dict[str, str], found: dict[str, TensorInfo],
@@ -358,7 +355,7 @@ def _check_units(manifest: Manifest, linears: list[rules.Linear], rep: Report) -
 
 
 # ---- scheme invariants --------------------------------------------------------------------------------------------
-def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) -> None:
+def value_findings(manifest: Manifest, found: dict[str, TensorInfo]) -> list[Finding]:
     """Every module's tensors as its format expects, and the values the format's invariants cover (small tensors:
     cheap enough for --fast too; in batches, check_values_batched), reported in the manifest's order."""
     problems: dict[str, list[str]] = {}
@@ -384,9 +381,19 @@ def check_values(manifest: Manifest, found: dict[str, TensorInfo], rep: Report) 
         batched.append((name, scheme, {s: tensors[s] for s in value_suffixes(scheme)}))
     for name, found_problems in check_values_batched(batched).items():
         problems.setdefault(name, []).extend(p for _, p in found_problems)
-    for name in manifest.modules:
-        for problem in problems.get(name, ()):
-            rep.add("scheme", name, problem)
+    return [Finding("scheme", name, problem) for name in manifest.modules for problem in problems.get(name, ())]
+
+
+def _data_findings(manifest: Manifest, found: dict[str, TensorInfo], hash_tensors: bool, step
+                   ) -> tuple[list[Finding], list[Finding]]:
+    """The checks that read tensor data: the digests and NaN scan (unless --fast: then only counted as done), and
+    the value invariants of every module's scheme."""
+    if hash_tensors:
+        digests = _digest_findings(manifest.tensors, found, step)
+    else:
+        digests = []
+        step(len(manifest.tensors.name))
+    return digests, value_findings(manifest, found)
 
 
 def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Report, tp: int, ep: int,
@@ -488,13 +495,25 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
         return rep
     if numeric:
         check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
-    check_config(directory, manifest, raw, rep)
-    found = check_structure(directory, manifest, rep, hash_tensors, progress)
-    linears = manifest.linears()  # what the shared rules see, built once
-    check_manifest(manifest, linears, rep)
-    check_values(manifest, found, rep)
-    check_partitions(manifest, linears, rep, tp, ep, dp)
-    rep.memory = memory_report(manifest, found, tp, dp)
+    # What reads tensor data (the small value tensors; with hashing, every byte) runs in a child process on the other
+    # core (forked.py) while config.json, the manifest and the splits are checked here; each check's findings are
+    # kept apart, then reported in one fixed order: config, structure, digests, manifest, values, splits.
+    structure, config, manifest_findings, tp_findings = (Report(rep.directory) for _ in range(4))
+    found = check_structure(directory, manifest, structure)
+    progress.start(len(manifest.tensors.name))
+    data = Forked(lambda step: _data_findings(manifest, found, hash_tensors, step), progress.step)
+    try:
+        check_config(directory, manifest, raw, config)
+        linears = manifest.linears()  # what the shared rules see, built once
+        check_manifest(manifest, linears, manifest_findings)
+        check_partitions(manifest, linears, tp_findings, tp, ep, dp)
+        rep.memory = memory_report(manifest, found, tp, dp)
+    except BaseException:
+        data.cancel()
+        raise
+    digests, values = data.result()
+    rep.findings = (config.findings + structure.findings + digests + manifest_findings.findings + values
+                    + tp_findings.findings)
     broken = any(f.check in ("structure", "manifest") for f in rep.findings)
     if numeric:
         rep.checks.append("numeric")

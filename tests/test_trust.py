@@ -181,6 +181,16 @@ def test_bad_values_are_refused_before_writing(case, llama, cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_value_is_refused_first_whatever_else_is_wrong(llama, cli, tmp_path):
+    """Build checks the values in a child process while it plans the rest: a problem there is still the one refused
+    when the plan also fails later (--tp 3 cannot split 4 heads), as when the checks ran in turn."""
+    r = write_recipe(tmp_path, llama, {"s": "gptq"}, "s")
+    fails(cli, tmp_path, r, "--tp", "3", match="num_attention_heads=4 is not divisible by 3")  # what --tp 3 alone is refused for
+    src = set_values(copy(llama["gptq"], tmp_path / "src"), f"{L0}.mlp.down_proj.scales", [-0.5])
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    fails(cli, tmp_path, r, "--tp", "3", match="scales has zero or negative scales")
+
+
 ROW = [1, 2, 3, 4, 5, 6, 7, 8]
 
 

@@ -224,3 +224,33 @@ def test_engine_check_flags_a_float_copy_in_a_quantized_unit():
     compare(manifest, {**ok, "methods": {"model.layers.0.mlp.down_proj": ["MoeWNA16Method", "x"]}}, "tp=1 rank 0",
             rep)
     assert "expected GPTQMarlinLinearMethod" in rep.findings[-1].message
+
+
+def test_the_report_is_the_same_with_the_data_checks_in_a_child(dense_out, tmp_path, monkeypatch):
+    """verify reads tensor data (digests, NaN scan, value invariants) in a child process while it checks the manifest
+    and the splits here: finding for finding, in order, its report is the one the checks give in turn."""
+    from dataclasses import asdict
+
+    from mpconvert import forked
+    from mpconvert.verify import verify
+
+    def several(sd):
+        flip_byte(sd)  # the bytes changed: a digest finding
+        sd[f"{L1}.mlp.down_proj.scales"].view(-1)[0] = -1.0  # a value finding (and a digest one)
+        sd[f"{L0}.input_layernorm.weight"].view(-1)[0] = float("nan")  # a NaN finding, and the norm's value one
+
+    d = mutate(dense_out, tmp_path / "d", several)
+    beside = verify(d, tp=4)
+    monkeypatch.setattr(forked, "usable_cores", lambda: 1)
+    in_turn = verify(d, tp=4)
+    assert [(f.check, f.where) for f in in_turn.findings] == [  # the order of the checks, run in turn
+        ("structure", f"{L0}.input_layernorm.weight"), ("structure", f"{L1}.mlp.down_proj.scales"),
+        ("structure", f"{L1}.mlp.up_proj.qweight"),  # digests, in table order
+        ("scheme", f"{L0}.input_layernorm.weight"),  # the NaN scan
+        ("scheme", f"{L0}.input_layernorm"), ("scheme", f"{L1}.mlp.down_proj"),  # values, after the manifest's
+        ("tp", f"{L1}.self_attn.o_proj")]
+    assert [asdict(f) for f in beside.findings] == [asdict(f) for f in in_turn.findings]
+    assert beside.memory == in_turn.memory
+    fast = verify(d, tp=4, hash_tensors=False)
+    assert [asdict(f) for f in fast.findings] == [asdict(f) for f in in_turn.findings
+                                                  if not f.message.startswith(("sha256", "holds NaN"))]

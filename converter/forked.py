@@ -1,0 +1,108 @@
+"""Run one piece of work in a forked child process while the caller goes on with its own, on the machine's other
+core: verify hashes every tensor there while it checks the manifest, the schemes and the splits itself (both are
+pure-Python work over 171k tensors at DeepSeek-V3 size: on threads they share one core through the GIL).
+
+The child gets the caller's memory as it was (copy-on-write: no pickling of what it reads), reports progress and
+sends back only its (small) result; it never returns into the caller's code — it ends with os._exit, so no atexit
+handler, temporary-directory cleanup or buffered output of the parent runs twice. On Linux only (macOS's system
+libraries are not safe to use in a child forked without exec: CPython's multiprocessing spawns there), with two
+cores or more; otherwise, and when the child dies without a result (the OOM killer), the work runs in-process when
+its result is asked for.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+import threading
+import traceback
+from typing import Callable, Generic, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+_PROGRESS, _RESULT = b"P", b"R"
+_RECORD = struct.Struct("<cQ")  # kind, then a step count or the length of the pickled result that follows
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Forked(Generic[T]):
+    """work(step) in a child process: step(n) reports progress (passed on to on_step in the caller, from a reader
+    thread); result() waits for the child and returns what work returned, or raises the UserError it raised. An
+    unexpected exception in the child is raised in the caller as a RuntimeError carrying the child's traceback."""
+
+    def __init__(self, work: Callable[[Callable[[int], None]], T], on_step: Callable[[int], None]):
+        self._work, self._on_step = work, on_step
+        self._pid = None
+        self._outcome: tuple[str, object] | None = None
+        if sys.platform != "linux" or usable_cores() < 2:
+            return  # in-process, when result() is asked for
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            os.close(r)
+            self._child(w)
+        os.close(w)
+        self._pid = pid
+        self._reader = threading.Thread(target=self._read, args=(r,), name="mpconvert-forked", daemon=True)
+        self._reader.start()
+
+    def _child(self, w: int) -> None:
+        try:
+            out = os.fdopen(w, "wb", buffering=0)
+
+            def step(n: int) -> None:
+                out.write(_RECORD.pack(_PROGRESS, n))
+
+            try:
+                outcome = ("ok", self._work(step))
+            except UserError as e:
+                outcome = ("user", str(e))
+            except BaseException:  # noqa: BLE001 — sent to the caller, which raises it
+                outcome = ("crash", traceback.format_exc())
+            payload = pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
+            out.write(_RECORD.pack(_RESULT, len(payload)) + payload)
+        finally:
+            os._exit(0)
+
+    def _read(self, r: int) -> None:
+        with os.fdopen(r, "rb") as f:
+            while True:
+                head = f.read(_RECORD.size)
+                if len(head) < _RECORD.size:
+                    return  # the child ended without a result (killed): result() says so
+                kind, n = _RECORD.unpack(head)
+                if kind == _PROGRESS:
+                    self._on_step(n)
+                else:
+                    self._outcome = pickle.loads(f.read(n))
+                    return
+
+    def result(self) -> T:
+        if self._pid is None:
+            return self._work(self._on_step)
+        self._reader.join()
+        os.waitpid(self._pid, 0)
+        self._pid = None
+        if self._outcome is None:  # the child was killed: the work is done here instead
+            return self._work(self._on_step)
+        kind, value = self._outcome
+        if kind == "user":
+            raise UserError(value)
+        if kind == "crash":
+            raise RuntimeError(f"the worker process failed:\n{value}")
+        return value
+
+    def cancel(self) -> None:
+        """Stop the child (the caller gave up before asking for the result)."""
+        if self._pid is not None:
+            try:
+                os.kill(self._pid, 9)
+                os.waitpid(self._pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self._pid = None
