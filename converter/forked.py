@@ -11,8 +11,10 @@ its result is asked for.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
+import signal
 import struct
 import sys
 import threading
@@ -30,6 +32,18 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _die_with(parent: int) -> None:
+    """The child is killed when its parent dies (even by kill -9): it holds copies of the parent's descriptors — a
+    build's output lock among them —, which must not outlive the build."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class Forked(Generic[T]):
     """work(step) in a child process: step(n) reports progress (passed on to on_step in the caller, from a reader
     thread); result() waits for the child and returns what work returned, or raises the UserError it raised. An
@@ -42,17 +56,19 @@ class Forked(Generic[T]):
         if sys.platform != "linux" or usable_cores() < 2:
             return  # in-process, when result() is asked for
         r, w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(r)
-            self._child(w)
+            self._child(w, parent)
         os.close(w)
         self._pid = pid
         self._reader = threading.Thread(target=self._read, args=(r,), name="mpconvert-forked", daemon=True)
         self._reader.start()
 
-    def _child(self, w: int) -> None:
+    def _child(self, w: int, parent: int) -> None:
         try:
+            _die_with(parent)
             out = os.fdopen(w, "wb", buffering=0)
 
             def step(n: int) -> None:

@@ -90,3 +90,40 @@ def test_one_core_runs_the_work_in_process(monkeypatch):
     steps, on_step = _counting()
     job = Forked(lambda step: (step(3), os.getpid())[1], on_step)
     assert job.result() == os.getpid() and steps == [3]
+
+
+def test_the_child_dies_with_its_parent(tmp_path):
+    """A build killed by kill -9 must not leave its forked child holding copies of its descriptors (the output lock
+    among them): the child is killed with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    script = f"""
+import os, time
+from mpconvert.forked import Forked
+def work(step):
+    open({str(pids)!r}, "a").write(f"{{os.getpid()}}\\n")
+    time.sleep(60)
+job = Forked(work, lambda n: None)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    for _ in range(200):
+        if pids.exists() and pids.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(pids.read_text().split()[0])
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(200):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its parent")
