@@ -1,6 +1,7 @@
 """Run one piece of work in a forked child process while the caller goes on with its own, on the machine's other
-core: verify hashes every tensor there while it checks the manifest, the schemes and the splits itself (both are
-pure-Python work over 171k tensors at DeepSeek-V3 size: on threads they share one core through the GIL).
+core: verify hashes and value-checks the tensors there while it checks config.json, the manifest and the splits
+itself; planning checks the linears' values there while it plans the rest (both sides are Python over 171k tensors
+at DeepSeek-V3 size: on threads they would share one core through the GIL).
 
 The child gets the caller's memory as it was (copy-on-write: no pickling of what it reads), reports progress and
 sends back only its (small) result; it never returns into the caller's code — it ends with os._exit, so no atexit
@@ -90,7 +91,7 @@ class Forked(Generic[T]):
             while True:
                 head = f.read(_RECORD.size)
                 if len(head) < _RECORD.size:
-                    return  # the child ended without a result (killed): result() says so
+                    return  # the child ended without a result (killed): result() does the work here
                 kind, n = _RECORD.unpack(head)
                 if kind == _PROGRESS:
                     self._on_step(n)
@@ -117,7 +118,7 @@ class Forked(Generic[T]):
         """Stop the child (the caller gave up before asking for the result)."""
         if self._pid is not None:
             try:
-                os.kill(self._pid, 9)
+                os.kill(self._pid, signal.SIGKILL)
                 os.waitpid(self._pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass

@@ -447,8 +447,8 @@ class _Planner:
     def plan(self) -> Plan:
         chosen = RuleMatcher(self.recipe, self.info, self.roles).assign()
         views = self.stored_views(chosen)
-        # the values (the one part that reads tensor data) are checked in a child process on the other core while
-        # the rest is planned here; a problem there is refused first, as when it ran in turn
+        # the linears' values (most of the tensor data planning reads) are checked in a child process on the other
+        # core while the rest is planned here; a problem there is refused first, as when it ran in turn
         values = Forked(lambda step: self.value_problems(chosen, views), lambda n: None)
         try:
             plan = self._plan(chosen, views)
