@@ -30,6 +30,7 @@ _RECORD = struct.Struct("<cQ")  # kind, then a step count or the length of the p
 
 
 def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one), at least 1."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 
 from .errors import UserError
+from .forked import usable_cores
 
 DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -593,8 +594,7 @@ HASH_SPAN = 4 * 1024 * 1024  # one job's batched read: with its NaN scan's tempo
 
 
 def hash_workers() -> int:
-    return max(1, min(HASH_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
+    return min(HASH_WORKERS, usable_cores())
 
 
 def _digest_job(job: tuple[list[TensorInfo], int, int | None]) -> list[tuple[TensorInfo, str, bool]]:
