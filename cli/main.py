@@ -231,6 +231,7 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
     from mpconvert.recipe import load_recipe, parse_size
     from mpconvert.safety import OutputLock
     from mpconvert.writer import check_output, write
+    from mpconvert.manifest import as_json
 
     check_output(output, force)
     r = load_recipe(recipe)
@@ -256,7 +257,7 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
             gc.unfreeze()  # back to the collector (the CLI runs in-process in the tests)
     secs = time.perf_counter() - t0
     summary = {"output": str(output), "layout": plan.layout, "seconds": round(secs, 3), "tensors": len(plan.tensors),
-               "bytes": plan.total_bytes, "totals": manifest.totals.model_dump(mode="json"),
+               "bytes": plan.total_bytes, "totals": as_json(manifest.totals),
                "units": {u: v.describe() for u, v in manifest.units.items()}}
     if json_out:
         print(json.dumps(summary, indent=1, sort_keys=True))

@@ -28,18 +28,23 @@ Deterministic: no timestamps, no absolute paths.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from .errors import UserError
 from .formats import FORMATS
 from . import ct_export
-from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, first_error
+from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT
 from .recipe import format_ids
 from .safetensors_io import DTYPE_SIZE, nbytes_of
 
@@ -52,16 +57,19 @@ MIXED_EXPERTS = "mixed_experts"
 # group's index in the manifest); verify --engine looks them up by that name
 EXPERT_GROUPS = "expert_groups"
 
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 # Every count, index and dimension fits an int64 (what numpy and every reader of the table compute in): a larger
 # one is a manifest finding, not an OverflowError deep in a check.
 INT64_MAX = 2 ** 63 - 1
-Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
-Positive = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Count = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Positive = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 
 
-class _Entry(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+class _Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A manifest record: typed by msgspec, which decodes and checks the whole manifest in C (at 171k tensors, a
+    DeepSeek-V3-sized job, 0.4 s against 1.3 s for json.loads and pydantic); strict (a JSON true is not 1, 1.0 is not
+    an int), nothing unknown; optional fields left out when None (the manifest's own when UNSET: it writes its
+    layout and the tensor table its empty maps, as the pydantic models did)."""
 
 
 def _scheme_ok(fmt: str, params: dict) -> None:
@@ -87,7 +95,7 @@ class TensorEntry:
         return nbytes_of(self.dtype, self.shape)
 
 
-Row = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]*)$")]
+Row = Annotated[str, Meta(pattern=r"^(0|[1-9][0-9]*)$")]
 
 
 class _Rows:
@@ -107,7 +115,7 @@ class _Rows:
         return nbytes_of(self.t.dtype[r], self.t.shape[r])
 
 
-class TensorTable(_Entry):
+class TensorTable(_Entry, omit_defaults=False):
     """Every tensor of the directory, one column per field (171k rows in a DeepSeek-V3-sized job: columns parse in
     half the time of one object per tensor); rewrite / renamed_from only for the rows that have one."""
     name: list[str]
@@ -118,8 +126,7 @@ class TensorTable(_Entry):
     rewrite: dict[Row, str] = {}
     renamed_from: dict[Row, str] = {}
 
-    @model_validator(mode="after")
-    def _valid(self):
+    def __post_init__(self):
         n = len(self.name)
         for col in ("dtype", "shape", "sha256", "shard"):
             if len(getattr(self, col)) != n:
@@ -130,31 +137,24 @@ class TensorTable(_Entry):
                 raise ValueError(f"{col}: row {past[0]} is past the table ({n} rows)")
         if len(set(self.name)) != n:
             raise ValueError("a tensor name appears twice")
-        return self
 
 
-class SchemeEntry(_Entry):
+class SchemeEntry(_Entry, dict=True):
     format: str
     params: dict[str, Any]
-    _scheme: Any = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _valid(self):
+    def __post_init__(self):
         _scheme_ok(self.format, self.params)
-        return self
 
-    @property
+    @functools.cached_property
     def scheme(self):
         """As the formats take it (hashable, canonical params); made once per scheme, not per module."""
-        private = self.__pydantic_private__
-        if private["_scheme"] is None:
-            from .formats import Scheme
+        from .formats import Scheme
 
-            private["_scheme"] = Scheme.of(self.format, **self.params)
-        return private["_scheme"]
+        return Scheme.of(self.format, **self.params)
 
 
-class ModuleEntry(_Entry):
+class ModuleEntry(_Entry, dict=True, kw_only=True):
     kind: Literal["linear", "norm", "router", "embedding"]
     unit: str
     layer: Optional[Count] = None
@@ -162,43 +162,30 @@ class ModuleEntry(_Entry):
     scheme_id: Count
     source: str
     chosen_by: str
-    shape: Optional[Annotated[list[Positive], Field(min_length=2, max_length=2)]] = None
-    rows: dict[str, Count] = Field(alias="tensors")  # suffix → row of the tensor table
-    # Its scheme (schemes[scheme_id]), the tensor table, and its rows and tensor names once made, live in
-    # __pydantic_private__, which Manifest's validation sets ("_linked", "_table", "_tensors", "_names"): declared as
-    # PrivateAttr, pydantic would fill in their defaults for each of 45k modules in Python, a sixth of a
-    # DeepSeek-V3-sized manifest's validation.
+    shape: Optional[Annotated[list[Positive], Meta(min_length=2, max_length=2)]] = None
+    rows: dict[str, Count] = msgspec.field(name="tensors")  # suffix → row of the tensor table
+    # Its scheme (schemes[scheme_id]) and the tensor table, set by Manifest's validation in the instance's __dict__
+    # ("linked", "_table"), and its rows and tensor names once made (cached properties): never read from or written to
+    # JSON.
 
-    @model_validator(mode="after")
-    def _valid(self):
+    def __post_init__(self):
         if self.kind == "linear" and self.shape is None:
             raise ValueError("a linear module records its shape [out, in]")
         if not self.rows:
             raise ValueError("a module has at least one tensor")
-        return self
 
-    @property
+    @functools.cached_property
     def tensors(self) -> dict[str, TensorEntry]:
         """suffix → its row of the tensor table."""
-        private = self.__pydantic_private__
-        if private["_tensors"] is None:
-            private["_tensors"] = {suffix: private["_table"].entry(r) for suffix, r in self.rows.items()}
-        return private["_tensors"]
+        table = self.__dict__["_table"]
+        return {suffix: table.entry(r) for suffix, r in self.rows.items()}
 
-    @property
+    @functools.cached_property
     def tensor_names(self) -> dict[str, str]:
         """suffix → tensor name, straight from the table's name column: what verify needs of every module, without
         a TensorEntry for each of 171k rows."""
-        private = self.__pydantic_private__
-        if private["_names"] is None:
-            names = private["_table"].t.name
-            private["_names"] = {suffix: names[r] for suffix, r in self.rows.items()}
-        return private["_names"]
-
-    @property
-    def linked(self) -> SchemeEntry:
-        """schemes[scheme_id] (pydantic's own private-attribute lookup costs ~15 µs a call: 0.7 s over 45k modules)"""
-        return self.__pydantic_private__["_linked"]
+        names = self.__dict__["_table"].t.name
+        return {suffix: names[r] for suffix, r in self.rows.items()}
 
     @property
     def format(self) -> str:
@@ -215,29 +202,26 @@ class ModuleEntry(_Entry):
     def weight_bytes(self) -> int:
         """Bytes of everything but the bias (what a format costs), from the table's columns: inspect asks it of every
         module (45k in a DeepSeek-V3-sized job), and making their 171k rows took a third of its time."""
-        rows = self.__pydantic_private__["_table"]
+        rows = self.__dict__["_table"]
         return sum(rows.nbytes(r) for s, r in self.rows.items() if s != "bias")
 
 
 class ExpertGroup(_Entry):
     format: str
     params: dict[str, Any]
-    experts: Annotated[list[Count], Field(min_length=1)]
+    experts: Annotated[list[Count], Meta(min_length=1)]
 
-    @model_validator(mode="after")
-    def _valid(self):
+    def __post_init__(self):
         _scheme_ok(self.format, self.params)
-        return self
 
 
 class UnitEntry(_Entry):
     format: str
     params: dict[str, Any]
-    members: Annotated[list[str], Field(min_length=1)]
+    members: Annotated[list[str], Meta(min_length=1)]
     groups: Optional[list[ExpertGroup]] = None
 
-    @model_validator(mode="after")
-    def _valid(self):
+    def __post_init__(self):
         if self.format == MIXED_EXPERTS:
             if not self.groups or self.params:
                 raise ValueError("a mixed_experts unit has groups and no params")
@@ -245,7 +229,6 @@ class UnitEntry(_Entry):
             _scheme_ok(self.format, self.params)
             if self.groups is not None:
                 raise ValueError(f"a {self.format} unit has no groups")
-        return self
 
     def schemes(self) -> list[tuple[str, dict]]:
         """This unit's (format, params): one, or a mixed-experts unit's one per group."""
@@ -287,7 +270,7 @@ class FormatTotal(_Entry):
     weights: Positive
 
 
-class Totals(_Entry):
+class Totals(_Entry, kw_only=True):
     """What totals() computed at build time; readers such as inspect print it as it is, so it must at least agree
     with itself (verify also recomputes it from the modules)."""
     bytes: Count
@@ -296,8 +279,7 @@ class Totals(_Entry):
     bits_per_weight: Optional[float] = None
     by_format: dict[str, FormatTotal]
 
-    @model_validator(mode="after")
-    def _consistent(self):
+    def __post_init__(self):
         lin_bytes = sum(d.bytes for d in self.by_format.values())
         lin_weights = sum(d.weights for d in self.by_format.values())
         if (self.linear_bytes, self.linear_weights) != (lin_bytes, lin_weights):
@@ -309,19 +291,18 @@ class Totals(_Entry):
                              f"({bpw})")
         if self.bytes < lin_bytes:
             raise ValueError(f"bytes {self.bytes} is less than linear_bytes {lin_bytes}")
-        return self
 
 
-class Manifest(_Entry):
+class Manifest(_Entry, kw_only=True, omit_defaults=False):
     manifest_version: Literal[3]
     mpconvert_version: str
     model: ModelEntry
     built_for_tp: Positive
     built_for_ep: Positive
-    built_for_dp: Optional[Positive] = None  # DP attention's size when build checked for one (absent: none)
+    built_for_dp: Union[Positive, UnsetType] = UNSET  # DP attention's size when build checked for one (absent: none)
     layout: Literal[LAYOUTS] = MP_LAYOUT  # type: ignore[valid-type]
     recipe: dict[str, Any]
-    routing_files: Optional[dict[str, Sha256]] = None
+    routing_files: Union[dict[str, Sha256], UnsetType] = UNSET
     sources: dict[str, SourceEntry]
     config: dict[str, Any]
     files: dict[str, Sha256]
@@ -332,8 +313,7 @@ class Manifest(_Entry):
     tensors: TensorTable
     totals: Totals
 
-    @model_validator(mode="after")
-    def _link(self):
+    def __post_init__(self):
         """Each module's scheme and tensor rows, checked and linked: every row belongs to exactly one module (checked
         on all rows at once; the rows become TensorEntry objects only when a module's tensors are asked for —
         inspect never asks)."""
@@ -344,13 +324,11 @@ class Manifest(_Entry):
         owned = np.fromiter((r for m in self.modules.values() for r in m.rows.values()), np.int64)
         if owned.size != rows or (rows and (owned.max() >= rows or np.bincount(owned, minlength=rows).max() > 1)):
             self._name_bad_row()
-        table = _Rows(t, shards)
+        table, schemes = _Rows(t, shards), self.schemes
         for name, m in self.modules.items():
             if m.scheme_id >= n:
                 raise ValueError(f"modules.{name}.scheme_id {m.scheme_id}: the manifest has {n} schemes")
-            object.__setattr__(m, "__pydantic_private__", {"_linked": self.schemes[m.scheme_id], "_table": table,
-                                                             "_tensors": None, "_names": None})
-        return self
+            m.__dict__.update(linked=schemes[m.scheme_id], _table=table)
 
     def _name_bad_row(self) -> None:
         """Why the rows the modules point to are not each of the table's rows exactly once, naming the first."""
@@ -367,9 +345,9 @@ class Manifest(_Entry):
 
     def dumps(self) -> bytes:
         """Compact JSON, fields in schema order, maps in build order (deterministic). At 171k tensors (a
-        DeepSeek-V3-sized job) indentation made it 70 MB and 2.9 s to write; compact through pydantic's own encoder
-        it is 54 MB and 0.2 s. `mpconvert inspect` is the human view."""
-        return self.__pydantic_serializer__.to_json(self, exclude_none=True, by_alias=True) + b"\n"  # bytes: no str
+        DeepSeek-V3-sized job) indentation made it 70 MB and 2.9 s to write; compact it is 37 MB and 0.1 s.
+        `mpconvert inspect` is the human view."""
+        return _ENCODER.encode(self) + b"\n"
 
     def formats(self) -> list[str]:
         return sorted({f for u in self.units.values() for f, _ in u.schemes()})
@@ -396,24 +374,85 @@ class ManifestError(UserError):
     """The manifest is unreadable or breaks its schema: for verify a finding, for every other reader an error."""
 
 
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(Manifest)
+
+
 def parse_manifest(raw: bytes, where: str) -> Manifest:
-    # json.loads, then validation: with the tensors as columns (manifest version 3) this is faster than pydantic's
-    # own JSON parser and peaks lower (the 171k-tensor manifest of a DeepSeek-V3-sized job: 0.48 s and 0.31 GiB
-    # against 0.61 s and 0.40 GiB)
+    """The typed manifest, decoded and checked in one pass (msgspec); anything else is one ManifestError naming the
+    first field that breaks the schema."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return _DECODER.decode(raw)
+    except msgspec.ValidationError as e:
+        error = e
+    except msgspec.DecodeError as e:
         raise ManifestError(f"{where}: not valid JSON ({e}); rebuild instead of editing") from None
+    data = json.loads(raw)  # (valid JSON: msgspec parsed it) — to name what broke the schema
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: not a JSON object; rebuild instead of editing")
     if data.get("manifest_version") != MANIFEST_VERSION:
         raise ManifestError(f"{where}: manifest_version {data.get('manifest_version')!r} is not {MANIFEST_VERSION}; "
                             f"rebuild with this mpconvert")
+    raise ManifestError(f"{where}: breaks the manifest schema at {schema_error(error, data, Manifest)}; rebuild "
+                        f"instead of editing")
+
+
+def as_json(entry: _Entry) -> dict:
+    """A manifest record as plain JSON values (what --json output and messages print)."""
+    return msgspec.to_builtins(entry)
+
+
+# ---- naming what breaks the schema --------------------------------------------------------------------------------
+# msgspec's errors say where, as `$.modules[...].tensors`: a map's key is left out (the decoder does not keep it).
+# Only when there is an error, the map is searched for its first entry that does not decode alone — the one the
+# decoder, going in the same order, stopped at — and the path is written as pydantic wrote it: modules.<name>.tensors.
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
+_MESSAGES = ((re.compile(r"Object missing required field `(.+)`"), "required field is missing"),
+             (re.compile(r"Object contains unknown field `(.+)`"), "unknown field"))
+
+
+def schema_error(e: msgspec.ValidationError, data, root: type) -> str:
+    """`field.path: message` for the first error msgspec found decoding `data` (JSON values) as `root`."""
+    message, _, at = str(e).partition(" - at `")
+    path, value, kind = [], data, root
+    for field, index in _STEP.findall(at.rstrip("`").removeprefix("$")):
+        kind = _unwrap(kind)
+        if field:
+            value = value.get(field) if isinstance(value, dict) else None
+            kind = next((f.type for f in msgspec.structs.fields(kind) if f.encode_name == field), Any) \
+                if isinstance(kind, type) and issubclass(kind, msgspec.Struct) else Any
+            path.append(field)
+        elif index == "...":
+            key_kind, kind = typing.get_args(kind) or (Any, Any)
+            key = next((k for k, v in value.items() if not (_fits(k, key_kind) and _fits(v, kind))), None) \
+                if isinstance(value, dict) else None
+            path.append(str(key))
+            value = value.get(key) if isinstance(value, dict) else None
+        else:
+            kind = (typing.get_args(kind) or (Any,))[0]
+            value = value[int(index)] if isinstance(value, list) and int(index) < len(value) else None
+            path.append(index)
+    for pattern, text in _MESSAGES:
+        if (m := pattern.fullmatch(message)):
+            path.append(m.group(1))
+            message = text
+    message = message.replace("`", "")
+    return f"{'.'.join(path)}: {message}" if path else message
+
+
+def _unwrap(kind):
+    """The type under Annotated[...] and Optional[...]."""
+    while typing.get_origin(kind) in (Annotated, typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def _fits(value, kind) -> bool:
     try:
-        return Manifest.model_validate(data)
-    except ValidationError as e:
-        raise ManifestError(f"{where}: breaks the manifest schema at {first_error(e)}; rebuild instead of "
-                            f"editing") from None
+        msgspec.convert(value, kind)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 def require_converted(directory: Path) -> Path:
@@ -499,20 +538,30 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], conf
         raw = plan.recipe.base if label == "base" else plan.recipe.sources[label]
         sources[label] = {"path": raw, "kind": src.kind, "producer": src.producer, "description": src.describe(),
                           "fingerprint": src.ckpt.fingerprint(), "files": dict(sorted(src.ckpt.file_fingerprints.items()))}
-    return Manifest.model_validate({
+    return _validated({
         "manifest_version": MANIFEST_VERSION, "mpconvert_version": __version__,
         "model": {"model_type": plan.info.model_type, "num_hidden_layers": plan.info.num_layers,
                   "num_attention_heads": plan.info.num_heads, "num_key_value_heads": plan.info.num_kv_heads,
                   "num_experts": plan.info.num_experts},
-        "built_for_tp": plan.tp, "built_for_ep": plan.ep, "built_for_dp": plan.dp if plan.dp > 1 else None,
+        "built_for_tp": plan.tp, "built_for_ep": plan.ep, **({"built_for_dp": plan.dp} if plan.dp > 1 else {}),
         "layout": plan.layout,
         "recipe": json.loads(plan.recipe.model_dump_json()),
-        "routing_files": plan.recipe.routing_files() or None,
+        **({"routing_files": plan.recipe.routing_files()} if plan.recipe.routing_files() else {}),
         "sources": sources, "config": config, "files": files,
         "schemes": [{"format": s.format, "params": s.params} for s in schemes], "units": plan.units, "modules": modules,
         "shards": shards, "tensors": {"name": names, "dtype": dtypes, "shape": shapes, "sha256": sha256s, "shard": shard_ids,
                                        "rewrite": rewrite, "renamed_from": renamed}, "totals": totals(plan.modules, plan.total_bytes),
     })
+
+
+def _validated(data: dict) -> Manifest:
+    """The manifest build made, checked by the schema as every reader will check it (a plan that breaks it is a bug
+    here, not the user's)."""
+    try:
+        return msgspec.convert(data, Manifest)
+    except msgspec.ValidationError as e:
+        raise RuntimeError(f"build made a manifest that breaks its schema at {schema_error(e, data, Manifest)}") \
+            from None
 
 
 def totals(modules, total_bytes: int) -> dict:

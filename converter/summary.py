@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import load_manifest
+from .manifest import as_json, load_manifest
 
 
 def summarize(directory: Path, modules: bool = True) -> dict:
@@ -14,7 +14,7 @@ def summarize(directory: Path, modules: bool = True) -> dict:
     t = m.totals
     other = t.bytes - t.linear_bytes
     bf16 = 2 * t.linear_weights + other
-    return {"modules": rows, "by_format": {k: v.model_dump() for k, v in t.by_format.items()},
+    return {"modules": rows, "by_format": {k: as_json(v) for k, v in t.by_format.items()},
             "bits_per_weight": t.bits_per_weight, "bytes": t.bytes, "bf16_bytes": bf16,
             "vs_bf16": t.bytes / bf16 if bf16 else 0.0, "units": {u: v.describe() for u, v in m.units.items()},
             "layout": m.layout}

@@ -36,7 +36,7 @@ from .forked import Forked
 from .formats import check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched, value_suffixes
 from .layout import ModelInfo, check_same_architecture, config_problems, role_of
-from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, config_json, parse_manifest,
+from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, as_json, config_json, parse_manifest,
                        recorded_digest, require_converted, totals)
 from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_batches, forget_open_files, load_array,
                              read_header)
@@ -152,7 +152,7 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
         rep.add("manifest", "config", str(e))
     else:
         if info != manifest.model.info():
-            rep.add("manifest", "model", f"records {manifest.model.model_dump()} but the recorded config says "
+            rep.add("manifest", "model", f"records {as_json(manifest.model)} but the recorded config says "
                                          f"{info}: the manifest was edited")
         for problem in config_problems(manifest.config, _weight_shapes(manifest), served=True):
             rep.add("config", "config.json", f"{problem}: the config and the weights disagree (SGLang builds the "
@@ -324,7 +324,7 @@ def check_manifest(manifest: Manifest, linears: list[rules.Linear], rep: Report)
             rep.add_problems("scheme", rules.norm_problems(name, role, m.source, readers.get((role.layer, role.stage),
                                                                                                [])))
     want = totals(manifest.modules.values(), manifest.tensor_bytes())
-    if manifest.totals.model_dump(mode="json") != json.loads(json.dumps(want)):
+    if as_json(manifest.totals) != json.loads(json.dumps(want)):
         rep.add("manifest", "totals", "differ from the totals of the modules it lists: the manifest was edited")
 
 

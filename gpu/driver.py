@@ -34,9 +34,10 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import yaml
 
-from mpconvert.manifest import load_manifest
+from mpconvert.manifest import as_json, load_manifest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -310,7 +311,7 @@ def split_groups(d: Path) -> None:
             units[unit] = UnitEntry(format="mixed_experts", params={}, members=spec.members, groups=[
                 ExpertGroup(format=spec.format, params=spec.params, experts=list(range(half))),
                 ExpertGroup(format=spec.format, params=spec.params, experts=list(range(half, 2 * half)))])
-    m = m.model_copy(update={"units": units})
+    m = msgspec.structs.replace(m, units=units)
     raw = m.dumps()
     (d / MANIFEST).write_bytes(raw)
     cfg = json.loads((d / "config.json").read_text())
@@ -473,7 +474,7 @@ def experts(meta: dict, res: dict) -> None:
     if gpus > 1:
         res["tp2_vs_tp1"] = {k: tp_compare(get(tp1_run(k)), get(k)) for k in runs if tp1_run(k)}
     res["n_layers"] = json.loads((base / "config.json").read_text())["num_hidden_layers"]
-    res["mixed_units"] = {name: {u: [g.model_dump() for g in s.groups] if s.groups else None
+    res["mixed_units"] = {name: {u: [as_json(g) for g in s.groups] if s.groups else None
                                  for u, s in load_manifest(d)[0].units.items() if u.endswith(".experts")}
                           for name, d in (("mixed-experts", mixed), ("mixed-gptq", mixed_gptq))}
 

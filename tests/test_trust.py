@@ -531,17 +531,28 @@ MANIFEST_EDITS = {
                              "row 1000000 is past the table"),
     # past an int64: an OverflowError inside the row check once made it an internal error (exit 70)
     "a row past 2^63": (lambda m: m["modules"][f"{L0}.mlp.down_proj"]["tensors"].update(qweight=2**63),
-                        "less than or equal to 9223372036854775807"),
+                        "Expected int <= 9223372036854775807"),
     "a layer id past 2^63": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(layer=2**64),
-                             "less than or equal to 9223372036854775807"),
+                             "Expected int <= 9223372036854775807"),
     # inspect prints the totals as recorded: a format with 0 weights was a ZeroDivisionError there (exit 70)
     "a format's totals with no weights": (lambda m: m["totals"]["by_format"]["gptq"].update(weights=0),
-                                         "weights: Input should be greater than or equal to 1"),
+                                         "totals.by_format.gptq.weights: Expected int >= 1"),
     "totals that disagree with themselves": (
         lambda m: m["totals"].update(linear_bytes=m["totals"]["linear_bytes"] + 1), "are not the sums over by_format"),
     "a module with format and params inline (version 2)": (
         lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(format="gptq"), "down_proj.format: unknown field"),
     "not JSON": (None, "not valid JSON"),
+    # every error inside a map names its key (the decoder's own message says only `modules[...]`)
+    "a layer that is a JSON true": (lambda m: m["modules"][f"{L0}.mlp.down_proj"].update(layer=True),
+                                    f"modules.{L0}.mlp.down_proj.layer: Expected int | null, got bool"),
+    "a negative dimension in the table": (lambda m: m["tensors"]["shape"].__setitem__(3, [4, -1]),
+                                          "tensors.shape.3.1: Expected int >= 0"),
+    "a unit without members": (lambda m: m["units"][f"{L0}.mlp.down_proj"].update(members=[]),
+                               f"units.{L0}.mlp.down_proj.members: Expected array of length >= 1"),
+    "a source fingerprint that is no sha256": (lambda m: m["sources"]["gptq"].update(fingerprint="x"),
+                                               "sources.gptq.fingerprint: Expected str matching regex"),
+    "a float for a count in the totals": (lambda m: m["totals"]["by_format"]["fp8"].update(modules=1.0),
+                                          "totals.by_format.fp8.modules: Expected int, got float"),
     "an old version": (lambda m: m.update(manifest_version=1), "manifest_version 1 is not 3"),
 }
 
@@ -562,6 +573,15 @@ def test_verify_reports_a_broken_manifest_as_a_finding(case, built, cli, tmp_pat
     assert any(f["check"] == "manifest" and match in f["message"] for f in rep["findings"]), rep["findings"]
     r = cli("inspect", d)  # every other reader: one error line, exit 2
     assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
+
+
+def test_a_manifest_reads_back_to_its_own_bytes(built):
+    """The typed manifest written again is, byte for byte, the file build wrote (nothing lost or added by reading:
+    the empty maps and the layout as written, absent fields left absent)."""
+    from mpconvert.manifest import MANIFEST, parse_manifest
+
+    raw = (built / MANIFEST).read_bytes()
+    assert parse_manifest(raw, "m").dumps() == raw
 
 
 def _json_edit(path: Path, edit) -> None:
