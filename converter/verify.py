@@ -234,10 +234,11 @@ def _check_total_size(metadata, found: dict[str, TensorInfo], rep: Report) -> No
                                                              f"tensors; restore the index or rebuild")
 
 
-def check_structure(d: Path, manifest: Manifest, rep: Report) -> dict[str, TensorInfo]:
+def check_structure(manifest: Manifest, shards_read: tuple[dict[str, str], dict[str, TensorInfo], dict[str, str]],
+                    rep: Report) -> None:
     """Every tensor of the manifest's table where the table and the index put it, as recorded (dtype, shape);
-    nothing else in the shards. Returns the tensors actually found (name → location) for the later checks."""
-    weight_map, found, shard_of = _shards(d, rep)
+    nothing else in the shards. `shards_read`: what _shards found."""
+    weight_map, found, shard_of = shards_read
     table, shards = manifest.tensors, manifest.shards
     names = table.name
     # the whole table compared at once (column against column); tensor by tensor only to say what differs
@@ -254,18 +255,25 @@ def check_structure(d: Path, manifest: Manifest, rep: Report) -> dict[str, Tenso
     if not (indexed and len(weight_map) == len(expected)):  # (else the index lists exactly the table's tensors)
         for name in sorted(weight_map.keys() - expected - found.keys()):
             rep.add("structure", name, "listed in the index but neither in the manifest nor in any shard")
-    return found
 
 
-def _digest_findings(table, found: dict[str, TensorInfo], step) -> list[Finding]:
-    """sha256 of every tensor found against the table (compared as whole columns; a tensor whose dtype or shape
-    already differs is reported for that, not again for its bytes), and no NaN or infinity in any float tensor."""
-    digests, nonfinite = {}, set()
+def digests_of(found: dict[str, TensorInfo], step) -> tuple[list[str], list[str]]:
+    """sha256 of every tensor found, in `found`'s order, and the names of those holding a NaN or an infinity (what
+    goes back from the child process: two lists, not 171k TensorInfo)."""
+    digests, nonfinite = {}, []
     for done in digest_and_scan_batches(list(found.values())):  # a job's results at once: 171k tensors at V3 size
         names = list(map(_NAME, map(_FIRST, done)))
         digests.update(zip(names, map(_SECOND, done)))
-        nonfinite.update(compress(names, map(_THIRD, done)))
+        nonfinite.extend(compress(names, map(_THIRD, done)))
         step(len(done))
+    return list(map(digests.__getitem__, found)), nonfinite
+
+
+def _digest_findings(table, found: dict[str, TensorInfo], hashed: tuple[list[str], list[str]]) -> list[Finding]:
+    """The digests of every tensor found (digests_of) against the table (compared as whole columns; a tensor whose
+    dtype or shape already differs is reported for that, not again for its bytes), and no NaN or infinity in any
+    float tensor."""
+    digests, nonfinite = dict(zip(found, hashed[0])), set(hashed[1])
     out = []
     if [digests.get(n) for n in table.name] != table.sha256:
         for n, dtype, shape, sha in zip(table.name, table.dtype, table.shape, table.sha256):
@@ -384,18 +392,6 @@ def value_findings(manifest: Manifest, found: dict[str, TensorInfo]) -> list[Fin
     return [Finding("scheme", name, problem) for name in manifest.modules for problem in problems.get(name, ())]
 
 
-def _data_findings(manifest: Manifest, found: dict[str, TensorInfo], hash_tensors: bool, step
-                   ) -> tuple[list[Finding], list[Finding]]:
-    """The checks that read tensor data: the digests and NaN scan (unless --fast: then only counted as done), and
-    the value invariants of every module's scheme."""
-    if hash_tensors:
-        digests = _digest_findings(manifest.tensors, found, step)
-    else:
-        digests = []
-        step(len(manifest.tensors.name))
-    return digests, value_findings(manifest, found)
-
-
 def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Report, tp: int, ep: int,
                      dp: int = 1) -> None:
     """SGLang's splits at the asked sizes and at the ones build checked (a manifest claiming a TP it cannot serve is
@@ -475,6 +471,12 @@ def check_base(base: Path, manifest: Manifest) -> None:
                             "pass the base model this directory was built from")
 
 
+def _cancel(*children: Forked | None) -> None:
+    for child in children:
+        if child is not None:
+            child.cancel()
+
+
 def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
            numeric: bool = False, thresholds: dict | None = None, progress: Progress | None = None,
            engine: str | None = None, dtype: str = "auto", text: Path | None = None, dp: int = 1) -> Report:
@@ -486,33 +488,42 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
     rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 and NaN scan skipped)"), "manifest",
                   "config", "scheme", f"tp={tp} ep={ep}" + (f" dp={dp}" if dp > 1 else "")]
     raw = (directory / MANIFEST).read_bytes()  # read once: 37 MB at DeepSeek-V3 size
-    try:
-        manifest = parse_manifest(raw, str(directory / MANIFEST))
-    except ManifestError as e:
-        rep.add("manifest", MANIFEST, str(e).removeprefix(f"{directory / MANIFEST}: "))
-        check_config(directory, None, raw, rep)
-        _shards(directory, rep)
-        return rep
-    if numeric:
-        check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
-    # What reads tensor data (the small value tensors; with hashing, every byte) runs in a child process on the other
-    # core (forked.py) while config.json, the manifest and the splits are checked here; each check's findings are
+    # The shards' headers first: the digests need nothing else, so a child process hashes every tensor on the other
+    # core (forked.py) while the manifest is parsed and checked here; once it is, a second child checks every
+    # module's values while config.json, the manifest and the splits are checked here. Each check's findings are
     # kept apart, then reported in one fixed order: config, structure, digests, manifest, values, splits.
     structure, config, manifest_findings, tp_findings = (Report(rep.directory) for _ in range(4))
-    found = check_structure(directory, manifest, structure)
-    progress.start(len(manifest.tensors.name))
-    data = Forked(lambda step: _data_findings(manifest, found, hash_tensors, step), progress.step)
+    shards_read = _shards(directory, structure)
+    found = shards_read[1]
+    progress.start(len(found))
+    hashing = Forked(lambda step: digests_of(found, step), progress.step) if hash_tensors else None
+    values = None
     try:
+        try:
+            manifest = parse_manifest(raw, str(directory / MANIFEST))
+        except ManifestError as e:
+            _cancel(hashing)
+            rep.add("manifest", MANIFEST, str(e).removeprefix(f"{directory / MANIFEST}: "))
+            check_config(directory, None, raw, rep)
+            rep.findings += structure.findings
+            return rep
+        if numeric:
+            check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
+        check_structure(manifest, shards_read, structure)
+        values = Forked(lambda step: value_findings(manifest, found), progress.step)
         check_config(directory, manifest, raw, config)
         linears = manifest.linears()  # what the shared rules see, built once
         check_manifest(manifest, linears, manifest_findings)
         check_partitions(manifest, linears, tp_findings, tp, ep, dp)
         rep.memory = memory_report(manifest, found, tp, dp)
+        digests = _digest_findings(manifest.tensors, found, hashing.result()) if hashing else []
+        value_problems = values.result()
     except BaseException:
-        data.cancel()
+        _cancel(hashing, values)
         raise
-    digests, values = data.result()
-    rep.findings = (config.findings + structure.findings + digests + manifest_findings.findings + values
+    if not hashing:
+        progress.step(len(found))  # (--fast: nothing hashed)
+    rep.findings = (config.findings + structure.findings + digests + manifest_findings.findings + value_problems
                     + tp_findings.findings)
     broken = any(f.check in ("structure", "manifest") for f in rep.findings)
     if numeric:

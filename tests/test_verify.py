@@ -254,3 +254,18 @@ def test_the_report_is_the_same_with_the_data_checks_in_a_child(dense_out, tmp_p
     fast = verify(d, tp=4, hash_tensors=False)
     assert [asdict(f) for f in fast.findings] == [asdict(f) for f in in_turn.findings
                                                   if not f.message.startswith(("sha256", "holds NaN"))]
+
+
+def test_a_broken_manifest_leaves_no_child_behind(dense_out, tmp_path):
+    """verify starts hashing in a child process before it reads the manifest: when the manifest turns out broken,
+    the report says so and the child is gone (killed and reaped), not left running or a zombie."""
+    import os
+
+    from mpconvert.verify import verify
+
+    d = Path(shutil.copytree(dense_out, tmp_path / "d"))
+    (d / MANIFEST).write_text("{not json")
+    rep = verify(d)
+    assert [f.check for f in rep.findings][:2] == ["manifest", "config"]
+    with pytest.raises(ChildProcessError):  # no child of this process, running or not reaped
+        os.waitpid(-1, os.WNOHANG)
