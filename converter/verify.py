@@ -490,8 +490,9 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
     raw = (directory / MANIFEST).read_bytes()  # read once: 37 MB at DeepSeek-V3 size
     # The shards' headers first: the digests need nothing else, so a child process hashes every tensor on the other
     # core (forked.py) while the manifest is parsed and checked here; once it is, a second child checks every
-    # module's values while config.json, the manifest and the splits are checked here. Each check's findings are
-    # kept apart, then reported in one fixed order: config, structure, digests, manifest, values, splits.
+    # module's values and sums the bytes per rank while config.json, the manifest and the splits are checked here
+    # (about even halves). Each check's findings are kept apart, then reported in one fixed order: config,
+    # structure, digests, manifest, values, splits.
     structure, config, manifest_findings, tp_findings = (Report(rep.directory) for _ in range(4))
     shards_read = _shards(directory, structure)
     found = shards_read[1]
@@ -510,14 +511,14 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
         if numeric:
             check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
         check_structure(manifest, shards_read, structure)
-        values = Forked(lambda step: value_findings(manifest, found), progress.step)
+        values = Forked(lambda step: (value_findings(manifest, found), memory_report(manifest, found, tp, dp)),
+                        progress.step)
         check_config(directory, manifest, raw, config)
         linears = manifest.linears()  # what the shared rules see, built once
         check_manifest(manifest, linears, manifest_findings)
         check_partitions(manifest, linears, tp_findings, tp, ep, dp)
-        rep.memory = memory_report(manifest, found, tp, dp)
         digests = _digest_findings(manifest.tensors, found, hashing.result()) if hashing else []
-        value_problems = values.result()
+        value_problems, rep.memory = values.result()
     except BaseException:
         _cancel(hashing, values)
         raise
