@@ -55,6 +55,7 @@ class Forked(Generic[T]):
         self._work, self._on_step = work, on_step
         self._pid = None
         self._outcome: tuple[str, object] | None = None
+        self._reported = 0  # steps the child reported (a rerun here does not report them again)
         if sys.platform != "linux" or usable_cores() < 2:
             return  # in-process, when result() is asked for
         r, w = os.pipe()
@@ -95,6 +96,7 @@ class Forked(Generic[T]):
                     return  # the child ended without a result (killed): result() does the work here
                 kind, n = _RECORD.unpack(head)
                 if kind == _PROGRESS:
+                    self._reported += n
                     self._on_step(n)
                 else:
                     self._outcome = pickle.loads(f.read(n))
@@ -107,13 +109,26 @@ class Forked(Generic[T]):
         os.waitpid(self._pid, 0)
         self._pid = None
         if self._outcome is None:  # the child was killed: the work is done here instead
-            return self._work(self._on_step)
+            return self._work(self._after_reported())
         kind, value = self._outcome
         if kind == "user":
             raise UserError(value)
         if kind == "crash":
             raise RuntimeError(f"the worker process failed:\n{value}")
         return value
+
+    def _after_reported(self) -> Callable[[int], None]:
+        """on_step for a rerun of the work here: the steps the killed child already reported are not reported again
+        (a progress bar would overshoot its total)."""
+        left = self._reported
+
+        def step(n: int) -> None:
+            nonlocal left
+            skip = min(left, n)
+            left -= skip
+            if n > skip:
+                self._on_step(n - skip)
+        return step
 
     def cancel(self) -> None:
         """Stop the child (the caller gave up before asking for the result)."""

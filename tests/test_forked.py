@@ -66,6 +66,22 @@ def test_a_killed_child_leaves_the_work_to_the_caller():
     assert Forked(work, on_step).result() == "done here" and steps == [1]
 
 
+def test_a_rerun_does_not_count_the_killed_childs_progress_twice():
+    """The child reports 3 of 5 steps, then dies: the work runs again here, and the caller hears of 5 steps in all,
+    not 8 (a progress bar past its total)."""
+    parent = os.getpid()
+
+    def work(step):
+        for i in range(5):
+            if i == 3 and os.getpid() != parent:
+                os.kill(os.getpid(), 9)
+            step(1)
+        return "done"
+
+    steps, on_step = _counting()
+    assert Forked(work, on_step).result() == "done" and sum(steps) == 5
+
+
 def test_the_child_never_runs_the_callers_code_after_it(tmp_path):
     """The child ends with os._exit: nothing after the work — the caller's own code, its finally blocks — runs twice."""
     marks = tmp_path / "marks"
