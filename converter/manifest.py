@@ -382,12 +382,16 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     """The typed manifest, decoded and checked in one pass (msgspec); anything else is one ManifestError naming the
     first field that breaks the schema."""
     try:
-        return _DECODER.decode(raw)
-    except msgspec.ValidationError as e:
-        error = e
-    except msgspec.DecodeError as e:
+        try:
+            return _DECODER.decode(raw)
+        except msgspec.ValidationError as e:
+            error = e
+        data = json.loads(raw)  # (valid JSON: msgspec parsed it) — to name what broke the schema
+    except (msgspec.DecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{where}: not valid JSON ({e}); rebuild instead of editing") from None
-    data = json.loads(raw)  # (valid JSON: msgspec parsed it) — to name what broke the schema
+    except RecursionError:
+        raise ManifestError(f"{where}: JSON nested deeper than its readers follow; rebuild instead of editing") \
+            from None
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: not a JSON object; rebuild instead of editing")
     if data.get("manifest_version") != MANIFEST_VERSION:

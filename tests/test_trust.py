@@ -575,6 +575,27 @@ def test_verify_reports_a_broken_manifest_as_a_finding(case, built, cli, tmp_pat
     assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("where", ["the whole file", "a value of the recipe", "a count"])
+def test_a_manifest_nested_past_any_reader_is_a_finding(where, built, cli, tmp_path):
+    """JSON nested 100,000 deep — the whole manifest, inside a free-form value, in place of a count — made the
+    manifest's decoder (or the reader that names the broken field) raise RecursionError: an internal error (exit 70)
+    for verify and inspect. Now a manifest finding, and inspect's one line."""
+    d = copy(built, tmp_path / "d")
+    p = d / "mpconvert_manifest.json"
+    deep = "[" * 100_000 + "]" * 100_000
+    raw = p.read_text()
+    p.write_text({"the whole file": deep,
+                  "a value of the recipe": raw.replace('"recipe":{', '"recipe":{"x":' + deep + ",", 1),
+                  "a count": raw.replace('"built_for_tp":1', '"built_for_tp":' + deep, 1)}[where])
+    assert p.read_text() != raw
+    r = cli("verify", d, "--json")
+    assert r.exit_code == 1, r.output
+    assert any(f["check"] == "manifest" and "nested deeper than its readers follow" in f["message"]
+               for f in json.loads(r.stdout)["findings"])
+    r = cli("inspect", d)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.splitlines()) == 1, r.output
+
+
 def test_a_manifest_reads_back_to_its_own_bytes(built):
     """The typed manifest written again is, byte for byte, the file build wrote (nothing lost or added by reading:
     the empty maps and the layout as written, absent fields left absent)."""
