@@ -129,8 +129,18 @@ Examples:
   mpconvert build recipe.yaml -o out/ --tp 2
   mpconvert build recipe.yaml -o out/ --tp 8 --ep 8 --force --json
   mpconvert build recipe.yaml -o out/ --tp 8 --ep 8 --dp 8      # DP attention: attention over tp/dp ranks
+  mpconvert build recipe.yaml -o out/ --tp 8 --dp 8 --moe-dense-tp-size 1   # DeepSeek's dense MLPs whole
   mpconvert build recipe.yaml -o out-ct/ --to compressed-tensors
 """
+
+
+# SGLang's --moe-dense-tp-size, for build, plan and verify alike
+_DENSE_TP_HELP = ("SGLang's --moe-dense-tp-size: 1 keeps DeepSeek's dense MLP layers whole on every rank (SGLang "
+                  "takes 1 or the --tp size; other models ignore it)")
+
+
+def _dense_tp_option():
+    return typer.Option(None, "--moe-dense-tp-size", help=_DENSE_TP_HELP)
 
 
 def _path(value: str) -> Path:
@@ -218,6 +228,7 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
           dp: int = typer.Option(1, "--dp", help="DP attention, as SGLang's --enable-dp-attention --dp N: attention "
                                                  "split over tp/N ranks, the rest as without it (DeepSeek-V2/V3, "
                                                  "Qwen3, Qwen2-MoE, Qwen3-MoE)"),
+          dense_tp: Optional[int] = _dense_tp_option(),
           shard_size: Optional[str] = typer.Option(None, "--shard-size", help="max shard size, e.g. 5GB (default: "
                                                    "recipe output.shard_size or 5GB)"),
           force: bool = typer.Option(False, "--force", help="replace an earlier output of build at OUTPUT (or an "
@@ -243,7 +254,7 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
     with OutputLock(Path(os.path.abspath(output))) as lock:
         for line in lock.recovered:
             err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
-        plan = make_plan(r, tp, ep, to, dp)
+        plan = make_plan(r, tp, ep, to, dp, dense_tp)
         gc.freeze()  # the plan lives to the end: out of every later collection (writing 171k tensors: 2.3 → 2.0 s)
         try:
             check_output(output, force, plan)
@@ -311,6 +322,7 @@ def plan(sources: Path = typer.Argument(..., parser=_path, help="sources file (a
          tp: int = typer.Option(1, "--tp", help="tensor-parallel size the recipe must build for"),
          ep: int = typer.Option(1, "--ep", help="expert-parallel size the recipe must build for"),
          dp: int = typer.Option(1, "--dp", help="DP attention size the recipe must build for (as build --dp)"),
+         dense_tp: Optional[int] = _dense_tp_option(),
          device: Optional[str] = typer.Option(None, "--device", help="torch device for the measurements (default: "
                                                                      "cuda when present, else cpu)"),
          frontier: Optional[Path] = typer.Option(None, "--frontier",
@@ -327,7 +339,8 @@ def plan(sources: Path = typer.Argument(..., parser=_path, help="sources file (a
         raise UserError(f"--calib-tokens {tokens}: give 64 to 1000000")
     check_outputs(output, len(budget), frontier, force)
     device = resolve_device(device)
-    prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts, dp=dp)  # checks first
+    prepared = prepare(sources, budget, calib, tokens, tp, ep, per_expert=not whole_experts, dp=dp,
+                       dense_tp=dense_tp)  # checks first
     if prepared.short_text:
         err.print(f"warning: {prepared.short_text}", markup=False, highlight=False, soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -407,7 +420,8 @@ Checks: structure (index ↔ shards ↔ manifest, every shard header read strict
 and a NaN/inf scan of every float tensor unless --fast); the manifest (its schema, and agreeing with itself);
 config.json (quantization_config as build wrote it, every other field as recorded at build time, tokenizer files by
 sha256); scheme invariants per format (packing shapes, group sizes, positive finite scales, g_idx range, zero
-convention), fused units, folded scales and the MLA loader rule; TP/EP splits (and DP attention's, with --dp) and
+convention), fused units, folded scales and the MLA loader rule; TP/EP splits (DP attention's with --dp,
+DeepSeek's dense MLPs at --moe-dense-tp-size) and
 kernel shapes for SGLang (at TP=1 too); a memory report. With --numeric --base BASE: every module against what
 round-to-nearest in its own scheme does on the base weight, each block and the logits against the bf16 base on CPU,
 and with --text FILE perplexity and KL to the base on real text (W8A8 layers' inputs quantized as SGLang's kernels
@@ -425,6 +439,7 @@ Examples:
 \b
   mpconvert verify out/ --tp 8 --ep 8
   mpconvert verify out/ --tp 8 --ep 8 --dp 8
+  mpconvert verify out/ --tp 8 --dp 8 --moe-dense-tp-size 1
   mpconvert verify out/ --numeric --base ./llama-bf16 --text t.txt
   mpconvert verify out/ --engine sglang --tp 2 --json
 """
@@ -456,6 +471,7 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
            ep: int = typer.Option(1, "--ep", help="expert-parallel size to check for MoE models"),
            dp: int = typer.Option(1, "--dp", help="DP attention size to check for, as SGLang's --enable-dp-attention "
                                                   "--dp N (attention split over tp/N ranks)"),
+           dense_tp: Optional[int] = _dense_tp_option(),
            base: Optional[Path] = typer.Option(None, "--base",
                                                parser=_path, help="the bf16 base model (for --numeric)"),
            numeric: bool = typer.Option(False, "--numeric", help="run blocks on CPU vs the base (needs --base)"),
@@ -474,7 +490,8 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
            json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout")):
     from mpconvert.verify import SUMMARY_ROWS, Progress as VerifyProgress, check_usage, verify as run_verify
 
-    check_usage(directory, tp, ep, base, numeric, text, engine, dp)  # before the bar: a usage error is one line
+    # before the bar: a usage error is one line
+    check_usage(directory, tp, ep, base, numeric, text, engine, dp, dense_tp)
 
     thresholds = _parse_thresholds(threshold)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
@@ -498,7 +515,8 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
                 self.pending = 0
 
         bar = Bar()
-        rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, bar, engine, dtype, text, dp)
+        rep = run_verify(directory, tp, ep, not fast, base, numeric, thresholds, bar, engine, dtype, text, dp,
+                         dense_tp)
         bar.flush()
     if json_out:
         print(json.dumps(rep.to_json(), indent=1, sort_keys=True))
@@ -536,7 +554,8 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
                 for r in runs), highlight=False, soft_wrap=True)
         mem = rep.memory
         if mem:
-            at_dp = f" dp={mem['dp']}" if "dp" in mem else ""
+            at_dp = (f" dp={mem['dp']}" if "dp" in mem else "") + \
+                (f" moe_dense_tp={mem['moe_dense_tp']}" if "moe_dense_tp" in mem else "")
             out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
                       f" in linears, {mem['bytes_per_rank']:,} bytes per rank at tp={mem['tp']}{at_dp}; by format: "
                       + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items()))

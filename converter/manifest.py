@@ -4,7 +4,8 @@ raw dict.
 
 Schema (manifest_version 3; compact JSON, absent optional fields omitted; docs/architecture.md):
   model        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, num_experts
-  built_for_tp / built_for_ep / built_for_dp?   the parallel sizes build checked every split for (dp: DP
+  built_for_tp / built_for_ep / built_for_dp? / built_for_moe_dense_tp?   the parallel sizes build checked every
+               split for (moe_dense_tp: --moe-dense-tp-size, written only when build was given it; dp: DP
                attention, written only when build was given --dp > 1)
   layout       "mpconvert" (config.json names the runtime shim) or "compressed-tensors" (build --to
                compressed-tensors: config.json is an ordinary compressed-tensors config, ct_export.py)
@@ -300,6 +301,8 @@ class Manifest(_Entry, kw_only=True, omit_defaults=False):
     built_for_tp: Positive
     built_for_ep: Positive
     built_for_dp: Union[Positive, UnsetType] = UNSET  # DP attention's size when build checked for one (absent: none)
+    # --moe-dense-tp-size when build was given one (absent: SGLang's default, the dense MLPs split over tp)
+    built_for_moe_dense_tp: Union[Positive, UnsetType] = UNSET
     layout: Literal[LAYOUTS] = MP_LAYOUT  # type: ignore[valid-type]
     recipe: dict[str, Any]
     routing_files: Union[dict[str, Sha256], UnsetType] = UNSET
@@ -548,6 +551,7 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], conf
                   "num_attention_heads": plan.info.num_heads, "num_key_value_heads": plan.info.num_kv_heads,
                   "num_experts": plan.info.num_experts},
         "built_for_tp": plan.tp, "built_for_ep": plan.ep, **({"built_for_dp": plan.dp} if plan.dp > 1 else {}),
+        **({"built_for_moe_dense_tp": plan.dense_tp} if plan.dense_tp is not None else {}),
         "layout": plan.layout,
         "recipe": json.loads(plan.recipe.model_dump_json()),
         **({"routing_files": plan.recipe.routing_files()} if plan.recipe.routing_files() else {}),

@@ -129,6 +129,7 @@ class Plan:
     tensors: list[TensorPlan]
     units: dict[str, dict]
     dp: int = 1  # DP attention: attention split over tp / dp ranks (rules.partition_problems)
+    dense_tp: int | None = None  # --moe-dense-tp-size (rules.ranks_splitting)
 
     def forget_unplanned(self) -> None:
         """Drop what planning read and writing never needs: every source's tensor map and the modules the plan does
@@ -295,8 +296,8 @@ class _Planner:
     """Module by module: every linear from its chosen source (checked against its format), every norm, router and
     embedding from the source its consumers were quantized against; then the shared rules over the whole."""
 
-    def __init__(self, recipe: Recipe, tp: int, ep: int, layout: str, dp: int = 1):
-        self.recipe, self.tp, self.ep, self.layout, self.dp = recipe, tp, ep, layout, dp
+    def __init__(self, recipe: Recipe, tp: int, ep: int, layout: str, dp: int = 1, dense_tp: int | None = None):
+        self.recipe, self.tp, self.ep, self.layout, self.dp, self.dense_tp = recipe, tp, ep, layout, dp, dense_tp
         inputs = Inputs.open(recipe)
         self.base, self.sources, self.info = inputs.base, inputs.sources, inputs.info
         self.roles = inputs.roles(recipe.mtp)
@@ -469,7 +470,7 @@ class _Planner:
         _raise_first(rules.pair_problems(linears))
         support = self.support_plans(roles, linears)
         _raise_first(rules.mla_problems(linears, self.info.model_type))
-        _raise_first(rules.partition_problems(linears, self.info, self.tp, self.ep, self.dp))
+        _raise_first(rules.partition_problems(linears, self.info, self.tp, self.ep, self.dp, self.dense_tp))
         if self.layout == CT_LAYOUT:
             _raise_first(ct_export.problems(linears, units, self.info))
         place = dict(zip(roles, range(len(roles))))  # roles are in natural order already: no natural key again
@@ -478,7 +479,7 @@ class _Planner:
         # by "." sorts before any longer name it prefixes), without a natural key for each of 171k tensors
         tensors = [m.tensors[s] for m in modules for s in _natural_order(tuple(m.tensors))]
         return Plan(self.recipe, self.base, self.sources, self.info, self.tp, self.ep, self.layout, modules, tensors,
-                    units, self.dp)
+                    units, self.dp, self.dense_tp)
 
 
 @lru_cache(maxsize=4096)  # asked per module (45k in a DeepSeek-V3-sized job) for a handful of distinct schemes
@@ -555,10 +556,11 @@ def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
                         f"it ignored (llm-compressor: ignore=['re:.*{name.rsplit('.', 1)[-1]}$'])")
 
 
-def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1, layout: str = MP_LAYOUT, dp: int = 1) -> Plan:
-    rules.check_tp_ep(tp, ep, dp)
+def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1, layout: str = MP_LAYOUT, dp: int = 1,
+              dense_tp: int | None = None) -> Plan:
+    rules.check_tp_ep(tp, ep, dp, dense_tp)
     if layout not in LAYOUTS:
         raise UserError(f"--to {layout!r}: choose one of {', '.join(LAYOUTS)}")
     forget_open_files()  # sources may have changed since an earlier operation in this process
-    return _Planner(recipe, tp, ep, layout, dp).plan()
+    return _Planner(recipe, tp, ep, layout, dp, dense_tp).plan()
 

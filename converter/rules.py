@@ -201,10 +201,14 @@ def mla_fp8_blocks(linears: list[Linear], model_type: str) -> set:
 
 
 # ---- partitions and kernel shapes -------------------------------------------------------------------------------
-def check_tp_ep(tp: int, ep: int, dp: int = 1) -> None:
-    """--tp / --ep / --dp as build, verify and plan take them (before any split is computed with them)."""
+def check_tp_ep(tp: int, ep: int, dp: int = 1, dense_tp: int | None = None) -> None:
+    """--tp / --ep / --dp / --moe-dense-tp-size as build, verify and plan take them (before any split is computed with
+    them)."""
     if not (1 <= tp <= 4096 and 1 <= ep <= 4096 and 1 <= dp <= 4096):
         raise UserError(f"--tp, --ep and --dp must be between 1 and 4096 (got --tp {tp} --ep {ep} --dp {dp})")
+    if dense_tp is not None and dense_tp not in (1, tp):
+        raise UserError(f"--moe-dense-tp-size {dense_tp}: SGLang 0.5.17 takes only 1 or the --tp size ({tp}) "
+                        f"(server_args.py); pass 1 to keep the dense MLP layers whole on every rank, or leave it out")
 
 
 # Model types whose SGLang 0.5.17 model splits attention over attn_tp = tp / dp under --enable-dp-attention --dp dp
@@ -221,15 +225,40 @@ def in_attention_group(role) -> bool:
     return ".self_attn." in role.unit or role.kind == "embedding"
 
 
-def parallel_flags(tp: int, ep: int = 1, dp: int = 1) -> str:
-    return f"--tp {tp}" + (f" --ep {ep}" if ep > 1 else "") + (f" --dp {dp}" if dp > 1 else "")
+# Model types whose dense MLP layers SGLang 0.5.17 keeps whole on every rank under --moe-dense-tp-size 1
+# (models/deepseek_v2.py: DeepseekV2MLP with tp_size=1 when layers/communicator.enable_moe_dense_fully_dp()); the
+# shared and routed experts keep their splits. Other models ignore the flag.
+DENSE_TP_MODEL_TYPES = MLA_MODEL_TYPES
 
 
-def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1, dp: int = 1) -> list[Problem]:
-    """Every split SGLang makes at TP=tp, EP=ep and DP attention over dp (attention over attn_tp = tp / dp ranks,
-    experts over ep ranks and their intermediate size over tp / ep, everything else over tp), and every fused layer as
-    one rank holds it, checked against its format's native kernel."""
-    flag = parallel_flags(tp, ep, dp)
+def is_dense_mlp(role) -> bool:
+    """A decoder layer's dense MLP (DeepSeek's first layers), not a MoE layer's shared or routed experts."""
+    return role.expert is None and ".mlp." in role.unit and ".shared_experts." not in role.unit
+
+
+def ranks_splitting(role, model_type: str, tp: int, dp: int = 1, dense_tp: int | None = None) -> int:
+    """Over how many ranks SGLang splits a module that is not a routed expert (column, row or vocab parallel): the
+    attention group (tp / dp) under DP attention, one rank for DeepSeek's dense MLPs under --moe-dense-tp-size 1,
+    else every TP rank."""
+    if dp > 1 and in_attention_group(role):
+        return max(1, tp // dp)
+    if dense_tp == 1 and model_type in DENSE_TP_MODEL_TYPES and is_dense_mlp(role):
+        return 1
+    return tp
+
+
+def parallel_flags(tp: int, ep: int = 1, dp: int = 1, dense_tp: int | None = None) -> str:
+    return (f"--tp {tp}" + (f" --ep {ep}" if ep > 1 else "") + (f" --dp {dp}" if dp > 1 else "")
+            + (f" --moe-dense-tp-size {dense_tp}" if dense_tp is not None else ""))
+
+
+def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1, dp: int = 1,
+                       dense_tp: int | None = None) -> list[Problem]:
+    """Every split SGLang makes at TP=tp, EP=ep, DP attention over dp and --moe-dense-tp-size dense_tp (attention over
+    attn_tp = tp / dp ranks, experts over ep ranks and their intermediate size over tp / ep, DeepSeek's dense MLPs
+    over dense_tp, everything else over tp: ranks_splitting), and every fused layer as one rank holds it, checked
+    against its format's native kernel."""
+    flag = parallel_flags(tp, ep, dp, dense_tp)
     problems = []
     if dp > 1 and info.model_type not in DP_ATTENTION_MODEL_TYPES:
         problems.append(Problem("dp", "model", f"{flag}: SGLang 0.5.17's {info.model_type} model has no DP attention "
@@ -255,13 +284,14 @@ def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int 
     if problems:
         return problems
     for unit, members in by_unit(linears).items():
-        if members[0].role.expert is not None:
+        role = members[0].role
+        if role.expert is not None:
             problems += _expert_unit(unit, members, tp, ep, flag)
-        elif in_attention_group(members[0].role):
-            dp_fix = ", DP attention (--dp)" if info.model_type in DP_ATTENTION_MODEL_TYPES else ""
-            problems += _dense_unit(unit, members, info, attn_tp, flag, dp_fix)
-        else:
-            problems += _dense_unit(unit, members, info, tp, flag)
+            continue
+        ranks = ranks_splitting(role, info.model_type, tp, dp, dense_tp)
+        dp_fix = ", DP attention (--dp)" if in_attention_group(role) and info.model_type in DP_ATTENTION_MODEL_TYPES \
+            else ""
+        problems += _dense_unit(unit, members, info, ranks, flag, dp_fix)
     return problems
 
 

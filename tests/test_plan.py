@@ -314,3 +314,24 @@ def test_fused_experts_quantize_each_experts_inputs_as_sglang_does(taught_moe, t
     assert "forward" not in vars(experts)
     with torch.no_grad():
         assert torch.equal(experts(x, route, weights), before)
+
+
+def test_plan_offers_gptq_for_deepseeks_dense_mlp_when_it_stays_whole(deepseek, tmp_path):
+    """plan's candidates follow --moe-dense-tp-size as build does: on the real DeepSeek-V2 fixtures at --tp 8 --ep 8
+    --dp 2, layer 0's dense down_proj (512 inputs, 64 per rank: half a GPTQ group) cannot be GPTQ — unless
+    --moe-dense-tp-size 1 keeps it whole; the shared experts' down_proj is split either way."""
+    from mpconvert.plan import Inputs
+    from mpconvert.recipe import load_recipe
+
+    src = tmp_path / "sources.yaml"
+    src.write_text(f"base: {deepseek['base']}\nsources:\n  gptq: {deepseek['gptq']}\n  int8: {deepseek['ct-w8a8']}\n")
+    inputs = Inputs.open(load_recipe(src, sources_only=True))
+
+    def servers(dense_tp):
+        units = choose.candidates(inputs, 8, 8, True, 2, dense_tp).units
+        return {u: sorted(s.source for s in units[u]) for u in ("model.layers.0.mlp.down_proj",
+                                                                 "model.layers.1.mlp.shared_experts.down_proj")}
+    assert servers(None) == {"model.layers.0.mlp.down_proj": ["base", "int8"],
+                             "model.layers.1.mlp.shared_experts.down_proj": ["base", "int8"]}
+    assert servers(1) == {"model.layers.0.mlp.down_proj": ["base", "gptq", "int8"],
+                          "model.layers.1.mlp.shared_experts.down_proj": ["base", "int8"]}

@@ -179,3 +179,52 @@ def test_plan_chooses_among_the_sources_dp_attention_allows(v3):
     experts = [u for u in without.units if ".mlp.experts." in u]
     assert experts and all({s.source for s in without.units[u]} == {s.source for s in with_dp.units[u]}
                            for u in experts)
+
+
+def test_moe_dense_tp_size_1_keeps_deepseeks_dense_mlps_whole():
+    """SGLang's --moe-dense-tp-size 1 (models/deepseek_v2.py) builds DeepSeek's dense MLP layers whole on every rank:
+    a split that fails at --tp is no problem there. The shared experts, attention and the routed experts keep their
+    splits, and models without the rule (Llama) ignore the flag."""
+    from mpconvert.formats import Scheme
+    from mpconvert.layout import ModelInfo, role_of
+    from mpconvert.rules import Linear, partition_problems
+
+    gptq = Scheme.of("gptq", bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq")
+
+    def mlp(prefix):  # gate/up 256 × 1024, down 1024 × 256: down's 256 inputs over 4 ranks are 64, half a group
+        return [Linear(f"{prefix}.{p}_proj", role_of(f"{prefix}.{p}_proj"), gptq, "g", "x", o, i)
+                for p, o, i in (("gate", 256, 1024), ("up", 256, 1024), ("down", 1024, 256))]
+
+    v3 = ModelInfo("deepseek_v3", 5, 16, 16, 256)
+    dense, shared = mlp("model.layers.0.mlp"), mlp("model.layers.3.mlp.shared_experts")
+    assert {p.where for p in partition_problems(dense + shared, v3, 4)} == {
+        "model.layers.0.mlp.down_proj", "model.layers.3.mlp.shared_experts.down_proj"}
+    [p] = partition_problems(dense + shared, v3, 4, dense_tp=1)
+    assert p.where == "model.layers.3.mlp.shared_experts.down_proj" and "--moe-dense-tp-size 1" in p.message
+    assert partition_problems(dense, v3, 4, dense_tp=4) != []  # the --tp size: split as without the flag
+    llama = ModelInfo("llama", 5, 16, 16, 0)
+    assert partition_problems(dense, llama, 4, dense_tp=1) != []
+
+
+def test_moe_dense_tp_size_through_build_and_verify(v3, cli):
+    """--moe-dense-tp-size on the V3-shaped job: recorded by build, checked by verify, the dense MLPs counted whole on
+    every rank in the memory report; a size SGLang refuses is a usage error, and the engine check runs without it."""
+    r = cli("build", v3 / "recipe.yaml", "-o", v3 / "dense1", "--tp", "8", "--ep", "8", "--moe-dense-tp-size", "1")
+    assert r.exit_code == 0, r.output
+    m = manifest_json(v3 / "dense1")
+    assert m["built_for_moe_dense_tp"] == 1 and "built_for_dp" not in m
+    r = cli("verify", v3 / "dense1", "--tp", "8", "--ep", "8", "--moe-dense-tp-size", "1", "--json", "--fast")
+    whole = json.loads(r.stdout)
+    assert r.exit_code == 0 and whole["findings"] == [] and whole["memory"]["moe_dense_tp"] == 1, whole["counts"]
+    r = cli("verify", v3 / "dense1", "--tp", "8", "--ep", "8", "--json", "--fast")
+    split = json.loads(r.stdout)
+    assert r.exit_code == 0 and "moe_dense_tp" not in split["memory"]
+    dense_mlp = sum(t["bytes"] for t in json.loads(cli("inspect", v3 / "dense1", "--json").stdout)["modules"]
+                    if ".mlp." in t["name"] and int(t["name"].split(".")[2]) < 3)
+    assert whole["memory"]["bytes_per_rank"] - split["memory"]["bytes_per_rank"] == pytest.approx(
+        dense_mlp * 7 / 8, abs=8)  # whole on each of 8 ranks instead of an eighth
+    for args, match in [(["--tp", "8", "--moe-dense-tp-size", "2"], "takes only 1 or the --tp size (8)"),
+                        (["--tp", "2", "--moe-dense-tp-size", "1", "--engine", "sglang"],
+                         "without DP attention or --moe-dense-tp-size")]:
+        r = cli("verify", v3 / "dense1", *args)
+        assert r.exit_code == 2 and match in " ".join(r.output.split()), r.output
