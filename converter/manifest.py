@@ -439,6 +439,10 @@ def schema_error(e: msgspec.ValidationError, data, root: type) -> str:
             kind = (typing.get_args(kind) or (Any,))[0]
             value = value[int(index)] if isinstance(value, list) and int(index) < len(value) else None
             path.append(index)
+    kind = _unwrap(kind)
+    if isinstance(value, dict) and typing.get_origin(kind) is dict:  # a key of the map broke the schema
+        key_kind = typing.get_args(kind)[0]
+        path += [str(k) for k in value if not _fits(k, key_kind)][:1]
     for pattern, text in _MESSAGES:
         if (m := pattern.fullmatch(message)):
             path.append(m.group(1))

@@ -551,6 +551,8 @@ MANIFEST_EDITS = {
                                f"units.{L0}.mlp.down_proj.members: Expected array of length >= 1"),
     "a source fingerprint that is no sha256": (lambda m: m["sources"]["gptq"].update(fingerprint="x"),
                                                "sources.gptq.fingerprint: Expected str matching regex"),
+    "a row key that is no row number": (lambda m: m["tensors"]["rewrite"].update({"5x": "a"}),
+                                        "tensors.rewrite.5x: Expected str matching regex"),
     "a float for a count in the totals": (lambda m: m["totals"]["by_format"]["fp8"].update(modules=1.0),
                                           "totals.by_format.fp8.modules: Expected int, got float"),
     "an old version": (lambda m: m.update(manifest_version=1), "manifest_version 1 is not 3"),
