@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import inspect as pyinspect
 import json
 import os
 import sys
@@ -141,6 +142,14 @@ _DENSE_TP_HELP = ("SGLang's --moe-dense-tp-size: 1 keeps DeepSeek's dense MLP la
 
 def _dense_tp_option():
     return typer.Option(None, "--moe-dense-tp-size", help=_DENSE_TP_HELP)
+
+
+def _run_command(command, **given):
+    """A command run from another (demo), every option not given at its CLI default: called directly, a typer
+    command gets the OptionInfo objects of the options left out (an option added to build broke demo that way)."""
+    defaults = {name: p.default.default for name, p in pyinspect.signature(command).parameters.items()
+                if name not in given and isinstance(p.default, typer.models.ParameterInfo)}
+    return command(**defaults, **given)
 
 
 def _path(value: str) -> Path:
@@ -618,9 +627,8 @@ def demo(directory: Path = typer.Argument(Path("demo-out"),
                                           parser=_path, help="where the demo writes its recipe and output"),
          force: bool = typer.Option(True, "--force/--no-force", help="replace an earlier demo output")):
     recipe = _fixture_factory().run_demo(directory, err)
-    build(recipe=recipe, output=directory / "mixed", tp=1, ep=1, dp=1, shard_size=None, force=force, to="mpconvert",
-          json_out=False)
-    inspect(directory=directory / "mixed", json_out=False, modules=True)
+    _run_command(build, recipe=recipe, output=directory / "mixed", force=force)
+    _run_command(inspect, directory=directory / "mixed", modules=True)
 
 
 def _fixture_factory():
