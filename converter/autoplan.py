@@ -37,18 +37,12 @@ class Prepared:
     candidates: choose.Candidates
     budgets: list[tuple[str, int]]
     ids: object  # calibration token windows [n, seq]
-    tp: int
-    ep: int
+    parallel: rules.Parallel  # the sizes every recipe must build at
     # per-expert plans of a MoE model are checked against the per-layer plan of the same budget (run_plan): these
     # are the per-layer candidates (None for a dense model or --whole-experts)
     whole: choose.Candidates | None = None
     # why the calibration text measures less than plan's default for this model wants, or None
     short_text: str | None = None
-    dp: int = 1  # DP attention (build --dp)
-    dense_tp: int | None = None  # build --moe-dense-tp-size
-
-    def flags(self) -> str:
-        return rules.parallel_flags(self.tp, self.ep, self.dp, self.dense_tp)
 
 
 DENSE_TOKENS = 512
@@ -70,29 +64,29 @@ def default_tokens(inputs: Inputs, per_expert: bool) -> int:
     return max(DENSE_TOKENS, TOKENS_PER_EXPERT * experts // top_k)
 
 
-def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: int | None = None, tp: int = 1,
-            ep: int = 1, per_expert: bool = True, dp: int = 1, dense_tp: int | None = None) -> Prepared:
-    rules.check_tp_ep(tp, ep, dp, dense_tp)
+def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: int | None = None,
+            parallel: rules.Parallel = rules.Parallel(), per_expert: bool = True) -> Prepared:
+    parallel.check()
     recipe = load_recipe(sources_file, sources_only=True)
     if not recipe.sources:
         raise UserError(f"{sources_file}: no sources; list the quantized checkpoints plan may choose from")
     inputs = Inputs.open(recipe)
-    c = choose.candidates(inputs, tp, ep, per_expert, dp, dense_tp)
+    c = choose.candidates(inputs, parallel, per_expert)
     if not any(len(s) > 1 for s in c.units.values()):
         raise UserError(f"{sources_file}: no source can serve any linear unit of the base at "
-                        f"{rules.parallel_flags(tp, ep, dp, dense_tp)} (see `mpconvert build` for each source's "
+                        f"{parallel.flags()} (see `mpconvert build` for each source's "
                         f"reasons); nothing to choose")
     wanted = [(b, choose.parse_budget(b, c)) for b in budgets]
     default = default_tokens(inputs, per_expert)
     ids = sensitivity.calibration_ids(recipe.path_of("base"), calib, default if tokens is None else tokens)
-    whole = choose.candidates(inputs, tp, ep, False, dp, dense_tp) if per_expert and inputs.info.num_experts else None
+    whole = choose.candidates(inputs, parallel, False) if per_expert and inputs.info.num_experts else None
     short = None
     if tokens is None and ids.numel() < default and default > DENSE_TOKENS:
         short = (f"the calibration text has {ids.numel()} tokens; per-expert choices among "
                  f"{inputs.info.num_experts} experts want {default} ({TOKENS_PER_EXPERT} routed to each on average) "
                  f"— with less, a per-expert recipe can lose to a per-layer one on other text; give more text or "
                  f"pass --whole-experts")
-    return Prepared(sources_file, recipe, inputs, c, wanted, ids, tp, ep, whole, short, dp, dense_tp)
+    return Prepared(sources_file, recipe, inputs, c, wanted, ids, parallel, whole, short)
 
 
 def run_plan(p: Prepared, out: Path, device: str | None = None, on_total: Callable[[int], None] = lambda n: None,
@@ -125,7 +119,7 @@ def _planned(p: Prepared, c: choose.Candidates, groups, costs: dict, routed: dic
              budget: int, out: Path) -> PlanResult:
     sol = choose.solve(groups, c.fixed_bytes, budget)
     bpw = _bits_per_weight(c, sol)
-    header = [f"planned by `mpconvert plan` for --budget {spec} ({budget:,} bytes) at {p.flags()}",
+    header = [f"planned by `mpconvert plan` for --budget {spec} ({budget:,} bytes) at {p.parallel.flags()}",
               f"model {sol.nbytes:,} bytes, {bpw:.3f} bits/weight in linears, predicted KL to the base "
               f"{sol.kl:.5f} (sum of per-unit swaps measured on {p.ids.numel()} calibration tokens)"]
     text = choose.recipe_yaml(p.recipe, p.sources_file, out, c, sol, costs, roles, header)
@@ -172,7 +166,7 @@ def _check_builds(text: str, out: Path, p: Prepared) -> None:
     """Plan the written recipe with build's planner (every rule build checks), from out's directory."""
     with _recipe_file(text, out) as f:
         try:
-            make_plan(load_recipe(f), p.tp, p.ep, dp=p.dp, dense_tp=p.dense_tp)
+            make_plan(load_recipe(f), p.parallel)
         except UserError as e:
             raise AssertionError(f"plan wrote a recipe build refuses: {e}") from None
 

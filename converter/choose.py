@@ -84,14 +84,13 @@ def _linears(inputs: Inputs, roles: dict[str, Role], label: str, names: list[str
     return out
 
 
-def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True, dp: int = 1,
-               dense_tp: int | None = None) -> Candidates:
+def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_expert: bool = True) -> Candidates:
     """Which sources may serve each unit. A source serves a unit when it has all its modules in one quantized scheme
     that builds at this TP/EP/DP (rules.unit_problems / partition_problems); the base always serves (bf16). per_expert:
     each routed expert is a unit of its own (a MoE layer may mix formats per expert), else a MoE layer's experts are
     one unit."""
     # heads, expert counts: no source helps
-    model_level = rules.partition_problems([], inputs.info, tp, ep, dp, dense_tp)
+    model_level = rules.partition_problems([], inputs.info, parallel)
     if model_level:
         raise UserError(model_level[0].message)
     roles = inputs.roles(mtp="drop")
@@ -116,8 +115,7 @@ def candidates(inputs: Inputs, tp: int = 1, ep: int = 1, per_expert: bool = True
             members = _linears(inputs, roles, label, names)
             if members is None or any(m.scheme.format == "unquantized" for m in members):
                 continue
-            if rules.unit_problems(unit, members) or rules.partition_problems(members, inputs.info, tp, ep, dp,
-                                                                                         dense_tp):
+            if rules.unit_problems(unit, members) or rules.partition_problems(members, inputs.info, parallel):
                 continue
             fmt = FORMATS[members[0].scheme.format]
             folds = fmt.folds(members[0].scheme.params)

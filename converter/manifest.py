@@ -359,6 +359,14 @@ class Manifest(_Entry, kw_only=True, omit_defaults=False):
         """Bytes of every tensor of the table (each row belongs to exactly one module), from its columns."""
         return sum(map(nbytes_of, self.tensors.dtype, self.tensors.shape))
 
+    def built_for(self):
+        """The parallel sizes build checked every split at (rules.Parallel; not checked here: verify reports a claim
+        SGLang would refuse)."""
+        from .rules import Parallel
+
+        return Parallel(self.built_for_tp, self.built_for_ep, self.built_for_dp or 1,
+                        self.built_for_moe_dense_tp or None)
+
     def linears(self) -> list:
         """Every linear module as the shared rules (rules.py) see it; modules without a known role are left out
         (verify reports them)."""
@@ -554,8 +562,7 @@ def build_manifest(plan, shard_of: dict[str, str], digests: dict[str, str], conf
         "model": {"model_type": plan.info.model_type, "num_hidden_layers": plan.info.num_layers,
                   "num_attention_heads": plan.info.num_heads, "num_key_value_heads": plan.info.num_kv_heads,
                   "num_experts": plan.info.num_experts},
-        "built_for_tp": plan.tp, "built_for_ep": plan.ep, **({"built_for_dp": plan.dp} if plan.dp > 1 else {}),
-        **({"built_for_moe_dense_tp": plan.dense_tp} if plan.dense_tp is not None else {}),
+        **{f"built_for_{k}": v for k, v in plan.parallel.named().items()},
         "layout": plan.layout,
         "recipe": json.loads(plan.recipe.model_dump_json()),
         **({"routing_files": plan.recipe.routing_files()} if plan.recipe.routing_files() else {}),

@@ -122,14 +122,11 @@ class Plan:
     base: Source
     sources: dict[str, Source]
     info: ModelInfo
-    tp: int
-    ep: int
+    parallel: rules.Parallel  # the sizes every split was checked at (rules.partition_problems)
     layout: str  # MP_LAYOUT or CT_LAYOUT (build --to compressed-tensors)
     modules: list[ModulePlan]
     tensors: list[TensorPlan]
     units: dict[str, dict]
-    dp: int = 1  # DP attention: attention split over tp / dp ranks (rules.partition_problems)
-    dense_tp: int | None = None  # --moe-dense-tp-size (rules.ranks_splitting)
 
     def forget_unplanned(self) -> None:
         """Drop what planning read and writing never needs: every source's tensor map and the modules the plan does
@@ -296,8 +293,8 @@ class _Planner:
     """Module by module: every linear from its chosen source (checked against its format), every norm, router and
     embedding from the source its consumers were quantized against; then the shared rules over the whole."""
 
-    def __init__(self, recipe: Recipe, tp: int, ep: int, layout: str, dp: int = 1, dense_tp: int | None = None):
-        self.recipe, self.tp, self.ep, self.layout, self.dp, self.dense_tp = recipe, tp, ep, layout, dp, dense_tp
+    def __init__(self, recipe: Recipe, parallel: rules.Parallel, layout: str):
+        self.recipe, self.parallel, self.layout = recipe, parallel, layout
         inputs = Inputs.open(recipe)
         self.base, self.sources, self.info = inputs.base, inputs.sources, inputs.info
         self.roles = inputs.roles(recipe.mtp)
@@ -470,7 +467,7 @@ class _Planner:
         _raise_first(rules.pair_problems(linears))
         support = self.support_plans(roles, linears)
         _raise_first(rules.mla_problems(linears, self.info.model_type))
-        _raise_first(rules.partition_problems(linears, self.info, self.tp, self.ep, self.dp, self.dense_tp))
+        _raise_first(rules.partition_problems(linears, self.info, self.parallel))
         if self.layout == CT_LAYOUT:
             _raise_first(ct_export.problems(linears, units, self.info))
         place = dict(zip(roles, range(len(roles))))  # roles are in natural order already: no natural key again
@@ -478,8 +475,8 @@ class _Planner:
         # module by module, each one's tensors by suffix: the natural order of the names (a module's name followed
         # by "." sorts before any longer name it prefixes), without a natural key for each of 171k tensors
         tensors = [m.tensors[s] for m in modules for s in _natural_order(tuple(m.tensors))]
-        return Plan(self.recipe, self.base, self.sources, self.info, self.tp, self.ep, self.layout, modules, tensors,
-                    units, self.dp, self.dense_tp)
+        return Plan(self.recipe, self.base, self.sources, self.info, self.parallel, self.layout, modules, tensors,
+                    units)
 
 
 @lru_cache(maxsize=4096)  # asked per module (45k in a DeepSeek-V3-sized job) for a handful of distinct schemes
@@ -556,11 +553,10 @@ def _check_unquantized(src: Source, label: str, name: str, role: Role) -> None:
                         f"it ignored (llm-compressor: ignore=['re:.*{name.rsplit('.', 1)[-1]}$'])")
 
 
-def make_plan(recipe: Recipe, tp: int = 1, ep: int = 1, layout: str = MP_LAYOUT, dp: int = 1,
-              dense_tp: int | None = None) -> Plan:
-    rules.check_tp_ep(tp, ep, dp, dense_tp)
+def make_plan(recipe: Recipe, parallel: rules.Parallel = rules.Parallel(), layout: str = MP_LAYOUT) -> Plan:
+    parallel.check()
     if layout not in LAYOUTS:
         raise UserError(f"--to {layout!r}: choose one of {', '.join(LAYOUTS)}")
     forget_open_files()  # sources may have changed since an earlier operation in this process
-    return _Planner(recipe, tp, ep, layout, dp, dense_tp).plan()
+    return _Planner(recipe, parallel, layout).plan()
 

@@ -201,14 +201,47 @@ def mla_fp8_blocks(linears: list[Linear], model_type: str) -> set:
 
 
 # ---- partitions and kernel shapes -------------------------------------------------------------------------------
-def check_tp_ep(tp: int, ep: int, dp: int = 1, dense_tp: int | None = None) -> None:
-    """--tp / --ep / --dp / --moe-dense-tp-size as build, verify and plan take them (before any split is computed with
-    them)."""
-    if not (1 <= tp <= 4096 and 1 <= ep <= 4096 and 1 <= dp <= 4096):
-        raise UserError(f"--tp, --ep and --dp must be between 1 and 4096 (got --tp {tp} --ep {ep} --dp {dp})")
-    if dense_tp is not None and dense_tp not in (1, tp):
-        raise UserError(f"--moe-dense-tp-size {dense_tp}: SGLang 0.5.17 takes only 1 or the --tp size ({tp}) "
-                        f"(server_args.py); pass 1 to keep the dense MLP layers whole on every rank, or leave it out")
+@dataclass(frozen=True)
+class Parallel:
+    """The parallel sizes SGLang is launched with, as build, verify and plan take them and the manifest records them
+    (built_for_*): --tp, --ep, DP attention's --dp, and --moe-dense-tp-size (None: not given). One value, so that each
+    rule that reads a size (the checks below, ranks_splitting, the flags a message names) reads it from one place."""
+    tp: int = 1
+    ep: int = 1
+    dp: int = 1
+    dense_tp: int | None = None
+
+    def check(self) -> Parallel:
+        """The sizes as SGLang 0.5.17 accepts them at all (before any split is computed with them)."""
+        if not (1 <= self.tp <= 4096 and 1 <= self.ep <= 4096 and 1 <= self.dp <= 4096):
+            raise UserError(f"--tp, --ep and --dp must be between 1 and 4096 (got {self.flags(every=True)})")
+        if self.dense_tp is not None and self.dense_tp not in (1, self.tp):
+            raise UserError(f"--moe-dense-tp-size {self.dense_tp}: SGLang 0.5.17 takes only 1 or the --tp size "
+                            f"({self.tp}) (server_args.py); pass 1 to keep the dense MLP layers whole on every rank, "
+                            f"or leave it out")
+        return self
+
+    def flags(self, every: bool = False) -> str:
+        """As on SGLang's command line (--ep and --dp only when not 1, unless every)."""
+        return (f"--tp {self.tp}" + (f" --ep {self.ep}" if every or self.ep > 1 else "")
+                + (f" --dp {self.dp}" if every or self.dp > 1 else "")
+                + (f" --moe-dense-tp-size {self.dense_tp}" if self.dense_tp is not None else ""))
+
+    def named(self) -> dict[str, int]:
+        """tp, ep, dp (when above 1), moe_dense_tp (when given): the manifest's built_for_* fields and the reports'
+        keys."""
+        return {"tp": self.tp, "ep": self.ep, **({"dp": self.dp} if self.dp > 1 else {}),
+                **({"moe_dense_tp": self.dense_tp} if self.dense_tp is not None else {})}
+
+    def ranks_splitting(self, role, model_type: str) -> int:
+        """Over how many ranks SGLang splits a module that is not a routed expert (column, row or vocab parallel):
+        the attention group (tp / dp) under DP attention, one rank for DeepSeek's dense MLPs under
+        --moe-dense-tp-size 1, else every TP rank."""
+        if self.dp > 1 and in_attention_group(role):
+            return max(1, self.tp // self.dp)
+        if self.dense_tp == 1 and model_type in DENSE_TP_MODEL_TYPES and is_dense_mlp(role):
+            return 1
+        return self.tp
 
 
 # Model types whose SGLang 0.5.17 model splits attention over attn_tp = tp / dp under --enable-dp-attention --dp dp
@@ -236,29 +269,13 @@ def is_dense_mlp(role) -> bool:
     return role.expert is None and ".mlp." in role.unit and ".shared_experts." not in role.unit
 
 
-def ranks_splitting(role, model_type: str, tp: int, dp: int = 1, dense_tp: int | None = None) -> int:
-    """Over how many ranks SGLang splits a module that is not a routed expert (column, row or vocab parallel): the
-    attention group (tp / dp) under DP attention, one rank for DeepSeek's dense MLPs under --moe-dense-tp-size 1,
-    else every TP rank."""
-    if dp > 1 and in_attention_group(role):
-        return max(1, tp // dp)
-    if dense_tp == 1 and model_type in DENSE_TP_MODEL_TYPES and is_dense_mlp(role):
-        return 1
-    return tp
-
-
-def parallel_flags(tp: int, ep: int = 1, dp: int = 1, dense_tp: int | None = None) -> str:
-    return (f"--tp {tp}" + (f" --ep {ep}" if ep > 1 else "") + (f" --dp {dp}" if dp > 1 else "")
-            + (f" --moe-dense-tp-size {dense_tp}" if dense_tp is not None else ""))
-
-
-def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int = 1, dp: int = 1,
-                       dense_tp: int | None = None) -> list[Problem]:
-    """Every split SGLang makes at TP=tp, EP=ep, DP attention over dp and --moe-dense-tp-size dense_tp (attention over
-    attn_tp = tp / dp ranks, experts over ep ranks and their intermediate size over tp / ep, DeepSeek's dense MLPs
-    over dense_tp, everything else over tp: ranks_splitting), and every fused layer as one rank holds it, checked
-    against its format's native kernel."""
-    flag = parallel_flags(tp, ep, dp, dense_tp)
+def partition_problems(linears: list[Linear], info: ModelInfo, parallel: Parallel) -> list[Problem]:
+    """Every split SGLang makes at these sizes (attention over attn_tp = tp / dp ranks, experts over ep ranks and
+    their intermediate size over tp / ep, DeepSeek's dense MLPs whole under --moe-dense-tp-size 1, everything else
+    over tp: Parallel.ranks_splitting), and every fused layer as one rank holds it, checked against its format's
+    native kernel."""
+    tp, ep, dp = parallel.tp, parallel.ep, parallel.dp
+    flag = parallel.flags()
     problems = []
     if dp > 1 and info.model_type not in DP_ATTENTION_MODEL_TYPES:
         problems.append(Problem("dp", "model", f"{flag}: SGLang 0.5.17's {info.model_type} model has no DP attention "
@@ -288,7 +305,7 @@ def partition_problems(linears: list[Linear], info: ModelInfo, tp: int, ep: int 
         if role.expert is not None:
             problems += _expert_unit(unit, members, tp, ep, flag)
             continue
-        ranks = ranks_splitting(role, info.model_type, tp, dp, dense_tp)
+        ranks = parallel.ranks_splitting(role, info.model_type)
         dp_fix = ", DP attention (--dp)" if in_attention_group(role) and info.model_type in DP_ATTENTION_MODEL_TYPES \
             else ""
         problems += _dense_unit(unit, members, info, ranks, flag, dp_fix)

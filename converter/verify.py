@@ -392,29 +392,27 @@ def value_findings(manifest: Manifest, found: dict[str, TensorInfo]) -> list[Fin
     return [Finding("scheme", name, problem) for name in manifest.modules for problem in problems.get(name, ())]
 
 
-def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Report, tp: int, ep: int,
-                     dp: int = 1, dense_tp: int | None = None) -> None:
-    """SGLang's splits at the asked sizes and at the ones build checked (a manifest claiming a TP it cannot serve is
-    wrong), each layer's kernel shape included."""
+def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Report, parallel: rules.Parallel) -> None:
+    """SGLang's splits at the asked sizes and at the ones build checked (a manifest claiming sizes SGLang refuses, or
+    a split it cannot serve, is wrong), each layer's kernel shape included."""
     info = manifest.model.info()
-    asked = rules.partition_problems(linears, info, tp, ep, dp, dense_tp)
-    rep.add_problems("tp", asked)
-    built = (manifest.built_for_tp, manifest.built_for_ep, manifest.built_for_dp or 1,
-             manifest.built_for_moe_dense_tp or None)
-    if built != (tp, ep, dp, dense_tp):
-        claim = f"built_for_tp={built[0]} built_for_ep={built[1]}"
-        if built[2] > 1:
-            claim += f" built_for_dp={built[2]}"
-        if built[3] is not None:
-            claim += f" built_for_moe_dense_tp={built[3]}"
-        for p in rules.partition_problems(linears, info, *built):
-            rep.add("manifest", p.where, f"{claim}, but {p.message}")
+    rep.add_problems("tp", rules.partition_problems(linears, info, parallel))
+    built = manifest.built_for()
+    if built == parallel:
+        return
+    claim = " ".join(f"built_for_{k}={v}" for k, v in built.named().items())
+    try:
+        built.check()
+    except UserError as e:
+        rep.add("manifest", MANIFEST, f"{claim}: {e}")
+        return
+    for p in rules.partition_problems(linears, info, built):
+        rep.add("manifest", p.where, f"{claim}, but {p.message}")
 
 
-def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int, dp: int = 1,
-                  dense_tp: int | None = None) -> dict:
+def memory_report(manifest: Manifest, found: dict[str, TensorInfo], parallel: rules.Parallel) -> dict:
     """Bytes by format and per rank: a split module's share of one rank (split as SGLang splits it:
-    rules.ranks_splitting); the MTP layers' bytes, which SGLang loads only for speculative decoding (NextN)."""
+    Parallel.ranks_splitting); the MTP layers' bytes, which SGLang loads only for speculative decoding (NextN)."""
     by_format: dict[str, int] = {}
     per_rank = mtp = 0
     info = manifest.model.info()
@@ -424,24 +422,22 @@ def memory_report(manifest: Manifest, found: dict[str, TensorInfo], tp: int, dp:
         if (mod.layer or 0) >= info.num_layers or (mod.layer is None and info.mtp_layer_of(name) is not None):
             mtp += nbytes
         role = role_of(name)
-        parallel = role.parallel if role else "replicated"
-        ways = rules.ranks_splitting(role, info.model_type, tp, dp, dense_tp) if role else tp
-        per_rank += nbytes / ways if parallel in ("column", "row", "vocab") else nbytes
+        if role is not None and role.parallel in ("column", "row", "vocab"):
+            nbytes /= parallel.ranks_splitting(role, info.model_type)
+        per_rank += nbytes
     total = sum(by_format.values())
     linear = sum(v for k, v in by_format.items() if k != "unquantized")
     t = manifest.totals
     bf16 = 2 * t.linear_weights + (t.bytes - t.linear_bytes)
-    return {"bytes": total, "by_format": by_format, "tp": tp, **({"dp": dp} if dp > 1 else {}),
-            **({"moe_dense_tp": dense_tp} if dense_tp is not None else {}),
-            "bytes_per_rank": int(per_rank), **({"mtp_bytes": mtp} if mtp else {}),
+    return {"bytes": total, "by_format": by_format, **parallel.named(), "bytes_per_rank": int(per_rank), **({"mtp_bytes": mtp} if mtp else {}),
             "bits_per_weight": t.bits_per_weight, "vs_bf16": round(total / bf16, 4) if bf16 else None,
             "quantized_bytes": linear}
 
 
-def check_usage(directory: Path, tp: int, ep: int, base: Path | None, numeric: bool, text: Path | None,
-                engine: str | None, dp: int = 1, dense_tp: int | None = None) -> None:
-    rules.check_tp_ep(tp, ep, dp, dense_tp)
-    if engine and (dp > 1 or dense_tp is not None):
+def check_usage(directory: Path, parallel: rules.Parallel, base: Path | None, numeric: bool, text: Path | None,
+                engine: str | None) -> None:
+    tp, ep = parallel.check().tp, parallel.ep
+    if engine and (parallel.dp > 1 or parallel.dense_tp is not None):
         raise UserError("--engine sglang loads the model without DP attention or --moe-dense-tp-size; check --dp / "
                         "--moe-dense-tp-size without --engine, or --engine without them")
     if numeric and base is None:
@@ -480,18 +476,17 @@ def _cancel(*children: Forked | None) -> None:
             child.cancel()
 
 
-def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True, base: Path | None = None,
-           numeric: bool = False, thresholds: dict | None = None, progress: Progress | None = None,
-           engine: str | None = None, dtype: str = "auto", text: Path | None = None, dp: int = 1,
-           dense_tp: int | None = None) -> Report:
+def verify(directory: Path, parallel: rules.Parallel = rules.Parallel(), hash_tensors: bool = True,
+           base: Path | None = None, numeric: bool = False, thresholds: dict | None = None,
+           progress: Progress | None = None, engine: str | None = None, dtype: str = "auto",
+           text: Path | None = None) -> Report:
     directory = Path(directory)
     forget_open_files()  # files may have changed since an earlier operation in this process
-    check_usage(directory, tp, ep, base, numeric, text, engine, dp, dense_tp)
+    check_usage(directory, parallel, base, numeric, text, engine)
     progress = progress or Progress()
     rep = Report(str(directory), hashed=hash_tensors)
     rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 and NaN scan skipped)"), "manifest",
-                  "config", "scheme", f"tp={tp} ep={ep}" + (f" dp={dp}" if dp > 1 else "")
-                  + (f" moe_dense_tp={dense_tp}" if dense_tp is not None else "")]
+                  "config", "scheme", " ".join(f"{k}={v}" for k, v in parallel.named().items())]
     raw = (directory / MANIFEST).read_bytes()  # read once: 37 MB at DeepSeek-V3 size
     # The shards' headers first: the digests need nothing else, so a child process hashes every tensor on the other
     # core (forked.py) while the manifest is parsed and checked here; once it is, a second child checks every
@@ -517,11 +512,11 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
             check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
         check_structure(manifest, shards_read, structure)
         values = Forked(lambda step: (value_findings(manifest, found),
-                                      memory_report(manifest, found, tp, dp, dense_tp)), progress.step)
+                                      memory_report(manifest, found, parallel)), progress.step)
         check_config(directory, manifest, raw, config)
         linears = manifest.linears()  # what the shared rules see, built once
         check_manifest(manifest, linears, manifest_findings)
-        check_partitions(manifest, linears, tp_findings, tp, ep, dp, dense_tp)
+        check_partitions(manifest, linears, tp_findings, parallel)
         digests = _digest_findings(manifest.tensors, found, hashing.result()) if hashing else []
         value_problems, rep.memory = values.result()
     except BaseException:
@@ -541,6 +536,7 @@ def verify(directory: Path, tp: int = 1, ep: int = 1, hash_tensors: bool = True,
 
             rep.numeric = numeric_check(directory, manifest, found, Path(base), rep, thresholds or {}, text)
     if engine:
+        tp, ep = parallel.tp, parallel.ep
         rep.checks.append(f"engine=sglang (tp=1{f', tp={tp}' if tp > 1 else ''}{f' ep={ep}' if ep > 1 else ''}, "
                           f"dtype={dtype})")
         if broken:

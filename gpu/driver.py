@@ -79,6 +79,7 @@ def log(msg: str) -> None:
 def build(name: str, base: Path, sources: dict[str, Path], default: str, rules: str = "", tp: int = 1) -> Path:
     from mpconvert.plan import make_plan
     from mpconvert.recipe import load_recipe
+    from mpconvert.rules import Parallel
     from mpconvert.writer import write
 
     d = WORK / "recipes" / name
@@ -89,7 +90,7 @@ def build(name: str, base: Path, sources: dict[str, Path], default: str, rules: 
     (d / "recipe.yaml").write_text(text)
     out = WORK / "built" / name
     t = time.time()
-    write(make_plan(load_recipe(d / "recipe.yaml"), tp), out, 5 << 30, force=True)
+    write(make_plan(load_recipe(d / "recipe.yaml"), Parallel(tp)), out, 5 << 30, force=True)
     log(f"built {name} in {time.time() - t:.1f}s")
     return out
 

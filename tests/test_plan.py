@@ -322,13 +322,14 @@ def test_plan_offers_gptq_for_deepseeks_dense_mlp_when_it_stays_whole(deepseek, 
     --moe-dense-tp-size 1 keeps it whole; the shared experts' down_proj is split either way."""
     from mpconvert.plan import Inputs
     from mpconvert.recipe import load_recipe
+    from mpconvert.rules import Parallel
 
     src = tmp_path / "sources.yaml"
     src.write_text(f"base: {deepseek['base']}\nsources:\n  gptq: {deepseek['gptq']}\n  int8: {deepseek['ct-w8a8']}\n")
     inputs = Inputs.open(load_recipe(src, sources_only=True))
 
     def servers(dense_tp):
-        units = choose.candidates(inputs, 8, 8, True, 2, dense_tp).units
+        units = choose.candidates(inputs, Parallel(8, 8, 2, dense_tp)).units
         return {u: sorted(s.source for s in units[u]) for u in ("model.layers.0.mlp.down_proj",
                                                                  "model.layers.1.mlp.shared_experts.down_proj")}
     assert servers(None) == {"model.layers.0.mlp.down_proj": ["base", "int8"],

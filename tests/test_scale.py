@@ -171,9 +171,10 @@ def test_plan_chooses_among_the_sources_dp_attention_allows(v3):
     from mpconvert.choose import candidates
     from mpconvert.plan import Inputs
     from mpconvert.recipe import load_recipe
+    from mpconvert.rules import Parallel
 
     inputs = Inputs.open(load_recipe(v3 / "recipe.yaml"))
-    without, with_dp = candidates(inputs, 16, 16), candidates(inputs, 16, 16, dp=2)
+    without, with_dp = candidates(inputs, Parallel(16, 16)), candidates(inputs, Parallel(16, 16, dp=2))
     q_b = "model.layers.0.self_attn.q_b_proj"
     assert "fp8" not in {s.source for s in without.units[q_b]} and "fp8" in {s.source for s in with_dp.units[q_b]}
     experts = [u for u in without.units if ".mlp.experts." in u]
@@ -187,7 +188,7 @@ def test_moe_dense_tp_size_1_keeps_deepseeks_dense_mlps_whole():
     splits, and models without the rule (Llama) ignore the flag."""
     from mpconvert.formats import Scheme
     from mpconvert.layout import ModelInfo, role_of
-    from mpconvert.rules import Linear, partition_problems
+    from mpconvert.rules import Linear, Parallel, partition_problems
 
     gptq = Scheme.of("gptq", bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq")
 
@@ -197,13 +198,13 @@ def test_moe_dense_tp_size_1_keeps_deepseeks_dense_mlps_whole():
 
     v3 = ModelInfo("deepseek_v3", 5, 16, 16, 256)
     dense, shared = mlp("model.layers.0.mlp"), mlp("model.layers.3.mlp.shared_experts")
-    assert {p.where for p in partition_problems(dense + shared, v3, 4)} == {
+    assert {p.where for p in partition_problems(dense + shared, v3, Parallel(4))} == {
         "model.layers.0.mlp.down_proj", "model.layers.3.mlp.shared_experts.down_proj"}
-    [p] = partition_problems(dense + shared, v3, 4, dense_tp=1)
+    [p] = partition_problems(dense + shared, v3, Parallel(4, dense_tp=1))
     assert p.where == "model.layers.3.mlp.shared_experts.down_proj" and "--moe-dense-tp-size 1" in p.message
-    assert partition_problems(dense, v3, 4, dense_tp=4) != []  # the --tp size: split as without the flag
+    assert partition_problems(dense, v3, Parallel(4, dense_tp=4)) != []  # the --tp size: split as without the flag
     llama = ModelInfo("llama", 5, 16, 16, 0)
-    assert partition_problems(dense, llama, 4, dense_tp=1) != []
+    assert partition_problems(dense, llama, Parallel(4, dense_tp=1)) != []
 
 
 def test_moe_dense_tp_size_through_build_and_verify(v3, cli):
@@ -228,3 +229,13 @@ def test_moe_dense_tp_size_through_build_and_verify(v3, cli):
                          "without DP attention or --moe-dense-tp-size")]:
         r = cli("verify", v3 / "dense1", *args)
         assert r.exit_code == 2 and match in " ".join(r.output.split()), r.output
+    # a manifest claiming sizes SGLang refuses (re-signed, so only the claim is wrong): one manifest finding naming
+    # the claim and SGLang's rule, not a split silently checked as if the flag were absent
+    m = json.loads((v3 / "dense1" / "mpconvert_manifest.json").read_text())
+    m["built_for_moe_dense_tp"] = 3
+    resign(v3 / "dense1", m)
+    r = cli("verify", v3 / "dense1", "--tp", "8", "--ep", "8", "--moe-dense-tp-size", "1", "--json", "--fast")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 1 and [(f["check"], f["where"]) for f in rep["findings"]] == [("manifest", "mpconvert_manifest.json")]
+    assert rep["findings"][0]["message"].startswith("built_for_tp=8 built_for_ep=8 built_for_moe_dense_tp=3: "
+                                                    "--moe-dense-tp-size 3: SGLang 0.5.17 takes only 1 or the --tp")

@@ -789,22 +789,22 @@ def test_fp8_block_qkv_of_576_is_refused_at_tp1():
     """The shared rule as build and verify run it, on a SmolLM2-shaped attention (hidden 576, 9 heads, 3 KV heads)."""
     from mpconvert.formats import Scheme
     from mpconvert.layout import ModelInfo, role_of
-    from mpconvert.rules import Linear, partition_problems
+    from mpconvert.rules import Linear, Parallel, partition_problems
 
     fp8 = Scheme.of("fp8", layout="ct", strategy="block", block=[128, 128], activation="dynamic")
     mods = [Linear(f"model.layers.0.self_attn.{p}_proj", role_of(f"model.layers.0.self_attn.{p}_proj"), fp8, "fp8",
                    "default (fp8)", o, 576) for p, o in (("q", 576), ("k", 192), ("v", 192))]
     info = ModelInfo("llama", 30, 9, 3, 0)
-    [p] = partition_problems(mods, info, 1)
+    [p] = partition_problems(mods, info, Parallel())
     assert p.rule == "kernel" and "output part 576" in p.message and "at any TP" in p.message
     gptq = Scheme.of("gptq", bits=4, group_size=64, desc_act=False, sym=True, checkpoint_format="gptq")
     # GPTQ-Marlin: N 960 and K 576 have no thread tile (neither is a multiple of 128; found on the GPU); gate_up's
     # N 3072 takes thread_n 128 with thread_k 64
-    [g] = partition_problems([Linear(m.name, m.role, gptq, "g", "x", m.out_features, 576) for m in mods], info, 1)
+    [g] = partition_problems([Linear(m.name, m.role, gptq, "g", "x", m.out_features, 576) for m in mods], info, Parallel())
     assert "Marlin has a thread tile for neither" in g.message
     gate_up = [Linear(f"model.layers.0.mlp.{p}_proj", role_of(f"model.layers.0.mlp.{p}_proj"), gptq, "g", "x", 1536,
                       576) for p in ("gate", "up")]
-    assert partition_problems(gate_up, info, 1) == []
+    assert partition_problems(gate_up, info, Parallel()) == []
 
 
 def test_no_leftovers_in_a_clean_build(llama, cli, tmp_path):

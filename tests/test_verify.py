@@ -232,6 +232,7 @@ def test_the_report_is_the_same_with_the_data_checks_in_a_child(dense_out, tmp_p
     from dataclasses import asdict
 
     from mpconvert import forked
+    from mpconvert.rules import Parallel
     from mpconvert.verify import verify
 
     def several(sd):
@@ -240,9 +241,9 @@ def test_the_report_is_the_same_with_the_data_checks_in_a_child(dense_out, tmp_p
         sd[f"{L0}.input_layernorm.weight"].view(-1)[0] = float("nan")  # a NaN finding, and the norm's value one
 
     d = mutate(dense_out, tmp_path / "d", several)
-    beside = verify(d, tp=4)
+    beside = verify(d, Parallel(4))
     monkeypatch.setattr(forked, "usable_cores", lambda: 1)
-    in_turn = verify(d, tp=4)
+    in_turn = verify(d, Parallel(4))
     assert [(f.check, f.where) for f in in_turn.findings] == [  # the order of the checks, run in turn
         ("structure", f"{L0}.input_layernorm.weight"), ("structure", f"{L1}.mlp.down_proj.scales"),
         ("structure", f"{L1}.mlp.up_proj.qweight"),  # digests, in table order
@@ -251,7 +252,7 @@ def test_the_report_is_the_same_with_the_data_checks_in_a_child(dense_out, tmp_p
         ("tp", f"{L1}.self_attn.o_proj")]
     assert [asdict(f) for f in beside.findings] == [asdict(f) for f in in_turn.findings]
     assert beside.memory == in_turn.memory
-    fast = verify(d, tp=4, hash_tensors=False)
+    fast = verify(d, Parallel(4), hash_tensors=False)
     assert [asdict(f) for f in fast.findings] == [asdict(f) for f in in_turn.findings
                                                   if not f.message.startswith(("sha256", "holds NaN"))]
 
