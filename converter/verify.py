@@ -429,7 +429,8 @@ def memory_report(manifest: Manifest, found: dict[str, TensorInfo], parallel: ru
     linear = sum(v for k, v in by_format.items() if k != "unquantized")
     t = manifest.totals
     bf16 = 2 * t.linear_weights + (t.bytes - t.linear_bytes)
-    return {"bytes": total, "by_format": by_format, **parallel.named(), "bytes_per_rank": int(per_rank), **({"mtp_bytes": mtp} if mtp else {}),
+    return {"bytes": total, "by_format": by_format, **parallel.named(),
+            "bytes_per_rank": int(per_rank), **({"mtp_bytes": mtp} if mtp else {}),
             "bits_per_weight": t.bits_per_weight, "vs_bf16": round(total / bf16, 4) if bf16 else None,
             "quantized_bytes": linear}
 

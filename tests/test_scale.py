@@ -236,6 +236,7 @@ def test_moe_dense_tp_size_through_build_and_verify(v3, cli):
     resign(v3 / "dense1", m)
     r = cli("verify", v3 / "dense1", "--tp", "8", "--ep", "8", "--moe-dense-tp-size", "1", "--json", "--fast")
     rep = json.loads(r.stdout)
-    assert r.exit_code == 1 and [(f["check"], f["where"]) for f in rep["findings"]] == [("manifest", "mpconvert_manifest.json")]
+    assert r.exit_code == 1 and [(f["check"], f["where"]) for f in rep["findings"]] == [
+        ("manifest", "mpconvert_manifest.json")]
     assert rep["findings"][0]["message"].startswith("built_for_tp=8 built_for_ep=8 built_for_moe_dense_tp=3: "
                                                     "--moe-dense-tp-size 3: SGLang 0.5.17 takes only 1 or the --tp")

@@ -800,7 +800,8 @@ def test_fp8_block_qkv_of_576_is_refused_at_tp1():
     gptq = Scheme.of("gptq", bits=4, group_size=64, desc_act=False, sym=True, checkpoint_format="gptq")
     # GPTQ-Marlin: N 960 and K 576 have no thread tile (neither is a multiple of 128; found on the GPU); gate_up's
     # N 3072 takes thread_n 128 with thread_k 64
-    [g] = partition_problems([Linear(m.name, m.role, gptq, "g", "x", m.out_features, 576) for m in mods], info, Parallel())
+    [g] = partition_problems([Linear(m.name, m.role, gptq, "g", "x", m.out_features, 576) for m in mods], info,
+                             Parallel())
     assert "Marlin has a thread tile for neither" in g.message
     gate_up = [Linear(f"model.layers.0.mlp.{p}_proj", role_of(f"model.layers.0.mlp.{p}_proj"), gptq, "g", "x", 1536,
                       576) for p in ("gate", "up")]
