@@ -433,7 +433,8 @@ config.json (quantization_config as build wrote it, every other field as recorde
 sha256); scheme invariants per format (packing shapes, group sizes, positive finite scales, g_idx range, zero
 convention), fused units, folded scales and the MLA loader rule; TP/EP splits (DP attention's with --dp,
 DeepSeek's dense MLPs at --moe-dense-tp-size) and
-kernel shapes for SGLang (at TP=1 too); a memory report. With --numeric --base BASE: every module against what
+kernel shapes for SGLang (at TP=1 too); a memory report (bytes per rank as SGLang splits them; the lm_head over
+tp/N ranks with --enable-dp-lm-head). With --numeric --base BASE: every module against what
 round-to-nearest in its own scheme does on the base weight, each block and the logits against the bf16 base on CPU,
 and with --text FILE perplexity and KL to the base on real text (W8A8 layers' inputs quantized as SGLang's kernels
 do: the served model's numbers). With --engine sglang, SGLang's own classes build and load the model on CPU through
@@ -450,7 +451,7 @@ Examples:
 \b
   mpconvert verify out/ --tp 8 --ep 8
   mpconvert verify out/ --tp 8 --ep 8 --dp 8
-  mpconvert verify out/ --tp 8 --dp 8 --moe-dense-tp-size 1
+  mpconvert verify out/ --tp 8 --dp 8 --moe-dense-tp-size 1 --enable-dp-lm-head
   mpconvert verify out/ --numeric --base ./llama-bf16 --text t.txt
   mpconvert verify out/ --engine sglang --tp 2 --json
 """
@@ -483,6 +484,8 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
            dp: int = typer.Option(1, "--dp", help="DP attention size to check for, as SGLang's --enable-dp-attention "
                                                   "--dp N (attention split over tp/N ranks)"),
            dense_tp: Optional[int] = _dense_tp_option(),
+           dp_lm_head: bool = typer.Option(False, "--enable-dp-lm-head", help="as SGLang's flag: with --dp, the "
+                                           "lm_head split over tp/N ranks like attention (bytes per rank only)"),
            base: Optional[Path] = typer.Option(None, "--base",
                                                parser=_path, help="the bf16 base model (for --numeric)"),
            numeric: bool = typer.Option(False, "--numeric", help="run blocks on CPU vs the base (needs --base)"),
@@ -503,7 +506,7 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
     from mpconvert.verify import SUMMARY_ROWS, Progress as VerifyProgress, check_usage, verify as run_verify
 
     # before the bar: a usage error is one line
-    parallel = Parallel(tp, ep, dp, dense_tp)
+    parallel = Parallel(tp, ep, dp, dense_tp, dp_lm_head)
     check_usage(directory, parallel, base, numeric, text, engine)
 
     thresholds = _parse_thresholds(threshold)

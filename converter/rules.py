@@ -204,12 +204,15 @@ def mla_fp8_blocks(linears: list[Linear], model_type: str) -> set:
 @dataclass(frozen=True)
 class Parallel:
     """The parallel sizes SGLang is launched with, as build, verify and plan take them and the manifest records them
-    (built_for_*): --tp, --ep, DP attention's --dp, and --moe-dense-tp-size (None: not given). One value, so that each
-    rule that reads a size (the checks below, ranks_splitting, the flags a message names) reads it from one place."""
+    (built_for_*): --tp, --ep, DP attention's --dp, and --moe-dense-tp-size (None: not given); and verify's
+    --enable-dp-lm-head, which moves no split a check sees (the lm_head is vocab-parallel, padded per rank), only
+    bytes per rank. One value, so that each rule that reads a size (the checks below, ranks_splitting, the flags a
+    message names) reads it from one place."""
     tp: int = 1
     ep: int = 1
     dp: int = 1
     dense_tp: int | None = None
+    dp_lm_head: bool = False
 
     def check(self) -> Parallel:
         """The sizes as SGLang 0.5.17 accepts them at all (before any split is computed with them)."""
@@ -219,25 +222,31 @@ class Parallel:
             raise UserError(f"--moe-dense-tp-size {self.dense_tp}: SGLang 0.5.17 takes only 1 or the --tp size "
                             f"({self.tp}) (server_args.py); pass 1 to keep the dense MLP layers whole on every rank, "
                             f"or leave it out")
+        if self.dp_lm_head and self.dp == 1:
+            raise UserError("--enable-dp-lm-head splits the lm_head over the attention group of DP attention; SGLang "
+                            "0.5.17 refuses it without (arg_groups/overrides.py) — add --dp N, or leave it out")
         return self
 
     def flags(self, every: bool = False) -> str:
         """As on SGLang's command line (--ep and --dp only when not 1, unless every)."""
         return (f"--tp {self.tp}" + (f" --ep {self.ep}" if every or self.ep > 1 else "")
                 + (f" --dp {self.dp}" if every or self.dp > 1 else "")
-                + (f" --moe-dense-tp-size {self.dense_tp}" if self.dense_tp is not None else ""))
+                + (f" --moe-dense-tp-size {self.dense_tp}" if self.dense_tp is not None else "")
+                + (" --enable-dp-lm-head" if self.dp_lm_head else ""))
 
-    def named(self) -> dict[str, int]:
-        """tp, ep, dp (when above 1), moe_dense_tp (when given): the manifest's built_for_* fields and the reports'
-        keys."""
+    def named(self) -> dict[str, int | bool]:
+        """tp, ep, dp (when above 1), moe_dense_tp (when given), dp_lm_head (when set: verify only): the manifest's
+        built_for_* fields and the reports' keys."""
         return {"tp": self.tp, "ep": self.ep, **({"dp": self.dp} if self.dp > 1 else {}),
-                **({"moe_dense_tp": self.dense_tp} if self.dense_tp is not None else {})}
+                **({"moe_dense_tp": self.dense_tp} if self.dense_tp is not None else {}),
+                **({"dp_lm_head": True} if self.dp_lm_head else {})}
 
     def ranks_splitting(self, role, model_type: str) -> int:
         """Over how many ranks SGLang splits a module that is not a routed expert (column, row or vocab parallel):
-        the attention group (tp / dp) under DP attention, one rank for DeepSeek's dense MLPs under
-        --moe-dense-tp-size 1, else every TP rank."""
-        if self.dp > 1 and in_attention_group(role):
+        the attention group (tp / dp) under DP attention (the lm_head too under --enable-dp-lm-head: ParallelLMHead's
+        use_attn_tp_group in every model here), one rank for DeepSeek's dense MLPs under --moe-dense-tp-size 1, else
+        every TP rank."""
+        if self.dp > 1 and (in_attention_group(role) or (self.dp_lm_head and role.slot == "lm_head")):
             return max(1, self.tp // self.dp)
         if self.dense_tp == 1 and model_type in DENSE_TP_MODEL_TYPES and is_dense_mlp(role):
             return 1

@@ -115,6 +115,15 @@ def test_dp_attention_splits_only_attention_over_tp_over_dp(v3, cli):
     r = cli("verify", v3 / "dp2", "--tp", "16", "--ep", "16", "--dp", "2", "--json")
     rep = json.loads(r.stdout)
     assert r.exit_code == 0 and rep["findings"] == [] and rep["memory"]["dp"] == 2, rep["counts"]
+    # --enable-dp-lm-head: the lm_head over the 8 attention ranks instead of 16 — bytes per rank only
+    r = cli("verify", v3 / "dp2", "--tp", "16", "--ep", "16", "--dp", "2", "--enable-dp-lm-head", "--json", "--fast")
+    head = json.loads(r.stdout)
+    assert r.exit_code == 0 and head["findings"] == [] and head["memory"]["dp_lm_head"] is True
+    lm_head = next(t["bytes"] for t in json.loads(cli("inspect", v3 / "dp2", "--json").stdout)["modules"]
+                   if t["name"] == "lm_head")
+    assert head["memory"]["bytes_per_rank"] - rep["memory"]["bytes_per_rank"] == pytest.approx(lm_head / 16, abs=8)
+    r = cli("verify", v3 / "dp2", "--tp", "16", "--ep", "16", "--enable-dp-lm-head")
+    assert r.exit_code == 2 and "--enable-dp-lm-head splits the lm_head over the attention group" in r.output
     r = cli("verify", v3 / "dp2", "--tp", "16", "--ep", "16", "--json")
     rep = json.loads(r.stdout)
     assert r.exit_code == 1 and set(rep["counts"]) == {"tp"}
