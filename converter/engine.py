@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .formats import FORMATS
@@ -24,21 +24,26 @@ CHECK = "mpconvert.runtime_shim.engine_check"
 TIMEOUT_S = 1800
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(directory: Path, tp: int, dtype: str, ep: int = 1, shim: bool = True) -> list[dict]:
     """One engine_check process per rank (EP, as SGLang's --ep, splits the experts over the TP ranks); their parsed
     results (or {"error": ...}). shim=False: SGLang loads no plugin (a compressed-tensors export must load without
     mpconvert)."""
-    port = str(_free_port())
+    with tempfile.TemporaryDirectory(prefix="mpconvert-engine-") as tmp:
+        return _run_ranks(directory, tp, dtype, ep, shim, rendezvous(Path(tmp)))
+
+
+def rendezvous(folder: Path) -> str:
+    """The ranks meet through a file (torch's FileStore) in a folder of this run's own, not a TCP port: a port chosen
+    free and bound later by rank 0 can be taken meanwhile by anything else on the machine (two `verify --engine` at
+    once: EADDRINUSE, reported as an engine finding — a false one)."""
+    return (folder / "rendezvous").as_uri()
+
+
+def _run_ranks(directory: Path, tp: int, dtype: str, ep: int, shim: bool, init_method: str) -> list[dict]:
     env = {**os.environ, "SGLANG_DTYPE": dtype}
     if not shim:
         env["SGLANG_PLUGINS"] = "no-plugins"  # SGLang's plugin allow-list: a name no plugin has
-    procs = [subprocess.Popen([sys.executable, "-m", CHECK, str(directory), port, str(tp), str(rank), str(ep)],
+    procs = [subprocess.Popen([sys.executable, "-m", CHECK, str(directory), init_method, str(tp), str(rank), str(ep)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(tp)]
     results = []
     for p in procs:

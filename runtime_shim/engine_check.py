@@ -4,8 +4,8 @@ What `mpconvert verify --engine sglang` runs (and the shim tests): SGLang's real
 pick its quant method exactly as on a GPU, and SGLang's real `load_weights` fills the parameters — everything up to
 `process_weights_after_loading`, which needs the GPU.
 
-Usage: python -m mpconvert.runtime_shim.engine_check DIR PORT [TP RANK [EP]]; for TP=N run N of them at once (gloo
-ranks; EP splits the experts over them as SGLang's --ep does), one process per rank (SGLang keeps process-global
+Usage: python -m mpconvert.runtime_shim.engine_check DIR INIT_METHOD [TP RANK [EP]]; for TP=N run N of them at once
+(gloo ranks meeting at INIT_METHOD, e.g. file:///tmp/x/rendezvous; EP splits the experts over them as SGLang's --ep does), one process per rank (SGLang keeps process-global
 distributed state). SGLANG_DTYPE picks the model dtype (default
 auto). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
@@ -63,15 +63,15 @@ def sha(t) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
-def main(path: str, port: str, tp: int = 1, rank: int = 0, ep: int = 1):
+def main(path: str, init_method: str, tp: int = 1, rank: int = 0, ep: int = 1):
     scaffold()
     try:
-        print("RESULT " + json.dumps(build_and_load(path, port, tp, rank, ep)))
+        print("RESULT " + json.dumps(build_and_load(path, init_method, tp, rank, ep)))
     except ValueError as e:  # SGLang's and the shim's refusals of a model (load-time errors on a GPU too)
         print("RESULT " + json.dumps({"error": str(e)}))
 
 
-def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dict:
+def build_and_load(path: str, init_method: str, tp: int, rank: int, ep: int = 1) -> dict:
     from safetensors import safe_open
     from sglang.srt.plugins import load_plugins
 
@@ -84,7 +84,7 @@ def build_and_load(path: str, port: str, tp: int, rank: int, ep: int = 1) -> dic
     from mpconvert.runtime_shim.sglang_versions import init_rank, version
 
     sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep, dtype=os.environ.get("SGLANG_DTYPE", "auto"))
-    mc = init_rank(sa, tp, rank, ep, port)
+    mc = init_rank(sa, tp, rank, ep, init_method)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)
     names = []  # every tensor name the model proper was handed

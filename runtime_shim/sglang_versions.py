@@ -42,8 +42,8 @@ def warn_if_untested() -> None:
         warnings.warn(untested_message(), RuntimeWarning, stacklevel=2)
 
 
-def init_rank(server_args, tp: int, rank: int, ep: int, port: str):
-    """This process as rank `rank` of TP=tp (EP=ep) on gloo, SGLang's parallel groups and DP-attention state set up;
+def init_rank(server_args, tp: int, rank: int, ep: int, init_method: str):
+    """This process as rank `rank` of TP=tp (EP=ep) on gloo (meeting the others at init_method, torch's URL), SGLang's parallel groups and DP-attention state set up;
     returns the ModelConfig (what engine_check's harness needs before building a model)."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
@@ -59,7 +59,7 @@ def init_rank(server_args, tp: int, rank: int, ep: int, port: str):
 
         publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=rank, gpu_id=None))
     init_distributed_environment(backend="gloo", world_size=tp, rank=rank, local_rank=rank,
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+                                 distributed_init_method=init_method)
     if sizes_as_arguments:
         initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     else:

@@ -15,8 +15,8 @@ their own); the GPU's name for the kernel-config lookup is given as the H200 we 
 """
 import json
 import os
-import socket
 import tempfile
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 os.environ.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so")  # no NCCL here: SGLang's gloo-only path
@@ -32,17 +32,14 @@ def sglang_context():
     from sglang.srt.server_args import ServerArgs
     from transformers import Qwen3MoeConfig
 
+    from mpconvert.engine import rendezvous
     from mpconvert.runtime_shim.sglang_versions import init_rank
 
     model = tempfile.mkdtemp()
     Qwen3MoeConfig(hidden_size=H, intermediate_size=2 * H, moe_intermediate_size=I, num_experts=E,
                    num_experts_per_tok=K, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                    head_dim=32, vocab_size=128, architectures=["Qwen3MoeForCausalLM"]).save_pretrained(model)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    init_rank(ServerArgs(model_path=model, device="cpu"), 1, 0, 1, str(port))
+    init_rank(ServerArgs(model_path=model, device="cpu"), 1, 0, 1, rendezvous(Path(model)))
     fused_moe_triton_config.get_device_name = lambda: "NVIDIA H200"
     fused_moe.moe_align_block_size = align
 

@@ -183,6 +183,20 @@ def test_engine_sglang_binds_every_layer_at_tp1_and_tp2(dense_out, cli):
     assert all(r["layers"] >= 9 and r["min_capability"] >= 80 for r in runs)
 
 
+def test_two_sglang_checks_at_once_meet_each_their_own_ranks(dense_out):
+    """Two engine checks at once on one machine (two `verify --engine` in CI jobs side by side): each one's ranks meet
+    through a file of their own (engine.rendezvous), not a TCP port picked free and bound later — which the other
+    could take meanwhile (EADDRINUSE, a false engine finding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mpconvert.engine import run_ranks
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [f.result() for f in [pool.submit(run_ranks, dense_out, 2, "auto") for _ in range(2)]]
+    assert [[r.get("error") for r in ranks] for ranks in runs] == [[None, None], [None, None]]
+    assert runs[0][0]["params"] == runs[1][0]["params"] and runs[0][1]["params"] == runs[1][1]["params"]
+
+
 def test_engine_sglang_reports_what_sglang_refuses(moe, cli, tmp_path):
     """GPTQ MoE experts in the model's bf16: every static check passes, but SGLang's GPTQ-Marlin MoE runs fp16 only —
     the engine check fails (exit 1) naming the layer and the fix, and passes with --dtype float16."""
