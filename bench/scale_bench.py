@@ -22,11 +22,12 @@ MPCONVERT = str(Path(sys.executable).parent / "mpconvert")
 
 # the CLI of whichever mpconvert is on PYTHONPATH (the rounds benchmarks run several code versions this way)
 CLI = ["-c", "from mpconvert.cli.main import main; main()"]
-# planning alone (what build does before writing a byte) of the job in the current directory at --tp 8 --ep 8, under
-# the CLI's GC settings, ending as the CLI does (cli.main._exit_now: no teardown of the sources' objects); the sizes
-# as a rules.Parallel, or as make_plan's loose arguments for code older than it (the rounds compare revisions)
-PLANNING = ["-c", "import gc, os; gc.set_threshold(50_000, 50, 100); from mpconvert.recipe import load_recipe; "
-                  "from mpconvert.plan import make_plan\n"
+# planning alone (what build does before writing a byte) of the job in the current directory at --tp 8 --ep 8, as
+# build runs it (cli.main.build: the CLI's GC thresholds, the cyclic collector paused while planning), ending as the
+# CLI does (cli.main._exit_now: no teardown of the sources' objects); the sizes as a rules.Parallel, or as
+# make_plan's loose arguments for code older than it (the rounds compare revisions)
+PLANNING = ["-c", "import gc, os; gc.set_threshold(50_000, 50, 100); gc.disable(); "
+                  "from mpconvert.recipe import load_recipe; from mpconvert.plan import make_plan\n"
                   "try:\n    from mpconvert.rules import Parallel; sizes = (Parallel(8, 8),)\n"
                   "except ImportError:\n    sizes = (8, 8)\n"
                   "make_plan(load_recipe('recipe.yaml'), *sizes); os._exit(0)"]
