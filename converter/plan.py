@@ -467,6 +467,7 @@ class _Planner:
         _raise_first(rules.pair_problems(linears))
         support = self.support_plans(roles, linears)
         _raise_first(rules.mla_problems(linears, self.info.model_type))
+        _raise_first(rules.dtype_problems(linears, self.info.model_type))
         _raise_first(rules.partition_problems(linears, self.info, self.parallel))
         if self.layout == CT_LAYOUT:
             _raise_first(ct_export.problems(linears, units, self.info))

@@ -13,6 +13,7 @@ the manifest): both describe their linear modules as `Linear`s and get structure
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -190,6 +191,44 @@ def mla_problems(linears: list[Linear], model_type: str) -> list[Problem]:
                                                     f"{sorted(blocks, key=str)}); SGLang's MLA loader takes one for "
                                                     f"the whole model — take them from one FP8 source"))
     return problems
+
+
+# Formats of kv_b_proj that SGLang 0.5.17's DeepSeek loader dequantizes and absorbs into w_kc / w_vc in bfloat16
+# (models/deepseek_common/deepseek_weight_loader.py post_load_weights: block_quant_dequant(…, torch.bfloat16), Int8
+# `.to(torch.bfloat16)`; other FP8 layouts go through bmm_fp8 with a bfloat16 output), which the first forward meets
+# with activations of the model's dtype: in float16, "expected scalar type Half but found BFloat16" (an H100,
+# 2026-12-06)
+MLA_ABSORBED_IN_BF16 = ("fp8", "int8")
+
+
+def model_dtypes(unit: str, fmt: str, model_type: str, moe: bool) -> tuple[str, ...]:
+    """The model dtypes (SGLang's --dtype) in which SGLang 0.5.17 runs this unit in this format, or () for any: a
+    MoE layer's, its format's kernel's (Format.moe_model_dtypes); an MLA kv_b_proj absorbed in bfloat16, bfloat16."""
+    if moe:
+        return FORMATS[fmt].moe_model_dtypes
+    if model_type in MLA_MODEL_TYPES and unit.endswith("self_attn.kv_b_proj") and fmt in MLA_ABSORBED_IN_BF16:
+        return ("bfloat16",)
+    return ()
+
+
+def dtype_problems(linears: list[Linear], model_type: str) -> list[Problem]:
+    """A model that SGLang can run in no dtype: two of its units each run in dtypes the other does not (GPTQ MoE
+    experts in float16 only, an FP8 kv_b_proj absorbed in bfloat16)."""
+    first: dict[tuple[str, ...], Linear] = {}
+    for unit, members in by_unit(linears).items():
+        for m in members:
+            dtypes = model_dtypes(unit, m.scheme.format, model_type, m.role.expert is not None)
+            if dtypes:
+                first.setdefault(dtypes, m)
+    for (a, ma), (b, mb) in itertools.combinations(first.items(), 2):
+        if not set(a) & set(b):
+            return [Problem("dtype", mb.role.unit,
+                            f"no model dtype serves this mix in SGLang 0.5.17: {ma.role.unit} ({ma.scheme.format} from "
+                            f"{ma.source!r} via {ma.why}) runs in {' or '.join(a)} only, {mb.role.unit} "
+                            f"({mb.scheme.format} from {mb.source!r} via {mb.why}) in {' or '.join(b)} only — take "
+                            f"one of them from another source (a bf16 kv_b_proj runs in either dtype; FP8, Int8 and "
+                            f"AWQ experts too)")]
+    return []
 
 
 def mla_fp8_blocks(linears: list[Linear], model_type: str) -> set:

@@ -325,6 +325,7 @@ def check_manifest(manifest: Manifest, linears: list[rules.Linear], rep: Report)
     _check_units(manifest, linears, rep)
     rep.add_problems("scheme", rules.pair_problems(linears))
     rep.add_problems("scheme", rules.mla_problems(linears, manifest.model.model_type))
+    rep.add_problems("scheme", rules.dtype_problems(linears, manifest.model.model_type))
     readers = rules.consumers(linears)
     for name, m in manifest.modules.items():
         role = roles[name]

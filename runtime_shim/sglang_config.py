@@ -26,7 +26,7 @@ from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.errors import UserError
 from mpconvert.layout import from_nextn_draft
 from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
-from mpconvert.rules import MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems
+from mpconvert.rules import MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems, model_dtypes
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
 
@@ -67,16 +67,24 @@ def _check_native(layer: torch.nn.Module, prefix: str, spec, method) -> None:
                          f"unquantized fallback")
 
 
-def _check_moe_dtype(layer: torch.nn.Module, prefix: str, sub: QuantizationConfig) -> None:
-    """GPTQ-Marlin MoE creates fp16 scales and its kernel asserts activations of the scales' dtype (0.5.17
-    fused_marlin_moe.py): in a bf16 model it loads, then fails at the first forward. Say so at load time instead."""
+def _check_model_dtype(layer: torch.nn.Module, unit: str, fmt: str, model_type: str, what: str = "") -> None:
+    """A unit that SGLang runs only in some model dtypes (rules.model_dtypes: GPTQ-Marlin MoE in float16, an MLA
+    kv_b_proj absorbed in bfloat16) loads in the others, then fails at the first forward. Say so at load time."""
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
+    moe = isinstance(layer, FusedMoE)
+    dtypes = model_dtypes(unit, fmt, model_type, moe)
+    what = what or unit
     dtype = torch.get_default_dtype()  # SGLang's loader builds the model under set_default_torch_dtype(model dtype)
-    if isinstance(layer, FusedMoE) and type(sub).__name__ == "GPTQMarlinConfig" and dtype != torch.float16:
-        raise ValueError(f"mpconvert: {prefix} is GPTQ MoE, whose SGLang kernel (GPTQ-Marlin MoE) runs fp16 "
-                         f"activations only, and this model runs in {dtype}; serve it with --dtype float16, or take "
-                         f"these experts from an AWQ, FP8 or Int8 source")
+    if not dtypes or str(dtype).removeprefix("torch.") in dtypes:
+        return
+    if moe:
+        raise ValueError(f"mpconvert: {what} is {fmt.upper()} MoE, whose SGLang kernel runs "
+                         f"{' or '.join(dtypes)} activations only, and this model runs in {dtype}; serve it with "
+                         f"--dtype {dtypes[0]}, or take these experts from an AWQ, FP8 or Int8 source")
+    raise ValueError(f"mpconvert: {what} is {fmt}, which SGLang's DeepSeek loader absorbs in {' or '.join(dtypes)}, "
+                     f"and this model runs in {dtype}; serve it with --dtype {dtypes[0]}, or take it from the bf16 "
+                     f"base")
 
 
 class _instance_or_class:
@@ -182,7 +190,8 @@ class MpconvertConfig(QuantizationConfig):
         if prefix in self.groups:
             for spec, sub in self.groups[prefix]:
                 if sub is not None:
-                    _check_moe_dtype(layer, f"{prefix} experts {spec.experts}", sub)
+                    _check_model_dtype(layer, prefix, spec.format, self.manifest.model.model_type,
+                                       f"{prefix} experts {spec.experts}")
             return MixedExpertsMethod(sglang_prefix, self.groups[prefix], _check_native)
         if prefix not in self.subs:
             # not a module the manifest assigns (embeddings, routers, norms): SGLang's unquantized default
@@ -190,7 +199,7 @@ class MpconvertConfig(QuantizationConfig):
         sub = self.subs[prefix]
         if sub is None:
             return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
-        _check_moe_dtype(layer, prefix, sub)
+        _check_model_dtype(layer, prefix, self.manifest.units[prefix].format, self.manifest.model.model_type)
         method = sub.get_quant_method(layer, prefix)
         _check_native(layer, prefix, self.manifest.units[prefix], method)
         return patch_gptq_marlin_moe(method)

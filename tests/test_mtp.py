@@ -72,9 +72,10 @@ def v3(deepseek, tmp_path_factory) -> dict[str, Path]:
 
 SOURCES = {"fp8": "ct-fp8-block", "int8": "ct-w8a8", "gptq": "gptq"}
 RULES = """
+- {match: "self_attn.kv_b_proj", source: base}
 - {match: "self_attn.*", source: fp8}
 - {match: "mlp.shared_experts.*", source: int8}
-"""
+"""  # the routed experts GPTQ (so fp16): kv_b_proj stays bf16 (rules.dtype_problems)
 
 
 def test_the_mtp_layer_is_built_by_the_rules_and_bound_in_sglangs_nextn_draft(v3, cli, tmp_path):

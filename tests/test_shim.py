@@ -194,24 +194,55 @@ def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tm
 
 
 DEEPSEEK_RULES = """
+- {match: "self_attn.kv_b_proj", source: base}
 - {match: "self_attn.*", layers: 1, source: fp8}
 - {match: "mlp.shared_experts.*", layers: 1, source: fp8}
 - {match: "mlp.experts.*", layers: 1, source: gptq}
-"""
+"""  # the routed experts GPTQ (so fp16): kv_b_proj stays bf16 — SGLang absorbs an FP8 or Int8 one in bfloat16
 
 
 def test_deepseek_mla_and_moe_in_three_formats(deepseek, cli, tmp_path):
-    """DeepSeek-V2: fused q_a/kv_a (MLA) and kv_b_proj in block FP8 and Int8 (kv_b_proj is absorbed into w_kc/w_vc
-    by SGLang's loader after loading), shared experts in FP8, routed experts in GPTQ (so fp16), the dense layer 0 in
-    Int8."""
+    """DeepSeek-V2: fused q_a/kv_a (MLA) in block FP8 and Int8, shared experts in FP8, routed experts in GPTQ (so
+    fp16, and kv_b_proj bf16), the dense layer 0 in Int8; then, in a bf16 model (Int8 experts), kv_b_proj in block FP8
+    and Int8 too (absorbed into w_kc/w_vc by SGLang's loader after loading)."""
     m = built_and_loaded(deepseek, cli, tmp_path, "int8", DEEPSEEK_RULES)["methods"]
     L0, L1 = "model.layers.0", "model.layers.1"
     fp8 = ["CompressedTensorsLinearMethod", "CompressedTensorsW8A8Fp8"]
-    assert m[f"{L1}.self_attn.fused_qkv_a_proj_with_mqa"] == fp8 and m[f"{L1}.self_attn.kv_b_proj"] == fp8
+    assert m[f"{L1}.self_attn.fused_qkv_a_proj_with_mqa"] == fp8
     assert m[f"{L0}.self_attn.fused_qkv_a_proj_with_mqa"][0] == "W8A8Int8LinearMethod"
+    assert {m[f"{L}.self_attn.kv_b_proj"][0] for L in (L0, L1)} == {"UnquantizedLinearMethod"}
     assert m[f"{L0}.mlp.gate_up_proj"][0] == "W8A8Int8LinearMethod"
     assert m[f"{L1}.mlp.shared_experts.gate_up_proj"] == fp8
     assert m[f"{L1}.mlp.experts"] == ["GPTQMarlinMoEMethod", "GPTQMarlinMoEScheme"]
+    build(cli, write_recipe(tmp_path, deepseek, THREE_SOURCES, "int8", '- {match: "self_attn.*", layers: 1, '
+                                                                        'source: fp8}'), tmp_path / "bf16")
+    [r] = loaded(tmp_path / "bf16")
+    assert r["methods"][f"{L1}.self_attn.kv_b_proj"] == fp8
+    assert r["methods"][f"{L0}.self_attn.kv_b_proj"][0] == "W8A8Int8LinearMethod"
+
+
+def test_deepseek_mix_that_no_dtype_serves(deepseek, cli, tmp_path):
+    """SGLang's DeepSeek loader absorbs an FP8 or Int8 kv_b_proj into w_kc/w_vc in bfloat16, and GPTQ-Marlin MoE runs
+    float16 only: on an H100 such a mix loaded, then failed at the first forward ("expected scalar type Half but
+    found BFloat16", docs/gpu-results.md). Build refuses the mix naming both units; a bf16 kv_b_proj builds; and the
+    shim refuses an FP8 kv_b_proj in a float16 model at load (verify --engine), as it does GPTQ experts in bf16."""
+    rules = '- {match: "self_attn.*", layers: 1, source: fp8}\n- {match: "mlp.experts.*", source: gptq}'
+    r = cli("build", write_recipe(tmp_path, deepseek, THREE_SOURCES, "int8", rules), "-o", tmp_path / "mix")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and not (tmp_path / "mix").exists(), text
+    assert "no model dtype serves this mix in SGLang 0.5.17: model.layers.0.self_attn.kv_b_proj (int8 from 'int8' " \
+           "via default (int8)) runs in bfloat16 only, model.layers.1.mlp.experts (gptq from 'gptq' via rules[1]" \
+           in text
+    assert "→ gptq)) in float16 only — take one of them from another source" in text
+    build(cli, write_recipe(tmp_path, deepseek, THREE_SOURCES, "int8", '- {match: "self_attn.kv_b_proj", source: '
+                                                                        'base}\n' + rules), tmp_path / "ok")
+    assert loaded(tmp_path / "ok", dtype="float16")
+    build(cli, write_recipe(tmp_path, deepseek, THREE_SOURCES, "fp8"), tmp_path / "fp8")
+    rep = json.loads(cli("verify", tmp_path / "fp8", "--fast", "--engine", "sglang", "--dtype", "float16",
+                         "--json").stdout)
+    assert not rep["ok"] and [f["check"] for f in rep["findings"]] == ["engine"]
+    assert "model.layers.0.self_attn.kv_b_proj is fp8, which SGLang's DeepSeek loader absorbs in bfloat16, and " \
+           "this model runs in torch.float16; serve it with --dtype bfloat16" in rep["findings"][0]["message"]
 
 
 def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):

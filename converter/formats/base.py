@@ -139,6 +139,9 @@ class Format(ConfigReader):
     # why this format's experts cannot be one of several format groups of a MoE layer (runtime_shim/mixed_experts.py),
     # or "" where they can
     expert_group_problem: str = ""
+    # the model dtypes (SGLang's --dtype) in which SGLang 0.5.17's MoE kernel for this format runs, or () for any
+    # (rules.model_dtypes: build refuses a model no dtype serves, the shim a dtype that does not)
+    moe_model_dtypes: tuple[str, ...] = ()
     # numeric bands of verify --numeric (fidelity.py): a module's weight error against the base may be rtn_factor ×
     # what round-to-nearest in its own scheme gets on the same weight (never below module_floor); a decoder block's
     # output error up to block_error_band (its least precise format's); the end-to-end logits cosine at least

@@ -110,6 +110,9 @@ class GPTQ(Format):
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
     value_tensors = ("scales", "qzeros", "g_idx")
     sglang_moe_runner = "marlin"
+    # GPTQ-Marlin MoE creates fp16 scales and its kernel asserts activations of the scales' dtype (0.5.17
+    # fused_marlin_moe.py): in a bf16 model it loads, then fails at the first forward
+    moe_model_dtypes = ("float16",)
     rtn_factor, module_floor, block_error_band, logits_cosine_band = 3.0, 0.02, 0.40, 0.85
 
     def scheme_of(self, module, tensors, config, where):
