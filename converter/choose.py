@@ -40,6 +40,7 @@ class UnitSource:
     nbytes: int
     scheme: str  # describe() of its scheme, for reports
     folds: bool
+    format: str = "unquantized"
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,9 @@ def _linears(inputs: Inputs, roles: dict[str, Role], label: str, names: list[str
 
 def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_expert: bool = True) -> Candidates:
     """Which sources may serve each unit. A source serves a unit when it has all its modules in one quantized scheme
-    that builds at this TP/EP/DP (rules.unit_problems / partition_problems); the base always serves (bf16). per_expert:
-    each routed expert is a unit of its own (a MoE layer may mix formats per expert), else a MoE layer's experts are
-    one unit."""
+    that builds at these sizes (rules.unit_problems / mla_problems / partition_problems) and in a model dtype the
+    experts' servers leave open (one_dtype); the base always serves (bf16). per_expert: each routed expert is a unit
+    of its own (a MoE layer may mix formats per expert), else a MoE layer's experts are one unit."""
     # heads, expert counts: no source helps
     model_level = rules.partition_problems([], inputs.info, parallel)
     if model_level:
@@ -115,7 +116,8 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
             members = _linears(inputs, roles, label, names)
             if members is None or any(m.scheme.format == "unquantized" for m in members):
                 continue
-            if rules.unit_problems(unit, members) or rules.partition_problems(members, inputs.info, parallel):
+            if rules.unit_problems(unit, members) or rules.mla_problems(members, inputs.info.model_type) or \
+                    rules.partition_problems(members, inputs.info, parallel):
                 continue
             fmt = FORMATS[members[0].scheme.format]
             folds = fmt.folds(members[0].scheme.params)
@@ -125,10 +127,29 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
                 continue
             nbytes = sum(written_nbytes(inputs.sources[label].modules[m.name], m.out_features, m.in_features)
                          for m in members)
-            servers.append(UnitSource(unit, label, tuple(names), nbytes, members[0].scheme.describe(), folds))
+            servers.append(UnitSource(unit, label, tuple(names), nbytes, members[0].scheme.describe(), folds,
+                                      members[0].scheme.format))
         units[unit] = servers  # only the base: a group with one option
+    one_dtype(units, roles, inputs.info.model_type)
     mtp = tuple(sorted({inputs.info.mtp_layer_of(n) for n in inputs.base.modules if n not in roles}))
     return Candidates(inputs.info, units, _groups(units, roles), fixed, weights, mtp)
+
+
+def one_dtype(units: dict[str, list[UnitSource]], roles: dict[str, Role], model_type: str) -> None:
+    """Plan weighs each unit's servers on their own, but a model runs in one dtype (rules.dtype_problems: GPTQ MoE
+    experts in float16 only, a DeepSeek kv_b_proj absorbed from FP8 or Int8 in bfloat16 only). The routed experts,
+    most of a MoE model's bytes, keep every server; another unit loses a server that shares no dtype with some
+    expert server (a DeepSeek kv_b_proj then stays bf16 where GPTQ experts are on offer: ~0.3 % of DeepSeek-V3's
+    bytes), so that no choice among the rest can make a recipe build refuses."""
+    def dtypes(s: UnitSource) -> set[str]:
+        return set(rules.model_dtypes(roles[s.modules[0]].unit, s.format, model_type,
+                                      roles[s.modules[0]].expert is not None))
+
+    expert_needs = [d for servers in units.values() for s in servers if roles[s.modules[0]].expert is not None
+                    for d in [dtypes(s)] if d]
+    for unit, servers in units.items():
+        if roles[servers[0].modules[0]].expert is None:
+            units[unit] = [s for s in servers if not (d := dtypes(s)) or all(d & need for need in expert_needs)]
 
 
 def _groups(units: dict[str, list[UnitSource]], roles: dict[str, Role]) -> list[tuple[str, tuple[str, ...]]]:

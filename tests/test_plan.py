@@ -336,3 +336,26 @@ def test_plan_offers_gptq_for_deepseeks_dense_mlp_when_it_stays_whole(deepseek, 
                              "model.layers.1.mlp.shared_experts.down_proj": ["base", "int8"]}
     assert servers(1) == {"model.layers.0.mlp.down_proj": ["base", "gptq", "int8"],
                           "model.layers.1.mlp.shared_experts.down_proj": ["base", "int8"]}
+
+
+def test_plans_deepseek_candidates_keep_to_the_mla_and_dtype_rules(deepseek, tmp_path):
+    """plan offers a unit only servers build accepts, rules that couple units included: no packed int4 in the MLA
+    projections (rules.mla_problems), and no FP8/Int8 kv_b_proj (absorbed in bfloat16) where GPTQ experts (float16
+    only) are on offer — else a budget could pick both and write a recipe build refuses (plan's own check then
+    fails). Without GPTQ among the sources the quantized kv_b_proj is offered again."""
+    from mpconvert.plan import Inputs
+    from mpconvert.recipe import load_recipe
+
+    def servers(**sources):
+        src = tmp_path / "sources.yaml"
+        src.write_text(f"base: {deepseek['base']}\nsources:\n" + "".join(f"  {k}: {deepseek[v]}\n"
+                                                                         for k, v in sources.items()))
+        units = choose.candidates(Inputs.open(load_recipe(src, sources_only=True))).units
+        return {u.split(".", 3)[3]: sorted(s.source for s in units[u]) for u in (
+            "model.layers.0.self_attn.kv_b_proj", "model.layers.0.self_attn.fused_qkv_a_proj_with_mqa",
+            "model.layers.1.mlp.experts.0")}
+
+    assert servers(gptq="gptq", int8="ct-w8a8", fp8="ct-fp8-block") == {
+        "self_attn.kv_b_proj": ["base"], "self_attn.fused_qkv_a_proj_with_mqa": ["base", "fp8", "int8"],
+        "mlp.experts.0": ["base", "fp8", "gptq", "int8"]}
+    assert servers(int8="ct-w8a8", fp8="ct-fp8-block")["self_attn.kv_b_proj"] == ["base", "fp8", "int8"]
