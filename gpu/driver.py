@@ -58,6 +58,18 @@ MOE_MIXED = """
 - {match: "mlp.experts.*", layers: 1, source: awq}
 - {match: "self_attn.*", layers: 0, source: ct-w8a8}
 """  # default gptq: layer 1 attention (dense GPTQ-Marlin runs bf16)
+# DeepSeek-V2: FP8-block attention in layer 0, Int8 in layer 1, but kv_b_proj bf16 (SGLang absorbs a quantized one in
+# bfloat16, and this model runs in fp16: rules.dtype_problems); the dense first MLP Int8; the shared experts FP8; layer
+# 1's routed experts half FP8, half GPTQ (default: GPTQ-Marlin MoE runs fp16 only; MLA projections cannot be GPTQ, so
+# every attention rule is explicit). The pure FP8 and Int8 builds (bf16) serve a quantized kv_b_proj.
+DEEPSEEK_MIXED = """
+- {match: "self_attn.kv_b_proj", source: base}
+- {match: "self_attn.*", layers: 0, source: ct-fp8-block}
+- {match: "self_attn.*", layers: 1, source: ct-w8a8}
+- {match: "mlp.*", layers: 0, source: ct-w8a8}
+- {match: "mlp.shared_experts.*", source: ct-fp8-block}
+- {match: "mlp.experts.*", experts: "0-3", source: ct-fp8-block}
+"""
 PARTS = {
     # servable sources: kind → Engine overrides for serving the source itself
     "dense": {"serve": {"ct-fp8-static": {}, "ct-fp8-block": {}, "ct-w8a8": {}, "gptq": {}, "awq": {}},
@@ -68,6 +80,10 @@ PARTS = {
     "moe": {"serve": {"ct-fp8-block": {}, "ct-w8a8": {"quantization": "w8a8_int8"}, "gptq": {"dtype": "float16"},
                       "awq": {}},
             "unservable": [], "mixed": MOE_MIXED, "default": "gptq", "same": []},
+    # GPTQ is served inside the mixed model only: a whole-GPTQ DeepSeek puts packed int4 in the MLA projections, which
+    # SGLang's loader decodes only for AWQ (rules.mla_problems; build refuses it)
+    "deepseek": {"serve": {"ct-fp8-block": {}, "ct-w8a8": {"quantization": "w8a8_int8"}},
+                 "unservable": [], "mixed": DEEPSEEK_MIXED, "default": "gptq", "same": [], "mixed_dtype": "float16"},
 }
 
 
@@ -136,7 +152,7 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
     return r
 
 
-def served(label: str, path: Path, port: int = 30555, timeout: int = 300) -> dict:
+def served(label: str, path: Path, port: int = 30555, timeout: int = 300, dtype: str = "auto") -> dict:
     """`mpconvert serve DIR -- ARGS` (i.e. `python -m sglang.launch_server --model-path DIR`, no mpconvert flag): wait
     for /health, send the fixed prompts to /generate, shut it down. Same fields as an Engine run, to compare."""
     import urllib.request
@@ -150,7 +166,7 @@ def served(label: str, path: Path, port: int = 30555, timeout: int = 300) -> dic
         return {"ok": False, "error": "dry run or out of time budget"}
     args = ["--host", "127.0.0.1", "--port", str(port), "--attention-backend", "triton", "--sampling-backend",
             "pytorch", "--grammar-backend", "none", "--skip-tokenizer-init", "--disable-cuda-graph",
-            "--mem-fraction-static", "0.1", "--max-total-tokens", "2048", "--log-level", "info"]
+            "--mem-fraction-static", "0.1", "--max-total-tokens", "2048", "--log-level", "info", "--dtype", dtype]
     cmd = [sys.executable, "-m", "mpconvert.cli.main", "serve", str(path), "--", *args]
     t = time.time()
     r: dict = {"ok": False, "command": cmd}
@@ -243,7 +259,7 @@ def vs_bf16(r: dict, ref: dict) -> dict:
 def build_mixed(part: str, fx: dict[str, Path]) -> Path:
     """The part's mixed recipe, over the sources its rules and default name; checked for TP=2."""
     P = PARTS[part]
-    used = {rule["source"] for rule in yaml.safe_load(P["mixed"])} | {P["default"]}
+    used = ({rule["source"] for rule in yaml.safe_load(P["mixed"])} | {P["default"]}) - {"base"}  # base: the base
     return build(f"{part}-mixed", fx["base"], {k: fx[k] for k in sorted(used)}, P["default"], P["mixed"], tp=2)
 
 
@@ -261,7 +277,7 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     for k in P["unservable"]:
         jobs[f"source-{k}"] = {"path": str(fx[k])}  # served as it is: the trap, for the record
         jobs[f"pure-{k}"] = {"path": str(built[f"pure-{k}"])}
-    jobs["mixed"] = {"path": str(built["mixed"])}
+    jobs["mixed"] = {"path": str(built["mixed"]), **({"dtype": P["mixed_dtype"]} if "mixed_dtype" in P else {})}
     only = os.environ.get("E2E_ONLY")  # e.g. "source-gptq,pure-gptq,bf16": rerun just those
     if only:
         jobs = {k: v for k, v in jobs.items() if k in only.split(",")}
@@ -271,8 +287,8 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     runs = run_all(jobs, par=int(os.environ.get("E2E_PAR", "8")))
     if "mixed" in jobs:
         # the server path (launch_server through `mpconvert serve`) must answer exactly as the Engine did
-        runs["mixed-server"] = served("mixed-server", built["mixed"])
-        runs["mixed-tp2"] = (engine("mixed-tp2", {"path": str(built["mixed"]), "tp": 2}) if gpus > 1 else
+        runs["mixed-server"] = served("mixed-server", built["mixed"], dtype=P.get("mixed_dtype", "auto"))
+        runs["mixed-tp2"] = (engine("mixed-tp2", {**jobs["mixed"], "tp": 2}) if gpus > 1 else
                              {"ok": False, "error": f"not run: TP=2 needs 2 GPUs, this machine has {gpus}"})
     res["runs"] = runs
     missing = {"ok": False, "error": "not run"}
