@@ -38,11 +38,15 @@ CT_INT8 = {"quant_method": "compressed-tensors", "format": "int-quantized", "qua
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
         "checkpoint_format": "gptq", "meta": {"quantizer": ["gptqmodel:7.6.0"]}}
 
+# The issue's recipe (attention FP8, shared experts Int8, experts 0-15 FP8, the rest GPTQ), but kv_b_proj bf16: SGLang
+# 0.5.17 absorbs an FP8 kv_b_proj in bfloat16 and runs GPTQ MoE in float16 only, so with both no dtype serves the
+# model (rules.dtype_problems; found on an H100 in session 22 — build refuses that mix since)
 RECIPE = """\
 base: base
 sources: {fp8: fp8, int8: int8, gptq: gptq}
 default: gptq
 rules:
+  - {match: "self_attn.kv_b_proj", source: base}
   - {match: "self_attn.*", source: fp8}
   - {match: "mlp.shared_experts.*", source: int8}
   - {match: "mlp.experts.*", experts: "0-15", source: fp8}
