@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import compress
 from pathlib import Path
 
@@ -399,7 +399,7 @@ def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Repor
     info = manifest.model.info()
     rep.add_problems("tp", rules.partition_problems(linears, info, parallel))
     built = manifest.built_for()
-    if built == parallel:
+    if built == replace(parallel, dp_lm_head=False):  # moves no split: build does not take it
         return
     claim = " ".join(f"built_for_{k}={v}" for k, v in built.named().items())
     try:

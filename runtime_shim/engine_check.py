@@ -5,9 +5,9 @@ pick its quant method exactly as on a GPU, and SGLang's real `load_weights` fill
 `process_weights_after_loading`, which needs the GPU.
 
 Usage: python -m mpconvert.runtime_shim.engine_check DIR INIT_METHOD [TP RANK [EP]]; for TP=N run N of them at once
-(gloo ranks meeting at INIT_METHOD, e.g. file:///tmp/x/rendezvous; EP splits the experts over them as SGLang's --ep does), one process per rank (SGLang keeps process-global
-distributed state). SGLANG_DTYPE picks the model dtype (default
-auto). Prints one JSON line:
+(gloo ranks meeting at INIT_METHOD, e.g. file:///tmp/x/rendezvous; EP splits the experts over them as SGLang's --ep
+does), one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype
+(default auto). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
 experts held]}, "loaded": [...],
 "params": {name: [dtype, shape, sha256 of its bytes after load_weights]}, "untouched": [parameters load_weights never

@@ -43,8 +43,9 @@ def warn_if_untested() -> None:
 
 
 def init_rank(server_args, tp: int, rank: int, ep: int, init_method: str):
-    """This process as rank `rank` of TP=tp (EP=ep) on gloo (meeting the others at init_method, torch's URL), SGLang's parallel groups and DP-attention state set up;
-    returns the ModelConfig (what engine_check's harness needs before building a model)."""
+    """This process as rank `rank` of TP=tp (EP=ep) on gloo (meeting the others at init_method, torch's URL), SGLang's
+    parallel groups and DP-attention state set up; returns the ModelConfig (what engine_check's harness needs before
+    building a model)."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
     from sglang.srt.layers.dp_attention import initialize_dp_attention
