@@ -577,9 +577,8 @@ def verify(directory: Path = typer.Argument(..., parser=_path, help="converted d
                 for r in runs), highlight=False, soft_wrap=True)
         mem = rep.memory
         if mem:
-            at = " ".join(f"{k}={v}" for k, v in parallel.named().items())
             out.print(f"memory: {mem['bytes']:,} bytes ({mem['vs_bf16']:.3f} × bf16), {mem['bits_per_weight']} bits/weight"
-                      f" in linears, {mem['bytes_per_rank']:,} bytes per rank at {at}; by format: "
+                      f" in linears, {mem['bytes_per_rank']:,} bytes per rank at {parallel.spelled()}; by format: "
                       + ", ".join(f"{k} {v:,}" for k, v in sorted(mem["by_format"].items()))
                       + (f"; {mem['mtp_bytes']:,} of the bytes are the MTP layer's, loaded only for speculative "
                          f"decoding" if "mtp_bytes" in mem else ""), highlight=False)

@@ -280,6 +280,10 @@ class Parallel:
                 **({"moe_dense_tp": self.dense_tp} if self.dense_tp is not None else {}),
                 **({"dp_lm_head": True} if self.dp_lm_head else {})}
 
+    def spelled(self, prefix: str = "") -> str:
+        """named() as reports write it: `tp=8 ep=8 dp=2` (prefix "built_for_": a manifest's claim)."""
+        return " ".join(f"{prefix}{k}={v}" for k, v in self.named().items())
+
     def ranks_splitting(self, role, model_type: str) -> int:
         """Over how many ranks SGLang splits a module that is not a routed expert (column, row or vocab parallel):
         the attention group (tp / dp) under DP attention (the lm_head too under --enable-dp-lm-head: ParallelLMHead's

@@ -401,7 +401,7 @@ def check_partitions(manifest: Manifest, linears: list[rules.Linear], rep: Repor
     built = manifest.built_for()
     if built == replace(parallel, dp_lm_head=False):  # moves no split: build does not take it
         return
-    claim = " ".join(f"built_for_{k}={v}" for k, v in built.named().items())
+    claim = built.spelled("built_for_")
     try:
         built.check()
     except UserError as e:
@@ -488,7 +488,7 @@ def verify(directory: Path, parallel: rules.Parallel = rules.Parallel(), hash_te
     progress = progress or Progress()
     rep = Report(str(directory), hashed=hash_tensors)
     rep.checks = ["structure" + ("" if hash_tensors else " (--fast: sha256 and NaN scan skipped)"), "manifest",
-                  "config", "scheme", " ".join(f"{k}={v}" for k, v in parallel.named().items())]
+                  "config", "scheme", parallel.spelled()]
     raw = (directory / MANIFEST).read_bytes()  # read once: 37 MB at DeepSeek-V3 size
     # The shards' headers first: the digests need nothing else, so a child process hashes every tensor on the other
     # core (forked.py) while the manifest is parsed and checked here; once it is, a second child checks every
