@@ -175,22 +175,23 @@ def _weight_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
 
 
 # ---- structure -------------------------------------------------------------------------------------------------
-def _shards(d: Path, rep: Report) -> tuple[dict[str, str], dict[str, TensorInfo], dict[str, str]]:
-    """The index's weight map, every tensor the shards hold (each header read strictly) and the shard of each."""
+def _shards(d: Path, rep: Report) -> tuple[dict[str, str] | None, dict[str, TensorInfo], dict[str, str]]:
+    """The index's weight map (None when it cannot be read: one finding says why), every tensor the shards hold (each
+    header read strictly) and the shard of each."""
     metadata = None
     try:
-        index = read_json(d / INDEX, "safetensors index")
+        index = read_json(d / INDEX, "safetensors index", strict=True)
         weight_map, metadata = index.get("weight_map"), index.get("metadata")
         if not is_weight_map(weight_map):
             raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names")
     except UserError as e:
         rep.add("structure", INDEX, str(e))
-        weight_map = {}
+        weight_map = None
     found: dict[str, TensorInfo] = {}
     shard_of: dict[str, str] = {}
     all_read = True
     on_disk = {p.name for p in d.glob("*.safetensors")}
-    for shard in sorted(set(weight_map.values()) | on_disk):
+    for shard in sorted(set((weight_map or {}).values()) | on_disk):
         p = d / shard
         if "/" in shard or shard.startswith(".."):
             rep.add("structure", INDEX, f"shard path {shard!r} escapes the directory")
@@ -234,7 +235,8 @@ def _check_total_size(metadata, found: dict[str, TensorInfo], rep: Report) -> No
                                                              f"tensors; restore the index or rebuild")
 
 
-def check_structure(manifest: Manifest, shards_read: tuple[dict[str, str], dict[str, TensorInfo], dict[str, str]],
+def check_structure(manifest: Manifest,
+                    shards_read: tuple[dict[str, str] | None, dict[str, TensorInfo], dict[str, str]],
                     rep: Report) -> None:
     """Every tensor of the manifest's table where the table and the index put it, as recorded (dtype, shape);
     nothing else in the shards. `shards_read`: what _shards found."""
@@ -243,6 +245,8 @@ def check_structure(manifest: Manifest, shards_read: tuple[dict[str, str], dict[
     names = table.name
     # the whole table compared at once (column against column); tensor by tensor only to say what differs
     recorded, expected = list(map(shards.__getitem__, table.shard)), set(names)
+    if weight_map is None:  # an index that cannot be read is one finding (_shards), not one more per tensor
+        weight_map = dict(zip(names, recorded))
     unexpected = found.keys() - expected
     indexed = list(map(weight_map.get, names)) == recorded  # every tensor in the index, where the table says
     if not (len(found) - len(unexpected) == len(expected) and indexed  # (found ⊇ expected, counted)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import copy, fails, write_recipe
+from helpers import build, copy, fails, write_recipe
 
 MPCONVERT = str(Path(sys.executable).parent / "mpconvert")  # the installed command: its own streams, its own exit
 
@@ -77,6 +77,27 @@ print(json.dumps([k for k in json.loads(f.read(n)) if k!='__metadata__']))"""]))
                                                                                   for k in keys}}))
     r = write_recipe(tmp_path, {**llama, "e": src}, {"e": "e"}, "e")
     fails(cli, tmp_path, r, match="escapes the checkpoint directory")
+
+
+@pytest.mark.parametrize("text", ['{"weight_map": {"a": NaN}}', '{"weight_map": {"a": "\\ud800"}}',
+                                  '{"weight_map": {}} trailing', '\ufeff{"weight_map": {}}', '{"weight_map": {"a"'])
+def test_an_index_that_is_not_json(text, llama, cli, tmp_path):
+    """The index is read as strict JSON (in C: 177k entries at DeepSeek-V3 size): what Python's json would accept
+    (NaN) or not (a lone surrogate, trailing text, a byte-order mark, a cut) is one line naming the file, in a
+    source and in a built directory."""
+    src = copy(llama["gptq"], tmp_path / "idx")
+    (src / "model.safetensors.index.json").write_text(text)
+    r = write_recipe(tmp_path, {**llama, "e": src}, {"e": "e"}, "e")
+    line = fails(cli, tmp_path, r, match="cannot parse safetensors index")
+    assert str(src / "model.safetensors.index.json") in line
+    out = tmp_path / "built"
+    build(cli, write_recipe(tmp_path, llama, {"q": "gptq"}, "q"), out)
+    (out / "model.safetensors.index.json").write_text(text)
+    r = cli("verify", out, "--json")
+    findings = json.loads(r.output)["findings"]
+    assert r.exit_code == 1 and len(findings) == 1, findings  # (not one more per tensor the index would place)
+    assert findings[0]["where"] == "model.safetensors.index.json"
+    assert "cannot parse safetensors index" in findings[0]["message"]
 
 
 def test_truncated_shard(llama, cli, tmp_path):
