@@ -1,6 +1,6 @@
 """The GPU proof, one part per run (see gpu/e2e.sh): build with mpconvert, serve with real SGLang, compare, report.
 
-Usage: driver.py dense|moe|experts|tp OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
+Usage: driver.py dense|moe|deepseek|mtp|experts|tp OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
 E2E_NO_CUSTOM_AR=1 starts TP=2 Engines with --disable-custom-all-reduce;
@@ -15,6 +15,7 @@ speed     (dense part) a 12-layer Llama-8B-shaped model synthesized in FP8, Int8
           3 layers of each: decode tokens/s (CUDA graphs on), load time and SGLang's weight memory per checkpoint.
 experts   expert-level mixed precision (issue 5) and the MoE GPTQ pair: see experts(); with E2E_SPEED=1 also the decode
           speed of mixed-experts layers on a Qwen3-30B-A3B-shaped synthetic model (experts_speed()).
+mtp       DeepSeek-V3 with its MTP layer served with speculative decoding (NEXTN): see mtp().
 tp        TP=2 / EP=2 vs TP=1 greedy identity of mixed checkpoints of taught models (tp_identity()); with E2E_SPEED=1
           also experts_speed().
 Results: OUT/results.json, OUT/report.md (also printed), OUT/logs.tar.xz (every Engine's log).
@@ -152,9 +153,11 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
     return r
 
 
-def served(label: str, path: Path, port: int = 30555, timeout: int = 300, dtype: str = "auto") -> dict:
+def served(label: str, path: Path, port: int = 30555, timeout: int = 300, dtype: str = "auto",
+           extra: tuple[str, ...] = ()) -> dict:
     """`mpconvert serve DIR -- ARGS` (i.e. `python -m sglang.launch_server --model-path DIR`, no mpconvert flag): wait
-    for /health, send the fixed prompts to /generate, shut it down. Same fields as an Engine run, to compare."""
+    for /health, send the fixed prompts to /generate, shut it down. Same fields as an Engine run, to compare. `extra`:
+    more launch_server arguments (speculative decoding's)."""
     import urllib.request
 
     sys.path.insert(0, str(HERE))
@@ -166,7 +169,8 @@ def served(label: str, path: Path, port: int = 30555, timeout: int = 300, dtype:
         return {"ok": False, "error": "dry run or out of time budget"}
     args = ["--host", "127.0.0.1", "--port", str(port), "--attention-backend", "triton", "--sampling-backend",
             "pytorch", "--grammar-backend", "none", "--skip-tokenizer-init", "--disable-cuda-graph",
-            "--mem-fraction-static", "0.1", "--max-total-tokens", "2048", "--log-level", "info", "--dtype", dtype]
+            "--mem-fraction-static", "0.1", "--max-total-tokens", "2048", "--log-level", "info", "--dtype", dtype,
+            *extra]
     cmd = [sys.executable, "-m", "mpconvert.cli.main", "serve", str(path), "--", *args]
     t = time.time()
     r: dict = {"ok": False, "command": cmd}
@@ -312,6 +316,65 @@ EXPERTS_GPTQ_MIXED = """
 - {match: "mlp.experts.*", layers: 1, experts: "6-7", source: ct-fp8-block}
 - {match: "self_attn.*", source: ct-w8a8}
 """  # default gptq: layer 0 experts 4-7, layer 1 experts 2-5 (the model runs in fp16: GPTQ MoE on Marlin needs it)
+
+
+# DeepSeek-V3 with one MTP layer (layer 2: fixtures/mtp.py) at the real MLA sizes. FP8-block MLA attention but a bf16
+# kv_b_proj (the model runs fp16 for its GPTQ experts: rules.dtype_problems), the dense MLP and the shared experts FP8,
+# the routed experts GPTQ but 0-3 FP8 — in the MTP layer too, which the NextN draft model serves.
+MTP_MIXED = """
+- {match: "self_attn.kv_b_proj", source: base}
+- {match: "self_attn.*", source: ct-fp8-block}
+- {match: "mlp.*", layers: 0, source: ct-fp8-block}
+- {match: "mlp.shared_experts.*", source: ct-fp8-block}
+- {match: "mlp.experts.*", experts: "0-3", source: ct-fp8-block}
+"""
+# SGLang's DeepSeek MTP: the draft is the same directory's MTP layer (DeepseekV3ForCausalLMNextN), two draft steps
+NEXTN = {"speculative_algorithm": "NEXTN", "speculative_num_steps": 2, "speculative_eagle_topk": 1,
+         "speculative_num_draft_tokens": 3}
+NEXTN_ARGS = tuple(a for k, v in NEXTN.items() for a in (f"--{k.replace('_', '-')}", str(v)))
+
+
+def spec_compare(plain: dict, spec: dict) -> dict:
+    """Greedy tokens with speculative decoding against the same model without it (the target model verifies every
+    drafted token, so they agree up to the arithmetic of verifying several tokens at once), and the tokens each
+    verify step gave (the draft's acceptance: 1 when no drafted token is ever taken)."""
+    if not (plain.get("ok") and spec.get("ok")):
+        return {"same_tokens": None, "why": "a run failed"}
+    pairs = list(zip(plain["outputs"], spec["outputs"]))
+    first = [next((i for i, (p, q) in enumerate(zip(x["ids"], y["ids"])) if p != q), None) for x, y in pairs]
+    steps = [y.get("spec_verify_ct") for _, y in pairs]
+    tokens = sum(len(y["ids"]) for _, y in pairs)
+    return {"same_tokens": all(f is None for f in first), "first_difference": first,
+            "tokens_per_verify_step": round(tokens / sum(steps), 3) if all(steps) else None}
+
+
+def mtp(meta: dict, res: dict) -> None:
+    """Speculative decoding (NEXTN) of mpconvert builds of a DeepSeek-V3 with its MTP layer: the mixed build (fp16)
+    and the pure FP8-block build (bf16), each with and without it (greedy tokens must agree); the FP8-block source
+    itself with it (its pure build must answer identically); and the mixed build with it through launch_server
+    (`mpconvert serve`), which must answer as its Engine does."""
+    fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
+    base, fp8 = fx["base"], fx["ct-fp8-block"]
+    built = {"mixed": build("mtp-mixed", base, {"ct-fp8-block": fp8, "gptq": fx["gptq"]}, "gptq", MTP_MIXED),
+             "pure-fp8": build("mtp-pure-fp8", base, {"ct-fp8-block": fp8}, "ct-fp8-block")}
+    m = load_manifest(built["mixed"])[0]
+    res["mixed_formats"] = sorted({u.format for u in m.units.values()})
+    res["mtp_layer_units"] = {n: u.format for n, u in m.units.items() if n.startswith("model.layers.2.")}
+    mixed = {"path": str(built["mixed"]), "dtype": "float16"}
+    pure = {"path": str(built["pure-fp8"])}
+    jobs = {"mixed": mixed, "mixed-nextn": {**mixed, "speculative": NEXTN}, "pure-fp8": pure,
+            "pure-fp8-nextn": {**pure, "speculative": NEXTN}, "source-fp8-nextn": {"path": str(fp8), "speculative": NEXTN}}
+    runs = run_all(jobs, par=int(os.environ.get("E2E_PAR", "8")))
+    runs["mixed-nextn-server"] = served("mixed-nextn-server", built["mixed"], dtype="float16", extra=NEXTN_ARGS)
+    res["runs"] = runs
+    missing = {"ok": False, "error": "not run"}
+    get = lambda k: runs.get(k, missing)  # noqa: E731
+    res["vs_bf16"] = {}
+    res["spec_vs_plain"] = {k: spec_compare(get(k), get(f"{k}-nextn")) for k in ("mixed", "pure-fp8")}
+    res["identity"] = {"ct-fp8-block source = pure build, both NEXTN": identical(get("source-fp8-nextn"),
+                                                                                 get("pure-fp8-nextn")),
+                       "mixed NEXTN: launch_server = Engine": identical(get("mixed-nextn"), get("mixed-nextn-server"))}
+    res["tp2_vs_tp1"] = "not run (one GPU)"
 
 
 def split_groups(d: Path) -> None:
@@ -782,6 +845,9 @@ def summarize(part: str, res: dict) -> str:
             verdict = {True: "IDENTICAL", False: "DIFFERENT", None: "NOT MEASURED"}[c.get("identical")]
             L.append(f"| {k} | {verdict} {c} |")
         L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
+        if "spec_vs_plain" in res:
+            L += [f"- speculative decoding (NEXTN) vs without, {k}: {v}" for k, v in res["spec_vs_plain"].items()]
+            L += [f"- the MTP layer's units in the mixed build: {res['mtp_layer_units']}", ""]
     if part == "experts" and "runs" in res:
         L += ["## Expert-level mixed precision (tiny Qwen3-MoE, 8 experts, top-2, real quantizer outputs)", ""]
         L += [f"- {name}: {units}" for name, units in res["mixed_units"].items()] + [""] + runs_table(res)
@@ -833,7 +899,7 @@ def main(part: str, out: Path) -> None:
     moe_speed = part in ("experts", "tp")  # these parts' speed run is the mixed-experts one
     try:
         if os.environ.get("E2E_FIDELITY", "1") == "1":
-            {"experts": experts, "tp": tp_identity}.get(part, lambda m, r: fidelity(part, m, r))(meta, res)
+            {"experts": experts, "tp": tp_identity, "mtp": mtp}.get(part, lambda m, r: fidelity(part, m, r))(meta, res)
         json.dump(res, open(out / "results.json", "w"), indent=1)
         if os.environ.get("E2E_SPEED") == "1":
             (experts_speed if moe_speed else speed)(meta, res)

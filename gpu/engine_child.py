@@ -2,7 +2,8 @@
 
 Usage: engine_child.py SPEC_JSON. SPEC: {"path", "tp", "ep", "gpu", "dtype", "quantization",
 "mode": "fidelity"|"speed"|"load", "cuda_graph": bool, "batch_sizes": [1, 8], "ar_fusion": bool, "dump": DIR (MoE
-blocks' inputs/outputs), "stacks": S (thread stacks after S seconds)}. Run by gpu/driver.py; SGLang spawns its
+blocks' inputs/outputs), "stacks": S (thread stacks after S seconds), "speculative": {Engine arguments, e.g.
+speculative_algorithm: NEXTN}}. Run by gpu/driver.py; SGLang spawns its
 scheduler per Engine, so each Engine gets a process.
 """
 import json
@@ -18,11 +19,13 @@ def prompts(n=4, length=32, vocab=1000, seed=0):
 
 
 def pack_outputs(r: list[dict]) -> list[dict]:
-    """What the driver compares, from a generate answer (Engine or HTTP /generate: the same fields)."""
+    """What the driver compares, from a generate answer (Engine or HTTP /generate: the same fields); with speculative
+    decoding also how many verify steps produced the tokens (SGLang's spec_verify_ct)."""
     return [{"ids": x["output_ids"],
              "top": [[[round(lp, 5), tid] for lp, tid, *_ in step] for step in x["meta_info"]["output_top_logprobs"]],
              "input_lp": [None if lp is None else round(lp, 5) for lp, *_ in x["meta_info"]["input_token_logprobs"]],
-             "input_top1": [None if not step else step[0][1] for step in x["meta_info"]["input_top_logprobs"]]}
+             "input_top1": [None if not step else step[0][1] for step in x["meta_info"]["input_top_logprobs"]],
+             **({"spec_verify_ct": x["meta_info"]["spec_verify_ct"]} if x["meta_info"].get("spec_verify_ct") else {})}
             for x in r]
 
 
@@ -55,6 +58,7 @@ def main(spec: dict) -> dict:
         kw["nccl_port"] = spec["nccl_port"]
     if spec.get("quantization"):
         kw["quantization"] = spec["quantization"]
+    kw.update(spec.get("speculative", {}))
     t1 = time.time()
     e = sgl.Engine(**kw)
     load_s = time.time() - t1

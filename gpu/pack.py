@@ -1,6 +1,6 @@
 """Stage what one GPU run needs into the ignored folder .gpu/ (carried by the device tool; 64 MiB in all).
 
-Usage: .venv/bin/python gpu/pack.py dense|moe|deepseek|experts|tp [SHARED_GPU_DIR] [--no-site]
+Usage: .venv/bin/python gpu/pack.py dense|moe|deepseek|mtp|experts|tp [SHARED_GPU_DIR] [--no-site]
 
 GPU_STAGE=.gpu-p2 stages into another ignored folder (carry it, and pass the same GPU_STAGE to gpu/e2e.sh), so that
 two parts can run back to back on one warm machine; --no-site leaves SGLang out for such a second call (the first
@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
 from fixtures.factory import deepseek_mla, fixture  # noqa: E402
+from fixtures.mtp import with_mtp_layer  # noqa: E402
 from mpconvert.sources import open_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,9 @@ PARTS = {
     # DeepSeek-V2 (MLA attention, a dense first layer, shared + routed experts) at the real models' MLA sizes
     # (fixtures/deepseek_mla.py: SGLang's GPU attention does not run the CPU tests' kv_lora_rank 128)
     "deepseek": [("deepseek-mla", ("base", "ct-fp8-block", "ct-w8a8", "gptq"), "")],
+    # the same as DeepSeek-V3 checkpoints with one multi-token-prediction layer (fixtures/mtp.py), for speculative
+    # decoding (NEXTN)
+    "mtp": [("deepseek-mla-mtp", ("base", "ct-fp8-block", "gptq"), "")],
     "tp": [("llama-taught", ("base", "ct-fp8-static", "ct-w8a8", "gptq", "awq"), "llama"),
            ("qwen3moe-taught", ("base", "ct-fp8-block", "ct-w8a8"), "moe")],
 }
@@ -80,6 +84,8 @@ UNUSED_KERNELS = {"dense": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
                   # GPTQ only in the mixed model's experts (fp16; MLA projections cannot be GPTQ), no AWQ
                   "deepseek": ("gptq_marlin_bf16_t", "gptq_marlin_fp16_t", "moe_wna16_marlin_bf16_t",
                                "moe_wna16_marlin_fp16_t_true", "awq_marlin_repack"),
+                  "mtp": ("gptq_marlin_bf16_t", "gptq_marlin_fp16_t", "moe_wna16_marlin_bf16_t",
+                          "moe_wna16_marlin_fp16_t_true", "awq_marlin_repack"),
                   # bf16 only (dense GPTQ/AWQ on Marlin, MoE on Triton); its static FP8 still runs an fp16 kernel
                   "tp": ("moe_wna16_marlin", "gptq_marlin_fp16_t", "activation_fp16_t", "custom_all_reduce_fp16_t",
                          "fused_rope_true_64_true_fp16_t", "per_token_group_quant_fp16_t", "qknorm_64_true_fp16_t")}
@@ -125,14 +131,18 @@ def main(part: str, shared: Path, site: bool = True) -> None:
         slim_site(shared / "sglang-0.5.17-site.tar.xz", STAGE / "sglang-0.5.17-site.tar.xz")
     elif site:
         shutil.copy(shared / "sglang-0.5.17-site.tar.xz", STAGE)
+    scratch = tempfile.TemporaryDirectory()
     for arch, kinds, folder in PARTS[part]:
         for kind in kinds:
-            src = deepseek_mla(kind) if arch == "deepseek-mla" else fixture(arch, kind)
+            src = deepseek_mla(kind) if arch.startswith("deepseek-mla") else fixture(arch, kind)
+            if arch.endswith("-mtp"):
+                src = with_mtp_layer(src, Path(scratch.name) / kind)
             dst = STAGE / "fixtures" / folder / kind
             dst.mkdir(parents=True)
             for f in KEEP:
                 if (src / f).exists():
                     shutil.copy(src / f, dst / f)
+    scratch.cleanup()
     subprocess.run(f"tar -C {STAGE} -cf - fixtures | xz -6 -T4 > {STAGE}/fixtures.tar.xz", shell=True, check=True)
     shutil.rmtree(STAGE / "fixtures")
     sets = {folder: list(kinds) for _, kinds, folder in PARTS[part]}

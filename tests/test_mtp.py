@@ -18,44 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fixtures.mtp import with_mtp_layer
 from helpers import build, fails, refused, write_recipe
 from mpconvert.checkpoint import Checkpoint
 from mpconvert.engine import run_ranks
 from mpconvert.layout import config_problems
 
 MTP_ONLY = ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens")
-
-
-def with_mtp_layer(src: Path, dst: Path, drop_mtp: bool = False, fp8_eh_proj: bool = False) -> Path:
-    """`src` (a tiny DeepSeek-V2 fixture) as a DeepSeek-V3 checkpoint with one MTP layer (or none, config.json still
-    announcing it, as transformers saves V3). fp8_eh_proj: eh_proj in FP8 (dense layer 0's down_proj, whose shape it
-    shares), as no producer should write it."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    n, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
-    cfg.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], num_nextn_predict_layers=1)
-    ignore = (cfg.get("quantization_config") or {}).get("ignore")
-    if isinstance(ignore, list):  # what llm-compressor would have left unquantized there
-        ignore += [f"model.layers.{n}.mlp.gate"] + ([] if fp8_eh_proj else [f"model.layers.{n}.eh_proj"])
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    if drop_mtp:
-        return dst
-    t = load_file(dst / "model.safetensors")
-    last = f"model.layers.{n - 1}."
-    t.update({k.replace(last, f"model.layers.{n}.", 1): v.clone() for k, v in t.items() if k.startswith(last)})
-    g = torch.Generator().manual_seed(n)
-    mtp = f"model.layers.{n}."
-    for norm in ("enorm", "hnorm", "shared_head.norm"):
-        t[f"{mtp}{norm}.weight"] = (1 + 0.1 * torch.randn(hidden, generator=g)).to(torch.bfloat16)
-    t[f"{mtp}eh_proj.weight"] = (0.02 * torch.randn(hidden, 2 * hidden, generator=g)).to(torch.bfloat16)
-    if fp8_eh_proj:
-        del t[f"{mtp}eh_proj.weight"]
-        for suffix in ("weight", "weight_scale"):
-            t[f"{mtp}eh_proj.{suffix}"] = t[f"model.layers.0.mlp.down_proj.{suffix}"].clone()
-    t[f"{mtp}shared_head.head.weight"] = t["lm_head.weight"].clone()
-    t[f"{mtp}embed_tokens.weight"] = t["model.embed_tokens.weight"].clone()
-    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
