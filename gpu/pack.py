@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import deepseek_mla, fixture  # noqa: E402
+from fixtures.factory import DEEPSEEK_MTP, deepseek_mla, fixture  # noqa: E402
 from fixtures.mtp import with_mtp_layer  # noqa: E402
 from mpconvert.sources import open_source
 
@@ -45,9 +45,9 @@ PARTS = {
     # DeepSeek-V2 (MLA attention, a dense first layer, shared + routed experts) at the real models' MLA sizes
     # (fixtures/deepseek_mla.py: SGLang's GPU attention does not run the CPU tests' kv_lora_rank 128)
     "deepseek": [("deepseek-mla", ("base", "ct-fp8-block", "ct-w8a8", "gptq"), "")],
-    # the same as DeepSeek-V3 checkpoints with one multi-token-prediction layer (fixtures/mtp.py), for speculative
-    # decoding (NEXTN)
-    "mtp": [("deepseek-mla-mtp", ("base", "ct-fp8-block", "gptq"), "")],
+    # the same at hidden_size 512 (fixtures/deepseek_mtp.py says why) as DeepSeek-V3 checkpoints with one
+    # multi-token-prediction layer (fixtures/mtp.py), for speculative decoding (NEXTN)
+    "mtp": [("deepseek-mtp", ("base", "ct-fp8-block", "gptq"), "")],
     "tp": [("llama-taught", ("base", "ct-fp8-static", "ct-w8a8", "gptq", "awq"), "llama"),
            ("qwen3moe-taught", ("base", "ct-fp8-block", "ct-w8a8"), "moe")],
 }
@@ -134,9 +134,8 @@ def main(part: str, shared: Path, site: bool = True) -> None:
     scratch = tempfile.TemporaryDirectory()
     for arch, kinds, folder in PARTS[part]:
         for kind in kinds:
-            src = deepseek_mla(kind) if arch.startswith("deepseek-mla") else fixture(arch, kind)
-            if arch.endswith("-mtp"):
-                src = with_mtp_layer(src, Path(scratch.name) / kind)
+            src = deepseek_mla(kind) if arch == "deepseek-mla" else fixture(arch, kind) if arch != "deepseek-mtp" \
+                else with_mtp_layer(deepseek_mla(kind, script=DEEPSEEK_MTP), Path(scratch.name) / kind)
             dst = STAGE / "fixtures" / folder / kind
             dst.mkdir(parents=True)
             for f in KEEP:
