@@ -349,8 +349,9 @@ def spec_compare(plain: dict, spec: dict) -> dict:
 
 
 def mtp(meta: dict, res: dict) -> None:
-    """Speculative decoding (NEXTN) of mpconvert builds of a DeepSeek-V3 with its MTP layer: the mixed build (fp16)
-    and the pure FP8-block build (bf16), each with and without it (greedy tokens must agree); the FP8-block source
+    """Speculative decoding (NEXTN) of mpconvert builds of a DeepSeek-V3 with its MTP layer: the bf16 base, the mixed
+    build (fp16) and the pure FP8-block build (bf16), each with and without it (greedy tokens agree up to near-ties:
+    spec_compare); every run's teacher-forced logprobs against the bf16 base's; the FP8-block source
     itself with it (its pure build must answer identically); and the mixed build with it through launch_server
     (`mpconvert serve`), which must answer as its Engine does."""
     fx = {k: WORK / "fixtures" / k for k in meta["kinds"]}
@@ -362,15 +363,16 @@ def mtp(meta: dict, res: dict) -> None:
     res["mtp_layer_units"] = {n: u.format for n, u in m.units.items() if n.startswith("model.layers.2.")}
     mixed = {"path": str(built["mixed"]), "dtype": "float16"}
     pure = {"path": str(built["pure-fp8"])}
-    jobs = {"mixed": mixed, "mixed-nextn": {**mixed, "speculative": NEXTN}, "pure-fp8": pure,
+    jobs = {"bf16": {"path": str(base)}, "bf16-nextn": {"path": str(base), "speculative": NEXTN},
+            "mixed": mixed, "mixed-nextn": {**mixed, "speculative": NEXTN}, "pure-fp8": pure,
             "pure-fp8-nextn": {**pure, "speculative": NEXTN}, "source-fp8-nextn": {"path": str(fp8), "speculative": NEXTN}}
     runs = run_all(jobs, par=int(os.environ.get("E2E_PAR", "8")))
     runs["mixed-nextn-server"] = served("mixed-nextn-server", built["mixed"], dtype="float16", extra=NEXTN_ARGS)
     res["runs"] = runs
     missing = {"ok": False, "error": "not run"}
     get = lambda k: runs.get(k, missing)  # noqa: E731
-    res["vs_bf16"] = {}
-    res["spec_vs_plain"] = {k: spec_compare(get(k), get(f"{k}-nextn")) for k in ("mixed", "pure-fp8")}
+    res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16"}
+    res["spec_vs_plain"] = {k: spec_compare(get(k), get(f"{k}-nextn")) for k in ("bf16", "mixed", "pure-fp8")}
     res["identity"] = {"ct-fp8-block source = pure build, both NEXTN": identical(get("source-fp8-nextn"),
                                                                                  get("pure-fp8-nextn")),
                        "mixed NEXTN: launch_server = Engine": identical(get("mixed-nextn"), get("mixed-nextn-server"))}
