@@ -15,6 +15,7 @@ from .errors import UserError
 from .formats import FORMATS, READERS, Scheme
 from .formats.unquantized import UNQUANTIZED
 from .layout import EXTRA_TENSORS, module_renamer
+from .manifest import QUANT_METHOD
 from .safetensors_io import TensorInfo
 
 # Every tensor suffix a module may carry in a supported format (each format lists its own); anything else is refused
@@ -63,7 +64,7 @@ def _producer(qc: dict | None) -> str:
     return str(qc.get("quant_method") or "auto-gptq")
 
 
-def _reader(qc, where: str):
+def _reader(qc, where: str, base: bool = False):
     """The reader of this source's config and its parsed config: (None, None) for an unquantized checkpoint."""
     if not qc:
         return None, None
@@ -73,6 +74,12 @@ def _reader(qc, where: str):
     if not isinstance(method, str):
         raise UserError(f"{where}: quantization_config.quant_method must be a string, got {method!r}")
     reader = READERS.get(method.lower())
+    if method.lower() == QUANT_METHOD:  # a user mixing again from an earlier output
+        fix = ("point base at the bf16/fp16 checkpoint it was built from (its manifest's sources.base)" if base else
+               "take its modules from the checkpoints it was built from (its manifest's sources), or build it with "
+               "`--to compressed-tensors`, which reads as any compressed-tensors source")
+        raise UserError(f"{where}: is an mpconvert output in its own layout (served through the runtime shim), which "
+                        f"mpconvert does not read back; {fix}")
     if reader is None:
         raise UserError(f"{where}: quant_method {method.lower()!r} is not supported (supported: "
                         f"{', '.join(sorted(READERS))}, or none)")
@@ -99,7 +106,7 @@ def source_of(label: str, ck: Checkpoint, model_type: str) -> Source:
     experts)."""
     where = f"source {label!r} ({ck.path})" if label != "base" else f"base ({ck.path})"
     qc = ck.quantize_config
-    reader, config = _reader(qc, where)
+    reader, config = _reader(qc, where, label == "base")
     grouped: dict[str, dict[str, TensorInfo]] = {}
     # split column by column (C loops over 400k names at DeepSeek-V3 size); Python only to group them
     parts = list(map(str.rpartition, ck.tensors, repeat(".")))

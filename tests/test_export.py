@@ -196,3 +196,26 @@ def test_a_quantized_lm_head_is_refused_for_export():
                                                        "members": ["lm_head"]}},
                                    ModelInfo("llama", 2, 4, 4, 0))
     assert "lm_head is quantized" in problem.message and "take lm_head from the base" in problem.message
+
+
+def test_an_output_mixed_again(dense_ct, llama, cli, tmp_path):
+    """A user mixing again from an earlier output: an export (--to compressed-tensors) reads as any compressed-tensors
+    source, each module's bytes as the export holds them; an output in mpconvert's own layout is refused as a source
+    and as the base, each with its fix."""
+    export, m = dense_ct
+    out = tmp_path / "again"
+    again = build(cli, write_recipe(tmp_path, {**llama, "again": export}, {"again": "again"}, "again"), out)
+    assert again["sources"]["again"]["kind"] == "compressed-tensors"
+    digest = {t["name"]: t["sha256"] for mod in m["modules"].values() for t in mod["tensors"].values()}
+    linears = [mod for name, mod in again["modules"].items() if mod["kind"] == "linear"]
+    assert linears and all(t["sha256"] == digest[t.get("renamed_from", t["name"])] for mod in linears
+                           for t in mod["tensors"].values())
+    assert cli("verify", out).exit_code == 0
+    own = tmp_path / "own"
+    build(cli, write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq"), own)
+    text = fails(cli, tmp_path, write_recipe(tmp_path, {**llama, "own": own}, {"own": "own"}, "own"),
+                 match="is an mpconvert output in its own layout")
+    assert "--to compressed-tensors" in text
+    text = fails(cli, tmp_path, write_recipe(tmp_path, {**llama, "base": own}, {"gptq": "gptq"}, "gptq"),
+                 match="is an mpconvert output in its own layout")
+    assert "sources.base" in text
