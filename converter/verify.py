@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import os
 from dataclasses import asdict, dataclass, field, replace
 from itertools import compress
 from pathlib import Path
@@ -180,10 +181,14 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str] | None, dict[str, Tens
     header read strictly) and the shard of each."""
     metadata = None
     try:
+        if not os.path.lexists(d / INDEX):
+            raise UserError(f"{d / INDEX}: missing (build writes it: loaders find the shards through it); restore it "
+                            f"or rebuild")
         index = read_json(d / INDEX, "safetensors index", strict=True)
         weight_map, metadata = index.get("weight_map"), index.get("metadata")
         if not is_weight_map(weight_map):
-            raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names")
+            raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names; restore the index "
+                            f"or rebuild")
     except UserError as e:
         rep.add("structure", INDEX, str(e))
         weight_map = None
@@ -295,8 +300,11 @@ def _structure_findings(manifest: Manifest, weight_map: dict[str, str], found: d
     for module, m in manifest.modules.items():
         for t in m.tensors.values():
             name, info = t.name, found.get(t.name)
-            if weight_map.get(name) != t.shard:
-                rep.add("structure", name, f"index places it in {weight_map.get(name)!r}, the manifest in {t.shard!r}")
+            if name not in weight_map:
+                rep.add("structure", name, f"not in the index ({INDEX}), the manifest places it in {t.shard}; restore "
+                                           f"the index or rebuild")
+            elif weight_map[name] != t.shard:
+                rep.add("structure", name, f"index places it in {weight_map[name]!r}, the manifest in {t.shard!r}")
             if info is None:
                 rep.add("structure", name, f"missing from the shards (manifest: {module}, {t.shard})")
                 continue

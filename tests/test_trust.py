@@ -577,6 +577,35 @@ def test_verify_reports_a_broken_manifest_as_a_finding(case, built, cli, tmp_pat
     assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
 
 
+INDEX_EDITS = {  # each: what happens to the index, and what the one finding says
+    "gone": (None, "model.safetensors.index.json", "missing (build writes it"),
+    "not JSON": (lambda d: "{", "model.safetensors.index.json", "cannot parse safetensors index"),
+    "a weight_map that is a list": (lambda d: {**d, "weight_map": list(d["weight_map"])},
+                                    "model.safetensors.index.json", "weight_map must map tensor names"),
+    "a tensor left out": (lambda d: {**d, "weight_map": dict(list(d["weight_map"].items())[1:])},
+                          "lm_head.weight", "not in the index (model.safetensors.index.json), the manifest places"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_EDITS))
+def test_an_index_that_fails_is_one_finding_with_its_fix(case, built, cli, tmp_path):
+    """The index unreadable or short of a tensor: one finding, naming the file (or the tensor) and the fix — not one
+    more per tensor it would have placed, nor a message written for sources ("point the recipe at …")."""
+    edit, where, match = INDEX_EDITS[case]
+    d = copy(built, tmp_path / "d")
+    p = d / "model.safetensors.index.json"
+    if edit is None:
+        p.unlink()
+    else:
+        new = edit(json.loads(p.read_text()))
+        p.write_text(new if isinstance(new, str) else json.dumps(new))
+    r = cli("verify", d, "--json")
+    assert r.exit_code == 1, r.output
+    (f,) = json.loads(r.stdout)["findings"]
+    assert (f["check"], f["where"]) == ("structure", where) and match in f["message"], f
+    assert "restore" in f["message"] or "fix or re-save" in f["message"], f
+
+
 @pytest.mark.parametrize("where", ["the whole file", "a value of the recipe", "a count"])
 def test_a_manifest_nested_past_any_reader_is_a_finding(where, built, cli, tmp_path):
     """JSON nested 100,000 deep — the whole manifest, inside a free-form value, in place of a count — made the
