@@ -181,7 +181,7 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str] | None, dict[str, Tens
     header read strictly) and the shard of each."""
     metadata = None
     try:
-        if not os.path.lexists(d / INDEX):
+        if not os.path.exists(d / INDEX):  # (a link to nothing too)
             raise UserError(f"{d / INDEX}: missing (build writes it: loaders find the shards through it); restore it "
                             f"or rebuild")
         index = read_json(d / INDEX, "safetensors index", strict=True)
