@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS
 from .layout import role_of
-from .numeric import dequantize, rel_error, token_kl
+from .numeric import dequantize, read_text, rel_error, token_kl
 from .safetensors_io import TensorInfo, load_tensor
 
 # AWQ fold consistency: the per-input-channel scale s AWQ moved into a consumer (least squares of Ŵ against W,
@@ -247,10 +247,7 @@ def text_check(base: Path, base_model, model, text: Path, thresholds: dict, rep)
     import torch
     from transformers import AutoTokenizer
 
-    try:
-        words = text.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--text {text}: cannot read it as UTF-8 text ({e})") from None
+    words = read_text("--text", text)
     tok = AutoTokenizer.from_pretrained(base)
     ids = tok(words, return_tensors="pt", add_special_tokens=False).input_ids[0][:TEXT_MAX_TOKENS]
     if ids.numel() < 16:

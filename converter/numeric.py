@@ -1,7 +1,10 @@
 """Reference dequantization of any module of any checkpoint, through its format module (one place for the math)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from .checkpoint import Checkpoint
+from .errors import UserError
 from .formats import FORMATS, Scheme
 from .safetensors_io import load_tensor
 
@@ -31,3 +34,19 @@ def token_kl(base_logp, logp, base_p=None):
     definition plan's measurements, its evaluation and verify --text share. base_p: base_logp.exp(), when the caller
     keeps it across many calls."""
     return ((base_logp.exp() if base_p is None else base_p) * (base_logp - logp)).sum(-1)
+
+
+def read_text(option: str, path) -> str:
+    """The text a measuring option names (plan's --calib, verify's --text): UTF-8, whatever the locale; else one line
+    saying what the path is instead."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{option} {path}: no such file; give a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise UserError(f"{option} {path}: is a directory; give a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{option} {path}: cannot read it as UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 "
+                        f"text file") from None
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot read it ({e.strerror}); check the path and permissions") from None

@@ -17,7 +17,7 @@ from .errors import UserError
 from .formats import FORMATS
 from .formats.base import Format
 from .layout import role_of
-from .numeric import dequantize, token_kl
+from .numeric import dequantize, read_text, token_kl
 from .plan import Inputs
 from .safetensors_io import load_tensor
 
@@ -29,12 +29,7 @@ def calibration_ids(base: Path, files: list[Path], tokens: int):
     """The first `tokens` tokens of the calibration files (concatenated), as [n, SEQ_LEN] windows."""
     from transformers import AutoTokenizer
 
-    words = []
-    for f in files:
-        try:
-            words.append(Path(f).read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--calib {f}: cannot read it as UTF-8 text ({e})") from None
+    words = [read_text("--calib", f) for f in files]
     tok = AutoTokenizer.from_pretrained(base)
     ids = tok("\n\n".join(words), return_tensors="pt", add_special_tokens=False).input_ids[0][:tokens]
     if ids.numel() < MIN_TOKENS:

@@ -161,7 +161,8 @@ def test_plan_refuses_bad_inputs(cli, llama, tmp_path):
     refused(cli("plan", src, "--budget", "0.7x", "--calib", empty, "-o", out), "plan needs at least 64")
     refused(cli("plan", src, "--budget", "0.7x", "--calib", tiny, "-o", out), "plan needs at least 64")
     refused(cli("plan", src, "--budget", "0.7x", "--calib", binary, "-o", out), "cannot read it as UTF-8")
-    refused(cli("plan", src, "--budget", "0.7x", "--calib", tmp_path / "nope.txt", "-o", out), "cannot read")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", tmp_path / "nope.txt", "-o", out), "nope.txt: no such file")
+    refused(cli("plan", src, "--budget", "0.7x", "--calib", tmp_path, "-o", out), "is a directory")
     refused(cli("plan", src, "--budget", "0.7x", "--calib", calib, "-o", out, "--calib-tokens", 10), "give 64 to")
     only_base = _sources(tmp_path, llama, {"copy": "base"})  # a "source" that quantizes nothing
     refused(cli("plan", only_base, "--budget", "0.9x", "--calib", calib, "-o", out), "no source can serve")
