@@ -320,6 +320,7 @@ def load_recipe(path: Path, sources_only: bool = False) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    _check_written_out(data, path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping with keys base, sources, default, rules")
     if sources_only:
@@ -332,6 +333,43 @@ def load_recipe(path: Path, sources_only: bool = False) -> Recipe:
         raise UserError(f"{path}: {_first_problem(e)}") from None
     recipe._dir = path.resolve().parent
     return recipe
+
+
+MAX_RECIPE_VALUES = 1_000_000  # a recipe listing every expert of every layer of DeepSeek-V3 one by one: ~16k
+
+
+class _SelfReference(Exception):
+    pass
+
+
+def _check_written_out(data, path: Path) -> None:
+    """A recipe as YAML aliases write it out (`*name` is the value `&name` marks, shared, not copied): an alias of an
+    alias of … is a few lines and billions of values — a build that validated it ran for minutes and took 8 GB
+    before it was stopped — and an alias inside its own value never ends. Counted once per shared value."""
+    counted: dict[int, int] = {}
+
+    def values(x, open_: set) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        if id(x) in counted:
+            return counted[id(x)]
+        if id(x) in open_:
+            raise _SelfReference
+        open_.add(id(x))
+        n = 1 + sum(values(v, open_) for v in (x if isinstance(x, list) else [*x.keys(), *x.values()]))
+        open_.discard(id(x))
+        counted[id(x)] = n
+        return n
+
+    try:
+        n = values(data, set())
+    except _SelfReference:
+        raise UserError(f"{path}: a YAML alias (*name) inside the value it names never ends; write the value out")
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe") from None
+    if n > MAX_RECIPE_VALUES:
+        raise UserError(f"{path}: with its YAML aliases (*name) written out, the recipe has {n:,} values (more than "
+                        f"{MAX_RECIPE_VALUES:,}); a recipe is a few rules — write them without nesting aliases")
 
 
 def _is_union_tag(x) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build, copy, fails, write_recipe
+from helpers import build, copy, fails, refused, write_recipe
 
 MPCONVERT = str(Path(sys.executable).parent / "mpconvert")  # the installed command: its own streams, its own exit
 
@@ -25,6 +25,31 @@ def test_recipe_invalid_yaml(cli, tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("base: [unclosed\n")
     fails(cli, tmp_path, p, match="invalid YAML")
+
+
+BILLION_LAUGHS = "".join(f"{a}: &{a} [{', '.join([f'*{p}' if p else '1'] * 9)}]\n"
+                         for p, a in zip(["", *"abcdefgh"], "abcdefghi"))
+
+
+@pytest.mark.parametrize("text, match", [
+    (BILLION_LAUGHS + "base: x\nsources: {x: *i}\ndefault: x\n", "the recipe has 926,177,121 values (more than 1,000,000)"),
+    ("base: x\nsources: &s {x: *s}\ndefault: x\n", "inside the value it names never ends"),
+    ("base: x\nsources: {x: y}\ndefault: x\nrules: &r [*r]\n", "inside the value it names never ends")])
+def test_recipe_yaml_aliases_that_never_end(text, match, cli, tmp_path):
+    """YAML aliases share a value: nested nine deep they are ten lines of recipe and 926M values to validate (a build
+    ran for a minute and took 8 GB before it was stopped); an alias inside its own value was an internal error."""
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    fails(cli, tmp_path, p, match=match)
+    refused(cli("plan", p, "--budget", "0.5x", "--calib", p, "-o", tmp_path / "p.yaml"), match)
+
+
+def test_recipe_yaml_aliases_that_share_a_value_build(llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq",
+                     '- {match: "self_attn.*", layers: &first 0, source: &fast fp8}\n'
+                     '- {match: "mlp.down_proj", layers: *first, source: *fast}')
+    m = build(cli, r, tmp_path / "out")
+    assert m["modules"]["model.layers.0.mlp.down_proj"]["format"] == "fp8"
 
 
 def test_recipe_unknown_key_points_at_it(llama, cli, tmp_path):
