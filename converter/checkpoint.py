@@ -44,6 +44,8 @@ def read_json(path: Path, what: str, strict: bool = False) -> dict:
         raise UserError(f"{path}: missing {what}; point the recipe at a Hugging Face checkpoint directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, msgspec.DecodeError) as e:
         raise UserError(f"{path}: cannot parse {what} ({e}); fix or re-save the file") from None
+    except RecursionError:  # (both decoders recurse per nesting level)
+        raise UserError(f"{path}: {what} is nested deeper than any reader follows; fix or re-save the file") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: {what} is not a JSON object; fix or re-save the file")
     return data

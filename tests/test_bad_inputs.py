@@ -104,25 +104,36 @@ print(json.dumps([k for k in json.loads(f.read(n)) if k!='__metadata__']))"""]))
     fails(cli, tmp_path, r, match="escapes the checkpoint directory")
 
 
-@pytest.mark.parametrize("text", ['{"weight_map": {"a": NaN}}', '{"weight_map": {"a": "\\ud800"}}',
-                                  '{"weight_map": {}} trailing', '\ufeff{"weight_map": {}}', '{"weight_map": {"a"'])
-def test_an_index_that_is_not_json(text, llama, cli, tmp_path):
+DEEP = "[" * 100_000 + "]" * 100_000  # past both JSON decoders' recursion
+
+
+@pytest.mark.parametrize("file, text, match", [
+    *(("model.safetensors.index.json", t, "cannot parse safetensors index") for t in (
+        '{"weight_map": {"a": NaN}}', '{"weight_map": {"a": "\\ud800"}}', '{"weight_map": {}} trailing',
+        '\ufeff{"weight_map": {}}', '{"weight_map": {"a"')),
+    ("model.safetensors.index.json", '{"weight_map": ' + DEEP + "}", "safetensors index is nested deeper than"),
+    ("config.json", None, "config.json is nested deeper than")])
+def test_a_json_file_that_is_not_json(file, text, match, llama, cli, tmp_path):
     """The index is read as strict JSON (in C: 177k entries at DeepSeek-V3 size): what Python's json would accept
     (NaN) or not (a lone surrogate, trailing text, a byte-order mark, a cut) is one line naming the file, in a
-    source and in a built directory."""
+    source and in a built directory; so is an index or config.json nested past the decoders' recursion (an internal
+    error before)."""
+    def spoil(d: Path) -> None:
+        p = d / file
+        p.write_text(text if text is not None else p.read_text().rstrip().rstrip("}") + ', "deep": ' + DEEP + "}")
+
     src = copy(llama["gptq"], tmp_path / "idx")
-    (src / "model.safetensors.index.json").write_text(text)
+    spoil(src)
     r = write_recipe(tmp_path, {**llama, "e": src}, {"e": "e"}, "e")
-    line = fails(cli, tmp_path, r, match="cannot parse safetensors index")
-    assert str(src / "model.safetensors.index.json") in line
+    line = fails(cli, tmp_path, r, match=match)
+    assert str(src / file) in line
     out = tmp_path / "built"
     build(cli, write_recipe(tmp_path, llama, {"q": "gptq"}, "q"), out)
-    (out / "model.safetensors.index.json").write_text(text)
+    spoil(out)
     r = cli("verify", out, "--json")
     findings = json.loads(r.output)["findings"]
     assert r.exit_code == 1 and len(findings) == 1, findings  # (not one more per tensor the index would place)
-    assert findings[0]["where"] == "model.safetensors.index.json"
-    assert "cannot parse safetensors index" in findings[0]["message"]
+    assert findings[0]["where"] == file and match in findings[0]["message"], findings
 
 
 def test_truncated_shard(llama, cli, tmp_path):
