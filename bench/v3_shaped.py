@@ -9,6 +9,7 @@ depend on them); scales positive, zero points symmetric, g_idx in order, as veri
 decoder layer, and enorm, hnorm, eh_proj, shared_head and an embed_tokens copy in bf16 in every source).
 
     python bench/v3_shaped.py OUT_DIR [--layers 61] [--mtp]    → OUT_DIR/{base,fp8,int8,gptq}, OUT_DIR/recipe.yaml
+                                                                  and OUT_DIR/recipe-per-expert.yaml (976 rules at 60)
 """
 from __future__ import annotations
 
@@ -53,6 +54,19 @@ rules:
   - {match: "lm_head", source: base}
   - {match: "mlp.*", moe: false, source: int8}
 """
+
+
+def per_expert_recipe(layers: int) -> str:
+    """The same sources with a rule per layer for attention and per layer and 16-expert range for the routed experts
+    (FP8 and GPTQ alternating) — how a hand-written or generated per-expert recipe looks (976 rules at 60 layers;
+    `mpconvert plan` writes one per layer and source for experts)."""
+    lines = RECIPE.split("rules:")[0] + "rules:\n" + '  - {match: "self_attn.kv_b_proj", source: base}\n'
+    lines += "".join(f'  - {{match: "self_attn.*", layers: {n}, source: {("int8", "fp8")[n % 2]}}}\n'
+                     for n in range(layers))
+    lines += "".join(f'  - {{match: "mlp.experts.*", layers: {n}, experts: "{16 * b}-{16 * b + 15}", source: '
+                     f'{("gptq", "fp8")[b % 2]}}}\n' for n in range(3, layers) for b in range(EXPERTS // 16))
+    return lines + '  - {match: "mlp.shared_experts.*", source: int8}\n  - {match: "lm_head", source: base}\n' \
+        '  - {match: "mlp.*", moe: false, source: int8}\n'
 
 
 def config(layers: int, qc: dict | None, mtp: bool = False) -> dict:
@@ -155,6 +169,7 @@ def main(argv=None):
     for kind in ("base", "fp8", "int8", "gptq"):
         make(a.out, kind, a.layers, a.mtp)
     (a.out / "recipe.yaml").write_text(RECIPE)
+    (a.out / "recipe-per-expert.yaml").write_text(per_expert_recipe(a.layers))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,27 @@ def test_tp8_ep8_builds_and_verifies_with_no_false_findings(v3, cli):
     assert r.exit_code == 0 and rep["findings"] == [], rep["counts"]
 
 
+def test_a_rule_per_layer_and_expert_range(v3, cli):
+    """bench/v3_shaped.py's per-expert recipe (a rule per layer for attention, per layer and 16 experts for the routed
+    ones): each rule looks at its own layers' modules only (planning with 976 rules took 35 s when each scanned every
+    linear), with the first-match order and the module order unchanged."""
+    r = cli("build", v3 / "recipe-per-expert.yaml", "-o", v3 / "per-expert", "--tp", "8", "--ep", "8")
+    assert r.exit_code == 0, r.output
+    m = manifest_json(v3 / "per-expert")
+    for layer in range(3, 5):
+        groups = {g["format"]: g["experts"] for g in m["units"][f"model.layers.{layer}.mlp.experts"]["groups"]}
+        assert groups == {"fp8": [e for e in range(256) if e // 16 % 2], "gptq": [e for e in range(256)
+                                                                             if not e // 16 % 2]}
+        assert m["modules"][f"model.layers.{layer}.mlp.experts.17.up_proj"]["chosen_by"].startswith("rules[")
+    for layer in range(5):  # the attention rule of each layer, kv_b_proj taken by the first rule
+        attn = m["modules"][f"model.layers.{layer}.self_attn.o_proj"]
+        assert attn["format"] == ("int8", "fp8")[layer % 2] and f"layers={layer}" in attn["chosen_by"]
+        assert m["modules"][f"model.layers.{layer}.self_attn.kv_b_proj"]["chosen_by"].startswith("rules[0]")
+    order = list(m["modules"])
+    assert order == sorted(order, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+    assert cli("verify", v3 / "per-expert", "--tp", "8", "--ep", "8").exit_code == 0
+
+
 def test_tp8_without_ep_is_refused_only_for_the_experts(v3, cli):
     """Without EP, SGLang splits every expert's intermediate size (128) over 8 ranks: 16 — not whole FP8 blocks of
     128, under GPTQ-Marlin's tile — refused naming the experts; attention (whole blocks per rank) and the dense layers
