@@ -46,6 +46,19 @@ def _name_tests(patterns: tuple[str, ...]) -> tuple:
     return tuple(tests)
 
 
+_LAYER_PREFIX = re.compile(r"model\.layers\.\d+\.")
+
+
+def literal_prefix(pattern: str) -> str | None:
+    """What every name a glob pattern matches whole begins with — the pattern up to its first wildcard — when it
+    begins `model.layers.N.` (digits and dots are literal in a glob); a name it matches by a dotted tail instead
+    (_name_tests) holds that text after a dot. Lets planning look only at the modules it can match. None for a regex
+    or any other glob."""
+    if pattern.startswith("re:") or not _LAYER_PREFIX.match(pattern):
+        return None
+    return pattern[:min((i for i in map(pattern.find, "*?[") if i >= 0), default=len(pattern))]
+
+
 MAX_ID = 65535  # beyond any model's layer or expert count; also bounds what a range may allocate
 
 
