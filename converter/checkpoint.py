@@ -32,16 +32,18 @@ def file_state(p: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def read_json(path: Path, what: str, strict: bool = False) -> dict:
+def read_json(path: Path, what: str, strict: bool = False, missing: str | None = None) -> dict:
     """A JSON object file of a model directory (config, index): one error line for each way it can be wrong.
     strict: JSON as its RFC has it, decoded in C (msgspec) — for the safetensors index, whose weight map has 177k
     entries in a DeepSeek-V3-sized source (json.loads takes twice as long); a config may hold NaN or Infinity, which
-    Python's json writes and reads and strict JSON refuses."""
+    Python's json writes and reads and strict JSON refuses. missing: what to say when the file is absent (or a link
+    to nothing) — by default a source's fix; a converted directory's reader says its own."""
     try:
         regular_file_size(path)
         data = msgspec.json.decode(path.read_bytes()) if strict else json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: missing {what}; point the recipe at a Hugging Face checkpoint directory") from None
+        raise UserError(f"{path}: " + (missing or f"missing {what}; point the recipe at a Hugging Face checkpoint "
+                                                  f"directory")) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, msgspec.DecodeError) as e:
         raise UserError(f"{path}: cannot parse {what} ({e}); fix or re-save the file") from None
     except RecursionError:  # (both decoders recurse per nesting level)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
 from dataclasses import asdict, dataclass, field, replace
 from itertools import compress
 from pathlib import Path
@@ -181,10 +180,8 @@ def _shards(d: Path, rep: Report) -> tuple[dict[str, str] | None, dict[str, Tens
     header read strictly) and the shard of each."""
     metadata = None
     try:
-        if not os.path.exists(d / INDEX):  # (a link to nothing too)
-            raise UserError(f"{d / INDEX}: missing (build writes it: loaders find the shards through it); restore it "
-                            f"or rebuild")
-        index = read_json(d / INDEX, "safetensors index", strict=True)
+        index = read_json(d / INDEX, "safetensors index", strict=True, missing="missing (build writes it: loaders "
+                          "find the shards through it); restore it or rebuild")
         weight_map, metadata = index.get("weight_map"), index.get("metadata")
         if not is_weight_map(weight_map):
             raise UserError(f"{d / INDEX}: weight_map must map tensor names to shard file names; restore the index "
