@@ -116,7 +116,8 @@ def _first_difference(got, wrote, path: str) -> tuple[str, object, object]:
 # ---- config.json ---------------------------------------------------------------------------------------------
 def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) -> None:
     try:
-        config = read_json(d / "config.json", "config.json")
+        config = read_json(d / "config.json", "config.json", missing="missing (build writes it: SGLang reads the "
+                           "model and each layer's format from it); restore it or rebuild")
     except UserError as e:
         rep.add("config", "config.json", str(e))
         return

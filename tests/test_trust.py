@@ -584,16 +584,18 @@ INDEX_EDITS = {  # each: what happens to the index, and what the one finding say
                                     "model.safetensors.index.json", "weight_map must map tensor names"),
     "a tensor left out": (lambda d: {**d, "weight_map": dict(list(d["weight_map"].items())[1:])},
                           "lm_head.weight", "not in the index (model.safetensors.index.json), the manifest places"),
+    "config.json gone": (None, "config.json", "missing (build writes it: SGLang reads the model"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(INDEX_EDITS))
 def test_an_index_that_fails_is_one_finding_with_its_fix(case, built, cli, tmp_path):
-    """The index unreadable or short of a tensor: one finding, naming the file (or the tensor) and the fix — not one
-    more per tensor it would have placed, nor a message written for sources ("point the recipe at …")."""
+    """The index unreadable or short of a tensor, or config.json gone: one finding, naming the file (or the tensor)
+    and the fix — not one more per tensor the index would have placed, nor a message written for sources ("point the
+    recipe at …")."""
     edit, where, match = INDEX_EDITS[case]
     d = copy(built, tmp_path / "d")
-    p = d / "model.safetensors.index.json"
+    p = d / ("config.json" if where == "config.json" else "model.safetensors.index.json")
     if edit is None:
         p.unlink()
     else:
@@ -602,7 +604,8 @@ def test_an_index_that_fails_is_one_finding_with_its_fix(case, built, cli, tmp_p
     r = cli("verify", d, "--json")
     assert r.exit_code == 1, r.output
     (f,) = json.loads(r.stdout)["findings"]
-    assert (f["check"], f["where"]) == ("structure", where) and match in f["message"], f
+    check = "config" if where == "config.json" else "structure"
+    assert (f["check"], f["where"]) == (check, where) and match in f["message"], f
     assert "restore" in f["message"] or "fix or re-save" in f["message"], f
 
 
