@@ -247,6 +247,7 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
           json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout")):
     import os
 
+    from mpconvert.collector import paused_then_kept
     from mpconvert.rules import Parallel
     from mpconvert.plan import make_plan
     from mpconvert.recipe import load_recipe, parse_size
@@ -264,16 +265,12 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
     with OutputLock(Path(os.path.abspath(output))) as lock:
         for line in lock.recovered:
             err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
-        # The plan lives to the end of the command: the cyclic collector is paused while it is made, then the plan is
-        # frozen out of every later collection. Otherwise each full collection traverses it again — planning grows
-        # faster than the job (2.16 × the time for 2.05 × the tensors; paused 2.09 ×, docs/benchmarks.md) — and
-        # writing re-traverses it too (171k tensors: 2.3 → 2.0 s). Planning leaves almost no cyclic garbage to keep
-        # frozen (68 objects at 171k tensors).
-        gc.disable()
-        try:
+        # The plan lives to the end of the command: kept out of the collector's traversals (collector.py; writing
+        # re-traversed it too: 171k tensors 2.3 → 2.0 s). Planning leaves almost no cyclic garbage to keep frozen (68
+        # objects at 171k tensors).
+        with paused_then_kept() as keep:
             plan = make_plan(r, Parallel(tp, ep, dp, dense_tp), to)
-            gc.freeze()
-            gc.enable()
+            keep()
             check_output(output, force, plan)
             if not json_out:
                 for label, src in sorted(plan.sources.items()):
@@ -281,9 +278,6 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
             with _progress(json_out) as prog:
                 task = prog.add_task("writing", total=plan.total_bytes)
                 manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n), lock)
-        finally:
-            gc.enable()
-            gc.unfreeze()  # back to the collector (the CLI runs in-process in the tests)
     secs = time.perf_counter() - t0
     summary = {"output": str(output), "layout": plan.layout, "seconds": round(secs, 3), "tensors": len(plan.tensors),
                "bytes": plan.total_bytes, "totals": as_json(manifest.totals),

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import rules
 from .checkpoint import INDEX, is_weight_map, read_json
+from .collector import paused_then_kept
 from .errors import UserError
 from .forked import Forked
 from .formats import check_expected
@@ -502,42 +503,44 @@ def verify(directory: Path, parallel: rules.Parallel = rules.Parallel(), hash_te
     raw = (directory / MANIFEST).read_bytes()  # read once: 37 MB at DeepSeek-V3 size
     # The shards' headers first: the digests need nothing else, so a child process hashes every tensor on the other
     # core (forked.py) while the manifest is parsed and checked here; once it is, a second child checks every
-    # module's values and sums the bytes per rank while config.json, the manifest and the splits are checked here
-    # (about even halves). Each check's findings are kept apart, then reported in one fixed order: config,
-    # structure, digests, manifest, values, splits.
-    structure, config, manifest_findings, tp_findings = (Report(rep.directory) for _ in range(4))
-    shards_read = _shards(directory, structure)
-    found = shards_read[1]
-    progress.start(len(found))
-    hashing = Forked(lambda step: digests_of(found, step), progress.step) if hash_tensors else None
-    values = None
-    try:
+    # module's values and sums the bytes per rank while the table against the shards, config.json, the manifest and
+    # the splits are checked here (about even halves). Each check's findings are kept apart, then reported in one
+    # fixed order: config, structure, digests, manifest, values, splits.
+    with paused_then_kept() as keep:
+        structure, config, manifest_findings, tp_findings = (Report(rep.directory) for _ in range(4))
+        shards_read = _shards(directory, structure)
+        found = shards_read[1]
+        progress.start(len(found))
+        hashing = Forked(lambda step: digests_of(found, step), progress.step) if hash_tensors else None
+        values = None
         try:
-            manifest = parse_manifest(raw, str(directory / MANIFEST))
-        except ManifestError as e:
-            _cancel(hashing)
-            rep.add("manifest", MANIFEST, str(e).removeprefix(f"{directory / MANIFEST}: "))
-            check_config(directory, None, raw, rep)
-            rep.findings += structure.findings
-            return rep
-        if numeric:
-            check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
-        check_structure(manifest, shards_read, structure)
-        values = Forked(lambda step: (value_findings(manifest, found),
-                                      memory_report(manifest, found, parallel)), progress.step)
-        check_config(directory, manifest, raw, config)
-        linears = manifest.linears()  # what the shared rules see, built once
-        check_manifest(manifest, linears, manifest_findings)
-        check_partitions(manifest, linears, tp_findings, parallel)
-        digests = _digest_findings(manifest.tensors, found, hashing.result()) if hashing else []
-        value_problems, rep.memory = values.result()
-    except BaseException:
-        _cancel(hashing, values)
-        raise
-    if not hashing:
-        progress.step(len(found))  # (--fast: nothing hashed)
-    rep.findings = (config.findings + structure.findings + digests + manifest_findings.findings + value_problems
-                    + tp_findings.findings)
+            try:
+                manifest = parse_manifest(raw, str(directory / MANIFEST))
+                keep()  # the headers and the manifest live to the end (collector.py), the values child forks after
+            except ManifestError as e:
+                _cancel(hashing)
+                rep.add("manifest", MANIFEST, str(e).removeprefix(f"{directory / MANIFEST}: "))
+                check_config(directory, None, raw, rep)
+                rep.findings += structure.findings
+                return rep
+            if numeric:
+                check_base(Path(base), manifest)  # before the long checks: a wrong --base is a usage error
+            values = Forked(lambda step: (value_findings(manifest, found),
+                                          memory_report(manifest, found, parallel)), progress.step)
+            check_structure(manifest, shards_read, structure)
+            check_config(directory, manifest, raw, config)
+            linears = manifest.linears()  # what the shared rules see, built once
+            check_manifest(manifest, linears, manifest_findings)
+            check_partitions(manifest, linears, tp_findings, parallel)
+            digests = _digest_findings(manifest.tensors, found, hashing.result()) if hashing else []
+            value_problems, rep.memory = values.result()
+        except BaseException:
+            _cancel(hashing, values)
+            raise
+        if not hashing:
+            progress.step(len(found))  # (--fast: nothing hashed)
+        rep.findings = (config.findings + structure.findings + digests + manifest_findings.findings + value_problems
+                        + tp_findings.findings)
     broken = any(f.check in ("structure", "manifest") for f in rep.findings)
     if numeric:
         rep.checks.append("numeric")
