@@ -22,7 +22,7 @@ from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched, v
 from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_architecture, natural_key,
                      role_of)
 from .manifest import MIXED_EXPERTS
-from .recipe import BASE, Recipe, literal_prefix
+from .recipe import BASE, Recipe, format_ids, literal_prefix
 from . import rules
 from .safetensors_io import (TensorInfo, forget_open_files, load_array, load_tensor, nbytes_of, same_bytes,
                              sha256_of)
@@ -204,6 +204,7 @@ class Inputs:
         return roles
 
 
+_A = {"norm": "a", "router": "a", "embedding": "an"}
 _INNER_LAYER = re.compile(r"\.model\.layers\.\d+\.")  # a name a literal_prefix pattern may match by a dotted tail
 
 
@@ -218,7 +219,7 @@ class RuleMatcher:
     def assign(self) -> dict[str, tuple[str, str]]:
         """module → (source, why) for every linear module."""
         roles = self.roles
-        self._check_expert_rules()
+        self._check_filters()
         # each rule prepared once, its answer (source, why) made once: planning asks every rule about every linear
         # (214k questions in a DeepSeek-V3-sized job)
         recipe_rules = self.recipe.rules
@@ -249,12 +250,35 @@ class RuleMatcher:
             if n == 0:
                 rule = recipe_rules[i]
                 shadow = any(prepared[i][1](name, roles[name]) for name in linear_names)
-                why = "every module it matches is taken by an earlier rule" if shadow else "it matches no module"
+                why = "every module it matches is taken by an earlier rule" if shadow else self._no_linear(rule)
+                like = next((name for name in linear_names if roles[name].layer is not None), linear_names[0])
                 raise UserError(f"recipe: {rule.describe(i)} selects nothing: {why}; fix or remove the rule "
-                                f"(module names look like {next(iter(roles))!r})")
+                                f"(linear modules look like {like!r})")
         return chosen
 
-    def _check_expert_rules(self) -> None:
+    def _no_linear(self, rule) -> str:
+        """Why a rule matches no linear module: it names only modules of another kind, or an lm_head the model ties
+        to its embeddings, or nothing at all."""
+        other = next((name for name, role in self.roles.items() if role.kind != "linear" and rule.matches_name(name)),
+                     None)
+        if other is not None:
+            kind = self.roles[other].kind
+            return (f"it matches only modules that are not linear layers ({other}: {_A[kind]} {kind}); "
+                    f"rules choose where linear layers come from — norms, routers and embeddings follow the linears "
+                    f"that read them")
+        if "lm_head" not in self.roles and rule.matches_name("lm_head"):
+            return "the model has no lm_head of its own (it ties the output head to the embeddings)"
+        return "it matches no module"
+
+    def _check_filters(self) -> None:
+        """Every layer and expert a rule names exists (a rule written for a larger model is refused, not cut to
+        fit), and a routing file's counts are this model's."""
+        present = sorted({r.layer for r in self.roles.values() if r.layer is not None})
+        for i, rule in enumerate(self.recipe.rules):
+            missing = sorted(rule.layer_set - set(present)) if rule.layer_set is not None else []
+            if missing:
+                raise UserError(f"recipe: {rule.describe(i)} names layers {format_ids(missing)}, which the model "
+                                f"lacks (it has layers {format_ids(present)}); fix the rule's layers")
         n = self.info.num_experts
         for i, rule in enumerate(self.recipe.rules):
             if rule.experts is None:

@@ -72,6 +72,25 @@ def test_rule_matching_nothing(llama, cli, tmp_path):
     fails(cli, tmp_path, r, match="rules[0] (match '*.cross_attn.*' → base) selects nothing: it matches no module")
 
 
+@pytest.mark.parametrize("rule,match", [
+    ('- {match: "self_attn.*", layers: 0-31, source: gptq}',
+     "rules[0] (match 'self_attn.*' layers=0-31 → gptq) names layers 2-31, which the model lacks (it has layers 0-1); "
+     "fix the rule's layers"),
+    ('- {match: "mlp.down_proj", layers: "1,5,7-9", source: gptq}', "names layers 5,7-9, which the model lacks"),
+    ('- {match: "model.embed_tokens", source: gptq}',
+     "selects nothing: it matches only modules that are not linear layers (model.embed_tokens: an embedding); rules "
+     "choose where linear layers come from — norms, routers and embeddings follow the linears that read them; fix or "
+     "remove the rule (linear modules look like 'model.layers.0."),
+    ('- {match: "model.norm", source: gptq}', "(model.norm: a norm)"),
+])
+def test_rule_naming_what_the_model_lacks(llama, cli, tmp_path, rule, match):
+    """A rule naming layers past the model (a recipe written for a larger one) is refused, not cut to fit, as a rule
+    naming experts past it is; a rule naming only embeddings or norms says that rules choose linear layers — where it
+    said 'it matches no module (module names look like 'model.embed_tokens')', the very name it had matched."""
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", rule)
+    fails(cli, tmp_path, r, match=match)
+
+
 def test_rule_shadowed_by_earlier_rule(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq",
                      '- {match: "*", source: gptq}\n- {match: "lm_head", source: base}')

@@ -55,6 +55,14 @@ def test_gptq_attention_of_576_is_refused_for_marlin(real, cli, tmp_path, module
     assert cli("build", r, "-o", tmp_path / "ok").exit_code == 0
 
 
+def test_a_rule_for_the_lm_head_of_a_tied_model(real, cli, tmp_path):
+    """SmolLM2 ties its output head to the embeddings: there is no lm_head to take from a source, and the error says
+    so (it said 'it matches no module')."""
+    r = write_recipe(tmp_path, real, {"gptq": "gptq-g64", "int8": "w8a8"}, "int8", '- {match: lm_head, source: gptq}')
+    fails(cli, tmp_path, r, match="rules[0] (match 'lm_head' → gptq) selects nothing: the model has no lm_head of its "
+                                  "own (it ties the output head to the embeddings); fix or remove the rule")
+
+
 def test_numeric_bands_hold_on_the_real_model(mixed, real, cli):
     """A correct GPTQ g64 checkpoint of the real model passes --numeric: its worst module (0.26 from the base, over a
     fixed 0.25 band) is measured against what round-to-nearest in its scheme does on the same weight. On held-out
