@@ -29,6 +29,9 @@ from .forked import usable_cores
 
 DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# dtypes the safetensors format defines (0.7) that no format mpconvert mixes stores: what a checkpoint holding one is
+FOREIGN_DTYPES = {"F4": "a 4-bit float, two per byte", "F6_E2M3": "a 6-bit float", "F6_E3M2": "a 6-bit float",
+                  "F8_E8M0": "an MX block scale", "C64": "a complex number"}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own cap
 CHUNK = 16 * 1024 * 1024  # copy granularity: bounds memory per tensor, large enough for full disk speed
 READ_BUF = 1024 * 1024  # a reused read buffer for hashing and comparing: stays in the CPU's cache
@@ -248,7 +251,12 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
                         f"the file is corrupt")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZE:
-        raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if isinstance(dtype, str) and dtype in FOREIGN_DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has dtype {dtype} ({FOREIGN_DTYPES[dtype]}), which none of the "
+                            f"formats mpconvert mixes stores (they use {', '.join(DTYPE_SIZE)}); take this module "
+                            f"from a source in a supported format")
+        raise UserError(f"{path}: tensor {name!r} has dtype {dtype!r}, which is not a safetensors dtype; the file is "
+                        f"corrupt — re-download or re-save it")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise UserError(f"{path}: tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers "
                         f"— the file is corrupt")

@@ -40,6 +40,8 @@ HEADERS = {
     "bytes after the last tensor": "{" + ENTRY_A + "," + ENTRY_B.replace("[16,24]", "[16,22]").replace("[4]", "[3]")
                                    + "}",
     "shape against bytes": "{" + ENTRY_A.replace("[2,2]", "[2,3]") + "," + ENTRY_B + "}",
+    "a dtype safetensors lacks": "{" + ENTRY_A + "," + ENTRY_B.replace("BF16", "BF17") + "}",
+    "a dtype no format stores": "{" + ENTRY_A + "," + ENTRY_B.replace("BF16", "F8_E8M0") + "}",
 }
 
 
@@ -64,6 +66,23 @@ def test_the_fast_path_agrees_with_the_json_path(case, tmp_path, monkeypatch):
     fast = outcome(f)
     monkeypatch.setattr(safetensors_io, "_canonical_header", lambda raw: None)
     assert fast == outcome(f)
+
+
+@pytest.mark.parametrize("dtype,message", [
+    ("BF17", "tensor 'b.bias' has dtype 'BF17', which is not a safetensors dtype; the file is corrupt — re-download or "
+             "re-save it"),
+    ("F8_E8M0", "tensor 'b.bias' has dtype F8_E8M0 (an MX block scale), which none of the formats mpconvert mixes "
+                "stores (they use BOOL, U8, "),
+    ("F4", "tensor 'b.bias' has dtype F4 (a 4-bit float, two per byte), which none of the formats"),
+])
+def test_an_unknown_dtype_says_what_it_is_and_the_fix(tmp_path, dtype, message):
+    """A dtype outside the safetensors format is a corrupt file; one the format defines (0.7: sub-byte floats, MX
+    scales, complex) but no mixed format stores is a checkpoint in an unsupported format — each said with its fix (it
+    was 'has unsupported dtype', no fix)."""
+    f = tmp_path / "m.safetensors"
+    write(f, "{" + ENTRY_A + "," + ENTRY_B.replace("BF16", dtype) + "}")
+    with pytest.raises(UserError, match=re.escape(f"{f}: {message}")):
+        read_header(f)
 
 
 def test_the_fast_path_is_taken_for_what_the_writers_write(tmp_path, monkeypatch):
