@@ -128,8 +128,10 @@ class Rule(BaseModel):
     @classmethod
     def _patterns_ok(cls, v):
         patterns = [v] if isinstance(v, str) else v
+        if not patterns:
+            raise ValueError("names no patterns; give one (\"self_attn.*\") or a list of them")
         if not all(patterns):
-            raise ValueError("empty pattern")
+            raise ValueError("empty pattern; give a glob (\"self_attn.*\") or \"re:REGEX\"")
         check_re_patterns(patterns)
         return v
 

@@ -67,6 +67,15 @@ def test_recipe_bad_layer_range(llama, cli, tmp_path):
     fails(cli, tmp_path, r, match="bad layer range '3-1'")
 
 
+@pytest.mark.parametrize("match,message", [("[]", "rules.0.match: names no patterns; give one"),
+                                           ('""', "rules.0.match: empty pattern; give a glob"),
+                                           ('["self_attn.*", ""]', "rules.0.match: empty pattern")])
+def test_rule_with_no_pattern(llama, cli, tmp_path, match, message):
+    """An empty list of patterns was taken, and the rule then 'selected nothing'."""
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", f"- {{match: {match}, source: gptq}}")
+    fails(cli, tmp_path, r, match=message)
+
+
 def test_rule_matching_nothing(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "*.cross_attn.*", source: base}')
     fails(cli, tmp_path, r, match="rules[0] (match '*.cross_attn.*' → base) selects nothing: it matches no module")
