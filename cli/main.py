@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -585,8 +585,10 @@ plus everything after `--`, in this Python (SGLang and mpconvert installed toget
 through its `sglang.srt.plugins` entry point in every worker).
 
 Adds `--dtype float16` when the model has GPTQ MoE experts and no --dtype is given (SGLang's GPTQ-Marlin MoE kernel
-runs fp16 activations only). Refuses a directory without an mpconvert manifest, and an SGLANG_PLUGINS filter that
-would leave the shim out.
+runs fp16 activations only). Refuses, before SGLang starts: a directory without an mpconvert manifest, an
+SGLANG_PLUGINS filter that would leave the shim out, a --model-path of its own among SGLang's arguments, and parallel
+sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split — the checks
+of `mpconvert verify --tp/--ep/--dp`.
 
 Examples:  mpconvert serve out/ -- --tp 2 --port 30000      mpconvert serve out/ --print-command
 """
@@ -602,12 +604,52 @@ def serve_command(directory: Path, args: list[str]) -> list[str]:
     if plugins is not None and "mpconvert" not in plugins.split(","):
         raise UserError(f"SGLANG_PLUGINS={plugins!r} leaves out the mpconvert plugin, so SGLang could not read this "
                         f"directory; add mpconvert to it or unset it")
+    _check_launch(directory, manifest, args)
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory), *args]
     gptq_moe = any(u.endswith(".experts") and fmt == "gptq"
                    for u, spec in manifest.units.items() for fmt, _ in spec.schemes())
     if gptq_moe and not any(a == "--dtype" or a.startswith("--dtype=") for a in args):
         cmd += ["--dtype", "float16"]
     return cmd
+
+
+def _check_launch(directory: Path, manifest, args: list[str]) -> None:
+    """What launch_server will run with, read as SGLang reads it (sglang_versions.launch_arguments: `--tp` is
+    `--tp-size`, a `--config` file is merged): no model path but the directory's, and every split at its parallel
+    sizes one SGLang can load (rules.partition_problems, what verify --tp/--ep/--dp checks) — refused here in seconds,
+    not by SGLang after loading."""
+    import shlex
+
+    import yaml
+
+    from mpconvert.rules import Parallel, partition_problems
+
+    def refuse(message: str) -> NoReturn:
+        if len(message) > 300:  # "ambiguous option: --enable could match" lists ninety options
+            message = message[:300].rsplit(",", 1)[0] + ", …"
+        raise UserError(f"SGLang's launch_server refuses the arguments after --: {message}")
+
+    try:
+        from mpconvert.runtime_shim.sglang_versions import launch_arguments
+
+        launch = launch_arguments(["--model-path", str(directory), *args], refuse)
+    except ImportError as e:
+        raise UserError(f"SGLang cannot be imported in this Python ({e}); serve runs it here — install mpconvert with "
+                        f"SGLang (make setup)") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # its --config file
+        raise UserError(f"SGLang's launch_server cannot read its --config: {' '.join(str(e).split())}") from None
+    if launch.model_path != str(directory):
+        raise UserError(f"the arguments after -- name another model ({launch.model_path}); serve passes {directory} "
+                        f"as --model-path itself — remove it (to serve another directory, name that one instead)")
+    sizes = Parallel(launch.tp_size, launch.ep_size, launch.dp_size if launch.enable_dp_attention else 1,
+                     launch.moe_dense_tp_size, launch.enable_dp_lm_head).check()
+    problems = partition_problems(manifest.linears(), manifest.model.info(), sizes)
+    if problems:
+        first, flags = problems[0], sizes.flags()
+        where = "" if first.where == "model" else f"{first.where}: "
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{directory} cannot be served with {flags}: {where}{first.message.removeprefix(flags + ': ')}"
+                        f"{more}; `mpconvert verify {shlex.quote(str(directory))} {flags}` lists them all")
 
 
 @app.command(help=SERVE_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -6,14 +6,18 @@ Tested: 0.5.17 (CPU tests and GPU runs) and 0.5.23 (CPU tests; see README's vers
   server args and the rank's placement first, and initialize_model_parallel reads the sizes from it.
 - the fused-MoE preparation the mixed-experts sequence reuses: 0.5.23 also decides TMA for the up projection (one
   more value returned, one more runner state key).
+- where launch_server's --config merger lives (launch_arguments): sglang.srt.server_args_config_parser in 0.5.17,
+  sglang.srt.utils.server_args_config_parser in 0.5.23.
 An untested version gets one loud warning at registration; mixed-format experts, which lean on SGLang's private
 fused-MoE internals, are refused there (runtime_shim.mixed_experts asks `tested()`).
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import logging
 import warnings
+from typing import Callable, NoReturn
 
 TESTED = ("0.5.17", "0.5.23")
 CHECK = "mpconvert verify DIR --engine sglang"
@@ -85,3 +89,25 @@ def prepare_fused_moe_run(*args, **kwargs):
     config, down_config, down_tma, up_tma, sorted_ids, expert_ids, padded = out  # 0.5.23
     return config, down_config, {"down_moe_use_tma": down_tma, "up_moe_use_tma": up_tma}, sorted_ids, expert_ids, \
         padded
+
+
+def launch_arguments(argv: list[str], error: Callable[[str], NoReturn]) -> argparse.Namespace:
+    """argv as `python -m sglang.launch_server` reads it — its prepare_server_args up to the parse, without building
+    ServerArgs (whose __post_init__ probes the GPUs): SGLang's own parser (its aliases and abbreviations), a --config
+    file merged into argv first; what SGLang does not know is left to it. `error(message)` is called where argparse
+    would print its usage and exit."""
+    from sglang.srt.server_args import ServerArgs
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            error(message)
+
+    parser = Parser(prog="sglang.launch_server")
+    ServerArgs.add_cli_args(parser)
+    if "--config" in argv:
+        try:
+            from sglang.srt.server_args_config_parser import ConfigArgumentMerger  # 0.5.17
+        except ImportError:
+            from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger  # 0.5.23
+        argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
+    return parser.parse_known_args(argv)[0]

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mpconvert.runtime_shim.engine_check import sha  # the hash engine_check reports for each parameter
 
-from helpers import DENSE_RULES, DENSE_SOURCES, THREE_SOURCES, build, load, loaded, refusal, write_recipe
+from helpers import DENSE_RULES, DENSE_SOURCES, THREE_SOURCES, build, load, loaded, refusal, refused, write_recipe
 
 
 def built_and_loaded(fixtures: dict, cli, tmp_path: Path, default: str, rules: str) -> dict:
@@ -162,6 +163,32 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
     r = cli("serve", tmp_path / "out", "--print-command")
     assert r.exit_code == 2 and "leaves out the mpconvert plugin" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tp", "3"], "out cannot be served with --tp 3: num_attention_heads=4 is not divisible by 3 (and "),
+    (["--tensor-parallel-size=3", "--port", "30000"], "cannot be served with --tp 3:"),
+    (["--tp", "4", "--enable-dp-attention", "--dp", "3"], "cannot be served with --tp 4 --dp 3: DP attention splits "
+                                                          "attention over tp / dp ranks; --tp must"),
+    (["--model-path", "/elsewhere"], "the arguments after -- name another model (/elsewhere); serve passes"),
+    (["--model=/elsewhere"], "name another model (/elsewhere)"),
+    (["--tp", "two"], "SGLang's launch_server refuses the arguments after --: argument --tp-size/--tensor-parallel-size: "
+                      "invalid int value: 'two'"),
+    (["--config", "{tmp}/sglang.yaml"], "cannot be served with --tp 3:"),
+    (["--config", "{tmp}/broken.yaml"], "SGLang's launch_server cannot read its --config: while parsing a flow "
+                                        "sequence"),
+])
+def test_serve_refuses_before_sglang_starts(moe, cli, tmp_path, args, message):
+    """What launch_server would run with, read by SGLang's own parser (aliases, `--x=y`, a --config file): sizes at
+    which a layer cannot be split are refused in a second with verify's own rule, not by SGLang after loading; a model
+    path of its own among the arguments (argparse keeps the last: it would have served that one) is refused."""
+    (tmp_path / "sglang.yaml").write_text("tp-size: 3\n")
+    (tmp_path / "broken.yaml").write_text("tp-size: [3\n")
+    recipe = write_recipe(tmp_path, moe, {"gptq": "gptq"}, "gptq")
+    build(cli, recipe, tmp_path / "out")
+    r = cli("serve", tmp_path / "out", "--print-command", "--", *(a.format(tmp=tmp_path) for a in args))
+    refused(r, message)
+    assert "sglang.launch_server" not in r.stdout
 
 
 def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tmp_path):
