@@ -617,7 +617,7 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
     """What launch_server will run with, read as SGLang reads it (sglang_versions.launch_arguments: `--tp` is
     `--tp-size`, a `--config` file is merged): no model path but the directory's, and every split at its parallel
     sizes one SGLang can load (rules.partition_problems, what verify --tp/--ep/--dp checks) — refused here in seconds,
-    not by SGLang after loading."""
+    not by SGLang while it starts its workers."""
     import shlex
 
     import yaml
