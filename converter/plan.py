@@ -277,8 +277,9 @@ class RuleMatcher:
         for i, rule in enumerate(self.recipe.rules):
             missing = sorted(rule.layer_set - set(present)) if rule.layer_set is not None else []
             if missing:
-                raise UserError(f"recipe: {rule.describe(i)} names layers {format_ids(missing)}, which the model "
-                                f"lacks (it has layers {format_ids(present)}); fix the rule's layers")
+                raise UserError(f"recipe: {rule.describe(i)} names layer{'s' if len(missing) > 1 else ''} "
+                                f"{format_ids(missing)}, which the model lacks (it has layers {format_ids(present)}); "
+                                f"fix the rule's layers")
         n = self.info.num_experts
         for i, rule in enumerate(self.recipe.rules):
             if rule.experts is None:

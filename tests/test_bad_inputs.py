@@ -86,6 +86,7 @@ def test_rule_matching_nothing(llama, cli, tmp_path):
      "rules[0] (match 'self_attn.*' layers=0-31 → gptq) names layers 2-31, which the model lacks (it has layers 0-1); "
      "fix the rule's layers"),
     ('- {match: "mlp.down_proj", layers: "1,5,7-9", source: gptq}', "names layers 5,7-9, which the model lacks"),
+    ('- {match: "mlp.down_proj", layers: 2, source: gptq}', "names layer 2, which the model lacks (it has layers 0-1)"),
     ('- {match: "model.embed_tokens", source: gptq}',
      "selects nothing: it matches only modules that are not linear layers (model.embed_tokens: an embedding); rules "
      "choose where linear layers come from — norms, routers and embeddings follow the linears that read them; fix or "
