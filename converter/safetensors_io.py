@@ -404,7 +404,7 @@ def load_stacked(groups: list[list[TensorInfo]]) -> list[np.ndarray]:
                 short = run[end[run] > lo + len(raw)]
                 raise UserError(_truncated(flat[short[0]]))
             data = np.frombuffer(raw, np.uint8)
-            # the groups present, ascending (np.unique would import numpy.ma: 60 ms of a command's start)
+            # the groups present, ascending (np.unique would import numpy.ma: 60 ms of CPU)
             for k in np.flatnonzero(np.bincount(group_of[run])):
                 mine = run[group_of[run] == k]
                 out[k][row_of[mine]] = data[(start[mine] - lo)[:, None] + np.arange(sizes[k])]
