@@ -172,8 +172,8 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
                                                           "attention over tp / dp ranks; --tp must"),
     (["--model-path", "/elsewhere"], "the arguments after -- name another model (/elsewhere); serve passes"),
     (["--model=/elsewhere"], "name another model (/elsewhere)"),
-    (["--tp", "two"], "SGLang's launch_server refuses the arguments after --: argument --tp-size/--tensor-parallel-size: "
-                      "invalid int value: 'two'"),
+    (["--tp", "two"], "SGLang's launch_server refuses the arguments after --: argument "
+                      "--tp-size/--tensor-parallel-size: invalid int value: 'two'"),
     (["--config", "{tmp}/sglang.yaml"], "cannot be served with --tp 3:"),
     (["--config", "{tmp}/broken.yaml"], "SGLang's launch_server cannot read its --config: while parsing a flow "
                                         "sequence"),
