@@ -204,7 +204,7 @@ class Inputs:
         return roles
 
 
-_A = {"norm": "a", "router": "a", "embedding": "an"}
+_ARTICLE = {"norm": "a", "router": "a", "embedding": "an"}  # "a norm", "an embedding"
 _INNER_LAYER = re.compile(r"\.model\.layers\.\d+\.")  # a name a literal_prefix pattern may match by a dotted tail
 
 
@@ -263,7 +263,7 @@ class RuleMatcher:
                      None)
         if other is not None:
             kind = self.roles[other].kind
-            return (f"it matches only modules that are not linear layers ({other}: {_A[kind]} {kind}); "
+            return (f"it matches only modules that are not linear layers ({other}: {_ARTICLE[kind]} {kind}); "
                     f"rules choose where linear layers come from — norms, routers and embeddings follow the linears "
                     f"that read them")
         if "lm_head" not in self.roles and rule.matches_name("lm_head"):
