@@ -291,12 +291,18 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     if not path.exists():
         raise UserError(f"{where}: {path} not found; pass a routing-frequency file (JSON or SGLang's expert "
                         f"distribution dump)")
+    from .safetensors_io import DuplicateKey, no_duplicate_keys
+
     try:
         if path.suffix == ".json":
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(), object_pairs_hook=no_duplicate_keys)
             if not all(isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in raw.values()):
                 raise ValueError("every layer's counts must be a list of numbers")
-            out = {int(k): tuple(float(x) for x in v) for k, v in raw.items()}
+            out, keys = {}, {}
+            for k, v in raw.items():
+                if keys.setdefault(int(k), k) != k:  # "0" and "00" are one layer
+                    raise DuplicateKey(f"{int(k)} (as {keys[int(k)]!r} and {k!r})")
+                out[int(k)] = tuple(float(x) for x in v)
         else:
             import torch
 
@@ -304,6 +310,8 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
             t = obj["logical_count"] if isinstance(obj, dict) else obj
             t = t.reshape(-1, *t.shape[-2:]).sum(0) if t.dim() > 2 else t
             out = {i: tuple(float(x) for x in row) for i, row in enumerate(t.tolist())}
+    except DuplicateKey as e:
+        raise UserError(f"{where}: {path} gives layer {e} twice; give each layer's counts once") from None
     except UserError:
         raise
     except Exception as e:
@@ -314,12 +322,41 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     return out
 
 
+class _KeyTwice(yaml.MarkedYAMLError):
+    pass
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as yaml.safe_load reads it, but a key written twice in one mapping is refused: the YAML spec forbids it
+    and PyYAML silently keeps the last — `sources: {g: ./gptq, g: ./int8}` built every module in Int8. Keys a merge
+    (`<<: *defaults`) brings in may be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor below says so
+                if first is not key_node:
+                    raise _KeyTwice(f"line {first.start_mark.line + 1}", first.start_mark, f"{key!r}",
+                                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: Path, sources_only: bool = False) -> Recipe:
     """The recipe at `path`, validated. sources_only: a sources file for `mpconvert plan` (a recipe without rules:
     base and sources; default, when given, is ignored — plan writes the rules)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
+    except _KeyTwice as e:
+        raise UserError(f"{path}: line {e.problem_mark.line + 1}: {e.problem} is written twice in one mapping (first "
+                        f"on {e.context}), and YAML would keep only the last; remove one") from None
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found; pass the path of a recipe YAML (see `mpconvert build --help`)") \
             from None

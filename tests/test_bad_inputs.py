@@ -52,6 +52,30 @@ def test_recipe_yaml_aliases_that_share_a_value_build(llama, cli, tmp_path):
     assert m["modules"]["model.layers.0.mlp.down_proj"]["format"] == "fp8"
 
 
+@pytest.mark.parametrize("sources, rules, match", [
+    # the last of two sources of one name was taken: every module in Int8, no word said
+    ({"g": "gptq", "g ": "ct-w8a8"}, "", "line 4: 'g' is written twice in one mapping (first on line 3)"),
+    ({"g": "gptq"}, '- {match: "self_attn.*", layers: 0, source: g, layers: 1}',
+     "line 6: 'layers' is written twice in one mapping (first on line 6)"),
+    ({"g": "gptq"}, '- match: "self_attn.*"\n  source: g\n  match: "mlp.*"',
+     "line 8: 'match' is written twice in one mapping (first on line 6)")])
+def test_recipe_key_written_twice(sources, rules, match, llama, cli, tmp_path):
+    """YAML forbids a key twice in one mapping; PyYAML keeps the last without a word. (write_recipe's "g " is the
+    YAML key g: a second line naming it.)"""
+    r = write_recipe(tmp_path, llama, sources, "g", rules)
+    fails(cli, tmp_path, r, match=match + ", and YAML would keep only the last; remove one")
+    refused(cli("plan", r, "--budget", "0.5x", "--calib", r, "-o", tmp_path / "p.yaml"), "written twice")
+
+
+def test_recipe_merge_keys_may_be_overridden(llama, cli, tmp_path):
+    """`<<: *rule` then a key of its own is what a YAML merge is for, not a key written twice."""
+    r = write_recipe(tmp_path, llama, {"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq",
+                     '- &attn {match: "self_attn.*", layers: 0, source: fp8}\n- {<<: *attn, match: "mlp.down_proj"}')
+    m = build(cli, r, tmp_path / "out")["modules"]
+    assert [m[f"model.layers.{i}.{s}"]["format"] for s in ("self_attn.o_proj", "mlp.down_proj") for i in (0, 1)] \
+        == ["fp8", "gptq", "fp8", "gptq"]
+
+
 def test_recipe_unknown_key_points_at_it(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "*", source: gptq, layer: 1}')
     fails(cli, tmp_path, r, match="rules.0.layer: unknown key")

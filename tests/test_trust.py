@@ -203,6 +203,9 @@ ROW = [1, 2, 3, 4, 5, 6, 7, 8]
     (json.dumps({"0": ROW, "1": ROW, "7": ROW}), "has counts for layer 7, but the model has layers 0-1"),
     (json.dumps({"-1": ROW, "0": ROW, "1": ROW}), "has counts for layer -1"),
     (json.dumps({"0": [True] + ROW[1:], "1": ROW}), "every layer's counts must be a list of numbers"),
+    # a layer given twice: json keeps the last, and "0" and "00" are one layer
+    ('{"0": %s, "1": %s, "0": %s}' % (ROW, ROW, ROW[::-1]), "gives layer 0 twice; give each layer's counts once"),
+    (json.dumps({"0": ROW, "1": ROW, "01": ROW}), "gives layer 1 (as '1' and '01') twice"),
 ])
 def test_routing_counts_that_do_not_fit_the_model(counts, match, moe, cli, tmp_path):
     (tmp_path / "routing.json").write_text(counts)
