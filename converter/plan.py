@@ -443,8 +443,8 @@ class _Planner:
             base_t = self.base.modules[module].tensors["weight"]
             if src is self.base or (t.dtype == base_t.dtype and same_bytes(t, base_t)):
                 self._hash_cache[key] = "base"
-            elif t.shape == base_t.shape and bool((load_tensor(t).double() == load_tensor(base_t).double()).all()):
-                self._hash_cache[key] = "base"  # same values in another float dtype
+            elif t.shape == base_t.shape and np.array_equal(load_array(t), load_array(base_t)):
+                self._hash_cache[key] = "base"  # same values in another float dtype (each widened exactly)
             else:
                 self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
         return self._hash_cache[key]

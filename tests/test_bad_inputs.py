@@ -252,6 +252,29 @@ def test_smoothed_norm_with_unsmoothed_consumer(llama, cli, tmp_path):
     fails(cli, tmp_path, r, match="folded scales: model.layers.0.input_layernorm differs between the sources")
 
 
+@pytest.mark.parametrize("nudge, match", [(0.0, None), (2.0**-20, "model.layers.0.input_layernorm differs")])
+def test_a_norm_stored_in_another_float_dtype(nudge, match, llama, cli, tmp_path):
+    """A source that stores a norm in F32 (AWQ checkpoints: F16) with the base's values holds the same norm — q from
+    it and k/v from another source agree, and the norm is the base's BF16 bytes; nudged by 2^-20 (below BF16's
+    precision, visible in F32) it is a different norm, refused like a smoothed one."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = copy(llama["ct-w8a8"], tmp_path / "f32")
+    shard = next(src.glob("*.safetensors"))
+    t = load_file(shard)
+    name = "model.layers.0.input_layernorm.weight"
+    t[name] = t[name].to(torch.float32) * (1 + nudge)
+    save_file(t, shard, metadata={"format": "pt"})
+    r = write_recipe(tmp_path, {**llama, "f32": src}, {"int8": "ct-w8a8", "f32": "f32"}, "int8",
+                     '- {match: "self_attn.q_proj", layers: 0, source: f32}')
+    if match:
+        return fails(cli, tmp_path, r, match=match)
+    m = build(cli, r, tmp_path / "out")
+    assert m["modules"]["model.layers.0.input_layernorm"]["source"] == "base"
+    assert m["modules"]["model.layers.0.input_layernorm"]["tensors"]["weight"]["dtype"] == "BF16"
+
+
 def test_tp_that_cannot_shard(llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
     fails(cli, tmp_path, r, "--tp", "4", match="--tp 4: model.layers.0.self_attn.o_proj (gptq int4 g128")
