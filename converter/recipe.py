@@ -322,13 +322,19 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     return out
 
 
-class _KeyTwice(yaml.MarkedYAMLError):
-    pass
+class _Misread(yaml.MarkedYAMLError):
+    """YAML that a reader would take other than as written (problem: the whole message; problem_mark: where)."""
+
+
+_DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_YAML11_BOOLEANS = {"yes", "no", "on", "off"}  # (any case) YAML 1.1 booleans; YAML 1.2 and most people read text
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML as yaml.safe_load reads it, but a key written twice in one mapping is refused: the YAML spec forbids it
-    and PyYAML silently keeps the last — `sources: {g: ./gptq, g: ./int8}` built every module in Int8. Keys a merge
+    """YAML as yaml.safe_load reads it, refusing what it would read other than the writer meant — silently, each one:
+    a key written twice in one mapping (the spec forbids it; PyYAML keeps the last: `sources: {g: ./gptq, g: ./int8}`
+    built every module in Int8); YAML 1.1's other spellings of numbers (`layers: 010` is octal, layer 8; `0x1A`, `1_0`,
+    `1:20` — base 60, 80 —), and its yes/no/on/off booleans (a source named `on` is true). Keys a merge
     (`<<: *defaults`) brings in may be overridden: that is what a merge is for."""
 
     def construct_mapping(self, node, deep=False):
@@ -343,9 +349,43 @@ class _RecipeLoader(yaml.SafeLoader):
                 except TypeError:
                     continue  # an unhashable key: the constructor below says so
                 if first is not key_node:
-                    raise _KeyTwice(f"line {first.start_mark.line + 1}", first.start_mark, f"{key!r}",
-                                    key_node.start_mark)
+                    raise _Misread(problem=f"{key!r} is written twice in one mapping (first on line "
+                                           f"{first.start_mark.line + 1}), and YAML would keep only the last; "
+                                           f"remove one", problem_mark=key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        value = super().construct_yaml_int(node)
+        if not _DECIMAL.fullmatch(node.value):
+            raise self._number(node, value)
+        return value
+
+    def construct_yaml_float(self, node):
+        value = super().construct_yaml_float(node)
+        if "_" in node.value or ":" in node.value:
+            raise self._number(node, value)
+        return value
+
+    @staticmethod
+    def _number(node, value) -> _Misread:
+        text = node.value.lstrip("+-").lower()
+        how = "base 60" if ":" in text else "hexadecimal" if text.startswith("0x") else "binary" if \
+            text.startswith("0b") else "its _ ignored" if "_" in text else "octal"
+        return _Misread(problem=f"{node.value} is the number {value} in YAML 1.1 ({how}); write numbers in plain "
+                                f"decimal, or quote it as text", problem_mark=node.start_mark)
+
+    def construct_yaml_bool(self, node):
+        value = super().construct_yaml_bool(node)
+        if node.value.lower() in _YAML11_BOOLEANS:
+            raise _Misread(problem=f"{node.value} is the boolean {str(value).lower()} in YAML 1.1; quote it "
+                                   f"('{node.value}') for the text, or write true or false",
+                           problem_mark=node.start_mark)
+        return value
+
+
+for _tag, _construct in (("int", _RecipeLoader.construct_yaml_int), ("float", _RecipeLoader.construct_yaml_float),
+                         ("bool", _RecipeLoader.construct_yaml_bool)):
+    _RecipeLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _construct)
 
 
 def load_recipe(path: Path, sources_only: bool = False) -> Recipe:
@@ -354,9 +394,8 @@ def load_recipe(path: Path, sources_only: bool = False) -> Recipe:
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
-    except _KeyTwice as e:
-        raise UserError(f"{path}: line {e.problem_mark.line + 1}: {e.problem} is written twice in one mapping (first "
-                        f"on {e.context}), and YAML would keep only the last; remove one") from None
+    except _Misread as e:
+        raise UserError(f"{path}: line {e.problem_mark.line + 1}: {e.problem}") from None
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found; pass the path of a recipe YAML (see `mpconvert build --help`)") \
             from None

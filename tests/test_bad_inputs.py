@@ -67,6 +67,28 @@ def test_recipe_key_written_twice(sources, rules, match, llama, cli, tmp_path):
     refused(cli("plan", r, "--budget", "0.5x", "--calib", r, "-o", tmp_path / "p.yaml"), "written twice")
 
 
+@pytest.mark.parametrize("value, match", [
+    # YAML 1.1 reads these as numbers other than the text says: layer 010 was layer 8, without a word
+    ("010", "010 is the number 8 in YAML 1.1 (octal)"), ("0x1", "0x1 is the number 1 in YAML 1.1 (hexadecimal)"),
+    ("0b1", "0b1 is the number 1 in YAML 1.1 (binary)"), ("1_0", "1_0 is the number 10 in YAML 1.1 (its _ ignored)"),
+    ("1:0", "1:0 is the number 60 in YAML 1.1 (base 60)"), ("[0, 1:0]", "1:0 is the number 60 in YAML 1.1 (base 60)"),
+    ("0.5_0", "0.5_0 is the number 0.5 in YAML 1.1 (its _ ignored)")])
+def test_recipe_numbers_yaml_reads_otherwise(value, match, llama, cli, tmp_path):
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g", f'- {{match: "self_attn.*", layers: {value}, source: g}}')
+    fails(cli, tmp_path, r, match=f"line 6: {match}; write numbers in plain decimal, or quote it as text")
+
+
+@pytest.mark.parametrize("word", ["on", "Off", "YES", "no"])
+def test_recipe_yaml11_booleans(word, llama, cli, tmp_path):
+    """A source named `on` was the boolean true (then "sources.1: true is not allowed here"); line 4 is `default:
+    on`, which the reader meets first."""
+    r = write_recipe(tmp_path, llama, {word: "gptq"}, word)
+    fails(cli, tmp_path, r, match=f"line 4: {word} is the boolean {str(word.lower() in ('on', 'yes')).lower()} in "
+                                  f"YAML 1.1; quote it ('{word}') for the text, or write true or false")
+    r.write_text(r.read_text().replace(f"{word}:", f"'{word}':").replace(f"default: {word}", f"default: '{word}'"))
+    assert build(cli, r, tmp_path / "out")["sources"][word]
+
+
 def test_recipe_merge_keys_may_be_overridden(llama, cli, tmp_path):
     """`<<: *rule` then a key of its own is what a YAML merge is for, not a key written twice."""
     r = write_recipe(tmp_path, llama, {"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq",
