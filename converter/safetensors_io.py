@@ -363,6 +363,11 @@ _NUMPY = {"U8": "<u1", "I8": "<i1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "U
           "U64": "<u8", "F16": "<f2", "F32": "<f4", "F64": "<f8", "BOOL": "?"}
 
 
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype load_array gives a tensor of this (non-float) safetensors dtype."""
+    return np.dtype(_NUMPY[dtype])
+
+
 def load_array(t: TensorInfo) -> np.ndarray:
     """A small tensor as a numpy array, floats widened to float32 (BF16 by its bits; numpy has no bfloat16): what
     the value checks read, without torch. FP8 tensors are never value-checked this way."""
@@ -669,7 +674,9 @@ def load_tensor(t: TensorInfo):
 
 
 def tensor_to_bytes(x) -> bytes:
-    """Little-endian raw bytes of a contiguous CPU tensor (for the few exact integer rewrites, e.g. GPTQ v2→v1)."""
+    """Little-endian raw bytes of a CPU tensor or numpy array (a repacked tensor, an exact integer rewrite)."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
     import torch
 
     x = x.contiguous()

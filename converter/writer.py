@@ -24,8 +24,8 @@ from .layout import with_mtp_layers
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
 from .safety import OutputLock, fsync_path, fsync_tree
-from .safetensors_io import (PT_METADATA, Hasher, PendingTensor, forget_open_files, load_tensor, tensor_to_bytes,
-                             torch_dtype, write_file)
+from .safetensors_io import (PT_METADATA, Hasher, PendingTensor, forget_open_files, load_array, numpy_dtype,
+                             tensor_to_bytes, torch_dtype, write_file)
 
 
 def split_shards(tensors: list[TensorPlan], cap: int) -> list[list[TensorPlan]]:
@@ -52,11 +52,13 @@ def _copy_order(shard: list[TensorPlan]) -> list[TensorPlan]:
 def _pending(t: TensorPlan) -> PendingTensor:
     if t.made is None and t.rewrite is None:
         return PendingTensor(t.name, t.dtype, t.shape, t.nbytes, src=t.src)
-    make = t.made or (lambda: t.rewrite(load_tensor(t.src)))  # a repacked tensor, or an exact rewrite of one
+    # a repacked tensor (torch), or an exact rewrite of one (numpy)
+    make, dtype = (t.made, torch_dtype(t.dtype)) if t.made else (lambda: t.rewrite(load_array(t.src)),
+                                                                  numpy_dtype(t.dtype))
 
     def rewritten():
         new = make()
-        if tuple(new.shape) != t.shape or new.dtype != torch_dtype(t.dtype):
+        if tuple(new.shape) != t.shape or new.dtype != dtype:
             raise AssertionError(f"{t.name} was made {new.dtype}{list(new.shape)}, planned {t.dtype}{list(t.shape)}")
         yield tensor_to_bytes(new)
 

@@ -182,8 +182,8 @@ class Format(ConfigReader):
         return self.value_tensors
 
     def rewrite(self, suffix: str, p: dict) -> tuple[str, Callable] | None:
-        """An exact byte rewrite applied while copying: (its name, as the manifest records it; tensor → tensor), or
-        None for a verbatim copy."""
+        """An exact byte rewrite applied while copying: (its name, as the manifest records it; numpy array → numpy
+        array of the same dtype and shape — no torch for a rewrite of integers), or None for a verbatim copy."""
         return None
 
     def serve_problem(self, module: str, t: dict, p: dict, layout: str = MP_LAYOUT) -> str | None:

@@ -45,10 +45,17 @@ def unpack_cols(packed, bits: int, order: list[int] | None = None):
 
 
 def pack_cols(vals, bits: int):
-    """Inverse of unpack_cols without reordering: [R, C*pf] small ints → [R, C] int32."""
+    """Inverse of unpack_cols without reordering: [R, C*pf] small ints → [R, C] int32 (a torch tensor or a numpy
+    array, as given: build's exact rewrites run on numpy)."""
+    pf = 32 // bits
+    if isinstance(vals, np.ndarray):
+        v = vals.astype(np.uint32).reshape(vals.shape[0], -1, pf)
+        word = np.zeros(v.shape[:2], dtype=np.uint32)
+        for k in range(pf):
+            word |= v[:, :, k] << np.uint32(bits * k)
+        return word.view(np.int32)
     import torch
 
-    pf = 32 // bits
     v = vals.to(torch.int64).reshape(vals.shape[0], -1, pf)
     word = torch.zeros(v.shape[:2], dtype=torch.int64)
     for k in range(pf):
