@@ -2,8 +2,9 @@
 each round runs every contender once, in turn, with the previous output removed and `sync` run before each (so no
 contender pays for another's dirty pages). A shared VM's noise only ever adds time: the fastest run of each counts,
 and every run is printed. Jobs: `7b` (bench/build_bench.py's Llama-7B-shaped sources, few large tensors), `v3`
-(bench/v3_shaped.py's DeepSeek-V3-shaped job, many small tensors) or `real` (the real SmolLM2-135M from the
-fixtures: FP8 attention, W8A8 down_proj, GPTQ elsewhere).
+(bench/v3_shaped.py's DeepSeek-V3-shaped job, many small tensors), `real` (the real SmolLM2-135M from the
+fixtures: FP8 attention, W8A8 down_proj, GPTQ elsewhere) or `tiny` (the tests' 2-layer Llama from five real
+producers' outputs — CT FP8, CT W8A8, GPTQ v2, AWQ, native block FP8 —: what start-up and imports cost).
 
     python bench/build_rounds.py --job 7b --layers 4 --rounds 5 --code HEAD~1 --code .
     python bench/build_rounds.py --job real --rounds 5 --code .
@@ -65,6 +66,15 @@ def sources(job: str, layers: int, work: Path) -> Path:
                        stdout=subprocess.DEVNULL)
         recipe = (d / "recipe.yaml").read_text()
         files = list(d.rglob("*.safetensors"))
+    elif job == "tiny":
+        from fixtures.factory import fixture
+        kinds = {"fp8": "ct-fp8-static", "int8": "ct-w8a8", "v2": "gptq-v2", "awq": "awq", "fp8blk": "native-fp8-block"}
+        paths = {"base": fixture("llama", "base"), **{k: fixture("llama", v) for k, v in kinds.items()}}
+        recipe = (f"base: {paths['base']}\nsources: {{{', '.join(f'{k}: {paths[k]}' for k in kinds)}}}\n"
+                  "default: v2\nrules:\n"
+                  "  - {match: 'self_attn.*', layers: 0, source: fp8}\n  - {match: 'mlp.*', layers: 0, source: int8}\n"
+                  "  - {match: 'self_attn.*', layers: 1, source: awq}\n  - {match: lm_head, source: fp8blk}\n")
+        files = [f for p in paths.values() for f in p.glob("*.safetensors")]
     else:
         from real_build_bench import real_job
         recipe, files = real_job()
@@ -75,7 +85,7 @@ def sources(job: str, layers: int, work: Path) -> Path:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", choices=["7b", "v3", "real"], default="7b")
+    ap.add_argument("--job", choices=["7b", "v3", "real", "tiny"], default="7b")
     ap.add_argument("--layers", type=int, default=4, help="7b and v3 jobs: decoder layers")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--code", action="append", default=None, help="'.' or a git revision; repeatable")
@@ -106,7 +116,7 @@ def main(argv=None):
             rss[name] = max(rss[name], peak)
     out_mb = sum(p.stat().st_size for p in first_out.iterdir()) / 1e6
     base = min(runs["cp -r && sync"])
-    size = f", {a.layers} layers" if a.job != "real" else ""
+    size = f", {a.layers} layers" if a.job in ("7b", "v3") else ""
     print(f"job {a.job}{size}: output {out_mb:.0f} MB, {a.rounds} rounds\n")
     print("| contender | runs s | best s | best / (`cp -r && sync`) | peak RSS GiB |")
     print("|---|---|---:|---:|---:|")
