@@ -463,6 +463,13 @@ def _check_written_out(data, path: Path) -> None:
                         f"{MAX_RECIPE_VALUES:,}); a recipe is a few rules — write them without nesting aliases")
 
 
+def _shown(value) -> str:
+    """A recipe value in an error, as JSON — but nothing as YAML spells it: `base:` with no value, `~` and `null`
+    all read as null (a `~` meant as the home directory is `~/…`)."""
+    return "an empty value (YAML reads `key:`, `~` and `null` alike)" if value is None else \
+        json.dumps(value, default=str)
+
+
 def _is_union_tag(x) -> bool:
     """pydantic names the member of a Union that failed in the error's location (…layers.str, …layers.int)."""
     return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x)
@@ -488,12 +495,12 @@ def _first_problem(e: ValidationError) -> str:
     if len(tags) > 1 or (tags and err["type"].endswith("_type")):
         kinds = list(dict.fromkeys(_EXPECTED.get(t.split("[")[0], "a mapping") for t in tags))
         kinds = [k + " of those" if k == "a list" and kinds[0] != k else k for k in kinds]
-        return f"{loc}: {json.dumps(err['input'], default=str)} is not allowed here; give " \
+        return f"{loc}: {_shown(err['input'])} is not allowed here; give " \
                f"{', '.join(kinds[:-1]) + ' or ' if len(kinds) > 1 else ''}{kinds[-1]}"
     if err["type"].endswith("_type"):
         kind = _EXPECTED.get(err["type"].removesuffix("_type").replace("string", "str"))
         if kind:
-            return f"{loc}: {json.dumps(err['input'], default=str)} is not allowed here; give {kind}"
+            return f"{loc}: {_shown(err['input'])} is not allowed here; give {kind}"
     return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
 
 

@@ -398,6 +398,15 @@ def test_recipe_values_of_the_wrong_type(rule, match, llama, cli, tmp_path):
     fails(cli, tmp_path, r, match=match)
 
 
+@pytest.mark.parametrize("value", ["", " ~", " null"])
+def test_recipe_value_left_empty(value, llama, cli, tmp_path):
+    """Nothing, as YAML spells it (`default:` left empty, `~`): it said "default: null is not allowed here"."""
+    r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
+    r.write_text(r.read_text().replace("default: g", "default:" + value))
+    fails(cli, tmp_path, r, match="default: an empty value (YAML reads `key:`, `~` and `null` alike) is not allowed "
+                                  "here; give text")
+
+
 @pytest.mark.parametrize("name", ["''", "' g'", '"a\\tb"'])
 def test_a_source_name_must_be_plain_text(name, llama, cli, tmp_path):
     r = write_recipe(tmp_path, llama, {"g": "gptq"}, "g")
