@@ -254,6 +254,7 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
     from mpconvert.safety import OutputLock
     from mpconvert.writer import check_output, write
     from mpconvert.manifest import as_json
+    from mpconvert.summary import by_rule, rule_lines
 
     check_output(output, force)
     r = load_recipe(recipe)
@@ -279,15 +280,18 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
                 task = prog.add_task("writing", total=plan.total_bytes)
                 manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n), lock)
     secs = time.perf_counter() - t0
+    rules = by_rule(manifest.modules)
     summary = {"output": str(output), "layout": plan.layout, "seconds": round(secs, 3), "tensors": len(plan.tensors),
                "bytes": plan.total_bytes, "totals": as_json(manifest.totals),
-               "units": {u: v.describe() for u, v in manifest.units.items()}}
+               "units": {u: v.describe() for u, v in manifest.units.items()}, "rules": rules}
     if json_out:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
         t = manifest.totals
         out.print(f"built {output}: {len(plan.tensors)} tensors, {plan.total_bytes / 1e6:.1f} MB, "
                   f"{t.bits_per_weight} bits/weight in linears, {secs:.1f} s", highlight=False)
+        for line in rule_lines(rules):
+            out.print("  " + line, markup=False, highlight=False, soft_wrap=True)
 
 
 PLAN_HELP = """Choose which source serves each layer under a size budget, from measurements on real text, and
@@ -397,7 +401,7 @@ def inspect(directory: Path = typer.Argument(..., parser=_path, help="converted 
             modules: Optional[bool] = typer.Option(None, "--modules/--no-modules",
                                                    help="list every linear module (default: when there are "
                                                         f"at most {INSPECT_ROWS}, and with --json)")):
-    from mpconvert.summary import summarize
+    from mpconvert.summary import rule_lines, summarize
 
     s = summarize(directory, modules is not False)
     if json_out:
@@ -421,6 +425,9 @@ def inspect(directory: Path = typer.Argument(..., parser=_path, help="converted 
     for unit, desc in s["units"].items():
         if desc.startswith("mixed_experts"):  # expert → format map of a MoE layer whose experts mix formats
             out.print(f"{unit}: {desc}", highlight=False)
+    out.print("chosen by:", highlight=False)
+    for line in rule_lines(s["rules"]):
+        out.print("  " + line, markup=False, highlight=False, soft_wrap=True)
     out.print(f"linear weights: {s['bits_per_weight']} bits/weight on average; checkpoint {s['bytes']:,} bytes = "
               f"{s['vs_bf16']:.3f} × its bf16 size ({s['bf16_bytes']:,} bytes)", highlight=False)
     out.print("layout: " + ("compressed-tensors (stock SGLang loads it; no plugin)" if s["layout"] ==

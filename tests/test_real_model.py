@@ -63,6 +63,28 @@ def test_a_rule_for_the_lm_head_of_a_tied_model(real, cli, tmp_path):
                                   "own (it ties the output head to the embeddings); fix or remove the rule")
 
 
+def test_build_and_inspect_say_what_each_rule_chose(real, cli, tmp_path):
+    """A glob matches more than its writer may mean — `model.layers.1*` is layers 1 and 10-19 of the real model's 30
+    — and nothing said so: build (text and --json) and inspect now list each rule's modules and layers."""
+    r = write_recipe(tmp_path, real, {"fp8": "fp8-dynamic", "int8": "w8a8"}, "int8",
+                     '- {match: "model.layers.1*", source: fp8}\n- {match: "mlp.down_proj", layers: 0-3, source: fp8}')
+    first = {"chosen_by": "rules[0] (match 'model.layers.1*' → fp8)", "source": "fp8", "formats": ["fp8"],
+             "modules": 11 * 7, "layers": "1,10-19"}
+    res = cli("build", r, "-o", tmp_path / "out", "--json")
+    assert res.exit_code == 0, res.output
+    rules = json.loads(res.stdout)["rules"]
+    assert rules == [first, {"chosen_by": "rules[1] (match 'mlp.down_proj' layers=0-3 → fp8)", "source": "fp8",
+                             "formats": ["fp8"], "modules": 3, "layers": "0,2-3"},
+                     {"chosen_by": "default (int8)", "source": "int8", "formats": ["int8"], "modules": 30 * 7 - 80,
+                      "layers": "0,2-9,20-29"}]
+    assert json.loads(cli("inspect", tmp_path / "out", "--json").stdout)["rules"] == rules
+    text = cli("build", r, "-o", tmp_path / "out", "--force").output
+    assert "  rules[0] (match 'model.layers.1*' → fp8): 77 linear modules in layers 1,10-19 (fp8)\n" in text
+    assert "  default (int8): 130 linear modules in layers 0,2-9,20-29 (int8)\n" in text
+    assert "rules[1] (match 'mlp.down_proj' layers=0-3 → fp8): 3 linear modules in layers 0,2-3" in \
+        cli("inspect", tmp_path / "out", "--no-modules").output
+
+
 def test_numeric_bands_hold_on_the_real_model(mixed, real, cli):
     """A correct GPTQ g64 checkpoint of the real model passes --numeric: its worst module (0.26 from the base, over a
     fixed 0.25 band) is measured against what round-to-nearest in its scheme does on the same weight. On held-out
