@@ -97,7 +97,8 @@ written (strict safetensors headers, typed configs, scale and g_idx values, fuse
 TP/EP splits and kernel shapes); each problem is one `error:` line and exit code 2. One build per OUTPUT at a time
 (a lock); an existing OUTPUT is replaced only with --force, only if it is an earlier output of build (or empty),
 and only the directory that was there when the build started; leftovers of a build that died are cleaned up by the
-next build of the same OUTPUT.
+next build of the same OUTPUT. It ends by listing what each rule chose: its linear modules, their layers and formats
+(all rules under --json's `rules`; `inspect` shows the same later).
 
 Recipe (YAML; relative paths are relative to the recipe file):
 
@@ -116,7 +117,8 @@ moe: true/false restricts to layers with/without a MoE block; experts: routed ex
 {file: F, top: N | coverage: 0.8}, each layer's most routed experts from a routing-frequency file (JSON
 {"LAYER": [count per expert]} or SGLang's expert-distribution dump). Experts of one MoE layer may come in several
 formats (FP8, Int8, GPTQ, bf16; not from a folded-scale source such as AWQ): SGLang then runs one native fused-MoE
-call per format over its own experts.
+call per format over its own experts. The YAML is read as written: a key twice in one mapping, a number YAML 1.1
+reads otherwise (010 is octal 8; 0x1A, 1_0, 1:20) and yes/no/on/off (booleans there: quote them) are refused.
 
 --to compressed-tensors writes the mix as an ordinary compressed-tensors checkpoint instead, which stock SGLang
 serves with no mpconvert installed (vLLM reads the same format; not tested here): one config group per scheme,
@@ -394,7 +396,8 @@ INSPECT_ROWS = 500  # a table of a DeepSeek-V3-sized job's 45k modules helps no 
 
 
 @app.command(help="Show what a converted directory holds: module → format, source, bytes; totals per format; "
-                  "average bits per weight and the size vs bf16.\n\nExample:  mpconvert inspect out/ --json")
+                  "what each recipe rule chose; average bits per weight and the size vs bf16.\n\n"
+                  "Example:  mpconvert inspect out/ --json")
 @guarded
 def inspect(directory: Path = typer.Argument(..., parser=_path, help="converted directory"),
             json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
