@@ -56,12 +56,7 @@ def pack_cols(vals, bits: int):
         return word.view(np.int32)
     import torch
 
-    v = vals.to(torch.int64).reshape(vals.shape[0], -1, pf)
-    word = torch.zeros(v.shape[:2], dtype=torch.int64)
-    for k in range(pf):
-        word |= v[:, :, k] << (bits * k)
-    word = torch.where(word >= 2**31, word - 2**32, word)
-    return word.to(torch.int32)
+    return torch.from_numpy(pack_cols(vals.numpy(), bits))  # a repack's tensors: the same packing
 
 
 def round_to_nearest_int(w, bits: int, group_size: int, symmetric: bool):
