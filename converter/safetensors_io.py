@@ -680,9 +680,9 @@ def tensor_to_bytes(x) -> bytes:
     import torch
 
     x = x.contiguous()
-    if x.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+    if x.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):  # (no numpy dtype: their bits as ints)
         x = x.view(torch.uint8 if x.element_size() == 1 else torch.int16)
-    return np.ascontiguousarray(x.numpy()).astype(x.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+    return tensor_to_bytes(x.numpy())
 
 
 @dataclass(slots=True)
