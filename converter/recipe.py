@@ -285,24 +285,38 @@ class Recipe(BaseModel):
                 for r in self.rules if isinstance(r.experts, ExpertsFromFile)}
 
 
+class _LayerTwice(Exception):
+    pass
+
+
+def _each_layer_once(pairs: list) -> dict:
+    """json.loads's hook for a routing file: a layer written twice — the same key (json keeps the last) or one
+    number spelt two ways ("1" and "01") — is refused. (A key that is not a number fails later, with the file's
+    format.)"""
+    first: dict[int, str] = {}
+    for k, _ in pairs:
+        try:
+            layer = int(k)
+        except ValueError:
+            continue
+        if layer in first:
+            raise _LayerTwice(layer if first[layer] == k else f"{layer} (as {first[layer]!r} and {k!r})")
+        first[layer] = k
+    return dict(pairs)
+
+
 def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     """layer → routed-token count per expert. JSON {"0": [..], ...}, or SGLang's expert-distribution dump (a torch
     file with `logical_count`, [layers, experts] after summing any leading steps/ranks dimensions)."""
     if not path.exists():
         raise UserError(f"{where}: {path} not found; pass a routing-frequency file (JSON or SGLang's expert "
                         f"distribution dump)")
-    from .safetensors_io import DuplicateKey, no_duplicate_keys
-
     try:
         if path.suffix == ".json":
-            raw = json.loads(path.read_text(), object_pairs_hook=no_duplicate_keys)
+            raw = json.loads(path.read_text(), object_pairs_hook=_each_layer_once)
             if not all(isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in raw.values()):
                 raise ValueError("every layer's counts must be a list of numbers")
-            out, keys = {}, {}
-            for k, v in raw.items():
-                if keys.setdefault(int(k), k) != k:  # "0" and "00" are one layer
-                    raise DuplicateKey(f"{int(k)} (as {keys[int(k)]!r} and {k!r})")
-                out[int(k)] = tuple(float(x) for x in v)
+            out = {int(k): tuple(float(x) for x in v) for k, v in raw.items()}
         else:
             import torch
 
@@ -310,7 +324,7 @@ def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
             t = obj["logical_count"] if isinstance(obj, dict) else obj
             t = t.reshape(-1, *t.shape[-2:]).sum(0) if t.dim() > 2 else t
             out = {i: tuple(float(x) for x in row) for i, row in enumerate(t.tolist())}
-    except DuplicateKey as e:
+    except _LayerTwice as e:
         raise UserError(f"{where}: {path} gives layer {e} twice; give each layer's counts once") from None
     except UserError:
         raise

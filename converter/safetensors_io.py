@@ -64,17 +64,16 @@ class TensorInfo(NamedTuple):
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/:+]{0,499}")
 
 
-def no_duplicate_keys(pairs: list) -> dict:
-    """json.loads's object_pairs_hook for a file where a key written twice is an error (json keeps the last)."""
+def _no_duplicates(pairs: list) -> dict:
     d = {}
     for k, v in pairs:
         if k in d:
-            raise DuplicateKey(k)
+            raise _Duplicate(k)
         d[k] = v
     return d
 
 
-class DuplicateKey(Exception):
+class _Duplicate(Exception):
     pass
 
 
@@ -87,7 +86,7 @@ def _parse_header(raw: bytes):
         entries = len(header) - ("__metadata__" in header)
         if all(raw.count(k) == entries for k in (b'"dtype"', b'"shape"', b'"data_offsets"')):
             return header
-    return json.loads(raw, object_pairs_hook=no_duplicate_keys)
+    return json.loads(raw, object_pairs_hook=_no_duplicates)
 
 
 def regular_file_size(path: Path) -> int:
@@ -135,7 +134,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], bytes]:
             return out, raw
     try:
         header = _parse_header(raw)
-    except DuplicateKey as e:
+    except _Duplicate as e:
         raise UserError(f"{path}: header lists {e.args[0]!r} twice; the file is corrupt (safetensors refuses "
                         f"duplicate keys) — re-save it") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -185,8 +184,8 @@ def _canonical_header(raw: bytes):
     if body.startswith(_META, 1):
         try:
             text = body[1 + len(_META):].decode()
-            meta, end = json.JSONDecoder(object_pairs_hook=no_duplicate_keys).raw_decode(text)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, DuplicateKey):
+            meta, end = json.JSONDecoder(object_pairs_hook=_no_duplicates).raw_decode(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, _Duplicate):
             return None
         pos = 1 + len(_META) + len(text[:end].encode())
         if body[pos:pos + 1] != b",":
