@@ -7,6 +7,7 @@ classes on CPU and every layer must get its native method.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -16,7 +17,7 @@ from compressed_tensors.quantization import QuantizationScheme
 from safetensors.torch import load_file
 
 from fixtures.factory import HERE, autoawq_python, fixture_python
-from helpers import build, check_faithful, copy, fails, loaded, write_recipe
+from helpers import build, check_faithful, copy, fails, header_of, loaded, put_header, write_recipe
 from mpconvert.formats import FORMATS
 from mpconvert.formats.gptq import v1_to_v2_words
 from mpconvert.formats.intpack import pack_cols, unpack_cols
@@ -262,3 +263,46 @@ def test_ignore_lists_match_as_sglang_matches_them():
         matches = _matcher(ignore)
         for name in rnd.sample(names, 40):
             assert matches(name) == check_equal_or_regex_match(name, ignore), (name, ignore)
+
+
+def _same_size_shapes(shape: list[int]) -> list[tuple[int, ...]]:
+    """The other shapes a tensor's elements could be written in: a scalar as [] or [1], a column as [n], [n, 1] or
+    [1, n]."""
+    n = 1
+    for d in shape:
+        n *= d
+    return [s for s in ([(), (1,)] if n == 1 else [(n,), (n, 1), (1, n)]) if s != tuple(shape)]
+
+
+@pytest.mark.parametrize("kind", ["ct-fp8-static", "native-fp8-tensor", "ct-fp8-dynamic", "ct-w8a8", "native-w8a8"])
+def test_a_scale_in_another_shape_is_taken_only_where_sglang_loads_it(llama, cli, tmp_path, kind):
+    """A scale's elements written in another shape of the same size ([] for [1], [out] or [1, out] for [out, 1]): build
+    takes it only where SGLang's own loader does, and SGLang then holds exactly what it holds for the shape as the
+    producer wrote it; every other is refused in one line naming the tensor and the shape it needs. (A flat [out]
+    per-channel scale passed build and verify and crashed SGLang's loader — a shape assertion — at serve time; a
+    scalar [] scale crashed build's value check.)"""
+    src = copy(llama[kind], tmp_path / "src")
+    shard = src / "model.safetensors"
+    header, data = header_of(shard)
+    recipe = write_recipe(tmp_path, {**llama, "q": src}, {"q": "q"}, "q")
+    taken = {}
+    for name in sorted(n for n in header if n.startswith("model.layers.0.") and n.endswith("scale")):
+        for shape in _same_size_shapes(header[name]["shape"]):
+            put_header(shard, {**header, name: {**header[name], "shape": list(shape)}}, data)
+            r = cli("build", recipe, "-o", tmp_path / "o")
+            if r.exit_code == 0:
+                taken[name] = list(shape)
+                shutil.rmtree(tmp_path / "o")
+            else:
+                assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+                assert f"{name} is " in r.output and " needs " in r.output, r.output
+    put_header(shard, header, data)
+    build(cli, recipe, tmp_path / "as-written")
+    if header["model.layers.0.mlp.down_proj.weight_scale"]["shape"] != [1]:  # per-channel: [out, 1] and nothing else
+        assert taken == {}
+        return
+    assert taken and set(map(tuple, taken.values())) == {()}  # per-tensor: a scalar scale as [] or [1]
+    put_header(shard, {**header, **{n: {**header[n], "shape": s} for n, s in taken.items()}}, data)
+    build(cli, recipe, tmp_path / "reshaped")
+    [as_written], [reshaped] = loaded(tmp_path / "as-written"), loaded(tmp_path / "reshaped")
+    assert reshaped["params"] == as_written["params"]  # every parameter: dtype, shape and a hash of its data

@@ -300,8 +300,9 @@ def value_suffixes(scheme: Scheme) -> tuple[str, ...]:
 
 
 def module_values(stacked: dict, i: int) -> dict:
-    """Module i's value tensors out of a batch stacked on a leading axis (views, no copies)."""
-    return {s: a[i] for s, a in stacked.items()}
+    """Module i's value tensors out of a batch stacked on a leading axis (views, no copies; a scalar tensor stays a
+    0-d array, as the checks expect, not a numpy scalar)."""
+    return {s: a[i, ...] for s, a in stacked.items()}
 
 
 VALUE_BATCH = 256  # modules whose small value tensors are loaded and checked together (bounds the memory)

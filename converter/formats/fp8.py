@@ -110,7 +110,7 @@ class FP8(Format):
             bn, bk = p["block"]
             scale = Expect(sdt, (ceil_div(out_f, bn), ceil_div(in_f, bk)))
         elif p["strategy"] == "channel":
-            scale = Expect(sdt, (out_f, 1), ((out_f,),))
+            scale = Expect(sdt, (out_f, 1))  # SGLang's loader asserts [out, 1]; a flat [out] crashes it
         else:
             scale = Expect(sdt, (1,), ((),))
         exp = {"weight": Expect(("F8_E4M3",), (out_f, in_f)), self.scale_name(p): scale}

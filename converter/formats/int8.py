@@ -34,7 +34,8 @@ class Int8(Format):
         return Scheme.of("int8", layout="native", activation="dynamic") if w is not None and w.dtype == "I8" else None
 
     def expected(self, p, out_f, in_f):
-        return {"weight": Expect(("I8",), (out_f, in_f)), "weight_scale": Expect(FLOAT_DTYPES, (out_f, 1), ((out_f,),))}
+        # [out, 1] only: SGLang's ChannelQuantScaleParameter asserts that shape when loading (a flat [out] crashes it)
+        return {"weight": Expect(("I8",), (out_f, in_f)), "weight_scale": Expect(FLOAT_DTYPES, (out_f, 1))}
 
     def dequantize(self, t, p, out_f, in_f):
         return t["weight"].float() * t["weight_scale"].float().reshape(out_f, 1)
