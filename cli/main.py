@@ -598,9 +598,17 @@ Adds `--dtype float16` when the model has GPTQ MoE experts and no --dtype is giv
 runs fp16 activations only). Refuses, before SGLang starts: a directory without an mpconvert manifest, an
 SGLANG_PLUGINS filter that would leave the shim out, a --model-path of its own among SGLang's arguments, and parallel
 sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split — the checks
-of `mpconvert verify --tp/--ep/--dp`.
+of `mpconvert verify --tp/--ep/--dp` — and config values set at launch (--json-model-override-args) that the weights
+decide: the layers' formats (quantization_config) and any size, layer or expert count the weights do not have (verify's
+config rule). A value the weights leave open — a longer context, rope scaling — goes to SGLang as given: set it here,
+not by editing config.json (verify reports an edited config.json).
 
-Examples:  mpconvert serve out/ -- --tp 2 --port 30000      mpconvert serve out/ --print-command
+Examples:
+
+\b
+  mpconvert serve out/ --print-command
+  mpconvert serve out/ -- --tp 2 --port 30000
+  mpconvert serve out/ -- --json-model-override-args '{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}'
 """
 
 
@@ -651,6 +659,7 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
     if launch.model_path != str(directory):
         raise UserError(f"the arguments after -- name another model ({launch.model_path}); serve passes {directory} "
                         f"as --model-path itself — remove it (to serve another directory, name that one instead)")
+    _check_config_overrides(directory, manifest, launch)
     sizes = Parallel(launch.tp_size, launch.ep_size, launch.dp_size if launch.enable_dp_attention else 1,
                      launch.moe_dense_tp_size, launch.enable_dp_lm_head).check()
     problems = partition_problems(manifest.linears(), manifest.model.info(), sizes)
@@ -660,6 +669,46 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"{directory} cannot be served with {flags}: {where}{first.message.removeprefix(flags + ': ')}"
                         f"{more}; `mpconvert verify {shlex.quote(str(directory))} {flags}` lists them all")
+
+
+def _check_config_overrides(directory: Path, manifest, launch) -> None:
+    """SGLang builds the model from config.json with --json-model-override-args set on top (each key set on the
+    config; a dict onto a sub-config such as text_config updates it), or from another file (--decrypted-config-file).
+    A launch-time value — a longer context, another rope_scaling — is the user's to choose; what the build decided is
+    not: the layers' formats (quantization_config) and every size the weights have (verify's config rule,
+    layout.config_problems). Refused here as verify refuses them in an edited config.json."""
+    from mpconvert.checkpoint import read_json
+    from mpconvert.layout import config_problems
+    from mpconvert.manifest import WRITTEN_KEYS
+
+    flag = "--json-model-override-args"
+    if getattr(launch, "decrypted_config_file", None):
+        raise UserError(f"--decrypted-config-file makes SGLang read {launch.decrypted_config_file} instead of "
+                        f"{directory}/config.json, which says how each layer is stored; leave it out (pass a value to "
+                        f"change with {flag})")
+    try:
+        override = json.loads(getattr(launch, "json_model_override_args", None) or "{}")
+    except ValueError as e:
+        raise UserError(f"{flag}: not JSON ({e}); pass one object, e.g. '{{\"max_position_embeddings\": 65536}}'") \
+            from None
+    if not isinstance(override, dict):
+        raise UserError(f"{flag}: {override!r} is not a JSON object; pass one, e.g. "
+                        f"'{{\"max_position_embeddings\": 65536}}'")
+    for key in override:
+        if key in WRITTEN_KEYS:
+            raise UserError(f"{flag} sets {key}, which build wrote to say how each layer of {directory} is stored "
+                            f"(SGLang would read the weights as something they are not); leave it out")
+    config = read_json(directory / "config.json", "config.json")
+    seen = dict(config)
+    for key, value in override.items():
+        current = seen.get(key)
+        nested = isinstance(value, dict) and isinstance(current, dict) and "model_type" in current  # a sub-config
+        seen[key] = {**current, **value} if nested else value
+    problems = config_problems(seen, manifest.weight_shapes(), served=True)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{flag} {json.dumps(override)}: {problems[0]}{more}; override only what the weights leave "
+                        f"open (context length, rope scaling)")
 
 
 @app.command(help=SERVE_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -345,7 +345,18 @@ def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]], served: bool
         if experts and not _ids_are(experts, n_experts):
             problems.append(f"layer {layer} holds experts {format_ids(sorted(experts))}, but config.json says "
                             f"{n_experts} routed experts (ids 0-{n_experts - 1})")
+    if cfg.get("tie_word_embeddings", c.get("tie_word_embeddings")) is False and _head_missing(weights):
+        problems.append("config.json tie_word_embeddings=false, but the weights hold no lm_head (the model ties its "
+                        "output head to the embeddings): SGLang would build a head of its own and leave it "
+                        "uninitialized")
     return problems
+
+
+def _head_missing(weights) -> bool:
+    """The weights hold the model's embeddings and no output head of its own (MTP layers' embeddings aside)."""
+    roles = [role_of(m) for m in weights if "embed_tokens" in m or "lm_head" in m]
+    return any(r is not None and r.kind == "embedding" and r.layer is None for r in roles) and \
+        not any(r is not None and r.slot == "lm_head" for r in roles)
 
 
 def _incomplete_layers(held: dict[int, set[str]], expert_slots: dict[tuple[int, str], set[int]],

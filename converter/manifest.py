@@ -367,6 +367,13 @@ class Manifest(_Entry, kw_only=True, omit_defaults=False):
         return Parallel(self.built_for_tp, self.built_for_ep, self.built_for_dp or 1,
                         self.built_for_moe_dense_tp or None)
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every module's weight shape as recorded: a linear's [out, in] (whatever its format stores), else its weight
+        tensor's (what layout.config_problems holds a config.json against)."""
+        table_shapes = self.tensors.shape
+        return {name: tuple(m.shape) if m.shape is not None else tuple(table_shapes[m.rows["weight"]])
+                for name, m in self.modules.items() if m.shape is not None or "weight" in m.rows}
+
     def linears(self) -> list:
         """Every linear module as the shared rules (rules.py) see it; modules without a known role are left out
         (verify reports them)."""

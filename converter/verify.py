@@ -142,12 +142,20 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
                         f"is {got!r}, build wrote {wrote!r}: SGLang reads it to pick how each layer is served; "
                         f"rebuild or restore it")
     rest = {k: v for k, v in config.items() if k not in WRITTEN_KEYS}
-    for k in sorted(set(rest) | set(manifest.config)):
-        if _differs(rest.get(k, "<absent>"), manifest.config.get(k, "<absent>")):
-            rep.add("config", f"config.json {k}",
-                    f"is {rest.get(k, '<absent>')!r}, built with {manifest.config.get(k, '<absent>')!r}: config.json "
-                    f"was edited after build, and it decides how SGLang builds and runs the model — restore it or "
-                    f"rebuild")
+    edited = [k for k in sorted(set(rest) | set(manifest.config))
+              if _differs(rest.get(k, "<absent>"), manifest.config.get(k, "<absent>"))]
+    misfits = config_problems(config, manifest.weight_shapes(), served=True) if edited else []
+    for k in edited:
+        # a value the weights leave open (a longer context) has a place that needs no edit: SGLang's launch override
+        at_launch = "" if misfits else (f" (to serve with another value, restore it and pass that at launch: mpconvert "
+                                        f"serve DIR -- --json-model-override-args '{{\"{k}\": …}}')")
+        rep.add("config", f"config.json {k}",
+                f"is {rest.get(k, '<absent>')!r}, built with {manifest.config.get(k, '<absent>')!r}: config.json was "
+                f"edited after build, and it decides how SGLang builds and runs the model — restore it or rebuild"
+                f"{at_launch}")
+    if misfits:  # the first: one wrong count (num_hidden_layers) makes every later layer look wrong too
+        more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""
+        rep.add("config", "config.json", f"as edited: {misfits[0]}{more}")
     try:
         info = ModelInfo.from_config(manifest.config, "recorded config")
     except UserError as e:
@@ -156,7 +164,7 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
         if info != manifest.model.info():
             rep.add("manifest", "model", f"records {as_json(manifest.model)} but the recorded config says "
                                          f"{info}: the manifest was edited")
-        for problem in config_problems(manifest.config, _weight_shapes(manifest), served=True):
+        for problem in config_problems(manifest.config, manifest.weight_shapes(), served=True):
             rep.add("config", "config.json", f"{problem}: the config and the weights disagree (SGLang builds the "
                                              f"model from config.json); rebuild from a base whose config fits it")
     for name, sha in sorted(manifest.files.items()):
@@ -166,14 +174,6 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
         elif hashlib.sha256(p.read_bytes()).hexdigest() != sha:
             rep.add("config", name, "sha256 differs from the one recorded at build time: the file was edited; "
                                     "restore it or rebuild")
-
-
-def _weight_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
-    """Every module's weight shape as recorded: a linear's [out, in] (whatever its format stores), else its weight
-    tensor's."""
-    table_shapes = manifest.tensors.shape
-    return {name: tuple(m.shape) if m.shape is not None else tuple(table_shapes[m.rows["weight"]])
-            for name, m in manifest.modules.items() if m.shape is not None or "weight" in m.rows}
 
 
 # ---- structure -------------------------------------------------------------------------------------------------

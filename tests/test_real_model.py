@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_once, fails, manifest_json, resign, set_scheme, write_recipe
+from helpers import build_once, fails, manifest_json, refused, resign, set_scheme, write_recipe
 
 EVAL_TEXT = ("GFDL-1.3", "Artistic")  # the GPTQ source was calibrated on GPL-3 and Apache-2.0 (fixtures/smollm2.py)
 
@@ -148,3 +148,31 @@ def test_new_formats_on_the_real_model(real, cli, tmp_path, layout):
     int4 = "gptq" if layout == "mpconvert" else "wna16"
     assert [formats[f"model.layers.{i}.mlp.up_proj"] for i in (0, 8, 16, 24)] == ["int8", int4, "wna16", "wna16"]
     assert manifest["modules"]["model.layers.24.mlp.up_proj"]["params"]["symmetric"] is False
+
+
+def test_serving_values_go_at_launch_and_an_untied_head_is_refused(mixed, cli, tmp_path):
+    """SmolLM2 ties its output head to the embeddings (the weights hold no lm_head). A longer context is the user's
+    to choose when serving — SGLang's --json-model-override-args, which serve passes on and verify's edited-config
+    finding points to — but `tie_word_embeddings: false` is not: SGLang would build a head of its own and leave it
+    uninitialized. serve refuses that override; verify says it of a config.json edited so, and points to no override."""
+    longer = '{"max_position_embeddings": 32768, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}'
+    r = cli("serve", mixed, "--print-command", "--", "--json-model-override-args", longer)
+    assert r.exit_code == 0 and longer in r.stdout, r.output
+    r = cli("serve", mixed, "--print-command", "--", "--json-model-override-args", '{"tie_word_embeddings": false}')
+    refused(r, "config.json tie_word_embeddings=false, but the weights hold no lm_head")
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for p in mixed.iterdir():
+        (edited / p.name).symlink_to(p)
+    config = json.loads((mixed / "config.json").read_text())
+    for change, hint in (({"max_position_embeddings": 32768}, True), ({"tie_word_embeddings": False}, False)):
+        (edited / "config.json").unlink()
+        (edited / "config.json").write_text(json.dumps({**config, **change}, indent=2))
+        r = cli("verify", edited, "--fast", "--json")
+        assert r.exit_code == 1, r.output
+        found = {f["where"]: f["message"] for f in json.loads(r.stdout)["findings"]}
+        [key] = change
+        assert "edited after build" in found[f"config.json {key}"]
+        assert (f"--json-model-override-args '{{\"{key}\": …}}'" in found[f"config.json {key}"]) is hint
+        assert ("as edited: config.json tie_word_embeddings=false, but the weights hold no lm_head" in
+                found.get("config.json", "")) is not hint

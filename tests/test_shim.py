@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,11 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
                                     "--dtype", "float16"]
     r = cli("serve", tmp_path / "out", "--print-command", "--", "--dtype=bfloat16")
     assert r.stdout.split()[-1] == "--dtype=bfloat16"
+    # a value the weights leave open goes to SGLang as given (a longer context: rope scaling, max positions)
+    longer = '{"max_position_embeddings": 65536, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}'
+    r = cli("serve", tmp_path / "out", "--print-command", "--", "--json-model-override-args", longer)
+    assert r.exit_code == 0, r.output
+    assert shlex.split(r.stdout)[-4:] == ["--json-model-override-args", longer, "--dtype", "float16"]
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
     r = cli("serve", tmp_path / "out", "--print-command")
     assert r.exit_code == 2 and "leaves out the mpconvert plugin" in r.output
@@ -177,6 +183,18 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
     (["--config", "{tmp}/sglang.yaml"], "cannot be served with --tp 3:"),
     (["--config", "{tmp}/broken.yaml"], "SGLang's launch_server cannot read its --config: while parsing a flow "
                                         "sequence"),
+    # config values set at launch: what the build decided (the layers' formats, every size the weights have) is not
+    # the launch's to change — verify's config rule, as it refuses an edited config.json
+    (["--json-model-override-args", '{"quantization_config": {}}'], "sets quantization_config, which build wrote to "
+                                                                     "say how each layer"),
+    (["--json-model-override-args", '{"num_hidden_layers": 1}'], "config.json num_hidden_layers=1, but the weights "
+                                                                 "hold layers 0-1"),
+    (["--json-model-override-args={\"num_experts\": 4}"], "has shape [8, 256], but config.json implies [4, 256]"),
+    (["--json-model-override-args", '{"moe_intermediate_size": 64}'], "down_proj.weight has shape [256, 256], but "
+                                                                      "config.json implies [256, 64]"),
+    (["--json-model-override-args", "[1]"], "--json-model-override-args: [1] is not a JSON object"),
+    (["--json-model-override-args", "{'a': 1}"], "--json-model-override-args: not JSON"),
+    (["--decrypted-config-file", "{tmp}/other.json"], "makes SGLang read {tmp}/other.json instead of"),
 ])
 def test_serve_refuses_before_sglang_starts(moe, cli, tmp_path, args, message):
     """What launch_server would run with, read by SGLang's own parser (aliases, `--x=y`, a --config file): sizes at
@@ -186,8 +204,8 @@ def test_serve_refuses_before_sglang_starts(moe, cli, tmp_path, args, message):
     (tmp_path / "broken.yaml").write_text("tp-size: [3\n")
     recipe = write_recipe(tmp_path, moe, {"gptq": "gptq"}, "gptq")
     build(cli, recipe, tmp_path / "out")
-    r = cli("serve", tmp_path / "out", "--print-command", "--", *(a.format(tmp=tmp_path) for a in args))
-    refused(r, message)
+    r = cli("serve", tmp_path / "out", "--print-command", "--", *(a.replace("{tmp}", str(tmp_path)) for a in args))
+    refused(r, message.replace("{tmp}", str(tmp_path)))
     assert "sglang.launch_server" not in r.stdout
 
 
