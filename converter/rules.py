@@ -364,12 +364,17 @@ def partition_problems(linears: list[Linear], info: ModelInfo, parallel: Paralle
     return problems
 
 
-def _kernel(unit: str, m: Linear, flag: str, tp: int, *args, dp_fix: str = "") -> list[Problem]:
-    problem = FORMATS[m.scheme.format].kernel_problem(m.scheme.params, *args)
+def _kernel(unit: str, m: Linear, flag: str, tp: int, split: tuple, whole: tuple, dp_fix: str = "") -> list[Problem]:
+    """The format's kernel_problem for the layer as one rank holds it (`split`: kernel_problem's arguments); `whole`:
+    the same layer unsplit — when that fails too, no smaller --tp helps (a split only divides sizes), and the fix
+    says so."""
+    fmt = FORMATS[m.scheme.format]
+    problem = fmt.kernel_problem(m.scheme.params, *split)
     if not problem:
         return []
     prefix = f"{flag}: " if tp > 1 else ""
-    fix = f"use a smaller --tp{dp_fix} or another format for this module" if tp > 1 else \
+    fix = f"use a smaller --tp{dp_fix} or another format for this module" \
+        if tp > 1 and fmt.kernel_problem(m.scheme.params, *whole) is None else \
         "SGLang cannot serve it in this format at any TP; take it from another format"
     return [Problem("kernel", unit, f"{prefix}{unit} ({m.scheme.describe()} from {m.source!r} via {m.why}): "
                                     f"{problem}; {fix}")]
@@ -396,8 +401,10 @@ def _dense_unit(unit: str, members: list[Linear], info: ModelInfo, tp: int, flag
                                                          f"divisible by {tp}"))
     if problems:
         return problems
-    return _kernel(unit, first, flag, tp, out_parts, first.in_features // in_ways, first.in_features,
-                   tp > 1 and parallel == "column", tp > 1 and parallel == "row", False, dp_fix=dp_fix)
+    return _kernel(unit, first, flag, tp, (out_parts, first.in_features // in_ways, first.in_features,
+                                           tp > 1 and parallel == "column", tp > 1 and parallel == "row", False),
+                   ([m.out_features for m in members], first.in_features, first.in_features, False, False, False),
+                   dp_fix=dp_fix)
 
 
 def _expert_unit(unit: str, members: list[Linear], tp: int, ep: int, flag: str) -> list[Problem]:
@@ -417,6 +424,8 @@ def _expert_unit(unit: str, members: list[Linear], tp: int, ep: int, flag: str) 
                                                        f"divisible by moe_tp = {moe_tp}"))
             continue
         ip = inter // moe_tp
-        problems += _kernel(unit, gate, flag, tp, [ip, ip], hidden, hidden, moe_tp > 1, False, True) or \
-            _kernel(unit, down, flag, tp, [hidden], ip, inter, False, tp > 1, True)
+        problems += _kernel(unit, gate, flag, tp, ([ip, ip], hidden, hidden, moe_tp > 1, False, True),
+                            ([inter, inter], hidden, hidden, False, False, True)) or \
+            _kernel(unit, down, flag, tp, ([hidden], ip, inter, False, tp > 1, True),
+                    ([hidden], inter, inter, False, False, True))
     return problems

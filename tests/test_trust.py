@@ -850,6 +850,15 @@ def test_fp8_block_qkv_of_576_is_refused_at_tp1():
     gate_up = [Linear(f"model.layers.0.mlp.{p}_proj", role_of(f"model.layers.0.mlp.{p}_proj"), gptq, "g", "x", 1536,
                       576) for p in ("gate", "up")]
     assert partition_problems(gate_up, info, Parallel()) == []
+    # at --tp 3 the same qkv fails as at TP=1: no smaller --tp helps, and the fix says so (it said "use a smaller
+    # --tp"); a qkv of 1024 × 3 with 16 heads is whole blocks at TP=1 and at --tp 8, not at --tp 16
+    [p] = partition_problems(mods, info, Parallel(3))
+    assert p.message.startswith("--tp 3: ") and "at any TP" in p.message and "smaller --tp" not in p.message
+    wide = [Linear(m.name, m.role, fp8, "fp8", "x", 1024, 1024) for m in mods]
+    wide_info = ModelInfo("llama", 30, 16, 16, 0)
+    assert partition_problems(wide, wide_info, Parallel()) == partition_problems(wide, wide_info, Parallel(8)) == []
+    [p] = partition_problems(wide, wide_info, Parallel(16))
+    assert "use a smaller --tp or another format" in p.message and "at any TP" not in p.message
 
 
 def test_no_leftovers_in_a_clean_build(llama, cli, tmp_path):
