@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .formats import FORMATS
@@ -22,6 +24,7 @@ from .manifest import EXPERT_GROUPS
 
 CHECK = "mpconvert.runtime_shim.engine_check"
 TIMEOUT_S = 1800
+GRACE_S = 60  # how long the other ranks may take to end after one has (they normally end together)
 
 
 def run_ranks(directory: Path, tp: int, dtype: str, ep: int = 1, shim: bool = True) -> list[dict]:
@@ -46,19 +49,52 @@ def _run_ranks(directory: Path, tp: int, dtype: str, ep: int, shim: bool, init_m
     procs = [subprocess.Popen([sys.executable, "-m", CHECK, str(directory), init_method, str(tp), str(rank), str(ep)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(tp)]
     results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            stdout, stderr = "", f"timed out after {TIMEOUT_S} s"
+    for outcome in wait_ranks(procs):
+        if isinstance(outcome, dict):
+            results.append(outcome)
+            continue
+        stdout, stderr, code = outcome
         line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
         if line:
             results.append(json.loads(line[-1][7:]))
         else:
-            tail = [x for x in stderr.strip().splitlines() if x.strip()][-1:] or [f"exit code {p.returncode}"]
+            tail = [x for x in stderr.strip().splitlines() if x.strip()][-1:] or [f"exit code {code}"]
             results.append({"error": f"SGLang crashed building the model: {tail[0]}"})
     return results
+
+
+def wait_ranks(procs: list[subprocess.Popen], grace_s: float = GRACE_S, timeout_s: float = TIMEOUT_S) -> list:
+    """Every rank's (stdout, stderr, exit code), their pipes read side by side (a rank's output never waits on
+    another's). SGLang's ranks wait for each other in their collectives: a rank that ends while others run (it
+    refused the model or crashed) leaves them waiting for ever — they are given grace_s to end too, then stopped, and
+    their entry says so ({"error": ...}) instead of verify hanging until timeout_s."""
+    outcomes: list = [None] * len(procs)
+
+    def read(i: int, p: subprocess.Popen) -> None:
+        stdout, stderr = p.communicate()
+        outcomes[i] = (stdout, stderr, p.returncode)
+
+    readers = [threading.Thread(target=read, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in readers:
+        t.start()
+    start, first_end, stopped = time.monotonic(), None, {}
+    while any(t.is_alive() for t in readers):
+        now = time.monotonic()
+        ended = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if ended and first_end is None:
+            first_end = (now, ended[0])
+        late = first_end is not None and now - first_end[0] > grace_s
+        if late or now - start > timeout_s:
+            why = (f"stopped: still waiting {grace_s:.0f} s after rank {first_end[1]} ended (SGLang's ranks wait "
+                   f"for each other; that rank's entry says why it ended)") if late else \
+                f"timed out after {timeout_s} s"
+            for i, p in enumerate(procs):
+                if p.poll() is None:
+                    stopped[i] = why
+                    p.kill()
+        for t in readers:
+            t.join(timeout=0.2)
+    return [{"error": stopped[i]} if i in stopped else outcomes[i] for i in range(len(procs))]
 
 
 def expected_layers(manifest, ep: int = 1, ep_rank: int = 0) -> dict[str, tuple[str, str, str | None]]:

@@ -197,6 +197,33 @@ def test_two_sglang_checks_at_once_meet_each_their_own_ranks(dense_out):
     assert runs[0][0]["params"] == runs[1][0]["params"] and runs[0][1]["params"] == runs[1][1]["params"]
 
 
+def test_a_rank_that_ends_early_does_not_leave_the_others_waiting():
+    """SGLang's ranks wait for each other in their collectives: a rank that ends while the others run (it refused the
+    model, or crashed) left them waiting — verify --engine sat ~30 minutes (its time-out) after one rank's SGLang
+    refused the model at TP=2. The others now get a grace period, are then stopped, and their entries say so; every
+    rank's pipes are read side by side (a rank that writes more than a pipe holds does not wait on another)."""
+    import subprocess
+    import sys
+    import time
+
+    from mpconvert.engine import wait_ranks
+
+    def rank(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    waiting = rank("import time; time.sleep(600)")  # in a collective its peer will never join
+    refusing = rank("import sys; sys.stderr.write('w' * 300_000); print('RESULT {\"error\": \"refused\"}')")
+    start = time.monotonic()
+    first, second = wait_ranks([waiting, refusing], grace_s=2)
+    assert time.monotonic() - start < 60 and waiting.poll() is not None
+    assert first == {"error": "stopped: still waiting 2 s after rank 1 ended (SGLang's ranks wait for each other; "
+                              "that rank's entry says why it ended)"}
+    assert second[0] == 'RESULT {"error": "refused"}\n' and len(second[1]) == 300_000 and second[2] == 0
+    # ranks that end together are all read, none stopped
+    assert [o[0] for o in wait_ranks([rank("print(1)"), rank("print(2)")], grace_s=2)] == ["1\n", "2\n"]
+
+
 def test_engine_sglang_reports_what_sglang_refuses(moe, cli, tmp_path):
     """GPTQ MoE experts in the model's bf16: every static check passes, but SGLang's GPTQ-Marlin MoE runs fp16 only —
     the engine check fails (exit 1) naming the layer and the fix, and passes with --dtype float16."""
