@@ -596,12 +596,13 @@ through its `sglang.srt.plugins` entry point in every worker).
 
 Adds `--dtype float16` when the model has GPTQ MoE experts and no --dtype is given (SGLang's GPTQ-Marlin MoE kernel
 runs fp16 activations only). Refuses, before SGLang starts: a directory without an mpconvert manifest, an
-SGLANG_PLUGINS filter that would leave the shim out, a --model-path of its own among SGLang's arguments, and parallel
-sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split — the checks
-of `mpconvert verify --tp/--ep/--dp` — and config values set at launch (--json-model-override-args) that the weights
-decide: the layers' formats (quantization_config) and any size, layer or expert count the weights do not have (verify's
-config rule). A value the weights leave open — a longer context, rope scaling — goes to SGLang as given: set it here,
-not by editing config.json (verify reports an edited config.json).
+SGLANG_PLUGINS filter that would leave the shim out, a shim that cannot load in the installed SGLang (SGLang would log
+it and fail every worker with "Unknown quantization method"), a --model-path of its own among SGLang's arguments, and
+parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
+the checks of `mpconvert verify --tp/--ep/--dp` — and config values set at launch (--json-model-override-args) that
+the weights decide: the layers' formats (quantization_config) and any size, layer or expert count the weights do not
+have (verify's config rule). A value the weights leave open — a longer context, rope scaling — goes to SGLang as
+given: set it here, not by editing config.json (verify reports an edited config.json).
 
 Examples:
 
@@ -623,6 +624,11 @@ def serve_command(directory: Path, args: list[str]) -> list[str]:
         raise UserError(f"SGLANG_PLUGINS={plugins!r} leaves out the mpconvert plugin, so SGLang could not read this "
                         f"directory; add mpconvert to it or unset it")
     _check_launch(directory, manifest, args)
+    from mpconvert.runtime_shim import load_problem
+
+    problem = load_problem()  # SGLang would log it, start, and fail each worker: "Unknown quantization method"
+    if problem:
+        raise UserError(f"SGLang could not serve {directory}: {problem}")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(directory), *args]
     gptq_moe = any(u.endswith(".experts") and fmt == "gptq"
                    for u, spec in manifest.units.items() for fmt, _ in spec.schemes())

@@ -16,3 +16,23 @@ def register() -> None:
     warn_if_untested()  # one loud warning in every process of an SGLang version nobody tested
 
     QUANTIZATION_METHODS[MpconvertConfig.get_name()] = MpconvertConfig  # mutate in place: others import the dict
+
+
+def load_problem() -> str | None:
+    """Why SGLang, started in this Python, would not have the mpconvert quantization method — its plugin entry point
+    missing (mpconvert not installed as a package here), or the shim failing to import against this SGLang — or None.
+    SGLang logs a plugin that fails and goes on, and each worker then fails with only "Unknown quantization method:
+    mpconvert"; serve and verify --engine ask this first and say the cause."""
+    from importlib.metadata import entry_points
+
+    from .sglang_versions import TESTED, version
+
+    if not [e for e in entry_points(group="sglang.srt.plugins") if e.name == "mpconvert"]:
+        return ("mpconvert's sglang.srt.plugins entry point is not installed in this Python, so SGLang cannot find "
+                "the runtime shim; install mpconvert here (make setup, or pip install -e .)")
+    try:
+        register()
+    except Exception as e:  # noqa: BLE001 — any import or attribute error of a changed SGLang
+        return (f"the runtime shim cannot load in SGLang {version()} ({type(e).__name__}: {' '.join(str(e).split())}); "
+                f"use a tested SGLang ({' or '.join(TESTED)})")
+    return None

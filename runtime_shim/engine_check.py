@@ -76,6 +76,13 @@ def build_and_load(path: str, init_method: str, tp: int, rank: int, ep: int = 1)
     from sglang.srt.plugins import load_plugins
 
     load_plugins()  # discovers mpconvert through the sglang.srt.plugins entry point
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+
+    # SGLang logs a plugin that fails to load and goes on (a compressed-tensors export is checked with none)
+    if os.environ.get("SGLANG_PLUGINS") != "no-plugins" and "mpconvert" not in QUANTIZATION_METHODS:
+        from mpconvert.runtime_shim import load_problem
+
+        raise ValueError(load_problem() or "SGLang did not load the mpconvert plugin")
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader.loader import _get_quantization_config

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -207,6 +208,51 @@ def test_serve_refuses_before_sglang_starts(moe, cli, tmp_path, args, message):
     r = cli("serve", tmp_path / "out", "--print-command", "--", *(a.replace("{tmp}", str(tmp_path)) for a in args))
     refused(r, message.replace("{tmp}", str(tmp_path)))
     assert "sglang.launch_server" not in r.stdout
+
+
+def test_a_shim_that_cannot_load_is_named_before_sglang_starts(moe, cli, tmp_path):
+    """The shim failing to import against the SGLang installed (an internal it uses renamed): SGLang logs the failed
+    plugin, starts, and fails each worker with only "Unknown quantization method: mpconvert". serve refuses before
+    starting SGLang and verify --engine reports it, each naming the import that failed. The broken shim is this
+    checkout's package with one import of sglang_config.py pointed at a name SGLang does not have."""
+    import subprocess
+    import sys
+
+    import mpconvert
+    import mpconvert.cli
+    import mpconvert.runtime_shim
+
+    build(cli, write_recipe(tmp_path, moe, {"int8": "ct-w8a8"}, "int8"), tmp_path / "out")
+    pkg = tmp_path / "broken" / "mpconvert"  # the package as pyproject maps it: converter/, cli/, runtime_shim/
+    pkg.mkdir(parents=True)
+    for p in Path(mpconvert.__file__).parent.glob("*.py"):
+        (pkg / p.name).symlink_to(p)
+    for sub in ("formats",):
+        (pkg / sub).symlink_to(Path(mpconvert.__file__).parent / sub)
+    (pkg / "cli").symlink_to(Path(mpconvert.cli.__file__).parent)
+    shim = pkg / "runtime_shim"
+    shim.mkdir()
+    for p in Path(mpconvert.runtime_shim.__file__).parent.glob("*.py"):
+        text = p.read_text()
+        if p.name == "sglang_config.py":
+            text = text.replace("from __future__ import annotations\n", "from __future__ import annotations\n"
+                                "from sglang.srt.layers.quantization import no_such_name  # noqa\n", 1)
+            assert "no_such_name" in text
+        (shim / p.name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(pkg.parent)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", "from mpconvert.cli.main import main; main()", *map(str, args)],
+                              env=env, capture_output=True, text=True)
+
+    r = run("serve", tmp_path / "out", "--print-command")
+    assert r.returncode == 2 and "sglang.launch_server" not in r.stdout, r.stdout + r.stderr
+    assert "could not serve" in r.stderr and "the runtime shim cannot load in SGLang " in r.stderr
+    assert "(ImportError: cannot import name 'no_such_name'" in r.stderr
+    r = run("verify", tmp_path / "out", "--engine", "sglang", "--json")
+    assert r.returncode == 1
+    errors = [run["error"] for run in json.loads(r.stdout)["engine"]["runs"]]
+    assert errors and all("the runtime shim cannot load in SGLang" in e and "no_such_name" in e for e in errors)
 
 
 def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tmp_path):
