@@ -153,6 +153,12 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
     return r
 
 
+def longer_context(path: Path) -> tuple[str, str]:
+    """--json-model-override-args doubling the directory's max_position_embeddings."""
+    longer = 2 * json.loads((path / "config.json").read_text())["max_position_embeddings"]
+    return "--json-model-override-args", json.dumps({"max_position_embeddings": longer})
+
+
 def served(label: str, path: Path, port: int = 30555, timeout: int = 300, dtype: str = "auto",
            extra: tuple[str, ...] = ()) -> dict:
     """`mpconvert serve DIR -- ARGS` (i.e. `python -m sglang.launch_server --model-path DIR`, no mpconvert flag): wait
@@ -292,6 +298,10 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     if "mixed" in jobs:
         # the server path (launch_server through `mpconvert serve`) must answer exactly as the Engine did
         runs["mixed-server"] = served("mixed-server", built["mixed"], dtype=P.get("mixed_dtype", "auto"))
+        # a config value the weights leave open, set at launch (serve checks it against the weights, SGLang applies
+        # it): a longer max_position_embeddings changes no answer to these short prompts
+        runs["mixed-server-override"] = served("mixed-server-override", built["mixed"],
+                                               dtype=P.get("mixed_dtype", "auto"), extra=longer_context(built["mixed"]))
         runs["mixed-tp2"] = (engine("mixed-tp2", {**jobs["mixed"], "tp": 2}) if gpus > 1 else
                              {"ok": False, "error": f"not run: TP=2 needs 2 GPUs, this machine has {gpus}"})
     res["runs"] = runs
@@ -301,6 +311,9 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16"}
     res["identity"].update({f"{a} = {b}": identical(get(a), get(b)) for a, b in P["same"]})
     res["identity"]["mixed: launch_server = Engine"] = identical(get("mixed"), get("mixed-server"))
+    if "mixed-server-override" in runs:
+        res["identity"]["mixed: launch_server with max_position_embeddings x2 at launch = Engine"] = \
+            identical(get("mixed"), get("mixed-server-override"))
     res["tp2_vs_tp1"] = tp_compare(get("mixed"), get("mixed-tp2"))
     res["mixed_formats"] = sorted({u.format for u in load_manifest(built["mixed"])[0].units.values()})
 
