@@ -142,9 +142,10 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
                         f"is {got!r}, build wrote {wrote!r}: SGLang reads it to pick how each layer is served; "
                         f"rebuild or restore it")
     rest = {k: v for k, v in config.items() if k not in WRITTEN_KEYS}
+    shapes = manifest.weight_shapes()  # the edited config (if any) and the recorded one are held against them
     edited = [k for k in sorted(set(rest) | set(manifest.config))
               if _differs(rest.get(k, "<absent>"), manifest.config.get(k, "<absent>"))]
-    misfits = config_problems(config, manifest.weight_shapes(), served=True) if edited else []
+    misfits = config_problems(config, shapes, served=True) if edited else []
     for k in edited:
         # a value the weights leave open (a longer context) has a place that needs no edit: SGLang's launch override
         at_launch = "" if misfits else (f" (to serve with another value, restore it and pass that at launch: mpconvert "
@@ -164,7 +165,7 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
         if info != manifest.model.info():
             rep.add("manifest", "model", f"records {as_json(manifest.model)} but the recorded config says "
                                          f"{info}: the manifest was edited")
-        for problem in config_problems(manifest.config, manifest.weight_shapes(), served=True):
+        for problem in config_problems(manifest.config, shapes, served=True):
             rep.add("config", "config.json", f"{problem}: the config and the weights disagree (SGLang builds the "
                                              f"model from config.json); rebuild from a base whose config fits it")
     for name, sha in sorted(manifest.files.items()):
