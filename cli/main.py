@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from mpconvert.errors import UserError
+from mpconvert.errors import UserError, and_more
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Merge quantized checkpoints of one model (FP8, GPTQ, AWQ, W8A8-Int8) into one "
@@ -672,9 +672,9 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
     if problems:
         first, flags = problems[0], sizes.flags()
         where = "" if first.where == "model" else f"{first.where}: "
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"{directory} cannot be served with {flags}: {where}{first.message.removeprefix(flags + ': ')}"
-                        f"{more}; `mpconvert verify {shlex.quote(str(directory))} {flags}` lists them all")
+                        f"{and_more(problems)}; `mpconvert verify {shlex.quote(str(directory))} {flags}` lists them "
+                        f"all")
 
 
 def _check_config_overrides(directory: Path, manifest, launch) -> None:
@@ -712,9 +712,8 @@ def _check_config_overrides(directory: Path, manifest, launch) -> None:
         seen[key] = {**current, **value} if nested else value
     problems = config_problems(seen, manifest.weight_shapes(), served=True)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{flag} {json.dumps(override)}: {problems[0]}{more}; override only what the weights leave "
-                        f"open (context length, rope scaling)")
+        raise UserError(f"{flag} {json.dumps(override)}: {problems[0]}{and_more(problems)}; override only what the "
+                        f"weights leave open (context length, rope scaling)")
 
 
 @app.command(help=SERVE_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

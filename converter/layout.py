@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from .errors import UserError
+from .errors import UserError, and_more
 from .recipe import format_ids
 
 _LAYER_NUMBER = re.compile(r"(?:model\.|language_model\.model\.)?layers\.(\d+)\.")
@@ -284,9 +284,8 @@ EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 def check_config_matches_weights(cfg: dict, weights: dict[str, tuple[int, ...]], where: str) -> None:
     problems = config_problems(cfg, weights)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{where}: {problems[0]}{more}; config.json and the weights disagree (SGLang builds the "
-                        f"model from config.json) — fix config.json or re-save the model")
+        raise UserError(f"{where}: {problems[0]}{and_more(problems)}; config.json and the weights disagree (SGLang "
+                        f"builds the model from config.json) — fix config.json or re-save the model")
 
 
 def config_problems(cfg: dict, weights: dict[str, tuple[int, ...]], served: bool = False) -> list[str]:
@@ -384,9 +383,8 @@ def _incomplete_layers(held: dict[int, set[str]], expert_slots: dict[tuple[int, 
     for layer, mods in sorted(held.items()):
         missing = sorted((m for k in kinds(layer) for m in expected.get(k, ()) if m not in mods), key=natural_key)
         if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            problems.append(f"layer {layer} lacks {missing[0]}{more}, which layers of its kind hold (a shard or "
-                            f"tensor missing?)")
+            problems.append(f"layer {layer} lacks {missing[0]}{and_more(missing)}, which layers of its kind hold (a "
+                            f"shard or tensor missing?)")
     experts: dict[int, set[int]] = {}
     for (layer, _), ids in expert_slots.items():
         experts.setdefault(layer, set()).update(ids)

@@ -32,7 +32,7 @@ import numpy as np
 from . import rules
 from .checkpoint import INDEX, is_weight_map, read_json
 from .collector import paused_then_kept
-from .errors import UserError
+from .errors import UserError, and_more
 from .forked import Forked
 from .formats import check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched, value_suffixes
@@ -155,8 +155,7 @@ def check_config(d: Path, manifest: Manifest | None, raw: bytes, rep: Report) ->
                 f"edited after build, and it decides how SGLang builds and runs the model — restore it or rebuild"
                 f"{at_launch}")
     if misfits:  # the first: one wrong count (num_hidden_layers) makes every later layer look wrong too
-        more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""
-        rep.add("config", "config.json", f"as edited: {misfits[0]}{more}")
+        rep.add("config", "config.json", f"as edited: {misfits[0]}{and_more(misfits)}")
     try:
         info = ModelInfo.from_config(manifest.config, "recorded config")
     except UserError as e:
