@@ -1,6 +1,7 @@
 """Shared test fixtures: real quantizer outputs (cached by content hash, see fixtures/factory.py) and a CLI runner."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +23,16 @@ DEEPSEEK_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # DeepSeek-V2: MLA
 # the real 135M model (fixtures/smollm2.py)
 SMOLLM2_KINDS = ("base", "fp8-block", "fp8-dynamic", "w8a8", "gptq-g64", "ct-gptq-w4a16-g64", "ct-w4a16-asym-g64")
 TAUGHT_MOE_KINDS = ("base", "ct-w8a8", "gptq")  # the trained Qwen3-MoE (its router has favourites): plan per expert
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request) -> Path:
+    """A directory for one test module's shared outputs (built checkpoints, generated jobs), removed when the module
+    ends. Kept to the end of the session (as tmp_path_factory keeps them) they added up to gigabytes beside the
+    passing tests' directories, and a CI machine's disk ran out (pyproject.toml keeps only failed tests' tmp_path)."""
+    d = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

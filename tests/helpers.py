@@ -207,15 +207,16 @@ MIXED_EXPERTS_RULES = """
 """
 
 
-def build_once(tmp_path_factory, fixtures: dict[str, Path], sources: dict[str, str], default: str, rules: str,
+def build_once(module_dir: Path, fixtures: dict[str, Path], sources: dict[str, str], default: str, rules: str,
                name: str) -> Path:
-    """Build a recipe over fixture kinds into a fresh directory (for module-scoped fixtures, where the function-scoped
-    `cli` fixture cannot be used); the output path."""
+    """Build a recipe over fixture kinds into a fresh directory under module_dir (for module-scoped fixtures, where the
+    function-scoped `cli` fixture cannot be used); the output path."""
     from typer.testing import CliRunner
 
     from mpconvert.cli.main import app
 
-    d = tmp_path_factory.mktemp(name)
+    d = module_dir / name
+    d.mkdir()
     r = write_recipe(d, fixtures, sources, default, rules)
     res = CliRunner().invoke(app, ["build", str(r), "-o", str(d / "out")])
     assert res.exit_code == 0, res.output

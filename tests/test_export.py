@@ -34,12 +34,12 @@ MOE_RULES = """
 
 
 @pytest.fixture(scope="module")
-def dense_ct(llama, tmp_path_factory):
+def dense_ct(llama, module_dir):
     from typer.testing import CliRunner
 
     from mpconvert.cli.main import app
 
-    d = tmp_path_factory.mktemp("dense_ct")
+    d = module_dir
     recipe = write_recipe(d, llama, DENSE, "w4", DENSE_RULES)
     r = CliRunner().invoke(app, ["build", str(recipe), "-o", str(d / "out"), *CT, "--tp", "2"],
                            catch_exceptions=False)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import struct
 from pathlib import Path
 
@@ -144,6 +145,8 @@ def test_random_edits_of_a_source(llama, cli, tmp_path):
         else:
             _refused_cleanly(res, out)
             outcomes["refused"] += 1
+        shutil.rmtree(edited)  # each case copies a source and may build: kept, the cases took half a GB of disk
+        shutil.rmtree(out, ignore_errors=True)
     print(outcomes)
     assert outcomes["refused"] > CASES // 2
 

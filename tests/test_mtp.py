@@ -28,10 +28,10 @@ MTP_ONLY = ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head",
 
 
 @pytest.fixture(scope="module")
-def v3(deepseek, tmp_path_factory) -> dict[str, Path]:
+def v3(deepseek, module_dir) -> dict[str, Path]:
     """Every DeepSeek fixture kind as a V3 checkpoint with an MTP layer; "<kind>-no-mtp" without it; "fp8-eh" with
     an FP8 eh_proj."""
-    root = tmp_path_factory.mktemp("v3")
+    root = module_dir
     out = {kind: with_mtp_layer(path, root / kind) for kind, path in deepseek.items()}
     for kind in ("base", "gptq"):
         out[f"{kind}-no-mtp"] = with_mtp_layer(deepseek[kind], root / f"{kind}-no-mtp", drop_mtp=True)

@@ -14,9 +14,9 @@ EVAL_TEXT = ("GFDL-1.3", "Artistic")  # the GPTQ source was calibrated on GPL-3 
 
 
 @pytest.fixture(scope="module")
-def mixed(real, tmp_path_factory) -> Path:
+def mixed(real, module_dir) -> Path:
     """Attention FP8 (per channel, dynamic), MLP GPTQ int4 g64: 5.27 bits per weight."""
-    out = build_once(tmp_path_factory, real, {"fp8": "fp8-dynamic", "gptq": "gptq-g64"}, "gptq",
+    out = build_once(module_dir, real, {"fp8": "fp8-dynamic", "gptq": "gptq-g64"}, "gptq",
                      '- {match: "self_attn.*", source: fp8}', "real")
     text = out.parent / "eval.txt"
     text.write_text("\n\n".join(Path("/usr/share/common-licenses", n).read_text() for n in EVAL_TEXT))

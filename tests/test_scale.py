@@ -14,24 +14,23 @@ from helpers import manifest_json, resign
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _generated(tmp_path_factory, *flags: str) -> Path:
+def _generated(d: Path, *flags: str) -> Path:
     spec = importlib.util.spec_from_file_location("v3_shaped", ROOT / "bench" / "v3_shaped.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    d = tmp_path_factory.mktemp("v3")
     mod.main([str(d), "--layers", "5", *flags])
     return d
 
 
 @pytest.fixture(scope="module")
-def v3(tmp_path_factory) -> Path:
-    return _generated(tmp_path_factory)
+def v3(module_dir) -> Path:
+    return _generated(module_dir)
 
 
-def test_the_mtp_layer_at_tp8_ep8(tmp_path_factory, cli):
+def test_the_mtp_layer_at_tp8_ep8(tmp_path, cli):
     """The real release's MTP layer (layer 5 here) is split as SGLang's NextN draft splits it — as a MoE layer of
     the model proper: its 256 experts over the EP ranks, attention over TP — and eh_proj stays whole and bf16."""
-    d = _generated(tmp_path_factory, "--mtp")
+    d = _generated(tmp_path, "--mtp")
     r = cli("build", d / "recipe.yaml", "-o", d / "ep8", "--tp", "8", "--ep", "8")
     assert r.exit_code == 0, r.output
     m = manifest_json(d / "ep8")

@@ -379,9 +379,9 @@ KINDS = {
 
 
 @pytest.fixture(scope="module")
-def converted(llama, moe, tmp_path_factory):
-    return {"dense": build_once(tmp_path_factory, llama, DENSE_SOURCES, "gptq", DENSE_RULES, "dense"),
-            "moe": build_once(tmp_path_factory, moe, MOE_SOURCES, "int8", MOE_RULES, "moe")}
+def converted(llama, moe, module_dir):
+    return {"dense": build_once(module_dir, llama, DENSE_SOURCES, "gptq", DENSE_RULES, "dense"),
+            "moe": build_once(module_dir, moe, MOE_SOURCES, "int8", MOE_RULES, "moe")}
 
 
 def test_every_injected_corruption_is_caught(converted, tmp_path):

@@ -517,8 +517,8 @@ def test_a_model_file_that_is_not_a_regular_file_inside_the_directory(case, name
 
 # ---- verify on broken manifests and bad options -------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def built(llama, tmp_path_factory) -> Path:
-    return build_once(tmp_path_factory, llama, {"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq",
+def built(llama, module_dir) -> Path:
+    return build_once(module_dir, llama, {"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq",
                       '- {match: "self_attn.*", layers: 0, source: fp8}', "trust")
 
 

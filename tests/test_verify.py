@@ -15,8 +15,8 @@ from helpers import DENSE_RULES, DENSE_SOURCES, build, build_once, resign, write
 
 
 @pytest.fixture(scope="module")
-def dense_out(llama, tmp_path_factory):
-    return build_once(tmp_path_factory, llama, DENSE_SOURCES, "gptq", DENSE_RULES, "dense")
+def dense_out(llama, module_dir):
+    return build_once(module_dir, llama, DENSE_SOURCES, "gptq", DENSE_RULES, "dense")
 
 
 def run_verify(cli, d: Path, *args):
