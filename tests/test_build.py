@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -191,3 +192,25 @@ def test_the_demo_runs(cli, llama, tmp_path):
     r = cli("demo", tmp_path / "demo")
     assert r.exit_code == 0, r.output
     assert "layout: mpconvert" in r.output and (tmp_path / "demo" / "mixed" / "mpconvert_manifest.json").is_file()
+
+
+def test_make_fixtures_drops_superseded_versions_from_the_cache(tmp_path, monkeypatch):
+    """Each change to a producer script gives its fixtures a new key; the old versions stayed in a CI machine's cache
+    for ever. `make fixtures` removes the other versions of what it made and dead producers' temporary directories —
+    nothing else: a live producer's, other fixtures' (the GPU runs' DeepSeek sizes), files that are not entries."""
+    from fixtures.factory import cache_root, prune_superseded
+
+    monkeypatch.setenv("MPCONVERT_CACHE", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"kept": ["llama-gptq-" + "1" * 16, "llama-ct-fp8-static-" + "2" * 16],
+             "gone": ["llama-gptq-" + "0" * 16, "llama-ct-fp8-static-" + "a" * 16,
+                      f"llama-gptq-{'1' * 16}.tmp{dead.pid}"],
+             "left": [f"llama-gptq-{'1' * 16}.tmp{os.getpid()}", "llama-ct-fp8-" + "3" * 16,
+                      "deepseek-mla-base-" + "4" * 16, "llama-gptq-notakey", "notes"]}
+    for n in (n for group in names.values() for n in group):
+        (cache_root() / n).mkdir(parents=True)
+        (cache_root() / n / "config.json").write_text("{}")
+    removed = prune_superseded([cache_root() / n for n in names["kept"]])
+    assert sorted(p.name for p in removed) == sorted(names["gone"])
+    assert sorted(p.name for p in cache_root().iterdir()) == sorted(names["kept"] + names["left"])
