@@ -6,8 +6,7 @@ and config, loaded by transformers itself, so MoE expert fusion and name convers
 """
 from __future__ import annotations
 
-import json
-import tempfile
+import copy
 from pathlib import Path
 
 from .checkpoint import Checkpoint
@@ -41,12 +40,10 @@ def module_band(fmt: str, params: dict, reference) -> tuple[float, float]:
     return max(f.module_floor, f.rtn_factor * rtn), rtn
 
 
-def _dequantized_checkpoint(directory: Path, manifest, found: dict[str, TensorInfo], base: Path,
-                            tmp: Path) -> dict:
-    """Write the dequantized model (float32, the base's names and config) into tmp; returns each linear's error
-    {name: (error, band, rtn)} and AWQ fold errors under name + '#fold'."""
+def _dequantized_state(directory: Path, manifest, found: dict[str, TensorInfo], base: Path) -> tuple[dict, dict]:
+    """The dequantized model's state dict (float32, the base's names) and each linear's error {name: (error, band,
+    rtn)}, AWQ fold errors under name + '#fold'."""
     import torch
-    from safetensors.torch import save_file
 
     base_ck = Checkpoint.open(base, "base")
     state = {n: load_tensor(t).float() for n, t in base_ck.tensors.items()}
@@ -70,11 +67,7 @@ def _dequantized_checkpoint(directory: Path, manifest, found: dict[str, TensorIn
         else:
             for s, t in tensors.items():
                 state[f"{name}.{s}"] = load_tensor(t).float()
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((base / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(cfg))
-    return errors
+    return state, errors
 
 
 def _consumed_norm(name: str, role, manifest, found: dict):
@@ -155,11 +148,13 @@ def numeric_check(directory: Path, manifest, found: dict[str, TensorInfo], base:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (2, 32), generator=g)
     b_in, b_out, b_logits = _capture(base_model, ids)
+    model_class, config = type(base_model), copy.deepcopy(base_model.config)
     if text is None:
         del base_model  # one float32 model in memory at a time, unless --text runs the two side by side
-    with tempfile.TemporaryDirectory(prefix="mpconvert-verify-") as t:
-        mod_errors = _dequantized_checkpoint(directory, manifest, found, base, Path(t))
-        model = AutoModelForCausalLM.from_pretrained(t, dtype=torch.float32).eval()
+    state, mod_errors = _dequantized_state(directory, manifest, found, base)
+    # loaded from memory: written out first, it took 4 bytes per parameter of the temporary directory's disk
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=torch.float32).eval()
+    del state
     _, q_out, _ = _capture(model, ids, replace=b_in)
     _, _, q_logits = _capture(model, ids)
     result = {"module_error_max": _module_findings(manifest, mod_errors, thresholds, rep),
