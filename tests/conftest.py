@@ -75,3 +75,13 @@ def cli():
     return run
 
 
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """On a failed run, after the short summary, the free disk where the tests write: CI shows the end of the output
+    only, and a full disk made every later test error while creating its tmp_path."""
+    yield
+    if exitstatus == pytest.ExitCode.TESTS_FAILED:
+        base = config._tmp_path_factory.getbasetemp()
+        terminalreporter.write_line(f"disk: {shutil.disk_usage(base).free / 2**30:.2f} GiB free in {base}")
