@@ -278,6 +278,8 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
             if not json_out:
                 for label, src in sorted(plan.sources.items()):
                     err.print(f"{label}: {src.describe()}", markup=False, highlight=False)
+                if plan.side_note:
+                    err.print(plan.side_note, markup=False, highlight=False, soft_wrap=True)
             with _progress(json_out) as prog:
                 task = prog.add_task("writing", total=plan.total_bytes)
                 manifest = write(plan, output, cap, force, lambda n: prog.advance(task, n), lock)
@@ -285,7 +287,8 @@ def build(recipe: Path = typer.Argument(..., parser=_path, help="recipe YAML"),
     rules = by_rule(manifest.modules)
     summary = {"output": str(output), "layout": plan.layout, "seconds": round(secs, 3), "tensors": len(plan.tensors),
                "bytes": plan.total_bytes, "totals": as_json(manifest.totals),
-               "units": {u: v.describe() for u, v in manifest.units.items()}, "rules": rules}
+               "units": {u: v.describe() for u, v in manifest.units.items()}, "rules": rules,
+               "notes": [plan.side_note] if plan.side_note else []}
     if json_out:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
@@ -597,8 +600,8 @@ through its `sglang.srt.plugins` entry point in every worker).
 Adds `--dtype float16` when the model has GPTQ MoE experts and no --dtype is given (SGLang's GPTQ-Marlin MoE kernel
 runs fp16 activations only). Refuses, before SGLang starts: a directory without an mpconvert manifest, an
 SGLANG_PLUGINS filter that would leave the shim out, a shim that cannot load in the installed SGLang (SGLang would log
-it and fail every worker with "Unknown quantization method"), a --model-path of its own among SGLang's arguments, and
-parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
+it and fail every worker with "Unknown quantization method"), a --model-path of its own among SGLang's arguments, a
+directory with no tokenizer unless --tokenizer-path or --skip-tokenizer-init is given, and parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
 the checks of `mpconvert verify --tp/--ep/--dp` — and config values set at launch (--json-model-override-args) that
 the weights decide: the layers' formats (quantization_config) and any size, layer or expert count the weights do not
 have (verify's config rule). A value the weights leave open — a longer context, rope scaling — goes to SGLang as
@@ -666,6 +669,7 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
         raise UserError(f"the arguments after -- name another model ({launch.model_path}); serve passes {directory} "
                         f"as --model-path itself — remove it (to serve another directory, name that one instead)")
     _check_config_overrides(directory, manifest, launch)
+    _check_tokenizer(directory, launch)
     sizes = Parallel(launch.tp_size, launch.ep_size, launch.dp_size if launch.enable_dp_attention else 1,
                      launch.moe_dense_tp_size, launch.enable_dp_lm_head).check()
     problems = partition_problems(manifest.linears(), manifest.model.info(), sizes)
@@ -675,6 +679,20 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
         raise UserError(f"{directory} cannot be served with {flags}: {where}{first.message.removeprefix(flags + ': ')}"
                         f"{and_more(problems)}; `mpconvert verify {shlex.quote(str(directory))} {flags}` lists them "
                         f"all")
+
+
+def _check_tokenizer(directory: Path, launch) -> None:
+    """SGLang loads the tokenizer from --tokenizer-path, by default the model's directory; with none there its server
+    fails as it starts (transformers: "Couldn't instantiate the backend tokenizer"). Build takes the base's, else a
+    source's, and warns when neither has one."""
+    from mpconvert.checkpoint import TOKENIZER_FILES, has_tokenizer
+
+    if getattr(launch, "skip_tokenizer_init", False) or launch.tokenizer_path not in (None, str(directory)):
+        return
+    if not has_tokenizer(directory):
+        raise UserError(f"{directory} has no tokenizer ({', '.join(TOKENIZER_FILES)}), and SGLang's server cannot "
+                        f"start without one: pass `-- --tokenizer-path DIR` (the model's tokenizer files), or put "
+                        f"them in the base and build again")
 
 
 def _check_config_overrides(directory: Path, manifest, launch) -> None:

@@ -24,6 +24,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
               "chat_template.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: the checkpoint has a tokenizer
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """A tokenizer file SGLang (transformers) can load: one of TOKENIZER_FILES, or a tiktoken or sentencepiece model
+    under another name (tiktoken.model, qwen.tiktoken) put there by hand."""
+    return any(p.name in TOKENIZER_FILES or p.suffix in (".model", ".tiktoken") for p in directory.iterdir())
 
 
 def file_state(p: Path) -> tuple[int, int]:

@@ -9,11 +9,12 @@ import bisect
 import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .checkpoint import Checkpoint
+from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .errors import UserError
 from . import ct_export
 from .forked import Forked
@@ -129,6 +130,8 @@ class Plan:
     modules: list[ModulePlan]
     tensors: list[TensorPlan]
     units: dict[str, dict]
+    side_files: dict[str, Path]  # what the output gets besides weights and config: name → the file copied
+    side_note: str | None  # what build says of them ("note: …" or "warning: …"), or None
 
     def forget_unplanned(self) -> None:
         """Drop what planning read and writing never needs: every source's tensor map and the modules the plan does
@@ -530,7 +533,28 @@ class _Planner:
         # by "." sorts before any longer name it prefixes), without a natural key for each of 171k tensors
         tensors = [m.tensors[s] for m in modules for s in _natural_order(tuple(m.tensors))]
         return Plan(self.recipe, self.base, self.sources, self.info, self.parallel, self.layout, modules, tensors,
-                    units)
+                    units, *side_files(self.recipe.default, self.sources))
+
+
+def side_files(default: str, sources: dict[str, Source]) -> tuple[dict[str, Path], str | None]:
+    """The side files the output gets (name → file) and what build says of them. The base's; where the base has no
+    tokenizer (a model saved by a training run often has none; llm-compressor and gptqmodel save one beside their
+    output), every side file it lacks comes from the default source, else the first source by label that has a
+    tokenizer, all from one. None anywhere: the output has none, and SGLang's server cannot start without one."""
+    base = sources[BASE].ckpt
+    files = {f: base.path / f for f in base.side_files}
+    if any(f in files for f in TOKENIZER_FILES):
+        return files, None
+    for label in dict.fromkeys([default, *sorted(sources)]):
+        ck = sources[label].ckpt
+        if label != BASE and any(f in ck.side_files for f in TOKENIZER_FILES):
+            taken = [f for f in ck.side_files if f not in files]
+            files.update((f, ck.path / f) for f in taken)
+            return files, (f"note: the base has no tokenizer; {', '.join(taken)} taken from source {label!r} "
+                           f"({ck.path})")
+    return files, (f"warning: neither the base nor any source has a tokenizer ({', '.join(TOKENIZER_FILES)}), and "
+                   f"SGLang's server cannot start without one: put the model's tokenizer files in the base "
+                   f"({base.path}) and build again, or serve with `-- --tokenizer-path DIR`")
 
 
 @lru_cache(maxsize=4096)  # asked per module (45k in a DeepSeek-V3-sized job) for a handful of distinct schemes

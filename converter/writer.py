@@ -189,8 +189,8 @@ def _write_into(plan: Plan, tmp: Path, shard_size: int, on_bytes) -> Manifest:
             f.result()
     (tmp / INDEX).write_text(index_json(plan.total_bytes, shard_of))
     files = {}
-    for f in plan.base.ckpt.side_files:
-        shutil.copyfile(plan.base.ckpt.path / f, tmp / f)
+    for f, path in plan.side_files.items():
+        shutil.copyfile(path, tmp / f)
         files[f] = hashlib.sha256((tmp / f).read_bytes()).hexdigest()
     config = {k: v for k, v in plan.base.ckpt.config.items() if k not in WRITTEN_KEYS}
     n = plan.info.num_layers  # (every MTP layer holds linears, which know their layer)

@@ -214,3 +214,57 @@ def test_make_fixtures_drops_superseded_versions_from_the_cache(tmp_path, monkey
     removed = prune_superseded([cache_root() / n for n in names["kept"]])
     assert sorted(p.name for p in removed) == sorted(names["gone"])
     assert sorted(p.name for p in cache_root().iterdir()) == sorted(names["kept"] + names["left"])
+
+
+def _without_tokenizer(src, dst):
+    """A copy of a fixture checkpoint with no tokenizer files (as a training run often saves a model)."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
+                                                            "special_tokens_map.json", "chat_template*"))
+    return dst
+
+
+def test_the_output_gets_a_tokenizer_or_a_warning_and_serve_says_why_it_cannot_start(llama, cli, tmp_path):
+    """The side files came from the base only: a base with no tokenizer gave an output with none, verify said OK,
+    and SGLang's server failed as it started ("Couldn't instantiate the backend tokenizer"). Now the files the base
+    lacks come from the default source, else the first source by label that has a tokenizer (said in a note); with
+    none anywhere build warns and serve refuses unless told where the tokenizer is."""
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    from helpers import refused
+
+    fx = {**llama, "base": _without_tokenizer(llama["base"], tmp_path / "base")}
+    fx["gptq-bare"] = _without_tokenizer(llama["gptq"], tmp_path / "gptq-bare")
+    cases = {"default": ({"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq"),  # (sources, the label taken from)
+             "next by label": ({"a": "ct-fp8-static", "gptq": "gptq-bare"}, "a"),
+             "none": ({"gptq": "gptq-bare"}, None)}
+    for case, (sources, label) in cases.items():
+        d = tmp_path / case
+        d.mkdir()
+        rules = f'- {{match: "self_attn.*", layers: 0, source: {next(iter(sources))}}}'
+        recipe = write_recipe(d, fx, sources, "gptq", rules)
+        r = cli("build", recipe, "-o", d / "out")
+        assert r.exit_code == 0, r.output
+        text = " ".join(r.output.split())
+        files = json.loads((d / "out" / MANIFEST).read_text())["files"]
+        if label:
+            assert (f"note: the base has no tokenizer; tokenizer.json, tokenizer_config.json taken from source "
+                    f"{label!r} ({fx[sources[label]]})") in text, text
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                assert (d / "out" / f).read_bytes() == (fx[sources[label]] / f).read_bytes()
+                assert files[f] == hashlib.sha256((d / "out" / f).read_bytes()).hexdigest()
+            assert get_tokenizer(str(d / "out")).encode("hello world")  # SGLang's own loader takes it
+            assert cli("serve", d / "out", "--print-command").exit_code == 0
+        else:
+            assert ("warning: neither the base nor any source has a tokenizer (tokenizer.json, tokenizer.model, "
+                    "vocab.json), and SGLang's server cannot start without one") in text, text
+            assert not any(f.startswith("tokenizer") for f in files)
+            refused(cli("serve", d / "out", "--print-command"), f"{d / 'out'} has no tokenizer (tokenizer.json, "
+                    f"tokenizer.model, vocab.json), and SGLang's server cannot start without one: pass "
+                    f"`-- --tokenizer-path DIR`")
+            for extra in (["--tokenizer-path", str(llama["base"])], ["--skip-tokenizer-init"]):
+                assert cli("serve", d / "out", "--print-command", "--", *extra).exit_code == 0
+        assert cli("verify", d / "out").exit_code == 0
+        gen = "generation_config.json"  # the base's, as before
+        assert gen in files and (d / "out" / gen).read_bytes() == (fx["base"] / gen).read_bytes()
