@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         for label in a.recipes.split(","):
             r = load_recipe(pb.assignment_recipe(d, f"all-{label}", src, c, {u: label for u in c.units}))
             for tokens in (int(t) for t in a.tokens.split(",")):
-                ids = sensitivity.calibration_ids(recipe.path_of("base"), pb.EVAL, tokens)
+                ids = sensitivity.calibration_ids(recipe.tokenizer_dirs(), pb.EVAL, tokens)
                 ppl = []
                 for seed in range(a.seeds):
                     gen.manual_seed(seed)

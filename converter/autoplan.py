@@ -78,7 +78,7 @@ def prepare(sources_file: Path, budgets: list[str], calib: list[Path], tokens: i
                         f"reasons); nothing to choose")
     wanted = [(b, choose.parse_budget(b, c)) for b in budgets]
     default = default_tokens(inputs, per_expert)
-    ids = sensitivity.calibration_ids(recipe.path_of("base"), calib, default if tokens is None else tokens)
+    ids = sensitivity.calibration_ids(recipe.tokenizer_dirs(), calib, default if tokens is None else tokens)
     whole = choose.candidates(inputs, parallel, False) if per_expert and inputs.info.num_experts else None
     short = None
     if tokens is None and ids.numel() < default and default > DENSE_TOKENS:

@@ -30,7 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of 
 def has_tokenizer(directory: Path) -> bool:
     """A tokenizer file SGLang (transformers) can load: one of TOKENIZER_FILES, or a tiktoken or sentencepiece model
     under another name (tiktoken.model, qwen.tiktoken) put there by hand."""
-    return any(p.name in TOKENIZER_FILES or p.suffix in (".model", ".tiktoken") for p in directory.iterdir())
+    return directory.is_dir() and any(p.name in TOKENIZER_FILES or p.suffix in (".model", ".tiktoken")
+                                      for p in directory.iterdir())
 
 
 def file_state(p: Path) -> tuple[int, int]:

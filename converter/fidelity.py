@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS
 from .layout import role_of
-from .numeric import dequantize, read_text, rel_error, token_kl
+from .numeric import dequantize, load_tokenizer, read_text, rel_error, token_kl
 from .safetensors_io import TensorInfo, load_tensor
 
 # AWQ fold consistency: the per-input-channel scale s AWQ moved into a consumer (least squares of Ŵ against W,
@@ -142,7 +142,9 @@ def numeric_check(directory: Path, manifest, found: dict[str, TensorInfo], base:
                   text: Path | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # verify draws its own (transformers drew two more, under it, even with --json)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     vocab = base_model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -177,7 +179,7 @@ def numeric_check(directory: Path, manifest, found: dict[str, TensorInfo], base:
         hooks = [quantize_inputs(model, name, m.format, m.params, {s: found[t.name] for s, t in m.tensors.items()})
                  for name, m in manifest.modules.items() if m.kind == "linear"]
         try:
-            result["text"] = text_check(base, base_model, model, Path(text), thresholds, rep)
+            result["text"] = text_check([directory, base], base_model, model, Path(text), thresholds, rep)
         finally:
             for h in hooks:
                 if h is not None:
@@ -235,15 +237,14 @@ def _block_findings(manifest, b_in: dict, b_out: dict, q_out: dict, thresholds: 
 TEXT_WINDOW, TEXT_MAX_TOKENS = 256, 4096
 
 
-def text_check(base: Path, base_model, model, text: Path, thresholds: dict, rep) -> dict:
+def text_check(tokenizer_dirs: list[Path], base_model, model, text: Path, thresholds: dict, rep) -> dict:
     """Perplexity of the base and of the dequantized model (its W8A8 layers' inputs quantized as served) on real
     text, and the mean KL(base ‖ model) of the next-token distributions (teacher-forced, windows of 256 tokens, the
     first 4096 tokens of the file)."""
     import torch
-    from transformers import AutoTokenizer
 
     words = read_text("--text", text)
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = load_tokenizer("--text", tokenizer_dirs)
     ids = tok(words, return_tensors="pt", add_special_tokens=False).input_ids[0][:TEXT_MAX_TOKENS]
     if ids.numel() < 16:
         raise UserError(f"--text {text}: only {ids.numel()} tokens; give at least a paragraph of text")

@@ -36,6 +36,31 @@ def token_kl(base_logp, logp, base_p=None):
     return ((base_logp.exp() if base_p is None else base_p) * (base_logp - logp)).sum(-1)
 
 
+def tokenizer_dir(option: str, dirs: list[Path]) -> Path:
+    """Where a measuring option's text is tokenized from: the first of dirs with a tokenizer (verify --text: the
+    converted directory, as served, then the base; plan --calib: Recipe.tokenizer_dirs). Asked before any model is
+    loaded; one line when none has one (transformers raised from deep inside)."""
+    from .checkpoint import TOKENIZER_FILES, has_tokenizer
+
+    for d in dirs:
+        if has_tokenizer(Path(d)):
+            return Path(d)
+    raise UserError(f"{option}: nothing to tokenize the text with — no tokenizer ({', '.join(TOKENIZER_FILES)}) in "
+                    f"{' or '.join(map(str, dirs))}; put the model's tokenizer files in the base")
+
+
+def load_tokenizer(option: str, dirs: list[Path]):
+    from transformers import AutoTokenizer
+
+    d = tokenizer_dir(option, dirs)
+    try:
+        return AutoTokenizer.from_pretrained(d)
+    except Exception as e:  # noqa: BLE001 — a broken tokenizer file fails in many ways, all the same here
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"{option}: the tokenizer in {d} cannot be loaded ({why}); restore its tokenizer files") \
+            from None
+
+
 def read_text(option: str, path) -> str:
     """The text a measuring option names (plan's --calib, verify's --text): UTF-8, whatever the locale; else one line
     saying what the path is instead."""

@@ -533,19 +533,19 @@ class _Planner:
         # by "." sorts before any longer name it prefixes), without a natural key for each of 171k tensors
         tensors = [m.tensors[s] for m in modules for s in _natural_order(tuple(m.tensors))]
         return Plan(self.recipe, self.base, self.sources, self.info, self.parallel, self.layout, modules, tensors,
-                    units, *side_files(self.recipe.default, self.sources))
+                    units, *side_files(self.recipe, self.sources))
 
 
-def side_files(default: str, sources: dict[str, Source]) -> tuple[dict[str, Path], str | None]:
+def side_files(recipe: Recipe, sources: dict[str, Source]) -> tuple[dict[str, Path], str | None]:
     """The side files the output gets (name → file) and what build says of them. The base's; where the base has no
     tokenizer (a model saved by a training run often has none; llm-compressor and gptqmodel save one beside their
-    output), every side file it lacks comes from the default source, else the first source by label that has a
-    tokenizer, all from one. None anywhere: the output has none, and SGLang's server cannot start without one."""
+    output), every side file it lacks comes from the first source with a tokenizer in recipe.side_file_order, all
+    from one. None anywhere: the output has none, and SGLang's server cannot start without one."""
     base = sources[BASE].ckpt
     files = {f: base.path / f for f in base.side_files}
     if any(f in files for f in TOKENIZER_FILES):
         return files, None
-    for label in dict.fromkeys([default, *sorted(sources)]):
+    for label in recipe.side_file_order():
         ck = sources[label].ckpt
         if label != BASE and any(f in ck.side_files for f in TOKENIZER_FILES):
             taken = [f for f in ck.side_files if f not in files]

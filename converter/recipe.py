@@ -234,6 +234,14 @@ class Recipe(BaseModel):
     def path_of(self, source: str) -> Path:
         return self._resolve(self.base if source == BASE else self.sources[source])
 
+    def side_file_order(self) -> list[str]:
+        """Where the side files (the tokenizer) are taken from, first to last: the base, the default source, the other
+        sources by label. Build's output gets them so; plan and verify tokenize their text with the same."""
+        return list(dict.fromkeys([BASE, self.default, *sorted(self.sources)]))
+
+    def tokenizer_dirs(self) -> list[Path]:
+        return [self.path_of(label) for label in self.side_file_order()]
+
     def _resolve(self, raw: str) -> Path:
         p = Path(raw).expanduser()
         return p if p.is_absolute() else (self._dir / p)

@@ -17,7 +17,7 @@ from .errors import UserError
 from .formats import FORMATS
 from .formats.base import Format
 from .layout import role_of
-from .numeric import dequantize, read_text, token_kl
+from .numeric import dequantize, load_tokenizer, read_text, token_kl
 from .plan import Inputs
 from .safetensors_io import load_tensor
 
@@ -25,12 +25,10 @@ SEQ_LEN = 256
 MIN_TOKENS = 64
 
 
-def calibration_ids(base: Path, files: list[Path], tokens: int):
+def calibration_ids(tokenizer_dirs: list[Path], files: list[Path], tokens: int):
     """The first `tokens` tokens of the calibration files (concatenated), as [n, SEQ_LEN] windows."""
-    from transformers import AutoTokenizer
-
     words = [read_text("--calib", f) for f in files]
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = load_tokenizer("--calib", tokenizer_dirs)
     ids = tok("\n\n".join(words), return_tensors="pt", add_special_tokens=False).input_ids[0][:tokens]
     if ids.numel() < MIN_TOKENS:
         raise UserError(f"--calib: {ids.numel()} tokens of text; plan needs at least {MIN_TOKENS} (a few paragraphs; "
@@ -315,7 +313,7 @@ def evaluate(recipe, texts: list[Path] | None, tokens: int, device: str, model=N
     plan = make_plan(recipe)
     base = recipe.path_of("base")
     model = base_model(base, device) if model is None else model
-    ids = (calibration_ids(base, texts, tokens) if ids is None else ids).to(device)
+    ids = (calibration_ids(recipe.tokenizer_dirs(), texts, tokens) if ids is None else ids).to(device)
     swaps = Swaps(model, device)
     try:
         with torch.inference_mode():

@@ -468,6 +468,10 @@ def check_usage(directory: Path, parallel: rules.Parallel, base: Path | None, nu
         raise UserError(f"--engine sglang --ep {ep}: SGLang splits experts over the TP ranks; --tp must be a "
                         f"multiple of --ep (got --tp {tp})")
     require_converted(directory)
+    if text is not None:
+        from .numeric import tokenizer_dir
+
+        tokenizer_dir("--text", [directory, base])  # before any model is loaded
 
 
 def check_base(base: Path, manifest: Manifest) -> None:

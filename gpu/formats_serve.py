@@ -72,7 +72,7 @@ def stage() -> None:
         _build(recipe, d / "mix")
         _build(recipe, d / "mix-ct", "--to", "compressed-tensors")
         base = smollm2("base")
-        ids = sensitivity.calibration_ids(base, EVAL, 1024)
+        ids = sensitivity.calibration_ids([base], EVAL, 1024)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         cpu = sensitivity.evaluate(load_recipe(recipe), EVAL, 1024, "cpu", model)
         moe = _recipe(d, fixture("qwen3moe-taught", "base"), {k: fixture("qwen3moe-taught", v) for k, v in MOE.items()},

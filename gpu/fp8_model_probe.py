@@ -42,7 +42,7 @@ def stage() -> None:
         d = tmp / "fp8m"
         d.mkdir()
         subprocess.run(["cp", "-rL", str(smollm2("fp8-dynamic")), str(d / "fp8")], check=True)
-        ids = sensitivity.calibration_ids(smollm2("base"), pb.EVAL, EVAL_TOKENS)
+        ids = sensitivity.calibration_ids([smollm2("base")], pb.EVAL, EVAL_TOKENS)
         (d / "windows.json").write_text(json.dumps(ids.tolist()))
         src = pb.sources_file(Path(work))
         c = choose.candidates(Inputs.open(load_recipe(src, sources_only=True)))

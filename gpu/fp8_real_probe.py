@@ -52,7 +52,7 @@ def capture(out: Path) -> None:
                     saved[key] = args[0][0, :TOKENS].to(torch.bfloat16).contiguous()
 
                 hooks.append(mod.register_forward_pre_hook(grab, prepend=True))
-        ids = sensitivity.calibration_ids(recipe.path_of("base"), pb.EVAL, 1024)[:1]
+        ids = sensitivity.calibration_ids(recipe.tokenizer_dirs(), pb.EVAL, 1024)[:1]
         # evaluate runs the base, then installs the FP8 weights and activation hooks and runs again: the grab hooks
         # run before the activation quantization, and the second run's inputs are the ones kept
         sensitivity.evaluate(r, None, 0, "cpu", model, ids=ids)

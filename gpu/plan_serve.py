@@ -64,7 +64,7 @@ def stage(budget: str) -> None:
         recipe.write_text(r.recipe_text)
         subprocess.run([str(ROOT / ".venv/bin/mpconvert"), "build", str(recipe), "-o", str(d / "planned")], check=True)
         base = load_recipe(src, sources_only=True).path_of("base")
-        ids = sensitivity.calibration_ids(base, EVAL, EVAL_TOKENS)
+        ids = sensitivity.calibration_ids([base], EVAL, EVAL_TOKENS)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         cpu = sensitivity.evaluate(load_recipe(recipe), EVAL, EVAL_TOKENS, "cpu", model)
         (d / "planned" / "plan_eval.json").write_text(json.dumps(
@@ -117,7 +117,7 @@ def gpu_plan_and_identity(d: Path) -> dict:
                         for r in results]
     from mpconvert import sensitivity
 
-    ids = sensitivity.calibration_ids(d / "base", held, 1024).tolist()
+    ids = sensitivity.calibration_ids([d / "base"], held, 1024).tolist()
     base = _outputs(d / "base", ids)  # the bf16 base served: what bf16 compute alone moves the perplexity
     res["base_gpu_perplexity"] = _perplexity(base["lps"])
     res["identity"] = {}

@@ -73,6 +73,13 @@ def copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def without_tokenizer(src: Path, dst: Path) -> Path:
+    """A copy of a fixture checkpoint with no tokenizer files (as a training run often saves a model)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
+                                                            "special_tokens_map.json", "chat_template*"))
+    return dst
+
+
 DENSE_RULES = """
 - {match: "self_attn.*", layers: 0, source: fp8}
 - {match: "mlp.*", layers: 0, source: int8}

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -216,15 +217,6 @@ def test_make_fixtures_drops_superseded_versions_from_the_cache(tmp_path, monkey
     assert sorted(p.name for p in cache_root().iterdir()) == sorted(names["kept"] + names["left"])
 
 
-def _without_tokenizer(src, dst):
-    """A copy of a fixture checkpoint with no tokenizer files (as a training run often saves a model)."""
-    import shutil
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
-                                                            "special_tokens_map.json", "chat_template*"))
-    return dst
-
-
 def test_the_output_gets_a_tokenizer_or_a_warning_and_serve_says_why_it_cannot_start(llama, cli, tmp_path):
     """The side files came from the base only: a base with no tokenizer gave an output with none, verify said OK,
     and SGLang's server failed as it started ("Couldn't instantiate the backend tokenizer"). Now the files the base
@@ -232,10 +224,12 @@ def test_the_output_gets_a_tokenizer_or_a_warning_and_serve_says_why_it_cannot_s
     none anywhere build warns and serve refuses unless told where the tokenizer is."""
     from sglang.srt.utils.hf_transformers_utils import get_tokenizer
 
-    from helpers import refused
+    from helpers import refused, without_tokenizer
 
-    fx = {**llama, "base": _without_tokenizer(llama["base"], tmp_path / "base")}
-    fx["gptq-bare"] = _without_tokenizer(llama["gptq"], tmp_path / "gptq-bare")
+    fx = {**llama, "base": without_tokenizer(llama["base"], tmp_path / "base")}
+    fx["gptq-bare"] = without_tokenizer(llama["gptq"], tmp_path / "gptq-bare")
+    eval_text = tmp_path / "text.txt"
+    eval_text.write_text(Path("/usr/share/common-licenses/GPL-3").read_text()[:20000])
     cases = {"default": ({"fp8": "ct-fp8-static", "gptq": "gptq"}, "gptq"),  # (sources, the label taken from)
              "next by label": ({"a": "ct-fp8-static", "gptq": "gptq-bare"}, "a"),
              "none": ({"gptq": "gptq-bare"}, None)}
@@ -256,6 +250,9 @@ def test_the_output_gets_a_tokenizer_or_a_warning_and_serve_says_why_it_cannot_s
                 assert files[f] == hashlib.sha256((d / "out" / f).read_bytes()).hexdigest()
             assert get_tokenizer(str(d / "out")).encode("hello world")  # SGLang's own loader takes it
             assert cli("serve", d / "out", "--print-command").exit_code == 0
+            # verify --text tokenizes with the directory's tokenizer, as served (it loaded the base's: a traceback)
+            r = cli("verify", d / "out", "--numeric", "--base", fx["base"], "--text", eval_text, "--json")
+            assert r.exit_code == 0 and json.loads(r.stdout)["numeric"]["text"]["tokens"] > 1000, r.output
         else:
             assert ("warning: neither the base nor any source has a tokenizer (tokenizer.json, tokenizer.model, "
                     "vocab.json), and SGLang's server cannot start without one") in text, text
@@ -265,6 +262,9 @@ def test_the_output_gets_a_tokenizer_or_a_warning_and_serve_says_why_it_cannot_s
                     f"`-- --tokenizer-path DIR`")
             for extra in (["--tokenizer-path", str(llama["base"])], ["--skip-tokenizer-init"]):
                 assert cli("serve", d / "out", "--print-command", "--", *extra).exit_code == 0
+            refused(cli("verify", d / "out", "--numeric", "--base", fx["base"], "--text", eval_text),
+                    f"--text: nothing to tokenize the text with — no tokenizer (tokenizer.json, tokenizer.model, "
+                    f"vocab.json) in {d / 'out'} or {fx['base']}; put the model's tokenizer files in the base")
         assert cli("verify", d / "out").exit_code == 0
         gen = "generation_config.json"  # the base's, as before
         assert gen in files and (d / "out" / gen).read_bytes() == (fx["base"] / gen).read_bytes()

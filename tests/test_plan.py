@@ -182,6 +182,26 @@ def test_plan_refuses_bad_inputs(cli, llama, tmp_path):
     refused(cli(*plan, "--device", "meta"), "plan measures on cpu or cuda")
 
 
+def test_plan_tokenizes_its_text_as_build_takes_the_tokenizer(cli, llama, tmp_path):
+    """plan tokenized --calib with the base's tokenizer only: a base without one was an internal error (transformers'
+    "Couldn't instantiate the backend tokenizer"). Now it is the tokenizer build's output gets (Recipe.side_file_order:
+    the base's, else a source's); with none anywhere, one line."""
+    from helpers import without_tokenizer
+
+    fx = {**llama, "base": without_tokenizer(llama["base"], tmp_path / "base"),
+          "gptq-bare": without_tokenizer(llama["gptq"], tmp_path / "gptq-bare")}
+    calib = LICENSES / "GPL-3"
+    src = _sources(tmp_path, fx, {"int8": "ct-w8a8", "gptq": "gptq-bare"})
+    r = cli("plan", src, "--budget", "0.6x", "--calib", calib, "-o", tmp_path / "r.yaml", "--calib-tokens", 128)
+    assert r.exit_code == 0, r.output
+    r = cli("build", tmp_path / "r.yaml", "-o", tmp_path / "out")
+    assert r.exit_code == 0 and "taken from source 'int8'" in " ".join(r.output.split()), r.output
+    bare = _sources(tmp_path, fx, {"gptq": "gptq-bare"})
+    refused(cli("plan", bare, "--budget", "0.6x", "--calib", calib, "-o", tmp_path / "r2.yaml"),
+            f"--calib: nothing to tokenize the text with — no tokenizer (tokenizer.json, tokenizer.model, vocab.json) "
+            f"in {fx['base']} or {fx['gptq-bare']}")
+
+
 def test_plan_never_overwrites_what_it_was_not_told_to(cli, llama, tmp_path):
     """Every file plan writes — each recipe, its .json report, the --frontier plot — is checked before measuring:
     an existing report was overwritten without --force, `-o r.json` made the report overwrite its own recipe, and a
