@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from mpconvert.errors import UserError, and_more
+from mpconvert.errors import UserError, and_more, path_too_long
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Merge quantized checkpoints of one model (FP8, GPTQ, AWQ, W8A8-Int8) into one "
@@ -159,6 +159,9 @@ def _path(value: str) -> Path:
     instead of reported as `. already exists` or acted on."""
     if not value.strip():
         raise typer.BadParameter("an empty path (it would mean the current directory); give a path")
+    too_long = path_too_long(value)
+    if too_long:
+        raise typer.BadParameter(f"{too_long}; give a shorter path")
     return Path(value)
 
 

@@ -105,7 +105,12 @@ class Checkpoint:
     @classmethod
     def open(cls, path: Path, label: str) -> "Checkpoint":
         path = Path(path)
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as e:  # a name too long for the file system: pathlib raises it, a traceback for the user
+            shown = str(path) if len(str(path)) <= 120 else f"{str(path)[:100]}…"
+            raise UserError(f"{label}: {shown}: {e.strerror}; fix the path in the recipe") from None
+        if not is_dir:
             raise UserError(f"{label}: {path} is not a directory; fix the path in the recipe")
         ck = cls(path.resolve(), label)
         weight_map = ck._weight_map()  # read once, not kept: 177k entries of a DeepSeek-V3-sized source are 40 MB

@@ -3,12 +3,28 @@
 UserError: bad input (recipe, source, option) — one line naming the file/tensor/rule and the fix; exit code 2.
 VerifyFailed is not an exception: verify returns a report; its findings give exit code 1.
 """
+from __future__ import annotations
+
+import os
+
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes: no file can be at a longer name or path
 
 
 class UserError(Exception):
     """A problem with what the user gave us. The message is one line and says how to fix it."""
 
     exit_code = 2
+
+
+def path_too_long(path) -> str | None:
+    """Why nothing can be at `path` (a name over NAME_MAX bytes, or PATH_MAX in all), else None: pathlib's exists()
+    and is_dir() raise on such a path instead of answering, and each command's first look at one crashed."""
+    raw = os.fsencode(path)
+    longest = max(len(part) for part in raw.split(b"/"))
+    if longest > NAME_MAX or len(raw) >= PATH_MAX:
+        return (f"longer than the file system allows ({len(raw)} bytes, a name of {longest}; at most {NAME_MAX} a "
+                f"name and {PATH_MAX - 1} in all)")
+    return None
 
 
 def and_more(items: list) -> str:

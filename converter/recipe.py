@@ -27,7 +27,7 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, path_too_long
 from .patterns import check_re_patterns
 
 BASE = "base"
@@ -97,6 +97,14 @@ def format_ids(ids: list[int]) -> str:
     return ",".join(out)
 
 
+def _path_can_exist(v: str, prefix: str = "") -> str:
+    """A path in the recipe that no file can be at (too long) is refused where it is written."""
+    why = path_too_long(v)
+    if why:
+        raise ValueError(f"{prefix}{why}; fix the path")
+    return v
+
+
 class ExpertsFromFile(BaseModel):
     """The most routed experts of each layer, from a routing-frequency file: JSON {"LAYER": [count per expert]} or
     SGLang's expert-distribution dump (a torch file whose `logical_count` is [..., layers, experts]). `top: N` takes
@@ -106,6 +114,11 @@ class ExpertsFromFile(BaseModel):
     file: str
     top: Union[int, None] = Field(None, ge=1)
     coverage: Union[float, None] = Field(None, gt=0, le=1)
+
+    @field_validator("file")
+    @classmethod
+    def _file_can_exist(cls, v: str) -> str:
+        return _path_can_exist(v)
 
     @model_validator(mode="after")
     def _one_criterion(self):
@@ -209,6 +222,18 @@ class Recipe(BaseModel):
     # any layer, or left out of the output (config.json then says num_nextn_predict_layers: 0)
     mtp: Literal["keep", "drop"] = "keep"
     output: Output = Output()
+
+    @field_validator("base")
+    @classmethod
+    def _base_can_exist(cls, v: str) -> str:
+        return _path_can_exist(v)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_can_exist(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            _path_can_exist(path, f"{name}: ")
+        return v
 
     @model_validator(mode="after")
     def _names_ok(self):
@@ -316,10 +341,10 @@ def _each_layer_once(pairs: list) -> dict:
 def _routing_counts(path: Path, where: str) -> dict[int, tuple[float, ...]]:
     """layer → routed-token count per expert. JSON {"0": [..], ...}, or SGLang's expert-distribution dump (a torch
     file with `logical_count`, [layers, experts] after summing any leading steps/ranks dimensions)."""
-    if not path.exists():
-        raise UserError(f"{where}: {path} not found; pass a routing-frequency file (JSON or SGLang's expert "
-                        f"distribution dump)")
     try:
+        if not path.exists():
+            raise UserError(f"{where}: {path} not found; pass a routing-frequency file (JSON or SGLang's expert "
+                            f"distribution dump)")
         if path.suffix == ".json":
             raw = json.loads(path.read_text(), object_pairs_hook=_each_layer_once)
             if not all(isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in raw.values()):

@@ -449,6 +449,45 @@ def test_an_empty_path_is_refused(args, llama, cli, tmp_path, monkeypatch):
     assert "Traceback" not in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+LONG_NAME, LONG_PATH = "n" * 256, "/".join(["d" * 200] * 21)  # one name over 255 bytes; 4220 bytes in all
+
+
+@pytest.mark.parametrize("long", [LONG_NAME, LONG_PATH], ids=["name", "path"])
+@pytest.mark.parametrize("args", [
+    ("build", "{long}"), ("build", "{recipe}", "-o", "{long}"), ("build", "{recipe}", "-o", "{tmp}/new/{long}"),
+    ("inspect", "{long}"), ("verify", "{long}"), ("verify", "{out}", "--numeric", "--base", "{long}"),
+    ("verify", "{out}", "--numeric", "--base", "{base}", "--text", "{long}"), ("serve", "{long}", "--print-command"),
+    ("plan", "{long}", "--budget", "0.6x", "--calib", "{text}", "-o", "{tmp}/r.yaml"),
+    ("plan", "{sources}", "--budget", "0.6x", "--calib", "{long}", "-o", "{tmp}/r.yaml"),
+    ("plan", "{sources}", "--budget", "0.6x", "--calib", "{text}", "-o", "{long}"),
+    ("plan", "{sources}", "--budget", "0.6x", "--calib", "{text}", "-o", "{tmp}/r.yaml", "--frontier", "{long}"),
+    ("demo", "{long}")])
+def test_a_path_too_long_for_the_file_system_is_refused(args, long, llama, cli, tmp_path):
+    """pathlib's exists() and is_dir() raise on a name over 255 bytes or a path over 4095 instead of answering: nine
+    of these twelve arguments were an internal error. Refused by name, as an empty path is."""
+    (tmp_path / "s").mkdir()
+    paths = {**_built(llama, cli, tmp_path), "long": long, "base": llama["base"],
+             "text": "/usr/share/common-licenses/GPL-3", "sources": write_recipe(tmp_path / "s", llama, {}, "base")}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = cli(*(a.format(**paths) for a in args))
+    assert res.exit_code == 2, res.output
+    assert "longer than the file system allows" in res.output and "give a shorter path" in res.output, res.output
+    assert "Traceback" not in res.output and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("field", ["base", "source", "routing file"])
+def test_a_recipe_path_too_long_for_the_file_system_is_refused(field, moe, cli, tmp_path):
+    """The same paths written in a recipe: refused where they are written (each was an internal error)."""
+    sources = {"gptq": "gptq"}
+    rules = "- {match: 'mlp.experts.*', experts: {file: routing.json, top: 2}, source: base}"
+    r = write_recipe(tmp_path, moe, sources, "gptq", rules)
+    text = r.read_text()
+    old = {"base": str(moe["base"]), "source": str(moe["gptq"]), "routing file": "routing.json"}[field]
+    r.write_text(text.replace(old, LONG_PATH if field == "base" else LONG_NAME))
+    where = {"base": "base", "source": "sources: gptq", "routing file": "rules.0.experts: file"}[field]
+    fails(cli, tmp_path, r, match=f"recipe.yaml: {where}: longer than the file system allows")
+
+
 def _built(llama, cli, tmp_path: Path) -> dict[str, Path]:
     """A recipe and its built output; the placeholders the tests' argument lists name ({new}: not there yet)."""
     recipe = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
