@@ -214,7 +214,9 @@ def _write_crash_log() -> str:
             logs = Path(d) / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             f = logs / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-            f.write_text(" ".join(sys.argv) + "\n\n" + text)
+            # (an argument that is not UTF-8 holds surrogates, which strict UTF-8 refuses: the log failed, and
+            # its traceback reached the terminal)
+            f.write_text(" ".join(sys.argv) + "\n\n" + text, errors="backslashreplace")
             return str(f)
         except OSError:
             continue
@@ -622,9 +624,13 @@ Examples:
 def serve_command(directory: Path, args: list[str]) -> list[str]:
     import os
 
+    from mpconvert.checkpoint import sglang_path_problem
     from mpconvert.manifest import load_manifest
 
     manifest, _ = load_manifest(directory)
+    why = sglang_path_problem(directory)
+    if why:
+        raise UserError(f"SGLang cannot serve it: {why}; rename it")
     plugins = os.environ.get("SGLANG_PLUGINS")
     if plugins is not None and "mpconvert" not in plugins.split(","):
         raise UserError(f"SGLANG_PLUGINS={plugins!r} leaves out the mpconvert plugin, so SGLang could not read this "

@@ -27,6 +27,18 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: the checkpoint has a tokenizer
 
 
+def sglang_path_problem(directory: Path) -> str | None:
+    """Why SGLang could not load a model from `directory`, judging by its path alone, or None: its loader (safetensors'
+    Rust reader) opens only UTF-8 paths ("Path … is not valid UTF-8"), and a name that is not UTF-8 reaches Python
+    as surrogates."""
+    try:
+        os.path.abspath(directory).encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{os.fsencode(directory)!r} is not a UTF-8 path, and SGLang's loader (safetensors) opens no file "
+                f"under one ('Path … is not valid UTF-8')")
+    return None
+
+
 def has_tokenizer(directory: Path) -> bool:
     """A tokenizer file SGLang (transformers) can load: one of TOKENIZER_FILES, or a tiktoken or sentencepiece model
     under another name (tiktoken.model, qwen.tiktoken) put there by hand."""

@@ -88,9 +88,10 @@ def write_file_atomic(path: Path, write, force: bool) -> None:
 def _short(name: str) -> str:
     """The output's name as its side files carry it: long names are cut and made unique by a hash, so that the
     side files stay within the 255-byte name limit for any name the output itself may have."""
-    if len(name.encode()) <= 150:
+    raw = os.fsencode(name)  # (a name that is not UTF-8 holds surrogates: str.encode refuses them)
+    if len(raw) <= 150:
         return name
-    return name.encode()[:100].decode(errors="ignore") + "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return os.fsdecode(raw[:100]) + "~" + hashlib.sha256(raw).hexdigest()[:12]
 
 
 _libc = None

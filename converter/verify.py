@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import rules
-from .checkpoint import INDEX, is_weight_map, read_json
+from .checkpoint import INDEX, is_weight_map, read_json, sglang_path_problem
 from .collector import paused_then_kept
 from .errors import UserError, and_more
 from .forked import Forked
@@ -468,6 +468,8 @@ def check_usage(directory: Path, parallel: rules.Parallel, base: Path | None, nu
         raise UserError(f"--engine sglang --ep {ep}: SGLang splits experts over the TP ranks; --tp must be a "
                         f"multiple of --ep (got --tp {tp})")
     require_converted(directory)
+    if engine and sglang_path_problem(directory):
+        raise UserError(f"--engine sglang: {sglang_path_problem(directory)}; rename the directory")
     if text is not None:
         from .numeric import tokenizer_dir
 

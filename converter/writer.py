@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import INDEX, SIDE_FILES, file_state
+from .checkpoint import INDEX, SIDE_FILES, file_state, sglang_path_problem
 from .errors import UserError
 from .layout import with_mtp_layers
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
@@ -101,6 +101,9 @@ def _not_replaceable(out: Path) -> str | None:
 
 
 def check_output(out: Path, force: bool, plan: Plan | None = None) -> None:
+    why = sglang_path_problem(out)
+    if why:
+        raise UserError(f"-o {why}; choose a UTF-8 name")
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"{out} already exists; choose another -o or pass --force to replace it")
     if out.is_symlink():

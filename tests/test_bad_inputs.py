@@ -488,6 +488,41 @@ def test_a_recipe_path_too_long_for_the_file_system_is_refused(field, moe, cli, 
     fails(cli, tmp_path, r, match=f"recipe.yaml: {where}: longer than the file system allows")
 
 
+def test_a_path_that_is_not_utf8(llama, cli, tmp_path):
+    """A name that is not UTF-8 reaches Python as surrogates: `build -o` on one was a crash (its lock file's name was
+    encoded strictly) whose crash log failed too, putting a traceback on the terminal. SGLang's loader cannot open
+    files under such a path ("Path … is not valid UTF-8", seen with verify --engine): build, serve and verify
+    --engine refuse it in one line; verify and inspect read it; the recipe's own name may be anything."""
+    def named(raw: bytes) -> Path:
+        return Path(os.fsdecode(os.fsencode(tmp_path) + raw))
+
+    (named(b"/r\xff")).mkdir()
+    r = write_recipe(named(b"/r\xff"), llama, {"gptq": "gptq"}, "gptq")
+    assert cli("build", r, "-o", tmp_path / "out").exit_code == 0
+    refused(cli("build", r, "-o", named(b"/o\xff")), "is not a UTF-8 path, and SGLang's loader (safetensors) opens no "
+                                                     "file under one ('Path … is not valid UTF-8'); choose a UTF-8 name")
+    assert not named(b"/o\xff").exists() and not [p for p in tmp_path.iterdir() if "mpconvert" in p.name]
+    moved = named(b"/moved\xfe")
+    (tmp_path / "out").rename(moved)
+    assert cli("verify", moved).exit_code == 0 and cli("inspect", moved, "--json").exit_code == 0
+    refused(cli("serve", moved, "--print-command"), "SGLang cannot serve it: b'")
+    refused(cli("verify", moved, "--engine", "sglang"), "--engine sglang: b'")
+
+
+def test_the_crash_log_takes_any_argument(tmp_path, monkeypatch):
+    from mpconvert.cli.main import _write_crash_log
+
+    monkeypatch.setenv("MPCONVERT_CACHE", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["mpconvert", "build", "r\udcff.yaml"])
+    try:
+        raise RuntimeError("the error")
+    except RuntimeError:
+        log = Path(_write_crash_log())
+    assert log.parent == tmp_path / "logs"
+    text = log.read_text()
+    assert text.startswith("mpconvert build r\\udcff.yaml\n") and "RuntimeError: the error" in text
+
+
 def _built(llama, cli, tmp_path: Path) -> dict[str, Path]:
     """A recipe and its built output; the placeholders the tests' argument lists name ({new}: not there yet)."""
     recipe = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq")
