@@ -786,6 +786,11 @@ def _fixture_factory():
 
 def main() -> None:
     if sys.stdout is not None and sys.stderr is not None:
+        # a character the terminal's encoding lacks (an arrow under PYTHONIOENCODING=ascii or a Latin-1 locale; a
+        # path that is not UTF-8 under a UTF-8 locale) is written escaped: strict, it crashed the command mid-report
+        for stream in (sys.stdout, sys.stderr):
+            if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         sys.stdout, sys.stderr = _CheckedStream(sys.stdout, True), _CheckedStream(sys.stderr, False)
     try:
         app()

@@ -509,6 +509,21 @@ def test_a_path_that_is_not_utf8(llama, cli, tmp_path):
     refused(cli("verify", moved, "--engine", "sglang"), "--engine sglang: b'")
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_a_terminal_that_cannot_show_every_character(encoding, llama, cli, tmp_path):
+    """Under PYTHONIOENCODING=ascii or a Latin-1 locale, the first arrow or dash a command printed was a
+    UnicodeEncodeError — an internal error halfway through a report. Now such a character is written escaped."""
+    paths = _built(llama, cli, tmp_path)
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    for args in (("inspect", "{out}"), ("build", "{recipe}", "-o", "{new}"), ("verify", "{out}"), ("build", "--help")):
+        p = subprocess.run(_command(args, paths), capture_output=True, text=True, env=env, errors="replace")
+        assert p.returncode == 0 and "internal error" not in p.stderr, (args, p.stderr)
+    p = subprocess.run(_command(("inspect", "{out}", "--no-modules"), paths), capture_output=True, text=True, env=env,
+                       encoding=encoding)
+    assert "default (gptq): 15 linear modules in layers 0-1" in p.stdout, p.stdout
+    assert ("0.476 \\xd7 its bf16 size" if encoding == "ascii" else "0.476 \xd7 its bf16 size") in p.stdout, p.stdout
+
+
 def test_the_crash_log_takes_any_argument(tmp_path, monkeypatch):
     from mpconvert.cli.main import _write_crash_log
 
