@@ -195,6 +195,24 @@ def test_the_demo_runs(cli, llama, tmp_path):
     assert "layout: mpconvert" in r.output and (tmp_path / "demo" / "mixed" / "mpconvert_manifest.json").is_file()
 
 
+def test_the_demo_says_where_its_cache_cannot_be(cli, tmp_path, monkeypatch):
+    """MPCONVERT_CACHE naming a file was an internal error (NotADirectoryError); an empty one made a relative cache
+    that the producers, running in another directory, could not rename into (FileNotFoundError). One line for the
+    first; the second means unset, and a relative one is taken from the current directory."""
+    from helpers import refused
+    from fixtures.factory import cache_root
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MPCONVERT_CACHE", str(tmp_path / "a-file"))
+    refused(cli("demo", tmp_path / "demo"), f"{tmp_path / 'a-file' / 'fixtures'}: cannot keep fixtures there (Not a "
+                                            f"directory); set MPCONVERT_CACHE to a writable directory")
+    monkeypatch.setenv("MPCONVERT_CACHE", "")
+    assert cache_root() == Path.home() / ".cache" / "mpconvert" / "fixtures"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPCONVERT_CACHE", "rel")
+    assert cache_root() == tmp_path / "rel" / "fixtures"
+
+
 def test_make_fixtures_drops_superseded_versions_from_the_cache(tmp_path, monkeypatch):
     """Each change to a producer script gives its fixtures a new key; the old versions stayed in a CI machine's cache
     for ever. `make fixtures` removes the other versions of what it made and dead producers' temporary directories —
