@@ -6,6 +6,7 @@ import gc
 import inspect as pyinspect
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -188,9 +189,8 @@ def guarded(command):
             return command(*args, **kwargs)
         except UserError as e:
             _fail(e)
-        except KeyboardInterrupt:  # said here: typer would turn it into a silent exit 130
-            err.print("interrupted; nothing was written")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as e:  # said here: typer would turn it into a silent exit 130
+            raise typer.Exit(_stopped(e))
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 — the point of the guard
@@ -199,6 +199,21 @@ def guarded(command):
                       f"report it; details in {log}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(INTERNAL_ERROR)
     return run
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM — a CI time-out, `timeout`, a container stopping — taken as Ctrl-C is (main installs it): the build's
+    temporary directory and lock removed, one line, exit 143. By default Python ended at once and left them."""
+
+
+def on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    """Say that the command was stopped; its exit code (128 + the signal, as a shell reports it)."""
+    err.print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was written")
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
 def _write_crash_log() -> str:
@@ -792,11 +807,11 @@ def main() -> None:
             if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="backslashreplace")
         sys.stdout, sys.stderr = _CheckedStream(sys.stdout, True), _CheckedStream(sys.stderr, False)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(_stopped(e))
     except SystemExit as e:  # how typer ends every command
         if e.code is None or type(e.code) is int:
             _exit_now(e.code or 0)

@@ -78,22 +78,28 @@ def wait_ranks(procs: list[subprocess.Popen], grace_s: float = GRACE_S, timeout_
     for t in readers:
         t.start()
     start, first_end, stopped = time.monotonic(), None, {}
-    while any(t.is_alive() for t in readers):
-        now = time.monotonic()
-        ended = [i for i, p in enumerate(procs) if p.poll() is not None]
-        if ended and first_end is None:
-            first_end = (now, ended[0])
-        late = first_end is not None and now - first_end[0] > grace_s
-        if late or now - start > timeout_s:
-            why = (f"stopped: still waiting {grace_s:.0f} s after rank {first_end[1]} ended (SGLang's ranks wait "
-                   f"for each other; that rank's entry says why it ended)") if late else \
-                f"timed out after {timeout_s} s"
-            for i, p in enumerate(procs):
-                if p.poll() is None:
-                    stopped[i] = why
-                    p.kill()
-        for t in readers:
-            t.join(timeout=0.2)
+    try:
+        while any(t.is_alive() for t in readers):
+            now = time.monotonic()
+            ended = [i for i, p in enumerate(procs) if p.poll() is not None]
+            if ended and first_end is None:
+                first_end = (now, ended[0])
+            late = first_end is not None and now - first_end[0] > grace_s
+            if late or now - start > timeout_s:
+                why = (f"stopped: still waiting {grace_s:.0f} s after rank {first_end[1]} ended (SGLang's ranks "
+                       f"wait for each other; that rank's entry says why it ended)") if late else \
+                    f"timed out after {timeout_s} s"
+                for i, p in enumerate(procs):
+                    if p.poll() is None:
+                        stopped[i] = why
+                        p.kill()
+            for t in readers:
+                t.join(timeout=0.2)
+    except BaseException:  # Ctrl-C, SIGTERM: the ranks go too (left, they would wait for each other for ever)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        raise
     return [{"error": stopped[i]} if i in stopped else outcomes[i] for i in range(len(procs))]
 
 

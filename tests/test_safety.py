@@ -131,6 +131,32 @@ def test_ctrl_c_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, m
     assert cli("build", r, "-o", out).exit_code == 0
 
 
+def test_sigterm_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, monkeypatch):
+    """SIGTERM (a CI time-out, `timeout`, a container stopping) ended Python at once: the temporary directory and the
+    lock stayed until the next build. main() now takes it as Ctrl-C: one line, exit 143, nothing left."""
+    import signal
+
+    from mpconvert.cli.main import on_sigterm
+
+    monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 256)
+    calls, real = [], sio._copy_one
+
+    def terminated(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)  # a real signal, to the handler main() installs
+        return real(*args)
+    monkeypatch.setattr(sio, "_copy_one", terminated)
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        r, out = recipe(llama, tmp_path), tmp_path / "out"
+        res = cli("build", r, "-o", out, "--shard-size", "300KB")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert res.exit_code == 143 and "terminated; nothing was written" in res.output, res.output
+    assert "Traceback" not in res.output and not out.exists() and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("call", ["copy_file_range", "pwrite"])
 def test_a_disk_filling_up_mid_build_says_so_and_leaves_nothing(llama, cli, tmp_path, monkeypatch, call):
     """ENOSPC from the kernel copy or from a write, after the free-space check passed (another program filled the

@@ -224,6 +224,31 @@ def test_a_rank_that_ends_early_does_not_leave_the_others_waiting():
     assert [o[0] for o in wait_ranks([rank("print(1)"), rank("print(2)")], grace_s=2)] == ["1\n", "2\n"]
 
 
+def test_ranks_go_when_verify_is_stopped():
+    """SIGTERM (a CI time-out) while verify --engine waits for its ranks: they were left running — SGLang processes
+    holding the model, waiting for each other for ever. They are stopped as verify stops."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import pytest
+
+    from mpconvert.cli.main import Terminated, on_sigterm
+    from mpconvert.engine import wait_ranks
+
+    ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    old = signal.signal(signal.SIGTERM, on_sigterm)  # as main() installs it
+    try:
+        threading.Timer(1.0, signal.raise_signal, (signal.SIGTERM,)).start()
+        with pytest.raises(Terminated):
+            wait_ranks(ranks)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert [r.wait(timeout=10) for r in ranks] == [-signal.SIGKILL] * 2
+
+
 def test_engine_sglang_reports_what_sglang_refuses(moe, cli, tmp_path):
     """GPTQ MoE experts in the model's bf16: every static check passes, but SGLang's GPTQ-Marlin MoE runs fp16 only —
     the engine check fails (exit 1) naming the layer and the fix, and passes with --dtype float16."""
