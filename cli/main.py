@@ -621,7 +621,8 @@ Adds `--dtype float16` when the model has GPTQ MoE experts and no --dtype is giv
 runs fp16 activations only). Refuses, before SGLang starts: a directory without an mpconvert manifest, an
 SGLANG_PLUGINS filter that would leave the shim out, a shim that cannot load in the installed SGLang (SGLang would log
 it and fail every worker with "Unknown quantization method"), a --model-path of its own among SGLang's arguments, a
-directory with no tokenizer unless --tokenizer-path or --skip-tokenizer-init is given, and parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
+directory with no tokenizer unless --tokenizer-path or --skip-tokenizer-init is given, a path that is not UTF-8, and
+parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
 the checks of `mpconvert verify --tp/--ep/--dp` — and config values set at launch (--json-model-override-args) that
 the weights decide: the layers' formats (quantization_config) and any size, layer or expert count the weights do not
 have (verify's config rule). A value the weights leave open — a longer context, rope scaling — goes to SGLang as

@@ -91,7 +91,7 @@ def _short(name: str) -> str:
     raw = os.fsencode(name)  # (a name that is not UTF-8 holds surrogates: str.encode refuses them)
     if len(raw) <= 150:
         return name
-    return os.fsdecode(raw[:100]) + "~" + hashlib.sha256(raw).hexdigest()[:12]
+    return raw[:100].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:12]
 
 
 _libc = None

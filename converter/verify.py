@@ -468,8 +468,9 @@ def check_usage(directory: Path, parallel: rules.Parallel, base: Path | None, nu
         raise UserError(f"--engine sglang --ep {ep}: SGLang splits experts over the TP ranks; --tp must be a "
                         f"multiple of --ep (got --tp {tp})")
     require_converted(directory)
-    if engine and sglang_path_problem(directory):
-        raise UserError(f"--engine sglang: {sglang_path_problem(directory)}; rename the directory")
+    unservable = engine and sglang_path_problem(directory)
+    if unservable:
+        raise UserError(f"--engine sglang: {unservable}; rename the directory")
     if text is not None:
         from .numeric import tokenizer_dir
 
