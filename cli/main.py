@@ -202,18 +202,26 @@ def guarded(command):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM — a CI time-out, `timeout`, a container stopping — taken as Ctrl-C is (main installs it): the build's
-    temporary directory and lock removed, one line, exit 143. By default Python ended at once and left them."""
+    """SIGTERM (a CI time-out, `timeout`, a container stopping) or SIGHUP (the terminal closed), taken as Ctrl-C is
+    (main installs on_signal where the signal's action is the default): the build's temporary directory and lock
+    removed, one line, exit 128 + the signal. By default Python ended at once and left them."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def on_sigterm(signum, frame) -> None:
-    raise Terminated
+def on_signal(signum, frame) -> None:
+    raise Terminated(signum)
 
 
 def _stopped(e: KeyboardInterrupt) -> int:
     """Say that the command was stopped; its exit code (128 + the signal, as a shell reports it)."""
-    err.print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was written")
-    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    if isinstance(e, Terminated):
+        err.print(f"terminated ({signal.Signals(e.signum).name}); nothing was written")
+        return 128 + e.signum
+    err.print("interrupted; nothing was written")
+    return 128 + signal.SIGINT
 
 
 def _write_crash_log() -> str:
@@ -808,7 +816,9 @@ def main() -> None:
             if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="backslashreplace")
         sys.stdout, sys.stderr = _CheckedStream(sys.stdout, True), _CheckedStream(sys.stderr, False)
-    signal.signal(signal.SIGTERM, on_sigterm)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:  # (nohup's ignored SIGHUP stays ignored)
+            signal.signal(signum, on_signal)
     try:
         app()
     except KeyboardInterrupt as e:

@@ -131,12 +131,12 @@ def test_ctrl_c_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, m
     assert cli("build", r, "-o", out).exit_code == 0
 
 
-def test_sigterm_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, monkeypatch):
-    """SIGTERM (a CI time-out, `timeout`, a container stopping) ended Python at once: the temporary directory and the
-    lock stayed until the next build. main() now takes it as Ctrl-C: one line, exit 143, nothing left."""
-    import signal
-
-    from mpconvert.cli.main import on_sigterm
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_while_copying_says_so_and_leaves_nothing(signum, llama, cli, tmp_path, monkeypatch):
+    """SIGTERM (a CI time-out, `timeout`, a container stopping) or SIGHUP (the terminal closed) ended Python at once:
+    the temporary directory and the lock stayed until the next build. main() now takes them as Ctrl-C: one line,
+    exit 128 + the signal, nothing left."""
+    from mpconvert.cli.main import on_signal
 
     monkeypatch.setattr(sio, "KERNEL_COPY_MIN", 256)
     calls, real = [], sio._copy_one
@@ -144,17 +144,35 @@ def test_sigterm_while_copying_says_so_and_leaves_nothing(llama, cli, tmp_path, 
     def terminated(*args):
         calls.append(1)
         if len(calls) == 3:
-            signal.raise_signal(signal.SIGTERM)  # a real signal, to the handler main() installs
+            signal.raise_signal(signum)  # a real signal, to the handler main() installs
         return real(*args)
     monkeypatch.setattr(sio, "_copy_one", terminated)
-    old = signal.signal(signal.SIGTERM, on_sigterm)
+    old = signal.signal(signum, on_signal)
     try:
         r, out = recipe(llama, tmp_path), tmp_path / "out"
         res = cli("build", r, "-o", out, "--shard-size", "300KB")
     finally:
-        signal.signal(signal.SIGTERM, old)
-    assert res.exit_code == 143 and "terminated; nothing was written" in res.output, res.output
+        signal.signal(signum, old)
+    name = signal.Signals(signum).name
+    assert res.exit_code == 128 + signum and f"terminated ({name}); nothing was written" in res.output, res.output
     assert "Traceback" not in res.output and not out.exists() and leftovers(tmp_path) == []
+
+
+def test_the_command_takes_sigterm_and_leaves_an_ignored_sighup_ignored(tmp_path):
+    """The installed command (main() installs the handlers): blocked reading a recipe that is a FIFO, SIGHUP under
+    nohup (ignored when it started) changes nothing, SIGTERM ends it with one line and exit 143."""
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    p = subprocess.Popen([str(Path(sys.executable).parent / "mpconvert"), "build", str(fifo), "-o", str(tmp_path / "o")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    time.sleep(3)  # imports done, blocked opening the FIFO
+    p.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=30)
+    assert p.returncode == 143 and stderr.strip() == "terminated (SIGTERM); nothing was written", stderr
 
 
 @pytest.mark.parametrize("call", ["copy_file_range", "pwrite"])

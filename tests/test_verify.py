@@ -234,12 +234,12 @@ def test_ranks_go_when_verify_is_stopped():
 
     import pytest
 
-    from mpconvert.cli.main import Terminated, on_sigterm
+    from mpconvert.cli.main import Terminated, on_signal
     from mpconvert.engine import wait_ranks
 
     ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    old = signal.signal(signal.SIGTERM, on_sigterm)  # as main() installs it
+    old = signal.signal(signal.SIGTERM, on_signal)  # as main() installs it
     try:
         threading.Timer(1.0, signal.raise_signal, (signal.SIGTERM,)).start()
         with pytest.raises(Terminated):
