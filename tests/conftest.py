@@ -80,8 +80,11 @@ def cli():
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """On a failed run, after the short summary, the free disk where the tests write: CI shows the end of the output
-    only, and a full disk made every later test error while creating its tmp_path."""
+    only, and a full disk (most likely) made every later test error while creating its tmp_path."""
     yield
     if exitstatus == pytest.ExitCode.TESTS_FAILED:
         base = config._tmp_path_factory.getbasetemp()
-        terminalreporter.write_line(f"disk: {shutil.disk_usage(base).free / 2**30:.2f} GiB free in {base}")
+        if base.is_dir():
+            terminalreporter.write_line(f"disk: {shutil.disk_usage(base).free / 2**30:.2f} GiB free in {base}")
+        else:  # removed under the run (the other way every later test errors creating its tmp_path)
+            terminalreporter.write_line(f"disk: the tests' temporary directory {base} is gone")
