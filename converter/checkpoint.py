@@ -27,6 +27,21 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: the checkpoint has a tokenizer
 
 
+def auto_map_modules(*configs: dict) -> list[str]:
+    """The remote-code files (`module.py`) that configs' `auto_map` entries name: "module.Class", or a tokenizer's
+    [slow, fast] pair of them ("repo--module.Class" lives in another repository). transformers loads them from the
+    model's directory under --trust-remote-code, which SGLang's DeepSeek-V3 launch commands pass."""
+    names = set()
+    for cfg in configs:
+        amap = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        for ref in (amap.values() if isinstance(amap, dict) else ()):
+            for r in (ref if isinstance(ref, list) else [ref]):
+                module = r.rsplit(".", 1)[0] if isinstance(r, str) and "--" not in r else ""
+                if module.isidentifier():
+                    names.add(f"{module}.py")
+    return sorted(names)
+
+
 def sglang_path_problem(directory: Path) -> str | None:
     """Why SGLang could not load a model from `directory`, judging by its path alone, or None: its loader (safetensors'
     Rust reader) opens only UTF-8 paths ("Path … is not valid UTF-8"), and a name that is not UTF-8 reaches Python
@@ -223,10 +238,12 @@ class Checkpoint:
 
     @cached_property
     def side_files(self) -> tuple[str, ...]:
-        """The SIDE_FILES this checkpoint has, each a regular file inside it. A FIFO, a device, a directory or a
-        link out of the directory under one of those names is refused, not skipped: the output would lack it."""
+        """The SIDE_FILES this checkpoint has, and the remote-code files its config.json and tokenizer_config.json name
+        (auto_map_modules; without them SGLang under --trust-remote-code could not read the output's config), each a
+        regular file inside it. A FIFO, a device, a directory or a link out of the directory under one of those names
+        is refused, not skipped: the output would lack it."""
         present = []
-        for name in SIDE_FILES:
+        for name in (*SIDE_FILES, *auto_map_modules(self.config, self._loose_json("tokenizer_config.json"))):
             p = self.path / name
             if os.path.lexists(p):
                 self.check_inside(p)
@@ -237,6 +254,14 @@ class Checkpoint:
                         from None
                 present.append(name)
         return tuple(present)
+
+    def _loose_json(self, name: str) -> dict:
+        """A side file's JSON where a problem in it is the server's to meet, not build's (it is copied as it is)."""
+        p = self.path / name
+        try:
+            return json.loads(p.read_text()) if p.is_file() else {}  # (not a FIFO: side_files refuses one)
+        except (OSError, ValueError):
+            return {}
 
     def fingerprint(self) -> str:
         """Identity of the checkpoint's weights: hash of every shard's header and size (cheap, catches edits)."""

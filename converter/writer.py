@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import INDEX, SIDE_FILES, file_state, sglang_path_problem
+from .checkpoint import INDEX, SIDE_FILES, auto_map_modules, file_state, sglang_path_problem
 from .errors import UserError
 from .layout import with_mtp_layers
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
@@ -82,8 +82,9 @@ def index_json(total_size: int, shard_of: dict[str, str]) -> str:
     return f'{{\n  "metadata": {{\n    "total_size": {int(total_size)}\n  }},\n  "weight_map": {weight_map}\n}}\n'
 
 
-def _written_by_build(name: str) -> bool:
-    return name in (MANIFEST, INDEX, "config.json", *SIDE_FILES) or _SHARD_NAME.fullmatch(name) is not None
+def _written_by_build(name: str, modules: list[str]) -> bool:
+    """modules: the remote-code files the output's own config.json names (build copies them from the base)."""
+    return name in (MANIFEST, INDEX, "config.json", *SIDE_FILES, *modules) or _SHARD_NAME.fullmatch(name) is not None
 
 
 def _not_replaceable(out: Path) -> str | None:
@@ -94,7 +95,12 @@ def _not_replaceable(out: Path) -> str | None:
         entries = list(it)
     if entries and not any(e.name == MANIFEST for e in entries):
         return f"it holds no {MANIFEST}"
-    foreign = sorted(e.name for e in entries if not (e.is_file(follow_symlinks=False) and _written_by_build(e.name)))
+    try:
+        modules = auto_map_modules(json.loads((out / "config.json").read_text()))
+    except (OSError, ValueError):
+        modules = []
+    foreign = sorted(e.name for e in entries
+                     if not (e.is_file(follow_symlinks=False) and _written_by_build(e.name, modules)))
     if foreign:
         return f"it holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which build does not write"
     return None

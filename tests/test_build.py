@@ -286,3 +286,39 @@ def test_the_output_gets_a_tokenizer_or_a_warning_and_serve_says_why_it_cannot_s
         assert cli("verify", d / "out").exit_code == 0
         gen = "generation_config.json"  # the base's, as before
         assert gen in files and (d / "out" / gen).read_bytes() == (fx["base"] / gen).read_bytes()
+
+
+def test_the_remote_code_a_config_names_goes_with_it(llama, cli, tmp_path):
+    """A config whose auto_map names the model's own code (DeepSeek-V3's names configuration_deepseek.py) is read with
+    that code under --trust-remote-code, which SGLang's DeepSeek-V3 launch commands pass: the output lacked the file
+    and SGLang's get_config failed ("does not appear to have a file named configuration_mymodel.py"). Build copies
+    the files auto_map names, verify checks them, and --force replaces them as build's own (nothing else)."""
+    import shutil
+
+    from sglang.srt.utils.hf_transformers_utils import get_config
+
+    from helpers import refused
+
+    base = tmp_path / "base"
+    shutil.copytree(llama["base"], base)
+    code = "from transformers import LlamaConfig\n\n\nclass MyLlamaConfig(LlamaConfig):\n    model_type = 'llama'\n"
+    (base / "configuration_mymodel.py").write_text(code)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_mymodel.MyLlamaConfig",  # copied
+                       "AutoModel": "modeling_absent.MyModel",  # named but not there: nothing to copy
+                       "AutoModelForCausalLM": "other/repo--modeling_x.MyModel"}  # another repository's
+    (base / "config.json").write_text(json.dumps(cfg, indent=2))
+    recipe = write_recipe(tmp_path, {**llama, "base": base}, {"gptq": "gptq"}, "gptq")
+    out = tmp_path / "out"
+    assert cli("build", recipe, "-o", out).exit_code == 0
+    assert (out / "configuration_mymodel.py").read_text() == code
+    assert sorted(p.name for p in out.glob("*.py")) == ["configuration_mymodel.py"]
+    files = json.loads((out / MANIFEST).read_text())["files"]
+    assert files["configuration_mymodel.py"] == hashlib.sha256(code.encode()).hexdigest()
+    assert type(get_config(str(out), trust_remote_code=True)).__name__ == "MyLlamaConfig"
+    assert cli("verify", out).exit_code == 0
+    (out / "configuration_mymodel.py").write_text(code + "# edited\n")
+    assert cli("verify", out).exit_code == 1
+    assert cli("build", recipe, "-o", out, "--force").exit_code == 0
+    (out / "mine.py").write_text("")
+    refused(cli("build", recipe, "-o", out, "--force"), "it holds mine.py, which build does not write")
