@@ -499,8 +499,9 @@ def test_a_path_that_is_not_utf8(llama, cli, tmp_path):
     (named(b"/r\xff")).mkdir()
     r = write_recipe(named(b"/r\xff"), llama, {"gptq": "gptq"}, "gptq")
     assert cli("build", r, "-o", tmp_path / "out").exit_code == 0
-    refused(cli("build", r, "-o", named(b"/o\xff")), "is not a UTF-8 path, and SGLang's loader (safetensors) opens no "
-                                                     "file under one ('Path … is not valid UTF-8'); choose a UTF-8 name")
+    refused(cli("build", r, "-o", named(b"/o\xff")),
+            "is not a UTF-8 path, and SGLang's loader (safetensors) opens no file under one ('Path … is not valid "
+            "UTF-8'); choose a UTF-8 name")
     assert not named(b"/o\xff").exists() and not [p for p in tmp_path.iterdir() if "mpconvert" in p.name]
     moved = named(b"/moved\xfe")
     (tmp_path / "out").rename(moved)

@@ -163,10 +163,12 @@ def test_the_command_takes_sigterm_and_leaves_an_ignored_sighup_ignored(tmp_path
     nohup (ignored when it started) changes nothing, SIGTERM ends it with one line and exit 143."""
     fifo = tmp_path / "recipe.yaml"
     os.mkfifo(fifo)
-    p = subprocess.Popen([str(Path(sys.executable).parent / "mpconvert"), "build", str(fifo), "-o", str(tmp_path / "o")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    command = [str(Path(sys.executable).parent / "mpconvert"), "build", str(fifo), "-o", str(tmp_path / "o")]
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    time.sleep(3)  # imports done, blocked opening the FIFO
+    wchan, deadline = Path(f"/proc/{p.pid}/wchan"), time.monotonic() + 60
+    while wchan.read_text() != "wait_for_partner" and time.monotonic() < deadline:  # blocked opening the FIFO
+        time.sleep(0.1)
     p.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert p.poll() is None
