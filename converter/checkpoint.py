@@ -42,6 +42,15 @@ def auto_map_modules(*configs: dict) -> list[str]:
     return sorted(names)
 
 
+def loose_json(p: Path) -> dict:
+    """A side file's JSON where a problem in it is the server's to meet, not build's (it is copied as it is): {}
+    when it is missing, not a regular file (a FIFO: side_files refuses one) or not JSON."""
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def sglang_path_problem(directory: Path) -> str | None:
     """Why SGLang could not load a model from `directory`, judging by its path alone, or None: its loader (safetensors'
     Rust reader) opens only UTF-8 paths ("Path … is not valid UTF-8"), and a name that is not UTF-8 reaches Python
@@ -243,7 +252,7 @@ class Checkpoint:
         regular file inside it. A FIFO, a device, a directory or a link out of the directory under one of those names
         is refused, not skipped: the output would lack it."""
         present = []
-        for name in (*SIDE_FILES, *auto_map_modules(self.config, self._loose_json("tokenizer_config.json"))):
+        for name in (*SIDE_FILES, *auto_map_modules(self.config, self.loose_json("tokenizer_config.json"))):
             p = self.path / name
             if os.path.lexists(p):
                 self.check_inside(p)
@@ -255,13 +264,8 @@ class Checkpoint:
                 present.append(name)
         return tuple(present)
 
-    def _loose_json(self, name: str) -> dict:
-        """A side file's JSON where a problem in it is the server's to meet, not build's (it is copied as it is)."""
-        p = self.path / name
-        try:
-            return json.loads(p.read_text()) if p.is_file() else {}  # (not a FIFO: side_files refuses one)
-        except (OSError, ValueError):
-            return {}
+    def loose_json(self, name: str) -> dict:
+        return loose_json(self.path / name)
 
     def fingerprint(self) -> str:
         """Identity of the checkpoint's weights: hash of every shard's header and size (cheap, catches edits)."""

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import INDEX, SIDE_FILES, auto_map_modules, file_state, sglang_path_problem
+from .checkpoint import INDEX, SIDE_FILES, auto_map_modules, file_state, loose_json, sglang_path_problem
 from .errors import UserError
 from .layout import with_mtp_layers
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
@@ -95,10 +95,7 @@ def _not_replaceable(out: Path) -> str | None:
         entries = list(it)
     if entries and not any(e.name == MANIFEST for e in entries):
         return f"it holds no {MANIFEST}"
-    try:
-        modules = auto_map_modules(json.loads((out / "config.json").read_text()))
-    except (OSError, ValueError):
-        modules = []
+    modules = auto_map_modules(*(loose_json(out / name) for name in ("config.json", "tokenizer_config.json")))
     foreign = sorted(e.name for e in entries
                      if not (e.is_file(follow_symlinks=False) and _written_by_build(e.name, modules)))
     if foreign:

@@ -322,3 +322,30 @@ def test_the_remote_code_a_config_names_goes_with_it(llama, cli, tmp_path):
     assert cli("build", recipe, "-o", out, "--force").exit_code == 0
     (out / "mine.py").write_text("")
     refused(cli("build", recipe, "-o", out, "--force"), "it holds mine.py, which build does not write")
+
+
+def test_a_borrowed_tokenizer_brings_its_code_and_not_the_sources_model_code(llama, cli, tmp_path):
+    """Where the base has no tokenizer, a source's tokenizer comes with the code its tokenizer_config.json names (a
+    custom tokenizer class); the code the source's config.json names does not (the output's config is the base's:
+    --force then refused to replace the output, a file its config did not name)."""
+    import shutil
+
+    from helpers import without_tokenizer
+
+    base = without_tokenizer(llama["base"], tmp_path / "base")
+    src = tmp_path / "src"
+    shutil.copytree(llama["gptq"], src)
+    for name, key in (("tokenization_my.py", "tokenizer_config.json"), ("configuration_src.py", "config.json")):
+        (src / name).write_text("# code\n")
+        cfg = json.loads((src / key).read_text())
+        cfg["auto_map"] = {"AutoTokenizer": ["tokenization_my.MyTokenizer", None]} if key.startswith("tok") else \
+            {"AutoConfig": "configuration_src.SrcConfig"}
+        (src / key).write_text(json.dumps(cfg))
+    recipe = write_recipe(tmp_path, {**llama, "base": base, "src": src}, {"gptq": "src"}, "gptq")
+    out = tmp_path / "out"
+    assert cli("build", recipe, "-o", out).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.py")) == ["tokenization_my.py"]
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert cli("verify", out).exit_code == 0
+    r = cli("build", recipe, "-o", out, "--force")
+    assert r.exit_code == 0, r.output
