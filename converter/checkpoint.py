@@ -252,7 +252,7 @@ class Checkpoint:
         regular file inside it. A FIFO, a device, a directory or a link out of the directory under one of those names
         is refused, not skipped: the output would lack it."""
         present = []
-        for name in (*SIDE_FILES, *auto_map_modules(self.config, self.loose_json("tokenizer_config.json"))):
+        for name in (*SIDE_FILES, *auto_map_modules(self.config, loose_json(self.path / "tokenizer_config.json"))):
             p = self.path / name
             if os.path.lexists(p):
                 self.check_inside(p)
@@ -263,9 +263,6 @@ class Checkpoint:
                         from None
                 present.append(name)
         return tuple(present)
-
-    def loose_json(self, name: str) -> dict:
-        return loose_json(self.path / name)
 
     def fingerprint(self) -> str:
         """Identity of the checkpoint's weights: hash of every shard's header and size (cheap, catches edits)."""

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import TOKENIZER_FILES, Checkpoint, auto_map_modules
+from .checkpoint import TOKENIZER_FILES, Checkpoint, auto_map_modules, loose_json
 from .errors import UserError
 from . import ct_export
 from .forked import Forked
@@ -549,7 +549,7 @@ def side_files(recipe: Recipe, sources: dict[str, Source]) -> tuple[dict[str, Pa
         ck = sources[label].ckpt
         if label != BASE and any(f in ck.side_files for f in TOKENIZER_FILES):
             # (not the code the source's config.json names: the output's config is the base's)
-            tokenizer_code = auto_map_modules(ck.loose_json("tokenizer_config.json"))
+            tokenizer_code = auto_map_modules(loose_json(ck.path / "tokenizer_config.json"))
             taken = [f for f in ck.side_files if f not in files and (not f.endswith(".py") or f in tokenizer_code)]
             files.update((f, ck.path / f) for f in taken)
             return files, (f"note: the base has no tokenizer; {', '.join(taken)} taken from source {label!r} "

@@ -83,7 +83,8 @@ def index_json(total_size: int, shard_of: dict[str, str]) -> str:
 
 
 def _written_by_build(name: str, modules: list[str]) -> bool:
-    """modules: the remote-code files the output's own config.json names (build copies them from the base)."""
+    """modules: the remote-code files the output's own config.json and tokenizer_config.json name (build copies
+    them with the side files)."""
     return name in (MANIFEST, INDEX, "config.json", *SIDE_FILES, *modules) or _SHARD_NAME.fullmatch(name) is not None
 
 
