@@ -629,8 +629,10 @@ Adds `--dtype float16` when the model has GPTQ MoE experts and no --dtype is giv
 runs fp16 activations only). Refuses, before SGLang starts: a directory without an mpconvert manifest, an
 SGLANG_PLUGINS filter that would leave the shim out, a shim that cannot load in the installed SGLang (SGLang would log
 it and fail every worker with "Unknown quantization method"), a --model-path of its own among SGLang's arguments, a
-directory with no tokenizer unless --tokenizer-path or --skip-tokenizer-init is given, a path that is not UTF-8, and
-parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
+directory with no tokenizer unless --tokenizer-path or --skip-tokenizer-init is given, a path that is not UTF-8, a
+--quantization (or a draft model's --speculative-draft-model-quantization, read from this directory) other than the
+directory's own quant_method (SGLang ignores it, or reads every layer as that method: FP8 bytes into Int8 parameters,
+silently), and parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
 the checks of `mpconvert verify --tp/--ep/--dp` — and config values set at launch (--json-model-override-args) that
 the weights decide: the layers' formats (quantization_config) and any size, layer or expert count the weights do not
 have (verify's config rule). A value the weights leave open — a longer context, rope scaling — goes to SGLang as
@@ -702,6 +704,7 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
         raise UserError(f"the arguments after -- name another model ({launch.model_path}); serve passes {directory} "
                         f"as --model-path itself — remove it (to serve another directory, name that one instead)")
     _check_config_overrides(directory, manifest, launch)
+    _check_quantization_flags(directory, launch)
     _check_tokenizer(directory, launch)
     sizes = Parallel(launch.tp_size, launch.ep_size, launch.dp_size if launch.enable_dp_attention else 1,
                      launch.moe_dense_tp_size, launch.enable_dp_lm_head).check()
@@ -726,6 +729,27 @@ def _check_tokenizer(directory: Path, launch) -> None:
         raise UserError(f"{directory} has no tokenizer ({', '.join(TOKENIZER_FILES)}), and SGLang's server cannot "
                         f"start without one: pass `-- --tokenizer-path DIR` (the model's tokenizer files), or put "
                         f"them in the base and build again")
+
+
+def _check_quantization_flags(directory: Path, launch) -> None:
+    """--quantization names the method SGLang reads every layer with, and the weights decide it (config.json's
+    quantization_config). SGLang 0.5.17 ignores most other names for an mpconvert directory, but takes `humming` (and,
+    for a compressed-tensors export, `w8a8_int8`/`w8a8_fp8`) over the whole model: it then reads an FP8 layer's bytes
+    into Int8 parameters with no error (seen on CPU with SGLang's own loader). So only the directory's own method, or
+    none; the same for a speculative draft read from this directory."""
+    from mpconvert.checkpoint import read_json
+
+    qc = read_json(directory / "config.json", "config.json").get("quantization_config")
+    own = qc.get("quant_method") if isinstance(qc, dict) else None
+    draft = getattr(launch, "speculative_draft_model_path", None)
+    draft_here = draft is None or Path(draft).resolve() == directory.resolve()
+    for flag, value in (("--quantization", launch.quantization),
+                        ("--speculative-draft-model-quantization",
+                         getattr(launch, "speculative_draft_model_quantization", None) if draft_here else None)):
+        if value is not None and value != own:
+            raise UserError(f"{flag} {value}: {directory}/config.json says how each layer is stored (quant_method "
+                            f"{own!r}); SGLang would ignore {value} or read every layer as {value} (an FP8 layer's "
+                            f"bytes into Int8 parameters, with no error) — leave {flag} out")
 
 
 def _check_config_overrides(directory: Path, manifest, launch) -> None:

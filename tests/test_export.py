@@ -11,7 +11,7 @@ from compressed_tensors.compressors.base import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.utils.match import match_name
 
-from helpers import build, check_faithful, fails, load, manifest_json, write_recipe
+from helpers import build, check_faithful, fails, load, manifest_json, refused, write_recipe
 from mpconvert.engine import run_ranks
 from mpconvert.numeric import dequantize
 from mpconvert.sources import open_source
@@ -110,6 +110,46 @@ def test_stock_sglang_loads_the_export_with_the_plugin_off(dense_ct):
             assert m["model.layers.1.mlp.down_proj"] == ["CompressedTensorsLinearMethod", "CompressedTensorsW8A8Int8"]
             assert m["model.layers.1.mlp.gate_up_proj"][1] == "CompressedTensorsWNA16"
             assert m["lm_head"][0] == "UnquantizedEmbeddingMethod"
+
+
+MISREAD = """
+import json, sys
+import mpconvert.runtime_shim.engine_check as ec
+from sglang.srt.server_args import ServerArgs
+init = ServerArgs.__init__
+ServerArgs.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "quantization": sys.argv[2]})  # the launch flag
+ec.scaffold()
+r = ec.build_and_load(sys.argv[1], sys.argv[3], 1, 0)
+print("RESULT " + json.dumps({k: r[k] for k in ("quant_config", "methods", "params", "untouched")}))
+"""
+
+
+def test_a_quantization_flag_that_would_misread_the_export_is_refused(llama, cli, tmp_path):
+    """SGLang keeps --quantization w8a8_int8 over a compressed-tensors checkpoint (it counts the two compatible) and
+    reads every layer with it: the FP8 layers' bytes load into Int8 parameters, with no error and no parameter left
+    unwritten — shown with SGLang's own loader on CPU. serve refuses every method but the directory's own."""
+    import subprocess
+    import sys
+
+    from mpconvert.engine import rendezvous
+
+    recipe = write_recipe(tmp_path, llama, {"int8": "ct-w8a8", "fp8": "ct-fp8-dynamic"}, "int8",
+                          '- {match: "mlp.*", source: fp8}\n')
+    build(cli, recipe, tmp_path / "out", *CT)
+    p = subprocess.run([sys.executable, "-c", MISREAD, str(tmp_path / "out"), "w8a8_int8", rendezvous(tmp_path)],
+                       capture_output=True, text=True)
+    [line] = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")] or [p.stderr[-2000:]]
+    misread = json.loads(line[7:])
+    assert misread["quant_config"] == "W8A8Int8Config" and misread["untouched"] == []
+    assert misread["methods"]["model.layers.0.mlp.gate_up_proj"][0] == "W8A8Int8LinearMethod"
+    assert misread["params"]["model.layers.0.mlp.gate_up_proj.weight"][0] == "torch.int8"  # FP8 bytes, cast
+    assert load(tmp_path / "out")["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn
+    for flag in ("w8a8_int8", "w8a8_fp8", "fp8"):
+        refused(cli("serve", tmp_path / "out", "--print-command", "--", "--quantization", flag),
+                f"--quantization {flag}: {tmp_path / 'out'}/config.json says how each layer is stored (quant_method "
+                f"'compressed-tensors')")
+    r = cli("serve", tmp_path / "out", "--print-command", "--", "--quantization", "compressed-tensors")
+    assert r.exit_code == 0 and r.stdout.split()[-2:] == ["--quantization", "compressed-tensors"], r.output
 
 
 def test_verify_checks_an_export_and_catches_an_edited_config(dense_ct, llama, cli, tmp_path):

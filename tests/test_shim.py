@@ -167,6 +167,10 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
     r = cli("serve", tmp_path / "out", "--print-command", "--", "--json-model-override-args", longer)
     assert r.exit_code == 0, r.output
     assert shlex.split(r.stdout)[-4:] == ["--json-model-override-args", longer, "--dtype", "float16"]
+    # a draft model of another directory takes the quantization it names (serve checks only this directory's)
+    draft = ["--speculative-draft-model-path", str(tmp_path), "--speculative-draft-model-quantization", "fp8"]
+    r = cli("serve", tmp_path / "out", "--print-command", "--", *draft)
+    assert r.exit_code == 0 and shlex.split(r.stdout)[-6:-2] == draft, r.output
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
     r = cli("serve", tmp_path / "out", "--print-command")
     assert r.exit_code == 2 and "leaves out the mpconvert plugin" in r.output
@@ -196,6 +200,14 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
     (["--json-model-override-args", "[1]"], "--json-model-override-args: [1] is not a JSON object"),
     (["--json-model-override-args", "{'a': 1}"], "--json-model-override-args: not JSON"),
     (["--decrypted-config-file", "{tmp}/other.json"], "makes SGLang read {tmp}/other.json instead of"),
+    # a quantization method named at launch: SGLang ignores it for an mpconvert directory, but `humming` takes over
+    # every layer (and w8a8_* a compressed-tensors export's: test_export)
+    (["--quantization", "w8a8_int8"], "--quantization w8a8_int8: {tmp}/out/config.json says how each layer is stored "
+                                      "(quant_method 'mpconvert'); SGLang would ignore w8a8_int8 or read every layer"),
+    (["--quantization=humming"], "--quantization humming: {tmp}/out/config.json says"),
+    (["--quantization", "unquant"], "leave --quantization out"),
+    (["--speculative-algorithm", "NEXTN", "--speculative-draft-model-path", "{tmp}/out/.",
+      "--speculative-draft-model-quantization", "fp8"], "--speculative-draft-model-quantization fp8: {tmp}/out/"),
 ])
 def test_serve_refuses_before_sglang_starts(moe, cli, tmp_path, args, message):
     """What launch_server would run with, read by SGLang's own parser (aliases, `--x=y`, a --config file): sizes at
