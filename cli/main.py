@@ -632,11 +632,12 @@ it and fail every worker with "Unknown quantization method"), a --model-path of 
 directory with no tokenizer unless --tokenizer-path or --skip-tokenizer-init is given, a path that is not UTF-8, a
 --quantization (or a draft model's --speculative-draft-model-quantization, read from this directory) other than the
 directory's own quant_method (SGLang ignores it, or reads every layer as that method: FP8 bytes into Int8 parameters,
-silently), and parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer cannot be split —
-the checks of `mpconvert verify --tp/--ep/--dp` — and config values set at launch (--json-model-override-args) that
-the weights decide: the layers' formats (quantization_config) and any size, layer or expert count the weights do not
-have (verify's config rule). A value the weights leave open — a longer context, rope scaling — goes to SGLang as
-given: set it here, not by editing config.json (verify reports an edited config.json).
+silently), and parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer
+cannot be split — the checks of `mpconvert verify --tp/--ep/--dp` — and config values set at launch
+(--json-model-override-args) that the weights decide: the layers' formats (quantization_config) and any size,
+layer or expert count the weights do not have (verify's config rule). A value the weights leave open — a longer
+context, rope scaling — goes to SGLang as given: set it here, not by editing config.json (verify reports an edited
+config.json).
 
 Examples:
 
