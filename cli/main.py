@@ -701,7 +701,7 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
                         f"SGLang (make setup)") from None
     except (OSError, ValueError, yaml.YAMLError) as e:  # its --config file
         raise UserError(f"SGLang's launch_server cannot read its --config: {' '.join(str(e).split())}") from None
-    if launch.model_path != str(directory):
+    if Path(launch.model_path).resolve() != directory.resolve():  # `out/` and `./out` are one model
         raise UserError(f"the arguments after -- name another model ({launch.model_path}); serve passes {directory} "
                         f"as --model-path itself — remove it (to serve another directory, name that one instead)")
     _check_config_overrides(directory, manifest, launch)

@@ -167,6 +167,9 @@ def test_serve_command(moe, cli, tmp_path, monkeypatch):
     r = cli("serve", tmp_path / "out", "--print-command", "--", "--json-model-override-args", longer)
     assert r.exit_code == 0, r.output
     assert shlex.split(r.stdout)[-4:] == ["--json-model-override-args", longer, "--dtype", "float16"]
+    # the directory's own path, spelled another way, is no other model
+    r = cli("serve", tmp_path / "out", "--print-command", "--", "--model-path", f"{tmp_path}/./out/")
+    assert r.exit_code == 0 and r.stdout.split()[-4:] == ["--model-path", f"{tmp_path}/./out/", "--dtype", "float16"]
     # a draft model of another directory takes the quantization it names (serve checks only this directory's)
     draft = ["--speculative-draft-model-path", str(tmp_path), "--speculative-draft-model-quantization", "fp8"]
     r = cli("serve", tmp_path / "out", "--print-command", "--", *draft)
