@@ -24,6 +24,10 @@ KNOWN_SUFFIXES = tuple(sorted({s for f in FORMATS.values() for s in f.suffixes} 
 
 
 _KNOWN = {s: s for s in KNOWN_SUFFIXES}  # membership, and one string object per suffix for 400k tensors
+# Scales of the KV cache or attention's activations (compressed-tensors' kv_cache_scheme: self_attn.k_scale/v_scale;
+# older exports: k_proj.output_scale, kv_scale), which SGLang reads under --kv-cache-dtype fp8. mpconvert carries
+# weights only: dropping them would leave SGLang a scale of 1.0 for that cache, so a source holding them is refused.
+KV_CACHE_SUFFIXES = ("k_scale", "v_scale", "kv_scale", "q_scale", "prob_scale", "output_scale")
 
 
 @dataclass
@@ -113,6 +117,11 @@ def source_of(label: str, ck: Checkpoint, model_type: str) -> Source:
     modules, suffixes = list(map(itemgetter(0), parts)), list(map(itemgetter(2), parts))
     if not _KNOWN.keys() >= set(suffixes) or "" in set(modules):
         name = next(n for n, (m, _, s) in zip(ck.tensors, parts) if not m or s not in _KNOWN)
+        if name.rpartition(".")[2] in KV_CACHE_SUFFIXES and name.rpartition(".")[0]:
+            scheme = " (config.json's kv_cache_scheme)" if isinstance(qc, dict) and qc.get("kv_cache_scheme") else ""
+            raise UserError(f"{where}: tensor {name!r} is a KV-cache quantization scale{scheme}, which mpconvert does "
+                            f"not carry (SGLang would serve that cache with a scale of 1.0 under --kv-cache-dtype "
+                            f"fp8); use this model quantized without a KV-cache scheme (its weights do not depend on it)")
         raise UserError(f"{where}: tensor {name!r} is of a kind mpconvert does not know (suffix not in "
                         f"{', '.join(KNOWN_SUFFIXES)}); it will not guess what it means")
     rename = module_renamer(model_type)

@@ -436,6 +436,31 @@ def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
     fails(cli, tmp_path, r, match=f"tensor {extra!r} is of a kind mpconvert does not know")
 
 
+@pytest.mark.parametrize("extra,scheme", [("model.layers.1.self_attn.k_scale", True),
+                                          ("model.layers.0.self_attn.v_scale", False),
+                                          ("model.layers.0.self_attn.k_proj.output_scale", False),
+                                          ("model.layers.1.self_attn.kv_scale", False)])
+def test_a_source_with_kv_cache_scales(extra, scheme, llama, cli, tmp_path):
+    """A source that quantized the KV cache too (llm-compressor's kv_cache_scheme; older exports' names): its scales
+    cannot be dropped quietly (SGLang would take 1.0 under --kv-cache-dtype fp8), nor carried: refused, saying so."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = copy(llama["ct-fp8-static"], tmp_path / "src")
+    [shard] = src.glob("*.safetensors")
+    sd = load_file(shard)
+    sd[extra] = torch.tensor(0.05)
+    save_file(sd, shard, metadata={"format": "pt"})
+    if scheme:
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                         "dynamic": False, "symmetric": True}
+        (src / "config.json").write_text(json.dumps(cfg))
+    r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
+    said = fails(cli, tmp_path, r, match=f"tensor {extra!r} is a KV-cache quantization scale")
+    assert ("(config.json's kv_cache_scheme)" in said) == scheme and "without a KV-cache scheme" in said
+
+
 @pytest.mark.parametrize("args", [("build", "{r}", "-o", ""), ("build", "{r}", "--output="), ("build", ""),
                                   ("inspect", ""), ("verify", ""), ("verify", "{out}", "--numeric", "--base", ""),
                                   ("serve", "", "--print-command")])
