@@ -412,8 +412,13 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             from None
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: not a JSON object; rebuild instead of editing")
-    if data.get("manifest_version") != MANIFEST_VERSION:
-        raise ManifestError(f"{where}: manifest_version {data.get('manifest_version')!r} is not {MANIFEST_VERSION}; "
+    version = data.get("manifest_version")
+    if type(version) is int and version > MANIFEST_VERSION:
+        raise ManifestError(f"{where}: manifest_version {version} is newer than this mpconvert reads "
+                            f"({MANIFEST_VERSION}; written by mpconvert {data.get('mpconvert_version', '?')}); "
+                            f"upgrade mpconvert, or rebuild with this one")
+    if version != MANIFEST_VERSION:
+        raise ManifestError(f"{where}: manifest_version {version!r} is not {MANIFEST_VERSION}; "
                             f"rebuild with this mpconvert")
     raise ManifestError(f"{where}: breaks the manifest schema at {schema_error(error, data, Manifest)}; rebuild "
                         f"instead of editing")

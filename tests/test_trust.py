@@ -568,6 +568,8 @@ MANIFEST_EDITS = {
     "a float for a count in the totals": (lambda m: m["totals"]["by_format"]["fp8"].update(modules=1.0),
                                           "totals.by_format.fp8.modules: Expected int, got float"),
     "an old version": (lambda m: m.update(manifest_version=1), "manifest_version 1 is not 3"),
+    "a newer version": (lambda m: m.update(manifest_version=4, mpconvert_version="9.0"),
+                        "manifest_version 4 is newer than this mpconvert reads (3; written by mpconvert 9.0); upgrade"),
 }
 
 
