@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from mpconvert.errors import UserError, and_more, path_too_long
+from mpconvert.errors import UserError, and_more, file_failed, path_too_long
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Merge quantized checkpoints of one model (FP8, GPTQ, AWQ, W8A8-Int8) into one "
@@ -193,12 +193,20 @@ def guarded(command):
             raise typer.Exit(_stopped(e))
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except OSError as e:
+            if e.filename is None:  # nothing to name: not a file that changed underfoot
+                _internal_error(e)
+            _fail(file_failed(e))
         except Exception as e:  # noqa: BLE001 — the point of the guard
-            log = _write_crash_log()
-            err.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — please "
-                      f"report it; details in {log}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(INTERNAL_ERROR)
+            _internal_error(e)
     return run
+
+
+def _internal_error(e: BaseException) -> NoReturn:
+    log = _write_crash_log()
+    err.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — please "
+              f"report it; details in {log}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(INTERNAL_ERROR)
 
 
 class Terminated(KeyboardInterrupt):

@@ -70,9 +70,13 @@ def has_tokenizer(directory: Path) -> bool:
                                       for p in directory.iterdir())
 
 
-def file_state(p: Path) -> tuple[int, int]:
-    """Size and modification time: what tells that a source file changed since it was read."""
-    st = os.stat(p)
+def file_state(p: Path) -> tuple[int, int] | None:
+    """Size and modification time: what tells that a source file changed since it was read; None where there is no
+    such file (now)."""
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     return st.st_size, st.st_mtime_ns
 
 
@@ -154,7 +158,7 @@ class Checkpoint:
         for name in ck._shard_names(weight_map):
             # before the read, so that a change after it is seen later (a missing file or broken link: read_header
             # says what is wrong, in the words it uses for every source file)
-            ck.file_states[name] = file_state(ck.path / name) if os.path.exists(ck.path / name) else None
+            ck.file_states[name] = file_state(ck.path / name)
             infos, raw = read_header(ck.path / name)
             size = (ck.path / name).stat().st_size
             digest = hashlib.sha256(raw)  # (the header and then the size: no copy of a 40 MB header to join them)

@@ -48,8 +48,9 @@ _PR_SET_PDEATHSIG = 1
 
 class Forked(Generic[T]):
     """work(step) in a child process: step(n) reports progress (passed on to on_step in the caller, from a reader
-    thread); result() waits for the child and returns what work returned, or raises the UserError it raised. An
-    unexpected exception in the child is raised in the caller as a RuntimeError carrying the child's traceback."""
+    thread); result() waits for the child and returns what work returned, or raises the UserError or OSError it
+    raised. Any other exception in the child is raised in the caller as a RuntimeError carrying the child's
+    traceback."""
 
     def __init__(self, work: Callable[[Callable[[int], None]], T], on_step: Callable[[int], None]):
         self._work, self._on_step = work, on_step
@@ -81,6 +82,8 @@ class Forked(Generic[T]):
                 outcome = ("ok", self._work(step))
             except UserError as e:
                 outcome = ("user", str(e))
+            except OSError as e:  # a file that failed under the child: the caller names it as it would its own
+                outcome = ("os", (e.errno, e.strerror, e.filename, traceback.format_exc()))
             except BaseException:  # noqa: BLE001 — sent to the caller, which raises it
                 outcome = ("crash", traceback.format_exc())
             payload = pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
@@ -113,6 +116,9 @@ class Forked(Generic[T]):
         kind, value = self._outcome
         if kind == "user":
             raise UserError(value)
+        if kind == "os":
+            errno_, strerror, filename, trace = value
+            raise OSError(errno_, strerror, filename) from RuntimeError(f"in the worker process:\n{trace}")
         if kind == "crash":
             raise RuntimeError(f"the worker process failed:\n{value}")
         return value

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoint import INDEX, SIDE_FILES, auto_map_modules, file_state, loose_json, sglang_path_problem
-from .errors import UserError
+from .errors import UserError, file_failed
 from .layout import with_mtp_layers
 from .manifest import MANIFEST, WRITTEN_KEYS, Manifest, build_manifest, config_json
 from .plan import Plan, TensorPlan
@@ -163,12 +163,14 @@ def write(plan: Plan, out: Path, shard_size: int, force: bool = False,
         changed = _changed_source(plan)
         if changed is not None:
             raise UserError(f"a source file changed while building; nothing was written — {changed} is not as build "
-                            f"read it (size or modification time); rebuild when sources are stable")
+                            f"read it (gone, or its size or modification time); rebuild when sources are stable")
         fsync_tree(tmp)
         lock.put_in_place(tmp)
         return manifest
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is not None and not Path(os.path.abspath(e.filename)).is_relative_to(tmp):  # a source, read
+            raise file_failed(e, "nothing was written — ") from None
         if e.errno == errno.ENOSPC:
             raise UserError(f"{out.parent}: disk full while writing; nothing was written — free space and "
                             f"rebuild") from None

@@ -43,6 +43,18 @@ def test_user_error_in_the_child_is_raised_in_the_caller():
         Forked(work, lambda n: None).result()
 
 
+def test_a_file_that_fails_in_the_child_is_raised_as_that_os_error(tmp_path):
+    """A file the child reads that is gone (moved or removed meanwhile): the caller gets the same OSError, naming the
+    file, so that the CLI says it as for its own reads — not an internal error; the child's traceback is its cause."""
+    def work(step):
+        os.open(tmp_path / "gone.safetensors", os.O_RDONLY)
+
+    with pytest.raises(FileNotFoundError) as e:
+        Forked(work, lambda n: None).result()
+    assert e.value.filename == str(tmp_path / "gone.safetensors") and e.value.strerror == "No such file or directory"
+    assert "in the worker process" in str(e.value.__cause__) and "os.open" in str(e.value.__cause__)
+
+
 def test_an_unexpected_error_carries_the_childs_traceback():
     def work(step):
         return 1 // 0

@@ -342,6 +342,50 @@ def test_a_source_changed_mid_build_writes_nothing(llama, tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("when", ["after planning", "mid-copy"])
+def test_a_source_moved_away_writes_nothing(when, llama, tmp_path):
+    """A source directory moved (or removed) under a build: after planning read it, the first read of it names the
+    file that went away; during the copy (its shard already open) the check after the copy sees it gone. Either way
+    one line, nothing written, nothing left — not an internal error, not a "write failed" naming the output."""
+    src = tmp_path / "gptq"
+    shutil.copytree(llama["gptq"], src)
+    plan = make_plan(load_recipe(write_recipe(tmp_path, {**llama, "g": src}, {"g": "g"}, "g")))
+    [shard] = src.glob("*.safetensors")
+
+    def move(n=0):
+        if src.exists():
+            src.rename(tmp_path / "moved")
+    if when == "after planning":
+        move()
+    e = refused(plan, tmp_path / "out", False, move)
+    if when == "after planning":
+        assert e == (f"{shard}: No such file or directory while mpconvert was reading it — it was moved, replaced or "
+                     f"removed meanwhile, or the disk failed; nothing was written — run again once it is stable")
+    else:
+        assert f"a source file changed while building; nothing was written — {shard} is not as build read it (gone" in e
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_directory_moved_away_while_verify_reads_it(llama, cli, tmp_path, monkeypatch):
+    """The converted directory moved (rebuilt, cleaned up) after verify read its headers, while its child hashes the
+    tensors: one line naming the file, exit 2 — not an internal error from the child."""
+    import mpconvert.verify as verify_module
+
+    out = tmp_path / "out"
+    assert cli("build", recipe(llama, tmp_path), "-o", out).exit_code == 0
+    read_shards = verify_module._shards
+
+    def then_moved(directory, rep):
+        got = read_shards(directory, rep)
+        out.rename(tmp_path / "moved")
+        return got
+    monkeypatch.setattr(verify_module, "_shards", then_moved)
+    r = cli("verify", out)
+    assert r.exit_code == 2 and "Traceback" not in r.output and "internal error" not in r.output, r.output
+    assert f"{out}/model-00001-of-00001.safetensors: No such file or directory while mpconvert was reading it" in \
+        " ".join(r.output.split())
+
+
 @pytest.mark.parametrize("change", ["mtime", "appended"])
 def test_a_source_changed_while_planning_writes_nothing(change, llama, tmp_path):
     """A source shard changed after build read and checked it but before the copy began (planning's checks of a
