@@ -28,12 +28,12 @@ def path_too_long(path) -> str | None:
 
 
 def file_failed(e: OSError, outcome: str = "") -> UserError:
-    """A file the command was reading that the file system then refused — moved, replaced or removed while the
+    """A file the command was using that the file system then refused — moved, replaced or removed while the
     command ran (a user rebuilding or cleaning up beside it), or a failing disk. Every earlier look at it had passed,
     so it is named as a file that changed underfoot, not as bad input or a bug. `outcome`: what the command left
     (e.g. "nothing was written — ")."""
-    return UserError(f"{e.filename}: {e.strerror or e} while mpconvert was reading it — it was moved, replaced or "
-                     f"removed meanwhile, or the disk failed; {outcome}run again once it is stable")
+    return UserError(f"{e.filename}: {e.strerror or e} — moved, replaced or removed while mpconvert was using it, "
+                     f"or the disk failed; {outcome}run again once it is stable")
 
 
 def and_more(items: list) -> str:

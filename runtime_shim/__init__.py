@@ -12,8 +12,8 @@ import logging
 # SGLang's ModelConfig warns "<method> quantization is not fully optimized yet. The speed can be slower than
 # non-quantized models" for every method outside a list written into the function (_verify_quantization). For
 # mpconvert it is false: the shim binds each layer to the native method of its format (fp8, gptq_marlin, awq_marlin,
-# w8a8_int8, compressed-tensors, all on that list) and refuses a model where SGLang would pick any other; the mixed
-# SmolLM2-sized model decoded faster than the blend of its sources (docs/gpu-results.md §3).
+# w8a8_int8, compressed-tensors, all on that list) and refuses a model where SGLang would pick any other; a mixed
+# model decoded faster than the blend of its sources on the GPU (docs/gpu-results.md §3).
 NOT_OPTIMIZED = "%s quantization is not fully optimized yet"
 
 

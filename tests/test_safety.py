@@ -359,8 +359,8 @@ def test_a_source_moved_away_writes_nothing(when, llama, tmp_path):
         move()
     e = refused(plan, tmp_path / "out", False, move)
     if when == "after planning":
-        assert e == (f"{shard}: No such file or directory while mpconvert was reading it — it was moved, replaced or "
-                     f"removed meanwhile, or the disk failed; nothing was written — run again once it is stable")
+        assert e == (f"{shard}: No such file or directory — moved, replaced or removed while mpconvert was using it, "
+                     f"or the disk failed; nothing was written — run again once it is stable")
     else:
         assert f"a source file changed while building; nothing was written — {shard} is not as build read it (gone" in e
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -382,7 +382,7 @@ def test_a_directory_moved_away_while_verify_reads_it(llama, cli, tmp_path, monk
     monkeypatch.setattr(verify_module, "_shards", then_moved)
     r = cli("verify", out)
     assert r.exit_code == 2 and "Traceback" not in r.output and "internal error" not in r.output, r.output
-    assert f"{out}/model-00001-of-00001.safetensors: No such file or directory while mpconvert was reading it" in \
+    assert f"{out}/model-00001-of-00001.safetensors: No such file or directory — moved, replaced or removed" in \
         " ".join(r.output.split())
 
 
