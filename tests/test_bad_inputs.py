@@ -436,6 +436,49 @@ def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
     fails(cli, tmp_path, r, match=f"tensor {extra!r} is of a kind mpconvert does not know")
 
 
+def _narrower_mlp(src: Path, dst: Path, intermediate: int) -> Path:
+    """A copy of a tiny-Llama checkpoint whose MLPs keep the first `intermediate` channels (the quantizer's own int8
+    values and per-channel scales, sliced: still a valid W8A8 layer), its config saying so."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    [shard] = dst.glob("*.safetensors")
+    sd = load_file(shard)
+    for k in list(sd):
+        if ".mlp.gate_proj." in k or ".mlp.up_proj." in k:
+            sd[k] = sd[k][:intermediate].contiguous()
+        elif k.endswith("mlp.down_proj.weight"):
+            sd[k] = sd[k][:, :intermediate].contiguous()
+    save_file(sd, shard, metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "intermediate_size": intermediate}))
+    return dst
+
+
+def test_an_int8_layer_that_sglangs_int8_gemm_cannot_take(llama, cli, tmp_path):
+    """SGLang runs a dense W8A8-Int8 layer on sgl_kernel's int8_scaled_mm, which wants K % 16 and N % 8 and fails the
+    first forward otherwise (after loading). A Llama whose MLP is 272 wide (the llm-compressor output's bytes,
+    sliced): whole, down_proj's K is 272 and builds; at --tp 2 it is 136 per rank — refused, naming the smaller --tp
+    or another format (DeepSeek-V2-Lite's dense MLP, 10944 wide, is 1368 per rank at --tp 8: the same)."""
+    from mpconvert.formats.int8 import INT8_FORMAT
+
+    fx = {"base": _narrower_mlp(llama["base"], tmp_path / "base", 272),
+          "int8": _narrower_mlp(llama["ct-w8a8"], tmp_path / "int8", 272)}
+    r = write_recipe(tmp_path, fx, {"int8": "int8"}, "int8")
+    assert cli("build", r, "-o", tmp_path / "out").exit_code == 0
+    said = fails(cli, tmp_path, r, "--tp", "2", match="--tp 2: model.layers.0.mlp.down_proj (int8 w8a8",
+                 out=tmp_path / "o2")
+    assert "input size 136 is not a multiple of 16 (SGLang's int8 GEMM, sgl_kernel int8_scaled_mm, needs K % 16 " \
+           "and N % 8); use a smaller --tp or another format" in said
+    v = cli("verify", tmp_path / "out", "--tp", "2", "--fast", "--json")
+    assert v.exit_code == 1 and {f["where"] for f in json.loads(v.stdout)["findings"]} == \
+        {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    p = {"layout": "ct", "activation": "dynamic"}  # N: a fused output not a multiple of 8; MoE experts: any shape
+    assert "output size 1372 is not a multiple of 8" in INT8_FORMAT.kernel_problem(p, [686, 686], 256, 256, True,
+                                                                                    False, False)
+    assert INT8_FORMAT.kernel_problem(p, [68, 68], 136, 136, True, False, True) is None
+
+
 @pytest.mark.parametrize("extra,scheme", [("model.layers.1.self_attn.k_scale", True),
                                           ("model.layers.0.self_attn.v_scale", False),
                                           ("model.layers.0.self_attn.k_proj.output_scale", False),

@@ -12,6 +12,13 @@ from typing import Literal
 from .base import CT_LAYOUT, FLOAT_DTYPES, MP_LAYOUT, Expect, Format, Params, Scheme, positive_scales, register
 
 
+# SGLang runs a dense W8A8-Int8 layer (W8A8Int8LinearMethod, and compressed-tensors' W8A8Int8 scheme alike) on
+# sgl_kernel's int8_scaled_mm, whose TORCH_CHECKs want K a multiple of 16 and N of 8 ("mat_a.size(1) must be multiple
+# of 16 for memory alignment", "mat_b.size(1) must be multiple of 8": in the sm90 library of SGLang 0.5.17's bundle)
+# and fail the first forward otherwise — a layer loads first. MoE experts run Triton's fused_moe: any shape.
+INT8_GEMM_K, INT8_GEMM_N = 16, 8
+
+
 class Int8Params(Params):
     layout: Literal["ct", "native"]
     activation: Literal["dynamic"]
@@ -39,6 +46,17 @@ class Int8(Format):
 
     def dequantize(self, t, p, out_f, in_f):
         return t["weight"].float() * t["weight_scale"].float().reshape(out_f, 1)
+
+    def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
+        if moe:
+            return None
+        if in_part % INT8_GEMM_K:
+            return (f"input size {in_part} is not a multiple of {INT8_GEMM_K} (SGLang's int8 GEMM, sgl_kernel "
+                    f"int8_scaled_mm, needs K % {INT8_GEMM_K} and N % {INT8_GEMM_N})")
+        if sum(out_parts) % INT8_GEMM_N:
+            return (f"output size {sum(out_parts)} is not a multiple of {INT8_GEMM_N} (SGLang's int8 GEMM, sgl_kernel "
+                    f"int8_scaled_mm, needs K % {INT8_GEMM_K} and N % {INT8_GEMM_N})")
+        return None
 
     def quantize_activations(self, x, p, t):
         # SGLang's per_token_quant_int8: symmetric, scale = absmax / 127 per token, round to nearest
