@@ -640,7 +640,9 @@ it and fail every worker with "Unknown quantization method"), a --model-path of 
 directory with no tokenizer unless --tokenizer-path or --skip-tokenizer-init is given, a path that is not UTF-8, a
 --quantization (or a draft model's --speculative-draft-model-quantization, read from this directory) other than the
 directory's own quant_method (SGLang ignores it, or reads every layer as that method: FP8 bytes into Int8 parameters,
-silently), and parallel sizes (--tp, --ep, --dp with --enable-dp-attention, --moe-dense-tp-size) at which a layer
+silently), EPLB, redundant experts or an --init-expert-location for a model that mixes formats inside a MoE layer
+(the shim's expert groups keep SGLang's default placement), and parallel sizes (--tp, --ep, --dp with
+--enable-dp-attention, --moe-dense-tp-size) at which a layer
 cannot be split — the checks of `mpconvert verify --tp/--ep/--dp` — and config values set at launch
 (--json-model-override-args) that the weights decide: the layers' formats (quantization_config) and any size,
 layer or expert count the weights do not have (verify's config rule). A value the weights leave open — a longer
@@ -693,7 +695,7 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
 
     import yaml
 
-    from mpconvert.rules import Parallel, partition_problems
+    from mpconvert.rules import Parallel, expert_placement_problem, partition_problems
 
     def refuse(message: str) -> NoReturn:
         if len(message) > 300:  # "ambiguous option: --enable could match" lists ninety options
@@ -714,6 +716,10 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
                         f"as --model-path itself — remove it (to serve another directory, name that one instead)")
     _check_config_overrides(directory, manifest, launch)
     _check_quantization_flags(directory, launch)
+    mixed = [u for u, spec in manifest.units.items() if spec.groups]
+    moved = expert_placement_problem(mixed[0], launch) if mixed else None
+    if moved:
+        raise UserError(f"{moved}{and_more(mixed)}")
     _check_tokenizer(directory, launch)
     sizes = Parallel(launch.tp_size, launch.ep_size, launch.dp_size if launch.enable_dp_attention else 1,
                      launch.moe_dense_tp_size, launch.enable_dp_lm_head).check()

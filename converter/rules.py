@@ -201,6 +201,23 @@ def mla_problems(linears: list[Linear], model_type: str) -> list[Problem]:
 MLA_ABSORBED_IN_BF16 = ("fp8", "int8")
 
 
+def expert_placement_problem(unit: str, moe_settings) -> str | None:
+    """A mixed-experts layer holds each format's experts in a group layer of its own, placed as SGLang places experts
+    by default (expert e on EP rank e // (experts / ep), physical id = logical id). EPLB, redundant experts and an
+    --init-expert-location move experts between ranks and slots, which those groups do not follow. `moe_settings`:
+    anything with SGLang's enable_eplb, ep_num_redundant_experts and init_expert_location (its launch arguments, or
+    its server args' moe group) — one rule for `serve` and the shim."""
+    moved = [flag for flag, on in (
+        ("--enable-eplb", getattr(moe_settings, "enable_eplb", False)),
+        ("--ep-num-redundant-experts", getattr(moe_settings, "ep_num_redundant_experts", 0)),
+        ("--init-expert-location", getattr(moe_settings, "init_expert_location", "trivial") != "trivial")) if on]
+    if not moved:
+        return None
+    return (f"{unit} mixes formats across its experts, in groups that keep SGLang's default expert placement; "
+            f"{' and '.join(moved)} {'move' if len(moved) > 1 else 'moves'} experts — leave "
+            f"{'them' if len(moved) > 1 else 'it'} out, or take this layer's experts from one source")
+
+
 def model_dtypes(unit: str, fmt: str, model_type: str, moe: bool) -> tuple[str, ...]:
     """The model dtypes (SGLang's --dtype) in which SGLang 0.5.17 runs this unit in this format, or () for any: a
     MoE layer's, its format's kernel's (Format.moe_model_dtypes); an MLA kv_b_proj absorbed in bfloat16, bfloat16."""

@@ -52,6 +52,7 @@ from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, Quant
 
 from mpconvert.formats import FORMATS
 from mpconvert.manifest import EXPERT_GROUPS as GROUPS, ExpertGroup
+from mpconvert.rules import expert_placement_problem
 from mpconvert.runtime_shim.sglang_fixes import correct_built_gptq_marlin_moe
 
 
@@ -357,6 +358,9 @@ def _refuse_unsupported(prefix: str, layer):
         # the down GEMM would add into the output directly, past the buffer the other groups add their rows to
         raise ValueError(f"mpconvert: {prefix} mixes formats across its experts, which its groups' shared Triton "
                          f"chain serves with SGLang's separate top-k sum; drop --enable-fused-moe-sum-all-reduce")
+    moved = expert_placement_problem(prefix, get_exec().moe)
+    if moved:
+        raise ValueError(f"mpconvert: {moved}")
     if layer.moe_runner_config.no_combine:
         raise ValueError(f"mpconvert: {prefix} mixes formats across its experts, which mpconvert serves with the "
                          f"top-k outputs combined; SGLang asked this layer not to combine them (no_combine)")

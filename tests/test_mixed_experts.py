@@ -168,6 +168,49 @@ def test_triton_groups_in_one_sequence_compute_the_plain_layer():
     assert got["block_tables_contiguous"] and got["every_token"] == [True, True, True]
 
 
+MOVED = """
+import json, sys
+import mpconvert.runtime_shim.engine_check as ec
+from sglang.srt.server_args import ServerArgs
+init = ServerArgs.__init__
+ServerArgs.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "ep_num_redundant_experts": 2})  # the launch flag
+ec.scaffold()
+try:
+    ec.build_and_load(sys.argv[1], sys.argv[2], 1, 0)
+    print("RESULT loaded")
+except ValueError as e:
+    print("RESULT " + str(e))
+"""
+
+
+def test_experts_that_sglang_would_move_are_refused(moe, cli, tmp_path):
+    """A mixed-experts layer's groups hold experts where SGLang places them by default; EPLB, redundant experts and
+    --init-expert-location move them. Refused by serve before SGLang starts, and by the shim as SGLang's own loader
+    builds the layer (launch_server run by hand); a MoE model without mixed layers is SGLang's to place."""
+    import os
+    import subprocess
+    import sys
+
+    from mpconvert.engine import rendezvous
+
+    from helpers import refused
+
+    build(cli, write_recipe(tmp_path, moe, SOURCES, "int8", RULES), tmp_path / "out")
+    for args in (["--enable-eplb"], ["--ep-num-redundant-experts", "2"], ["--init-expert-location", "/x.json"]):
+        refused(cli("serve", tmp_path / "out", "--print-command", "--", *args),
+                f"{E0} mixes formats across its experts, in groups that keep SGLang's default expert placement; "
+                f"{args[0]} moves experts — leave it out, or take this layer's experts from one source (and 1 more)")
+    p = subprocess.run([sys.executable, "-c", MOVED, str(tmp_path / "out"), rendezvous(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, "SGLANG_DTYPE": "float16"})
+    said = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert said == [f"RESULT mpconvert: {E0} mixes formats across its experts, in groups that keep SGLang's default "
+                    f"expert placement; --ep-num-redundant-experts moves experts — leave it out, or take this "
+                    f"layer's experts from one source"], p.stdout[-2000:] + p.stderr[-2000:]
+    (tmp_path / "one").mkdir()
+    build(cli, write_recipe(tmp_path / "one", moe, SOURCES, "int8"), tmp_path / "one" / "out")
+    assert cli("serve", tmp_path / "one" / "out", "--print-command", "--", "--enable-eplb").exit_code == 0
+
+
 def test_gptq_group_needs_fp16_and_unquantized_group(moe, cli, tmp_path):
     """A GPTQ expert group runs on GPTQ-Marlin MoE (fp16 only): refused at load in bf16, naming the layer and its
     experts. bf16 experts (from the base) form a group on SGLang's unquantized fused MoE."""
