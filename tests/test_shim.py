@@ -240,17 +240,17 @@ for path, quantization in zip(sys.argv[1::2], sys.argv[2::2]):
 def test_sglang_does_not_call_the_shim_unoptimized(llama, cli, tmp_path):
     """SGLang's ModelConfig warns that a quantization method outside its own list "is not fully optimized yet. The
     speed can be slower than non-quantized models" — false for mpconvert (every layer on its format's native kernel),
-    so the shim drops that one record; SGLang still says it of a method it means (GPTQ without Marlin)."""
+    so the shim drops that one record; SGLang still says it of a method it means (AWQ without Marlin)."""
     import subprocess
     import sys
 
     build(cli, write_recipe(tmp_path, llama, DENSE_SOURCES, "gptq", DENSE_RULES), tmp_path / "out")
-    p = subprocess.run([sys.executable, "-c", SGLANG_LOG, str(tmp_path / "out"), "", str(llama["gptq"]), "gptq"],
+    p = subprocess.run([sys.executable, "-c", SGLANG_LOG, str(tmp_path / "out"), "", str(llama["awq"]), "awq"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    ours, gptq = p.stdout.split("MODEL ")[1:]
+    ours, awq = p.stdout.split("MODEL ")[1:]
     assert "quantization is not fully optimized" not in ours
-    assert "gptq quantization is not fully optimized yet" in gptq
+    assert "awq quantization is not fully optimized yet" in awq
 
 
 def test_a_shim_that_cannot_load_is_named_before_sglang_starts(moe, cli, tmp_path):
