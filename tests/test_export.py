@@ -115,9 +115,20 @@ def test_stock_sglang_loads_the_export_with_the_plugin_off(dense_ct):
 MISREAD = """
 import json, sys
 import mpconvert.runtime_shim.engine_check as ec
-from sglang.srt.server_args import ServerArgs
-init = ServerArgs.__init__
-ServerArgs.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "quantization": sys.argv[2]})  # the launch flag
+import dataclasses
+import mpconvert.runtime_shim.sglang_versions as versions
+init_rank = versions.init_rank
+
+
+def launched(server_args, *a):  # the server args engine_check made, with the launch flag set
+    try:
+        server_args.quantization = sys.argv[2]  # 0.5.23: a struct, settable until published
+    except AttributeError:  # 0.5.17: read-only once resolved; a copy made with it
+        server_args = dataclasses.replace(server_args, quantization=sys.argv[2])
+    return init_rank(server_args, *a)
+
+
+versions.init_rank = launched
 ec.scaffold()
 r = ec.build_and_load(sys.argv[1], sys.argv[3], 1, 0)
 print("RESULT " + json.dumps({k: r[k] for k in ("quant_config", "methods", "params", "untouched")}))

@@ -171,9 +171,20 @@ def test_triton_groups_in_one_sequence_compute_the_plain_layer():
 MOVED = """
 import json, sys
 import mpconvert.runtime_shim.engine_check as ec
-from sglang.srt.server_args import ServerArgs
-init = ServerArgs.__init__
-ServerArgs.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "ep_num_redundant_experts": 2})  # the launch flag
+import dataclasses
+import mpconvert.runtime_shim.sglang_versions as versions
+init_rank = versions.init_rank
+
+
+def launched(server_args, *a):  # the server args engine_check made, with the launch flag set
+    try:
+        server_args.ep_num_redundant_experts = 2  # 0.5.23: a struct, settable until published
+    except AttributeError:  # 0.5.17: read-only once resolved; a copy made with it
+        server_args = dataclasses.replace(server_args, ep_num_redundant_experts=2)
+    return init_rank(server_args, *a)
+
+
+versions.init_rank = launched
 ec.scaffold()
 try:
     ec.build_and_load(sys.argv[1], sys.argv[2], 1, 0)
