@@ -714,8 +714,11 @@ def _check_launch(directory: Path, manifest, args: list[str]) -> None:
     if Path(launch.model_path).resolve() != directory.resolve():  # `out/` and `./out` are one model
         raise UserError(f"the arguments after -- name another model ({launch.model_path}); serve passes {directory} "
                         f"as --model-path itself — remove it (to serve another directory, name that one instead)")
-    _check_config_overrides(directory, manifest, launch)
-    _check_quantization_flags(directory, launch)
+    from mpconvert.checkpoint import read_json
+
+    config = read_json(directory / "config.json", "config.json")  # read once for both checks
+    _check_config_overrides(directory, manifest, launch, config)
+    _check_quantization_flags(directory, launch, config)
     mixed = [u for u, spec in manifest.units.items() if spec.groups]
     moved = expert_placement_problem(mixed[0], launch) if mixed else None
     if moved:
@@ -746,15 +749,13 @@ def _check_tokenizer(directory: Path, launch) -> None:
                         f"them in the base and build again")
 
 
-def _check_quantization_flags(directory: Path, launch) -> None:
+def _check_quantization_flags(directory: Path, launch, config: dict) -> None:
     """--quantization names the method SGLang reads every layer with, and the weights decide it (config.json's
     quantization_config). SGLang 0.5.17 ignores most other names for an mpconvert directory, but takes `humming` (and,
     for a compressed-tensors export, `w8a8_int8`/`w8a8_fp8`) over the whole model: it then reads an FP8 layer's bytes
     into Int8 parameters with no error (seen on CPU with SGLang's own loader). So only the directory's own method, or
     none; the same for a speculative draft read from this directory."""
-    from mpconvert.checkpoint import read_json
-
-    qc = read_json(directory / "config.json", "config.json").get("quantization_config")
+    qc = config.get("quantization_config")
     own = qc.get("quant_method") if isinstance(qc, dict) else None
     draft = getattr(launch, "speculative_draft_model_path", None)
     draft_here = draft is None or Path(draft).resolve() == directory.resolve()
@@ -767,13 +768,12 @@ def _check_quantization_flags(directory: Path, launch) -> None:
                             f"bytes into Int8 parameters, with no error) — leave {flag} out")
 
 
-def _check_config_overrides(directory: Path, manifest, launch) -> None:
+def _check_config_overrides(directory: Path, manifest, launch, config: dict) -> None:
     """SGLang builds the model from config.json with --json-model-override-args set on top (each key set on the
     config; a dict onto a sub-config such as text_config updates it), or from another file (--decrypted-config-file).
     A launch-time value — a longer context, another rope_scaling — is the user's to choose; what the build decided is
     not: the layers' formats (quantization_config) and every size the weights have (verify's config rule,
     layout.config_problems). Refused here as verify refuses them in an edited config.json."""
-    from mpconvert.checkpoint import read_json
     from mpconvert.layout import config_problems
     from mpconvert.manifest import WRITTEN_KEYS
 
@@ -794,7 +794,6 @@ def _check_config_overrides(directory: Path, manifest, launch) -> None:
         if key in WRITTEN_KEYS:
             raise UserError(f"{flag} sets {key}, which build wrote to say how each layer of {directory} is stored "
                             f"(SGLang would read the weights as something they are not); leave it out")
-    config = read_json(directory / "config.json", "config.json")
     seen = dict(config)
     for key, value in override.items():
         current = seen.get(key)
