@@ -50,12 +50,11 @@ class Int8(Format):
     def kernel_problem(self, p, out_parts, in_part, in_full, split_out, split_in, moe):
         if moe:
             return None
+        needs = f"(SGLang's int8 GEMM, sgl_kernel int8_scaled_mm, needs K % {INT8_GEMM_K} and N % {INT8_GEMM_N})"
         if in_part % INT8_GEMM_K:
-            return (f"input size {in_part} is not a multiple of {INT8_GEMM_K} (SGLang's int8 GEMM, sgl_kernel "
-                    f"int8_scaled_mm, needs K % {INT8_GEMM_K} and N % {INT8_GEMM_N})")
+            return f"input size {in_part} is not a multiple of {INT8_GEMM_K} {needs}"
         if sum(out_parts) % INT8_GEMM_N:
-            return (f"output size {sum(out_parts)} is not a multiple of {INT8_GEMM_N} (SGLang's int8 GEMM, sgl_kernel "
-                    f"int8_scaled_mm, needs K % {INT8_GEMM_K} and N % {INT8_GEMM_N})")
+            return f"output size {sum(out_parts)} is not a multiple of {INT8_GEMM_N} {needs}"
         return None
 
     def quantize_activations(self, x, p, t):
