@@ -429,12 +429,18 @@ def split_copy(d: Path, name: str) -> Path:
 def dequantized(d: Path, base: Path) -> Path:
     """The dequantized reference of a built directory: every linear replaced by its format's reference dequantization
     (mpconvert.fidelity), as a plain checkpoint SGLang serves without any quantization."""
+    from safetensors.torch import save_file
+
     from mpconvert.checkpoint import Checkpoint
-    from mpconvert.fidelity import _dequantized_checkpoint
+    from mpconvert.fidelity import _dequantized_state
 
     out = WORK / "built" / (d.name + "-dequantized")
     out.mkdir(parents=True, exist_ok=True)
-    _dequantized_checkpoint(d, load_manifest(d)[0], Checkpoint.open(d, "out").tensors, base, out)
+    state, _ = _dequantized_state(d, load_manifest(d)[0], Checkpoint.open(d, "out").tensors, base)
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(cfg))
     return out
 
 
