@@ -150,6 +150,9 @@ SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_h
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "shared_expert_intermediate_size")
 # Keys a source may omit (older producers leave them out); when both have one, they must agree.
 OPTIONAL_KEYS = ("head_dim", "architectures")
+# What an absent key means: transformers saves a config without the keys equal to PretrainedConfig's own defaults
+# (AutoAWQ's transformers 4.51 leaves out a Gemma's tie_word_embeddings: true).
+IMPLIED_KEYS = {"tie_word_embeddings": True}
 
 
 def decoder_config(cfg: dict):
@@ -218,7 +221,7 @@ def check_same_architecture(base_cfg: dict, other_cfg: dict, where: str,
                             fix: str = "every source must be a quantization of the same base model") -> None:
     """A source must be the same model as the base: every architecture key equal (missing on both is fine)."""
     for k in SHAPE_KEYS:
-        a, b = base_cfg.get(k), other_cfg.get(k)
+        a, b = base_cfg.get(k, IMPLIED_KEYS.get(k)), other_cfg.get(k, IMPLIED_KEYS.get(k))
         if a != b and not (k in OPTIONAL_KEYS and (a is None or b is None)):
             raise UserError(f"{where}: config.json {k}={b!r} but the base has {k}={a!r}; {fix}")
 

@@ -274,6 +274,26 @@ def test_a_source_of_another_architecture_is_refused(llama, cli, tmp_path):
     assert cli("build", str(r), "-o", str(tmp_path / "out")).exit_code == 0
 
 
+@pytest.mark.parametrize("base_ties", [True, False])
+def test_a_source_that_leaves_out_a_default_key(base_ties, llama, cli, tmp_path):
+    """transformers saves a config without the keys equal to PretrainedConfig's defaults: AutoAWQ's (transformers
+    4.51) has no tie_word_embeddings for a model that ties them (Gemma 2; real, refused as `None but the base has
+    True`). Absent means true: a base that ties accepts it, a base that does not still refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    base = edit_config(copy(llama["base"], tmp_path / "base"), lambda c: c.update(tie_word_embeddings=base_ties))
+    src = edit_config(copy(llama["ct-w8a8"], tmp_path / "src"), lambda c: c.pop("tie_word_embeddings"))
+    for d in (base, src) if base_ties else ():  # a model that ties holds no lm_head of its own
+        shard = next(d.glob("*.safetensors"))
+        save_file({k: v for k, v in load_file(shard).items() if k != "lm_head.weight"}, shard, metadata={"format": "pt"})
+    r = write_recipe(tmp_path, {**llama, "base": base, "s": src}, {"s": "s"}, "s")
+    if base_ties:
+        b = cli("build", str(r), "-o", str(tmp_path / "out"))
+        assert b.exit_code == 0, b.output
+    else:
+        fails(cli, tmp_path, r, match="tie_word_embeddings=True but the base has tie_word_embeddings=False")
+
+
 @pytest.mark.parametrize("model,edit,match", [
     # SGLang builds the model from config.json: fewer layers than the weights hold are served silently wrong, a
     # width or head count the weights lack fails at load; each was built and verified as it was
