@@ -24,9 +24,10 @@ from pathlib import Path
 from . import rules
 from .errors import UserError
 from .formats import FORMATS
-from .layout import ModelInfo, Role, natural_key
+from .layout import ModelInfo, Role, natural_key, stage_norms
 from .plan import Inputs, written_nbytes, written_scheme
 from .recipe import BASE, Recipe, format_ids
+from .safetensors_io import same_values
 
 BF16_BYTES = 2
 
@@ -107,6 +108,7 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
         out_f, in_f = tensors["weight"].shape
         weights += out_f * in_f
     units: dict[str, list[UnitSource]] = {}
+    norm_of = stage_norms(inputs.base.modules)
     for unit, names in by_unit.items():
         base_bytes = sum(t.nbytes for n in names for t in inputs.base.modules[n].tensors.values())
         servers = [UnitSource(unit, BASE, tuple(names), base_bytes, "bf16", False)]
@@ -120,7 +122,7 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
                     rules.partition_problems(members, inputs.info, parallel):
                 continue
             fmt = FORMATS[members[0].scheme.format]
-            folds = fmt.folds(members[0].scheme.params)
+            folds = fmt.folds(members[0].scheme.params) or _changes_norm(inputs, label, names, roles, norm_of)
             if (folds or fmt.expert_group_problem) and members[0].role.expert is not None and per_expert:
                 # its norm feeds every expert of the layer, or its experts cannot be one format group among others:
                 # it may serve a whole layer only (rules.py) — the per-layer recipe plan also weighs (joint check)
@@ -132,7 +134,16 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
         units[unit] = servers  # only the base: a group with one option
     one_dtype(units, roles, inputs.info.model_type)
     mtp = tuple(sorted({inputs.info.mtp_layer_of(n) for n in inputs.base.modules if n not in roles}))
-    return Candidates(inputs.info, units, _groups(units, roles), fixed, weights, mtp)
+    return Candidates(inputs.info, units, _groups(units, roles, norm_of), fixed, weights, mtp)
+
+
+def _changes_norm(inputs: Inputs, label: str, names: list[str], roles: dict[str, Role], norm_of: dict) -> bool:
+    """Whether source `label` holds other values than the base for a norm these modules read: a fold no format
+    records (SmoothQuant's, in a W8A8 source), which ties the source's modules to that norm as AWQ's are."""
+    src = inputs.sources[label]
+    norms = {norm_of.get((roles[n].layer, roles[n].stage)) for n in names if roles[n].stage} - {None}
+    return any(n in src.modules and not same_values(src.modules[n].tensors["weight"],
+                                                    inputs.base.modules[n].tensors["weight"]) for n in norms)
 
 
 def one_dtype(units: dict[str, list[UnitSource]], roles: dict[str, Role], model_type: str) -> None:
@@ -152,16 +163,23 @@ def one_dtype(units: dict[str, list[UnitSource]], roles: dict[str, Role], model_
             units[unit] = [s for s in servers if not (d := dtypes(s)) or all(d & need for need in expert_needs)]
 
 
-def _groups(units: dict[str, list[UnitSource]], roles: dict[str, Role]) -> list[tuple[str, tuple[str, ...]]]:
-    """Units joined where a folded-scale source could serve them (v→o, up→down share a fold; both consume one norm),
-    each other unit alone. Only units some folding source serves are joined."""
-    pair_of: dict[str, str] = {}
+def _groups(units: dict[str, list[UnitSource]], roles: dict[str, Role], norm_of: dict
+            ) -> list[tuple[str, tuple[str, ...]]]:
+    """Units joined where a folded-scale source could serve them (v→o, up→down share a fold; the units reading one
+    norm share its fold: a parallel block's attention and MLP, a MoE layer's experts and shared experts), each other
+    unit alone. Only units some folding source serves are joined."""
+    links: dict[str, list[str]] = {}
     for unit, servers in units.items():
         if any(s.folds for s in servers):
+            keys = set()
             for name in servers[0].modules:
                 role = roles[name]
                 if role.pair:
-                    pair_of.setdefault(unit, role.pair[0])
+                    keys.add(role.pair[0])
+                if role.stage and (role.layer, role.stage) in norm_of:
+                    keys.add(norm_of[(role.layer, role.stage)])
+            for key in keys:
+                links.setdefault(key, []).append(unit)
     parent = {u: u for u in units}
 
     def find(u):
@@ -169,10 +187,7 @@ def _groups(units: dict[str, list[UnitSource]], roles: dict[str, Role]) -> list[
             u = parent[u]
         return u
 
-    by_pair: dict[str, list[str]] = {}
-    for unit, pair in pair_of.items():
-        by_pair.setdefault(pair, []).append(unit)
-    for members in by_pair.values():
+    for members in links.values():
         for u in members[1:]:
             parent[find(u)] = find(members[0])
     groups: dict[str, list[str]] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS
-from .layout import role_of
+from .layout import role_of, stage_norms
 from .numeric import dequantize, load_tokenizer, read_text, rel_error, token_kl
 from .safetensors_io import TensorInfo, load_tensor
 
@@ -49,6 +49,7 @@ def _dequantized_state(directory: Path, manifest, found: dict[str, TensorInfo], 
     state = {n: load_tensor(t).float() for n, t in base_ck.tensors.items()}
     base_state = dict(state)
     errors = {}
+    norm_of = stage_norms(manifest.modules)
     for name, mod in manifest.modules.items():
         tensors = {s: found[t.name] for s, t in mod.tensors.items()}
         if mod.kind == "linear":
@@ -57,8 +58,8 @@ def _dequantized_state(directory: Path, manifest, found: dict[str, TensorInfo], 
             if key not in state or tuple(state[key].shape) != tuple(mod.shape):
                 raise UserError(f"--base {base}: has no {key} of shape {mod.shape}; pass the base model this "
                                 f"directory was built from")
-            errors[name] = module_error(name, mod, w, base_state, manifest, found)
-            fold = fold_error(name, mod, w, base_state, manifest, found)
+            errors[name] = module_error(name, mod, w, base_state, norm_of, manifest, found)
+            fold = fold_error(name, mod, w, base_state, norm_of, manifest, found)
             if fold is not None:
                 errors[name + "#fold"] = fold
             state[key] = w.to(torch.float32)
@@ -70,18 +71,24 @@ def _dequantized_state(directory: Path, manifest, found: dict[str, TensorInfo], 
     return state, errors
 
 
-def _consumed_norm(name: str, role, manifest, found: dict):
-    norm = "input_layernorm" if role.stage == "attn_in" else "post_attention_layernorm"
-    nname = f"{name.split('.self_attn')[0].split('.mlp')[0].split('.block_sparse_moe')[0]}.{norm}"
+def _read_norm(name: str, role, norm_of: dict, manifest, found: dict):
+    """(the norm module that linear `name` reads, its weight in the directory), or None where no norm is before it
+    (norm_of: layout.stage_norms of the directory's modules)."""
+    nname = norm_of.get((role.layer, role.stage)) if role.stage else None
+    if nname is None:
+        return None
     return nname, load_tensor(found[manifest.modules[nname].tensors["weight"].name]).float()
 
 
-def fold_error(name: str, mod, w, base_state: dict, manifest, found: dict) -> float | None:
+def fold_error(name: str, mod, w, base_state: dict, norm_of: dict, manifest, found: dict) -> float | None:
     role = role_of(name)
     # only consumers whose rows carry no second fold (v_proj and up_proj also carry o_proj's / down_proj's scales)
-    if not FORMATS[mod.format].folds(mod.params) or role.stage is None or role.slot not in ("q", "k", "gate", "w1"):
+    if not FORMATS[mod.format].folds(mod.params) or role.slot not in ("q", "k", "gate", "w1"):
         return None
-    nname, n_out = _consumed_norm(name, role, manifest, found)
+    norm = _read_norm(name, role, norm_of, manifest, found)
+    if norm is None:
+        return None
+    nname, n_out = norm
     ref = base_state[f"{name}.weight"]
     s = (w * ref).sum(0) / (ref * ref).sum(0)
     n_base = base_state[f"{nname}.weight"]
@@ -89,17 +96,26 @@ def fold_error(name: str, mod, w, base_state: dict, manifest, found: dict) -> fl
     return rel_error(n_out, implied), rel_error(n_base, implied)
 
 
-def module_error(name: str, mod, w, base_state: dict, manifest, found: dict) -> tuple[float, float, float] | None:
-    """(‖Ŵ−W‖/‖W‖ against the base weight, its band, round-to-nearest's error); folded-scale formats compared as
-    norm·W, since they moved a scale from the weight into the norm; None where not comparable (a folded-scale
+def module_error(name: str, mod, w, base_state: dict, norm_of: dict, manifest, found: dict
+                 ) -> tuple[float, float, float] | None:
+    """(‖Ŵ−W‖/‖W‖ against the base weight, its band, round-to-nearest's error). A module read through a folded
+    scale is compared as norm·W, since the fold moved a scale from the norm into the weight: every module of a
+    folded-scale format, and any module whose norm in the directory differs from the base's (SmoothQuant, which no
+    format records: a W8A8 module quantized against its smoothed norm). None where not comparable (a folded-scale
     module whose scales live in another linear: o_proj, down_proj)."""
+    import torch
+
     ref = base_state[f"{name}.weight"]
     role = role_of(name)
-    if FORMATS[mod.format].folds(mod.params):
-        if role.stage is None:
-            return None
-        nname, n_out = _consumed_norm(name, role, manifest, found)
-        w, ref = w * n_out, ref * base_state[f"{nname}.weight"]
+    norm = _read_norm(name, role, norm_of, manifest, found)
+    folds = FORMATS[mod.format].folds(mod.params)
+    if folds and norm is None:
+        return None
+    if norm is not None:
+        nname, n_out = norm
+        n_base = base_state[f"{nname}.weight"]
+        if folds or not torch.equal(n_out, n_base):
+            w, ref = w * n_out, ref * n_base
     band, rtn = module_band(mod.format, mod.params, ref)
     return rel_error(w, ref), band, rtn
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 from .errors import UserError, and_more
 from .recipe import format_ids
@@ -129,6 +129,45 @@ def role_of(module: str) -> Role | None:
         if m:
             return build(m)
     return None
+
+
+# ---- which norm a linear reads ------------------------------------------------------------------------------------
+# A folded-scale producer (AWQ, SmoothQuant) divides the norm a linear reads by a per-channel scale and multiplies the
+# linear's input columns by it, so that norm and its readers must come from one source. Which norm that is depends on
+# the decoder block's layout, which the names of a layer's norms tell (the producers' own mappings follow the same
+# layouts — llm-compressor's AWQ and SmoothQuant mappings per architecture, gptqmodel's module trees):
+#   pre-norm (Llama, Qwen, Mistral, Mixtral, DeepSeek): input_layernorm → attention, post_attention_layernorm → MLP;
+#   sandwich (Gemma 2/3): post_attention_layernorm and post_feedforward_layernorm normalize the blocks' *outputs*;
+#     the MLP reads pre_feedforward_layernorm;
+#   post-norm (OLMo 2, EXAONE 4): post_attention_layernorm and post_feedforward_layernorm only — no norm before a
+#     block, so nothing folds into one (v→o and up→down folds remain);
+#   parallel (Cohere / Command R, StableLM with use_parallel_residual): no post_attention_layernorm; input_layernorm
+#     feeds attention and the MLP at once, so q/k/v and gate/up share one fold.
+_BLOCK_NORM = re.compile(_L + r"(?P<norm>input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
+                              r"post_feedforward_layernorm)")
+
+
+def stage_norms(modules: Iterable[str]) -> dict[tuple[int, str], str]:
+    """(layer, stage) → the norm module that linears of that stage (attn_in: q/k/v, q_a/kv_a; mlp_in: gate/up,
+    experts, shared experts, routers) read, for the layers of a model whose module names are `modules`. A stage with
+    no norm before it has no entry."""
+    layers: dict[int, dict[str, str]] = {}
+    for name in modules:
+        if name.endswith("layernorm") and (m := _BLOCK_NORM.fullmatch(name)):
+            layers.setdefault(int(m["layer"]), {})[m["norm"]] = name
+    out = {}
+    for layer, norms in layers.items():
+        if "input_layernorm" in norms:
+            out[(layer, "attn_in")] = norms["input_layernorm"]
+        if "pre_feedforward_layernorm" in norms:  # sandwich
+            out[(layer, "mlp_in")] = norms["pre_feedforward_layernorm"]
+        elif "post_feedforward_layernorm" in norms:  # post-norm: post_attention_layernorm is attention's output norm
+            pass
+        elif "post_attention_layernorm" in norms:  # pre-norm
+            out[(layer, "mlp_in")] = norms["post_attention_layernorm"]
+        elif "input_layernorm" in norms:  # parallel
+            out[(layer, "mlp_in")] = norms["input_layernorm"]
+    return out
 
 
 def natural_key(name: str) -> tuple:

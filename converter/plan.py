@@ -21,11 +21,11 @@ from .forked import Forked
 from .formats import FORMATS, Scheme, check_expected
 from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched, value_suffixes
 from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_architecture, natural_key,
-                     role_of)
+                     role_of, stage_norms)
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe, format_ids, literal_prefix
 from . import rules
-from .safetensors_io import (TensorInfo, forget_open_files, load_array, load_tensor, nbytes_of, same_bytes,
+from .safetensors_io import (TensorInfo, forget_open_files, load_array, load_tensor, nbytes_of, same_values,
                              sha256_of)
 from .sources import Source, open_source, source_of
 
@@ -444,23 +444,21 @@ class _Planner:
         if key not in self._hash_cache:
             t = src.modules[module].tensors["weight"]
             base_t = self.base.modules[module].tensors["weight"]
-            if src is self.base or (t.dtype == base_t.dtype and same_bytes(t, base_t)):
+            if src is self.base or same_values(t, base_t):
                 self._hash_cache[key] = "base"
-            elif t.shape == base_t.shape and np.array_equal(load_array(t), load_array(base_t)):
-                self._hash_cache[key] = "base"  # same values in another float dtype (each widened exactly)
             else:
                 self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
         return self._hash_cache[key]
 
     def support_plans(self, roles: dict[str, Role], linears: list[rules.Linear]) -> list[ModulePlan]:
         """Norms, routers, embeddings: take the version the consuming linears were quantized against."""
-        consumers = rules.consumers(linears)
+        readers = rules.readers_of(roles, linears, stage_norms(roles))
         used = sorted({m.source for m in linears} - {BASE})
         plans = []
         for name, role in roles.items():
             if role.kind == "linear":
                 continue
-            users = consumers.get((role.layer, role.stage), []) if role.stage else []
+            users = readers.get(name, [])
             versions: dict[str, list[rules.Linear]] = {}
             for u in users:
                 src = self.sources[u.source]

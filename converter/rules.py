@@ -145,12 +145,22 @@ def pair_problems(linears: list[Linear]) -> list[Problem]:
     return problems
 
 
-def consumers(linears: list[Linear]) -> dict[tuple[int | None, str], list[Linear]]:
-    """(layer, stage) → the linears that read that norm's output (their folded scales live in it)."""
-    out: dict[tuple, list[Linear]] = {}
+def readers_of(supports: dict[str, Role], linears: list[Linear], norm_of: dict[tuple[int, str], str]
+               ) -> dict[str, list[Linear]]:
+    """Each norm and router of `supports` (module → role) → the linears whose folded scales live in it: a norm's, the
+    linears of every stage that reads it (`norm_of`: layout.stage_norms — a parallel block's input_layernorm is read
+    by attention and the MLP); a router's, its layer's MLP (a folded-scale producer balances the router with the
+    experts)."""
+    by_stage: dict[tuple, list[Linear]] = {}
     for m in linears:
         if m.role.stage is not None:
-            out.setdefault((m.role.layer, m.role.stage), []).append(m)
+            by_stage.setdefault((m.role.layer, m.role.stage), []).append(m)
+    out: dict[str, list[Linear]] = {}
+    for key, norm in norm_of.items():
+        out.setdefault(norm, []).extend(by_stage.get(key, ()))
+    for name, role in supports.items():
+        if role is not None and role.kind == "router" and role.stage:
+            out[name] = by_stage.get((role.layer, role.stage), [])
     return out
 
 

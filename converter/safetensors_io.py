@@ -523,6 +523,14 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
     return True
 
 
+def same_values(a: TensorInfo, b: TensorInfo) -> bool:
+    """The same tensor: equal bytes, or the same values in another float dtype, each widened exactly (AWQ
+    checkpoints store their unchanged norms as F16 beside a BF16 base)."""
+    if a.dtype == b.dtype and same_bytes(a, b):
+        return True
+    return a.shape == b.shape and bool(np.array_equal(load_array(a), load_array(b)))
+
+
 def read_bytes(t: TensorInfo) -> bytes:
     return b"".join(iter_bytes(t))
 

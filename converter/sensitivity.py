@@ -16,7 +16,7 @@ from typing import Callable
 from .errors import UserError
 from .formats import FORMATS
 from .formats.base import Format
-from .layout import role_of
+from .layout import role_of, stage_norms
 from .numeric import dequantize, load_tokenizer, read_text, token_kl
 from .plan import Inputs
 from .safetensors_io import load_tensor
@@ -293,10 +293,9 @@ def _layer(units: dict, unit: str) -> int | None:
 
 
 def _consumed_norms(inputs: Inputs, modules: tuple[str, ...]) -> list[str]:
-    """The norms a folded-scale source changed for these modules: those whose stage (attn_in / mlp_in) they read."""
-    wanted = {(role_of(m).layer, role_of(m).stage) for m in modules if role_of(m).stage}
-    return sorted(n for n in inputs.base.modules if (r := role_of(n)) and r.kind == "norm"
-                  and (r.layer, r.stage) in wanted)
+    """The norms a folded-scale source changed for these modules: those they read (layout.stage_norms)."""
+    norm_of = stage_norms(inputs.base.modules)
+    return sorted({norm_of[key] for m in modules if (r := role_of(m)).stage and (key := (r.layer, r.stage)) in norm_of})
 
 
 def evaluate(recipe, texts: list[Path] | None, tokens: int, device: str, model=None, ids=None) -> dict:

@@ -36,7 +36,7 @@ from .errors import UserError, and_more
 from .forked import Forked
 from .formats import check_expected
 from .formats.base import FLOAT_DTYPES, check_values_batched, value_suffixes
-from .layout import ModelInfo, check_same_architecture, config_problems, role_of
+from .layout import ModelInfo, check_same_architecture, config_problems, role_of, stage_norms
 from .manifest import (MANIFEST, WRITTEN_KEYS, Manifest, ManifestError, as_json, config_json, parse_manifest,
                        recorded_digest, require_converted, totals)
 from .safetensors_io import (PT_METADATA, TensorInfo, digest_and_scan_batches, forget_open_files, load_array,
@@ -337,12 +337,10 @@ def check_manifest(manifest: Manifest, linears: list[rules.Linear], rep: Report)
     rep.add_problems("scheme", rules.pair_problems(linears))
     rep.add_problems("scheme", rules.mla_problems(linears, manifest.model.model_type))
     rep.add_problems("scheme", rules.dtype_problems(linears, manifest.model.model_type))
-    readers = rules.consumers(linears)
+    readers = rules.readers_of(roles, linears, stage_norms(manifest.modules))
     for name, m in manifest.modules.items():
-        role = roles[name]
-        if role is not None and m.kind != "linear" and role.stage:
-            rep.add_problems("scheme", rules.norm_problems(name, role, m.source, readers.get((role.layer, role.stage),
-                                                                                               [])))
+        if name in readers and m.kind != "linear":
+            rep.add_problems("scheme", rules.norm_problems(name, roles[name], m.source, readers[name]))
     want = totals(manifest.modules.values(), manifest.tensor_bytes())
     if as_json(manifest.totals) != json.loads(json.dumps(want)):
         rep.add("manifest", "totals", "differ from the totals of the modules it lists: the manifest was edited")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import fixture, smollm2  # noqa: E402
+from fixtures.factory import COHERE, SANDWICH, deepseek_mla, fixture, smollm2  # noqa: E402
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
@@ -23,6 +23,8 @@ DEEPSEEK_KINDS = ("base", "ct-fp8-block", "ct-w8a8", "gptq")  # DeepSeek-V2: MLA
 # the real 135M model (fixtures/smollm2.py)
 SMOLLM2_KINDS = ("base", "fp8-block", "fp8-dynamic", "w8a8", "gptq-g64", "ct-gptq-w4a16-g64", "ct-w4a16-asym-g64")
 TAUGHT_MOE_KINDS = ("base", "ct-w8a8", "gptq")  # the trained Qwen3-MoE (its router has favourites): plan per expert
+COHERE_KINDS = ("base", "ct-w8a8-smooth", "ct-fp8-dynamic")  # parallel block: SmoothQuant folds attention + MLP at once
+SANDWICH_KINDS = ("base", "autoawq")  # Gemma 2: AutoAWQ folds gate/up into pre_feedforward_layernorm
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,16 @@ def real() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def taught_moe() -> dict[str, Path]:
     return {k: fixture("qwen3moe-taught", k) for k in TAUGHT_MOE_KINDS}
+
+
+@pytest.fixture(scope="session")
+def cohere() -> dict[str, Path]:
+    return {k: deepseek_mla(k, script=COHERE) for k in COHERE_KINDS}
+
+
+@pytest.fixture(scope="session")
+def sandwich() -> dict[str, Path]:
+    return {k: deepseek_mla(k, script=SANDWICH) for k in SANDWICH_KINDS}
 
 
 @pytest.fixture

@@ -1,0 +1,126 @@
+"""Which norm a linear reads depends on the decoder block's layout (layout.stage_norms), and a folded-scale producer
+folds into that norm: real producers' outputs of a parallel block (Cohere: one input_layernorm before attention and
+the MLP, smoothed by llm-compressor's SmoothQuant for q/k/v and gate/up at once) and of a sandwich block (Gemma 2:
+AutoAWQ folds gate/up into pre_feedforward_layernorm; post_attention_layernorm normalizes attention's output)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mpconvert import choose
+from mpconvert.layout import stage_norms
+
+from helpers import build, fails, loaded, write_recipe
+
+SQ = {"sq": "ct-w8a8-smooth", "fp8": "ct-fp8-dynamic"}
+LICENSES = Path("/usr/share/common-licenses")
+
+
+@pytest.mark.parametrize("names, want", [
+    # pre-norm (Llama), parallel (Cohere), sandwich (Gemma 2/3), post-norm (OLMo 2): the norm each stage reads
+    (["input_layernorm", "post_attention_layernorm"], {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}),
+    (["input_layernorm"], {"attn_in": "input_layernorm", "mlp_in": "input_layernorm"}),
+    (["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"],
+     {"attn_in": "input_layernorm", "mlp_in": "pre_feedforward_layernorm"}),
+    (["post_attention_layernorm", "post_feedforward_layernorm"], {}),
+])
+def test_the_norm_each_stage_reads(names, want):
+    got = stage_norms([f"model.layers.3.{n}" for n in names] + ["model.norm", "model.layers.3.self_attn.q_norm"])
+    assert got == {(3, stage): f"model.layers.3.{n}" for stage, n in want.items()}
+
+
+@pytest.mark.parametrize("rules, smoothed, plain", [
+    ('- {match: "self_attn.*", source: sq}', "k_proj", "gate_proj"),
+    ('- {match: "mlp.*", source: sq}', "gate_proj", "k_proj"),
+])
+def test_a_parallel_block_keeps_attention_and_mlp_on_one_fold(rules, smoothed, plain, cohere, cli, tmp_path):
+    """Cohere's input_layernorm feeds attention and the MLP: SmoothQuant divided it by one scale and multiplied q/k/v
+    and gate/up by it. Either half from the smoothed source beside the other half from another was built silently
+    (logits cosine 0.49 / 0.69 against the base, measured) — now refused, naming both consumers."""
+    r = write_recipe(tmp_path, cohere, SQ, "fp8", rules)
+    text = fails(cli, tmp_path, r, match="folded scales: model.layers.0.input_layernorm differs between the sources")
+    assert f"{smoothed} from 'sq'" in text and f"{plain} from 'fp8'" in text
+
+
+def test_a_parallel_block_served_from_one_fold(cohere, cli, tmp_path):
+    """q/k/v and gate/up from the smoothed source, o_proj and down_proj (which read no norm) from FP8: builds with the
+    smoothed norm, verify --numeric holds every module to its band (compared through the norm it reads), and
+    SGLang's Cohere model binds and loads it on CPU."""
+    rules = """
+    - {match: "self_attn.[qkv]_proj", source: sq}
+    - {match: "mlp.gate_proj", source: sq}
+    - {match: "mlp.up_proj", source: sq}
+    """
+    out = tmp_path / "out"
+    m = build(cli, write_recipe(tmp_path, cohere, SQ, "fp8", rules), out)
+    assert m["modules"]["model.layers.0.input_layernorm"]["source"] == "sq"
+    assert m["modules"]["model.layers.0.mlp.down_proj"]["format"] == "fp8"
+    r = cli("verify", out, "--numeric", "--base", cohere["base"], "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["ok"] and report["findings"] == [], report["findings"]
+    [rank] = loaded(out)
+    methods = rank["methods"]
+    assert methods["model.layers.0.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
+    assert methods["model.layers.0.mlp.gate_up_proj"][0] == "W8A8Int8LinearMethod"
+    assert methods["model.layers.0.mlp.down_proj"][0] == "CompressedTensorsLinearMethod"
+
+
+def test_a_smoothed_w8a8_source_is_held_to_its_band(llama, cli, tmp_path):
+    """llm-compressor's W8A8 with SmoothQuant records no fold in its config; its q/k/v and gate/up were quantized
+    against the smoothed norms. verify --numeric compared them with the base's unsmoothed weights and failed every one
+    of a correct build (errors 3.9–4.3 against a band of 0.01); now through the norm they read, as AWQ's."""
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, llama, {"sq": "ct-w8a8-smooth"}, "sq"), out)
+    r = cli("verify", out, "--numeric", "--base", llama["base"], "--json")
+    assert r.exit_code == 0, r.output
+    errors = json.loads(r.output)["numeric"]["module_error_max"]["int8"]
+    assert errors["ratio_to_rtn"] < 1.5, errors
+
+
+def test_a_sandwich_block_folds_into_pre_feedforward_layernorm(sandwich, cli, tmp_path):
+    """Gemma 2: AutoAWQ folded gate/up's scales into pre_feedforward_layernorm, the norm the MLP reads. The AWQ MLP
+    beside bf16 attention was refused ("changed pre_feedforward_layernorm, which mpconvert cannot couple"); now the
+    norm goes with its MLP, post_attention_layernorm (attention's output norm) stays the base's, and every module
+    is within its band through the norm it reads."""
+    out = tmp_path / "out"
+    m = build(cli, write_recipe(tmp_path, sandwich, {"awq": "autoawq"}, "base", '- {match: "mlp.*", source: awq}'),
+              out)
+    mods = m["modules"]
+    assert mods["model.layers.0.pre_feedforward_layernorm"]["source"] == "awq"
+    assert mods["model.layers.0.post_attention_layernorm"]["source"] == "base"
+    assert mods["model.layers.0.input_layernorm"]["source"] == "base"
+    r = cli("verify", out, "--numeric", "--base", sandwich["base"], "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["numeric"]["module_error_max"]["awq"]["ratio_to_rtn"] < 3.0
+
+
+def test_plan_weighs_a_parallel_block_as_one_fold(cohere, cli, tmp_path):
+    """plan measured the smoothed source's q/k/v and gate/up without the norm SmoothQuant changed (no format records
+    that fold), so it never chose them; a parallel block's attention and MLP are now one group, measured with the
+    smoothed norm, and the recipe plan writes builds."""
+    from mpconvert.plan import Inputs
+    from mpconvert.recipe import load_recipe
+
+    src = tmp_path / "sources.yaml"
+    src.write_text(f"base: {cohere['base']}\nsources:\n  sq: {cohere['ct-w8a8-smooth']}\n"
+                   f"  fp8: {cohere['ct-fp8-dynamic']}\n")
+    c = choose.candidates(Inputs.open(load_recipe(src, sources_only=True)))
+    for layer in range(2):
+        attn, mlp = f"model.layers.{layer}.self_attn.qkv_proj", f"model.layers.{layer}.mlp.gate_up_proj"
+        assert [s.folds for s in c.units[attn]] == [False, False, True]  # base, fp8, sq
+        assert any(set(group) >= {attn, mlp} for _, group in c.groups), c.groups
+        assert [g for _, g in c.groups if f"model.layers.{layer}.self_attn.o_proj" in g] == [
+            (f"model.layers.{layer}.self_attn.o_proj",)]  # SmoothQuant folds nothing into o_proj
+    r = cli("plan", src, "--budget", "0.7x", "--calib", LICENSES / "GPL-3", "-o", tmp_path / "r.yaml",
+            "--calib-tokens", 256)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    for layer in range(2):
+        units = report["units"]
+        assert units[f"model.layers.{layer}.self_attn.qkv_proj"]["source"] == \
+            units[f"model.layers.{layer}.mlp.gate_up_proj"]["source"]
+    b = cli("build", tmp_path / "r.yaml", "-o", tmp_path / "out")
+    assert b.exit_code == 0, b.output
