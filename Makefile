@@ -73,7 +73,8 @@ fixtures: setup  ## make (or find cached) every test fixture; drop their superse
 test: setup fixtures
 	$(VENV)/bin/pytest -q
 	$(V23)/bin/python -m pytest -q tests/test_shim.py tests/test_mixed_experts.py tests/test_verify.py \
-	  tests/test_mtp.py -k "test_shim or test_mixed_experts or engine or nextn_draft or mixed_inside"
+	  tests/test_mtp.py tests/test_block_layouts.py -k "test_shim or test_mixed_experts or engine or nextn_draft \
+	  or mixed_inside or served_from_one_fold or drops_layer_names"
 
 # mergekit (the comparison in the build benchmark) in its own venv, layered on .venv's torch like the producers.
 .venv-bench/.done: $(VENV)/.done requirements/bench.txt

@@ -17,6 +17,7 @@ from .errors import UserError, and_more
 from .recipe import format_ids
 
 _LAYER_NUMBER = re.compile(r"(?:model\.|language_model\.model\.)?layers\.(\d+)\.")
+LAYER_PREFIX = re.compile(r"(?:model\.|language_model\.model\.)?layers\.\d+\.")  # a decoder layer's module prefix
 _L = r"(?P<pfx>(?:model\.|language_model\.model\.)?layers\.(?P<layer>\d+)\.)"
 _MOE = r"(?P<moe>mlp|block_sparse_moe)"
 

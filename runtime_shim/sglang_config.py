@@ -24,7 +24,7 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from mpconvert.formats import FORMATS
 from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.errors import UserError
-from mpconvert.layout import from_nextn_draft
+from mpconvert.layout import LAYER_PREFIX as _LAYER_PREFIX, from_nextn_draft
 from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
 from mpconvert.rules import MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems, model_dtypes
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
@@ -115,6 +115,12 @@ class MpconvertConfig(QuantizationConfig):
         self.groups = groups  # mixed-experts MoE layer prefix → (manifest group, native config) per format
         # DeepSeek's loader reads the FP8 block of kv_b_proj here (absorbed into w_kc/w_vc after loading)
         self.linear_fp8_config = linear_fp8_config
+        # each unit's name inside its layer ("mlp.down_proj") → the units of that name: what SGLang asks for when its
+        # model class builds the decoder layers without their names (SGLang 0.5.17's Gemma 2)
+        self.in_layer: dict[str, list[str]] = {}
+        for u in (*subs, *groups):
+            if _LAYER_PREFIX.match(u):
+                self.in_layer.setdefault(_LAYER_PREFIX.sub("", u, count=1), []).append(u)
 
     @classmethod
     def get_name(cls) -> str:
@@ -193,6 +199,8 @@ class MpconvertConfig(QuantizationConfig):
                     _check_model_dtype(layer, prefix, spec.format, self.manifest.model.model_type,
                                        f"{prefix} experts {spec.experts}")
             return MixedExpertsMethod(sglang_prefix, self.groups[prefix], _check_native)
+        if prefix not in self.subs and isinstance(layer, LinearBase) and prefix in self.in_layer:
+            prefix = self._unit_of_nameless(layer, prefix)
         if prefix not in self.subs:
             # not a module the manifest assigns (embeddings, routers, norms): SGLang's unquantized default
             return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
@@ -203,6 +211,24 @@ class MpconvertConfig(QuantizationConfig):
         method = sub.get_quant_method(layer, prefix)
         _check_native(layer, prefix, self.manifest.units[prefix], method)
         return patch_gptq_marlin_moe(method)
+
+    def _unit_of_nameless(self, layer: torch.nn.Module, part: str) -> str:
+        """A unit whose format every unit of that name in the model shares, for a layer SGLang names only by its
+        part of a decoder layer; refused where the layers differ: no layer's own format can be bound, and the
+        unquantized default would meet the checkpoint's scales at load (a KeyError) or read FP8 bytes as values."""
+        units = self.in_layer[part]
+        schemes = {(self.manifest.units[u].format, json.dumps(self.manifest.units[u].params, sort_keys=True))
+                   for u in units}
+        if len(schemes) == 1 and not any(u in self.groups for u in units):
+            return units[0]
+        a = units[0]
+        b = next(u for u in units if u in self.groups or self.manifest.units[u].format != self.manifest.units[a].format
+                 or self.manifest.units[u].params != self.manifest.units[a].params)
+        raise ValueError(f"mpconvert: SGLang's {type(layer).__name__} asked for the format of {part!r} without its "
+                         f"layer's name (its {self.manifest.model.model_type} model class builds the decoder layers "
+                         f"without their prefix), so no layer's own format can be bound, and they differ: {a} is "
+                         f"{self.manifest.units[a].describe()}, {b} {self.manifest.units[b].describe()}; give every "
+                         f"layer's {part} one format")
 
     def get_scaled_act_names(self) -> list[str]:
         return []

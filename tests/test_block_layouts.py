@@ -12,7 +12,7 @@ import pytest
 from mpconvert import choose
 from mpconvert.layout import stage_norms
 
-from helpers import build, fails, loaded, write_recipe
+from helpers import build, fails, loaded, refusal, write_recipe
 
 SQ = {"sq": "ct-w8a8-smooth", "fp8": "ct-fp8-dynamic"}
 LICENSES = Path("/usr/share/common-licenses")
@@ -124,3 +124,20 @@ def test_plan_weighs_a_parallel_block_as_one_fold(cohere, cli, tmp_path):
             units[f"model.layers.{layer}.mlp.gate_up_proj"]["source"]
     b = cli("build", tmp_path / "r.yaml", "-o", tmp_path / "out")
     assert b.exit_code == 0, b.output
+
+
+def test_a_model_class_that_drops_layer_names(sandwich, cli, tmp_path):
+    """SGLang 0.5.17's Gemma 2 builds its decoder layers without their prefix: the shim is asked for the format of
+    'mlp.gate_up_proj', no layer named. Where every layer's unit of that name shares one format it is bound (the AWQ
+    MLP in every layer serves on CPU); where they differ the shim refuses, naming two — before, the unquantized default
+    met the AWQ tensors at load (a KeyError deep in SGLang's loader)."""
+    every = tmp_path / "every"
+    build(cli, write_recipe(tmp_path, sandwich, {"awq": "autoawq"}, "base", '- {match: "mlp.*", source: awq}'), every)
+    [rank] = loaded(every)
+    assert rank["methods"]["model.layers.1.mlp.gate_up_proj"][0] == "AWQLinearMethod"  # (by module path)
+    one = tmp_path / "one"
+    build(cli, write_recipe(tmp_path, sandwich, {"awq": "autoawq"}, "base",
+                            '- {match: "mlp.*", layers: 0, source: awq}'), one)
+    why = " ".join(refusal(one).split())
+    assert "asked for the format of 'mlp.gate_up_proj' without its layer's name" in why, why
+    assert "model.layers.0.mlp.gate_up_proj is awq, model.layers.1.mlp.gate_up_proj unquantized" in why, why
