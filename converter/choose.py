@@ -108,7 +108,7 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
         out_f, in_f = tensors["weight"].shape
         weights += out_f * in_f
     units: dict[str, list[UnitSource]] = {}
-    norm_of = stage_norms(inputs.base.modules)
+    norm_of, changed = stage_norms(inputs.base.modules), {}
     for unit, names in by_unit.items():
         base_bytes = sum(t.nbytes for n in names for t in inputs.base.modules[n].tensors.values())
         servers = [UnitSource(unit, BASE, tuple(names), base_bytes, "bf16", False)]
@@ -122,7 +122,8 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
                     rules.partition_problems(members, inputs.info, parallel):
                 continue
             fmt = FORMATS[members[0].scheme.format]
-            folds = fmt.folds(members[0].scheme.params) or _changes_norm(inputs, label, names, roles, norm_of)
+            folds = fmt.folds(members[0].scheme.params) or _changes_norm(inputs, label, names, roles, norm_of,
+                                                                           changed)
             if (folds or fmt.expert_group_problem) and members[0].role.expert is not None and per_expert:
                 # its norm feeds every expert of the layer, or its experts cannot be one format group among others:
                 # it may serve a whole layer only (rules.py) — the per-layer recipe plan also weighs (joint check)
@@ -137,13 +138,19 @@ def candidates(inputs: Inputs, parallel: rules.Parallel = rules.Parallel(), per_
     return Candidates(inputs.info, units, _groups(units, roles, norm_of), fixed, weights, mtp)
 
 
-def _changes_norm(inputs: Inputs, label: str, names: list[str], roles: dict[str, Role], norm_of: dict) -> bool:
+def _changes_norm(inputs: Inputs, label: str, names: list[str], roles: dict[str, Role], norm_of: dict,
+                  changed: dict) -> bool:
     """Whether source `label` holds other values than the base for a norm these modules read: a fold no format
-    records (SmoothQuant's, in a W8A8 source), which ties the source's modules to that norm as AWQ's are."""
+    records (SmoothQuant's, in a W8A8 source), which ties the source's modules to that norm as AWQ's are. `changed`
+    keeps each (source, norm) answer: a MoE layer's experts, each a unit of its own, read one norm."""
     src = inputs.sources[label]
-    norms = {norm_of.get((roles[n].layer, roles[n].stage)) for n in names if roles[n].stage} - {None}
-    return any(n in src.modules and not same_values(src.modules[n].tensors["weight"],
-                                                    inputs.base.modules[n].tensors["weight"]) for n in norms)
+    for n in {norm_of.get((roles[m].layer, roles[m].stage)) for m in names if roles[m].stage} - {None}:
+        if n in src.modules and (label, n) not in changed:
+            changed[(label, n)] = not same_values(src.modules[n].tensors["weight"],
+                                                  inputs.base.modules[n].tensors["weight"])
+        if changed.get((label, n)):
+            return True
+    return False
 
 
 def one_dtype(units: dict[str, list[UnitSource]], roles: dict[str, Role], model_type: str) -> None:
