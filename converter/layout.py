@@ -135,8 +135,9 @@ def role_of(module: str) -> Role | None:
 # ---- which norm a linear reads ------------------------------------------------------------------------------------
 # A folded-scale producer (AWQ, SmoothQuant) divides the norm a linear reads by a per-channel scale and multiplies the
 # linear's input columns by it, so that norm and its readers must come from one source. Which norm that is depends on
-# the decoder block's layout, which the names of a layer's norms tell (the producers' own mappings follow the same
-# layouts — llm-compressor's AWQ and SmoothQuant mappings per architecture, gptqmodel's module trees):
+# the decoder block's layout, which the names of a layer's norms tell (as the producers' own mappings do:
+# llm-compressor's AWQ and SmoothQuant mappings per architecture, AutoAWQ's; gptqmodel 7.6 folds a Gemma 2's gate/up
+# into post_attention_layernorm, an output norm no linear reads, which build then refuses to couple):
 #   pre-norm (Llama, Qwen, Mistral, Mixtral, DeepSeek): input_layernorm → attention, post_attention_layernorm → MLP;
 #   sandwich (Gemma 2/3): post_attention_layernorm and post_feedforward_layernorm normalize the blocks' *outputs*;
 #     the MLP reads pre_feedforward_layernorm;
