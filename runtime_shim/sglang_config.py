@@ -116,7 +116,7 @@ class MpconvertConfig(QuantizationConfig):
         # DeepSeek's loader reads the FP8 block of kv_b_proj here (absorbed into w_kc/w_vc after loading)
         self.linear_fp8_config = linear_fp8_config
         # each unit's name inside its layer ("mlp.down_proj") → the units of that name: what SGLang asks for when its
-        # model class builds the decoder layers without their names (SGLang 0.5.17's Gemma 2)
+        # model class builds the decoder layers without their names (Gemma 2 in SGLang 0.5.17 and 0.5.23)
         self.in_layer: dict[str, list[str]] = {}
         for u in (*subs, *groups):
             if _LAYER_PREFIX.match(u):
@@ -222,8 +222,8 @@ class MpconvertConfig(QuantizationConfig):
         if len(schemes) == 1 and not any(u in self.groups for u in units):
             return units[0]
         a = units[0]
-        b = next(u for u in units if u in self.groups or self.manifest.units[u].format != self.manifest.units[a].format
-                 or self.manifest.units[u].params != self.manifest.units[a].params)
+        b = next((u for u in units[1:] if u in self.groups or self.manifest.units[u].format != self.manifest.units[
+            a].format or self.manifest.units[u].params != self.manifest.units[a].params), a)
         raise ValueError(f"mpconvert: SGLang's {type(layer).__name__} asked for the format of {part!r} without its "
                          f"layer's name (its {self.manifest.model.model_type} model class builds the decoder layers "
                          f"without their prefix), so no layer's own format can be bound, and they differ: {a} is "
