@@ -144,7 +144,7 @@ def _changes_norm(inputs: Inputs, label: str, names: list[str], roles: dict[str,
     records (SmoothQuant's, in a W8A8 source), which ties the source's modules to that norm as AWQ's are. `changed`
     keeps each (source, norm) answer: a MoE layer's experts, each a unit of its own, read one norm."""
     src = inputs.sources[label]
-    for n in {norm_of.get((roles[m].layer, roles[m].stage)) for m in names if roles[m].stage} - {None}:
+    for n in {norm_of.get((roles[m].layer, roles[m].stage)) for m in names} - {None}:
         if n in src.modules and (label, n) not in changed:
             changed[(label, n)] = not same_values(src.modules[n].tensors["weight"],
                                                   inputs.base.modules[n].tensors["weight"])
@@ -183,7 +183,7 @@ def _groups(units: dict[str, list[UnitSource]], roles: dict[str, Role], norm_of:
                 role = roles[name]
                 if role.pair:
                     keys.add(role.pair[0])
-                if role.stage and (role.layer, role.stage) in norm_of:
+                if (role.layer, role.stage) in norm_of:
                     keys.add(norm_of[(role.layer, role.stage)])
             for key in keys:
                 links.setdefault(key, []).append(unit)

@@ -74,7 +74,7 @@ def _dequantized_state(directory: Path, manifest, found: dict[str, TensorInfo], 
 def _read_norm(name: str, role, norm_of: dict, manifest, found: dict):
     """(the norm module that linear `name` reads, its weight in the directory), or None where no norm is before it
     (norm_of: layout.stage_norms of the directory's modules)."""
-    nname = norm_of.get((role.layer, role.stage)) if role.stage else None
+    nname = norm_of.get((role.layer, role.stage))
     if nname is None:
         return None
     return nname, load_tensor(found[manifest.modules[nname].tensors["weight"].name]).float()

@@ -265,7 +265,7 @@ def measure(inputs: Inputs, wanted: list[tuple[str, ...]], units: dict, base: Pa
 
     tail = Tail(base, ids, device)
     swaps = Swaps(tail.model, device)
-    out = {}
+    out, norm_of = {}, stage_norms(inputs.base.modules)
     for key in sorted(wanted, key=lambda k: (_layer(units, k[1]) or -1, k)):
         label, group = key[0], key[1:]
         src = inputs.sources[label]
@@ -275,7 +275,7 @@ def measure(inputs: Inputs, wanted: list[tuple[str, ...]], units: dict, base: Pa
                 for name in server.modules:
                     swaps.linear(name, src.modules[name], *inputs.base.modules[name].tensors["weight"].shape)
                 if server.folds:
-                    for norm in _consumed_norms(inputs, server.modules):
+                    for norm in _consumed_norms(norm_of, server.modules):
                         swaps.put(norm, "weight", load_tensor(src.modules[norm].tensors["weight"]))
             out[key] = tail.kl_from(_layer(units, group[0]))
         finally:
@@ -292,10 +292,9 @@ def _layer(units: dict, unit: str) -> int | None:
     return role_of(units[unit][0].modules[0]).layer
 
 
-def _consumed_norms(inputs: Inputs, modules: tuple[str, ...]) -> list[str]:
-    """The norms a folded-scale source changed for these modules: those they read (layout.stage_norms)."""
-    norm_of = stage_norms(inputs.base.modules)
-    return sorted({norm_of[key] for m in modules if (r := role_of(m)).stage and (key := (r.layer, r.stage)) in norm_of})
+def _consumed_norms(norm_of: dict, modules: tuple[str, ...]) -> list[str]:
+    """The norms a folded-scale source changed for these modules: those they read (norm_of: layout.stage_norms)."""
+    return sorted({norm_of.get((role_of(m).layer, role_of(m).stage)) for m in modules} - {None})
 
 
 def evaluate(recipe, texts: list[Path] | None, tokens: int, device: str, model=None, ids=None) -> dict:
