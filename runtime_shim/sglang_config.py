@@ -216,14 +216,12 @@ class MpconvertConfig(QuantizationConfig):
         """A unit whose format every unit of that name in the model shares, for a layer SGLang names only by its
         part of a decoder layer; refused where the layers differ: no layer's own format can be bound, and the
         unquantized default would meet the checkpoint's scales at load (a KeyError) or read FP8 bytes as values."""
-        units = self.in_layer[part]
-        schemes = {(self.manifest.units[u].format, json.dumps(self.manifest.units[u].params, sort_keys=True))
-                   for u in units}
-        if len(schemes) == 1 and not any(u in self.groups for u in units):
-            return units[0]
-        a = units[0]
-        b = next((u for u in units[1:] if u in self.groups or self.manifest.units[u].format != self.manifest.units[
-            a].format or self.manifest.units[u].params != self.manifest.units[a].params), a)
+        a, *rest = self.in_layer[part]
+        schemes = self.manifest.units[a].schemes()
+        b = next((u for u in rest if u in self.groups or self.manifest.units[u].schemes() != schemes), None)
+        if b is None and a not in self.groups:
+            return a
+        b = b or a
         raise ValueError(f"mpconvert: SGLang's {type(layer).__name__} asked for the format of {part!r} without its "
                          f"layer's name (its {self.manifest.model.model_type} model class builds the decoder layers "
                          f"without their prefix), so no layer's own format can be bound, and they differ: {a} is "
