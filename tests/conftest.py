@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import COHERE, SANDWICH, deepseek_mla, fixture, smollm2  # noqa: E402
+from fixtures.factory import COHERE, GLM4MOE, QWEN2, QWEN3, SANDWICH, deepseek_mla, fixture, smollm2  # noqa: E402
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
@@ -25,6 +25,8 @@ SMOLLM2_KINDS = ("base", "fp8-block", "fp8-dynamic", "w8a8", "gptq-g64", "ct-gpt
 TAUGHT_MOE_KINDS = ("base", "ct-w8a8", "gptq")  # the trained Qwen3-MoE (its router has favourites): plan per expert
 COHERE_KINDS = ("base", "ct-w8a8-smooth", "ct-fp8-dynamic")  # parallel block: SmoothQuant folds attention + MLP at once
 SANDWICH_KINDS = ("base", "autoawq")  # Gemma 2: AutoAWQ folds gate/up into pre_feedforward_layernorm
+DENSE_QWEN_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "gptq", "awq")  # qwen2.py, qwen3.py
+GLM4MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8")  # GLM-4.5 (gptqmodel 7.6 cannot quantize its router output)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,18 @@ def cohere() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sandwich() -> dict[str, Path]:
     return {k: deepseek_mla(k, script=SANDWICH) for k in SANDWICH_KINDS}
+
+
+@pytest.fixture(scope="session")
+def glm4moe() -> dict[str, Path]:
+    return {k: deepseek_mla(k, script=GLM4MOE) for k in GLM4MOE_KINDS}
+
+
+@pytest.fixture(scope="session", params=["qwen2", "qwen3"])
+def dense_qwen(request) -> dict[str, Path]:
+    """The dense Qwen models (Qwen2: q/k/v bias; Qwen3: q_norm/k_norm), both with a tied head."""
+    script = {"qwen2": QWEN2, "qwen3": QWEN3}[request.param]
+    return {k: deepseek_mla(k, script=script) for k in DENSE_QWEN_KINDS}
 
 
 @pytest.fixture

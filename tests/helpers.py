@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mpconvert.checkpoint import Checkpoint
 from mpconvert.engine import run_ranks
@@ -240,3 +240,39 @@ def resign(d: Path, manifest: dict) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"]["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def run_verify(cli, d: Path, *args):
+    r = cli("verify", d, "--json", *args)
+    assert r.exit_code in (0, 1), r.output
+    rep = json.loads(r.stdout)
+    assert rep["ok"] == (r.exit_code == 0)
+    return rep
+
+
+def mutate(src: Path, dst: Path, change, rehash: bool = False) -> Path:
+    """Copy a converted dir and change tensors: change(tensors: dict) edits the dict of the shard holding them.
+    With rehash, the manifest and config are updated to match — a corruption only deeper checks can see."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    for shard in sorted(dst.glob("model-*.safetensors")):
+        sd = load_file(shard)
+        before = {k: v.clone() for k, v in sd.items()}
+        change(sd)
+        if any(k not in before or not torch.equal(before[k].view(torch.uint8) if before[k].dtype.itemsize == 1
+                                                  else before[k], sd[k].view(torch.uint8)
+                                                  if sd[k].dtype.itemsize == 1 else sd[k]) for k in sd) or \
+                set(sd) != set(before):
+            save_file(sd, shard, metadata={"format": "pt"})
+    if rehash:
+        ck = Checkpoint.open(dst, "x")
+        table = manifest["tensors"]
+        for r, name in enumerate(table["name"]):
+            if name in ck.tensors:
+                table["sha256"][r] = sha256_of(ck.tensors[name])
+        resign(dst, manifest)
+    return dst
+
+
+def messages(rep) -> str:
+    return " | ".join(f"{f['check']} {f['where']}: {f['message']}" for f in rep["findings"])

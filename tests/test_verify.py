@@ -6,56 +6,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mpconvert.manifest import MANIFEST
 
-from helpers import DENSE_RULES, DENSE_SOURCES, build, build_once, resign, write_recipe
+from helpers import DENSE_RULES, DENSE_SOURCES, build, build_once, messages, mutate, run_verify, write_recipe
 
 
 @pytest.fixture(scope="module")
 def dense_out(llama, module_dir):
     return build_once(module_dir, llama, DENSE_SOURCES, "gptq", DENSE_RULES, "dense")
-
-
-def run_verify(cli, d: Path, *args):
-    r = cli("verify", d, "--json", *args)
-    assert r.exit_code in (0, 1), r.output
-    rep = json.loads(r.stdout)
-    assert rep["ok"] == (r.exit_code == 0)
-    return rep
-
-
-def mutate(src: Path, dst: Path, change, rehash: bool = False) -> Path:
-    """Copy a converted dir and change tensors: change(tensors: dict) edits the dict of the shard holding them.
-    With rehash, the manifest and config are updated to match — a corruption only deeper checks can see."""
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / MANIFEST).read_text())
-    for shard in sorted(dst.glob("model-*.safetensors")):
-        sd = load_file(shard)
-        before = {k: v.clone() for k, v in sd.items()}
-        change(sd)
-        if any(k not in before or not torch.equal(before[k].view(torch.uint8) if before[k].dtype.itemsize == 1
-                                                  else before[k], sd[k].view(torch.uint8)
-                                                  if sd[k].dtype.itemsize == 1 else sd[k]) for k in sd) or \
-                set(sd) != set(before):
-            save_file(sd, shard, metadata={"format": "pt"})
-    if rehash:
-        from mpconvert.checkpoint import Checkpoint
-        from mpconvert.safetensors_io import sha256_of
-
-        ck = Checkpoint.open(dst, "x")
-        table = manifest["tensors"]
-        for r, name in enumerate(table["name"]):
-            if name in ck.tensors:
-                table["sha256"][r] = sha256_of(ck.tensors[name])
-        resign(dst, manifest)
-    return dst
-
-
-def messages(rep) -> str:
-    return " | ".join(f"{f['check']} {f['where']}: {f['message']}" for f in rep["findings"])
 
 
 def test_clean_dense_passes_everything(dense_out, llama, cli):
