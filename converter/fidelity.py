@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS
 from .layout import role_of, stage_norms
+from .rules import fold_pairs
 from .numeric import dequantize, load_tokenizer, read_text, rel_error, token_kl
 from .safetensors_io import TensorInfo, load_tensor
 
@@ -48,26 +49,29 @@ def _dequantized_state(directory: Path, manifest, found: dict[str, TensorInfo], 
     base_ck = Checkpoint.open(base, "base")
     state = {n: load_tensor(t).float() for n, t in base_ck.tensors.items()}
     base_state = dict(state)
-    errors = {}
-    norm_of = stage_norms(manifest.modules)
+    dequantized = {}
     for name, mod in manifest.modules.items():
         tensors = {s: found[t.name] for s, t in mod.tensors.items()}
         if mod.kind == "linear":
-            w = dequantize(mod.scheme, tensors, *mod.shape)
             key = f"{name}.weight"
             if key not in state or tuple(state[key].shape) != tuple(mod.shape):
                 raise UserError(f"--base {base}: has no {key} of shape {mod.shape}; pass the base model this "
                                 f"directory was built from")
-            errors[name] = module_error(name, mod, w, base_state, norm_of, manifest, found)
-            fold = fold_error(name, mod, w, base_state, norm_of, manifest, found)
-            if fold is not None:
-                errors[name + "#fold"] = fold
-            state[key] = w.to(torch.float32)
+            state[key] = dequantized[name] = dequantize(mod.scheme, tensors, *mod.shape).to(torch.float32)
             if "bias" in tensors:
                 state[f"{name}.bias"] = load_tensor(tensors["bias"]).float()
         else:
             for s, t in tensors.items():
                 state[f"{name}.{s}"] = load_tensor(t).float()
+    errors = {}
+    norm_of = stage_norms(manifest.modules)
+    pairs = {key: {side: m.name for side, m in p.items()} for key, p in fold_pairs(manifest.linears()).items()}
+    for name, w in dequantized.items():  # once every linear is dequantized: a pair's scale is read off its partner
+        mod = manifest.modules[name]
+        errors[name] = module_error(name, mod, w, base_state, norm_of, manifest, found, pairs, dequantized)
+        fold = fold_error(name, mod, w, base_state, norm_of, manifest, found)
+        if fold is not None:
+            errors[name + "#fold"] = fold
     return state, errors
 
 
@@ -96,28 +100,69 @@ def fold_error(name: str, mod, w, base_state: dict, norm_of: dict, manifest, fou
     return rel_error(n_out, implied), rel_error(n_base, implied)
 
 
-def module_error(name: str, mod, w, base_state: dict, norm_of: dict, manifest, found: dict
-                 ) -> tuple[float, float, float] | None:
-    """(‖Ŵ−W‖/‖W‖ against the base weight, its band, round-to-nearest's error). A module read through a folded
-    scale is compared as norm·W, since the fold moved a scale from the norm into the weight: every module of a
-    folded-scale format, and any module whose norm in the directory differs from the base's (SmoothQuant, which no
-    format records: a W8A8 module quantized against its smoothed norm). None where not comparable (a folded-scale
-    module whose scales live in another linear: o_proj, down_proj)."""
+def module_error(name: str, mod, w, base_state: dict, norm_of: dict, manifest, found: dict, pairs: dict,
+                 dequantized: dict) -> tuple[float, float, float] | None:
+    """(‖Ŵ−W‖/‖W‖ against the base weight, its band, round-to-nearest's error), Ŵ and W as _compared gives them;
+    None where not comparable (a folded-scale module before which no norm and no pair lies: its scales are nowhere
+    to be read)."""
+    compared = _compared(name, mod, w, base_state, norm_of, manifest, found)
+    if compared is None:
+        return None
+    w, ref = compared
+    role = role_of(name)
+    if FORMATS[mod.format].folds(mod.params) and role.pair:
+        s = pair_scale(role.pair[1], pairs[role.pair[0]], base_state, norm_of, manifest, found, dequantized)
+        if s is not None:
+            w = w * s[:, None] if role.pair[1] == "producer" else w / s[None, :]
+    band, rtn = module_band(mod.format, mod.params, ref)
+    return rel_error(w, ref), band, rtn
+
+
+def _compared(name: str, mod, w, base_state: dict, norm_of: dict, manifest, found: dict):
+    """(Ŵ, W) as a linear is compared with the base. One read through a folded scale is compared as norm·W, since
+    the fold moved a scale from the norm into the weight: every module of a folded-scale format, and any module
+    whose norm in the directory differs from the base's (SmoothQuant, which no format records: a W8A8 module
+    quantized against its smoothed norm). None for a folded-scale module with neither a norm before it nor a pair."""
     import torch
 
     ref = base_state[f"{name}.weight"]
     role = role_of(name)
     norm = _read_norm(name, role, norm_of, manifest, found)
     folds = FORMATS[mod.format].folds(mod.params)
-    if folds and norm is None:
+    if folds and norm is None and not role.pair:
         return None
     if norm is not None:
         nname, n_out = norm
         n_base = base_state[f"{nname}.weight"]
         if folds or not torch.equal(n_out, n_base):
             w, ref = w * n_out, ref * n_base
-    band, rtn = module_band(mod.format, mod.params, ref)
-    return rel_error(w, ref), band, rtn
+    return w, ref
+
+
+def pair_scale(side: str, pair: dict[str, str], base_state: dict, norm_of: dict, manifest, found: dict,
+               dequantized: dict):
+    """The per-channel scale s that a folded-scale producer (AWQ) moved between a pair (v_proj→o_proj,
+    up_proj→down_proj, an expert's w3→w2): the consumer's input columns multiplied by s, the producer's output rows
+    divided by it. Stored nowhere, so estimated — for each side from the *other* one, so that a module's own fault
+    is not fitted away (read off itself, a consumer with half its output channels' scales 1.5× passed): least squares
+    per column of the consumer, per row of the producer (as compared, through its norm). Compared raw, a correct AWQ
+    up_proj of the Qwen2 fixture (s from 0.45 to 2.17) failed its band, 0.435 against 0.308 (0.113 through s; round-
+    to-nearest 0.103), and o_proj and down_proj were not compared at all. None where the pair has no such fold: a
+    partner missing, or shapes that do not chain (GQA's v_proj→o_proj, which the producers skip)."""
+    prod, cons = pair.get("producer"), pair.get("consumer")
+    if prod is None or cons is None or dequantized[prod].shape[0] != dequantized[cons].shape[1]:
+        return None
+    if side == "producer":  # Ŵc ≈ Wc · diag(s)
+        w, ref = dequantized[cons], base_state[f"{cons}.weight"]
+        num, den = (w * ref).sum(0), (ref * ref).sum(0)
+    else:  # Ŵp ≈ diag(1/s) · Wp
+        compared = _compared(prod, manifest.modules[prod], dequantized[prod], base_state, norm_of, manifest, found)
+        if compared is None:
+            return None
+        w, ref = compared
+        num, den = (ref * ref).sum(1), (w * ref).sum(1)
+    s = num / den.where(den.abs() > 1e-30, den.new_ones(()))
+    return s.where((num.abs() > 1e-30) & (den.abs() > 1e-30), s.new_ones(()))  # a channel of zeros carries none
 
 
 def _capture(model, ids, replace: dict | None = None):

@@ -122,15 +122,21 @@ def expert_groups(members: list[Linear]) -> list[tuple[Scheme, list[int]]]:
 
 
 # ---- folded scales -----------------------------------------------------------------------------------------------
-def pair_problems(linears: list[Linear]) -> list[Problem]:
-    """AWQ folds o_proj's input scales into v_proj and down_proj's into up_proj: such pairs travel together (where
-    the shapes allow the fold: not GQA's v→o)."""
+def fold_pairs(linears: list[Linear]) -> dict[str, dict[str, Linear]]:
+    """pair key → {"producer": linear, "consumer": linear}: the linears between which a folded-scale producer may
+    move a scale (layout's Role.pair: v_proj→o_proj, up_proj→down_proj, an expert's w3→w2)."""
     pairs: dict[str, dict[str, Linear]] = {}
     for m in linears:
         if m.role.pair:
             pairs.setdefault(m.role.pair[0], {})[m.role.pair[1]] = m
+    return pairs
+
+
+def pair_problems(linears: list[Linear]) -> list[Problem]:
+    """AWQ folds o_proj's input scales into v_proj and down_proj's into up_proj: such pairs travel together (where
+    the shapes allow the fold: not GQA's v→o)."""
     problems = []
-    for p in pairs.values():
+    for p in fold_pairs(linears).values():
         prod, cons = p.get("producer"), p.get("consumer")
         if not prod or not cons or prod.source == cons.source or prod.out_features != cons.in_features:
             continue
