@@ -25,7 +25,7 @@ from . import rules
 from .errors import UserError
 from .formats import FORMATS
 from .layout import ModelInfo, Role, natural_key, stage_norms
-from .plan import Inputs, written_nbytes, written_scheme
+from .plan import Inputs, bias_mismatch, written_nbytes, written_scheme
 from .recipe import BASE, Recipe, format_ids
 from .safetensors_io import same_values
 
@@ -78,7 +78,7 @@ def _linears(inputs: Inputs, roles: dict[str, Role], label: str, names: list[str
     out = []
     for n in names:
         view = src.modules.get(n)
-        if view is None:
+        if view is None or bias_mismatch(inputs.base.modules[n].tensors, view.tensors):
             return None
         out_f, in_f = inputs.base.modules[n].tensors["weight"].shape
         out.append(rules.Linear(n, roles[n], written_scheme(view.scheme, inputs.info.model_type), label, "plan",

@@ -386,7 +386,7 @@ class Manifest(_Entry, kw_only=True, omit_defaults=False):
         for name, m in self.modules.items():
             role = role_of(name)
             if m.kind == "linear" and role is not None and role.kind == "linear":
-                out.append(Linear(name, role, m.scheme, m.source, m.chosen_by, *m.shape))
+                out.append(Linear(name, role, m.scheme, m.source, m.chosen_by, *m.shape, "bias" in m.rows))
         return out
 
 

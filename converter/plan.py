@@ -116,7 +116,7 @@ class ModulePlan:
 
     def linear(self) -> rules.Linear:
         return rules.Linear(self.name, self.role, self.scheme, self.source, self.why, self.out_features,
-                            self.in_features)
+                            self.in_features, "bias" in self.tensors)
 
 
 @dataclass
@@ -345,6 +345,14 @@ class RuleMatcher:
         return in_order, selects
 
 
+def bias_mismatch(base_tensors: dict, tensors: dict) -> str | None:
+    """How a source's module differs from the base's in carrying a bias (a producer that dropped or added one);
+    None where both have one or neither has."""
+    if ("bias" in base_tensors) == ("bias" in tensors):
+        return None
+    return "without the bias the base has" if "bias" in base_tensors else "with a bias the base has not"
+
+
 class _Planner:
     """Module by module: every linear from its chosen source (checked against its format), every norm, router and
     embedding from the source its consumers were quantized against; then the shared rules over the whole."""
@@ -390,6 +398,11 @@ class _Planner:
             raise UserError(f"source {source!r} has no module {name} (chosen by {why}); take it from a source "
                             f"that has it")
         check_expected(view.scheme, name, view.tensors, *base_w.shape, f"source {source!r}")
+        mismatch = bias_mismatch(self.base.modules[name].tensors, view.tensors)
+        if mismatch:
+            raise UserError(f"source {source!r} ({self.sources[source].ckpt.path}) stores {name} {mismatch} (chosen "
+                            f"by {why}): SGLang builds the bias from the model's config and would serve it "
+                            f"uninitialized or fail to load — take {name} from a source that matches the base")
         return view
 
     def module_plan(self, name: str, role: Role, source: str, why: str, view) -> ModulePlan:
@@ -519,6 +532,7 @@ class _Planner:
         linears = [m.linear() for m in linear]  # what the shared rules see
         units = self.check_units(linears)
         _raise_first(rules.pair_problems(linears))
+        _raise_first(rules.bias_problems(linears))
         support = self.support_plans(roles, linears)
         _raise_first(rules.mla_problems(linears, self.info.model_type))
         _raise_first(rules.dtype_problems(linears, self.info.model_type))

@@ -35,6 +35,7 @@ class Linear:
     why: str  # the rule that chose its source (for messages)
     out_features: int
     in_features: int
+    bias: bool = False  # it carries a bias tensor
 
     def describe(self) -> str:
         return f"{self.name.rsplit('.', 1)[-1]}={self.scheme.describe()} from {self.source!r} via {self.why}"
@@ -119,6 +120,44 @@ def expert_groups(members: list[Linear]) -> list[tuple[Scheme, list[int]]]:
     for e, ms in sorted(experts_of(members).items()):
         groups.setdefault(ms[0].scheme, []).append(e)
     return list(groups.items())
+
+
+# ---- biases ------------------------------------------------------------------------------------------------------
+def bias_problems(linears: list[Linear]) -> list[Problem]:
+    """A bias on every part of a fused unit or on none, and on the same module in every layer (every expert) or in
+    none. SGLang builds each kind of layer's bias from the config, alike in every layer, and a fused unit's (q/k/v,
+    gate/up) as one parameter; it loads what the checkpoint gives and leaves the rest uninitialized — a q_proj whose
+    bias went missing is served with garbage in its slice of qkv_proj's bias, and verify --numeric (which starts from
+    the base's weights) cannot see it."""
+    biased = [m for m in linears if m.bias]
+    if not biased:
+        return []
+    in_unit = {m.role.unit: m for m in biased if m.role.expert is None}
+    of_kind = {_kind(m): m for m in biased}
+    problems = []
+    for m in linears:
+        if m.bias:
+            continue
+        other = in_unit.get(m.role.unit) if m.role.expert is None else None
+        if other is not None:
+            problems.append(Problem("bias", m.name, f"{m.name} has no bias but {other.name} has one: SGLang fuses "
+                                                    f"them into {m.role.unit} with one bias, whose slice for "
+                                                    f"{m.name.rsplit('.', 1)[-1]} would stay uninitialized — a "
+                                                    f"tensor is missing; take the module from a source that has it"))
+            continue
+        other = of_kind.get(_kind(m))
+        if other is not None:
+            problems.append(Problem("bias", m.name, f"{m.name} has no bias but {other.name}, the same module "
+                                                    f"elsewhere, has one: SGLang builds every layer's bias alike and "
+                                                    f"would leave this one uninitialized — a tensor is missing; take "
+                                                    f"the module from a source that has it"))
+    return problems
+
+
+def _kind(m: Linear) -> tuple[str, str | None]:
+    """The same module in every layer (and every expert): its unit without the layer number, and its slot."""
+    unit = m.role.unit if m.role.layer is None else m.role.unit.replace(f"layers.{m.role.layer}.", "layers.*.", 1)
+    return unit, m.role.slot
 
 
 # ---- folded scales -----------------------------------------------------------------------------------------------
