@@ -201,10 +201,27 @@ class Inputs:
                 raise UserError(f"source {label!r} holds the multi-token-prediction (MTP) layer {layer}, which the "
                                 f"base lacks (transformers drops it when saving); add `mtp: drop` to the recipe to "
                                 f"leave it out, or use a base that has it")
+            if extra and _tied_head_copy(src, extra[0]):
+                extra = extra[1:]  # (sorted naturally: lm_head, of no layer, comes first)
             if extra:
                 raise UserError(f"source {label!r}: module {extra[0]!r} is not in the base model; every source must "
                                 f"quantize the same architecture")
         return roles
+
+
+def _tied_head_copy(src: Source, name: str) -> bool:
+    """Whether a source module the base lacks is only its tied output head saved as a tensor of its own: some
+    exporters write lm_head.weight beside the embedding it is tied to. The base has no head (so it ties it:
+    check_config_matches_weights), the output ties its head as the base does, and SGLang skips such a tensor when it
+    loads a tied model — nothing to take, as long as it holds the source's embedding unquantized, value for value.
+    A head of other values is no copy: that source's model is not the base's (refused as a module the base lacks)."""
+    role = role_of(name)
+    if role is None or role.slot != "lm_head" or set(src.modules[name].tensors) != {"weight"}:
+        return False
+    embed = next((m for n, m in src.modules.items() if (r := role_of(n)) is not None and r.kind == "embedding"
+                  and r.layer is None), None)
+    return embed is not None and "weight" in embed.tensors and \
+        same_values(src.modules[name].tensors["weight"], embed.tensors["weight"])
 
 
 _ARTICLE = {"norm": "a", "router": "a", "embedding": "an"}  # "a norm", "an embedding"
