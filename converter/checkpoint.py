@@ -25,6 +25,9 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
               "chat_template.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: the checkpoint has a tokenizer
+# A tokenizer's vocabulary under a name of its own class's choosing (Kimi-K2's tiktoken.model, Qwen-1's
+# qwen.tiktoken, T5's spiece.model): loaded by the remote tokenizer code that auto_map names, so it travels with it.
+VOCAB_SUFFIXES = (".model", ".tiktoken")
 
 
 def auto_map_modules(*configs: dict) -> list[str]:
@@ -65,9 +68,13 @@ def sglang_path_problem(directory: Path) -> str | None:
 
 def has_tokenizer(directory: Path) -> bool:
     """A tokenizer file SGLang (transformers) can load: one of TOKENIZER_FILES, or a tiktoken or sentencepiece model
-    under another name (tiktoken.model, qwen.tiktoken) put there by hand."""
-    return directory.is_dir() and any(p.name in TOKENIZER_FILES or p.suffix in (".model", ".tiktoken")
-                                      for p in directory.iterdir())
+    under another name (tiktoken.model, qwen.tiktoken)."""
+    return directory.is_dir() and tokenizer_among(p.name for p in directory.iterdir())
+
+
+def tokenizer_among(names) -> bool:
+    """Whether files of these names hold a tokenizer (has_tokenizer's rule, on names)."""
+    return any(n in TOKENIZER_FILES or Path(n).suffix in VOCAB_SUFFIXES for n in names)
 
 
 def file_state(p: Path) -> tuple[int, int] | None:
@@ -251,12 +258,17 @@ class Checkpoint:
 
     @cached_property
     def side_files(self) -> tuple[str, ...]:
-        """The SIDE_FILES this checkpoint has, and the remote-code files its config.json and tokenizer_config.json name
-        (auto_map_modules; without them SGLang under --trust-remote-code could not read the output's config), each a
-        regular file inside it. A FIFO, a device, a directory or a link out of the directory under one of those names
-        is refused, not skipped: the output would lack it."""
+        """The SIDE_FILES this checkpoint has, the remote-code files its config.json and tokenizer_config.json name
+        (auto_map_modules; without them SGLang under --trust-remote-code could not read the output's config), and
+        the vocabularies such code reads under names of its own (VOCAB_SUFFIXES: a Kimi-K2 output without its
+        tiktoken.model had a tokenizer that could not load), each a regular file inside it. A FIFO, a device, a
+        directory or a link out of the directory under one of those names is refused, not skipped: the output would
+        lack it."""
         present = []
-        for name in (*SIDE_FILES, *auto_map_modules(self.config, loose_json(self.path / "tokenizer_config.json"))):
+        vocabularies = sorted(p.name for p in self.path.iterdir()
+                              if p.suffix in VOCAB_SUFFIXES and p.name not in SIDE_FILES and not p.is_dir())
+        for name in (*SIDE_FILES, *auto_map_modules(self.config, loose_json(self.path / "tokenizer_config.json")),
+                     *vocabularies):
             p = self.path / name
             if os.path.lexists(p):
                 self.check_inside(p)

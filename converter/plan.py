@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import TOKENIZER_FILES, Checkpoint, auto_map_modules, loose_json
+from .checkpoint import TOKENIZER_FILES, Checkpoint, auto_map_modules, loose_json, tokenizer_among
 from .errors import UserError
 from . import ct_export
 from .forked import Forked
@@ -572,11 +572,11 @@ def side_files(recipe: Recipe, sources: dict[str, Source]) -> tuple[dict[str, Pa
     from one. None anywhere: the output has none, and SGLang's server cannot start without one."""
     base = sources[BASE].ckpt
     files = {f: base.path / f for f in base.side_files}
-    if any(f in files for f in TOKENIZER_FILES):
+    if tokenizer_among(files):
         return files, None
     for label in recipe.side_file_order():
         ck = sources[label].ckpt
-        if label != BASE and any(f in ck.side_files for f in TOKENIZER_FILES):
+        if label != BASE and tokenizer_among(ck.side_files):
             # (not the code the source's config.json names: the output's config is the base's)
             tokenizer_code = auto_map_modules(loose_json(ck.path / "tokenizer_config.json"))
             taken = [f for f in ck.side_files if f not in files and (not f.endswith(".py") or f in tokenizer_code)]

@@ -349,3 +349,67 @@ def test_a_borrowed_tokenizer_brings_its_code_and_not_the_sources_model_code(lla
     assert cli("verify", out).exit_code == 0
     r = cli("build", recipe, "-o", out, "--force")
     assert r.exit_code == 0, r.output
+
+
+TIKTOKEN_CODE = '''from transformers import PreTrainedTokenizer
+
+
+class WordsTokenizer(PreTrainedTokenizer):
+    """A remote-code tokenizer that reads its vocabulary from a file of its own naming, as Kimi-K2's reads
+    tiktoken.model."""
+    vocab_files_names = {"vocab_file": "tiktoken.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file, **kwargs):
+        self.words = open(vocab_file).read().split()
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.words)
+
+    def get_vocab(self):
+        return dict(self.ids)
+
+    def _tokenize(self, text):
+        return text.split()
+
+    def _convert_token_to_id(self, token):
+        return self.ids.get(token, 0)
+
+    def _convert_id_to_token(self, index):
+        return self.words[index]
+'''
+
+
+def test_a_vocabulary_of_its_own_naming_goes_with_the_tokenizer(llama, cli, tmp_path):
+    """A tokenizer whose remote code reads its vocabulary under a name of its own (Kimi-K2: tokenization_kimi.py reads
+    tiktoken.model; Qwen-1: qwen.tiktoken). Build copied the code auto_map names but not the vocabulary, so the
+    output's tokenizer could not load (and build thought the base had no tokenizer at all). It goes with the
+    tokenizer now, verify checks it, and transformers loads the output's tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from helpers import without_tokenizer
+
+    base = without_tokenizer(llama["base"], tmp_path / "base")
+    words = "<unk> <s> </s> " + " ".join(f"w{i}" for i in range(1021))
+    (base / "tiktoken.model").write_text(words)
+    (base / "tokenization_words.py").write_text(TIKTOKEN_CODE)
+    (base / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_words.WordsTokenizer", None]},
+        "tokenizer_class": "WordsTokenizer", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))
+    out = tmp_path / "out"
+    r = cli("build", write_recipe(tmp_path, {**llama, "base": base}, {"gptq": "gptq"}, "gptq"), "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "tokenizer" not in r.output.split("built")[0]  # no note or warning about a missing tokenizer
+    assert (out / "tiktoken.model").read_text() == words
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert tok("w5 w6 w7", add_special_tokens=False).input_ids == [8, 9, 10]
+    assert cli("verify", out).exit_code == 0
+    (out / "tiktoken.model").write_text(words + " w1021")
+    r = cli("verify", out, "--json")
+    assert r.exit_code == 1 and "tiktoken.model" in r.output
+    shutil.rmtree(out)
