@@ -290,3 +290,29 @@ def test_bad_expert_recipes(moe, llama, cli, tmp_path):
     short = write_recipe(tmp_path, moe, SOURCES, "int8",
                          '- {match: "mlp.experts.*", experts: {file: short.json, top: 2}, source: fp8}')
     fails(cli, tmp_path, short, match="short.json has no counts for layer 1")
+
+
+def test_glm45_experts_mixed_inside_a_layer(glm4moe, cli, tmp_path):
+    """GLM-4.5's MoE (Glm4MoeForCausalLM: a dense first layer, a shared expert, a router with a score-correction bias,
+    a bias on q/k/v) from llm-compressor's block FP8 and W8A8: FP8 experts 0-3 and shared expert, the rest Int8
+    (attention with its bias among them) — built, within every band of the base, and bound by SGLang's own Glm4Moe at
+    TP=1 and TP=2 (each rank's every parameter written, the mixed layer's two groups on their native methods)."""
+    rules = """
+    - {match: "mlp.experts.*", experts: "0-3", source: fp8}
+    - {match: "mlp.shared_experts.*", source: fp8}
+    """
+    out = tmp_path / "out"
+    m = build(cli, write_recipe(tmp_path, glm4moe, {"fp8": "ct-fp8-block", "int8": "ct-w8a8"}, "int8", rules), out,
+              "--tp", "2")
+    assert groups(m, E1) == [("fp8", [0, 1, 2, 3]), ("int8", [4, 5, 6, 7])]
+    assert set(m["modules"]["model.layers.1.self_attn.q_proj"]["tensors"]) >= {"bias", "weight", "weight_scale"}
+    r = cli("verify", out, "--numeric", "--base", glm4moe["base"], "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["findings"] == [], r.output
+    for rank in [*loaded(out), *loaded(out, 2)]:
+        methods = rank["methods"]
+        assert methods[E1][0] == "MixedExpertsMethod"
+        assert methods[f"{E1}.expert_groups.0"][0] == "CompressedTensorsFusedMoEMethod"
+        assert methods[f"{E1}.expert_groups.1"][0] == "W8A8Int8MoEMethod"
+        assert methods["model.layers.0.mlp.gate_up_proj"][0] == "W8A8Int8LinearMethod"  # the dense first layer
+        assert methods["model.layers.1.self_attn.qkv_proj"][0] == "W8A8Int8LinearMethod"
+        assert methods["model.layers.1.mlp.shared_experts.gate_up_proj"][0] == "CompressedTensorsLinearMethod"
