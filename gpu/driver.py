@@ -71,7 +71,26 @@ DEEPSEEK_MIXED = """
 - {match: "mlp.shared_experts.*", source: ct-fp8-block}
 - {match: "mlp.experts.*", experts: "0-3", source: ct-fp8-block}
 """
+# Dense Qwen2/Qwen3: FP8 attention with its bias (Qwen2) in layer 0, SmoothQuant's Int8 MLP (its smoothed
+# post_attention_layernorm along), AWQ's whole attention in layer 1 (its folded input_layernorm along); default GPTQ
+# (layer 1's MLP).
+QWEN_MIXED = """
+- {match: "self_attn.*", layers: 0, source: ct-fp8-dynamic}
+- {match: "mlp.*", layers: 0, source: ct-w8a8-smooth}
+- {match: "self_attn.*", layers: 1, source: awq}
+"""
+QWEN_PART = {"serve": {"ct-fp8-dynamic": {}, "ct-w8a8": {}, "ct-w8a8-smooth": {}, "gptq": {}, "awq": {}},
+             "unservable": [], "mixed": QWEN_MIXED, "default": "gptq", "same": []}
+# GLM-4.5's MoE: experts 0-3 and the shared expert block FP8, the rest W8A8-Int8 (attention with its bias, the dense
+# first layer, experts 4-7): two format groups inside each MoE layer
+GLM_MIXED = """
+- {match: "mlp.experts.*", experts: "0-3", source: ct-fp8-block}
+- {match: "mlp.shared_experts.*", source: ct-fp8-block}
+"""
 PARTS = {
+    "qwen2": QWEN_PART, "qwen3": QWEN_PART,
+    "glm4moe": {"serve": {"ct-fp8-block": {}, "ct-w8a8": {"quantization": "w8a8_int8"}}, "unservable": [],
+                "mixed": GLM_MIXED, "default": "ct-w8a8", "same": []},
     # servable sources: kind → Engine overrides for serving the source itself
     "dense": {"serve": {"ct-fp8-static": {}, "ct-fp8-block": {}, "ct-w8a8": {}, "gptq": {}, "awq": {}},
               "unservable": ["native-fp8-block"], "mixed": DENSE_MIXED, "default": "gptq",

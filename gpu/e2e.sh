@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU proof in one command on the lent GPU machine (after `gpu/pack.py PART` here; carry .gpu):
-#   bash gpu/e2e.sh dense|moe|deepseek|mtp|experts|tp
+#   bash gpu/e2e.sh dense|moe|deepseek|mtp|experts|tp|qwen2|qwen3|glm4moe
 # Unpacks SGLang 0.5.17 (../shared/gpu bundle) and its kernel cache, installs mpconvert (with its SGLang plugin entry
 # point) into /tmp/mp, runs gpu/driver.py, and brings back results.json, report.md, logs.tar.xz and — when new kernels
 # were compiled — tvmcache.tar.xz (keep it as gpu/results/tvmcache.tar.xz for the next run).
 set -euo pipefail
-PART=${1:?dense, moe, deepseek, mtp, experts or tp}
+PART=${1:?dense, moe, deepseek, mtp, experts, tp, qwen2, qwen3 or glm4moe}
 OUT=${OUT:-/tmp/e2e-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STAGE=${GPU_STAGE:-.gpu}  # gpu/pack.py's folder (GPU_STAGE there too)

@@ -1,6 +1,6 @@
 """Stage what one GPU run needs into the ignored folder .gpu/ (carried by the device tool; 64 MiB in all).
 
-Usage: .venv/bin/python gpu/pack.py dense|moe|deepseek|mtp|experts|tp [SHARED_GPU_DIR] [--no-site]
+Usage: .venv/bin/python gpu/pack.py dense|moe|deepseek|mtp|experts|tp|qwen2|qwen3|glm4moe [SHARED_GPU_DIR] [--no-site]
 
 GPU_STAGE=.gpu-p2 stages into another ignored folder (carry it, and pass the same GPU_STAGE to gpu/e2e.sh), so that
 two parts can run back to back on one warm machine; --no-site leaves SGLang out for such a second call (the first
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import DEEPSEEK_MTP, deepseek_mla, fixture  # noqa: E402
+from fixtures.factory import DEEPSEEK_MTP, GLM4MOE, QWEN2, QWEN3, deepseek_mla, fixture  # noqa: E402
 from fixtures.mtp import with_mtp_layer  # noqa: E402
 from mpconvert.sources import open_source
 
@@ -48,6 +48,12 @@ PARTS = {
     # the same at hidden_size 512 (fixtures/deepseek_mtp.py says why) as DeepSeek-V3 checkpoints with one
     # multi-token-prediction layer (fixtures/mtp.py), for speculative decoding (NEXTN)
     "mtp": [("deepseek-mtp", ("base", "ct-fp8-block", "gptq"), "")],
+    # dense Qwen2 (q/k/v bias) and Qwen3 (q_norm/k_norm), both with a tied head: every format through SGLang's own
+    # Qwen2/Qwen3 classes, AWQ's pairs and SmoothQuant among them
+    "qwen2": [("qwen2", ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "gptq", "awq"), "")],
+    "qwen3": [("qwen3", ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "gptq", "awq"), "")],
+    # GLM-4.5's MoE (a dense first layer, shared expert, biased router and q/k/v): FP8 and Int8 experts in one layer
+    "glm4moe": [("glm4moe", ("base", "ct-fp8-block", "ct-w8a8"), "")],
     "tp": [("llama-taught", ("base", "ct-fp8-static", "ct-w8a8", "gptq", "awq"), "llama"),
            ("qwen3moe-taught", ("base", "ct-fp8-block", "ct-w8a8"), "moe")],
 }
@@ -78,6 +84,10 @@ def templates(part: str) -> dict:
 # bf16; the experts part runs GPTQ in fp16 only, without an expert map (the shim's Marlin groups weight other groups'
 # slots 0 instead), and no AWQ
 UNUSED_KERNELS = {"dense": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+                  "qwen2": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+                  "qwen3": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+                  "glm4moe": ("gptq_marlin_bf16_t", "gptq_marlin_fp16_t", "moe_wna16_marlin_bf16_t",
+                              "moe_wna16_marlin_fp16_t_true", "awq_marlin_repack"),
                   "moe": ("moe_wna16_marlin_fp16_t_true",),
                   "experts": ("gptq_marlin_bf16_t", "moe_wna16_marlin_bf16_t", "moe_wna16_marlin_fp16_t_true",
                               "awq_marlin_repack"),
@@ -134,8 +144,11 @@ def main(part: str, shared: Path, site: bool = True) -> None:
     scratch = tempfile.TemporaryDirectory()
     for arch, kinds, folder in PARTS[part]:
         for kind in kinds:
-            src = deepseek_mla(kind) if arch == "deepseek-mla" else fixture(arch, kind) if arch != "deepseek-mtp" \
-                else with_mtp_layer(deepseek_mla(kind, script=DEEPSEEK_MTP), Path(scratch.name) / kind)
+            src = deepseek_mla(kind) if arch == "deepseek-mla" else \
+                deepseek_mla(kind, script={"qwen2": QWEN2, "qwen3": QWEN3, "glm4moe": GLM4MOE}[arch]) \
+                if arch in ("qwen2", "qwen3", "glm4moe") else \
+                fixture(arch, kind) if arch != "deepseek-mtp" else \
+                with_mtp_layer(deepseek_mla(kind, script=DEEPSEEK_MTP), Path(scratch.name) / kind)
             dst = STAGE / "fixtures" / folder / kind
             dst.mkdir(parents=True)
             for f in KEEP:
