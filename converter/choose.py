@@ -25,9 +25,8 @@ from . import rules
 from .errors import UserError
 from .formats import FORMATS
 from .layout import ModelInfo, Role, natural_key, stage_norms
-from .plan import Inputs, bias_mismatch, written_nbytes, written_scheme
+from .plan import Inputs, bias_mismatch, unchanged_norm, written_nbytes, written_scheme
 from .recipe import BASE, Recipe, format_ids
-from .safetensors_io import same_values
 
 BF16_BYTES = 2
 
@@ -146,8 +145,8 @@ def _changes_norm(inputs: Inputs, label: str, names: list[str], roles: dict[str,
     src = inputs.sources[label]
     for n in {norm_of.get((roles[m].layer, roles[m].stage)) for m in names} - {None}:
         if n in src.modules and (label, n) not in changed:
-            changed[(label, n)] = not same_values(src.modules[n].tensors["weight"],
-                                                  inputs.base.modules[n].tensors["weight"])
+            changed[(label, n)] = not unchanged_norm(src.modules[n].tensors["weight"],
+                                                     inputs.base.modules[n].tensors["weight"], inputs.info.model_type)
         if changed.get((label, n)):
             return True
     return False

@@ -149,6 +149,17 @@ _BLOCK_NORM = re.compile(_L + r"(?P<norm>input_layernorm|post_attention_layernor
                               r"post_feedforward_layernorm)")
 
 
+# Models whose RMSNorms scale by (1 + weight), not by weight (transformers' GemmaRMSNorm and its kin): a fold divides
+# (1 + weight) by its scale, and verify --numeric compares a linear through 1 + weight.
+OFFSET_NORM_MODELS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "vaultgemma", "recurrent_gemma",
+                                "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"})
+
+
+def norm_offset(model_type: str) -> float:
+    """What a norm of this model adds to its weight before it scales: 1 for the OFFSET_NORM_MODELS, else 0."""
+    return 1.0 if model_type in OFFSET_NORM_MODELS else 0.0
+
+
 def stage_norms(modules: Iterable[str]) -> dict[tuple[int, str], str]:
     """(layer, stage) → the norm module that linears of that stage (attn_in: q/k/v, q_a/kv_a; mlp_in: gate/up,
     experts, shared experts, routers) read, for the layers of a model whose module names are `modules`. A stage with

@@ -21,12 +21,12 @@ from .forked import Forked
 from .formats import FORMATS, Scheme, check_expected
 from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched, value_suffixes
 from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_architecture, natural_key,
-                     role_of, stage_norms)
+                     norm_offset, role_of, stage_norms)
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe, format_ids, literal_prefix
 from . import rules
-from .safetensors_io import (TensorInfo, forget_open_files, load_array, load_tensor, nbytes_of, same_values,
-                             sha256_of)
+from .safetensors_io import (TensorInfo, forget_open_files, load_array, load_tensor, nbytes_of,
+                             offset_round_trip, same_values, sha256_of)
 from .sources import Source, open_source, source_of
 
 
@@ -362,6 +362,15 @@ class RuleMatcher:
         return in_order, selects
 
 
+def unchanged_norm(t: TensorInfo, base_t: TensorInfo, model_type: str) -> bool:
+    """Whether a source's norm holds the base's: the same values, or — in a model whose norms scale by (1 + weight)
+    — the base's after llm-compressor's round trip through (1 + weight) (safetensors_io.offset_round_trip), a
+    rounding no fold made: taken as the base's, so its readers mix with any source's and the output keeps the base's
+    exact norm (every llm-compressor Gemma 3 was refused: "changed post_attention_layernorm, which mpconvert cannot
+    couple")."""
+    return same_values(t, base_t) or (norm_offset(model_type) != 0 and offset_round_trip(t, base_t))
+
+
 def bias_mismatch(base_tensors: dict, tensors: dict) -> str | None:
     """How a source's module differs from the base's in carrying a bias (a producer that dropped or added one);
     None where both have one or neither has."""
@@ -474,10 +483,13 @@ class _Planner:
         if key not in self._hash_cache:
             t = src.modules[module].tensors["weight"]
             base_t = self.base.modules[module].tensors["weight"]
-            if src is self.base or same_values(t, base_t):
-                self._hash_cache[key] = "base"
+            if src is self.base:
+                unchanged = True
+            elif self.roles[module].kind == "norm":
+                unchanged = unchanged_norm(t, base_t, self.info.model_type)
             else:
-                self._hash_cache[key] = f"{src.label}:{sha256_of(t)}"
+                unchanged = same_values(t, base_t)
+            self._hash_cache[key] = "base" if unchanged else f"{src.label}:{sha256_of(t)}"
         return self._hash_cache[key]
 
     def support_plans(self, roles: dict[str, Role], linears: list[rules.Linear]) -> list[ModulePlan]:

@@ -531,6 +531,27 @@ def same_values(a: TensorInfo, b: TensorInfo) -> bool:
     return a.shape == b.shape and bool(np.array_equal(load_array(a), load_array(b)))
 
 
+def offset_round_trip(a: TensorInfo, b: TensorInfo) -> bool:
+    """Whether `a` holds `b`'s values after a round trip through (1 + value) in `b`'s dtype: what llm-compressor
+    (0.14, modeling/offset_norm.py) writes for every norm of a model whose norms scale by (1 + weight) — Gemma's,
+    Qwen3-Next's — converted to a plain norm for calibration and back, each step rounded to bfloat16: a Gemma 3's
+    norms lose one unit in the last place in about half their values, with no modifier that changes norms at all."""
+    if a.dtype != b.dtype or a.shape != b.shape or b.dtype not in _ROUNDED:
+        return False
+    rounded = _ROUNDED[b.dtype]
+    return bool(np.array_equal(load_array(a), rounded(rounded(load_array(b) + np.float32(1)) - np.float32(1))))
+
+
+def _round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32: torch's .to(torch.bfloat16)."""
+    bits = x.view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+_ROUNDED = {"BF16": _round_to_bf16, "F16": lambda x: x.astype(np.float16).astype(np.float32),
+            "F32": lambda x: x}
+
+
 def read_bytes(t: TensorInfo) -> bytes:
     return b"".join(iter_bytes(t))
 

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import COHERE, GLM4MOE, QWEN2, QWEN3, SANDWICH, deepseek_mla, fixture, smollm2  # noqa: E402
+from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, QWEN2, QWEN3, SANDWICH, deepseek_mla, fixture,  # noqa: E402
+                              smollm2)
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
@@ -27,6 +28,8 @@ COHERE_KINDS = ("base", "ct-w8a8-smooth", "ct-fp8-dynamic")  # parallel block: S
 SANDWICH_KINDS = ("base", "autoawq")  # Gemma 2: AutoAWQ folds gate/up into pre_feedforward_layernorm
 DENSE_QWEN_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "gptq", "awq")  # qwen2.py, qwen3.py
 GLM4MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8")  # GLM-4.5 (gptqmodel 7.6 cannot quantize its router output)
+# Gemma 3 (text): llm-compressor only (gptqmodel 7.6 and AutoAWQ cannot load it under their transformers)
+GEMMA3_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "ct-w4a16")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,11 @@ def cohere() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sandwich() -> dict[str, Path]:
     return {k: deepseek_mla(k, script=SANDWICH) for k in SANDWICH_KINDS}
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> dict[str, Path]:
+    return {k: deepseek_mla(k, script=GEMMA3) for k in GEMMA3_KINDS}
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 from mpconvert import choose
 from mpconvert.layout import stage_norms
 
-from helpers import build, fails, loaded, refusal, write_recipe
+from helpers import build, copy, fails, loaded, refusal, write_recipe
 
 SQ = {"sq": "ct-w8a8-smooth", "fp8": "ct-fp8-dynamic"}
 LICENSES = Path("/usr/share/common-licenses")
@@ -141,3 +141,89 @@ def test_a_model_class_that_drops_layer_names(sandwich, cli, tmp_path):
     why = " ".join(refusal(one).split())
     assert "asked for the format of 'mlp.gate_up_proj' without its layer's name" in why, why
     assert "model.layers.0.mlp.gate_up_proj is awq, model.layers.1.mlp.gate_up_proj unquantized" in why, why
+
+
+GEMMA3 = {"fp8": "ct-fp8-dynamic", "int8": "ct-w8a8", "w4": "ct-w4a16"}
+
+
+def test_gemma3_llm_compressor_sources_mix(gemma3, cli, tmp_path):
+    """Gemma 3's norms scale by (1 + weight). llm-compressor 0.14 turns each into a plain norm for calibration and
+    back, rounding to bfloat16 at each step, so its FP8, W8A8 and W4A16 outputs hold every norm one ulp off the
+    base's in about half its values — and build refused every mix of them ("changed post_attention_layernorm, which
+    mpconvert cannot couple"). That round trip is no fold: the mix builds with the base's exact norms, is within
+    every band, plan does not take the sources for folded-scale ones, and SGLang's own Gemma3ForCausalLM binds each
+    unit to its format's method."""
+    from mpconvert.plan import Inputs
+    from mpconvert.recipe import load_recipe
+
+    rules = """
+    - {match: "self_attn.*", source: fp8}
+    - {match: "mlp.down_proj", source: int8}
+    """
+    out = tmp_path / "out"
+    m = build(cli, write_recipe(tmp_path, gemma3, GEMMA3, "w4", rules), out)
+    norms = {n: mod["source"] for n, mod in m["modules"].items() if n.endswith("norm")}
+    assert len(norms) == 13 and set(norms.values()) == {"base"}, norms  # 6 per layer (q_norm, k_norm) + model.norm
+    r = cli("verify", out, "--numeric", "--base", gemma3["base"], "--json")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.output)["numeric"]["module_error_max"]) == {"fp8", "int8", "wna16"}
+    [rank] = loaded(out)
+    methods = rank["methods"]
+    assert methods["model.layers.0.self_attn.qkv_proj"][1] == "CompressedTensorsW8A8Fp8"
+    assert methods["model.layers.0.mlp.gate_up_proj"][1] == "CompressedTensorsWNA16"
+    assert methods["model.layers.1.mlp.down_proj"][0] == "W8A8Int8LinearMethod"
+    src = tmp_path / "sources.yaml"
+    src.write_text(f"base: {gemma3['base']}\nsources:\n" + "".join(f"  {k}: {gemma3[v]}\n" for k, v in GEMMA3.items()))
+    c = choose.candidates(Inputs.open(load_recipe(src, sources_only=True)))
+    assert not any(s.folds for servers in c.units.values() for s in servers)
+
+
+def _offset_round_trip(w):
+    """llm-compressor's round trip of an offset norm's weight: (1 + w) in bfloat16, minus 1, in bfloat16."""
+    import torch
+
+    return ((w.float() + 1).to(torch.bfloat16).float() - 1).to(torch.bfloat16)
+
+
+def _edited(src: Path, dst: Path, change) -> Path:
+    """A copy of a source checkpoint (one shard) whose tensors change(tensors) edited."""
+    from safetensors.torch import load_file, save_file
+
+    copy(src, dst)
+    [shard] = dst.glob("*.safetensors")
+    sd = load_file(shard)
+    change(sd)
+    save_file(sd, shard, metadata={"format": "pt"})
+    return dst
+
+
+def test_only_an_offset_norms_round_trip_counts_as_unchanged(gemma3, llama, cli, tmp_path):
+    """The allowance is exactly the round trip, and only where norms scale by (1 + weight): a Gemma 3 source whose
+    final norm moved further, and a Llama source (plain norms) whose final norm holds the base's after that round
+    trip, are refused as changed norms nothing couples."""
+    def nudged(sd):
+        sd["model.norm.weight"] = sd["model.norm.weight"] + 0.0625
+
+    fp8 = _edited(gemma3["ct-fp8-dynamic"], tmp_path / "gemma3-fp8", nudged)
+    recipe = write_recipe(tmp_path, {**gemma3, "fp8": fp8}, {"w4": "ct-w4a16", "f": "fp8"}, "w4",
+                          '- {match: "self_attn.*", source: f}')
+    fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which mpconvert cannot couple")
+
+    def round_tripped(sd):
+        w = sd["model.norm.weight"]
+        sd["model.norm.weight"] = _offset_round_trip(w)
+        assert not sd["model.norm.weight"].equal(w)
+
+    fp8 = _edited(llama["ct-fp8-dynamic"], tmp_path / "llama-fp8", round_tripped)
+    recipe = write_recipe(tmp_path, {**llama, "fp8": fp8}, {"gptq": "gptq", "f": "fp8"}, "gptq",
+                          '- {match: "self_attn.*", source: f}')
+    fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which mpconvert cannot couple")
+
+
+def test_a_gemma3_smoothquant_of_the_wrong_norm_is_refused(gemma3, cli, tmp_path):
+    """llm-compressor 0.14 smooths a Gemma 3 with its default mappings: gate/up against post_attention_layernorm —
+    which normalizes attention's *output* — so the source's gate/up columns are scaled ~9× while the norm they read
+    (pre_feedforward_layernorm) is unchanged: a broken model. No build takes it."""
+    recipe = write_recipe(tmp_path, gemma3, {"sq": "ct-w8a8-smooth"}, "sq")
+    fails(cli, tmp_path, recipe, match="source 'sq' changed model.layers.0.post_attention_layernorm, which mpconvert "
+                                       "cannot couple")
