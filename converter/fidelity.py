@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import FORMATS
-from .layout import role_of, stage_norms
+from .layout import norm_offset, role_of, stage_norms
 from .rules import fold_pairs
 from .numeric import dequantize, load_tokenizer, read_text, rel_error, token_kl
 from .safetensors_io import TensorInfo, load_tensor
@@ -76,12 +76,18 @@ def _dequantized_state(directory: Path, manifest, found: dict[str, TensorInfo], 
 
 
 def _read_norm(name: str, role, norm_of: dict, manifest, found: dict):
-    """(the norm module that linear `name` reads, its weight in the directory), or None where no norm is before it
+    """(the norm module that linear `name` reads, its gain in the directory), or None where no norm is before it
     (norm_of: layout.stage_norms of the directory's modules)."""
     nname = norm_of.get((role.layer, role.stage))
     if nname is None:
         return None
-    return nname, load_tensor(found[manifest.modules[nname].tensors["weight"].name]).float()
+    return nname, _gain(load_tensor(found[manifest.modules[nname].tensors["weight"].name]).float(), manifest)
+
+
+def _gain(weight, manifest):
+    """What a norm of this weight scales by: the weight, or 1 + weight where the model's norms are offset (Gemma's:
+    AutoAWQ divides 1 + weight by its scale)."""
+    return weight + norm_offset(manifest.model.model_type)
 
 
 def fold_error(name: str, mod, w, base_state: dict, norm_of: dict, manifest, found: dict) -> float | None:
@@ -95,7 +101,7 @@ def fold_error(name: str, mod, w, base_state: dict, norm_of: dict, manifest, fou
     nname, n_out = norm
     ref = base_state[f"{name}.weight"]
     s = (w * ref).sum(0) / (ref * ref).sum(0)
-    n_base = base_state[f"{nname}.weight"]
+    n_base = _gain(base_state[f"{nname}.weight"], manifest)
     implied = n_base / s
     return rel_error(n_out, implied), rel_error(n_base, implied)
 
@@ -133,7 +139,7 @@ def _compared(name: str, mod, w, base_state: dict, norm_of: dict, manifest, foun
         return None
     if norm is not None:
         nname, n_out = norm
-        n_base = base_state[f"{nname}.weight"]
+        n_base = _gain(base_state[f"{nname}.weight"], manifest)
         if folds or not torch.equal(n_out, n_base):
             w, ref = w * n_out, ref * n_base
     return w, ref

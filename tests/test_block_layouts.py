@@ -227,3 +227,38 @@ def test_a_gemma3_smoothquant_of_the_wrong_norm_is_refused(gemma3, cli, tmp_path
     recipe = write_recipe(tmp_path, gemma3, {"sq": "ct-w8a8-smooth"}, "sq")
     fails(cli, tmp_path, recipe, match="source 'sq' changed model.layers.0.post_attention_layernorm, which mpconvert "
                                        "cannot couple")
+
+
+@pytest.mark.parametrize("fold, ok", [("offset", True), ("plain", False)])
+def test_a_gemma_norm_is_compared_through_one_plus_its_weight(fold, ok, gemma3, cli, tmp_path):
+    """A Gemma norm scales by (1 + weight). A smoothing fold moved into layer 0's FP8 q/k/v columns (×s, s from 1 to
+    1.5, requantized per channel as the producer would) and out of its input_layernorm is right when the norm's
+    *gain* is divided — weight' = (1 + weight)/s − 1, as AutoAWQ and llm-compressor fold a Gemma — and wrong when
+    the weight itself is (weight/s: the served attention reads other activations). verify --numeric compared
+    weight·W as for a Llama: it failed the right fold and passed the wrong one; it compares (1 + weight)·W now."""
+    import torch
+
+    from helpers import mutate, run_verify
+
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, gemma3, {"fp8": "ct-fp8-dynamic"}, "base",
+                            '- {match: "self_attn.*", layers: 0, source: fp8}'), out)
+    s = 1 + 0.5 * torch.rand(256, generator=torch.Generator().manual_seed(0))
+
+    def smoothed(sd):
+        layer = "model.layers.0."
+        n = sd[layer + "input_layernorm.weight"].float()
+        sd[layer + "input_layernorm.weight"] = ((1 + n) / s - 1 if fold == "offset" else n / s).bfloat16()
+        for p in ("q_proj", "k_proj", "v_proj"):
+            key = f"{layer}self_attn.{p}.weight"
+            w = sd[key].float() * sd[key + "_scale"].float() * s  # FP8 per output channel, columns ×s
+            scale = w.abs().amax(1, keepdim=True) / 448
+            sd[key] = (w / scale).to(torch.float8_e4m3fn)
+            sd[key + "_scale"] = scale.to(sd[key + "_scale"].dtype)
+
+    rep = run_verify(cli, mutate(out, tmp_path / fold, smoothed, rehash=True), "--numeric", "--base", gemma3["base"])
+    found = {f["where"] for f in rep["findings"] if f["check"] == "numeric"}
+    if ok:
+        assert rep["ok"], rep["findings"]
+    else:
+        assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"} <= found, rep["findings"]
