@@ -152,7 +152,7 @@ def test_gemma3_llm_compressor_sources_mix(gemma3, cli, tmp_path):
     base's in about half its values — and build refused every mix of them ("changed post_attention_layernorm, which
     mpconvert cannot couple"). That round trip is no fold: the mix builds with the base's exact norms, is within
     every band, plan does not take the sources for folded-scale ones, and SGLang's own Gemma3ForCausalLM binds each
-    unit to its format's method."""
+    unit to its format's method at TP=1 and TP=2."""
     from mpconvert.plan import Inputs
     from mpconvert.recipe import load_recipe
 
@@ -161,17 +161,17 @@ def test_gemma3_llm_compressor_sources_mix(gemma3, cli, tmp_path):
     - {match: "mlp.down_proj", source: int8}
     """
     out = tmp_path / "out"
-    m = build(cli, write_recipe(tmp_path, gemma3, GEMMA3, "w4", rules), out)
+    m = build(cli, write_recipe(tmp_path, gemma3, GEMMA3, "w4", rules), out, "--tp", "2")
     norms = {n: mod["source"] for n, mod in m["modules"].items() if n.endswith("norm")}
     assert len(norms) == 13 and set(norms.values()) == {"base"}, norms  # 6 per layer (q_norm, k_norm) + model.norm
     r = cli("verify", out, "--numeric", "--base", gemma3["base"], "--json")
     assert r.exit_code == 0, r.output
     assert set(json.loads(r.output)["numeric"]["module_error_max"]) == {"fp8", "int8", "wna16"}
-    [rank] = loaded(out)
-    methods = rank["methods"]
-    assert methods["model.layers.0.self_attn.qkv_proj"][1] == "CompressedTensorsW8A8Fp8"
-    assert methods["model.layers.0.mlp.gate_up_proj"][1] == "CompressedTensorsWNA16"
-    assert methods["model.layers.1.mlp.down_proj"][0] == "W8A8Int8LinearMethod"
+    for rank in [*loaded(out), *loaded(out, 2)]:
+        methods = rank["methods"]
+        assert methods["model.layers.0.self_attn.qkv_proj"][1] == "CompressedTensorsW8A8Fp8"
+        assert methods["model.layers.0.mlp.gate_up_proj"][1] == "CompressedTensorsWNA16"
+        assert methods["model.layers.1.mlp.down_proj"][0] == "W8A8Int8LinearMethod"
     src = tmp_path / "sources.yaml"
     src.write_text(f"base: {gemma3['base']}\nsources:\n" + "".join(f"  {k}: {gemma3[v]}\n" for k, v in GEMMA3.items()))
     c = choose.candidates(Inputs.open(load_recipe(src, sources_only=True)))
