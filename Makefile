@@ -60,8 +60,8 @@ demo: setup  ## tiny real fixtures → mixed checkpoint → inspect
 
 fixtures: setup  ## make (or find cached) every test fixture; drop their superseded versions from the cache
 	$(VENV)/bin/python -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; \
-	  from fixtures.factory import COHERE, GEMMA3, GLM4MOE, QWEN2, QWEN3, SANDWICH, deepseek_mla, fixture, \
-	    prune_superseded, smollm2; \
+	  from fixtures.factory import COHERE, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, SANDWICH, deepseek_mla, \
+	    fixture, prune_superseded, smollm2; \
 	  made = [fixture('llama', k) for k in c.LLAMA_KINDS] + [fixture('qwen3moe', k) for k in c.MOE_KINDS] \
 	    + [fixture('mixtral', k) for k in c.MIXTRAL_KINDS] + [fixture('qwen2moe', k) for k in c.QWEN2MOE_KINDS] \
 	    + [fixture('deepseek', k) for k in c.DEEPSEEK_KINDS] + [smollm2(k) for k in c.SMOLLM2_KINDS] \
@@ -70,7 +70,8 @@ fixtures: setup  ## make (or find cached) every test fixture; drop their superse
 	    + [deepseek_mla(k, script=SANDWICH) for k in c.SANDWICH_KINDS] \
 	    + [deepseek_mla(k, script=q) for q in (QWEN2, QWEN3) for k in c.DENSE_QWEN_KINDS] \
 	    + [deepseek_mla(k, script=GLM4MOE) for k in c.GLM4MOE_KINDS] \
-	    + [deepseek_mla(k, script=GEMMA3) for k in c.GEMMA3_KINDS]; \
+	    + [deepseek_mla(k, script=GEMMA3) for k in c.GEMMA3_KINDS] \
+	    + [deepseek_mla(k, script=OLMO2) for k in c.OLMO2_KINDS]; \
 	  [print('removed an earlier version of a fixture:', p) for p in prune_superseded(made)]"
 
 # The whole suite on SGLang 0.5.17, then every test that runs SGLang's classes again on 0.5.23.
@@ -79,7 +80,7 @@ test: setup fixtures
 	$(V23)/bin/python -m pytest -q tests/test_shim.py tests/test_mixed_experts.py tests/test_verify.py \
 	  tests/test_mtp.py tests/test_block_layouts.py tests/test_dense_qwen.py -k "test_shim or test_mixed_experts \
 	  or engine or nextn_draft or mixed_inside or served_from_one_fold or drops_layer_names or mix_serves \
-	  or beside_another_mlp or gemma3"
+	  or beside_another_mlp or gemma3 or post_norm"
 
 # mergekit (the comparison in the build benchmark) in its own venv, layered on .venv's torch like the producers.
 .venv-bench/.done: $(VENV)/.done requirements/bench.txt

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, QWEN2, QWEN3, SANDWICH, deepseek_mla, fixture,  # noqa: E402
-                              smollm2)
+from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, SANDWICH, deepseek_mla,  # noqa: E402
+                              fixture, smollm2)
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
@@ -30,6 +30,7 @@ DENSE_QWEN_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "gptq
 GLM4MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8")  # GLM-4.5 (gptqmodel 7.6 cannot quantize its router output)
 # Gemma 3 (text): llm-compressor only (gptqmodel 7.6 and AutoAWQ cannot load it under their transformers)
 GEMMA3_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "ct-w4a16")
+OLMO2_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w4a16", "gptq", "awq")  # OLMo 2: a post-norm block
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,11 @@ def sandwich() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def gemma3() -> dict[str, Path]:
     return {k: deepseek_mla(k, script=GEMMA3) for k in GEMMA3_KINDS}
+
+
+@pytest.fixture(scope="session")
+def olmo2() -> dict[str, Path]:
+    return {k: deepseek_mla(k, script=OLMO2) for k in OLMO2_KINDS}
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Which norm a linear reads depends on the decoder block's layout (layout.stage_norms), and a folded-scale producer
 folds into that norm: real producers' outputs of a parallel block (Cohere: one input_layernorm before attention and
-the MLP, smoothed by llm-compressor's SmoothQuant for q/k/v and gate/up at once) and of a sandwich block (Gemma 2:
-AutoAWQ folds gate/up into pre_feedforward_layernorm; post_attention_layernorm normalizes attention's output)."""
+the MLP, smoothed by llm-compressor's SmoothQuant for q/k/v and gate/up at once), of sandwich blocks (Gemma 2:
+AutoAWQ folds gate/up into pre_feedforward_layernorm; post_attention_layernorm normalizes attention's output; Gemma 3
+from llm-compressor, whose (1 + weight) norms it rounds) and of a post-norm block (OLMo 2: no norm before a block)."""
 from __future__ import annotations
 
 import json
@@ -262,3 +263,42 @@ def test_a_gemma_norm_is_compared_through_one_plus_its_weight(fold, ok, gemma3, 
         assert rep["ok"], rep["findings"]
     else:
         assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"} <= found, rep["findings"]
+
+
+OLMO2 = {"fp8": "ct-fp8-dynamic", "int8": "ct-w8a8", "w4": "ct-w4a16", "gptq": "gptq"}
+
+
+def test_a_post_norm_block_mix_serves(olmo2, cli, tmp_path):
+    """OLMo 2's post-norm block (no norm before attention or the MLP; post_attention_layernorm and
+    post_feedforward_layernorm normalize the outputs; q_norm/k_norm span all heads) from llm-compressor and
+    gptqmodel: FP8 and W4A16 attention, Int8 down_proj, GPTQ gate/up — no norm couples to any of them, every norm is
+    the base's, the mix is within every band, and SGLang's own Olmo2ForCausalLM binds each unit at TP=1 and TP=2
+    (its q_norm/k_norm split by rank)."""
+    rules = """
+    - {match: "self_attn.*", layers: 0, source: fp8}
+    - {match: "self_attn.*", layers: 1, source: w4}
+    - {match: "mlp.down_proj", source: int8}
+    """
+    out = tmp_path / "out"
+    m = build(cli, write_recipe(tmp_path, olmo2, OLMO2, "gptq", rules), out, "--tp", "2")
+    assert {mod["source"] for n, mod in m["modules"].items() if n.endswith("norm")} == {"base"}
+    r = cli("verify", out, "--numeric", "--base", olmo2["base"], "--json")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.output)["numeric"]["module_error_max"]) >= {"fp8", "wna16", "int8", "gptq"}
+    for rank in [*loaded(out), *loaded(out, 2)]:
+        methods = rank["methods"]
+        assert methods["model.layers.0.self_attn.qkv_proj"][1] == "CompressedTensorsW8A8Fp8"
+        assert methods["model.layers.1.self_attn.qkv_proj"][1] == "CompressedTensorsWNA16"
+        assert methods["model.layers.0.mlp.down_proj"][0] == "W8A8Int8LinearMethod"
+        assert methods["model.layers.0.mlp.gate_up_proj"][0] == "GPTQMarlinLinearMethod"
+
+
+def test_an_awq_folded_into_a_post_norm_blocks_output_norm_is_refused(olmo2, cli, tmp_path):
+    """gptqmodel 7.6 quantizes OLMo 2 as a Llama: its AWQ folds gate/up's scales into post_attention_layernorm —
+    which in OLMo 2 normalizes attention's output, not the MLP's input (there is none) — so its gate/up columns are
+    scaled while nothing divides what they read: not the base's function. No build takes it, alone or mixed."""
+    alone = write_recipe(tmp_path, olmo2, {"awq": "awq"}, "awq")
+    fails(cli, tmp_path, alone, match="source 'awq' changed model.layers.0.post_attention_layernorm, which mpconvert "
+                                      "cannot couple")
+    mixed = write_recipe(tmp_path, olmo2, {"awq": "awq", "gptq": "gptq"}, "gptq", '- {match: "mlp.*", source: awq}')
+    fails(cli, tmp_path, mixed, match="changed model.layers.0.post_attention_layernorm")
