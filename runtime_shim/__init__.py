@@ -36,9 +36,32 @@ def register() -> None:
     warn_if_untested()  # one loud warning in every process of an SGLang version nobody tested
 
     QUANTIZATION_METHODS[MpconvertConfig.get_name()] = MpconvertConfig  # mutate in place: others import the dict
+    _check_models_once_built()
     model_config_log = logging.getLogger("sglang.srt.configs.model_config")
     if not any(isinstance(f, _NativeKernelsOnly) for f in model_config_log.filters):
         model_config_log.addFilter(_NativeKernelsOnly())
+
+
+def _check_models_once_built() -> None:
+    """Every SGLang model loader builds its model through loader._initialize_model (looked up at call time): wrapped
+    once, so that a model built with the mpconvert config is checked (MpconvertConfig.check_bound) before any weight
+    is loaded."""
+    from sglang.srt.model_loader import loader
+
+    from .sglang_config import MpconvertConfig
+
+    initialize = loader._initialize_model
+    if getattr(initialize, "mpconvert_checked", False):
+        return
+
+    def _initialize_model(model_config, load_config, quant_config=None, *args, **kwargs):
+        model = initialize(model_config, load_config, quant_config, *args, **kwargs)
+        if isinstance(quant_config, MpconvertConfig):
+            quant_config.check_bound(model)
+        return model
+
+    _initialize_model.mpconvert_checked = True
+    loader._initialize_model = _initialize_model
 
 
 def load_problem() -> str | None:

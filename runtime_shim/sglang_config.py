@@ -5,7 +5,8 @@ each handed to the native config of its format (FP8 compressed-tensors and nativ
 W8A8-Int8) built with that config's own `from_config`; DeepSeek-V3's MTP layer likewise in SGLang's NextN draft model
 (speculative decoding), whose `model.decoder.*` prefixes are the checkpoint's `model.layers.{num_hidden_layers}.*`.
 A layer that gets anything but its format's native method (`Format.sglang_methods`: no dequantizing, generic or
-unquantized fallback) is refused at load time, naming the layer.
+unquantized fallback) is refused at load time, naming the layer; so is a quantized unit the model class built without
+the quantization config (check_bound, on the built model before its weights load).
 Tested: tests/test_shim.py and verify --engine sglang on CPU; docs/gpu-results.md on H200.
 """
 from __future__ import annotations
@@ -211,6 +212,24 @@ class MpconvertConfig(QuantizationConfig):
         method = sub.get_quant_method(layer, prefix)
         _check_native(layer, prefix, self.manifest.units[prefix], method)
         return patch_gptq_marlin_moe(method)
+
+    def check_bound(self, model: torch.nn.Module) -> None:
+        """Refuses a model SGLang built with a quantized unit of the manifest out of the shim's reach: its model class
+        did not hand the quantization config to that part (SGLang 0.5.17's StableLM builds its attention so), which
+        then holds unquantized parameters — the load fails on the first scale (a KeyError deep in SGLang's loader)
+        or, where the loader skips names it lacks, copies the quantized weight in as values: wrong without an error.
+        Called once the model is built, before any weight is loaded (register's wrap of SGLang's _initialize_model)."""
+        n = self.manifest.model.num_hidden_layers
+        for name, module in model.named_modules():
+            method = getattr(module, "quant_method", None)
+            unit = from_nextn_draft(name, n)
+            quantized = unit in self.groups or self.subs.get(unit) is not None
+            if quantized and method is not None and type(method).__name__.startswith("Unquantized"):
+                raise ValueError(
+                    f"mpconvert: SGLang's {type(model).__name__} built {unit} without the quantization config (its "
+                    f"model class does not hand it to that part), so it holds unquantized weights, but the directory "
+                    f"stores {unit} as {self.manifest.units[unit].describe()}: the load would fail or read the "
+                    f"quantized bytes as values; build {unit} unquantized (from the base) for this model class")
 
     def _unit_of_nameless(self, layer: torch.nn.Module, part: str) -> str:
         """A unit whose format every unit of that name in the model shares, for a layer SGLang names only by its

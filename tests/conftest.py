@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, SANDWICH, deepseek_mla,  # noqa: E402
-                              fixture, smollm2)
+from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, SANDWICH, STABLELM,  # noqa: E402
+                              deepseek_mla, fixture, smollm2)
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
@@ -31,6 +31,7 @@ GLM4MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8")  # GLM-4.5 (gptqmodel 7.6 ca
 # Gemma 3 (text): llm-compressor only (gptqmodel 7.6 and AutoAWQ cannot load it under their transformers)
 GEMMA3_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "ct-w4a16")
 OLMO2_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w4a16", "gptq", "awq")  # OLMo 2: a post-norm block
+STABLELM_KINDS = ("base", "ct-fp8-dynamic", "gptq")  # StableLM 2: SGLang builds its attention unquantized
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,11 @@ def gemma3() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def olmo2() -> dict[str, Path]:
     return {k: deepseek_mla(k, script=OLMO2) for k in OLMO2_KINDS}
+
+
+@pytest.fixture(scope="session")
+def stablelm() -> dict[str, Path]:
+    return {k: deepseek_mla(k, script=STABLELM) for k in STABLELM_KINDS}
 
 
 @pytest.fixture(scope="session")

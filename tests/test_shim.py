@@ -429,3 +429,28 @@ def test_an_untested_sglang_is_warned_about_and_refuses_mixed_experts(monkeypatc
     with pytest.raises(ValueError, match="served only on the tested SGLang versions"):
         _refuse_untested_sglang("model.layers.0.mlp.experts")
 
+
+
+def test_a_model_class_that_leaves_a_part_unquantized(stablelm, cli, tmp_path):
+    """SGLang's StableLM (0.5.17 and 0.5.23) builds its attention without the quantization config, so the shim is
+    never asked for q/k/v or o_proj: they hold bf16 parameters, and an FP8 attention met them at load — a KeyError
+    on the first weight_scale deep in SGLang's loader (with a loader that skips unknown names, the FP8 bytes would
+    have been read in as values). The shim now checks the built model before loading and names the unit; an FP8 or
+    GPTQ MLP beside the base's attention is bound and loads, and verify --engine reports the refusal."""
+    fp8_attention = tmp_path / "attn"
+    build(cli, write_recipe(tmp_path, stablelm, {"fp8": "ct-fp8-dynamic"}, "base",
+                            '- {match: "self_attn.*", source: fp8}'), fp8_attention)
+    why = " ".join(refusal(fp8_attention).split())
+    assert ("SGLang's StableLmForCausalLM built model.layers.0.self_attn.qkv_proj without the quantization config"
+            in why), why
+    r = cli("verify", fp8_attention, "--engine", "sglang", "--json")
+    assert r.exit_code == 1 and "without the quantization config" in r.output, r.output
+    mlp = tmp_path / "mlp"
+    build(cli, write_recipe(tmp_path, stablelm, {"fp8": "ct-fp8-dynamic", "gptq": "gptq"}, "base",
+                            '- {match: "mlp.gate_proj", source: gptq}\n- {match: "mlp.up_proj", source: gptq}\n'
+                            '- {match: "mlp.down_proj", source: fp8}'), mlp)
+    [rank] = loaded(mlp)
+    methods = rank["methods"]
+    assert methods["model.layers.1.mlp.gate_up_proj"][0] == "GPTQMarlinLinearMethod"
+    assert methods["model.layers.1.mlp.down_proj"][1] == "CompressedTensorsW8A8Fp8"
+    assert methods["model.layers.1.self_attn.qkv_proj"][0] == "UnquantizedLinearMethod"
