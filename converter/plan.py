@@ -371,6 +371,19 @@ def unchanged_norm(t: TensorInfo, base_t: TensorInfo, model_type: str) -> bool:
     return same_values(t, base_t) or (norm_offset(model_type) != 0 and offset_round_trip(t, base_t))
 
 
+def _uncoupled_change(label: str, name: str, role: Role, model_type: str) -> str:
+    """Why a source that changed a module no linear reads is refused: the output would take the base's (no module
+    carries that source's with it), while the source's linears were made against its own."""
+    if role.kind != "norm":
+        return (f"source {label!r} changed {name} (the {role.kind}), which no linear it could supply carries with it; "
+                f"take no module from that source, or use one that keeps the base's {name}")
+    return (f"source {label!r} changed {name}, which no linear reads (it normalizes a block's output, the final "
+            f"hidden state, or queries and keys), so no module can carry the change: its producer folded scales into "
+            f"a norm that does not feed the folded linears in this {model_type} model (a SmoothQuant or AWQ mapping "
+            f"made for another block layout) or changed the model itself; take no module from that source, or "
+            f"quantize with this architecture's own mapping")
+
+
 def bias_mismatch(base_tensors: dict, tensors: dict) -> str | None:
     """How a source's module differs from the base's in carrying a bias (a producer that dropped or added one);
     None where both have one or neither has."""
@@ -523,8 +536,7 @@ class _Planner:
                 for label in used:  # nothing couples it: every source we use must agree with the base
                     src = self.sources[label]
                     if name in src.modules and self._value_key(src, name) != "base":
-                        raise UserError(f"source {label!r} changed {name}, which mpconvert cannot couple to any "
-                                        f"module; it will not mix it with other sources' modules")
+                        raise UserError(_uncoupled_change(label, name, role, self.info.model_type))
             _raise_first(rules.norm_problems(name, role, source, users))
             view = self.sources[source].modules[name]
             w = view.tensors["weight"]

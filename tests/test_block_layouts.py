@@ -208,7 +208,7 @@ def test_only_an_offset_norms_round_trip_counts_as_unchanged(gemma3, llama, cli,
     fp8 = _edited(gemma3["ct-fp8-dynamic"], tmp_path / "gemma3-fp8", nudged)
     recipe = write_recipe(tmp_path, {**gemma3, "fp8": fp8}, {"w4": "ct-w4a16", "f": "fp8"}, "w4",
                           '- {match: "self_attn.*", source: f}')
-    fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which mpconvert cannot couple")
+    fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which no linear reads")
 
     def round_tripped(sd):
         w = sd["model.norm.weight"]
@@ -218,7 +218,7 @@ def test_only_an_offset_norms_round_trip_counts_as_unchanged(gemma3, llama, cli,
     fp8 = _edited(llama["ct-fp8-dynamic"], tmp_path / "llama-fp8", round_tripped)
     recipe = write_recipe(tmp_path, {**llama, "fp8": fp8}, {"gptq": "gptq", "f": "fp8"}, "gptq",
                           '- {match: "self_attn.*", source: f}')
-    fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which mpconvert cannot couple")
+    fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which no linear reads")
 
 
 def test_a_gemma3_smoothquant_of_the_wrong_norm_is_refused(gemma3, cli, tmp_path):
@@ -226,8 +226,8 @@ def test_a_gemma3_smoothquant_of_the_wrong_norm_is_refused(gemma3, cli, tmp_path
     which normalizes attention's *output* — so the source's gate/up columns are scaled ~9× while the norm they read
     (pre_feedforward_layernorm) is unchanged: a broken model. No build takes it."""
     recipe = write_recipe(tmp_path, gemma3, {"sq": "ct-w8a8-smooth"}, "sq")
-    fails(cli, tmp_path, recipe, match="source 'sq' changed model.layers.0.post_attention_layernorm, which mpconvert "
-                                       "cannot couple")
+    fails(cli, tmp_path, recipe, match="source 'sq' changed model.layers.0.post_attention_layernorm, which no linear "
+                                       "reads")
 
 
 @pytest.mark.parametrize("fold, ok", [("offset", True), ("plain", False)])
@@ -298,7 +298,7 @@ def test_an_awq_folded_into_a_post_norm_blocks_output_norm_is_refused(olmo2, cli
     which in OLMo 2 normalizes attention's output, not the MLP's input (there is none) — so its gate/up columns are
     scaled while nothing divides what they read: not the base's function. No build takes it, alone or mixed."""
     alone = write_recipe(tmp_path, olmo2, {"awq": "awq"}, "awq")
-    fails(cli, tmp_path, alone, match="source 'awq' changed model.layers.0.post_attention_layernorm, which mpconvert "
-                                      "cannot couple")
+    fails(cli, tmp_path, alone, match="source 'awq' changed model.layers.0.post_attention_layernorm, which no linear "
+                                      "reads")
     mixed = write_recipe(tmp_path, olmo2, {"awq": "awq", "gptq": "gptq"}, "gptq", '- {match: "mlp.*", source: awq}')
     fails(cli, tmp_path, mixed, match="changed model.layers.0.post_attention_layernorm")
