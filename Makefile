@@ -60,19 +60,12 @@ demo: setup  ## tiny real fixtures → mixed checkpoint → inspect
 
 fixtures: setup  ## make (or find cached) every test fixture; drop their superseded versions from the cache
 	$(VENV)/bin/python -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; \
-	  from fixtures.factory import COHERE, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, SANDWICH, STABLELM, \
-	    deepseek_mla, fixture, prune_superseded, smollm2; \
+	  from fixtures.factory import fixture, prune_superseded, smollm2; \
 	  made = [fixture('llama', k) for k in c.LLAMA_KINDS] + [fixture('qwen3moe', k) for k in c.MOE_KINDS] \
 	    + [fixture('mixtral', k) for k in c.MIXTRAL_KINDS] + [fixture('qwen2moe', k) for k in c.QWEN2MOE_KINDS] \
 	    + [fixture('deepseek', k) for k in c.DEEPSEEK_KINDS] + [smollm2(k) for k in c.SMOLLM2_KINDS] \
 	    + [fixture('qwen3moe-taught', k) for k in c.TAUGHT_MOE_KINDS] \
-	    + [deepseek_mla(k, script=COHERE) for k in c.COHERE_KINDS] \
-	    + [deepseek_mla(k, script=SANDWICH) for k in c.SANDWICH_KINDS] \
-	    + [deepseek_mla(k, script=q) for q in (QWEN2, QWEN3) for k in c.DENSE_QWEN_KINDS] \
-	    + [deepseek_mla(k, script=GLM4MOE) for k in c.GLM4MOE_KINDS] \
-	    + [deepseek_mla(k, script=GEMMA3) for k in c.GEMMA3_KINDS] \
-	    + [deepseek_mla(k, script=OLMO2) for k in c.OLMO2_KINDS] \
-	    + [deepseek_mla(k, script=STABLELM) for k in c.STABLELM_KINDS]; \
+	    + [p for script in c.SCRIPT_KINDS for p in c.made_by(script).values()]; \
 	  [print('removed an earlier version of a fixture:', p) for p in prune_superseded(made)]"
 
 # The whole suite on SGLang 0.5.17, then every test that runs SGLang's classes again on 0.5.23.

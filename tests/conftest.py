@@ -32,6 +32,15 @@ GLM4MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8")  # GLM-4.5 (gptqmodel 7.6 ca
 GEMMA3_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "ct-w4a16")
 OLMO2_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w4a16", "gptq", "awq")  # OLMo 2: a post-norm block
 STABLELM_KINDS = ("base", "ct-fp8-dynamic", "gptq")  # StableLM 2: SGLang builds its attention unquantized
+# Each architecture script beside producers.py (fixtures/factory.deepseek_mla) → the kinds made of it: what the
+# fixtures below and `make fixtures` make
+SCRIPT_KINDS = {COHERE: COHERE_KINDS, SANDWICH: SANDWICH_KINDS, QWEN2: DENSE_QWEN_KINDS, QWEN3: DENSE_QWEN_KINDS,
+                GLM4MOE: GLM4MOE_KINDS, GEMMA3: GEMMA3_KINDS, OLMO2: OLMO2_KINDS, STABLELM: STABLELM_KINDS}
+
+
+def made_by(script: Path) -> dict[str, Path]:
+    """Every kind SCRIPT_KINDS names for an architecture script, made (or found cached)."""
+    return {k: deepseek_mla(k, script=script) for k in SCRIPT_KINDS[script]}
 
 
 @pytest.fixture(scope="module")
@@ -76,39 +85,38 @@ def taught_moe() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def cohere() -> dict[str, Path]:
-    return {k: deepseek_mla(k, script=COHERE) for k in COHERE_KINDS}
+    return made_by(COHERE)
 
 
 @pytest.fixture(scope="session")
 def sandwich() -> dict[str, Path]:
-    return {k: deepseek_mla(k, script=SANDWICH) for k in SANDWICH_KINDS}
+    return made_by(SANDWICH)
 
 
 @pytest.fixture(scope="session")
 def gemma3() -> dict[str, Path]:
-    return {k: deepseek_mla(k, script=GEMMA3) for k in GEMMA3_KINDS}
+    return made_by(GEMMA3)
 
 
 @pytest.fixture(scope="session")
 def olmo2() -> dict[str, Path]:
-    return {k: deepseek_mla(k, script=OLMO2) for k in OLMO2_KINDS}
+    return made_by(OLMO2)
 
 
 @pytest.fixture(scope="session")
 def stablelm() -> dict[str, Path]:
-    return {k: deepseek_mla(k, script=STABLELM) for k in STABLELM_KINDS}
+    return made_by(STABLELM)
 
 
 @pytest.fixture(scope="session")
 def glm4moe() -> dict[str, Path]:
-    return {k: deepseek_mla(k, script=GLM4MOE) for k in GLM4MOE_KINDS}
+    return made_by(GLM4MOE)
 
 
 @pytest.fixture(scope="session", params=["qwen2", "qwen3"])
 def dense_qwen(request) -> dict[str, Path]:
     """The dense Qwen models (Qwen2: q/k/v bias; Qwen3: q_norm/k_norm), both with a tied head."""
-    script = {"qwen2": QWEN2, "qwen3": QWEN3}[request.param]
-    return {k: deepseek_mla(k, script=script) for k in DENSE_QWEN_KINDS}
+    return made_by({"qwen2": QWEN2, "qwen3": QWEN3}[request.param])
 
 
 @pytest.fixture
