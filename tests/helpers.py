@@ -250,6 +250,17 @@ def run_verify(cli, d: Path, *args):
     return rep
 
 
+def edited_source(src: Path, dst: Path, edit) -> Path:
+    """A copy of a source checkpoint whose tensors edit(tensors: dict) changed, shard by shard (a source has no
+    manifest: mutate is for converted directories)."""
+    shutil.copytree(src, dst)
+    for f in sorted(dst.glob("*.safetensors")):
+        sd = load_file(f)
+        edit(sd)
+        save_file(sd, f, metadata={"format": "pt"})
+    return dst
+
+
 def mutate(src: Path, dst: Path, change, rehash: bool = False) -> Path:
     """Copy a converted dir and change tensors: change(tensors: dict) edits the dict of the shard holding them.
     With rehash, the manifest and config are updated to match — a corruption only deeper checks can see."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build, copy, fails, refused, write_recipe
+from helpers import build, copy, edited_source, fails, refused, write_recipe
 
 MPCONVERT = str(Path(sys.executable).parent / "mpconvert")  # the installed command: its own streams, its own exit
 
@@ -280,14 +280,13 @@ def test_a_norm_stored_in_another_float_dtype(nudge, match, llama, cli, tmp_path
     it and k/v from another source agree, and the norm is the base's BF16 bytes; nudged by 2^-20 (below BF16's
     precision, visible in F32) it is a different norm, refused like a smoothed one."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    src = copy(llama["ct-w8a8"], tmp_path / "f32")
-    shard = next(src.glob("*.safetensors"))
-    t = load_file(shard)
     name = "model.layers.0.input_layernorm.weight"
-    t[name] = t[name].to(torch.float32) * (1 + nudge)
-    save_file(t, shard, metadata={"format": "pt"})
+
+    def in_f32(t):
+        t[name] = t[name].to(torch.float32) * (1 + nudge)
+
+    src = edited_source(llama["ct-w8a8"], tmp_path / "f32", in_f32)
     r = write_recipe(tmp_path, {**llama, "f32": src}, {"int8": "ct-w8a8", "f32": "f32"}, "int8",
                      '- {match: "self_attn.q_proj", layers: 0, source: f32}')
     if match:
@@ -399,20 +398,18 @@ def test_source_with_a_quantized_router(moe, cli, tmp_path):
     """A source whose producer also quantized the router (mlp.gate): SGLang runs routers unquantized, so it could not
     be served — refused by name, with the fix."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    src = copy(moe["ct-w8a8"], tmp_path / "int8-router")
+    def int8_router(sd):
+        w = sd.pop("model.layers.0.mlp.gate.weight").float()
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        sd["model.layers.0.mlp.gate.weight"] = (w / scale).round().to(torch.int8)
+        sd["model.layers.0.mlp.gate.weight_scale"] = scale.to(torch.bfloat16)
+
+    src = edited_source(moe["ct-w8a8"], tmp_path / "int8-router", int8_router)
     cfg = json.loads((src / "config.json").read_text())
     qc = cfg["quantization_config"]
     qc["ignore"] = [x for x in qc["ignore"] if "mlp.gate" not in x]
     (src / "config.json").write_text(json.dumps(cfg))
-    [shard] = src.glob("*.safetensors")
-    sd = load_file(shard)
-    w = sd.pop("model.layers.0.mlp.gate.weight").float()
-    scale = w.abs().amax(dim=1, keepdim=True) / 127
-    sd["model.layers.0.mlp.gate.weight"] = (w / scale).round().to(torch.int8)
-    sd["model.layers.0.mlp.gate.weight_scale"] = scale.to(torch.bfloat16)
-    save_file(sd, shard, metadata={"format": "pt"})
     r = write_recipe(tmp_path, moe, {"gptq": "gptq"}, "gptq", '- {match: "mlp.experts.*", layers: 0, source: int8}')
     r.write_text(r.read_text().replace("sources:\n", f"sources:\n  int8: {src}\n"))
     fails(cli, tmp_path, r, match="source 'int8' quantized the router model.layers.0.mlp.gate (int8); SGLang keeps "
@@ -425,13 +422,8 @@ def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
     """A tensor whose suffix no format knows, or with no module before it: refused by name, never guessed (the
     names are split column by column; the message must still name the first such tensor)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    src = copy(llama["gptq"], tmp_path / "src")
-    [shard] = src.glob("*.safetensors")
-    sd = load_file(shard)
-    sd[extra] = torch.zeros(2)
-    save_file(sd, shard, metadata={"format": "pt"})
+    src = edited_source(llama["gptq"], tmp_path / "src", lambda sd: sd.update({extra: torch.zeros(2)}))
     r = write_recipe(tmp_path, {**llama, "s": src}, {"s": "s"}, "s")
     fails(cli, tmp_path, r, match=f"tensor {extra!r} is of a kind mpconvert does not know")
 
@@ -439,17 +431,14 @@ def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
 def _narrower_mlp(src: Path, dst: Path, intermediate: int) -> Path:
     """A copy of a tiny-Llama checkpoint whose MLPs keep the first `intermediate` channels (the quantizer's own int8
     values and per-channel scales, sliced: still a valid W8A8 layer), its config saying so."""
-    from safetensors.torch import load_file, save_file
+    def narrower(sd):
+        for k in list(sd):
+            if ".mlp.gate_proj." in k or ".mlp.up_proj." in k:
+                sd[k] = sd[k][:intermediate].contiguous()
+            elif k.endswith("mlp.down_proj.weight"):
+                sd[k] = sd[k][:, :intermediate].contiguous()
 
-    shutil.copytree(src, dst)
-    [shard] = dst.glob("*.safetensors")
-    sd = load_file(shard)
-    for k in list(sd):
-        if ".mlp.gate_proj." in k or ".mlp.up_proj." in k:
-            sd[k] = sd[k][:intermediate].contiguous()
-        elif k.endswith("mlp.down_proj.weight"):
-            sd[k] = sd[k][:, :intermediate].contiguous()
-    save_file(sd, shard, metadata={"format": "pt"})
+    edited_source(src, dst, narrower)
     cfg = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**cfg, "intermediate_size": intermediate}))
     return dst
@@ -487,13 +476,8 @@ def test_a_source_with_kv_cache_scales(extra, scheme, llama, cli, tmp_path):
     """A source that quantized the KV cache too (llm-compressor's kv_cache_scheme; older exports' names): its scales
     cannot be dropped quietly (SGLang would take 1.0 under --kv-cache-dtype fp8), nor carried: refused, saying so."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    src = copy(llama["ct-fp8-static"], tmp_path / "src")
-    [shard] = src.glob("*.safetensors")
-    sd = load_file(shard)
-    sd[extra] = torch.tensor(0.05)
-    save_file(sd, shard, metadata={"format": "pt"})
+    src = edited_source(llama["ct-fp8-static"], tmp_path / "src", lambda sd: sd.update({extra: torch.tensor(0.05)}))
     if scheme:
         cfg = json.loads((src / "config.json").read_text())
         cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",

@@ -13,7 +13,7 @@ import pytest
 from mpconvert import choose
 from mpconvert.layout import stage_norms
 
-from helpers import build, copy, fails, loaded, refusal, write_recipe
+from helpers import build, edited_source, fails, loaded, refusal, write_recipe
 
 SQ = {"sq": "ct-w8a8-smooth", "fp8": "ct-fp8-dynamic"}
 LICENSES = Path("/usr/share/common-licenses")
@@ -186,18 +186,6 @@ def _offset_round_trip(w):
     return ((w.float() + 1).to(torch.bfloat16).float() - 1).to(torch.bfloat16)
 
 
-def _edited(src: Path, dst: Path, change) -> Path:
-    """A copy of a source checkpoint (one shard) whose tensors change(tensors) edited."""
-    from safetensors.torch import load_file, save_file
-
-    copy(src, dst)
-    [shard] = dst.glob("*.safetensors")
-    sd = load_file(shard)
-    change(sd)
-    save_file(sd, shard, metadata={"format": "pt"})
-    return dst
-
-
 def test_only_an_offset_norms_round_trip_counts_as_unchanged(gemma3, llama, cli, tmp_path):
     """The allowance is exactly the round trip, and only where norms scale by (1 + weight): a Gemma 3 source whose
     final norm moved further, and a Llama source (plain norms) whose final norm holds the base's after that round
@@ -205,7 +193,7 @@ def test_only_an_offset_norms_round_trip_counts_as_unchanged(gemma3, llama, cli,
     def nudged(sd):
         sd["model.norm.weight"] = sd["model.norm.weight"] + 0.0625
 
-    fp8 = _edited(gemma3["ct-fp8-dynamic"], tmp_path / "gemma3-fp8", nudged)
+    fp8 = edited_source(gemma3["ct-fp8-dynamic"], tmp_path / "gemma3-fp8", nudged)
     recipe = write_recipe(tmp_path, {**gemma3, "fp8": fp8}, {"w4": "ct-w4a16", "f": "fp8"}, "w4",
                           '- {match: "self_attn.*", source: f}')
     fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which no linear reads")
@@ -215,7 +203,7 @@ def test_only_an_offset_norms_round_trip_counts_as_unchanged(gemma3, llama, cli,
         sd["model.norm.weight"] = _offset_round_trip(w)
         assert not sd["model.norm.weight"].equal(w)
 
-    fp8 = _edited(llama["ct-fp8-dynamic"], tmp_path / "llama-fp8", round_tripped)
+    fp8 = edited_source(llama["ct-fp8-dynamic"], tmp_path / "llama-fp8", round_tripped)
     recipe = write_recipe(tmp_path, {**llama, "fp8": fp8}, {"gptq": "gptq", "f": "fp8"}, "gptq",
                           '- {match: "self_attn.*", source: f}')
     fails(cli, tmp_path, recipe, match="source 'f' changed model.norm, which no linear reads")

@@ -9,17 +9,17 @@ import json
 
 import pytest
 
-from helpers import build, fails, loaded, messages, mutate, resign, run_verify, write_recipe
+from helpers import build, edited_source, fails, loaded, messages, mutate, resign, run_verify, write_recipe
 
 SOURCES = {"fp8": "ct-fp8-dynamic", "int8": "ct-w8a8", "sq": "ct-w8a8-smooth", "gptq": "gptq", "awq": "awq"}
 
 
 def fixtures_of(arch: str) -> dict:
     """One of the two models' fixtures (for the tests about one of them; the rest take both through dense_qwen)."""
-    from conftest import DENSE_QWEN_KINDS
-    from fixtures.factory import QWEN2, QWEN3, deepseek_mla
+    from conftest import made_by
+    from fixtures.factory import QWEN2, QWEN3
 
-    return {k: deepseek_mla(k, script={"qwen2": QWEN2, "qwen3": QWEN3}[arch]) for k in DENSE_QWEN_KINDS}
+    return made_by({"qwen2": QWEN2, "qwen3": QWEN3}[arch])
 
 
 def served(out):
@@ -119,20 +119,6 @@ def test_plan_on_a_dense_qwen3(cli, tmp_path):
     assert rep["ok"], messages(rep)
 
 
-def _source_with(src, dst, edit):
-    """A copy of a source checkpoint whose tensors edit(dict) changed."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    for f in dst.glob("*.safetensors"):
-        sd = load_file(f)
-        edit(sd)
-        save_file(sd, f, metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.parametrize("arch, change, says", [
     ("qwen2", "drop", "stores model.layers.0.self_attn.q_proj without the bias the base has"),
     ("qwen3", "add", "stores model.layers.0.self_attn.o_proj with a bias the base has not"),
@@ -155,7 +141,7 @@ def test_a_source_whose_bias_differs_from_the_base_is_refused(cli, tmp_path, arc
         else:
             sd["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(256, dtype=torch.bfloat16)
 
-    odd = _source_with(dense_qwen["ct-fp8-dynamic"], tmp_path / "odd", edit)
+    odd = edited_source(dense_qwen["ct-fp8-dynamic"], tmp_path / "odd", edit)
     fx = {**dense_qwen, "odd": odd}
     fails(cli, tmp_path, write_recipe(tmp_path, fx, {"odd": "odd", "gptq": "gptq"}, "gptq",
                                       '- {match: "self_attn.*", source: odd}'), match=says)
@@ -214,7 +200,7 @@ def test_a_tied_head_saved_as_a_tensor(cli, tmp_path, head, says):
         e = sd["model.embed_tokens.weight"]
         sd["lm_head.weight"] = e.clone() if head == "copy" else (e * 2).clone()
 
-    fx["odd"] = _source_with(fx["ct-fp8-dynamic"], tmp_path / "odd", add_head)
+    fx["odd"] = edited_source(fx["ct-fp8-dynamic"], tmp_path / "odd", add_head)
     recipe = write_recipe(tmp_path, fx, {"odd": "odd", "gptq": "gptq"}, "gptq", '- {match: "self_attn.*", source: odd}')
     if says:
         fails(cli, tmp_path, recipe, match=says)
