@@ -1,6 +1,6 @@
 """The GPU proof, one part per run (see gpu/e2e.sh): build with mpconvert, serve with real SGLang, compare, report.
 
-Usage: driver.py dense|moe|deepseek|mtp|experts|tp OUT_DIR   (needs the staged .gpu/ folder: gpu/pack.py)
+Usage: driver.py PART OUT_DIR (PART: a key of PARTS below, or experts|mtp|tp)   (needs the staged .gpu/ folder: gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
 E2E_NO_CUSTOM_AR=1 starts TP=2 Engines with --disable-custom-all-reduce;
@@ -87,8 +87,43 @@ GLM_MIXED = """
 - {match: "mlp.experts.*", experts: "0-3", source: ct-fp8-block}
 - {match: "mlp.shared_experts.*", source: ct-fp8-block}
 """
+# Gemma 3 (text; llm-compressor's outputs, each norm one bf16 round trip off the base's): FP8 attention, Int8
+# down_proj, W4A16 gate/up. Its SmoothQuant smooths gate/up against the attention output's norm (build refuses it):
+# served as it is, for the record.
+GEMMA3_MIXED = """
+- {match: "self_attn.*", source: ct-fp8-dynamic}
+- {match: "mlp.down_proj", source: ct-w8a8}
+"""
+# OLMo 2 (post-norm block): FP8 attention in layer 0, W4A16 in layer 1, Int8 down_proj, GPTQ gate/up. gptqmodel's AWQ
+# folds into the attention output's norm (refused by build): served as it is, for the record.
+OLMO2_MIXED = """
+- {match: "self_attn.*", layers: 0, source: ct-fp8-dynamic}
+- {match: "self_attn.*", layers: 1, source: ct-w4a16}
+- {match: "mlp.down_proj", source: ct-w8a8}
+"""
+# StableLM 2: SGLang builds its attention without the quantization config, so no whole source serves (as it is: a
+# KeyError in SGLang's loader; built by mpconvert: the shim names the unit before loading). The base's attention
+# with a GPTQ gate/up and an FP8 down_proj serves.
+STABLELM_MIXED = """
+- {match: "mlp.gate_proj", source: gptq}
+- {match: "mlp.up_proj", source: gptq}
+- {match: "mlp.down_proj", source: ct-fp8-dynamic}
+"""
+STABLELM_REFUSAL = "without the quantization config"
 PARTS = {
     "qwen2": QWEN_PART, "qwen3": QWEN_PART,
+    # "refused": sources build refuses, served as they are (how far from bf16 SGLang takes them); "expect_fail":
+    # run label → what its log must say
+    # "base_norms": each source S also served with the base's norms in place of its own (with_base_norms), which
+    # must answer exactly as mpconvert's build of S: Gemma 3's sources hold each norm one bf16 round trip off the
+    # base's, and build takes the base's
+    "gemma3": {"serve": {"ct-fp8-dynamic": {}, "ct-w8a8": {}, "ct-w4a16": {}}, "unservable": [],
+               "refused": ["ct-w8a8-smooth"], "mixed": GEMMA3_MIXED, "default": "ct-w4a16", "same": [],
+               "base_norms": True},
+    "olmo2": {"serve": {"ct-fp8-dynamic": {}, "ct-w8a8": {}, "ct-w4a16": {}, "gptq": {}}, "unservable": [],
+              "refused": ["awq"], "mixed": OLMO2_MIXED, "default": "gptq", "same": []},
+    "stablelm": {"serve": {}, "unservable": ["ct-fp8-dynamic", "gptq"], "mixed": STABLELM_MIXED, "default": "base",
+                 "same": [], "expect_fail": {"pure-ct-fp8-dynamic": STABLELM_REFUSAL, "pure-gptq": STABLELM_REFUSAL}},
     "glm4moe": {"serve": {"ct-fp8-block": {}, "ct-w8a8": {"quantization": "w8a8_int8"}}, "unservable": [],
                 "mixed": GLM_MIXED, "default": "ct-w8a8", "same": []},
     # servable sources: kind → Engine overrides for serving the source itself
@@ -306,6 +341,13 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     for k in P["unservable"]:
         jobs[f"source-{k}"] = {"path": str(fx[k])}  # served as it is: the trap, for the record
         jobs[f"pure-{k}"] = {"path": str(built[f"pure-{k}"])}
+    for k in P.get("refused", []):
+        jobs[f"source-{k}"] = {"path": str(fx[k])}
+    same = list(P["same"])
+    if P.get("base_norms"):
+        for k in P["serve"]:
+            jobs[f"base-norms-{k}"] = {"path": str(with_base_norms(fx[k], base, built[f"pure-{k}"])), **P["serve"][k]}
+            same.append((f"base-norms-{k}", f"pure-{k}"))
     jobs["mixed"] = {"path": str(built["mixed"]), **({"dtype": P["mixed_dtype"]} if "mixed_dtype" in P else {})}
     only = os.environ.get("E2E_ONLY")  # e.g. "source-gptq,pure-gptq,bf16": rerun just those
     if only:
@@ -315,12 +357,15 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
         spec["gpu"] = i % gpus
     runs = run_all(jobs, par=int(os.environ.get("E2E_PAR", "8")))
     if "mixed" in jobs:
-        # the server path (launch_server through `mpconvert serve`) must answer exactly as the Engine did
-        runs["mixed-server"] = served("mixed-server", built["mixed"], dtype=P.get("mixed_dtype", "auto"))
-        # a config value the weights leave open, set at launch (serve checks it against the weights, SGLang applies
-        # it): a longer max_position_embeddings changes no answer to these short prompts
-        runs["mixed-server-override"] = served("mixed-server-override", built["mixed"],
-                                               dtype=P.get("mixed_dtype", "auto"), extra=longer_context(built["mixed"]))
+        # the server path (launch_server through `mpconvert serve`) must answer exactly as the Engine did; and a
+        # config value the weights leave open, set at launch (serve checks it against the weights, SGLang applies
+        # it): a longer max_position_embeddings changes no answer to these short prompts. Both servers at once.
+        dtype = P.get("mixed_dtype", "auto")
+        with ThreadPoolExecutor(2) as ex:
+            plain = ex.submit(served, "mixed-server", built["mixed"], dtype=dtype)
+            longer = ex.submit(served, "mixed-server-override", built["mixed"], port=30565, dtype=dtype,
+                               extra=longer_context(built["mixed"]))
+            runs["mixed-server"], runs["mixed-server-override"] = plain.result(), longer.result()
         runs["mixed-tp2"] = (engine("mixed-tp2", {**jobs["mixed"], "tp": 2}) if gpus > 1 else
                              {"ok": False, "error": f"not run: TP=2 needs 2 GPUs, this machine has {gpus}"})
     res["runs"] = runs
@@ -328,13 +373,45 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     get = lambda k: runs.get(k, missing)  # noqa: E731
     res["identity"] = {k: identical(get(f"source-{k}"), get(f"pure-{k}")) for k in P["serve"]}
     res["vs_bf16"] = {k: vs_bf16(r, get("bf16")) for k, r in runs.items() if k != "bf16"}
-    res["identity"].update({f"{a} = {b}": identical(get(a), get(b)) for a, b in P["same"]})
+    res["identity"].update({f"{a} = {b}": identical(get(a), get(b)) for a, b in same})
     res["identity"]["mixed: launch_server = Engine"] = identical(get("mixed"), get("mixed-server"))
     if "mixed-server-override" in runs:
         res["identity"]["mixed: launch_server with max_position_embeddings x2 at launch = Engine"] = \
             identical(get("mixed"), get("mixed-server-override"))
     res["tp2_vs_tp1"] = tp_compare(get("mixed"), get("mixed-tp2"))
     res["mixed_formats"] = sorted({u.format for u in load_manifest(built["mixed"])[0].units.values()})
+    res["expected_failures"] = {label: expected_failure(label, get(label), why)
+                                for label, why in P.get("expect_fail", {}).items()}
+
+
+def with_base_norms(src: Path, base: Path, built: Path) -> Path:
+    """A copy of source checkpoint `src` with every norm that mpconvert's build of it took from the base (its
+    manifest says which) replaced by the base's tensor: what that build should serve exactly as."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    manifest = load_manifest(built)[0]
+    names = {t for m in manifest.modules.values() if m.kind == "norm" and m.source == "base"
+             for t in m.tensor_names.values()}
+    out = WORK / "base-norms" / src.name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    with safe_open(src / "model.safetensors", "pt") as f, safe_open(base / "model.safetensors", "pt") as b:
+        meta = f.metadata()
+        tensors = {k: (b if k in names else f).get_tensor(k) for k in f.keys()}
+    save_file(tensors, out / "model.safetensors", metadata=meta)
+    log(f"{out.name}: {len(names & tensors.keys())} norms from the base")
+    return out
+
+
+def expected_failure(label: str, r: dict, why: str) -> str:
+    """A run that must fail, and fail saying `why` (in its log: the scheduler's error reaches the Engine only as
+    "scheduler died")."""
+    if r.get("ok"):
+        return "WRONG: it served"
+    logf = WORK / "logs" / f"{label}.log"
+    text = " ".join(logf.read_text(errors="replace").split()) if logf.exists() else ""
+    return f"as expected: {why!r} in its log" if why in text else f"WRONG: failed without {why!r}"
 
 
 EXPERTS_MIXED = """
@@ -885,6 +962,7 @@ def summarize(part: str, res: dict) -> str:
             verdict = {True: "IDENTICAL", False: "DIFFERENT", None: "NOT MEASURED"}[c.get("identical")]
             L.append(f"| {k} | {verdict} {c} |")
         L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
+        L += [f"- {k} must fail: {v}" for k, v in res.get("expected_failures", {}).items()]
         if "spec_vs_plain" in res:
             L += [f"- speculative decoding (NEXTN) vs without, {k}: {v}" for k, v in res["spec_vs_plain"].items()]
             L += [f"- the MTP layer's units in the mixed build: {res['mtp_layer_units']}", ""]
@@ -924,7 +1002,9 @@ def summarize(part: str, res: dict) -> str:
 def main(part: str, out: Path) -> None:
     import torch
 
+    global WORK
     meta = json.loads((STAGE / "part.json").read_text())
+    WORK = WORK / part  # several parts in one call (gpu/e2e.sh once per part) keep their fixtures and logs apart
     WORK.mkdir(parents=True, exist_ok=True)
     with tarfile.open(STAGE / "fixtures.tar.xz") as t:
         t.extractall(WORK)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU proof in one command on the lent GPU machine (after `gpu/pack.py PART` here; carry .gpu):
-#   bash gpu/e2e.sh dense|moe|deepseek|mtp|experts|tp|qwen2|qwen3|glm4moe
+#   bash gpu/e2e.sh PART   (a key of PARTS in gpu/pack.py: dense, moe, experts, qwen2, gemma3, …)
 # Unpacks SGLang 0.5.17 (../shared/gpu bundle) and its kernel cache, installs mpconvert (with its SGLang plugin entry
 # point) into /tmp/mp, runs gpu/driver.py, and brings back results.json, report.md, logs.tar.xz and — when new kernels
 # were compiled — tvmcache.tar.xz (keep it as gpu/results/tvmcache.tar.xz for the next run).
 set -euo pipefail
-PART=${1:?dense, moe, deepseek, mtp, experts, tp, qwen2, qwen3 or glm4moe}
+PART=${1:?a part of gpu/pack.py}
 OUT=${OUT:-/tmp/e2e-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STAGE=${GPU_STAGE:-.gpu}  # gpu/pack.py's folder (GPU_STAGE there too)
@@ -16,7 +16,9 @@ if [ ! -f /tmp/site/sglang/__init__.py ]; then
   mkdir -p /tmp/site && tar -C /tmp/site -xJf "$STAGE/sglang-0.5.17-site.tar.xz"
   mkdir -p /tmp/site/sgl_kernel/sm100 && ln -sf ../sm90/common_ops.abi3.so /tmp/site/sgl_kernel/sm100/common_ops.abi3.so
 fi
-tar -C /tmp -xJf "$STAGE/sglang-0.5.17-jit-sm90.tar.xz"  # merged into what an earlier call left there
+if [ -f "$STAGE/sglang-0.5.17-jit-sm90.tar.xz" ]; then  # (not there: packed --no-kernels, after a part that had them)
+  tar -C /tmp -xJf "$STAGE/sglang-0.5.17-jit-sm90.tar.xz"  # merged into what an earlier call left there
+fi
 # mpconvert as an installed distribution (its entry point is how SGLang's workers find the shim), no build tools needed
 rm -rf /tmp/mp && mkdir -p /tmp/mp/mpconvert-0.1.0.dist-info
 cp -r converter /tmp/mp/mpconvert && cp -r cli /tmp/mp/mpconvert/cli && cp -r runtime_shim /tmp/mp/mpconvert/runtime_shim

@@ -1,10 +1,12 @@
 """Stage what one GPU run needs into the ignored folder .gpu/ (carried by the device tool; 64 MiB in all).
 
-Usage: .venv/bin/python gpu/pack.py dense|moe|deepseek|mtp|experts|tp|qwen2|qwen3|glm4moe [SHARED_GPU_DIR] [--no-site]
+Usage: .venv/bin/python gpu/pack.py PART [SHARED_GPU_DIR] [--no-site]   (PART: a key of PARTS below)
 
 GPU_STAGE=.gpu-p2 stages into another ignored folder (carry it, and pass the same GPU_STAGE to gpu/e2e.sh), so that
 two parts can run back to back on one warm machine; --no-site leaves SGLang out for such a second call (the first
-call unpacked it to /tmp/site there), which keeps a part that would not fit under the carry limit.
+call unpacked it to /tmp/site there), which keeps a part that would not fit under the carry limit; --no-kernels
+leaves the kernel cache out too, for a second part whose kernels the first call's cache holds (gemma3's holds
+olmo2's, stablelm's and glm4moe's).
 
 - the SGLang 0.5.17 bundle from ../shared/gpu;
 - one sm_90a kernel cache of built kernels only (the .so files, which SGLang loads directly): the shared bundle's,
@@ -28,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import DEEPSEEK_MTP, GLM4MOE, QWEN2, QWEN3, deepseek_mla, fixture  # noqa: E402
+from fixtures.factory import (DEEPSEEK_MTP, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, STABLELM,  # noqa: E402
+                              deepseek_mla, fixture)
 from fixtures.mtp import with_mtp_layer  # noqa: E402
 from mpconvert.sources import open_source
 
@@ -54,6 +57,11 @@ PARTS = {
     "qwen3": [("qwen3", ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "gptq", "awq"), "")],
     # GLM-4.5's MoE (a dense first layer, shared expert, biased router and q/k/v): FP8 and Int8 experts in one layer
     "glm4moe": [("glm4moe", ("base", "ct-fp8-block", "ct-w8a8"), "")],
+    # dense Gemma 3 (text; llm-compressor only: no GPTQ/AWQ producer here quantizes it), OLMo 2 (post-norm block) and
+    # StableLM 2 (attention built unquantized by SGLang): the refused sources ride along, served as they are
+    "gemma3": [("gemma3", ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "ct-w4a16"), "")],
+    "olmo2": [("olmo2", ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w4a16", "gptq", "awq"), "")],
+    "stablelm": [("stablelm", ("base", "ct-fp8-dynamic", "gptq"), "")],
     "tp": [("llama-taught", ("base", "ct-fp8-static", "ct-w8a8", "gptq", "awq"), "llama"),
            ("qwen3moe-taught", ("base", "ct-fp8-block", "ct-w8a8"), "moe")],
 }
@@ -62,6 +70,8 @@ PARTS = {
 SYNTH = {"dense": ("llama", ("ct-fp8-dynamic", "ct-w8a8", "gptq", "awq"), "model.layers.0.self_attn.q_proj"),
          "experts": ("qwen3moe", ("ct-fp8-block", "ct-w8a8"), "model.layers.0.mlp.experts.0.gate_proj")}
 SYNTH["tp"] = SYNTH["experts"]
+# the architectures made by a script of their own (fixtures/factory.py)
+SCRIPTS = {"qwen2": QWEN2, "qwen3": QWEN3, "glm4moe": GLM4MOE, "gemma3": GEMMA3, "olmo2": OLMO2, "stablelm": STABLELM}
 KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -86,6 +96,9 @@ def templates(part: str) -> dict:
 UNUSED_KERNELS = {"dense": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
                   "qwen2": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
                   "qwen3": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+                  "gemma3": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+                  "olmo2": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+                  "stablelm": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
                   "glm4moe": ("gptq_marlin_bf16_t", "gptq_marlin_fp16_t", "moe_wna16_marlin_bf16_t",
                               "moe_wna16_marlin_fp16_t_true", "awq_marlin_repack"),
                   "moe": ("moe_wna16_marlin_fp16_t_true",),
@@ -132,11 +145,12 @@ def slim_site(src: Path, dst: Path) -> None:
         subprocess.run(f"tar -C {tmp} -cf - . | xz -6 -T8 > {dst}", shell=True, check=True)
 
 
-def main(part: str, shared: Path, site: bool = True) -> None:
+def main(part: str, shared: Path, site: bool = True, kernels: bool = True) -> None:
     if STAGE.exists():
         shutil.rmtree(STAGE)
     (STAGE / "fixtures").mkdir(parents=True)
-    kernel_cache(part, shared, STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
+    if kernels:
+        kernel_cache(part, shared, STAGE / "sglang-0.5.17-jit-sm90.tar.xz")
     if site and part != "dense":
         slim_site(shared / "sglang-0.5.17-site.tar.xz", STAGE / "sglang-0.5.17-site.tar.xz")
     elif site:
@@ -145,8 +159,7 @@ def main(part: str, shared: Path, site: bool = True) -> None:
     for arch, kinds, folder in PARTS[part]:
         for kind in kinds:
             src = deepseek_mla(kind) if arch == "deepseek-mla" else \
-                deepseek_mla(kind, script={"qwen2": QWEN2, "qwen3": QWEN3, "glm4moe": GLM4MOE}[arch]) \
-                if arch in ("qwen2", "qwen3", "glm4moe") else \
+                deepseek_mla(kind, script=SCRIPTS[arch]) if arch in SCRIPTS else \
                 fixture(arch, kind) if arch != "deepseek-mtp" else \
                 with_mtp_layer(deepseek_mla(kind, script=DEEPSEEK_MTP), Path(scratch.name) / kind)
             dst = STAGE / "fixtures" / folder / kind
@@ -168,5 +181,6 @@ def main(part: str, shared: Path, site: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--no-site"]
-    main(args[0], Path(args[1]) if len(args) > 1 else ROOT.parent / "shared" / "gpu", "--no-site" not in sys.argv)
+    args = [a for a in sys.argv[1:] if a not in ("--no-site", "--no-kernels")]
+    main(args[0], Path(args[1]) if len(args) > 1 else ROOT.parent / "shared" / "gpu", "--no-site" not in sys.argv,
+         "--no-kernels" not in sys.argv)
