@@ -89,6 +89,26 @@ _RULES: list[tuple[re.Pattern, object]] = [
 ]
 
 
+# Projections some checkpoints store fused in one tensor (Phi-3/Phi-4: qkv_proj, gate_up_proj; Falcon, GPT-NeoX:
+# query_key_value; Baichuan: W_pack; InternLM2: wqkv; MPT, DBRX: Wqkv; GPT-2: c_attn), which no rule above takes:
+# SGLang splits such a tensor by its own sizes, and a quantized one by its format's packing, which mpconvert's TP and
+# fold rules do not model
+_FUSED_IN_CHECKPOINT = re.compile(r".*\.(?:(?P<gate_up>gate_up_proj)|qkv_proj|query_key_value|W_pack|wqkv|Wqkv|c_attn)")
+
+
+def unknown_module(name: str, where: str) -> str:
+    """Why `where` (the base, a source) is refused for a module no rule gives a role, with what mpconvert takes."""
+    m = _FUSED_IN_CHECKPOINT.fullmatch(name)
+    if m:
+        parts = "gate and up" if m["gate_up"] else "q, k and v"
+        return (f"{where}: module {name!r} holds {parts} fused in one tensor (as Phi-3 and Phi-4 checkpoints store "
+                f"them), which mpconvert does not take: it reads q_proj/k_proj/v_proj and gate_proj/up_proj as "
+                f"separate tensors, as the Llama family stores them")
+    return (f"{where}: module {name!r} has no known role: mpconvert knows the module names of the architectures "
+            f"its README lists (the Llama family and its MoE, MLA and block-layout kin) and will not guess how to "
+            f"treat it")
+
+
 # Modules only an MTP layer has (a layer at or after num_hidden_layers): the model proper never loads them.
 MTP_ONLY = ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.head", "embed_tokens")
 # What SGLang's NextN draft loads from an MTP layer besides its decoder layer (embed_tokens and shared_head.head it

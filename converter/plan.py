@@ -21,7 +21,7 @@ from .forked import Forked
 from .formats import FORMATS, Scheme, check_expected
 from .formats.base import CT_LAYOUT, LAYOUTS, MP_LAYOUT, check_values_batched, value_suffixes
 from .layout import (ModelInfo, Role, check_config_matches_weights, check_same_architecture, natural_key,
-                     norm_offset, role_of, stage_norms)
+                     norm_offset, role_of, stage_norms, unknown_module)
 from .manifest import MIXED_EXPERTS
 from .recipe import BASE, Recipe, format_ids, literal_prefix
 from . import rules
@@ -185,8 +185,7 @@ class Inputs:
         for name in sorted(self.base.modules, key=natural_key):
             role = role_of(name)
             if role is None:
-                raise UserError(f"base: module {name!r} has no known role (mpconvert knows Llama/Qwen2/Qwen3/"
-                                f"Qwen3-MoE/Mixtral/DeepSeek naming); it will not guess how to treat it")
+                raise UserError(unknown_module(name, "base"))
             if mtp == "drop" and self.info.mtp_layer_of(name) is not None:
                 dropped.add(name)
             else:
@@ -203,6 +202,8 @@ class Inputs:
                                 f"leave it out, or use a base that has it")
             if extra and _tied_head_copy(src, extra[0]):
                 extra = extra[1:]  # (sorted naturally: lm_head, of no layer, comes first)
+            if extra and role_of(extra[0]) is None:  # (a checkpoint that fused q/k/v, say, where the base did not)
+                raise UserError(unknown_module(extra[0], f"source {label!r}"))
             if extra:
                 raise UserError(f"source {label!r}: module {extra[0]!r} is not in the base model; every source must "
                                 f"quantize the same architecture")

@@ -428,6 +428,42 @@ def test_a_tensor_of_an_unknown_kind(extra, llama, cli, tmp_path):
     fails(cli, tmp_path, r, match=f"tensor {extra!r} is of a kind mpconvert does not know")
 
 
+def _fused(parts: tuple[str, ...], into: str):
+    """An edit that stores every layer's `parts` projections as one tensor of each kind named `into`, concatenated
+    along the output rows (as Phi-3 checkpoints store q/k/v and gate/up; a per-tensor scale kept once)."""
+    import torch
+
+    def fuse(sd):
+        for name in [k for k in sd if f".{parts[0]}." in k]:
+            pfx, kind = name.split(f"{parts[0]}.")
+            ts = [sd.pop(f"{pfx}{p}.{kind}") for p in parts]
+            sd[f"{pfx}{into}.{kind}"] = ts[0] if ts[0].numel() == 1 else torch.cat(ts)
+
+    return fuse
+
+
+@pytest.mark.parametrize("who,parts,into,match", [
+    ("base", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.qkv_proj",
+     "base: module 'model.layers.0.self_attn.qkv_proj' holds q, k and v fused in one tensor (as Phi-3 and Phi-4 "
+     "checkpoints store them), which mpconvert does not take: it reads q_proj/k_proj/v_proj and gate_proj/up_proj"),
+    ("base", ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_up_proj",
+     "base: module 'model.layers.0.mlp.gate_up_proj' holds gate and up fused in one tensor"),
+    ("ct-fp8-static", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.query_key_value",
+     "source 's': module 'model.layers.0.self_attn.query_key_value' holds q, k and v fused in one tensor"),
+    ("base", ("mlp.down_proj",), "mlp.fc_out",
+     "base: module 'model.layers.0.mlp.fc_out' has no known role: mpconvert knows the module names of the "
+     "architectures its README lists"),
+])
+def test_a_module_no_rule_names(who, parts, into, match, llama, cli, tmp_path):
+    """A module whose name gives no role — a checkpoint that stores q/k/v or gate/up fused (Phi-3, Phi-4: gptqmodel
+    7.6 keeps their qkv_proj fused, and splits gate_up_proj) or any name mpconvert does not know — is refused by
+    name, saying which layout it reads (the message named six architectures and no fused layout)."""
+    edited = edited_source(llama[who], tmp_path / who, _fused(parts, into))
+    fixtures = {**llama, "base" if who == "base" else "s": edited}
+    fails(cli, tmp_path, write_recipe(tmp_path, fixtures, {"s": "ct-fp8-static"} if who == "base" else {"s": "s"},
+                                      "s"), match=match)
+
+
 def _narrower_mlp(src: Path, dst: Path, intermediate: int) -> Path:
     """A copy of a tiny-Llama checkpoint whose MLPs keep the first `intermediate` channels (the quantizer's own int8
     values and per-channel scales, sliced: still a valid W8A8 layer), its config saying so."""
