@@ -6,7 +6,8 @@ W8A8-Int8) built with that config's own `from_config`; DeepSeek-V3's MTP layer l
 (speculative decoding), whose `model.decoder.*` prefixes are the checkpoint's `model.layers.{num_hidden_layers}.*`.
 A layer that gets anything but its format's native method (`Format.sglang_methods`: no dequantizing, generic or
 unquantized fallback) is refused at load time, naming the layer; so is a quantized unit the model class built without
-the quantization config (check_bound, on the built model before its weights load).
+the quantization config, or a checkpoint bias it has no parameter for (check_bound, on the built model before its
+weights load).
 Tested: tests/test_shim.py and verify --engine sglang on CPU; docs/gpu-results.md on H200.
 """
 from __future__ import annotations
@@ -220,9 +221,11 @@ class MpconvertConfig(QuantizationConfig):
         or, where the loader skips names it lacks, copies the quantized weight in as values: wrong without an error.
         Called once the model is built, before any weight is loaded (register's wrap of SGLang's _initialize_model)."""
         n = self.manifest.model.num_hidden_layers
+        built = {}
         for name, module in model.named_modules():
             method = getattr(module, "quant_method", None)
             unit = from_nextn_draft(name, n)
+            built[unit] = module
             quantized = unit in self.groups or self.subs.get(unit) is not None
             if quantized and method is not None and type(method).__name__.startswith("Unquantized"):
                 raise ValueError(
@@ -230,6 +233,22 @@ class MpconvertConfig(QuantizationConfig):
                     f"model class does not hand it to that part), so it holds unquantized weights, but the directory "
                     f"stores {unit} as {self.manifest.units[unit].describe()}: the load would fail or read the "
                     f"quantized bytes as values; build {unit} unquantized (from the base) for this model class")
+        self._check_biases(model, built)
+
+    def _check_biases(self, model: torch.nn.Module, built: dict[str, torch.nn.Module]) -> None:
+        """Refuses a checkpoint bias the model class has no parameter for: SGLang's loaders skip a `.bias` they lack
+        without a word (SGLang 0.5.17's Llama builds its MLP without biases whatever `mlp_bias` says), so the layer
+        would be served without it — wrong, and unseen by verify. Linears of decoder layers, routed experts aside;
+        a unit this model does not build (pipeline stages, draft models) is not asked about."""
+        for name, m in self.manifest.modules.items():
+            if m.kind != "linear" or m.layer is None or m.expert is not None or "bias" not in m.rows:
+                continue
+            module = built.get(m.unit)
+            if module is not None and getattr(module, "bias", None) is None:
+                raise ValueError(
+                    f"mpconvert: SGLang's {type(model).__name__} builds {m.unit} without a bias, so its loader would "
+                    f"skip {name}.bias without a word and serve the layer without it (the base served as it is loses "
+                    f"it too): this SGLang model class cannot serve this model as it was trained")
 
     def _unit_of_nameless(self, layer: torch.nn.Module, part: str) -> str:
         """A unit whose format every unit of that name in the model shares, for a layer SGLang names only by its

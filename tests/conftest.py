@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, SANDWICH, STABLELM,  # noqa: E402
-                              deepseek_mla, fixture, smollm2)
+from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, MLP_BIAS, OLMO2, QWEN2, QWEN3, SANDWICH,  # noqa: E402
+                              STABLELM, deepseek_mla, fixture, smollm2)
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
@@ -32,10 +32,12 @@ GLM4MOE_KINDS = ("base", "ct-fp8-block", "ct-w8a8")  # GLM-4.5 (gptqmodel 7.6 ca
 GEMMA3_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "ct-w4a16")
 OLMO2_KINDS = ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w4a16", "gptq", "awq")  # OLMo 2: a post-norm block
 STABLELM_KINDS = ("base", "ct-fp8-dynamic", "gptq")  # StableLM 2: SGLang builds its attention unquantized
+MLP_BIAS_KINDS = ("base", "ct-fp8-dynamic")  # a Llama with mlp_bias: SGLang's Llama has no MLP biases
 # Each architecture script beside producers.py (fixtures/factory.deepseek_mla) → the kinds made of it: what the
 # fixtures below and `make fixtures` make
 SCRIPT_KINDS = {COHERE: COHERE_KINDS, SANDWICH: SANDWICH_KINDS, QWEN2: DENSE_QWEN_KINDS, QWEN3: DENSE_QWEN_KINDS,
-                GLM4MOE: GLM4MOE_KINDS, GEMMA3: GEMMA3_KINDS, OLMO2: OLMO2_KINDS, STABLELM: STABLELM_KINDS}
+                GLM4MOE: GLM4MOE_KINDS, GEMMA3: GEMMA3_KINDS, OLMO2: OLMO2_KINDS, STABLELM: STABLELM_KINDS,
+                MLP_BIAS: MLP_BIAS_KINDS}
 
 
 def made_by(script: Path) -> dict[str, Path]:
@@ -106,6 +108,11 @@ def olmo2() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def stablelm() -> dict[str, Path]:
     return made_by(STABLELM)
+
+
+@pytest.fixture(scope="session")
+def mlp_bias() -> dict[str, Path]:
+    return made_by(MLP_BIAS)
 
 
 @pytest.fixture(scope="session")

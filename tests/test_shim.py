@@ -431,6 +431,20 @@ def test_an_untested_sglang_is_warned_about_and_refuses_mixed_experts(monkeypatc
 
 
 
+def test_a_bias_the_model_class_has_no_parameter_for(mlp_bias, cli, tmp_path):
+    """A Llama whose config says mlp_bias: SGLang's Llama builds its MLP without biases and its loader skips the
+    checkpoint's `.bias` tensors it has no parameter for, silently: the FP8 build loaded and verify --engine said OK
+    while every MLP ran without its bias. The shim now refuses it before loading, naming the unit and the tensor, and
+    verify --engine reports it; q/k/v biases the class does build (Qwen2's, GLM-4.5's) still load (their tests)."""
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, mlp_bias, {"fp8": "ct-fp8-dynamic"}, "fp8"), out)
+    why = " ".join(refusal(out).split())
+    assert ("SGLang's LlamaForCausalLM builds model.layers.0.mlp.down_proj without a bias, so its loader would skip "
+            "model.layers.0.mlp.down_proj.bias without a word") in why, why
+    r = cli("verify", out, "--engine", "sglang", "--json")
+    assert r.exit_code == 1 and "without a bias" in r.output, r.output
+
+
 def test_a_model_class_that_leaves_a_part_unquantized(stablelm, cli, tmp_path):
     """SGLang's StableLM (0.5.17 and 0.5.23) builds its attention without the quantization config, so the shim is
     never asked for q/k/v or o_proj: they hold bf16 parameters, and an FP8 attention met them at load — a KeyError
