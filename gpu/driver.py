@@ -1,6 +1,7 @@
 """The GPU proof, one part per run (see gpu/e2e.sh): build with mpconvert, serve with real SGLang, compare, report.
 
-Usage: driver.py PART OUT_DIR (PART: a key of PARTS below, or experts|mtp|tp)   (needs the staged .gpu/ folder: gpu/pack.py)
+Usage: driver.py PART OUT_DIR   (PART: a key of PARTS below, or experts|mtp|tp; needs the staged .gpu/ folder:
+gpu/pack.py)
 Env: E2E_FIDELITY=1 (default) runs the fidelity part, E2E_SPEED=1 the speed part; E2E_PAR engines at once (8);
 E2E_BUDGET_S stops starting engines after that many seconds; E2E_DRY=1 builds and reports without engines;
 E2E_NO_CUSTOM_AR=1 starts TP=2 Engines with --disable-custom-all-reduce;
