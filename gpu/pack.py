@@ -30,8 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
-from fixtures.factory import (DEEPSEEK_MTP, GEMMA3, GLM4MOE, OLMO2, QWEN2, QWEN3, STABLELM,  # noqa: E402
-                              deepseek_mla, fixture)
+from fixtures.factory import DEEPSEEK_MTP, SCRIPTS, deepseek_mla, fixture  # noqa: E402
 from fixtures.mtp import with_mtp_layer  # noqa: E402
 from mpconvert.sources import open_source
 
@@ -70,8 +69,6 @@ PARTS = {
 SYNTH = {"dense": ("llama", ("ct-fp8-dynamic", "ct-w8a8", "gptq", "awq"), "model.layers.0.self_attn.q_proj"),
          "experts": ("qwen3moe", ("ct-fp8-block", "ct-w8a8"), "model.layers.0.mlp.experts.0.gate_proj")}
 SYNTH["tp"] = SYNTH["experts"]
-# the architectures made by a script of their own (fixtures/factory.py)
-SCRIPTS = {"qwen2": QWEN2, "qwen3": QWEN3, "glm4moe": GLM4MOE, "gemma3": GEMMA3, "olmo2": OLMO2, "stablelm": STABLELM}
 KEEP = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -90,15 +87,11 @@ def templates(part: str) -> dict:
     return out
 
 
-# kernels a part never runs, left out to keep under the carry limit: the dense part has no MoE and runs GPTQ/AWQ in
+# kernels a part never runs, left out to keep under the carry limit: the dense parts have no MoE and run GPTQ/AWQ in
 # bf16; the experts part runs GPTQ in fp16 only, without an expert map (the shim's Marlin groups weight other groups'
 # slots 0 instead), and no AWQ
-UNUSED_KERNELS = {"dense": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
-                  "qwen2": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
-                  "qwen3": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
-                  "gemma3": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
-                  "olmo2": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
-                  "stablelm": ("moe_wna16_marlin", "gptq_marlin_fp16_t"),
+UNUSED_KERNELS = {**dict.fromkeys(("dense", "qwen2", "qwen3", "gemma3", "olmo2", "stablelm"),
+                                  ("moe_wna16_marlin", "gptq_marlin_fp16_t")),
                   "glm4moe": ("gptq_marlin_bf16_t", "gptq_marlin_fp16_t", "moe_wna16_marlin_bf16_t",
                               "moe_wna16_marlin_fp16_t_true", "awq_marlin_repack"),
                   "moe": ("moe_wna16_marlin_fp16_t_true",),

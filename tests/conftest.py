@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's fixture factory (fixtures/)
 from fixtures.factory import (COHERE, GEMMA3, GLM4MOE, MLP_BIAS, OLMO2, QWEN2, QWEN3, SANDWICH,  # noqa: E402
-                              STABLELM, deepseek_mla, fixture, smollm2)
+                              SCRIPTS, STABLELM, deepseek_mla, fixture, smollm2)
 
 LLAMA_KINDS = ("base", "ct-fp8-static", "ct-fp8-dynamic", "ct-fp8-block", "native-fp8-block", "native-fp8-tensor",
                "ct-w8a8", "native-w8a8", "ct-w8a8-smooth", "gptq", "gptq-v2", "awq", "ct-w4a16", "ct-w4a16-asym",
@@ -123,7 +123,7 @@ def glm4moe() -> dict[str, Path]:
 @pytest.fixture(scope="session", params=["qwen2", "qwen3"])
 def dense_qwen(request) -> dict[str, Path]:
     """The dense Qwen models (Qwen2: q/k/v bias; Qwen3: q_norm/k_norm), both with a tied head."""
-    return made_by({"qwen2": QWEN2, "qwen3": QWEN3}[request.param])
+    return made_by(SCRIPTS[request.param])
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ SOURCES = {"fp8": "ct-fp8-dynamic", "int8": "ct-w8a8", "sq": "ct-w8a8-smooth", "
 def fixtures_of(arch: str) -> dict:
     """One of the two models' fixtures (for the tests about one of them; the rest take both through dense_qwen)."""
     from conftest import made_by
-    from fixtures.factory import QWEN2, QWEN3
+    from fixtures.factory import SCRIPTS
 
-    return made_by({"qwen2": QWEN2, "qwen3": QWEN3}[arch])
+    return made_by(SCRIPTS[arch])
 
 
 def served(out):
