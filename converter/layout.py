@@ -273,8 +273,34 @@ class ModelInfo:
         if not isinstance(model_type, str) or not model_type:
             raise UserError(f"{where}: config.json model_type={model_type!r} must be a non-empty string")
         heads = count("num_attention_heads")
+        check_size_keys(cfg, where)
         return cls(model_type, count("num_hidden_layers"), heads, count("num_key_value_heads", default=heads),
                    count(*EXPERT_COUNT_KEYS, minimum=0, default=0))
+
+
+# The integer sizes of SHAPE_KEYS (beyond the counts from_config reads itself) with their least value: a base whose
+# config holds one as a string or a float would otherwise be compared with every source as it is and the mismatch
+# blamed on the source.
+SIZE_KEYS = {"hidden_size": 1, "head_dim": 1, "intermediate_size": 1, "moe_intermediate_size": 1, "vocab_size": 1,
+             "q_lora_rank": 1, "kv_lora_rank": 1, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 1,
+             "shared_expert_intermediate_size": 0, "n_shared_experts": 0, "first_k_dense_replace": 0,
+             "decoder_sparse_step": 1}
+
+
+def check_size_keys(cfg: dict, where: str) -> None:
+    """Every architecture size config.json states (null: not stated) is an integer, tie_word_embeddings a boolean,
+    mlp_only_layers a list of layer numbers."""
+    for k, minimum in SIZE_KEYS.items():
+        v = cfg.get(k)
+        if v is not None and (type(v) is not int or v < minimum):
+            raise UserError(f"{where}: config.json {k}={v!r} must be an integer ≥ {minimum}; fix the config")
+    tie = cfg.get("tie_word_embeddings")
+    if tie is not None and type(tie) is not bool:
+        raise UserError(f"{where}: config.json tie_word_embeddings={tie!r} must be true or false; fix the config")
+    dense = cfg.get("mlp_only_layers")
+    if dense is not None and not (isinstance(dense, list) and all(type(i) is int and i >= 0 for i in dense)):
+        raise UserError(f"{where}: config.json mlp_only_layers={dense!r} must be a list of layer numbers; "
+                        f"fix the config")
 
 
 def with_mtp_layers(cfg: dict, count: int) -> dict:

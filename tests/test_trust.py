@@ -256,6 +256,13 @@ def test_wrong_typed_producer_config(case, llama, cli, tmp_path):
     ("architectures", "LlamaForCausalLM", "architectures='LlamaForCausalLM' must be a list of model class names"),
     ("architectures", None, "architectures=None must be a list of model class names"),
     ("architectures", [""], "architectures=[''] must be a list of model class names"),
+    # sizes every source is compared with: refused in the base, not blamed on the first source that has the number
+    ("hidden_size", "256", "hidden_size='256' must be an integer ≥ 1"),
+    ("intermediate_size", 512.0, "intermediate_size=512.0 must be an integer ≥ 1"),
+    ("vocab_size", 0, "vocab_size=0 must be an integer ≥ 1"),
+    ("head_dim", True, "head_dim=True must be an integer"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings='false' must be true or false"),
+    ("mlp_only_layers", ["0"], "mlp_only_layers=['0'] must be a list of layer numbers"),
 ])
 def test_wrong_typed_model_config(field, value, match, llama, cli, tmp_path):
     base = edit_config(copy(llama["base"], tmp_path / "b"), lambda c: c.update({field: value}))
