@@ -238,10 +238,11 @@ class MpconvertConfig(QuantizationConfig):
     def _check_biases(self, model: torch.nn.Module, built: dict[str, torch.nn.Module]) -> None:
         """Refuses a checkpoint bias the model class has no parameter for: SGLang's loaders skip a `.bias` they lack
         without a word (SGLang 0.5.17's Llama builds its MLP without biases whatever `mlp_bias` says), so the layer
-        would be served without it — wrong, and unseen by verify. Linears of decoder layers, routed experts aside;
-        a unit this model does not build (pipeline stages, draft models) is not asked about."""
+        would be served without it — wrong, and unseen by verify. Every linear, the LM head among them (a Llama's
+        ParallelLMHead has no bias either), routed experts aside; a unit this model does not build (pipeline stages,
+        draft models) is not asked about."""
         for name, m in self.manifest.modules.items():
-            if m.kind != "linear" or m.layer is None or m.expert is not None or "bias" not in m.rows:
+            if m.kind != "linear" or m.expert is not None or "bias" not in m.rows:
                 continue
             module = built.get(m.unit)
             if module is not None and getattr(module, "bias", None) is None:

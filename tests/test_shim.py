@@ -11,7 +11,8 @@ import torch
 
 from mpconvert.runtime_shim.engine_check import sha  # the hash engine_check reports for each parameter
 
-from helpers import DENSE_RULES, DENSE_SOURCES, THREE_SOURCES, build, load, loaded, refusal, refused, write_recipe
+from helpers import (DENSE_RULES, DENSE_SOURCES, THREE_SOURCES, build, edited_source, load, loaded, refusal, refused,
+                     write_recipe)
 
 
 def built_and_loaded(fixtures: dict, cli, tmp_path: Path, default: str, rules: str) -> dict:
@@ -443,6 +444,20 @@ def test_a_bias_the_model_class_has_no_parameter_for(mlp_bias, cli, tmp_path):
             "model.layers.0.mlp.down_proj.bias without a word") in why, why
     r = cli("verify", out, "--engine", "sglang", "--json")
     assert r.exit_code == 1 and "without a bias" in r.output, r.output
+
+
+def test_an_lm_head_bias_the_model_class_has_no_parameter_for(llama, cli, tmp_path):
+    """The same outside the decoder layers: a Llama checkpoint with an `lm_head.bias` (SGLang's ParallelLMHead for
+    Llama has none) loaded and verify --engine said OK while the logits came without it. Refused, naming it."""
+    def add_bias(sd):
+        sd["lm_head.bias"] = torch.randn(sd["lm_head.weight"].shape[0]).to(torch.bfloat16)
+
+    base = edited_source(llama["base"], tmp_path / "base", add_bias)
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, {**llama, "base": base}, {"fp8": "ct-fp8-dynamic"}, "fp8",
+                            "- {match: lm_head, source: base}"), out)
+    why = " ".join(refusal(out).split())
+    assert "SGLang's LlamaForCausalLM builds lm_head without a bias, so its loader would skip lm_head.bias" in why, why
 
 
 def test_a_model_class_that_leaves_a_part_unquantized(stablelm, cli, tmp_path):
