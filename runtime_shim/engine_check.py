@@ -7,7 +7,7 @@ pick its quant method exactly as on a GPU, and SGLang's real `load_weights` fill
 Usage: python -m mpconvert.runtime_shim.engine_check DIR INIT_METHOD [TP RANK [EP]]; for TP=N run N of them at once
 (gloo ranks meeting at INIT_METHOD, e.g. file:///tmp/x/rendezvous; EP splits the experts over them as SGLang's --ep
 does), one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype
-(default auto). Prints one JSON line:
+(default auto), MPCONVERT_SERVER_ARGS adds server arguments (a JSON object). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
 experts held]}, "loaded": [...],
 "params": {name: [dtype, shape, sha256 of its bytes after load_weights]}, "untouched": [parameters load_weights never
@@ -90,7 +90,11 @@ def build_and_load(path: str, init_method: str, tp: int, rank: int, ep: int = 1)
 
     from mpconvert.runtime_shim.sglang_versions import init_rank, version
 
-    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep, dtype=os.environ.get("SGLANG_DTYPE", "auto"))
+    # MPCONVERT_SERVER_ARGS: more of SGLang's server arguments as a JSON object, e.g. {"enforce_shared_experts_fusion":
+    # true} for the fused shared-experts load path SGLang takes on a GPU only (DeepSeek-V3 at 256 experts, GLM-4.5)
+    extra = json.loads(os.environ.get("MPCONVERT_SERVER_ARGS") or "{}")
+    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep, dtype=os.environ.get("SGLANG_DTYPE", "auto"),
+                    **extra)
     mc = init_rank(sa, tp, rank, ep, init_method)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)

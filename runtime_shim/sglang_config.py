@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import types
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,8 @@ from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, lo
 from mpconvert.rules import MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems, model_dtypes
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
+
+logger = logging.getLogger("mpconvert")
 
 def _check_mla(manifest: Manifest) -> Optional[types.SimpleNamespace]:
     """Refuses what the MLA loader would load wrong (rules.mla_problems: build refuses it too, verify reports it);
@@ -105,6 +108,38 @@ def _subs(self_or_cls) -> list[QuantizationConfig]:
         return []
     every = list(self_or_cls.subs.values()) + [n for gs in self_or_cls.groups.values() for _, n in gs]
     return list({id(s): s for s in every if s is not None}.values())
+
+
+def shared_experts_apart(manifest: Manifest) -> Optional[str]:
+    """Why the shared experts of some MoE layer must not be fused into its routed experts, or None. SGLang fuses a
+    layer's shared experts into its FusedMoE as extra experts (DeepSeek-V3/R1 at 256 routed experts, GLM-4.5 at any
+    size, on the GPU) and loads them through the routed experts' quant method: right only where the shared experts
+    have the routed experts' one format. Otherwise a shared expert's scales meet the routed format's parameters — a
+    crash at load, or, where the shapes agree (Int8 bytes in an FP8 slot), wrong values without an error."""
+    units = manifest.units
+    for unit, spec in units.items():
+        if not unit.endswith(".mlp.experts"):
+            continue
+        shared = [u for u in units if u.startswith(unit[:-len("experts")] + "shared_experts.")]
+        if shared and spec.groups:
+            return f"{unit} mixes formats across its experts"
+        for u in shared:
+            if units[u].schemes() != spec.schemes():
+                return f"{u} is {units[u].describe()} where the routed experts are {spec.describe()}"
+    return None
+
+
+def _disable_shared_experts_fusion(why: str) -> None:
+    """What --disable-shared-experts-fusion does, set in this worker before its model is built (both model classes
+    and SGLang 0.5.23's loader read it then; SGLang's own models turn it off so for their mixed-precision cases)."""
+    from sglang.srt.runtime_context import get_context
+
+    try:
+        get_context().override("mpconvert", disable_shared_experts_fusion=True)
+    except ValueError:  # no published server config: no model is being built in this process
+        return
+    logger.info(f"mpconvert: {why}: shared experts fusion disabled (SGLang fuses them through the routed experts' "
+                f"quant method)")
 
 
 class MpconvertConfig(QuantizationConfig):
@@ -188,6 +223,9 @@ class MpconvertConfig(QuantizationConfig):
                 groups[unit] = [(g, native(unit, g.format, g.params)) for g in spec.groups]
             else:
                 subs[unit] = native(unit, spec.format, spec.params)
+        why = shared_experts_apart(manifest)
+        if why:
+            _disable_shared_experts_fusion(why)
         return cls(manifest, subs, groups, linear_fp8_config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):

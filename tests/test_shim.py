@@ -380,6 +380,25 @@ def test_deepseek_mix_that_no_dtype_serves(deepseek, cli, tmp_path):
            "this model runs in torch.float16; serve it with --dtype bfloat16" in rep["findings"][0]["message"]
 
 
+@pytest.mark.parametrize("case", ["one format", "shared apart", "mixed experts"])
+def test_shared_experts_fused_only_into_experts_of_their_format(case, deepseek, cli, tmp_path, monkeypatch):
+    """On a GPU SGLang fuses a layer's shared experts into its FusedMoE as extra experts (DeepSeek-V3 at 256 experts,
+    GLM-4.5 always) and loads them through the routed experts' quant method. Shared experts in another format than
+    the routed ones crashed that load (an FP8 block scale copied into an Int8 per-channel slot), and mixed routed
+    experts were refused asking for --disable-shared-experts-fusion: `launch_server` did not just work (the GLM-4.5
+    GPU part). The shim now turns fusion off for such a model; one format throughout still fuses. SGLang's fused
+    path, which it takes on a GPU only, runs here through its own --enforce-shared-experts-fusion."""
+    monkeypatch.setenv("MPCONVERT_SERVER_ARGS", json.dumps({"enforce_shared_experts_fusion": True}))
+    rules = {"one format": "", "shared apart": '- {match: "mlp.shared_experts.*", source: fp8}',
+             "mixed experts": '- {match: "mlp.experts.*", experts: "0-3", source: fp8}'}[case]
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, deepseek, {"fp8": "ct-fp8-block", "int8": "ct-w8a8"}, "int8", rules), out)
+    [rank] = loaded(out)
+    fused = case == "one format"
+    assert rank["moe"]["model.layers.1.mlp.experts"] == ([9, 9] if fused else [8, 8])  # 8 routed + 1 shared
+    assert ("model.layers.1.mlp.shared_experts.gate_up_proj" in rank["methods"]) is not fused
+
+
 def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
     """SGLang's MLA loader decodes a packed kv_b_proj as AWQ and fuses q_a/kv_a for AWQ only when the whole model is
     AWQ: GPTQ there would load wrong. One rule (rules.mla_problems) refuses it at build, and the shim with it."""
