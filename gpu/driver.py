@@ -278,9 +278,10 @@ def run_all(jobs: dict[str, dict], par: int) -> dict[str, dict]:
     with ThreadPoolExecutor(par) as ex:
         futs = {k: ex.submit(engine, k, spec) for k, spec in jobs.items()}
         res = {k: f.result() for k, f in futs.items()}
-    # a concurrent start can lose SGLang's memory-profiling race: retry those alone
+    # a concurrent start can lose SGLang's memory-profiling race, or a port another Engine's process took meanwhile
+    # (gemma3, session 33: EADDRINUSE on the label's own NCCL port): retry those alone
     for k, r in res.items():
-        if not r.get("ok") and "memory" in r.get("error", "").lower():
+        if not r.get("ok") and any(w in r.get("error", "").lower() for w in ("memory", "address already in use")):
             res[k] = engine(k + "-retry", jobs[k])
     return res
 
