@@ -112,15 +112,17 @@ def _subs(self_or_cls) -> list[QuantizationConfig]:
 
 def shared_experts_apart(manifest: Manifest) -> Optional[str]:
     """Why the shared experts of some MoE layer must not be fused into its routed experts, or None. SGLang fuses a
-    layer's shared experts into its FusedMoE as extra experts (DeepSeek-V3/R1 at 256 routed experts, GLM-4.5 at any
-    size, on the GPU) and loads them through the routed experts' quant method: right only where the shared experts
-    have the routed experts' one format. Otherwise a shared expert's scales meet the routed format's parameters — a
-    crash at load, or, where the shapes agree (Int8 bytes in an FP8 slot), wrong values without an error."""
+    layer's shared experts into its FusedMoE as extra experts on a GPU (GLM-4.5 at any size, DeepSeek-V3/R1 at 256
+    routed experts; a Qwen-MoE's one `shared_expert` in Qwen3-Next, or on AMD) and loads them through the routed
+    experts' quant method: right only where the shared experts have the routed experts' one format. Otherwise a
+    shared expert's scales meet the routed format's parameters — a crash at load, or, where the shapes agree (Int8
+    bytes in an FP8 slot), wrong values without an error."""
     units = manifest.units
     for unit, spec in units.items():
         if not unit.endswith(".mlp.experts"):
             continue
-        shared = [u for u in units if u.startswith(unit[:-len("experts")] + "shared_experts.")]
+        mlp = unit[:-len("experts")]
+        shared = [u for u in units if u.startswith((mlp + "shared_experts.", mlp + "shared_expert."))]
         if shared and spec.groups:
             return f"{unit} mixes formats across its experts"
         for u in shared:

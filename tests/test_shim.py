@@ -326,6 +326,13 @@ def test_shared_expert_and_routed_experts_in_different_formats(qwen2moe, cli, tm
     assert r["params"][f"{L1}.self_attn.qkv_proj.bias"][:2] == ["torch.float16", [512]]
     assert r["params"][f"{L1}.self_attn.qkv_proj.bias"][2] == sha(torch.cat(
         [out[f"{L1}.self_attn.{x}_proj.bias"] for x in "qkv"]).to(torch.float16))
+    # Qwen-MoE's one shared_expert is fused like DeepSeek's shared_experts where SGLang fuses it (Qwen3-Next, AMD):
+    # the shim keeps it apart from routed experts of another format
+    from mpconvert.manifest import load_manifest
+    from mpconvert.runtime_shim.sglang_config import shared_experts_apart
+
+    assert shared_experts_apart(load_manifest(tmp_path / "out")[0]) == (
+        f"{L0}.mlp.shared_expert.down_proj is int8 where the routed experts are fp8")
 
 
 DEEPSEEK_RULES = """
