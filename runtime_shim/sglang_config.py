@@ -35,6 +35,7 @@ from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
 
 logger = logging.getLogger("mpconvert")
 
+
 def _check_mla(manifest: Manifest) -> Optional[types.SimpleNamespace]:
     """Refuses what the MLA loader would load wrong (rules.mla_problems: build refuses it too, verify reports it);
     returns the model-wide FP8 layout of kv_b_proj (its `linear_fp8_config`), or None where no kv_b_proj is FP8."""
