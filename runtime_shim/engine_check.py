@@ -92,9 +92,13 @@ def build_and_load(path: str, init_method: str, tp: int, rank: int, ep: int = 1)
 
     # MPCONVERT_SERVER_ARGS: more of SGLang's server arguments as a JSON object, e.g. {"enforce_shared_experts_fusion":
     # true} for the fused shared-experts load path SGLang takes on a GPU only (DeepSeek-V3 at 256 experts, GLM-4.5)
-    extra = json.loads(os.environ.get("MPCONVERT_SERVER_ARGS") or "{}")
-    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep, dtype=os.environ.get("SGLANG_DTYPE", "auto"),
-                    **extra)
+    try:
+        extra = json.loads(os.environ.get("MPCONVERT_SERVER_ARGS") or "{}")
+        sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep,
+                        dtype=os.environ.get("SGLANG_DTYPE", "auto"), **extra)
+    except (ValueError, TypeError) as e:  # (a bad JSON text, a non-object, a name ServerArgs lacks)
+        raise ValueError(f"MPCONVERT_SERVER_ARGS={os.environ['MPCONVERT_SERVER_ARGS']!r} is not a JSON object of "
+                         f"SGLang server arguments ({e}); fix or unset it") from None
     mc = init_rank(sa, tp, rank, ep, init_method)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)

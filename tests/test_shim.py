@@ -406,6 +406,14 @@ def test_shared_experts_fused_only_into_experts_of_their_format(case, deepseek, 
     assert ("model.layers.1.mlp.shared_experts.gate_up_proj" in rank["methods"]) is not fused
 
 
+@pytest.mark.parametrize("value", ["nope", "[1]", '{"no_such_arg": 1}'])
+def test_server_arguments_for_the_engine_check_that_sglang_cannot_take(value, llama, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPCONVERT_SERVER_ARGS", value)
+    out = tmp_path / "out"
+    build(cli, write_recipe(tmp_path, llama, {"fp8": "ct-fp8-dynamic"}, "fp8"), out)
+    assert f"MPCONVERT_SERVER_ARGS={value!r} is not a JSON object of SGLang server arguments" in refusal(out)
+
+
 def test_deepseek_packed_int4_in_mla_is_refused(deepseek, cli, tmp_path):
     """SGLang's MLA loader decodes a packed kv_b_proj as AWQ and fuses q_a/kv_a for AWQ only when the whole model is
     AWQ: GPTQ there would load wrong. One rule (rules.mla_problems) refuses it at build, and the shim with it."""
