@@ -90,15 +90,8 @@ def build_and_load(path: str, init_method: str, tp: int, rank: int, ep: int = 1)
 
     from mpconvert.runtime_shim.sglang_versions import init_rank, version
 
-    # MPCONVERT_SERVER_ARGS: more of SGLang's server arguments as a JSON object, e.g. {"enforce_shared_experts_fusion":
-    # true} for the fused shared-experts load path SGLang takes on a GPU only (DeepSeek-V3 at 256 experts, GLM-4.5)
-    try:
-        extra = json.loads(os.environ.get("MPCONVERT_SERVER_ARGS") or "{}")
-        sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep,
-                        dtype=os.environ.get("SGLANG_DTYPE", "auto"), **extra)
-    except (ValueError, TypeError) as e:  # (a bad JSON text, a non-object, a name ServerArgs lacks)
-        raise ValueError(f"MPCONVERT_SERVER_ARGS={os.environ['MPCONVERT_SERVER_ARGS']!r} is not a JSON object of "
-                         f"SGLang server arguments ({e}); fix or unset it") from None
+    sa = ServerArgs(model_path=path, device="cpu", tp_size=tp, ep_size=ep, dtype=os.environ.get("SGLANG_DTYPE", "auto"),
+                    **_more_server_args(ServerArgs))
     mc = init_rank(sa, tp, rank, ep, init_method)
     lc = LoadConfig()
     qc = _get_quantization_config(mc, lc)
@@ -129,6 +122,30 @@ def build_and_load(path: str, init_method: str, tp: int, rank: int, ep: int = 1)
     return {"sglang": version(), "ep": get_parallel().moe_ep_size, "ep_rank": get_parallel().moe_ep_rank,
             "quant_config": type(qc).__name__, "min_capability": qc.get_min_capability(),
             "act_dtypes": [str(d) for d in qc.get_supported_act_dtypes()], "loaded": names, **out}
+
+
+def _more_server_args(server_args_class) -> dict:
+    """MPCONVERT_SERVER_ARGS: more of SGLang's server arguments as a JSON object, e.g. {"enforce_shared_experts_fusion":
+    true} for the fused shared-experts load path SGLang takes on a GPU only (DeepSeek-V3 at 256 experts, GLM-4.5).
+    Checked here, so that what ServerArgs itself refuses keeps its own message."""
+    import inspect
+
+    text = os.environ.get("MPCONVERT_SERVER_ARGS") or "{}"
+
+    def bad(why) -> ValueError:
+        return ValueError(f"MPCONVERT_SERVER_ARGS={text!r} is not a JSON object of SGLang server arguments ({why}); "
+                          f"fix or unset it")
+
+    try:
+        extra = json.loads(text)
+    except ValueError as e:
+        raise bad(e) from None
+    if not isinstance(extra, dict):
+        raise bad("not an object")
+    unknown = sorted(extra.keys() - inspect.signature(server_args_class).parameters.keys())
+    if unknown:
+        raise bad(f"no such arguments: {unknown}")
+    return extra
 
 
 SHARED = ("embed_tokens.weight", "lm_head.weight")  # a NextN draft's: the main model's at serving time
