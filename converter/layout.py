@@ -265,8 +265,7 @@ class ModelInfo:
                 if default is None:
                     raise UserError(f"{where}: config.json lacks {key!r}; mpconvert needs a decoder LLM config")
                 return default
-            if type(v) is not int or v < minimum:
-                raise UserError(f"{where}: config.json {k}={v!r} must be an integer ≥ {minimum}; fix the config")
+            check_integer(k, v, minimum, where)
             return v
 
         model_type = cfg.get("model_type")
@@ -287,13 +286,18 @@ SIZE_KEYS = {"hidden_size": 1, "head_dim": 1, "intermediate_size": 1, "moe_inter
              "decoder_sparse_step": 1}
 
 
+def check_integer(key: str, value, minimum: int, where: str) -> None:
+    """A config.json count or size: an integer (not a bool, a float or a string) of at least `minimum`."""
+    if type(value) is not int or value < minimum:
+        raise UserError(f"{where}: config.json {key}={value!r} must be an integer ≥ {minimum}; fix the config")
+
+
 def check_size_keys(cfg: dict, where: str) -> None:
     """Every architecture size config.json states (null: not stated) is an integer, tie_word_embeddings a boolean,
     mlp_only_layers a list of layer numbers."""
     for k, minimum in SIZE_KEYS.items():
-        v = cfg.get(k)
-        if v is not None and (type(v) is not int or v < minimum):
-            raise UserError(f"{where}: config.json {k}={v!r} must be an integer ≥ {minimum}; fix the config")
+        if cfg.get(k) is not None:
+            check_integer(k, cfg[k], minimum, where)
     tie = cfg.get("tie_word_embeddings")
     if tie is not None and type(tie) is not bool:
         raise UserError(f"{where}: config.json tie_word_embeddings={tie!r} must be true or false; fix the config")
