@@ -145,6 +145,7 @@ def compare(manifest, result: dict, label: str, rep) -> None:
                                  f"{manifest.layout} layout's); config.json does not say what build wrote")
     got = result["methods"]
     expected = expected_layers(manifest, result.get("ep", 1), result.get("ep_rank", 0))
+    _fused_shared_experts(manifest, expected, result.get("fused_shared", {}), label, rep)
     for prefix, (fmt, method, scheme) in sorted(expected.items()):
         if prefix not in got:
             rep.add("engine", f"{label} {prefix}", f"SGLang built no quantized layer at this prefix ({fmt} expected "
@@ -158,6 +159,24 @@ def compare(manifest, result: dict, label: str, rep) -> None:
     for name in result["untouched"]:
         rep.add("engine", f"{label} {name}", "SGLang's load_weights never wrote this parameter (a checkpoint tensor "
                                              "was skipped or renamed by the model loader)")
+
+
+def _fused_shared_experts(manifest, expected: dict, fused: dict, label: str, rep) -> None:
+    """Where SGLang fused a layer's shared experts into its FusedMoE (on a GPU: DeepSeek-V3 at 256 experts, GLM-4.5)
+    they are no layers of their own: their weights load as extra experts through the routed experts' quant method —
+    right only where both are one scheme (the shim turns fusion off elsewhere: sglang_config.shared_experts_apart).
+    Their expected layers are taken out of `expected` here, and a scheme that differs is the finding."""
+    for experts in fused:
+        layer = experts.rpartition(".")[0] + "."
+        into = manifest.units.get(experts)
+        for prefix in [p for p in expected if p.startswith(layer) and p[len(layer):].startswith("shared_expert")]:
+            spec = manifest.units[prefix]
+            if into is None or into.groups or (spec.format, spec.params) != (into.format, into.params):
+                rep.add("engine", f"{label} {prefix}", f"SGLang fused it ({spec.describe()}) into {experts} "
+                                                       f"({into.describe() if into else 'not in the manifest'}), "
+                                                       f"whose quant method loads it: wrong values; serve with "
+                                                       f"--disable-shared-experts-fusion")
+            del expected[prefix]
 
 
 FLOAT = ("torch.bfloat16", "torch.float16", "torch.float32")

@@ -9,7 +9,7 @@ Usage: python -m mpconvert.runtime_shim.engine_check DIR INIT_METHOD [TP RANK [E
 does), one process per rank (SGLang keeps process-global distributed state). SGLANG_DTYPE picks the model dtype
 (default auto), MPCONVERT_SERVER_ARGS adds server arguments (a JSON object). Prints one JSON line:
 {"methods": {layer prefix: [quant method class, scheme class]}, "moe": {FusedMoE prefix: [experts routed over,
-experts held]}, "loaded": [...],
+experts held]}, "fused_shared": {FusedMoE prefix: shared experts SGLang fused into it}, "loaded": [...],
 "params": {name: [dtype, shape, sha256 of its bytes after load_weights]}, "untouched": [parameters load_weights never
 wrote]}. A DeepSeek-V3 directory with an MTP layer also builds SGLang's NextN draft model (what speculative decoding
 loads from it): its layers and parameters join these under the checkpoint's names (model.layers.N.*), and "draft"
@@ -113,7 +113,7 @@ def build_and_load(path: str, init_method: str, tp: int, rank: int, ep: int = 1)
         draft_mc = ModelConfig.from_server_args(sa, is_draft_model=True)
         draft = build_one(draft_mc, lc, _get_quantization_config(draft_mc, lc), lambda: weights(record=False))
         n = mc.hf_config.num_hidden_layers
-        for key in ("methods", "moe", "params"):
+        for key in ("methods", "moe", "fused_shared", "params"):
             out[key].update({_checkpoint_name(k, n): v for k, v in draft[key].items() if not k.endswith(SHARED)})
         out["untouched"] += [_checkpoint_name(k, n) for k in draft["untouched"] if not k.endswith(SHARED)]
         out["draft"] = draft_mc.hf_config.architectures[0]
@@ -164,6 +164,9 @@ def build_one(mc, lc, qc, weights) -> dict:
     # FusedMoE runner configs: [experts the layer routes over, experts it holds]
     moe = {n: [m.moe_runner_config.num_experts, m.moe_runner_config.num_local_experts]
            for n, m in model.named_modules() if hasattr(m, "moe_runner_config")}
+    # FusedMoE layers into which SGLang fused the shared experts (their weights load as extra experts there)
+    fused = {n: m.num_fused_shared_experts for n, m in model.named_modules()
+             if hasattr(m, "moe_runner_config") and getattr(m, "num_fused_shared_experts", 0)}
     # mark every parameter's bytes first: a parameter SGLang's loader skips (e.g. a renamed scale) keeps the mark
     for p in model.parameters():
         p.data.view(torch.uint8).fill_(MARK)
@@ -171,7 +174,7 @@ def build_one(mc, lc, qc, weights) -> dict:
     params = {n: [str(p.dtype), list(p.shape), sha(p)] for n, p in model.named_parameters()}
     untouched = sorted(n for n, p in model.named_parameters()
                        if p.numel() and bool((p.data.view(torch.uint8) == MARK).all()) and not n.endswith(DERIVED))
-    return {"methods": methods, "moe": moe, "params": params, "untouched": untouched}
+    return {"methods": methods, "moe": moe, "fused_shared": fused, "params": params, "untouched": untouched}
 
 
 def _has_mtp_layer(hf_config, path: str) -> bool:

@@ -404,6 +404,21 @@ def test_shared_experts_fused_only_into_experts_of_their_format(case, deepseek, 
     fused = case == "one format"
     assert rank["moe"]["model.layers.1.mlp.experts"] == ([9, 9] if fused else [8, 8])  # 8 routed + 1 shared
     assert ("model.layers.1.mlp.shared_experts.gate_up_proj" in rank["methods"]) is not fused
+    assert rank["fused_shared"] == ({"model.layers.1.mlp.experts": 1} if fused else {})
+    # verify --engine's comparison knows fused shared experts have no layers of their own (it reported them missing)
+    # and says where fused ones differ from the experts they load through (as if the shim had not stopped fusion)
+    from mpconvert.engine import compare
+    from mpconvert.manifest import load_manifest
+    from mpconvert.verify import Report
+
+    manifest, rep = load_manifest(out)[0], Report(str(out))
+    compare(manifest, rank, "tp=1 rank 0", rep)
+    assert rep.findings == []
+    rank["fused_shared"] = {"model.layers.1.mlp.experts": 1}
+    compare(manifest, rank, "tp=1 rank 0", rep)
+    assert [f.where.rpartition(" ")[2] for f in rep.findings if "SGLang fused it" in f.message] == \
+        ([] if fused else ["model.layers.1.mlp.shared_experts.down_proj",
+                           "model.layers.1.mlp.shared_experts.gate_up_proj"])
 
 
 @pytest.mark.parametrize("value", ["nope", "[1]", '{"no_such_arg": 1}'])
