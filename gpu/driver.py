@@ -72,6 +72,18 @@ DEEPSEEK_MIXED = """
 - {match: "mlp.shared_experts.*", source: ct-fp8-block}
 - {match: "mlp.experts.*", experts: "0-3", source: ct-fp8-block}
 """
+# DeepSeek-V3 at its real expert counts (256 routed, 1 shared: SGLang fuses the shared expert into the FusedMoE on a
+# GPU): attention and routed experts 0-127 FP8-block; the dense first MLP, the shared experts and routed experts
+# 128-255 Int8 (default) — the shim must turn fusion off. "shared-apart": every routed expert FP8-block, the shared
+# ones Int8 (one routed format, yet no fusion either). The sources and the pure builds (one format throughout) must
+# fuse.
+DEEPSEEK_V3_MIXED = """
+- {match: "self_attn.*", source: ct-fp8-block}
+- {match: "mlp.experts.*", experts: "0-127", source: ct-fp8-block}
+"""
+SHARED_APART = """
+- {match: "mlp.shared_experts.*", source: ct-w8a8}
+"""
 # Dense Qwen2/Qwen3: FP8 attention with its bias (Qwen2) in layer 0, SmoothQuant's Int8 MLP (its smoothed
 # post_attention_layernorm along), AWQ's whole attention in layer 1 (its folded input_layernorm along); default GPTQ
 # (layer 1's MLP).
@@ -140,6 +152,14 @@ PARTS = {
     # SGLang's loader decodes only for AWQ (rules.mla_problems; build refuses it)
     "deepseek": {"serve": {"ct-fp8-block": {}, "ct-w8a8": {"quantization": "w8a8_int8"}},
                  "unservable": [], "mixed": DEEPSEEK_MIXED, "default": "gptq", "same": [], "mixed_dtype": "float16"},
+    # "more": further builds, label → (rules, default), served beside the mixed one; "fused": run label → MoE layers
+    # SGLang must have fused shared experts into (gpu/measure_plugin.py reports them)
+    "deepseek_v3": {"serve": {"ct-fp8-block": {}, "ct-w8a8": {"quantization": "w8a8_int8"}}, "unservable": [],
+                    "mixed": DEEPSEEK_V3_MIXED, "default": "ct-w8a8", "same": [],
+                    "mixed_tp": 1,  # (its experts' intermediate size is one FP8 block: no TP split of them)
+                    "more": {"shared-apart": (SHARED_APART, "ct-fp8-block")},
+                    "fused": {**{f"{w}-{k}": 1 for w in ("source", "pure") for k in ("ct-fp8-block", "ct-w8a8")},
+                              "mixed": 0, "shared-apart": 0}},
 }
 
 
@@ -200,6 +220,9 @@ def engine(label: str, spec: dict, timeout: int = int(os.environ.get("E2E_CHILD_
             pass
     if exact:  # gpu/measure_plugin.py: bytes the model's parameters and buffers hold, per TP rank
         r["weight_bytes"] = exact
+    fused = re.findall(r"E2E_FUSED_SHARED (\{.*\})", text)
+    if fused:  # gpu/measure_plugin.py: the MoE layers SGLang fused shared experts into, per TP rank
+        r["fused_shared"] = [json.loads(f)["fused"] for f in fused]
     bench = re.search(r"E2E_MOE_BENCH (\{.*\})", text)
     if bench:  # gpu/measure_plugin.py: one MoE block timed alone in a CUDA graph
         r["moe_bench"] = json.loads(bench.group(1))
@@ -323,10 +346,11 @@ def vs_bf16(r: dict, ref: dict) -> dict:
 
 # ---- parts -------------------------------------------------------------------------------------------------------
 def build_mixed(part: str, fx: dict[str, Path]) -> Path:
-    """The part's mixed recipe, over the sources its rules and default name; checked for TP=2."""
+    """The part's mixed recipe, over the sources its rules and default name; checked for TP=2 (or mixed_tp)."""
     P = PARTS[part]
     used = ({rule["source"] for rule in yaml.safe_load(P["mixed"])} | {P["default"]}) - {"base"}  # base: the base
-    return build(f"{part}-mixed", fx["base"], {k: fx[k] for k in sorted(used)}, P["default"], P["mixed"], tp=2)
+    return build(f"{part}-mixed", fx["base"], {k: fx[k] for k in sorted(used)}, P["default"], P["mixed"],
+                 tp=P.get("mixed_tp", 2))
 
 
 def fidelity(part: str, meta: dict, res: dict) -> None:
@@ -351,6 +375,9 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
             jobs[f"base-norms-{k}"] = {"path": str(with_base_norms(fx[k], base, built[f"pure-{k}"])), **P["serve"][k]}
             same.append((f"base-norms-{k}", f"pure-{k}"))
     jobs["mixed"] = {"path": str(built["mixed"]), **({"dtype": P["mixed_dtype"]} if "mixed_dtype" in P else {})}
+    for label, (rules, default) in P.get("more", {}).items():
+        used = ({rule["source"] for rule in yaml.safe_load(rules)} | {default}) - {"base"}
+        jobs[label] = {"path": str(build(f"{part}-{label}", base, {k: fx[k] for k in sorted(used)}, default, rules))}
     only = os.environ.get("E2E_ONLY")  # e.g. "source-gptq,pure-gptq,bf16": rerun just those
     if only:
         jobs = {k: v for k, v in jobs.items() if k in only.split(",")}
@@ -384,6 +411,16 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
     res["mixed_formats"] = sorted({u.format for u in load_manifest(built["mixed"])[0].units.values()})
     res["expected_failures"] = {label: expected_failure(label, get(label), why)
                                 for label, why in P.get("expect_fail", {}).items()}
+    res["fusion"] = {label: fusion_verdict(get(label), want) for label, want in P.get("fused", {}).items()}
+
+
+def fusion_verdict(r: dict, want: int) -> str:
+    """Whether SGLang fused shared experts into every MoE layer (want: how many per layer) or into none (want 0)."""
+    if "fused_shared" not in r:
+        return f"not known: {r.get('error', 'no E2E_FUSED_SHARED line')}"[:300]
+    got = r["fused_shared"][0]
+    ok = set(got.values()) == {want} if want else not got
+    return f"{'as expected' if ok else 'WRONG'}: " + (f"fused into {sorted(got.items())}" if got else "not fused")
 
 
 def with_base_norms(src: Path, base: Path, built: Path) -> Path:
@@ -965,6 +1002,7 @@ def summarize(part: str, res: dict) -> str:
             L.append(f"| {k} | {verdict} {c} |")
         L += ["", f"mixed formats: {res['mixed_formats']}; TP=2 vs TP=1: {res['tp2_vs_tp1']}", ""]
         L += [f"- {k} must fail: {v}" for k, v in res.get("expected_failures", {}).items()]
+        L += [f"- shared experts fusion, {k}: {v}" for k, v in res.get("fusion", {}).items()]
         if "spec_vs_plain" in res:
             L += [f"- speculative decoding (NEXTN) vs without, {k}: {v}" for k, v in res["spec_vs_plain"].items()]
             L += [f"- the MTP layer's units in the mixed build: {res['mtp_layer_units']}", ""]

@@ -3,6 +3,7 @@
 - after the model has loaded (process_weights_after_loading included), print the bytes its parameters and buffers
   hold on the device, by dtype, one storage counted once — the exact weight memory, beside SGLang's own figure (the
   drop in free device memory across loading, which also counts kernel code loaded and workspaces);
+- which MoE layers SGLang fused shared experts into (E2E_FUSED_SHARED);
 - with E2E_DUMP_DIR set, record the input and output of every MoE block (`model.layers.N.mlp` of a *SparseMoeBlock
   class) on its first prefill batches (up to 4 forward calls of ≥ 16 tokens), to compare each layer with a reference
   outside SGLang (gpu/driver.py). Fidelity runs only: a hook cannot copy to the host inside CUDA-graph capture;
@@ -19,7 +20,7 @@ import os
 
 
 def _after_load(result, runner, *args, **kwargs):
-    for what in (_report, _dump_hooks, _moe_bench):
+    for what in (_report, _fused_shared, _dump_hooks, _moe_bench):
         try:
             what(runner)
         except Exception as e:
@@ -43,6 +44,14 @@ def _report(runner) -> None:
     print("E2E_WEIGHT_BYTES " + json.dumps({"tp_rank": runner.ps.tp_rank, "by_dtype": by_dtype,
                                             "total": sum(by_dtype.values()),
                                             "allocated": torch.cuda.memory_allocated()}), flush=True)
+
+
+def _fused_shared(runner) -> None:
+    """Which FusedMoE layers SGLang fused shared experts into (on a GPU: DeepSeek-V3 at 256 experts, GLM-4.5), and
+    how many: where the shim let fusion happen and where it turned it off."""
+    fused = {n: m.num_fused_shared_experts for n, m in runner.model.named_modules()
+             if hasattr(m, "moe_runner_config") and getattr(m, "num_fused_shared_experts", 0)}
+    print("E2E_FUSED_SHARED " + json.dumps({"tp_rank": runner.ps.tp_rank, "fused": fused}), flush=True)
 
 
 def _moe_blocks(model):

@@ -50,6 +50,9 @@ PARTS = {
     # the same at hidden_size 512 (fixtures/deepseek_mtp.py says why) as DeepSeek-V3 checkpoints with one
     # multi-token-prediction layer (fixtures/mtp.py), for speculative decoding (NEXTN)
     "mtp": [("deepseek-mtp", ("base", "ct-fp8-block", "gptq"), "")],
+    # DeepSeek-V3 at its real expert counts (fixtures/deepseek_v3.py): where SGLang fuses the shared expert on a GPU
+    # (no GPTQ: the three sources' 40 MiB, compressed, leave no room for it under the carry limit)
+    "deepseek_v3": [("deepseek_v3", ("base", "ct-fp8-block", "ct-w8a8"), "")],
     # dense Qwen2 (q/k/v bias) and Qwen3 (q_norm/k_norm), both with a tied head: every format through SGLang's own
     # Qwen2/Qwen3 classes, AWQ's pairs and SmoothQuant among them
     "qwen2": [("qwen2", ("base", "ct-fp8-dynamic", "ct-w8a8", "ct-w8a8-smooth", "gptq", "awq"), "")],
