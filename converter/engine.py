@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import rules
 from .formats import FORMATS
 from .formats.base import CT_LAYOUT
 from .layout import UNQUANTIZED_ONLY_SLOTS, role_of
@@ -163,20 +164,18 @@ def compare(manifest, result: dict, label: str, rep) -> None:
 
 def _fused_shared_experts(manifest, expected: dict, fused: dict, label: str, rep) -> None:
     """Where SGLang fused a layer's shared experts into its FusedMoE (on a GPU: DeepSeek-V3 at 256 experts, GLM-4.5)
-    they are no layers of their own: their weights load as extra experts through the routed experts' quant method —
-    right only where both are one scheme (the shim turns fusion off elsewhere: sglang_config.shared_experts_apart).
-    Their expected layers are taken out of `expected` here, and a scheme that differs is the finding."""
+    they are no layers of their own: their weights load as extra experts through the routed experts' quant method, so
+    their expected layers are taken out of `expected`; a layer the shim should have kept unfused is the finding."""
     for experts in fused:
-        layer = experts.rpartition(".")[0] + "."
-        into = manifest.units.get(experts)
-        for prefix in [p for p in expected if p.startswith(layer) and p[len(layer):].startswith("shared_expert")]:
-            spec = manifest.units[prefix]
-            if into is None or into.groups or (spec.format, spec.params) != (into.format, into.params):
-                rep.add("engine", f"{label} {prefix}", f"SGLang fused it ({spec.describe()}) into {experts} "
-                                                       f"({into.describe() if into else 'not in the manifest'}), "
-                                                       f"whose quant method loads it: wrong values; serve with "
-                                                       f"--disable-shared-experts-fusion")
-            del expected[prefix]
+        if experts not in manifest.units:
+            continue
+        why = rules.shared_experts_fusion_problem(manifest.units, experts)
+        if why:
+            rep.add("engine", f"{label} {experts}", f"SGLang fused the shared experts into it, loading them through "
+                                                    f"the routed experts' quant method, but {why}: wrong values; "
+                                                    f"serve with --disable-shared-experts-fusion")
+        for unit in rules.shared_experts_of(manifest.units, experts):
+            expected.pop(unit, None)
 
 
 FLOAT = ("torch.bfloat16", "torch.float16", "torch.float32")

@@ -273,6 +273,30 @@ def expert_placement_problem(unit: str, moe_settings) -> str | None:
             f"{'them' if len(moved) > 1 else 'it'} out, or take this layer's experts from one source")
 
 
+def shared_experts_of(units, experts: str) -> list[str]:
+    """The units of the shared experts beside MoE layer `experts` (a unit name ending `.mlp.experts`): DeepSeek's and
+    GLM's `shared_experts.*`, Qwen-MoE's one `shared_expert.*`."""
+    mlp = experts[:-len("experts")]
+    return [u for u in units if u.startswith((mlp + "shared_experts.", mlp + "shared_expert."))]
+
+
+def shared_experts_fusion_problem(units, experts: str) -> str | None:
+    """Why the shared experts of MoE layer `experts` must not be fused into it, or None. SGLang fuses a layer's shared
+    experts into its FusedMoE as extra experts on a GPU (GLM-4.5 at any size, DeepSeek-V3/R1 at 256 routed experts; a
+    Qwen-MoE's one `shared_expert` in Qwen3-Next, or on AMD) and loads them through the routed experts' quant method:
+    right only where the shared experts have the routed experts' one scheme. Otherwise a shared expert's scales meet
+    the routed scheme's parameters — a crash at load, or, where the shapes agree (Int8 bytes in an FP8 slot), wrong
+    values without an error. `units`: the manifest's (one rule for the shim, which turns fusion off, and verify
+    --engine, which checks what SGLang fused)."""
+    spec, shared = units[experts], shared_experts_of(units, experts)
+    if shared and spec.groups:
+        return f"{experts} mixes formats across its experts"
+    for u in shared:
+        if units[u].schemes() != spec.schemes():
+            return f"{u} is {units[u].describe()} where the routed experts are {spec.describe()}"
+    return None
+
+
 def model_dtypes(unit: str, fmt: str, model_type: str, moe: bool) -> tuple[str, ...]:
     """The model dtypes (SGLang's --dtype) in which SGLang 0.5.17 runs this unit in this format, or () for any: a
     MoE layer's, its format's kernel's (Format.moe_model_dtypes); an MLA kv_b_proj absorbed in bfloat16, bfloat16."""

@@ -29,7 +29,8 @@ from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.errors import UserError
 from mpconvert.layout import LAYER_PREFIX as _LAYER_PREFIX, from_nextn_draft
 from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
-from mpconvert.rules import MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems, model_dtypes
+from mpconvert.rules import (MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems, model_dtypes,
+                             shared_experts_fusion_problem)
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
 from mpconvert.runtime_shim.sglang_fixes import patch_gptq_marlin_moe
 
@@ -112,24 +113,11 @@ def _subs(self_or_cls) -> list[QuantizationConfig]:
 
 
 def shared_experts_apart(manifest: Manifest) -> Optional[str]:
-    """Why the shared experts of some MoE layer must not be fused into its routed experts, or None. SGLang fuses a
-    layer's shared experts into its FusedMoE as extra experts on a GPU (GLM-4.5 at any size, DeepSeek-V3/R1 at 256
-    routed experts; a Qwen-MoE's one `shared_expert` in Qwen3-Next, or on AMD) and loads them through the routed
-    experts' quant method: right only where the shared experts have the routed experts' one format. Otherwise a
-    shared expert's scales meet the routed format's parameters — a crash at load, or, where the shapes agree (Int8
-    bytes in an FP8 slot), wrong values without an error."""
+    """Why the shared experts of some MoE layer must not be fused into its routed experts (SGLang does on a GPU), or
+    None: rules.shared_experts_fusion_problem of the first layer that has one."""
     units = manifest.units
-    for unit, spec in units.items():
-        if not unit.endswith(".mlp.experts"):
-            continue
-        mlp = unit[:-len("experts")]
-        shared = [u for u in units if u.startswith((mlp + "shared_experts.", mlp + "shared_expert."))]
-        if shared and spec.groups:
-            return f"{unit} mixes formats across its experts"
-        for u in shared:
-            if units[u].schemes() != spec.schemes():
-                return f"{u} is {units[u].describe()} where the routed experts are {spec.describe()}"
-    return None
+    return next(filter(None, (shared_experts_fusion_problem(units, u) for u in units if u.endswith(".mlp.experts"))),
+                None)
 
 
 def _disable_shared_experts_fusion(why: str) -> None:
