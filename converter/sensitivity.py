@@ -54,11 +54,10 @@ class Tail:
         self.routed: dict[int, list[int]] = {}  # MoE layer → tokens its router sent to each expert (top-k slots)
         hooks = [layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
                  for i, layer in enumerate(self.layers)]
-        top_k = getattr(self.model.config, "num_experts_per_tok", None)
-        for name, mod in self.model.named_modules():
-            role = role_of(name)
-            if role is not None and role.kind == "router" and role.layer is not None and top_k:
-                hooks.append(mod.register_forward_hook(self._router_counter(role.layer, top_k)))
+        for i, layer in enumerate(self.layers):  # each MoE layer's routed experts (mlp, or Mixtral's older name)
+            experts = getattr(getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None), "experts", None)
+            if experts is not None:
+                hooks.append(experts.register_forward_pre_hook(self._routing_counter(i, experts), with_kwargs=True))
         try:
             with torch.inference_mode():
                 logits = self.model(input_ids=self.ids, use_cache=False).logits
@@ -78,17 +77,16 @@ class Tail:
             self.inputs[i] = (h.detach(), rest, kw)
         return pre
 
-    def _router_counter(self, layer: int, top_k: int):
-        def count(mod, args, out):
+    def _routing_counter(self, layer: int, experts):
+        """Counts the experts each token is sent to, as the layer's experts module receives them (transformers' MoE
+        blocks call it with (hidden_states, top_k_index, top_k_weights)): the routing as the model does it — with
+        DeepSeek-V3's and GLM-4.5's group-limited choice and score correction bias, which a top-k of the router's
+        logits is not (and 256 experts of which a few tokens reach some only: the count covers every expert)."""
+        def count(mod, args, kwargs):
             import torch
 
-            if isinstance(out, tuple) and len(out) >= 3 and not out[-1].is_floating_point():
-                ids = out[-1]  # (logits, scores, indices): transformers' top-k routers
-            else:
-                logits = out[0] if isinstance(out, tuple) else out
-                ids = logits.topk(top_k, dim=-1).indices
-            n = getattr(mod, "num_experts", None) or int(ids.max()) + 1
-            counts = torch.bincount(ids.flatten().long(), minlength=n).tolist()
+            ids = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
+            counts = torch.bincount(ids.flatten().long(), minlength=experts.num_experts).tolist()
             prev = self.routed.get(layer)
             self.routed[layer] = counts if prev is None else [a + b for a, b in zip(prev, counts)]
         return count

@@ -380,3 +380,36 @@ def test_plans_deepseek_candidates_keep_to_the_mla_and_dtype_rules(deepseek, tmp
         "self_attn.kv_b_proj": ["base"], "self_attn.fused_qkv_a_proj_with_mqa": ["base", "fp8", "int8"],
         "mlp.experts.0": ["base", "fp8", "gptq", "int8"]}
     assert servers(int8="ct-w8a8", fp8="ct-fp8-block")["self_attn.kv_b_proj"] == ["base", "fp8", "int8"]
+
+
+@pytest.mark.parametrize("arch", ["glm4moe", "qwen2moe", "deepseek", "mixtral"])
+def test_routing_counts_are_what_the_experts_receive(arch, request, tmp_path):
+    """The report's routed shares count the experts each token is sent to as the model routes it. They were a top-k
+    of the router's logits, which is not DeepSeek-V3's or GLM-4.5's routing (sigmoid scores plus a correction bias,
+    chosen by group), and sized by the highest expert seen: a DeepSeek-V3 with 256 experts, some reached by no
+    calibration token, crashed `plan` (IndexError). Here GLM-4.5's correction bias sends every token to expert 3 and
+    none to expert 7 — which its logits alone would not."""
+    import json as _json
+
+    import torch
+
+    from helpers import edited_source
+    from mpconvert.sensitivity import Tail
+
+    from fixtures.factory import fixture
+
+    base = fixture("mixtral") if arch == "mixtral" else request.getfixturevalue(arch)["base"]
+    if arch == "glm4moe":
+        def biased(sd):
+            for name in [n for n in sd if n.endswith("e_score_correction_bias")]:
+                sd[name] = torch.zeros_like(sd[name])
+                sd[name][3], sd[name][7] = 10.0, -10.0
+        base = edited_source(base, tmp_path / "biased", biased)
+    cfg = _json.loads((base / "config.json").read_text())
+    experts = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg["num_local_experts"]
+    ids = torch.randint(3, cfg["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    routed = Tail(base, ids, "cpu").routed
+    assert routed and all(len(c) == experts and sum(c) == ids.numel() * cfg["num_experts_per_tok"]
+                          for c in routed.values()), routed
+    if arch == "glm4moe":
+        assert all(c[3] == ids.numel() and c[7] == 0 for c in routed.values()), routed
