@@ -56,7 +56,7 @@ class Tail:
                  for i, layer in enumerate(self.layers)]
         for i, layer in enumerate(self.layers):  # each MoE layer's routed experts (mlp, or Mixtral's older name)
             experts = getattr(getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None), "experts", None)
-            if experts is not None:
+            if getattr(experts, "num_experts", None):  # (a module transformers calls with each token's experts)
                 hooks.append(experts.register_forward_pre_hook(self._routing_counter(i, experts), with_kwargs=True))
         try:
             with torch.inference_mode():
