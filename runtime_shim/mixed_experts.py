@@ -52,6 +52,7 @@ from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, Quant
 
 from mpconvert.formats import FORMATS
 from mpconvert.manifest import EXPERT_GROUPS as GROUPS, ExpertGroup
+from mpconvert.recipe import format_ids
 from mpconvert.rules import expert_placement_problem
 from mpconvert.runtime_shim.sglang_fixes import correct_built_gptq_marlin_moe
 
@@ -120,7 +121,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
                        swiglu_limit=cfg.swiglu_limit, with_bias=layer.with_bias,
                        routing_method_type=cfg.routing_method_type, is_gated=cfg.is_gated,
                        gate_up_interleaved=cfg.gate_up_interleaved)
-        self.check(sub, f"{self.prefix} experts {spec.experts}", spec, sub.quant_method)
+        self.check(sub, f"{self.prefix} experts {format_ids(sorted(spec.experts))}", spec, sub.quant_method)
         correct_built_gptq_marlin_moe(sub)  # SGLang 0.5.17's GPTQ-Marlin MoE under TP (sglang_fixes.py)
         if on_triton:
             # its kernels (which read this same config object) now drop -1 blocks (see the module docstring), and its
@@ -135,7 +136,7 @@ class MixedExpertsMethod(FusedMoEMethodBase):
         def load(_proxy, loaded_weight, weight_name, shard_id=None, expert_id=None):
             if expert_id not in self.every:
                 raise ValueError(f"mpconvert: {weight_name}: expert {expert_id} is in no expert group of "
-                                 f"{self.prefix} (the manifest lists {sorted(self.every)})")
+                                 f"{self.prefix} (the manifest lists {format_ids(sorted(self.every))})")
             if expert_id not in self.owner:
                 return  # held by another expert-parallel rank, as FusedMoE's own loader skips it
             key, loader_id = self.owner[expert_id]

@@ -29,6 +29,7 @@ from mpconvert.formats.fp8 import RENAMES_SCALE_INV
 from mpconvert.errors import UserError
 from mpconvert.layout import LAYER_PREFIX as _LAYER_PREFIX, from_nextn_draft
 from mpconvert.manifest import MANIFEST, QUANT_METHOD, ExpertGroup, Manifest, load_manifest
+from mpconvert.recipe import format_ids
 from mpconvert.rules import (MLA_MODEL_TYPES, mla_fp8_blocks, mla_problems, model_dtypes,
                              shared_experts_fusion_problem)
 from mpconvert.runtime_shim.mixed_experts import MixedExpertsMethod
@@ -228,7 +229,7 @@ class MpconvertConfig(QuantizationConfig):
             for spec, sub in self.groups[prefix]:
                 if sub is not None:
                     _check_model_dtype(layer, prefix, spec.format, self.manifest.model.model_type,
-                                       f"{prefix} experts {spec.experts}")
+                                       f"{prefix} experts {format_ids(sorted(spec.experts))}")
             return MixedExpertsMethod(sglang_prefix, self.groups[prefix], _check_native)
         if prefix not in self.subs and isinstance(layer, LinearBase) and prefix in self.in_layer:
             prefix = self._unit_of_nameless(layer, prefix)

@@ -234,7 +234,7 @@ def test_gptq_group_needs_fp16_and_unquantized_group(moe, cli, tmp_path):
     manifest = build(cli, recipe, tmp_path / "out")
     assert groups(manifest, E0) == [("unquantized", [0, 1, 2, 3]), ("gptq", [4, 5, 6, 7])]
     [r] = run_ranks(tmp_path / "out", 1, "auto")
-    assert "model.layers.0.mlp.experts experts [4, 5, 6, 7] is GPTQ MoE" in r["error"] and "--dtype float16" in \
+    assert "model.layers.0.mlp.experts experts 4-7 is GPTQ MoE" in r["error"] and "--dtype float16" in \
         r["error"]
     [r] = loaded(tmp_path / "out", dtype="float16")
     assert r["methods"][f"{E0}.expert_groups.0"][0] == "UnquantizedFusedMoEMethod"
