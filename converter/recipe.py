@@ -68,17 +68,17 @@ def parse_layers(spec: Union[str, int, list]) -> frozenset[int]:
     out: set[int] = set()
     for item in items:
         if isinstance(item, bool) or len(str(item)) > 1000:
-            raise ValueError(f"bad layer range {item!r}; use forms like 3, 0-5 or \"0-3,7\"")
+            raise ValueError(f"bad range {item!r}; use forms like 3, 0-5 or \"0-3,7\"")
         for part in str(item).split(","):
             part = part.strip()
             m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
             if not m:
-                raise ValueError(f"bad layer range {part!r}; use forms like 3, 0-5 or \"0-3,7\"")
+                raise ValueError(f"bad range {part!r}; use forms like 3, 0-5 or \"0-3,7\"")
             lo, hi = (int(m[1]), int(m[2])) if m[1] else (int(m[3]), int(m[3]))
             if hi < lo:
-                raise ValueError(f"bad layer range {part!r}: {hi} < {lo}")
+                raise ValueError(f"bad range {part!r}: {hi} < {lo}")
             if hi > MAX_ID:
-                raise ValueError(f"bad layer range {part!r}: ids go up to {MAX_ID}")
+                raise ValueError(f"bad range {part!r}: ids go up to {MAX_ID}")
             out.update(range(lo, hi + 1))
     if not out:  # `experts: []` reached planning as no experts at all (an internal error there)
         raise ValueError("names no ids; name some (3, 0-5, \"0-3,7\") or remove the key")

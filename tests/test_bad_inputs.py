@@ -108,9 +108,12 @@ def test_recipe_unknown_source(llama, cli, tmp_path):
     fails(cli, tmp_path, r, match="rules[0].source: unknown source 'fp9' (known: gptq, base)")
 
 
-def test_recipe_bad_layer_range(llama, cli, tmp_path):
-    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", '- {match: "*", layers: "3-1", source: gptq}')
-    fails(cli, tmp_path, r, match="bad layer range '3-1'")
+@pytest.mark.parametrize("key,value", [("layers", '"3-1"'), ("experts", '"a-b"')])
+def test_recipe_bad_range(key, value, llama, cli, tmp_path):
+    """A layer or expert range that does not parse names its key (the message called an expert range a layer
+    range)."""
+    r = write_recipe(tmp_path, llama, {"gptq": "gptq"}, "gptq", f'- {{match: "*", {key}: {value}, source: gptq}}')
+    fails(cli, tmp_path, r, match=f"rules.0.{key}: bad range {value.strip(chr(34))!r}")
 
 
 @pytest.mark.parametrize("match,message", [("[]", "rules.0.match: names no patterns; give one"),
