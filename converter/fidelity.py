@@ -14,7 +14,7 @@ from .errors import UserError
 from .formats import FORMATS
 from .layout import norm_offset, role_of, stage_norms
 from .rules import fold_pairs
-from .numeric import dequantize, load_tokenizer, read_text, rel_error, token_kl
+from .numeric import dequantize, kl_mean, load_tokenizer, read_text, rel_error, token_kl
 from .safetensors_io import TensorInfo, load_tensor
 
 # AWQ fold consistency: the per-input-channel scale s AWQ moved into a consumer (least squares of Ŵ against W,
@@ -332,7 +332,7 @@ def text_check(tokenizer_dirs: list[Path], base_model, model, text: Path, thresh
     import math
 
     out = {"file": str(text), "tokens": n, "perplexity_base": round(math.exp(nll_b / n), 4),
-           "perplexity": round(math.exp(nll_q / n), 4), "kl": round(kl / n, 6)}
+           "perplexity": round(math.exp(nll_q / n), 4), "kl": round(kl_mean(kl, n), 6)}
     limit = thresholds.get("kl")
     if limit is not None and not out["kl"] <= limit:
         rep.add("numeric", "text", f"KL to the base on {text.name} is {out['kl']:.4f}, above --threshold kl={limit}")

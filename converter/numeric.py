@@ -36,6 +36,12 @@ def token_kl(base_logp, logp, base_p=None):
     return ((base_logp.exp() if base_p is None else base_p) * (base_logp - logp)).sum(-1)
 
 
+def kl_mean(total: float, n: int = 1) -> float:
+    """A mean KL from a sum over n positions, never below 0: it is ≥ 0 by definition, but two near-equal distributions
+    in float32 can sum to -1e-9, which reports printed as -0.000000."""
+    return max(total / n, 0.0)
+
+
 def tokenizer_dir(option: str, dirs: list[Path]) -> Path:
     """Where a measuring option's text is tokenized from: the first of dirs with a tokenizer (verify --text: the
     converted directory, as served, then the base; plan --calib: Recipe.tokenizer_dirs). Asked before any model is

@@ -17,7 +17,7 @@ from .errors import UserError
 from .formats import FORMATS
 from .formats.base import Format
 from .layout import role_of, stage_norms
-from .numeric import dequantize, load_tokenizer, read_text, token_kl
+from .numeric import dequantize, kl_mean, load_tokenizer, read_text, token_kl
 from .plan import Inputs
 from .safetensors_io import load_tensor
 
@@ -107,8 +107,7 @@ class Tail:
                     h = out[0] if isinstance(out, tuple) else out
                 logits = self.model.lm_head(self.model.model.norm(h))
             logp = torch.log_softmax(logits, -1)
-            kl = token_kl(self.base_logp, logp, self.base_p)
-            return max(float(kl.double().mean()), 0.0)
+            return kl_mean(float(token_kl(self.base_logp, logp, self.base_p).double().mean()))
 
 
 def input_quantizer(fmt_name: str, params: dict, tensors: dict, device: str = "cpu"):
@@ -329,7 +328,7 @@ def evaluate(recipe, texts: list[Path] | None, tokens: int, device: str, model=N
     target = ids[:, 1:, None]
     nll_b = -float(base_logp[:, :-1].gather(-1, target).double().mean())
     nll = -float(logp[:, :-1].gather(-1, target).double().mean())
-    kl = float(token_kl(base_logp, logp).double().mean())
+    kl = kl_mean(float(token_kl(base_logp, logp).double().mean()))
     return {"kl": kl, "perplexity": math.exp(nll), "perplexity_base": math.exp(nll_b), "bytes": plan.total_bytes,
             "tokens": int(ids.numel())}
 
