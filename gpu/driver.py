@@ -348,9 +348,14 @@ def vs_bf16(r: dict, ref: dict) -> dict:
 def build_mixed(part: str, fx: dict[str, Path]) -> Path:
     """The part's mixed recipe, over the sources its rules and default name; checked for TP=2 (or mixed_tp)."""
     P = PARTS[part]
-    used = ({rule["source"] for rule in yaml.safe_load(P["mixed"])} | {P["default"]}) - {"base"}  # base: the base
-    return build(f"{part}-mixed", fx["base"], {k: fx[k] for k in sorted(used)}, P["default"], P["mixed"],
+    return build(f"{part}-mixed", fx["base"], sources_of(P["mixed"], P["default"], fx), P["default"], P["mixed"],
                  tp=P.get("mixed_tp", 2))
+
+
+def sources_of(rules: str, default: str, fx: dict[str, Path]) -> dict[str, Path]:
+    """The fixtures a recipe's rules and default name (base: the recipe's base, not a source)."""
+    used = ({rule["source"] for rule in yaml.safe_load(rules)} | {default}) - {"base"}
+    return {k: fx[k] for k in sorted(used)}
 
 
 def fidelity(part: str, meta: dict, res: dict) -> None:
@@ -376,8 +381,7 @@ def fidelity(part: str, meta: dict, res: dict) -> None:
             same.append((f"base-norms-{k}", f"pure-{k}"))
     jobs["mixed"] = {"path": str(built["mixed"]), **({"dtype": P["mixed_dtype"]} if "mixed_dtype" in P else {})}
     for label, (rules, default) in P.get("more", {}).items():
-        used = ({rule["source"] for rule in yaml.safe_load(rules)} | {default}) - {"base"}
-        jobs[label] = {"path": str(build(f"{part}-{label}", base, {k: fx[k] for k in sorted(used)}, default, rules))}
+        jobs[label] = {"path": str(build(f"{part}-{label}", base, sources_of(rules, default, fx), default, rules))}
     only = os.environ.get("E2E_ONLY")  # e.g. "source-gptq,pure-gptq,bf16": rerun just those
     if only:
         jobs = {k: v for k, v in jobs.items() if k in only.split(",")}

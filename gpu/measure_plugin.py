@@ -49,9 +49,10 @@ def _report(runner) -> None:
 def _fused_shared(runner) -> None:
     """Which FusedMoE layers SGLang fused shared experts into (on a GPU: DeepSeek-V3 at 256 experts, GLM-4.5), and
     how many: where the shim let fusion happen and where it turned it off."""
-    fused = {n: m.num_fused_shared_experts for n, m in runner.model.named_modules()
-             if hasattr(m, "moe_runner_config") and getattr(m, "num_fused_shared_experts", 0)}
-    print("E2E_FUSED_SHARED " + json.dumps({"tp_rank": runner.ps.tp_rank, "fused": fused}), flush=True)
+    from mpconvert.runtime_shim.sglang_config import fused_shared_experts
+
+    print("E2E_FUSED_SHARED " + json.dumps({"tp_rank": runner.ps.tp_rank, "fused": fused_shared_experts(runner.model)}),
+          flush=True)
 
 
 def _moe_blocks(model):

@@ -157,6 +157,8 @@ def build_one(mc, lc, qc, weights) -> dict:
     from sglang.srt.model_loader.loader import _initialize_model
     from sglang.srt.model_loader.utils import set_default_torch_dtype
 
+    from mpconvert.runtime_shim.sglang_config import fused_shared_experts
+
     with set_default_torch_dtype(mc.dtype):  # as SGLang's DefaultModelLoader.load_model does
         model = _initialize_model(mc, lc, qc)
     methods = {n: [type(m.quant_method).__name__, type(getattr(m, "scheme", None)).__name__]
@@ -164,9 +166,7 @@ def build_one(mc, lc, qc, weights) -> dict:
     # FusedMoE runner configs: [experts the layer routes over, experts it holds]
     moe = {n: [m.moe_runner_config.num_experts, m.moe_runner_config.num_local_experts]
            for n, m in model.named_modules() if hasattr(m, "moe_runner_config")}
-    # FusedMoE layers into which SGLang fused the shared experts (their weights load as extra experts there)
-    fused = {n: m.num_fused_shared_experts for n, m in model.named_modules()
-             if hasattr(m, "moe_runner_config") and getattr(m, "num_fused_shared_experts", 0)}
+    fused = fused_shared_experts(model)
     # mark every parameter's bytes first: a parameter SGLang's loader skips (e.g. a renamed scale) keeps the mark
     for p in model.parameters():
         p.data.view(torch.uint8).fill_(MARK)

@@ -121,6 +121,13 @@ def shared_experts_apart(manifest: Manifest) -> Optional[str]:
                 None)
 
 
+def fused_shared_experts(model: torch.nn.Module) -> dict[str, int]:
+    """What SGLang did in a built model: each FusedMoE layer into which it fused shared experts (their weights load
+    there as extra experts), and how many. Where it may, shared_experts_apart decides."""
+    return {n: m.num_fused_shared_experts for n, m in model.named_modules()
+            if hasattr(m, "moe_runner_config") and getattr(m, "num_fused_shared_experts", 0)}
+
+
 def _disable_shared_experts_fusion(why: str) -> None:
     """What --disable-shared-experts-fusion does, set in this worker before its model is built (both model classes
     and SGLang 0.5.23's loader read it then; SGLang's own models turn it off so for their mixed-precision cases)."""
